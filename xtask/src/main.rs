@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Run every test: the workspace in release mode (one profile for tests and binaries),
-    /// then the wgpu tests, which are skipped with a message when no Vulkan adapter exists.
+    /// each benchmark once, then the wgpu tests (skipped with a message when no adapter exists).
     Test {
         /// Skip the wgpu build and tests (they add several minutes to a cold build).
         #[arg(long)]
@@ -34,7 +34,11 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Test { no_wgpu } => {
-            cargo(&root, &["test", "--workspace", "--release"])?;
+            // --all-targets also builds the examples and runs each criterion benchmark once.
+            cargo(
+                &root,
+                &["test", "--workspace", "--release", "--all-targets"],
+            )?;
             if no_wgpu {
                 println!("xtask: wgpu tests skipped (--no-wgpu)");
             } else {

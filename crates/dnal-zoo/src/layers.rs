@@ -1,0 +1,164 @@
+//! The conv -> BN -> gate unit every gated network is built from, and the slicing that
+//! physically removes channels from it.
+
+use burn::module::{Param, RunningState};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, PaddingConfig2d};
+use burn::prelude::*;
+use dnal_core::{ChannelGate, ChannelGateConfig, CostModel, GateKind, GateMode, Groups, Width};
+
+/// Configuration of a [`ConvBnGate`].
+#[derive(Config, Debug)]
+pub struct ConvBnGateConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels (the gate's width).
+    pub out_channels: usize,
+    /// Square kernel size.
+    #[config(default = 3)]
+    pub kernel: usize,
+    /// Stride.
+    #[config(default = 1)]
+    pub stride: usize,
+    /// Depthwise (one group per channel; `in_channels` must equal `out_channels`).
+    #[config(default = false)]
+    pub depthwise: bool,
+    /// Main path or residual branch.
+    #[config(default = "GateKind::Main")]
+    pub kind: GateKind,
+}
+
+impl ConvBnGateConfig {
+    /// Builds the unit: conv without bias ("same" padding), BN, gate in bypass.
+    pub fn init(&self, device: &Device) -> ConvBnGate {
+        let groups = if self.depthwise { self.out_channels } else { 1 };
+        let pad = self.kernel / 2;
+        ConvBnGate {
+            conv: Conv2dConfig::new([self.in_channels, self.out_channels], [self.kernel; 2])
+                .with_stride([self.stride; 2])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .with_groups(groups)
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(self.out_channels).init(device),
+            gate: ChannelGateConfig::new(self.out_channels)
+                .with_kind(self.kind)
+                .init(device),
+        }
+    }
+}
+
+/// conv -> BatchNorm -> channel gate (the activation is the caller's).
+#[derive(Module, Debug)]
+pub struct ConvBnGate {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// Its BatchNorm.
+    pub bn: BatchNorm,
+    /// The gate on its output channels.
+    pub gate: ChannelGate,
+}
+
+impl ConvBnGate {
+    /// `gate(bn(conv(x)))`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.gate.forward(self.bn.forward(self.conv.forward(x)))
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.conv.weight.dims()[0]
+    }
+
+    /// Whether the convolution is depthwise.
+    pub fn is_depthwise(&self) -> bool {
+        self.conv.groups > 1 && self.conv.groups == self.out_channels()
+    }
+
+    /// Declares this unit's conv and BN in `cost` (gate `name`, input `input`, output map `out_hw`).
+    pub fn add_cost(&self, cost: &mut CostModel, name: &str, input: Width, out_hw: [usize; 2]) {
+        let k = self.conv.kernel_size;
+        let groups = if self.is_depthwise() {
+            Groups::Depthwise
+        } else {
+            Groups::Count(self.conv.groups)
+        };
+        cost.gate(name, self.out_channels());
+        cost.conv(
+            format!("{name}.conv"),
+            input,
+            Width::gate(name),
+            k,
+            groups,
+            out_hw,
+        )
+        .batch_norm(format!("{name}.bn"), Width::gate(name));
+    }
+
+    /// Keeps input channels `keep_in` (`None`: all) and output channels `keep_out`; the gate
+    /// keeps the matching alphas, its mask becomes all ones and its mode bypass.
+    pub fn prune(mut self, keep_in: Option<&[usize]>, keep_out: &[usize]) -> Self {
+        let depthwise = self.is_depthwise();
+        let device = self.conv.weight.device();
+        let out_idx = indices(keep_out, &device);
+        self.conv.weight = self.conv.weight.map(|w| {
+            let w = w.select(0, out_idx.clone());
+            match keep_in {
+                Some(keep) if !depthwise => w.select(1, indices(keep, &device)),
+                _ => w,
+            }
+        });
+        if depthwise {
+            self.conv.groups = keep_out.len();
+        }
+        self.conv.bias = self
+            .conv
+            .bias
+            .map(|b| b.map(|b| b.select(0, out_idx.clone())));
+        self.bn = prune_batch_norm(self.bn, keep_out);
+        self.gate = prune_gate(self.gate, keep_out);
+        self
+    }
+}
+
+/// Index tensor of `keep`.
+pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [keep.len()]), device)
+}
+
+fn select_param(p: Param<Tensor<1>>, idx: &Tensor<1, Int>) -> Param<Tensor<1>> {
+    p.map(|t| {
+        let trainable = t.is_require_grad();
+        t.select(0, idx.clone()).set_require_grad(trainable)
+    })
+}
+
+/// Keeps channels `keep` of a BatchNorm: affine parameters and running statistics.
+pub fn prune_batch_norm(mut bn: BatchNorm, keep: &[usize]) -> BatchNorm {
+    let idx = indices(keep, &bn.gamma.device());
+    bn.gamma = select_param(bn.gamma, &idx);
+    bn.beta = select_param(bn.beta, &idx);
+    bn.running_mean = RunningState::new(bn.running_mean.value_sync().select(0, idx.clone()));
+    bn.running_var = RunningState::new(bn.running_var.value_sync().select(0, idx));
+    bn
+}
+
+/// Keeps channels `keep` of a gate; the survivors are all open (mask 1) and the gate bypasses.
+pub fn prune_gate(mut gate: ChannelGate, keep: &[usize]) -> ChannelGate {
+    let idx = indices(keep, &gate.alpha.device());
+    gate.alpha = select_param(gate.alpha, &idx);
+    gate.mask = gate.mask.map(|m| m.select(0, idx.clone()));
+    gate.with_mask(&vec![true; keep.len()])
+        .with_mode(GateMode::Bypass)
+}
+
+/// Keeps input features `keep` of a linear layer (weight `[in, out]`).
+pub fn prune_linear_inputs(mut linear: Linear, keep: &[usize]) -> Linear {
+    let idx = indices(keep, &linear.weight.device());
+    linear.weight = linear.weight.map(|w| {
+        let trainable = w.is_require_grad();
+        w.select(0, idx).set_require_grad(trainable)
+    });
+    linear
+}

@@ -1,0 +1,18 @@
+//! # dnal-zoo
+//!
+//! The networks of the DNAL paper with channel gates where DNAL puts them, built from configs
+//! of widths so that a pruned network is the same type as the full one. Each implements
+//! [`dnal_core::GatedModel`] (so the trainer can drive its gates) and [`Network`] (config,
+//! cost model, physical pruning).
+//!
+//! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN).
+
+pub mod error;
+pub mod layers;
+pub mod network;
+pub mod plain;
+
+pub use error::{Result, ZooError};
+pub use layers::{ConvBnGate, ConvBnGateConfig};
+pub use network::{Network, counted_params, load, prune, save};
+pub use plain::{PlainCnn, PlainCnnConfig};

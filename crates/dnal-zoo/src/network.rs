@@ -1,0 +1,125 @@
+//! What every network of the zoo provides beyond [`GatedModel`]: its config of widths, its
+//! cost model, physical pruning, and saving/loading without the original network.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use dnal_core::io::write_atomic;
+use dnal_core::{Architecture, CostModel, GatedModel};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Result, ZooError};
+
+/// File names inside a saved-model folder.
+pub const CONFIG_FILE: &str = "config.json";
+/// The burnpack weights are `model.bpk`.
+pub const WEIGHTS_STEM: &str = "model";
+
+/// A network of the zoo.
+pub trait Network: GatedModel {
+    /// The config of widths the network is built from.
+    type Config: Serialize + DeserializeOwned + Clone;
+
+    /// The config this network is an instance of (after pruning: the pruned widths).
+    fn config(&self) -> &Self::Config;
+
+    /// Its layers for MACs/params counting.
+    fn cost_model(&self) -> CostModel;
+
+    /// Removes every channel `arch` does not keep: the result is the same type, built from a
+    /// config with the kept widths, and in eval mode computes what the masked network computes.
+    fn prune(self, arch: &Architecture) -> Result<Self>;
+}
+
+/// Physically removes the channels `arch` drops (see [`Network::prune`]).
+pub fn prune<N: Network>(model: N, arch: &Architecture) -> Result<N> {
+    model.prune(arch)
+}
+
+/// Saves `model` into `dir`: `config.json` (its widths) and `model.bpk` (burnpack weights), each
+/// written to a temporary file and renamed.
+pub fn save<N: Network>(model: &N, dir: &Path) -> Result<()> {
+    let config = serde_json::to_string_pretty(model.config()).expect("configs serialise");
+    write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
+    let tmp = dir.join(format!(".{WEIGHTS_STEM}-{}.bpk.tmp", std::process::id()));
+    let record_err = |path: PathBuf, e: &dyn std::fmt::Display| ZooError::Record {
+        path,
+        message: e.to_string(),
+    };
+    model
+        .clone()
+        .save_file(&tmp)
+        .map_err(|e| record_err(tmp.clone(), &e))?;
+    let final_path = weights_path(dir);
+    std::fs::rename(&tmp, &final_path).map_err(|e| record_err(final_path.clone(), &e))?;
+    Ok(())
+}
+
+/// The weights file of a saved-model folder.
+pub fn weights_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{WEIGHTS_STEM}.bpk"))
+}
+
+/// Loads a model saved by [`save`]: builds the network from `config.json` with `build`, then
+/// reads `model.bpk` into it, refusing weights of another architecture.
+pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>) -> Result<N> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| ZooError::Record {
+        path: config_path.clone(),
+        message: format!(
+            "cannot read the network config ({e}); is this a folder written by `save`?"
+        ),
+    })?;
+    let config: N::Config = serde_json::from_str(&text).map_err(|e| ZooError::Record {
+        path: config_path.clone(),
+        message: format!("not a config of this network: {e}"),
+    })?;
+    let model = build(&config)?;
+    let weights = weights_path(dir);
+    if !weights.exists() {
+        return Err(ZooError::Record {
+            path: weights,
+            message: "missing weights file".into(),
+        });
+    }
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.try_load_file(&weights)
+    }));
+    match loaded {
+        Ok(Ok(model)) => Ok(model),
+        Ok(Err(e)) => Err(ZooError::Record {
+            path: weights,
+            message: format!("weights do not fit the network of config.json: {e}"),
+        }),
+        Err(_) => Err(ZooError::Record {
+            path: weights,
+            message: "corrupt or incompatible weights file".into(),
+        }),
+    }
+}
+
+/// Parameters of conv, BN (gamma, beta) and
+/// linear layers, the quantity the cost model counts (gate parameters are not part of it).
+pub fn counted_params<M: Module>(model: &M) -> usize {
+    struct Counter(usize, Vec<String>);
+    impl burn::module::ModuleVisitor for Counter {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.1.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.1.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            // The derive enters a "module" named after every field, parameters included.
+            let leaf = self.1.last().map(String::as_str).unwrap_or("");
+            let in_gate = self.1.iter().any(|p| p == "gate");
+            if !in_gate && matches!(leaf, "weight" | "bias" | "gamma" | "beta") {
+                self.0 += param.shape().num_elements();
+            }
+        }
+    }
+    let mut c = Counter(0, Vec::new());
+    model.visit(&mut c);
+    c.0
+}

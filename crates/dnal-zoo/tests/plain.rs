@@ -1,0 +1,192 @@
+//! VGG-16 (CIFAR) and the MNIST CNN: the paper's baseline cost, pruned == masked, save/load.
+
+use burn::module::RunningState;
+use burn::prelude::*;
+use dnal_core::{Architecture, GateMode, GatedModel};
+use dnal_zoo::*;
+
+fn device() -> Device {
+    Device::flex()
+}
+
+fn within(actual: u64, paper: f64, tol: f64) -> bool {
+    ((actual as f64 - paper) / paper).abs() <= tol
+}
+
+#[test]
+fn vgg16_cifar_reproduces_the_papers_baseline_cost() {
+    let model = PlainCnnConfig::vgg16_cifar(10).init(&device()).unwrap();
+    let cost = model.cost_model().cost(None);
+    assert!(within(cost.macs, 313.47e6, 0.005), "MACs {}", cost.macs);
+    assert!(
+        within(cost.params, 14.99e6, 0.005),
+        "params {}",
+        cost.params
+    );
+    assert_eq!(
+        counted_params(&model) as u64,
+        cost.params,
+        "cost model counts the real tensors"
+    );
+    assert_eq!(model.gate_names().len(), 13);
+}
+
+#[test]
+fn mnist_cnn_has_192_gates_and_classifies_28x28() {
+    let model = PlainCnnConfig::mnist_cnn().init(&device()).unwrap();
+    assert_eq!(model.gated_channels(), 192);
+    let y = model.forward(Tensor::zeros([3, 1, 28, 28], &device()));
+    assert_eq!(y.dims(), [3, 10]);
+    assert_eq!(
+        counted_params(&model) as u64,
+        model.cost_model().cost(None).params
+    );
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    let err = PlainCnnConfig::new(3, 32, vec![8, 8], vec![5])
+        .init(&device())
+        .unwrap_err();
+    assert!(err.to_string().contains("pool_after index 5"), "{err}");
+    let err = PlainCnnConfig::new(3, 32, vec![8], vec![0])
+        .init(&device())
+        .unwrap_err();
+    assert!(err.to_string().contains("1x1"), "{err}");
+}
+
+/// Deterministic pseudo-random values in [lo, hi).
+fn noise(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+fn vec1(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+/// Gives every BN non-trivial statistics and affine parameters, so that slicing them is tested.
+fn randomise_bn(mut model: PlainCnn, device: &Device) -> PlainCnn {
+    for (i, unit) in model.convs.iter_mut().enumerate() {
+        let c = unit.out_channels();
+        let seed = i as u64 * 4;
+        unit.bn.running_mean = RunningState::new(vec1(noise(c, seed, -0.5, 0.5), device));
+        unit.bn.running_var = RunningState::new(vec1(noise(c, seed + 1, 0.5, 2.0), device));
+        let beta = vec1(noise(c, seed + 2, -0.2, 0.2), device);
+        unit.bn.beta = unit.bn.beta.clone().map(|_| beta);
+        let gamma = vec1(noise(c, seed + 3, 0.5, 1.5), device);
+        unit.bn.gamma = unit.bn.gamma.clone().map(|_| gamma);
+    }
+    model
+}
+
+/// Keeps a pseudo-random subset (at least one channel) of every gate.
+fn random_architecture(model: &PlainCnn, seed: u64) -> Architecture {
+    let mut arch = Architecture::full(model);
+    for (g, (_, gate)) in arch.gates.iter_mut().enumerate() {
+        let r = noise(gate.width, seed + g as u64, 0.0, 1.0);
+        gate.kept = (0..gate.width).filter(|&c| r[c] < 0.4).collect();
+        if gate.kept.is_empty() {
+            gate.kept.push(g % gate.width);
+        }
+    }
+    arch
+}
+
+fn max_abs_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+fn check_pruned_equals_masked(config: PlainCnnConfig, input: [usize; 4], seed: u64) {
+    let device = device();
+    let model = randomise_bn(config.init(&device).unwrap(), &device);
+    let arch = random_architecture(&model, seed);
+    let x = Tensor::<4>::from_data(
+        TensorData::new(noise(input.iter().product(), seed, -1.0, 1.0), input),
+        &device,
+    );
+    let masked = arch.apply_masks(model.clone()).unwrap();
+    assert_eq!(masked.convs[0].gate.mode, GateMode::Masked);
+    let pruned = prune(model, &arch).unwrap();
+    let diff = max_abs_diff(masked.valid().forward(x.clone()), pruned.valid().forward(x));
+    assert!(diff < 1e-4, "pruned vs masked logits differ by {diff}");
+
+    let widths: Vec<usize> = pruned.convs.iter().map(|u| u.out_channels()).collect();
+    assert_eq!(&widths, &pruned.config().widths);
+    let cost = masked.cost_model().cost(Some(&arch));
+    assert_eq!(
+        counted_params(&pruned) as u64,
+        cost.params,
+        "pruned params = cost model"
+    );
+    assert_eq!(pruned.cost_model().cost(None), {
+        let mut c = cost.clone();
+        for l in &mut c.layers {
+            l.input = (l.input.1, l.input.1);
+            l.output = (l.output.1, l.output.1);
+        }
+        c
+    });
+}
+
+#[test]
+fn pruned_mnist_cnn_equals_masked() {
+    for seed in [1, 2, 3] {
+        check_pruned_equals_masked(PlainCnnConfig::mnist_cnn(), [2, 1, 28, 28], seed);
+    }
+}
+
+#[test]
+fn pruned_vgg16_equals_masked() {
+    check_pruned_equals_masked(PlainCnnConfig::vgg16_cifar(10), [2, 3, 32, 32], 9);
+}
+
+#[test]
+fn pruned_model_saves_and_loads_without_the_original() {
+    let device = device();
+    let model = randomise_bn(PlainCnnConfig::mnist_cnn().init(&device).unwrap(), &device);
+    let arch = random_architecture(&model, 5);
+    let pruned = prune(model, &arch).unwrap();
+    let dir = std::env::temp_dir().join(format!("dnal-zoo-save-{}", std::process::id()));
+    save(&pruned, &dir).unwrap();
+    let build = |c: &PlainCnnConfig| c.init(&device);
+    let loaded: PlainCnn = load(&dir, build).unwrap();
+    let x = Tensor::<4>::from_data(
+        TensorData::new(noise(784, 3, 0.0, 1.0), [1, 1, 28, 28]),
+        &device,
+    );
+    assert!(max_abs_diff(pruned.valid().forward(x.clone()), loaded.valid().forward(x)) < 1e-6);
+
+    // Weights of another architecture: a clear error naming the file.
+    let other = PlainCnnConfig::mnist_cnn().init(&device).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(other.config()).unwrap(),
+    )
+    .unwrap();
+    let err = load::<PlainCnn>(&dir, build).unwrap_err().to_string();
+    assert!(
+        err.contains("model.bpk") && err.contains("do not fit"),
+        "{err}"
+    );
+
+    // A corrupt weights file.
+    std::fs::write(dir.join("model.bpk"), b"not a burnpack").unwrap();
+    let err = load::<PlainCnn>(&dir, build).unwrap_err().to_string();
+    assert!(err.contains("model.bpk"), "{err}");
+
+    // A missing folder.
+    let err = load::<PlainCnn>(&dir.join("nope"), build)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
