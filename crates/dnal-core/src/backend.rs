@@ -100,7 +100,7 @@ impl BackendKind {
             t.into_data().try_into_vec_as::<f32>().map(|v| v[0])
         });
         match outcome {
-            Ok(Ok(v)) if v == 4.0 => Ok(device),
+            Ok(Ok(4.0)) => Ok(device),
             Ok(Ok(v)) => Err(Error::Backend(format!(
                 "backend `{}` computed 1+1+1+1 = {v}; the device is not usable",
                 self.name()
