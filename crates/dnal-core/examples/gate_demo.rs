@@ -124,16 +124,20 @@ pub fn run() -> Outcome {
     };
 
     // 1. Weight stage: gates in bypass.
-    let mut net = Net::new(&device);
-    let mut adam = AdamConfig::new().init();
-    for epoch in 0..10 {
-        for r in batches(epoch) {
-            let x = x_train.clone().slice([r.clone(), 0..INPUTS]);
-            let loss = ce.forward(net.forward(x), y_train.clone().slice([r]));
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = adam.step(1e-2, net, grads);
+    // Trains the weights with Adam (in masked and bypass mode, alpha receives no gradient).
+    let train_weights = |mut net: Net, epochs: usize| {
+        let mut adam = AdamConfig::new().init();
+        for epoch in 0..epochs {
+            for r in batches(epoch) {
+                let x = x_train.clone().slice([r.clone(), 0..INPUTS]);
+                let loss = ce.forward(net.forward(x), y_train.clone().slice([r]));
+                let grads = GradientsParams::from_grads(loss.backward(), &net);
+                net = adam.step(1e-2, net, grads);
+            }
         }
-    }
+        net
+    };
+    let net = train_weights(Net::new(&device), 10);
     let dense_acc = accuracy(&net.valid(), x_test.clone(), y_test.clone());
     println!(
         "weight stage:       test accuracy {:.1} %",
@@ -183,16 +187,7 @@ pub fn run() -> Outcome {
     let derived_acc = accuracy(&net.valid(), x_test.clone(), y_test.clone());
 
     // 4. Final stage: train the weights of the derived network (gates masked) a little more.
-    let mut net = net;
-    let mut adam = AdamConfig::new().init();
-    for epoch in 0..5 {
-        for r in batches(epoch) {
-            let x = x_train.clone().slice([r.clone(), 0..INPUTS]);
-            let loss = ce.forward(net.forward(x), y_train.clone().slice([r]));
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = adam.step(1e-2, net, grads);
-        }
-    }
+    let net = train_weights(net, 5);
     let final_acc = accuracy(&net.valid(), x_test, y_test);
     println!(
         "MACs {} -> {} ({:.1}x fewer), params {} -> {}",
