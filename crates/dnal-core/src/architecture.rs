@@ -157,24 +157,33 @@ impl Architecture {
     /// Checks that this architecture has exactly the gates (names and widths) of `model`.
     pub fn check_matches<M: GatedModel>(&self, model: &M) -> Result<()> {
         let mut problems = Vec::new();
-        let mut seen = 0;
-        model.visit_gates(&mut |name, gate| match self.gates.get(name) {
-            None => problems.push(format!("gate `{name}` is missing")),
-            Some(g) if g.width != gate.channels() => problems.push(format!(
-                "gate `{name}` has width {} in the architecture but {} in the model",
-                g.width,
-                gate.channels()
-            )),
-            Some(_) => seen += 1,
-        });
-        if seen + problems.len() < self.gates.len() || !problems.is_empty() {
-            let extra = self.gates.len().saturating_sub(seen);
-            if extra > 0 && problems.is_empty() {
-                problems.push(format!("{extra} gate(s) that the model does not have"));
+        let mut in_model = std::collections::BTreeSet::new();
+        model.visit_gates(&mut |name, gate| {
+            in_model.insert(name.to_string());
+            match self.gates.get(name) {
+                None => problems.push(format!("gate `{name}` is missing")),
+                Some(g) if g.width != gate.channels() => problems.push(format!(
+                    "gate `{name}` has width {} in the architecture but {} in the model",
+                    g.width,
+                    gate.channels()
+                )),
+                Some(_) => {}
             }
-            return Err(Error::ArchitectureMismatch(problems.join("; ")));
+        });
+        let extra: Vec<&str> = self
+            .gates
+            .keys()
+            .filter(|n| !in_model.contains(*n))
+            .map(String::as_str)
+            .collect();
+        if !extra.is_empty() {
+            problems.push(format!("the model has no gate(s) `{}`", extra.join("`, `")));
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::ArchitectureMismatch(problems.join("; ")))
+        }
     }
 
     /// Writes this architecture's masks into `model` and switches its gates to

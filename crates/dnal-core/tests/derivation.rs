@@ -122,6 +122,12 @@ fn wrong_architecture_files_give_clear_errors() {
     let err = arch.check_matches(&model).unwrap_err().to_string();
     assert!(err.contains("`branch` is missing"), "{err}");
 
+    let mut arch = Architecture::full(&model);
+    arch.gates
+        .insert("ghost".into(), GateArchitecture::full(GateKind::Main, 2));
+    let err = arch.check_matches(&model).unwrap_err().to_string();
+    assert!(err.contains("no gate(s) `ghost`"), "{err}");
+
     let err = Architecture::from_json(
         r#"{"threshold":0.9,"gates":{"g":{"kind":"main","width":2,"kept":[1,0]}}}"#,
     )
