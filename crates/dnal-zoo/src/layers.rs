@@ -127,7 +127,8 @@ pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [keep.len()]), device)
 }
 
-fn select_param(p: Param<Tensor<1>>, idx: &Tensor<1, Int>) -> Param<Tensor<1>> {
+/// Keeps the entries `idx` along the first axis of a parameter, keeping its id and trainability.
+fn select_param<const D: usize>(p: Param<Tensor<D>>, idx: &Tensor<1, Int>) -> Param<Tensor<D>> {
     p.map(|t| {
         let trainable = t.is_require_grad();
         t.select(0, idx.clone()).set_require_grad(trainable)
@@ -148,7 +149,6 @@ pub fn prune_batch_norm(mut bn: BatchNorm, keep: &[usize]) -> BatchNorm {
 pub fn prune_gate(mut gate: ChannelGate, keep: &[usize]) -> ChannelGate {
     let idx = indices(keep, &gate.alpha.device());
     gate.alpha = select_param(gate.alpha, &idx);
-    gate.mask = gate.mask.map(|m| m.select(0, idx.clone()));
     gate.with_mask(&vec![true; keep.len()])
         .with_mode(GateMode::Bypass)
 }
@@ -156,9 +156,6 @@ pub fn prune_gate(mut gate: ChannelGate, keep: &[usize]) -> ChannelGate {
 /// Keeps input features `keep` of a linear layer (weight `[in, out]`).
 pub fn prune_linear_inputs(mut linear: Linear, keep: &[usize]) -> Linear {
     let idx = indices(keep, &linear.weight.device());
-    linear.weight = linear.weight.map(|w| {
-        let trainable = w.is_require_grad();
-        w.select(0, idx).set_require_grad(trainable)
-    });
+    linear.weight = select_param(linear.weight, &idx);
     linear
 }
