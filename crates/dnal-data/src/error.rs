@@ -1,0 +1,93 @@
+//! Errors of dnal-data.
+
+use std::path::{Path, PathBuf};
+
+/// Result with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// What can go wrong while reading, checking or downloading data; each message names the file
+/// and says what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file or folder that should be there is not.
+    #[error("{path} not found: {hint}")]
+    Missing {
+        /// What was looked for.
+        path: PathBuf,
+        /// What is expected there and how to get it.
+        hint: String,
+    },
+    /// A file is not in the format it should be (wrong size, bad header, bad label, ...).
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A file's checksum differs from the published one.
+    #[error(
+        "{path}: {algorithm} checksum mismatch (expected {expected}, found {actual}); the file is corrupt or incomplete: delete it and download it again"
+    )]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// `md5` or `sha256`.
+        algorithm: &'static str,
+        /// The published checksum.
+        expected: String,
+        /// The checksum of the file on disk.
+        actual: String,
+    },
+    /// A download failed.
+    #[error("downloading {url}: {message}")]
+    Download {
+        /// The address.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid value for `{key}`: {message}")]
+    InvalidValue {
+        /// The option.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+impl DataError {
+    /// An [`DataError::Io`] for `path`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A [`DataError::Format`] for `path`.
+    pub fn format(path: &Path, message: impl Into<String>) -> Self {
+        Self::Format {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`DataError::InvalidValue`].
+    pub fn invalid(key: &str, message: impl Into<String>) -> Self {
+        Self::InvalidValue {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! ImageNet-style image folders: `root/<split>/<class>/<image>`, decoded on demand.
+
+use std::path::{Path, PathBuf};
+
+use burn::data::dataset::{Dataset, DatasetError};
+
+use crate::Split;
+use crate::error::{DataError, Result};
+use crate::image::{Example, Image, Source};
+
+/// File extensions read as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpeg", "jpg", "png", "bmp", "webp"];
+
+/// An image-folder data set: one sub-folder per class, class index = position of the folder
+/// name in sorted order. Images are decoded (as RGB) when an example is read.
+#[derive(Clone, Debug)]
+pub struct ImageFolder {
+    root: PathBuf,
+    classes: Vec<String>,
+    items: Vec<(PathBuf, usize)>,
+}
+
+impl ImageFolder {
+    /// Scans `root/<split>/` (`train` or `val`). Fails, naming the folder, if it is missing or a
+    /// class folder holds no image.
+    pub fn open(root: &Path, split: Split) -> Result<Self> {
+        let sub = match split {
+            Split::Train => "train",
+            Split::Test => "val",
+        };
+        Self::scan(&root.join(sub))
+    }
+
+    /// Scans one folder of class sub-folders.
+    pub fn scan(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(DataError::Missing {
+                path: dir.to_path_buf(),
+                hint: "expected an image folder: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, one sub-folder per class (ImageNet is never downloaded; prepare it in this layout)".into(),
+            });
+        }
+        let mut classes: Vec<String> = read_dir_sorted(dir)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            return Err(DataError::format(
+                dir,
+                "no class sub-folders (expected <class>/<image> under this folder)",
+            ));
+        }
+        let mut items = Vec::new();
+        for (label, class) in classes.iter().enumerate() {
+            let class_dir = dir.join(class);
+            let before = items.len();
+            for file in read_dir_sorted(&class_dir)? {
+                let is_image = file
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+                if file.is_file() && is_image {
+                    items.push((file, label));
+                }
+            }
+            if items.len() == before {
+                return Err(DataError::format(
+                    &class_dir,
+                    format!(
+                        "class folder holds no image (looked for .{})",
+                        IMAGE_EXTENSIONS.join(", .")
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            root: dir.to_path_buf(),
+            classes,
+            items,
+        })
+    }
+
+    /// The scanned folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The image files with their labels.
+    pub fn items(&self) -> &[(PathBuf, usize)] {
+        &self.items
+    }
+
+    /// Writes the class list (one name per line, line number = class index) to `path`,
+    /// atomically.
+    pub fn write_class_list(&self, path: &Path) -> Result<()> {
+        let mut text = self.classes.join("\n");
+        text.push('\n');
+        crate::download::write_atomic(path, text.as_bytes())
+    }
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = std::fs::read_dir(dir)
+        .map_err(DataError::io(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(DataError::io(dir))?;
+    out.sort();
+    Ok(out)
+}
+
+/// Decodes an image file as 8-bit RGB.
+pub fn decode_rgb(path: &Path) -> Result<Image> {
+    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| DataError::format(path, format!("not a readable image: {e}")))?
+        .into_rgb8();
+    let (w, h) = img.dimensions();
+    Ok(Image::new(h as usize, w as usize, 3, img.into_raw()))
+}
+
+impl Source for ImageFolder {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn example(&self, index: usize) -> Result<Example> {
+        let (path, label) = &self.items[index];
+        Ok(Example {
+            image: decode_rgb(path)?,
+            label: *label,
+        })
+    }
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+    fn channels(&self) -> usize {
+        3
+    }
+}
+
+impl Dataset<Example> for ImageFolder {
+    fn get(&self, index: usize) -> Result<Example, DatasetError> {
+        if index >= self.items.len() {
+            return Err(DatasetError::new(DataError::invalid(
+                "index",
+                format!(
+                    "{index} is past the end of a data set of {}",
+                    self.items.len()
+                ),
+            )));
+        }
+        self.example(index).map_err(DatasetError::new)
+    }
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+}
