@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's automation, in Rust, with no dependency heavier than clap.
 //!
+//! * `cargo xtask train [ARGS]`: the DNAL trainer (no argument: the offline MNIST demo), built
+//!   in release mode with the cargo feature of the backend chosen by `--backend`;
+//! * `cargo xtask data download cifar10|cifar100`: fetch a data set with its checksum checked;
 //! * `cargo xtask test`: the whole test suite (what CI runs after fmt and clippy);
-//! * `cargo xtask demo`: the offline demo of the DNAL core.
+//! * `cargo xtask demo`: the toy demo of the DNAL core (gates on a 32-input problem).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +28,21 @@ enum Task {
         #[arg(long)]
         no_wgpu: bool,
     },
-    /// Run the DNAL core demo: learn which inputs a small gated network needs.
+    /// Train with DNAL: `--preset NAME`, `--list`, `--config FILE`, `--set key=value`,
+    /// `--backend flex|ndarray|wgpu|cuda`, `--out DIR`, `--resume DIR`, `--dry-run`. With no
+    /// argument: the offline demo on the bundled MNIST digits.
+    Train {
+        /// Arguments for `dnal-train train` (see `cargo xtask train --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Data sets: `cargo xtask data download cifar10 [--dir DIR] [--url MIRROR]`.
+    Data {
+        /// `download` followed by its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the DNAL core's toy demo: learn which inputs a small gated network needs.
     Demo,
 }
 
@@ -58,6 +75,27 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Train { args } => {
+            let backend = backend_of(&args)?;
+            let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
+            if backend != "flex" {
+                cmd.extend(["--features", backend]);
+            }
+            cmd.extend(["--", "train"]);
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&root, &cmd)
+        }
+        Task::Data { args } => {
+            match args.first().map(String::as_str) {
+                Some("download") => {}
+                _ => bail!(
+                    "usage: cargo xtask data download cifar10|cifar100 [--dir DIR] [--url MIRROR]"
+                ),
+            }
+            let mut cmd = vec!["run", "--release", "-p", "dnal-train", "--"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&root, &cmd)
+        }
         Task::Demo => cargo(
             &root,
             &[
@@ -69,6 +107,26 @@ fn main() -> Result<()> {
                 "gate_demo",
             ],
         ),
+    }
+}
+
+/// The backend named by `--backend X` or `--backend=X` (default flex), checked against the
+/// trainer's cargo features.
+fn backend_of(args: &[String]) -> Result<&'static str> {
+    let mut name = None;
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--backend=") {
+            name = Some(v.to_string());
+        } else if a == "--backend" {
+            name = args.get(i + 1).cloned();
+        }
+    }
+    match name.as_deref().unwrap_or("flex") {
+        "flex" => Ok("flex"),
+        "ndarray" => Ok("ndarray"),
+        "wgpu" => Ok("wgpu"),
+        "cuda" => Ok("cuda"),
+        other => bail!("unknown backend `{other}`: use flex, ndarray, wgpu or cuda"),
     }
 }
 

@@ -125,9 +125,10 @@ pub fn load_cifar_sized(
         let (file, bytes) = contents.get(name).ok_or_else(|| DataError::Missing {
             path: path.join(name),
             hint: format!(
-                "the {} binary release holds {}",
+                "the {} binary release holds {}; download it with `cargo xtask data download {}`",
                 kind.name(),
-                files.join(", ")
+                files.join(", "),
+                kind.name()
             ),
         })?;
         parse_records(kind, file, bytes, per_file, &mut pixels, &mut labels)?;
@@ -146,6 +147,20 @@ pub fn load_cifar_sized(
         .filter(|names| names.len() == kind.num_classes())
         .unwrap_or_else(|| numbered_classes(kind.num_classes()));
     ImageSet::new([32, 32, 3], pixels, labels, classes)
+}
+
+/// Parses one CIFAR file's bytes (`records` records expected) into a data set with numbered
+/// classes. `path` only names the file in errors.
+pub fn parse_file(kind: CifarKind, path: &Path, bytes: &[u8], records: usize) -> Result<ImageSet> {
+    let mut pixels = Vec::with_capacity(records * IMAGE_BYTES);
+    let mut labels = Vec::with_capacity(records);
+    parse_records(kind, path, bytes, records, &mut pixels, &mut labels)?;
+    ImageSet::new(
+        [32, 32, 3],
+        pixels,
+        labels,
+        numbered_classes(kind.num_classes()),
+    )
 }
 
 /// Parses the records of one file into interleaved pixels and labels.

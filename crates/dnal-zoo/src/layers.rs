@@ -101,7 +101,7 @@ impl ConvBnGate {
         let depthwise = self.is_depthwise();
         let device = self.conv.weight.device();
         let out_idx = indices(keep_out, &device);
-        self.conv.weight = self.conv.weight.map(|w| {
+        self.conv.weight = slice_param(self.conv.weight, |w| {
             let w = w.select(0, out_idx.clone());
             match keep_in {
                 Some(keep) if !depthwise => w.select(1, indices(keep, &device)),
@@ -111,10 +111,7 @@ impl ConvBnGate {
         if depthwise {
             self.conv.groups = keep_out.len();
         }
-        self.conv.bias = self
-            .conv
-            .bias
-            .map(|b| b.map(|b| b.select(0, out_idx.clone())));
+        self.conv.bias = self.conv.bias.map(|b| select_param(b, &out_idx));
         self.bn = prune_batch_norm(self.bn, keep_out);
         self.gate = prune_gate(self.gate, keep_out);
         self
@@ -127,12 +124,21 @@ pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [keep.len()]), device)
 }
 
-/// Keeps the entries `idx` along the first axis of a parameter, keeping its id and trainability.
-fn select_param<const D: usize>(p: Param<Tensor<D>>, idx: &Tensor<1, Int>) -> Param<Tensor<D>> {
+/// Replaces a parameter's tensor by a slice of it, keeping its id and trainability; the slice
+/// is a new leaf, not a node of the old tensor's autodiff graph.
+fn slice_param<const D: usize>(
+    p: Param<Tensor<D>>,
+    slice: impl FnOnce(Tensor<D>) -> Tensor<D>,
+) -> Param<Tensor<D>> {
     p.map(|t| {
         let trainable = t.is_require_grad();
-        t.select(0, idx.clone()).set_require_grad(trainable)
+        slice(t).detach().set_require_grad(trainable)
     })
+}
+
+/// Keeps the entries `idx` along the first axis of a parameter (see [`slice_param`]).
+fn select_param<const D: usize>(p: Param<Tensor<D>>, idx: &Tensor<1, Int>) -> Param<Tensor<D>> {
+    slice_param(p, |t| t.select(0, idx.clone()))
 }
 
 /// Keeps channels `keep` of a BatchNorm: affine parameters and running statistics.

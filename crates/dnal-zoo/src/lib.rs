@@ -5,14 +5,17 @@
 //! [`dnal_core::GatedModel`] (so the trainer can drive its gates) and [`Network`] (config,
 //! cost model, physical pruning).
 //!
-//! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN).
+//! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN) and CIFAR
+//! ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110).
 
 pub mod error;
 pub mod layers;
 pub mod network;
 pub mod plain;
+pub mod resnet;
 
 pub use error::{Result, ZooError};
 pub use layers::{ConvBnGate, ConvBnGateConfig};
 pub use network::{Network, counted_params, load, prune, save};
 pub use plain::{PlainCnn, PlainCnnConfig};
+pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};

@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::ParamGroup;
 use burn::prelude::*;
 use dnal_core::io::write_atomic;
-use dnal_core::{Architecture, CostModel, GatedModel};
+use dnal_core::{Architecture, CostModel, CostReport, GatedModel};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -16,16 +17,31 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The burnpack weights are `model.bpk`.
 pub const WEIGHTS_STEM: &str = "model";
 
-/// A network of the zoo.
+/// A network of the zoo: an image classifier with channel gates.
 pub trait Network: GatedModel {
     /// The config of widths the network is built from.
-    type Config: Serialize + DeserializeOwned + Clone;
+    type Config: Serialize + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync;
+
+    /// Builds a network from its config (gates in bypass, fresh weights).
+    fn build(config: &Self::Config, device: &Device) -> Result<Self>;
+
+    /// Logits `[N, classes]` of images `[N, C, H, W]`.
+    fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+
+    /// The classifier's parameters (the layers after the last gate), which DNAL's architecture
+    /// stage may keep training while the rest of the weights are frozen.
+    fn classifier_group(&self) -> ParamGroup;
 
     /// The config this network is an instance of (after pruning: the pruned widths).
     fn config(&self) -> &Self::Config;
 
     /// Its layers for MACs/params counting.
     fn cost_model(&self) -> CostModel;
+
+    /// MACs and parameters of the network `arch` derives from this one (its kept channels).
+    fn arch_cost(&self, arch: &Architecture) -> Result<CostReport> {
+        Ok(self.cost_model().cost(Some(arch)))
+    }
 
     /// Removes every channel `arch` does not keep: the result is the same type, built from a
     /// config with the kept widths, and in eval mode computes what the masked network computes.

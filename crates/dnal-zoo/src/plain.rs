@@ -1,6 +1,7 @@
 //! Plain (non-residual) CNNs: a chain of gated conv units with max-pools, then a classifier.
 //! VGG-16 for CIFAR and the small MNIST CNN of the demo are presets of this one network.
 
+use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
@@ -198,6 +199,18 @@ impl GatedModel for PlainCnn {
 
 impl Network for PlainCnn {
     type Config = PlainCnnConfig;
+
+    fn build(config: &PlainCnnConfig, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        PlainCnn::forward(self, images)
+    }
+
+    fn classifier_group(&self) -> ParamGroup {
+        ParamGroup::from_regex(r"^(hidden|classifier)\.").expect("a valid pattern")
+    }
 
     fn config(&self) -> &PlainCnnConfig {
         &self.config

@@ -1,17 +1,11 @@
 //! VGG-16 (CIFAR) and the MNIST CNN: the paper's baseline cost, pruned == masked, save/load.
 
-use burn::module::RunningState;
 use burn::prelude::*;
-use dnal_core::{Architecture, GateMode, GatedModel};
+use dnal_core::{GateMode, GatedModel};
 use dnal_zoo::*;
 
-fn device() -> Device {
-    Device::flex()
-}
-
-fn within(actual: u64, paper: f64, tol: f64) -> bool {
-    ((actual as f64 - paper) / paper).abs() <= tol
-}
+mod common;
+use common::*;
 
 #[test]
 fn vgg16_cifar_reproduces_the_papers_baseline_cost() {
@@ -55,64 +49,19 @@ fn bad_configs_are_rejected() {
     assert!(err.to_string().contains("1x1"), "{err}");
 }
 
-/// Deterministic pseudo-random values in [lo, hi).
-fn noise(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-fn vec1(v: Vec<f32>, device: &Device) -> Tensor<1> {
-    let n = v.len();
-    Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
-/// Gives every BN non-trivial statistics and affine parameters, so that slicing them is tested.
+/// Gives every BN non-trivial statistics and affine parameters.
 fn randomise_bn(mut model: PlainCnn, device: &Device) -> PlainCnn {
     for (i, unit) in model.convs.iter_mut().enumerate() {
-        let c = unit.out_channels();
-        let seed = i as u64 * 4;
-        unit.bn.running_mean = RunningState::new(vec1(noise(c, seed, -0.5, 0.5), device));
-        unit.bn.running_var = RunningState::new(vec1(noise(c, seed + 1, 0.5, 2.0), device));
-        let beta = vec1(noise(c, seed + 2, -0.2, 0.2), device);
-        unit.bn.beta = unit.bn.beta.clone().map(|_| beta);
-        let gamma = vec1(noise(c, seed + 3, 0.5, 1.5), device);
-        unit.bn.gamma = unit.bn.gamma.clone().map(|_| gamma);
+        randomise_unit(unit, i as u64, device);
     }
     model
-}
-
-/// Keeps a pseudo-random subset (at least one channel) of every gate.
-fn random_architecture(model: &PlainCnn, seed: u64) -> Architecture {
-    let mut arch = Architecture::full(model);
-    for (g, (_, gate)) in arch.gates.iter_mut().enumerate() {
-        let r = noise(gate.width, seed + g as u64, 0.0, 1.0);
-        gate.kept = (0..gate.width).filter(|&c| r[c] < 0.4).collect();
-        if gate.kept.is_empty() {
-            gate.kept.push(g % gate.width);
-        }
-    }
-    arch
-}
-
-fn max_abs_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
-    (a - b).abs().max().into_scalar::<f32>()
 }
 
 fn check_pruned_equals_masked(config: PlainCnnConfig, input: [usize; 4], seed: u64) {
     let device = device();
     let model = randomise_bn(config.init(&device).unwrap(), &device);
-    let arch = random_architecture(&model, seed);
-    let x = Tensor::<4>::from_data(
-        TensorData::new(noise(input.iter().product(), seed, -1.0, 1.0), input),
-        &device,
-    );
+    let arch = random_architecture(&model, seed, |_| false);
+    let x = common::input(input, seed, &device);
     let masked = arch.apply_masks(model.clone()).unwrap();
     assert_eq!(masked.convs[0].gate.mode, GateMode::Masked);
     let pruned = prune(model, &arch).unwrap();
@@ -153,7 +102,7 @@ fn pruned_vgg16_equals_masked() {
 fn pruned_model_saves_and_loads_without_the_original() {
     let device = device();
     let model = randomise_bn(PlainCnnConfig::mnist_cnn().init(&device).unwrap(), &device);
-    let arch = random_architecture(&model, 5);
+    let arch = random_architecture(&model, 5, |_| false);
     let pruned = prune(model, &arch).unwrap();
     let dir = std::env::temp_dir().join(format!("dnal-zoo-save-{}", std::process::id()));
     save(&pruned, &dir).unwrap();

@@ -1,0 +1,90 @@
+//! The data pipeline: augmented CIFAR batches (pad-crop-flip + normalise) of 128, and ImageNet
+//! JPEG decoding + RandomResizedCrop(224) for batches of 8 generated 500x375 JPEGs, on 1 and 2
+//! threads. Throughput is reported in images per second.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dnal_data::{ImageFolder, ImageSet, Loader, LoaderConfig, Normalize, Source, Split, Transform};
+
+fn cifar_like(n: usize) -> ImageSet {
+    let pixels: Vec<u8> = (0..n * 3072).map(|i| (i * 31 % 251) as u8).collect();
+    let labels = (0..n).map(|i| (i % 10) as u16).collect();
+    ImageSet::new(
+        [32, 32, 3],
+        pixels,
+        labels,
+        dnal_data::image::numbered_classes(10),
+    )
+    .unwrap()
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
+fn cifar(c: &mut Criterion) {
+    let set: Arc<dyn Source> = Arc::new(cifar_like(1024));
+    let loader = Loader::new(
+        set,
+        Transform::cifar_train(),
+        Normalize::cifar10(),
+        LoaderConfig::train(128, 1),
+    )
+    .unwrap();
+    let order = loader.order(0);
+    let mut group = c.benchmark_group("data/cifar-augmented-batch-128");
+    group.throughput(Throughput::Elements(128));
+    for threads in [1, 2] {
+        let p = pool(threads);
+        group.bench_function(format!("{threads}-thread"), |b| {
+            let mut epoch = 0;
+            b.iter(|| {
+                epoch += 1;
+                p.install(|| loader.load(epoch, &order[..128]).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+fn imagenet(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("train").join("n01440764");
+    std::fs::create_dir_all(&class).unwrap();
+    for i in 0..8u32 {
+        let img = image::RgbImage::from_fn(500, 375, |x, y| {
+            image::Rgb([(x * 7 + i) as u8, (y * 3) as u8, ((x + y) / 4) as u8])
+        });
+        img.save(class.join(format!("{i}.JPEG"))).unwrap();
+    }
+    let folder = ImageFolder::open(dir.path(), Split::Train).unwrap();
+    let loader = Loader::new(
+        Arc::new(folder),
+        Transform::imagenet_train((0.08, 1.0)),
+        Normalize::imagenet(),
+        LoaderConfig::train(8, 1),
+    )
+    .unwrap();
+    let idx: Vec<usize> = (0..8).collect();
+    let mut group = c.benchmark_group("data/imagenet-decode-rrc224-batch-8");
+    group.throughput(Throughput::Elements(8));
+    group.sample_size(20);
+    for threads in [1, 2] {
+        let p = pool(threads);
+        group.bench_function(format!("{threads}-thread"), |b| {
+            let mut epoch = 0;
+            b.iter(|| {
+                epoch += 1;
+                p.install(|| loader.load(epoch, &idx).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cifar, imagenet);
+criterion_main!(benches);

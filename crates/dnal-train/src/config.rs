@@ -1,0 +1,443 @@
+//! The run configuration: one TOML recipe per model and data set, a preset being a recipe plus
+//! its lambda, and `key=value` overrides on top.
+
+use std::path::PathBuf;
+
+use dnal_core::{Continuation, PenaltyConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// How the weights and the architecture are optimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The paper: weight stage, architecture stage, derivation, final stage.
+    Decoupled,
+    /// Beyond the paper: weights and alpha trained together from scratch (gates in search mode,
+    /// beta raised over the joint stage), then derivation and the final stage.
+    Joint,
+    /// The unpruned baseline only: the weight stage and an evaluation.
+    Dense,
+}
+
+/// The network to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelName {
+    /// The MNIST demo CNN: gated convs 32-32-64-64, global pool, linear.
+    MnistCnn,
+    /// VGG-16-BN for CIFAR (13 gated convs, classifier 512-512-classes).
+    Vgg16Cifar,
+    /// ResNet-20 for CIFAR (basic blocks, parameter-free shortcuts).
+    Resnet20Cifar,
+    /// ResNet-32 for CIFAR.
+    Resnet32Cifar,
+    /// ResNet-56 for CIFAR.
+    Resnet56Cifar,
+    /// ResNet-110 for CIFAR.
+    Resnet110Cifar,
+}
+
+/// The network section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Which network.
+    pub name: ModelName,
+    /// Number of classes (default: the data set's).
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+}
+
+/// The data set to train on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetName {
+    /// The bundled 5,000 real MNIST digits (4,000 train / 1,000 test).
+    #[serde(rename = "mnist-5k")]
+    Mnist5k,
+    /// MNIST from its IDX files.
+    Mnist,
+    /// Fashion-MNIST from its IDX files.
+    FashionMnist,
+    /// CIFAR-10, official binary files.
+    Cifar10,
+    /// CIFAR-100 (fine labels), official binary files.
+    Cifar100,
+    /// An ImageNet-style folder: `path/train/<class>/*`, `path/val/<class>/*`.
+    ImageFolder,
+}
+
+/// The data section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Which data set.
+    pub dataset: DatasetName,
+    /// Where it is (default: `$DNAL_DATA` or `data/` for downloads; the bundled folder for
+    /// mnist-5k).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Training batch size.
+    pub batch_size: usize,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    /// Training augmentation (CIFAR: pad-crop-flip; image folders: RandomResizedCrop + flip).
+    #[serde(default = "yes")]
+    pub augment: bool,
+    /// RandomResizedCrop area range for image folders.
+    #[serde(default = "default_scale")]
+    pub crop_scale: (f64, f64),
+    /// Side of the image-folder crops (224 for ImageNet).
+    #[serde(default = "default_crop")]
+    pub crop_size: usize,
+    /// Use only the first N training examples (class-balanced for quick runs).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test examples.
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+}
+
+fn default_eval_batch() -> usize {
+    256
+}
+fn yes() -> bool {
+    true
+}
+fn default_scale() -> (f64, f64) {
+    (0.08, 1.0)
+}
+fn default_crop() -> usize {
+    224
+}
+
+/// Learning-rate schedule of a weight-training stage (stepped per iteration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// Constant.
+    Constant,
+    /// Cosine from `lr` to `min_lr` over the stage.
+    Cosine {
+        /// Final learning rate.
+        #[serde(default)]
+        min_lr: f64,
+    },
+    /// Multiply by `gamma` at each milestone epoch.
+    Step {
+        /// Epochs (within the stage) at which the rate drops.
+        milestones: Vec<usize>,
+        /// Factor.
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+    },
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+
+/// A weight-training stage (weight stage, final stage, or the joint stage).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// SGD momentum (dampening 0, as in PyTorch).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Weight decay (L2 added to the gradient).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Schedule.
+    pub schedule: LrSchedule,
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+
+/// The optimiser of alpha.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchOptimizer {
+    /// SGD with momentum (the paper: lr 0.01, momentum 0.9, no weight decay).
+    Sgd,
+    /// Adam (epsilon 1e-8).
+    Adam,
+}
+
+/// The architecture stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Optimiser of alpha.
+    #[serde(default = "default_arch_optimizer")]
+    pub optimizer: ArchOptimizer,
+    /// Learning rate of alpha (constant).
+    #[serde(default = "default_arch_lr")]
+    pub lr: f64,
+    /// Momentum of alpha's SGD.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Continuation schedule of beta.
+    #[serde(default)]
+    pub continuation: Continuation,
+    /// The sparsity penalty (lambda and variants).
+    pub penalty: PenaltyConfig,
+    /// Keep a channel iff sigmoid(beta * alpha) > threshold.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Keep training the classifier (with the weight stage's optimiser settings) while alpha
+    /// is learned; the released code does.
+    #[serde(default = "yes")]
+    pub train_classifier: bool,
+    /// Let BatchNorm update its running statistics (train mode); the released code does.
+    #[serde(default = "yes")]
+    pub update_bn_stats: bool,
+}
+
+fn default_arch_optimizer() -> ArchOptimizer {
+    ArchOptimizer::Sgd
+}
+fn default_arch_lr() -> f64 {
+    0.01
+}
+fn default_threshold() -> f64 {
+    dnal_core::DEFAULT_THRESHOLD
+}
+
+/// What the pruned network is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// The dense network at the end of the weight stage.
+    WeightStage,
+    /// The dense network of the weight stage trained on for the final stage's epochs with the
+    /// final stage's schedule, so it gets the same number of weight epochs as the pruned one.
+    Extended,
+}
+
+/// The report section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Batch size of the latency measurement.
+    #[serde(default = "default_latency_batch")]
+    pub latency_batch: usize,
+    /// Timed forward passes (after two warm-up passes); the median is reported.
+    #[serde(default = "default_latency_runs")]
+    pub latency_runs: usize,
+    /// Write the plots (SVG).
+    #[serde(default = "yes")]
+    pub plots: bool,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            latency_batch: default_latency_batch(),
+            latency_runs: default_latency_runs(),
+            plots: true,
+        }
+    }
+}
+
+fn default_latency_batch() -> usize {
+    64
+}
+fn default_latency_runs() -> usize {
+    10
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run name (the preset's).
+    pub name: String,
+    /// One line on what the run reproduces.
+    #[serde(default)]
+    pub description: String,
+    /// Seed of the weights' initialisation, the data order and the augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    /// Decoupled (the paper), joint, or dense.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// The network.
+    pub model: ModelConfig,
+    /// The data.
+    pub data: DataConfig,
+    /// The weight stage (in joint mode: the joint stage).
+    pub weights: StageConfig,
+    /// The architecture stage.
+    pub arch: ArchConfig,
+    /// The final stage (training the pruned network).
+    #[serde(rename = "final")]
+    pub final_stage: StageConfig,
+    /// What the pruned network is compared with.
+    #[serde(default = "default_baseline")]
+    pub baseline: Baseline,
+    /// Report options.
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+fn default_mode() -> Mode {
+    Mode::Decoupled
+}
+fn default_baseline() -> Baseline {
+    Baseline::WeightStage
+}
+
+impl TrainConfig {
+    /// Parses a TOML document (unknown keys are errors).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| TrainError::Config {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        Self::from_value(value, origin)
+    }
+
+    /// Deserialises a TOML value tree (after overrides).
+    pub fn from_value(value: toml::Value, origin: &str) -> Result<Self> {
+        let cfg: TrainConfig =
+            value
+                .try_into()
+                .map_err(|e: toml::de::Error| TrainError::Config {
+                    origin: origin.into(),
+                    message: e.to_string(),
+                })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configs serialise")
+    }
+
+    /// Checks every value; each error names the key and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, message: String| {
+            Err(TrainError::InvalidValue {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.data.batch_size == 0 || self.data.eval_batch_size == 0 {
+            return bad("data.batch_size", "batch sizes must be at least 1".into());
+        }
+        for (key, stage) in [("weights", &self.weights), ("final", &self.final_stage)] {
+            if !(stage.lr.is_finite() && stage.lr > 0.0) {
+                return bad(&format!("{key}.lr"), format!("{} must be > 0", stage.lr));
+            }
+            if !(0.0..1.0).contains(&stage.momentum) {
+                return bad(
+                    &format!("{key}.momentum"),
+                    format!("{} is outside [0, 1)", stage.momentum),
+                );
+            }
+            if !(stage.weight_decay.is_finite() && stage.weight_decay >= 0.0) {
+                return bad(
+                    &format!("{key}.weight_decay"),
+                    format!("{} must be >= 0", stage.weight_decay),
+                );
+            }
+            if let LrSchedule::Step { gamma, .. } = stage.schedule
+                && !(gamma > 0.0 && gamma <= 1.0)
+            {
+                return bad(
+                    &format!("{key}.schedule.gamma"),
+                    format!("{gamma} is outside (0, 1]"),
+                );
+            }
+        }
+        if self.weights.epochs == 0 {
+            return bad("weights.epochs", "must be at least 1".into());
+        }
+        if self.mode == Mode::Decoupled && self.arch.epochs == 0 {
+            return bad("arch.epochs", "must be at least 1 in decoupled mode".into());
+        }
+        if !(self.arch.lr.is_finite() && self.arch.lr > 0.0) {
+            return bad("arch.lr", format!("{} must be > 0", self.arch.lr));
+        }
+        if !(self.arch.threshold > 0.0 && self.arch.threshold < 1.0) {
+            return bad(
+                "arch.threshold",
+                format!("{} is outside (0, 1)", self.arch.threshold),
+            );
+        }
+        if self.arch.penalty.lambda < 0.0 {
+            return bad(
+                "arch.penalty.lambda",
+                format!(
+                    "{} is negative; lambda must be >= 0",
+                    self.arch.penalty.lambda
+                ),
+            );
+        }
+        self.arch.penalty.validate()?;
+        self.arch.continuation.validate()?;
+        let (lo, hi) = self.data.crop_scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return bad(
+                "data.crop_scale",
+                format!("({lo}, {hi}) must satisfy 0 < min <= max <= 1"),
+            );
+        }
+        if self.report.latency_batch == 0 || self.report.latency_runs == 0 {
+            return bad(
+                "report.latency_batch",
+                "latency batch and runs must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Applies `key=value` overrides (dotted keys, TOML values; a value that does not parse as
+/// TOML is taken as a string) to a TOML tree. Unknown keys are caught when the tree is
+/// deserialised.
+pub fn apply_overrides(value: &mut toml::Value, overrides: &[String]) -> Result<()> {
+    for item in overrides {
+        let (key, raw) = item
+            .split_once('=')
+            .ok_or_else(|| TrainError::InvalidValue {
+                key: item.clone(),
+                message: "an override is key=value, e.g. arch.penalty.lambda=1e-4".into(),
+            })?;
+        let key = key.trim();
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let mut node = &mut *value;
+        let parts: Vec<&str> = key.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let table = node
+                .as_table_mut()
+                .ok_or_else(|| TrainError::InvalidValue {
+                    key: key.into(),
+                    message: format!("`{}` is not a table", parts[..i].join(".")),
+                })?;
+            if i + 1 == parts.len() {
+                table.insert(part.to_string(), parsed.clone());
+                break;
+            }
+            node = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+    }
+    Ok(())
+}

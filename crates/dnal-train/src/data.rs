@@ -1,0 +1,181 @@
+//! Building the training and test loaders of a run from its data section.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dnal_data::{
+    CifarKind, DataError, IdxKind, ImageFolder, ImageSet, Loader, LoaderConfig, Normalize, Source,
+    Split, Transform,
+};
+
+use crate::config::{DataConfig, DatasetName};
+use crate::error::Result;
+
+/// The loaders of a run and what the model needs to know about the images.
+pub struct RunData {
+    /// Shuffled, augmented training batches.
+    pub train: Loader,
+    /// Test batches in file order.
+    pub test: Loader,
+    /// Channels of the images.
+    pub channels: usize,
+    /// Side of the (square) images the model sees.
+    pub image_size: usize,
+    /// Class names.
+    pub classes: Vec<String>,
+}
+
+/// Where downloaded data sets live by default: `$DNAL_DATA`, else `data/`.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("DNAL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("data"))
+}
+
+/// Channels, image side and class count of a data set, known without reading it (except
+/// for image folders, whose classes are their sub-folders).
+pub fn shape_of(cfg: &DataConfig) -> Result<(usize, usize, usize)> {
+    Ok(match cfg.dataset {
+        DatasetName::Mnist5k | DatasetName::Mnist | DatasetName::FashionMnist => (1, 28, 10),
+        DatasetName::Cifar10 => (3, 32, 10),
+        DatasetName::Cifar100 => (3, 32, 100),
+        DatasetName::ImageFolder => {
+            let root = cfg.path.clone().ok_or_else(|| DataError::invalid(
+                "data.path",
+                "an image-folder data set needs data.path (root/train/<class>/*, root/val/<class>/*)",
+            ))?;
+            let classes = ImageFolder::open(&root, Split::Train)?.classes().len();
+            (3, cfg.crop_size, classes)
+        }
+    })
+}
+
+/// Opens the data set and builds both loaders.
+pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
+    let data_dir = || cfg.path.clone().unwrap_or_else(default_data_dir);
+    let limit = |set: ImageSet, n: Option<usize>| match n {
+        Some(n) if n < set.len() => {
+            let per_class = n.div_ceil(set.classes().len()).max(1);
+            set.balanced_head(per_class)
+        }
+        _ => set,
+    };
+    let in_memory = |train: ImageSet, test: ImageSet| -> (Arc<dyn Source>, Arc<dyn Source>) {
+        (
+            Arc::new(limit(train, cfg.train_limit)),
+            Arc::new(limit(test, cfg.test_limit)),
+        )
+    };
+    let (train, test, normalize, train_tf, test_tf, size) = match cfg.dataset {
+        DatasetName::Mnist5k => {
+            let (train, test) = match &cfg.path {
+                Some(p) => (
+                    dnal_data::bundled_mnist_from(p, Split::Train)?,
+                    dnal_data::bundled_mnist_from(p, Split::Test)?,
+                ),
+                None => (
+                    dnal_data::bundled_mnist(Split::Train)?,
+                    dnal_data::bundled_mnist(Split::Test)?,
+                ),
+            };
+            let (a, b) = in_memory(train, test);
+            (
+                a,
+                b,
+                Normalize::mnist(),
+                Transform::Identity,
+                Transform::Identity,
+                28,
+            )
+        }
+        DatasetName::Mnist | DatasetName::FashionMnist => {
+            let kind = if cfg.dataset == DatasetName::Mnist {
+                IdxKind::Mnist
+            } else {
+                IdxKind::FashionMnist
+            };
+            let dir = data_dir();
+            let (a, b) = in_memory(
+                dnal_data::load_idx(kind, &dir, Split::Train)?,
+                dnal_data::load_idx(kind, &dir, Split::Test)?,
+            );
+            (
+                a,
+                b,
+                Normalize::mnist(),
+                Transform::Identity,
+                Transform::Identity,
+                28,
+            )
+        }
+        DatasetName::Cifar10 | DatasetName::Cifar100 => {
+            let (kind, normalize) = if cfg.dataset == DatasetName::Cifar10 {
+                (CifarKind::Cifar10, Normalize::cifar10())
+            } else {
+                (CifarKind::Cifar100, Normalize::cifar100())
+            };
+            let dir = data_dir();
+            let (a, b) = in_memory(
+                dnal_data::load_cifar(kind, &dir, Split::Train)?,
+                dnal_data::load_cifar(kind, &dir, Split::Test)?,
+            );
+            let aug = if cfg.augment {
+                Transform::cifar_train()
+            } else {
+                Transform::Identity
+            };
+            (a, b, normalize, aug, Transform::Identity, 32)
+        }
+        DatasetName::ImageFolder => {
+            let root = cfg.path.clone().ok_or_else(|| DataError::invalid(
+                "data.path",
+                "an image-folder data set needs data.path (root/train/<class>/*, root/val/<class>/*)",
+            ))?;
+            let train = ImageFolder::open(&root, Split::Train)?;
+            let test = ImageFolder::open(&root, Split::Test)?;
+            let size = cfg.crop_size;
+            let train_tf = if cfg.augment {
+                Transform::RandomResizedCrop {
+                    size,
+                    scale: cfg.crop_scale,
+                }
+            } else {
+                Transform::ResizeCenterCrop {
+                    resize: size,
+                    crop: size,
+                }
+            };
+            let test_tf = Transform::ResizeCenterCrop {
+                resize: size * 8 / 7,
+                crop: size,
+            };
+            (
+                Arc::new(train) as Arc<dyn Source>,
+                Arc::new(test) as Arc<dyn Source>,
+                Normalize::imagenet(),
+                train_tf,
+                test_tf,
+                size,
+            )
+        }
+    };
+    let channels = train.channels();
+    let classes = train.classes().to_vec();
+    Ok(RunData {
+        train: Loader::new(
+            train,
+            train_tf,
+            normalize.clone(),
+            LoaderConfig::train(cfg.batch_size, seed),
+        )?,
+        test: Loader::new(
+            test,
+            test_tf,
+            normalize,
+            LoaderConfig::eval(cfg.eval_batch_size),
+        )?,
+        channels,
+        image_size: size,
+        classes,
+    })
+}

@@ -1,0 +1,31 @@
+//! # dnal-train
+//!
+//! The DNAL pipeline end to end (`docs/ARCHITECTURE.md` explains the design):
+//!
+//! 1. weight stage: gates in bypass, SGD (momentum, dampening 0, weight decay, cosine or step
+//!    learning rate), from scratch;
+//! 2. architecture stage: conv and BN weights frozen, alpha reset to 0 and trained with its own
+//!    optimiser on cross-entropy + sparsity penalty while beta follows the continuation schedule;
+//! 3. derivation and physical pruning;
+//! 4. final stage: the pruned network trained from its inherited weights;
+//! 5. evaluation (top-1, top-5), latency of the dense and the pruned network, exports
+//!    (burnpack + config JSON + safetensors + architecture JSON), `report.json`, `report.md`,
+//!    plots.
+//!
+//! Every epoch ends with a checkpoint; a run resumes from it to the same result.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod models;
+pub mod pipeline;
+pub mod recipes;
+pub mod report;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use models::{dry_run, run};
+pub use pipeline::{Outcome, Phase, RunOptions};
+pub use report::Report;

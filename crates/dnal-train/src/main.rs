@@ -1,0 +1,166 @@
+//! `dnal-train`: the command-line front end of the DNAL pipeline (started by `cargo xtask
+//! train`, which picks the cargo features of the backend).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dnal_core::BackendKind;
+use dnal_train::pipeline::{Outcome, RunOptions};
+use dnal_train::{checkpoint, recipes};
+
+#[derive(Parser)]
+#[command(
+    name = "dnal-train",
+    about = "Differentiable neural architecture learning: train, prune, report",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a preset or a config file (default: the offline MNIST demo).
+    Train(TrainArgs),
+    /// Download a data set (CIFAR-10 or CIFAR-100) with its checksum checked.
+    Download {
+        /// `cifar10` or `cifar100`.
+        dataset: String,
+        /// Where to put it (default: $DNAL_DATA or data/).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A mirror's address instead of the official one.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A preset (see --list); default `mnist-demo`.
+    #[arg(long)]
+    preset: Option<String>,
+    /// A TOML config file instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set arch.penalty.lambda=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// flex, ndarray, wgpu or cuda (must be compiled in).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Output folder (default: runs/<preset name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Resume the run in this output folder from its last checkpoint.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config", "set", "out"])]
+    resume: Option<PathBuf>,
+    /// Print the resolved config and the network summary, train nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// List every preset.
+    #[arg(long)]
+    list: bool,
+    /// No progress bars or per-epoch lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Download { dataset, dir, url } => {
+            let kind = match dataset.as_str() {
+                "cifar10" => dnal_data::CifarKind::Cifar10,
+                "cifar100" => dnal_data::CifarKind::Cifar100,
+                other => anyhow::bail!(
+                    "cannot download `{other}`: only cifar10 and cifar100 are downloadable (MNIST ships in datasets/, ImageNet must be prepared by hand)"
+                ),
+            };
+            let mut archive = dnal_data::Archive::cifar(kind);
+            if let Some(u) = url {
+                archive = archive.with_url(u);
+            }
+            let dir = dir.unwrap_or_else(dnal_train::data::default_data_dir);
+            let folder = dnal_data::download(&archive, &dir)?;
+            println!("{} is ready in {}", dataset, folder.display());
+            Ok(())
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if args.list {
+        println!("{:<32} description", "preset");
+        for p in recipes::presets()? {
+            println!("{:<32} {}", p.name, p.description);
+        }
+        return Ok(());
+    }
+    let backend: BackendKind = args.backend.parse().map_err(anyhow::Error::msg)?;
+    let (cfg, out, resume) = match &args.resume {
+        Some(dir) => (
+            checkpoint::config(&dir.join(dnal_train::pipeline::paths::CHECKPOINT))?,
+            dir.clone(),
+            true,
+        ),
+        None => {
+            let cfg = recipes::resolve(args.preset.as_deref(), args.config.as_deref(), &args.set)?;
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+            (cfg, out, false)
+        }
+    };
+    if args.dry_run {
+        println!("{}", dnal_train::dry_run(&cfg)?);
+        return Ok(());
+    }
+    // A backend that is not compiled in is reported before any work.
+    backend.device()?;
+    if !resume && out.join(dnal_train::pipeline::paths::CHECKPOINT).exists() {
+        anyhow::bail!(
+            "{} already holds a run; resume it with `--resume {}`, or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+    eprintln!(
+        "dnal-train: {} on {} -> {}",
+        cfg.name,
+        backend.name(),
+        out.display()
+    );
+    let opts = RunOptions {
+        out: out.clone(),
+        backend,
+        resume,
+        quiet: args.quiet,
+        stop_after_epochs: None,
+    };
+    match dnal_train::run(&cfg, &opts).with_context(|| format!("run {}", cfg.name))? {
+        Outcome::Finished(report) => {
+            println!("{}", report.markdown());
+            println!(
+                "Outputs in {}: report.json, report.md, plots (*.svg), pruned/ (burnpack, config, safetensors), architecture.json",
+                out.display()
+            );
+        }
+        Outcome::Stopped => println!("stopped; resume with --resume {}", out.display()),
+    }
+    Ok(())
+}

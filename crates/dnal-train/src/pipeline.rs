@@ -1,0 +1,677 @@
+//! The DNAL pipeline as a sequence of phases over one network type, checkpointed after every
+//! epoch and at every phase change, so that a run stopped at any moment resumes to the same
+//! result.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{ParamGroup, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::prelude::*;
+use dnal_core::{
+    Architecture, BackendKind, CostReport, GateMode, SparsityPenalty, derive_architecture,
+};
+use dnal_zoo::Network;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ArchOptimizer, Baseline, LrSchedule, Mode, StageConfig, TrainConfig};
+use crate::data::RunData;
+use crate::error::{Result, TrainError};
+use crate::eval::{Accuracy, evaluate, latency_ms};
+use crate::report::{self, Report};
+
+/// One phase of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Dense weights from scratch, gates in bypass (also the dense baseline of a joint run).
+    Weights,
+    /// Weights and alpha together from scratch (beyond the paper).
+    Joint,
+    /// Alpha only (and the classifier, if configured), weights frozen, beta rising.
+    Arch,
+    /// The pruned network trained from its inherited weights.
+    Final,
+    /// The dense weight-stage network trained on for the final stage's epochs.
+    BaselineExtend,
+}
+
+impl Phase {
+    /// The name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Weights => "weights",
+            Phase::Joint => "joint",
+            Phase::Arch => "arch",
+            Phase::Final => "final",
+            Phase::BaselineExtend => "baseline",
+        }
+    }
+
+    fn searches(self) -> bool {
+        matches!(self, Phase::Arch | Phase::Joint)
+    }
+}
+
+/// The phases of a run, in order.
+pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
+    let extend = cfg.baseline == Baseline::Extended;
+    let mut v = match cfg.mode {
+        Mode::Dense => return vec![Phase::Weights],
+        Mode::Decoupled => vec![Phase::Weights, Phase::Arch, Phase::Final],
+        Mode::Joint => vec![Phase::Joint, Phase::Final, Phase::Weights],
+    };
+    if extend {
+        v.push(Phase::BaselineExtend);
+    }
+    v
+}
+
+fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
+    match phase {
+        Phase::Weights | Phase::Joint => cfg.weights.epochs,
+        Phase::Arch => cfg.arch.epochs,
+        Phase::Final | Phase::BaselineExtend => cfg.final_stage.epochs,
+    }
+}
+
+fn phase_stage(cfg: &TrainConfig, phase: Phase) -> &StageConfig {
+    match phase {
+        Phase::Weights | Phase::Joint | Phase::Arch => &cfg.weights,
+        Phase::Final | Phase::BaselineExtend => &cfg.final_stage,
+    }
+}
+
+/// Learning rate at iteration `iter` of epoch `epoch` of a stage.
+pub fn learning_rate(stage: &StageConfig, epoch: usize, iter: usize, iters: usize) -> f64 {
+    match &stage.schedule {
+        LrSchedule::Constant => stage.lr,
+        LrSchedule::Cosine { min_lr } => {
+            let total = (stage.epochs * iters).max(1) as f64;
+            let t = (epoch * iters + iter) as f64 / total;
+            min_lr + (stage.lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+        LrSchedule::Step { milestones, gamma } => {
+            let drops = milestones.iter().filter(|&&m| m <= epoch).count();
+            stage.lr * gamma.powi(drops as i32)
+        }
+    }
+}
+
+/// One line of the training log (also one JSON line of `metrics.jsonl`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// Phase name.
+    pub stage: String,
+    /// Epoch within the phase.
+    pub epoch: usize,
+    /// Learning rate at the end of the epoch (alpha's in the architecture stage).
+    pub lr: f64,
+    /// beta at the end of the epoch (searching phases only).
+    pub beta: Option<f64>,
+    /// Mean training loss (cross-entropy + penalty).
+    pub loss: f64,
+    /// Mean penalty term.
+    pub penalty: f64,
+    /// lambda in force.
+    pub lambda: f64,
+    /// Training top-1, percent (on augmented batches).
+    pub train_top1: f64,
+    /// Test top-1, percent.
+    pub test_top1: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Open gate channels of the architecture derived now (all channels outside search).
+    pub open_gates: usize,
+    /// Open channels per gated layer (searching phases only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub open_by_layer: BTreeMap<String, usize>,
+    /// MACs of the architecture derived now (of the network itself outside search).
+    pub macs: u64,
+    /// Seconds of this epoch.
+    pub seconds: f64,
+}
+
+/// Results of the run so far; saved in every checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Index of the current phase.
+    pub phase_index: usize,
+    /// Whether the current phase's entry step (fresh weights, alpha reset, ...) is done.
+    pub entered: bool,
+    /// Epochs completed in the current phase.
+    pub epochs_done: usize,
+    /// Every epoch so far.
+    pub history: Vec<EpochLog>,
+    /// lambda (it moves in the adaptive-target mode).
+    pub lambda: Option<f64>,
+    /// The dense network: accuracy and cost at the end of its weight stage.
+    pub dense: Option<(Accuracy, CostReport)>,
+    /// The extended baseline's accuracy.
+    pub baseline_extended: Option<Accuracy>,
+    /// The derived architecture.
+    pub architecture: Option<Architecture>,
+    /// Accuracy of the pruned network right after derivation.
+    pub derived: Option<Accuracy>,
+    /// The pruned network after the final stage.
+    pub pruned: Option<(Accuracy, CostReport)>,
+    /// Final alpha values (for the histogram).
+    pub final_alpha: Vec<f64>,
+    /// Gate names in network order.
+    pub gate_order: Vec<String>,
+    /// Seconds spent so far.
+    pub seconds: f64,
+}
+
+/// Options of one invocation (not part of the recipe).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Backend.
+    pub backend: BackendKind,
+    /// Continue from `out/checkpoint`.
+    pub resume: bool,
+    /// No progress bars or per-epoch lines on stderr.
+    pub quiet: bool,
+    /// Stop (as a kill would) after this many epochs in this invocation; for tests.
+    pub stop_after_epochs: Option<usize>,
+}
+
+/// How an invocation ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The run is complete; here is its report.
+    Finished(Box<Report>),
+    /// Stopped by `stop_after_epochs`; resume with `--resume`.
+    Stopped,
+}
+
+/// Sub-folders and files of the output folder.
+pub mod paths {
+    /// Checkpoint folder.
+    pub const CHECKPOINT: &str = "checkpoint";
+    /// The dense network (weight stage).
+    pub const DENSE: &str = "dense";
+    /// The pruned network after the final stage.
+    pub const PRUNED: &str = "pruned";
+    /// The extended baseline.
+    pub const BASELINE: &str = "baseline";
+    /// The derived architecture.
+    pub const ARCHITECTURE: &str = "architecture.json";
+    /// One JSON line per epoch.
+    pub const METRICS: &str = "metrics.jsonl";
+}
+
+struct Optimizers {
+    weights: Option<ModuleOptimizer>,
+    alpha: Option<ModuleOptimizer>,
+}
+
+fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
+    let mut cfg = SgdConfig::new();
+    if momentum > 0.0 {
+        cfg = cfg.with_momentum(Some(
+            MomentumConfig::new()
+                .with_momentum(momentum)
+                .with_dampening(0.0),
+        ));
+    }
+    if weight_decay > 0.0 {
+        cfg = cfg.with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)));
+    }
+    cfg.init()
+}
+
+fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
+    let stage = phase_stage(cfg, phase);
+    let alpha = || match cfg.arch.optimizer {
+        ArchOptimizer::Sgd => sgd(cfg.arch.momentum, 0.0),
+        ArchOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),
+    };
+    match phase {
+        Phase::Arch => Optimizers {
+            weights: cfg
+                .arch
+                .train_classifier
+                .then(|| sgd(stage.momentum, stage.weight_decay)),
+            alpha: Some(alpha()),
+        },
+        Phase::Joint => Optimizers {
+            weights: Some(sgd(stage.momentum, stage.weight_decay)),
+            alpha: Some(alpha()),
+        },
+        _ => Optimizers {
+            weights: Some(sgd(stage.momentum, stage.weight_decay)),
+            alpha: None,
+        },
+    }
+}
+
+/// The frozen internals of the gates (mask and temperature), never trained.
+fn gate_internals() -> ParamGroup {
+    ParamGroup::from_regex(r"gate\.(mask|temperature)$").expect("a valid pattern")
+}
+
+/// Sets gate modes, trainability and BatchNorm behaviour for a phase. Applied on every
+/// (re)start of a phase, since modes and flags are not part of a checkpoint.
+fn configure<N: Network>(cfg: &TrainConfig, phase: Phase, model: N) -> N {
+    match phase {
+        Phase::Arch => {
+            let alpha = ParamGroup::from_ids(model.alpha_ids());
+            let classifier = model.classifier_group();
+            let frozen = if cfg.arch.update_bn_stats {
+                model.no_grad()
+            } else {
+                model.freeze()
+            };
+            let model = frozen.set_require_grad_group(alpha, true);
+            let model = if cfg.arch.train_classifier {
+                model.unfreeze_group(classifier)
+            } else {
+                model
+            };
+            model.with_gate_mode(GateMode::Search)
+        }
+        Phase::Joint => model
+            .unfreeze()
+            .set_require_grad_group(gate_internals(), false)
+            .with_gate_mode(GateMode::Search),
+        Phase::Weights | Phase::Final | Phase::BaselineExtend => model
+            .unfreeze()
+            .set_require_grad_group(gate_internals(), false)
+            .with_gate_mode(GateMode::Bypass),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Everything a run needs besides the recipe.
+pub struct Runner<'a, N: Network> {
+    cfg: &'a TrainConfig,
+    net_config: N::Config,
+    data: &'a RunData,
+    opts: &'a RunOptions,
+    device: Device,
+    train_device: Device,
+}
+
+impl<'a, N: Network> Runner<'a, N> {
+    /// A runner for `cfg` on the data, building networks from `net_config`.
+    pub fn new(
+        cfg: &'a TrainConfig,
+        net_config: N::Config,
+        data: &'a RunData,
+        opts: &'a RunOptions,
+    ) -> Result<Self> {
+        let device = opts.backend.probe()?;
+        let train_device = device.clone().autodiff();
+        Ok(Self {
+            cfg,
+            net_config,
+            data,
+            opts,
+            device,
+            train_device,
+        })
+    }
+
+    fn fresh(&self) -> Result<N> {
+        self.train_device.seed(self.cfg.seed);
+        Ok(N::build(&self.net_config, &self.train_device)?)
+    }
+
+    fn load_model(&self, dir: &Path) -> Result<N> {
+        Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
+    }
+
+    /// Runs (or resumes) the whole pipeline.
+    pub fn run(&self) -> Result<Outcome> {
+        let out = &self.opts.out;
+        std::fs::create_dir_all(out).map_err(io_err(out))?;
+        let phases = phases(self.cfg);
+        let ckpt_dir = out.join(paths::CHECKPOINT);
+        let (mut progress, mut model, mut saved_optims) = if self.opts.resume {
+            let (p, m, o) =
+                crate::checkpoint::load::<N>(&ckpt_dir, self.cfg, |d| self.load_model(d))?;
+            (p, m, o)
+        } else {
+            (Progress::default(), None, None)
+        };
+        let mut epochs_this_call = 0usize;
+        while progress.phase_index < phases.len() {
+            let phase = phases[progress.phase_index];
+            let started = Instant::now();
+            if !progress.entered {
+                model = Some(self.enter(phase, model.take(), &progress)?);
+                progress.entered = true;
+                progress.epochs_done = 0;
+                saved_optims = None;
+                progress.seconds += started.elapsed().as_secs_f64();
+                crate::checkpoint::save(&ckpt_dir, self.cfg, &progress, model.as_ref(), None)?;
+            }
+            let mut net = configure(
+                self.cfg,
+                phase,
+                model.take().expect("entered phase has a model"),
+            );
+            let mut optims = optimizers(self.cfg, phase);
+            if let Some((w, a)) = saved_optims.take() {
+                if let (Some(o), Some(rec)) = (optims.weights.take(), w) {
+                    optims.weights = Some(o.load_record(rec));
+                }
+                if let (Some(o), Some(rec)) = (optims.alpha.take(), a) {
+                    optims.alpha = Some(o.load_record(rec));
+                }
+            }
+            let mut penalty = if phase.searches() {
+                let mut p = SparsityPenalty::new(self.cfg.arch.penalty, Some(&net.cost_model()))?;
+                if let Some(l) = progress.lambda {
+                    p.set_lambda(l);
+                }
+                Some(p)
+            } else {
+                None
+            };
+            let epochs = phase_epochs(self.cfg, phase);
+            while progress.epochs_done < epochs {
+                if self
+                    .opts
+                    .stop_after_epochs
+                    .is_some_and(|n| epochs_this_call >= n)
+                {
+                    return Ok(Outcome::Stopped);
+                }
+                let epoch = progress.epochs_done;
+                let t0 = Instant::now();
+                let (next, log) =
+                    self.epoch(phase, epoch, net, &mut optims, penalty.as_mut(), &ckpt_dir)?;
+                net = next;
+                let mut log = log;
+                log.seconds = t0.elapsed().as_secs_f64();
+                if let Some(p) = penalty.as_ref() {
+                    progress.lambda = Some(p.lambda());
+                }
+                if !self.opts.quiet {
+                    eprintln!("{}", report::epoch_line(&log));
+                }
+                progress.history.push(log);
+                progress.epochs_done += 1;
+                progress.seconds += t0.elapsed().as_secs_f64();
+                let records = (
+                    optims.weights.as_ref().map(|o| o.to_record()),
+                    optims.alpha.as_ref().map(|o| o.to_record()),
+                );
+                crate::checkpoint::save(&ckpt_dir, self.cfg, &progress, Some(&net), Some(records))?;
+                report::write_metrics(&out.join(paths::METRICS), &progress.history)?;
+                epochs_this_call += 1;
+            }
+            let t1 = Instant::now();
+            let next = self.leave(phase, net, &mut progress)?;
+            progress.phase_index += 1;
+            progress.entered = false;
+            progress.epochs_done = 0;
+            progress.seconds += t1.elapsed().as_secs_f64();
+            crate::checkpoint::save(&ckpt_dir, self.cfg, &progress, Some(&next), None)?;
+            model = Some(next);
+        }
+        let report = self.finish(&progress)?;
+        Ok(Outcome::Finished(Box::new(report)))
+    }
+
+    /// The one-off step when a phase begins.
+    fn enter(&self, phase: Phase, previous: Option<N>, progress: &Progress) -> Result<N> {
+        let _ = progress;
+        Ok(match phase {
+            Phase::Weights => self.fresh()?,
+            Phase::Joint => self.fresh()?.with_alpha(0.0),
+            Phase::Arch => previous
+                .expect("the weight stage comes first")
+                .with_alpha(0.0),
+            Phase::Final => previous.expect("derivation comes first"),
+            Phase::BaselineExtend => self.load_model(&self.opts.out.join(paths::DENSE))?,
+        })
+    }
+
+    /// The one-off step when a phase ends: evaluation, derivation and pruning, exports.
+    fn leave(&self, phase: Phase, net: N, progress: &mut Progress) -> Result<N> {
+        let out = &self.opts.out;
+        match phase {
+            Phase::Weights => {
+                let acc = evaluate(&net, &self.data.test, &self.device)?;
+                progress.dense = Some((acc, net.cost_model().cost(None)));
+                dnal_zoo::save(&net, &out.join(paths::DENSE))?;
+                Ok(net)
+            }
+            Phase::Arch | Phase::Joint => {
+                let arch = derive_architecture(&net, self.cfg.arch.threshold)?;
+                arch.save(out.join(paths::ARCHITECTURE))?;
+                progress.final_alpha = net
+                    .gate_states()
+                    .into_iter()
+                    .flat_map(|(_, s)| s.alpha)
+                    .collect();
+                progress.gate_order = net.gate_names();
+                let pruned = net.prune(&arch)?;
+                let pruned = configure(self.cfg, Phase::Final, pruned);
+                progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);
+                progress.architecture = Some(arch);
+                Ok(pruned)
+            }
+            Phase::Final => {
+                let acc = evaluate(&net, &self.data.test, &self.device)?;
+                progress.pruned = Some((acc, net.cost_model().cost(None)));
+                dnal_zoo::save(&net, &out.join(paths::PRUNED))?;
+                crate::checkpoint::save_safetensors(&net, &out.join(paths::PRUNED))?;
+                Ok(net)
+            }
+            Phase::BaselineExtend => {
+                progress.baseline_extended = Some(evaluate(&net, &self.data.test, &self.device)?);
+                dnal_zoo::save(&net, &out.join(paths::BASELINE))?;
+                Ok(net)
+            }
+        }
+    }
+
+    fn epoch(
+        &self,
+        phase: Phase,
+        epoch: usize,
+        mut net: N,
+        optims: &mut Optimizers,
+        mut penalty: Option<&mut SparsityPenalty>,
+        ckpt_dir: &Path,
+    ) -> Result<(N, EpochLog)> {
+        let cfg = self.cfg;
+        let loader = &self.data.train;
+        let iters = loader.len();
+        let stage = phase_stage(cfg, phase);
+        let epochs = phase_epochs(cfg, phase);
+        let alpha_ids: Vec<ParamId> = net.alpha_ids();
+        let ce = CrossEntropyLossConfig::new().init(&self.train_device);
+        let bar = report::progress_bar(
+            self.opts.quiet,
+            iters as u64,
+            &format!("{} {}/{}", phase.name(), epoch + 1, epochs),
+        );
+        let (mut loss_sum, mut pen_sum, mut correct, mut seen) = (0f64, 0f64, 0usize, 0usize);
+        let (mut lr, mut beta) = (0.0, None);
+        // Each phase has its own stream of epochs for the data order and augmentation.
+        let data_epoch = (progress_key(phase) << 32) | epoch as u64;
+        for (iter, batch) in loader.epoch(data_epoch).enumerate() {
+            let batch = batch?.to_device(&self.train_device);
+            if phase.searches() {
+                let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
+                net = net.with_temperature(b);
+                beta = Some(b);
+            }
+            let logits = net.forward(batch.images);
+            let n = logits.dims()[0];
+            let pred = logits.clone().argmax(1).reshape([n]);
+            let hits: i64 = pred
+                .equal(batch.labels.clone())
+                .int()
+                .sum()
+                .into_scalar::<i64>();
+            let mut loss = ce.forward(logits, batch.labels);
+            let mut pen_value = 0.0;
+            if let Some(p) = penalty.as_deref() {
+                let pen = p.loss(&net);
+                pen_value = pen.clone().into_scalar::<f32>() as f64;
+                loss = loss + pen;
+            }
+            let loss_value = loss.clone().into_scalar::<f32>();
+            if !loss_value.is_finite() {
+                bar.abandon();
+                return Err(TrainError::NonFinite {
+                    stage: phase.name().into(),
+                    epoch,
+                    iteration: iter,
+                    value: loss_value,
+                    checkpoint: ckpt_dir.to_path_buf(),
+                });
+            }
+            let mut grads = loss.backward();
+            match phase {
+                Phase::Arch => {
+                    lr = cfg.arch.lr;
+                    let g_alpha = GradientsParams::from_params(&mut grads, &net, &alpha_ids);
+                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
+                        cfg.arch.lr,
+                        net,
+                        g_alpha,
+                    );
+                    if let Some(o) = optims.weights.as_mut() {
+                        let g = GradientsParams::from_grads(grads, &net);
+                        net = o.step(cfg.arch.lr, net, g);
+                    }
+                }
+                Phase::Joint => {
+                    lr = learning_rate(stage, epoch, iter, iters);
+                    let g_alpha = GradientsParams::from_params(&mut grads, &net, &alpha_ids);
+                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
+                        cfg.arch.lr,
+                        net,
+                        g_alpha,
+                    );
+                    let g = GradientsParams::from_grads(grads, &net);
+                    net = optims
+                        .weights
+                        .as_mut()
+                        .expect("weight optimiser")
+                        .step(lr, net, g);
+                }
+                _ => {
+                    lr = learning_rate(stage, epoch, iter, iters);
+                    let g = GradientsParams::from_grads(grads, &net);
+                    net = optims
+                        .weights
+                        .as_mut()
+                        .expect("weight optimiser")
+                        .step(lr, net, g);
+                }
+            }
+            loss_sum += loss_value as f64 * n as f64;
+            pen_sum += pen_value * n as f64;
+            correct += hits as usize;
+            seen += n;
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+        }
+        bar.finish_and_clear();
+        if phase.searches()
+            && let Some(p) = penalty.as_deref_mut()
+        {
+            let arch = derive_architecture(&net, cfg.arch.threshold)?;
+            let full = net.cost_model().cost(None).macs.max(1);
+            let macs = net.arch_cost(&arch)?.macs;
+            p.adapt(macs as f64 / full as f64);
+        }
+        let test = evaluate(&net, &self.data.test, &self.device)?;
+        let (open_gates, open_by_layer, macs) = if phase.searches() {
+            let arch = derive_architecture(&net, cfg.arch.threshold)?;
+            let by_layer: BTreeMap<String, usize> = arch
+                .gates
+                .iter()
+                .map(|(n, g)| (n.clone(), g.kept.len()))
+                .collect();
+            (arch.kept_channels(), by_layer, net.arch_cost(&arch)?.macs)
+        } else {
+            (
+                net.gated_channels(),
+                BTreeMap::new(),
+                net.cost_model().cost(None).macs,
+            )
+        };
+        let log = EpochLog {
+            stage: phase.name().into(),
+            epoch,
+            lr,
+            beta,
+            loss: loss_sum / seen.max(1) as f64,
+            penalty: pen_sum / seen.max(1) as f64,
+            lambda: penalty.map_or(cfg.arch.penalty.lambda, |p| p.lambda()),
+            train_top1: 100.0 * correct as f64 / seen.max(1) as f64,
+            test_top1: test.top1,
+            test_loss: test.loss,
+            open_gates,
+            open_by_layer,
+            macs,
+            seconds: 0.0,
+        };
+        Ok((net, log))
+    }
+
+    /// Evaluates, times and exports at the end of the run.
+    fn finish(&self, progress: &Progress) -> Result<Report> {
+        let out = &self.opts.out;
+        let dense = self.load_model(&out.join(paths::DENSE))?;
+        let pruned = match progress.pruned {
+            Some(_) => Some(self.load_model(&out.join(paths::PRUNED))?),
+            None => None,
+        };
+        let input = [
+            self.cfg.report.latency_batch,
+            self.data.channels,
+            self.data.image_size,
+            self.data.image_size,
+        ];
+        let runs = self.cfg.report.latency_runs;
+        let dense_ms = latency_ms(
+            &configure(self.cfg, Phase::Weights, dense),
+            input,
+            runs,
+            &self.device,
+        );
+        let pruned_ms = pruned.map(|p| {
+            latency_ms(
+                &configure(self.cfg, Phase::Final, p),
+                input,
+                runs,
+                &self.device,
+            )
+        });
+        let report = Report::new(self.cfg, progress, dense_ms, pruned_ms, self.opts.backend)?;
+        report.write(out, progress)?;
+        Ok(report)
+    }
+}
+
+fn progress_key(phase: Phase) -> u64 {
+    match phase {
+        Phase::Weights => 1,
+        Phase::Joint => 2,
+        Phase::Arch => 3,
+        Phase::Final => 4,
+        Phase::BaselineExtend => 5,
+    }
+}

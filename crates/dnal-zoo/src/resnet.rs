@@ -1,0 +1,443 @@
+//! ResNet-20/32/56/110 for CIFAR (basic blocks, parameter-free shortcuts: stride-2 subsampling
+//! and zero channel padding, as in the paper's baseline), with gates on the stem, inside every
+//! block and on every block's output branch before the add.
+//!
+//! Pruning across the residual adds: the stream (the tensor the shortcuts carry) keeps the
+//! union of the channels that any gate writing into it keeps — the stem's and those of every
+//! block output of the stage, plus, through a stage's padded shortcut, the previous stage's.
+//! Every other stream channel is zero in the masked network, so it is removed; each block adds
+//! its kept output channels into their positions in the stream (an index add). A block whose
+//! output gate closes completely is removed with both its convs. The pruned network is the same
+//! type, built from a config that records the kept stream positions.
+
+use burn::module::ParamGroup;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::tensor::{IndexingUpdateOp, s};
+use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ZooError};
+use crate::layers::{ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
+use crate::network::Network;
+
+/// Widths of one residual block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockWidths {
+    /// Channels between the two convs.
+    pub inner: usize,
+    /// Stream positions (in the stage's full width) the block's output channels are added to;
+    /// empty: the block is removed.
+    pub out: Vec<usize>,
+}
+
+/// Configuration of a [`CifarResNet`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CifarResNetConfig {
+    /// Image channels.
+    pub in_channels: usize,
+    /// Image side.
+    pub image_size: usize,
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Full stream width of each stage (16, 32, 64).
+    pub stage_widths: Vec<usize>,
+    /// Blocks per stage ((depth - 2) / 6).
+    pub blocks_per_stage: usize,
+    /// Stream positions (in stage 0's full width) of the stem's output channels.
+    pub stem: Vec<usize>,
+    /// Every block, stage by stage.
+    pub blocks: Vec<BlockWidths>,
+}
+
+impl CifarResNetConfig {
+    /// ResNet-`depth` (20, 32, 44, 56, 110, ...: depth = 6n + 2) at full width.
+    pub fn new(depth: usize, num_classes: usize) -> Result<Self> {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
+            return Err(ZooError::Config(format!(
+                "a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), not {depth}"
+            )));
+        }
+        let n = (depth - 2) / 6;
+        let stage_widths = vec![16, 32, 64];
+        let blocks = stage_widths
+            .iter()
+            .flat_map(|&w| {
+                std::iter::repeat_n(
+                    BlockWidths {
+                        inner: w,
+                        out: (0..w).collect(),
+                    },
+                    n,
+                )
+            })
+            .collect();
+        Ok(Self {
+            in_channels: 3,
+            image_size: 32,
+            num_classes,
+            stage_widths,
+            blocks_per_stage: n,
+            stem: (0..16).collect(),
+            blocks,
+        })
+    }
+
+    /// Network depth (weighted layers).
+    pub fn depth(&self) -> usize {
+        6 * self.blocks_per_stage + 2
+    }
+
+    /// Checks that the config describes a buildable network.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ZooError::Config(m));
+        let stages = self.stage_widths.len();
+        if stages == 0 || self.blocks_per_stage == 0 {
+            return bad("a ResNet needs at least one stage of at least one block".into());
+        }
+        if self.blocks.len() != stages * self.blocks_per_stage {
+            return bad(format!(
+                "{} blocks for {stages} stages of {}",
+                self.blocks.len(),
+                self.blocks_per_stage
+            ));
+        }
+        if self.stem.is_empty() || self.stem.iter().any(|&c| c >= self.stage_widths[0]) {
+            return bad(format!(
+                "stem positions {:?} must be non-empty and below {}",
+                self.stem, self.stage_widths[0]
+            ));
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            let w = self.stage_widths[i / self.blocks_per_stage];
+            if b.out.iter().any(|&c| c >= w) || !b.out.windows(2).all(|p| p[0] < p[1]) {
+                return bad(format!(
+                    "block {i}: output positions must be increasing and below {w}"
+                ));
+            }
+            if !b.out.is_empty() && b.inner == 0 {
+                return bad(format!("block {i}: a kept block needs inner channels"));
+            }
+        }
+        for pair in self.stage_widths.windows(2) {
+            if pair[1] < pair[0] || !(pair[1] - pair[0]).is_multiple_of(2) {
+                return bad(format!(
+                    "stage widths {:?}: each must grow by an even number (zero padding on both sides)",
+                    self.stage_widths
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream positions of every stage: the union of what writes into it.
+    pub fn streams(&self) -> Vec<Vec<usize>> {
+        let mut streams: Vec<Vec<usize>> = Vec::new();
+        for (s, &w) in self.stage_widths.iter().enumerate() {
+            let mut present = vec![false; w];
+            if s == 0 {
+                for &c in &self.stem {
+                    present[c] = true;
+                }
+            } else {
+                let pad = (w - self.stage_widths[s - 1]) / 2;
+                for &c in &streams[s - 1] {
+                    present[c + pad] = true;
+                }
+            }
+            for b in &self.blocks[s * self.blocks_per_stage..(s + 1) * self.blocks_per_stage] {
+                for &c in &b.out {
+                    present[c] = true;
+                }
+            }
+            streams.push((0..w).filter(|&c| present[c]).collect());
+        }
+        streams
+    }
+
+    /// Builds the network (gates in bypass).
+    pub fn init(&self, device: &Device) -> Result<CifarResNet> {
+        self.validate()?;
+        let streams = self.streams();
+        let stem = ConvBnGateConfig::new(self.in_channels, self.stem.len()).init(device);
+        let blocks = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let s = i / self.blocks_per_stage;
+                let first = i % self.blocks_per_stage == 0;
+                let input = if first && s > 0 {
+                    streams[s - 1].len()
+                } else {
+                    streams[s].len()
+                };
+                let stride = if first && s > 0 { 2 } else { 1 };
+                (!b.out.is_empty()).then(|| Branch {
+                    conv1: ConvBnGateConfig::new(input, b.inner)
+                        .with_stride(stride)
+                        .init(device),
+                    conv2: ConvBnGateConfig::new(b.inner, b.out.len())
+                        .with_kind(GateKind::Branch)
+                        .init(device),
+                })
+            })
+            .collect();
+        let last = streams.last().expect("validated").len();
+        Ok(CifarResNet {
+            stem,
+            blocks,
+            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            classifier: LinearConfig::new(last, self.num_classes).init(device),
+            config: self.clone(),
+        })
+    }
+}
+
+/// The two gated convs of a block's residual branch.
+#[derive(Module, Debug)]
+pub struct Branch {
+    /// conv -> BN -> gate (inner channels), then ReLU.
+    pub conv1: ConvBnGate,
+    /// conv -> BN -> gate (block output, before the add).
+    pub conv2: ConvBnGate,
+}
+
+/// A CIFAR ResNet with channel gates.
+#[derive(Module, Debug)]
+pub struct CifarResNet {
+    /// The stem.
+    pub stem: ConvBnGate,
+    /// Residual branches (`None`: a removed block).
+    pub blocks: Vec<Option<Branch>>,
+    gap: AdaptiveAvgPool2d,
+    /// Final linear layer.
+    pub classifier: Linear,
+    #[module(skip)]
+    config: CifarResNetConfig,
+}
+
+/// Positions of `channels` within `stream` (both sorted).
+fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
+    channels
+        .iter()
+        .map(|c| {
+            stream
+                .binary_search(c)
+                .expect("a stream holds its writers' channels")
+        })
+        .collect()
+}
+
+impl CifarResNet {
+    /// Logits `[N, classes]` of images `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let cfg = &self.config;
+        let device = x.device();
+        let streams = cfg.streams();
+        let scatter = |into_width: usize, pos: &[usize], values: Tensor<4>| -> Tensor<4> {
+            let [n, c, h, w] = values.dims();
+            if c == into_width {
+                return values; // positions are sorted and cover the stream
+            }
+            Tensor::zeros([n, into_width, h, w], &device).select_assign(
+                1,
+                indices(pos, &device),
+                values,
+                IndexingUpdateOp::Add,
+            )
+        };
+        let stem = relu(self.stem.forward(x));
+        let mut x = scatter(streams[0].len(), &positions(&streams[0], &cfg.stem), stem);
+        for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
+            let s = i / cfg.blocks_per_stage;
+            let input = x.clone();
+            if s > 0 && i % cfg.blocks_per_stage == 0 {
+                // Parameter-free shortcut: subsample, then zero-pad the channels on both sides.
+                let pad = (cfg.stage_widths[s] - cfg.stage_widths[s - 1]) / 2;
+                let moved: Vec<usize> = streams[s - 1].iter().map(|c| c + pad).collect();
+                let sub = x.slice(s![.., .., ..;2, ..;2]);
+                x = scatter(streams[s].len(), &positions(&streams[s], &moved), sub);
+            }
+            if let Some(b) = block {
+                let h = relu(b.conv1.forward(input));
+                let out = b.conv2.forward(h);
+                let pos = positions(&streams[s], &widths.out);
+                x = if pos.len() == streams[s].len() {
+                    x + out
+                } else {
+                    x.select_assign(1, indices(&pos, &device), out, IndexingUpdateOp::Add)
+                };
+                x = relu(x);
+            }
+        }
+        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        self.classifier.forward(x)
+    }
+
+    fn block_names(i: usize, per_stage: usize) -> (String, String) {
+        let prefix = format!("s{}.b{}", i / per_stage, i % per_stage);
+        (format!("{prefix}.inner"), format!("{prefix}.out"))
+    }
+}
+
+impl GatedModel for CifarResNet {
+    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
+        f("stem", &self.stem.gate);
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Some(b) = b {
+                let (inner, out) = Self::block_names(i, self.config.blocks_per_stage);
+                f(&inner, &b.conv1.gate);
+                f(&out, &b.conv2.gate);
+            }
+        }
+    }
+
+    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
+        self.stem.gate = f("stem", self.stem.gate);
+        let per = self.config.blocks_per_stage;
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.map(|mut b| {
+                    let (inner, out) = Self::block_names(i, per);
+                    b.conv1.gate = f(&inner, b.conv1.gate);
+                    b.conv2.gate = f(&out, b.conv2.gate);
+                    b
+                })
+            })
+            .collect();
+        self
+    }
+}
+
+impl Network for CifarResNet {
+    type Config = CifarResNetConfig;
+
+    fn build(config: &CifarResNetConfig, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        CifarResNet::forward(self, images)
+    }
+
+    fn classifier_group(&self) -> ParamGroup {
+        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
+    }
+
+    fn config(&self) -> &CifarResNetConfig {
+        &self.config
+    }
+
+    /// Stream widths are the unions of kept channels, which a product of gate widths cannot
+    /// express; the cost model treats each stream as fixed at its current width, and
+    /// [`Network::arch_cost`] prices an architecture by pruning a copy.
+    fn cost_model(&self) -> CostModel {
+        let cfg = &self.config;
+        let streams = cfg.streams();
+        let mut cost = CostModel::new();
+        let mut side = cfg.image_size;
+        self.stem.add_cost(
+            &mut cost,
+            "stem",
+            Width::Fixed(cfg.in_channels),
+            [side, side],
+        );
+        for (i, b) in self.blocks.iter().enumerate() {
+            let s = i / cfg.blocks_per_stage;
+            let first = i % cfg.blocks_per_stage == 0;
+            if first && s > 0 {
+                side /= 2;
+            }
+            if let Some(b) = b {
+                let input = if first && s > 0 {
+                    &streams[s - 1]
+                } else {
+                    &streams[s]
+                };
+                let (inner, out) = Self::block_names(i, cfg.blocks_per_stage);
+                b.conv1
+                    .add_cost(&mut cost, &inner, Width::Fixed(input.len()), [side, side]);
+                b.conv2
+                    .add_cost(&mut cost, &out, Width::gate(&inner), [side, side]);
+            }
+        }
+        let last = streams.last().expect("validated").len();
+        cost.linear(
+            "classifier",
+            Width::Fixed(last),
+            Width::Fixed(cfg.num_classes),
+        );
+        cost
+    }
+
+    fn arch_cost(&self, arch: &Architecture) -> Result<dnal_core::CostReport> {
+        Ok(self.clone().prune(arch)?.cost_model().cost(None))
+    }
+
+    fn prune(mut self, arch: &Architecture) -> Result<Self> {
+        arch.check_matches(&self)?;
+        let old = self.config.clone();
+        let old_streams = old.streams();
+        let kept = |name: &str| arch.gates[name].kept.clone();
+        let mut cfg = old.clone();
+        let stem_keep = kept("stem");
+        cfg.stem = stem_keep.iter().map(|&k| old.stem[k]).collect();
+        let mut plans = Vec::with_capacity(old.blocks.len());
+        for (i, b) in old.blocks.iter().enumerate() {
+            if b.out.is_empty() {
+                plans.push(None);
+                continue;
+            }
+            let (inner, out) = Self::block_names(i, old.blocks_per_stage);
+            let (inner_keep, out_keep) = (kept(&inner), kept(&out));
+            cfg.blocks[i] = if out_keep.is_empty() {
+                BlockWidths {
+                    inner: 0,
+                    out: Vec::new(),
+                }
+            } else {
+                BlockWidths {
+                    inner: inner_keep.len(),
+                    out: out_keep.iter().map(|&k| b.out[k]).collect(),
+                }
+            };
+            plans.push((!out_keep.is_empty()).then_some((inner_keep, out_keep)));
+        }
+        cfg.validate()?;
+        let streams = cfg.streams();
+        // Which old stream channels each new stream keeps (as positions in the old stream).
+        let keep_stream: Vec<Vec<usize>> = streams
+            .iter()
+            .zip(&old_streams)
+            .map(|(new, old)| positions(old, new))
+            .collect();
+        self.stem = self.stem.prune(None, &stem_keep);
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .zip(plans)
+            .enumerate()
+            .map(|(i, (block, plan))| {
+                let (b, (inner_keep, out_keep)) = (block?, plan?);
+                let s = i / old.blocks_per_stage;
+                let input = if s > 0 && i % old.blocks_per_stage == 0 {
+                    &keep_stream[s - 1]
+                } else {
+                    &keep_stream[s]
+                };
+                Some(Branch {
+                    conv1: b.conv1.prune(Some(input), &inner_keep),
+                    conv2: b.conv2.prune(Some(&inner_keep), &out_keep),
+                })
+            })
+            .collect();
+        self.classifier =
+            prune_linear_inputs(self.classifier, keep_stream.last().expect("validated"));
+        self.config = cfg;
+        Ok(self)
+    }
+}
