@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use burn::optim::OptimizerRecord;
-use burn::store::{ModuleSnapshot, SafetensorsStore};
 use dnal_zoo::Network;
 
 use crate::config::TrainConfig;
@@ -136,17 +135,4 @@ pub fn load<N: Network>(
         None
     };
     Ok((progress, model, optims))
-}
-
-/// Writes `model.safetensors` into `dir` (temporary file, then rename).
-pub fn save_safetensors<N: Network>(model: &N, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| ckpt_err(dir, e))?;
-    let path = dir.join("model.safetensors");
-    let tmp = dir.join(format!(".model.safetensors.tmp{}", std::process::id()));
-    let mut store = SafetensorsStore::from_file(&tmp).overwrite(true);
-    model
-        .save_into(&mut store)
-        .map_err(|e| ckpt_err(&path, format!("cannot write safetensors: {e}")))?;
-    std::fs::rename(&tmp, &path).map_err(|e| ckpt_err(&path, e))?;
-    Ok(())
 }

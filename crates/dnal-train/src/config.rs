@@ -37,6 +37,14 @@ pub enum ModelName {
     Resnet56Cifar,
     /// ResNet-110 for CIFAR.
     Resnet110Cifar,
+    /// MobileNetV2 for CIFAR (32x32).
+    Mobilenetv2Cifar,
+    /// MobileNetV2 for ImageNet (224x224).
+    Mobilenetv2Imagenet,
+    /// VGG-16-BN for ImageNet (224x224, flattened classifier 4096-4096-classes).
+    Vgg16Imagenet,
+    /// ResNet-50 for ImageNet (bottleneck blocks, projection shortcuts).
+    Resnet50Imagenet,
 }
 
 /// The network section.

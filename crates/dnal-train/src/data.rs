@@ -32,19 +32,24 @@ pub fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("data"))
 }
 
-/// Channels, image side and class count of a data set, known without reading it (except
-/// for image folders, whose classes are their sub-folders).
-pub fn shape_of(cfg: &DataConfig) -> Result<(usize, usize, usize)> {
+/// Channels, image side and class count of a data set, known without reading it (except for
+/// image folders when `num_classes` is not given: their classes are their sub-folders).
+pub fn shape_of(cfg: &DataConfig, num_classes: Option<usize>) -> Result<(usize, usize, usize)> {
     Ok(match cfg.dataset {
         DatasetName::Mnist5k | DatasetName::Mnist | DatasetName::FashionMnist => (1, 28, 10),
         DatasetName::Cifar10 => (3, 32, 10),
         DatasetName::Cifar100 => (3, 32, 100),
         DatasetName::ImageFolder => {
-            let root = cfg.path.clone().ok_or_else(|| DataError::invalid(
-                "data.path",
-                "an image-folder data set needs data.path (root/train/<class>/*, root/val/<class>/*)",
-            ))?;
-            let classes = ImageFolder::open(&root, Split::Train)?.classes().len();
+            let classes = match num_classes {
+                Some(n) => n,
+                None => {
+                    let root = cfg.path.clone().ok_or_else(|| DataError::invalid(
+                        "data.path",
+                        "an image-folder data set needs data.path (root/train/<class>/*, root/val/<class>/*)",
+                    ))?;
+                    ImageFolder::open(&root, Split::Train)?.classes().len()
+                }
+            };
             (3, cfg.crop_size, classes)
         }
     })

@@ -52,7 +52,7 @@ struct TrainArgs {
     /// flex, ndarray, wgpu or cuda (must be compiled in).
     #[arg(long, default_value = "flex")]
     backend: String,
-    /// Output folder (default: runs/<preset name>).
+    /// Output folder (default: runs/<preset name>, or runs/<preset name>-2, ... if taken).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Resume the run in this output folder from its last checkpoint.
@@ -102,6 +102,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `runs/<name>`, or `runs/<name>-2`, `-3`, ... if taken: a default output never overwrites an
+/// earlier run.
+fn fresh_run_dir(name: &str) -> PathBuf {
+    let base = PathBuf::from("runs").join(name);
+    (1..)
+        .map(|i| {
+            if i == 1 {
+                base.clone()
+            } else {
+                PathBuf::from("runs").join(format!("{name}-{i}"))
+            }
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name")
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.list {
         println!("{:<32} description", "preset");
@@ -110,7 +126,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let backend: BackendKind = args.backend.parse().map_err(anyhow::Error::msg)?;
+    let backend: BackendKind = args.backend.parse()?;
     let (cfg, out, resume) = match &args.resume {
         Some(dir) => (
             checkpoint::config(&dir.join(dnal_train::pipeline::paths::CHECKPOINT))?,
@@ -119,10 +135,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         ),
         None => {
             let cfg = recipes::resolve(args.preset.as_deref(), args.config.as_deref(), &args.set)?;
-            let out = args
-                .out
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+            let out = args.out.clone().unwrap_or_else(|| fresh_run_dir(&cfg.name));
             (cfg, out, false)
         }
     };

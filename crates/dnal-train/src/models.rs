@@ -1,6 +1,9 @@
 //! From a recipe's model name to a network type, so that the generic pipeline runs on it.
 
-use dnal_zoo::{CifarResNet, CifarResNetConfig, Network, PlainCnn, PlainCnnConfig};
+use dnal_zoo::{
+    BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, MobileNetV2,
+    MobileNetV2Config, Network, PlainCnn, PlainCnnConfig,
+};
 
 use crate::config::{ModelName, TrainConfig};
 use crate::data;
@@ -10,8 +13,7 @@ use crate::pipeline::{Outcome, RunOptions, Runner};
 /// Calls `$body` with `$N` bound to the network type of `$cfg` and `$net` to its config.
 macro_rules! with_network {
     ($cfg:expr, |$net:ident: $N:ident| $body:expr) => {{
-        let (channels, size, classes) = data::shape_of(&$cfg.data)?;
-        let classes = $cfg.model.num_classes.unwrap_or(classes);
+        let (channels, size, classes) = data::shape_of(&$cfg.data, $cfg.model.num_classes)?;
         match $cfg.model.name {
             ModelName::MnistCnn => {
                 type $N = PlainCnn;
@@ -38,6 +40,28 @@ macro_rules! with_network {
                     _ => 110,
                 };
                 let mut $net = CifarResNetConfig::new(depth, classes)?;
+                ($net.in_channels, $net.image_size) = (channels, size);
+                $body
+            }
+            ModelName::Mobilenetv2Cifar | ModelName::Mobilenetv2Imagenet => {
+                type $N = MobileNetV2;
+                let mut $net = if $cfg.model.name == ModelName::Mobilenetv2Cifar {
+                    MobileNetV2Config::cifar(classes)
+                } else {
+                    MobileNetV2Config::imagenet(classes)
+                };
+                ($net.in_channels, $net.image_size) = (channels, size);
+                $body
+            }
+            ModelName::Resnet50Imagenet => {
+                type $N = BottleneckResNet;
+                let mut $net = BottleneckResNetConfig::resnet50(classes);
+                ($net.in_channels, $net.image_size) = (channels, size);
+                $body
+            }
+            ModelName::Vgg16Imagenet => {
+                type $N = PlainCnn;
+                let mut $net = PlainCnnConfig::vgg16_imagenet(classes);
                 ($net.in_channels, $net.image_size) = (channels, size);
                 $body
             }

@@ -471,7 +471,7 @@ impl<'a, N: Network> Runner<'a, N> {
                 let acc = evaluate(&net, &self.data.test, &self.device)?;
                 progress.pruned = Some((acc, net.cost_model().cost(None)));
                 dnal_zoo::save(&net, &out.join(paths::PRUNED))?;
-                crate::checkpoint::save_safetensors(&net, &out.join(paths::PRUNED))?;
+                dnal_zoo::save_safetensors(&net, &out.join(paths::PRUNED))?;
                 Ok(net)
             }
             Phase::BaselineExtend => {

@@ -31,6 +31,22 @@ pub const RECIPES: &[Recipe] = &[
         name: "resnet20-cifar10",
         text: include_str!("../../../configs/resnet20-cifar10.toml"),
     },
+    Recipe {
+        name: "mobilenetv2-cifar10",
+        text: include_str!("../../../configs/mobilenetv2-cifar10.toml"),
+    },
+    Recipe {
+        name: "mobilenetv2-imagenet",
+        text: include_str!("../../../configs/mobilenetv2-imagenet.toml"),
+    },
+    Recipe {
+        name: "resnet50-imagenet",
+        text: include_str!("../../../configs/resnet50-imagenet.toml"),
+    },
+    Recipe {
+        name: "vgg16-imagenet",
+        text: include_str!("../../../configs/vgg16-imagenet.toml"),
+    },
 ];
 
 /// One runnable preset.

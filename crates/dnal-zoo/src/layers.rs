@@ -31,9 +31,22 @@ pub struct ConvBnGateConfig {
 impl ConvBnGateConfig {
     /// Builds the unit: conv without bias ("same" padding), BN, gate in bypass.
     pub fn init(&self, device: &Device) -> ConvBnGate {
+        let ConvBn { conv, bn } = self.init_ungated(device);
+        ConvBnGate {
+            conv,
+            bn,
+            gate: ChannelGateConfig::new(self.out_channels)
+                .with_kind(self.kind)
+                .init(device),
+        }
+    }
+
+    /// Builds the same conv and BN without a gate (for layers whose width another gate sets,
+    /// such as MobileNetV2's expansion conv, or that are not gated, such as shortcut convs).
+    pub fn init_ungated(&self, device: &Device) -> ConvBn {
         let groups = if self.depthwise { self.out_channels } else { 1 };
         let pad = self.kernel / 2;
-        ConvBnGate {
+        ConvBn {
             conv: Conv2dConfig::new([self.in_channels, self.out_channels], [self.kernel; 2])
                 .with_stride([self.stride; 2])
                 .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
@@ -41,11 +54,80 @@ impl ConvBnGateConfig {
                 .with_bias(false)
                 .init(device),
             bn: BatchNormConfig::new(self.out_channels).init(device),
-            gate: ChannelGateConfig::new(self.out_channels)
-                .with_kind(self.kind)
-                .init(device),
         }
     }
+}
+
+/// conv -> BatchNorm without a gate.
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// Its BatchNorm.
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    /// `bn(conv(x))`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.bn.forward(self.conv.forward(x))
+    }
+
+    /// Declares this conv and BN in `cost`, with the given widths.
+    pub fn add_cost(
+        &self,
+        cost: &mut CostModel,
+        name: &str,
+        input: Width,
+        output: Width,
+        out_hw: [usize; 2],
+    ) {
+        cost.conv(
+            format!("{name}.conv"),
+            input,
+            output.clone(),
+            self.conv.kernel_size,
+            conv_groups(&self.conv),
+            out_hw,
+        )
+        .batch_norm(format!("{name}.bn"), output);
+    }
+
+    /// Keeps input channels `keep_in` (`None`: all) and output channels `keep_out`.
+    pub fn prune(mut self, keep_in: Option<&[usize]>, keep_out: &[usize]) -> Self {
+        self.conv = prune_conv(self.conv, keep_in, keep_out);
+        self.bn = prune_batch_norm(self.bn, keep_out);
+        self
+    }
+}
+
+fn conv_groups(conv: &Conv2d) -> Groups {
+    let out = conv.weight.dims()[0];
+    if conv.groups > 1 && conv.groups == out {
+        Groups::Depthwise
+    } else {
+        Groups::Count(conv.groups)
+    }
+}
+
+/// Keeps input channels `keep_in` (`None`: all) and filters `keep_out` of a convolution; a
+/// depthwise convolution keeps one group per kept channel.
+pub fn prune_conv(mut conv: Conv2d, keep_in: Option<&[usize]>, keep_out: &[usize]) -> Conv2d {
+    let depthwise = conv_groups(&conv) == Groups::Depthwise;
+    let device = conv.weight.device();
+    let out_idx = indices(keep_out, &device);
+    conv.weight = slice_param(conv.weight, |w| {
+        let w = w.select(0, out_idx.clone());
+        match keep_in {
+            Some(keep) if !depthwise => w.select(1, indices(keep, &device)),
+            _ => w,
+        }
+    });
+    if depthwise {
+        conv.groups = keep_out.len();
+    }
+    conv.bias = conv.bias.map(|b| select_param(b, &out_idx));
+    conv
 }
 
 /// conv -> BatchNorm -> channel gate (the activation is the caller's).
@@ -72,24 +154,18 @@ impl ConvBnGate {
 
     /// Whether the convolution is depthwise.
     pub fn is_depthwise(&self) -> bool {
-        self.conv.groups > 1 && self.conv.groups == self.out_channels()
+        conv_groups(&self.conv) == Groups::Depthwise
     }
 
     /// Declares this unit's conv and BN in `cost` (gate `name`, input `input`, output map `out_hw`).
     pub fn add_cost(&self, cost: &mut CostModel, name: &str, input: Width, out_hw: [usize; 2]) {
-        let k = self.conv.kernel_size;
-        let groups = if self.is_depthwise() {
-            Groups::Depthwise
-        } else {
-            Groups::Count(self.conv.groups)
-        };
         cost.gate(name, self.out_channels());
         cost.conv(
             format!("{name}.conv"),
             input,
             Width::gate(name),
-            k,
-            groups,
+            self.conv.kernel_size,
+            conv_groups(&self.conv),
             out_hw,
         )
         .batch_norm(format!("{name}.bn"), Width::gate(name));
@@ -98,20 +174,7 @@ impl ConvBnGate {
     /// Keeps input channels `keep_in` (`None`: all) and output channels `keep_out`; the gate
     /// keeps the matching alphas, its mask becomes all ones and its mode bypass.
     pub fn prune(mut self, keep_in: Option<&[usize]>, keep_out: &[usize]) -> Self {
-        let depthwise = self.is_depthwise();
-        let device = self.conv.weight.device();
-        let out_idx = indices(keep_out, &device);
-        self.conv.weight = slice_param(self.conv.weight, |w| {
-            let w = w.select(0, out_idx.clone());
-            match keep_in {
-                Some(keep) if !depthwise => w.select(1, indices(keep, &device)),
-                _ => w,
-            }
-        });
-        if depthwise {
-            self.conv.groups = keep_out.len();
-        }
-        self.conv.bias = self.conv.bias.map(|b| select_param(b, &out_idx));
+        self.conv = prune_conv(self.conv, keep_in, keep_out);
         self.bn = prune_batch_norm(self.bn, keep_out);
         self.gate = prune_gate(self.gate, keep_out);
         self
@@ -164,4 +227,44 @@ pub fn prune_linear_inputs(mut linear: Linear, keep: &[usize]) -> Linear {
     let idx = indices(keep, &linear.weight.device());
     linear.weight = select_param(linear.weight, &idx);
     linear
+}
+
+/// Positions of `channels` within `stream` (both sorted; every channel must be in the stream).
+pub fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
+    channels
+        .iter()
+        .map(|c| {
+            stream
+                .binary_search(c)
+                .expect("a stream holds its writers' channels")
+        })
+        .collect()
+}
+
+/// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): an index
+/// add, or a plain add when `pos` is every channel in order.
+pub fn add_into(into: Tensor<4>, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
+    if pos.len() == into.dims()[1] {
+        return into + values;
+    }
+    let device = into.device();
+    into.select_assign(
+        1,
+        indices(pos, &device),
+        values,
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
+
+/// Places `values` (`[N, k, H, W]`) at the channels `pos` of a zero tensor with `width` channels.
+pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
+    let [n, c, h, w] = values.dims();
+    if c == width {
+        return values;
+    }
+    add_into(
+        Tensor::zeros([n, width, h, w], &values.device()),
+        pos,
+        values,
+    )
 }

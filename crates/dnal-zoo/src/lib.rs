@@ -8,14 +8,18 @@
 //! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN) and CIFAR
 //! ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110).
 
+pub mod bottleneck;
 pub mod error;
 pub mod layers;
+pub mod mobilenet;
 pub mod network;
 pub mod plain;
 pub mod resnet;
 
+pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths};
 pub use error::{Result, ZooError};
 pub use layers::{ConvBnGate, ConvBnGateConfig};
-pub use network::{Network, counted_params, load, prune, save};
+pub use mobilenet::{MbBlockWidths, MbStage, MobileNetV2, MobileNetV2Config};
+pub use network::{Network, counted_params, load, load_safetensors, prune, save, save_safetensors};
 pub use plain::{PlainCnn, PlainCnnConfig};
 pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};

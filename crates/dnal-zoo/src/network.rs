@@ -72,6 +72,67 @@ pub fn save<N: Network>(model: &N, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Also writes the weights as `model.safetensors` into `dir` (keys are module paths such as
+/// `convs.0.conv.weight`), for tools outside burn; temporary file, then rename.
+pub fn save_safetensors<N: Network>(model: &N, dir: &Path) -> Result<()> {
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    std::fs::create_dir_all(dir).map_err(|e| ZooError::Record {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let path = dir.join(SAFETENSORS_FILE);
+    let tmp = dir.join(format!(".{SAFETENSORS_FILE}.tmp{}", std::process::id()));
+    let mut store = SafetensorsStore::from_file(&tmp).overwrite(true);
+    let record_err = |e: &dyn std::fmt::Display| ZooError::Record {
+        path: path.clone(),
+        message: format!("cannot write safetensors: {e}"),
+    };
+    model.save_into(&mut store).map_err(|e| record_err(&e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| record_err(&e))?;
+    Ok(())
+}
+
+/// Loads a model from `config.json` and `model.safetensors` (written by [`save_safetensors`]),
+/// refusing tensors that are missing or of another shape.
+pub fn load_safetensors<N: Network>(
+    dir: &Path,
+    build: impl FnOnce(&N::Config) -> Result<N>,
+) -> Result<N> {
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    let config = read_config::<N>(dir)?;
+    let mut model = build(&config)?;
+    let path = dir.join(SAFETENSORS_FILE);
+    if !path.exists() {
+        return Err(ZooError::Record {
+            path,
+            message: "missing safetensors file".into(),
+        });
+    }
+    let mut store = SafetensorsStore::from_file(&path);
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model
+            .load_from(&mut store)
+            .map(|r| (r.is_success() && r.missing.is_empty(), r.to_string()))
+    }));
+    let fail = |message: String| ZooError::Record {
+        path: path.clone(),
+        message,
+    };
+    match applied {
+        Ok(Ok((true, _))) => Ok(model),
+        Ok(Ok((false, report))) => Err(fail(format!(
+            "tensors do not fit the network of config.json: {report}"
+        ))),
+        Ok(Err(e)) => Err(fail(format!(
+            "tensors do not fit the network of config.json: {e}"
+        ))),
+        Err(_) => Err(fail("corrupt or incompatible safetensors file".into())),
+    }
+}
+
+/// The safetensors file of a saved-model folder.
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
+
 /// The weights file of a saved-model folder.
 pub fn weights_path(dir: &Path) -> PathBuf {
     dir.join(format!("{WEIGHTS_STEM}.bpk"))
@@ -80,17 +141,7 @@ pub fn weights_path(dir: &Path) -> PathBuf {
 /// Loads a model saved by [`save`]: builds the network from `config.json` with `build`, then
 /// reads `model.bpk` into it, refusing weights of another architecture.
 pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>) -> Result<N> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| ZooError::Record {
-        path: config_path.clone(),
-        message: format!(
-            "cannot read the network config ({e}); is this a folder written by `save`?"
-        ),
-    })?;
-    let config: N::Config = serde_json::from_str(&text).map_err(|e| ZooError::Record {
-        path: config_path.clone(),
-        message: format!("not a config of this network: {e}"),
-    })?;
+    let config = read_config::<N>(dir)?;
     let model = build(&config)?;
     let weights = weights_path(dir);
     if !weights.exists() {
@@ -113,6 +164,20 @@ pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>)
             message: "corrupt or incompatible weights file".into(),
         }),
     }
+}
+
+fn read_config<N: Network>(dir: &Path) -> Result<N::Config> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| ZooError::Record {
+        path: config_path.clone(),
+        message: format!(
+            "cannot read the network config ({e}); is this a folder written by `save`?"
+        ),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ZooError::Record {
+        path: config_path.clone(),
+        message: format!("not a config of this network: {e}"),
+    })
 }
 
 /// Parameters of conv, BN (gamma, beta) and

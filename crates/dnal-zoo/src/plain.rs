@@ -1,12 +1,13 @@
 //! Plain (non-residual) CNNs: a chain of gated conv units with max-pools, then a classifier.
-//! VGG-16 for CIFAR and the small MNIST CNN of the demo are presets of this one network.
+//! VGG-16-BN for CIFAR and for ImageNet and the small MNIST CNN of the demo are presets of this
+//! one network.
 
 use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use dnal_core::{Architecture, ChannelGate, CostModel, GatedModel, Width};
+use dnal_core::{Architecture, ChannelGate, CostModel, GatedModel, Groups, LayerKind, Width};
 
 use crate::error::{Result, ZooError};
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
@@ -24,12 +25,16 @@ pub struct PlainCnnConfig {
     pub widths: Vec<usize>,
     /// Indices of the convs followed by a 2x2 max-pool.
     pub pool_after: Vec<usize>,
-    /// Global average pool before the classifier (otherwise the last map must be 1x1).
+    /// Global average pool before the classifier (otherwise the last map is flattened, channel
+    /// by channel, as in VGG-16 for ImageNet).
     #[config(default = false)]
     pub global_pool: bool,
-    /// Hidden classifier layer (linear -> BN -> ReLU) before the last linear, if any.
-    #[config(default = "None")]
-    pub hidden: Option<usize>,
+    /// Hidden classifier layers (linear -> [BN] -> ReLU) before the last linear.
+    #[config(default = "Vec::new()")]
+    pub hidden: Vec<usize>,
+    /// Whether the hidden classifier layers have a BatchNorm.
+    #[config(default = true)]
+    pub hidden_bn: bool,
     /// Number of classes.
     #[config(default = 10)]
     pub num_classes: usize,
@@ -42,7 +47,20 @@ impl PlainCnnConfig {
             64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
         ];
         Self::new(3, 32, widths, vec![1, 3, 6, 9, 12])
-            .with_hidden(Some(512))
+            .with_hidden(vec![512])
+            .with_num_classes(num_classes)
+    }
+
+    /// VGG-16-BN for ImageNet (224x224): 13 gated convs, the 7x7x512 map flattened, classifier
+    /// 4096 -> 4096 -> classes without BN (dropout omitted: no parameters, no MACs); 15.47G MACs,
+    /// 138.37M parameters.
+    pub fn vgg16_imagenet(num_classes: usize) -> Self {
+        let widths = vec![
+            64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
+        ];
+        Self::new(3, 224, widths, vec![1, 3, 6, 9, 12])
+            .with_hidden(vec![4096, 4096])
+            .with_hidden_bn(false)
             .with_num_classes(num_classes)
     }
 
@@ -68,6 +86,16 @@ impl PlainCnnConfig {
         self.image_size >> self.pool_after.len()
     }
 
+    /// Classifier inputs per channel of the last conv: 1 after a global pool, else the
+    /// positions of the flattened last feature map.
+    fn flattened_positions(&self) -> usize {
+        if self.global_pool {
+            1
+        } else {
+            self.final_side() * self.final_side()
+        }
+    }
+
     /// Checks that the config describes a buildable network.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ZooError::Config(m));
@@ -83,11 +111,15 @@ impl PlainCnnConfig {
                 self.widths.len() - 1
             ));
         }
-        if !self.global_pool && self.final_side() != 1 {
+        if self.final_side() == 0 {
             return bad(format!(
-                "without global_pool the last feature map must be 1x1, but it is {0}x{0}",
-                self.final_side()
+                "{} max-pools shrink a {1}x{1} image to nothing",
+                self.pool_after.len(),
+                self.image_size
             ));
+        }
+        if self.hidden.contains(&0) {
+            return bad("hidden classifier widths must be positive".into());
         }
         Ok(())
     }
@@ -106,34 +138,38 @@ impl PlainCnnConfig {
             })
             .collect();
         let last = *self.widths.last().expect("validated non-empty");
-        let (head_in, hidden) = match self.hidden {
-            Some(h) => (
-                h,
-                Some(Hidden {
-                    linear: LinearConfig::new(last, h).init(device),
-                    bn: BatchNormConfig::new(h).init(device),
-                }),
-            ),
-            None => (last, None),
-        };
+        let mut features = last * self.flattened_positions();
+        let hidden = self
+            .hidden
+            .iter()
+            .map(|&h| {
+                let layer = Hidden {
+                    linear: LinearConfig::new(features, h).init(device),
+                    bn: self.hidden_bn.then(|| BatchNormConfig::new(h).init(device)),
+                };
+                features = h;
+                layer
+            })
+            .collect();
         Ok(PlainCnn {
             convs,
             pool: MaxPool2dConfig::new([2, 2]).init(),
             gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             hidden,
-            classifier: LinearConfig::new(head_in, self.num_classes).init(device),
+            classifier: LinearConfig::new(features, self.num_classes).init(device),
             config: self.clone(),
         })
     }
 }
 
-/// The hidden classifier layer of VGG-16 for CIFAR: linear -> BN -> ReLU (not gated).
+/// A hidden classifier layer: linear -> BN (VGG-16 for CIFAR; none for ImageNet) -> ReLU (not
+/// gated).
 #[derive(Module, Debug)]
 pub struct Hidden {
     /// Linear layer.
     pub linear: Linear,
     /// Its BatchNorm.
-    pub bn: BatchNorm,
+    pub bn: Option<BatchNorm>,
 }
 
 /// A plain CNN with a gate after every conv's BN.
@@ -143,8 +179,8 @@ pub struct PlainCnn {
     pub convs: Vec<ConvBnGate>,
     pool: MaxPool2d,
     gap: AdaptiveAvgPool2d,
-    /// Optional hidden classifier layer.
-    pub hidden: Option<Hidden>,
+    /// Hidden classifier layers.
+    pub hidden: Vec<Hidden>,
     /// Final linear layer.
     pub classifier: Linear,
     #[module(skip)]
@@ -165,8 +201,12 @@ impl PlainCnn {
             x = self.gap.forward(x);
         }
         let mut x: Tensor<2> = x.flatten(1, 3);
-        if let Some(h) = &self.hidden {
-            x = relu(h.bn.forward(h.linear.forward(x)));
+        for h in &self.hidden {
+            let y = h.linear.forward(x);
+            x = relu(match &h.bn {
+                Some(bn) => bn.forward(y),
+                None => y,
+            });
         }
         self.classifier.forward(x)
     }
@@ -225,12 +265,36 @@ impl Network for PlainCnn {
             unit.add_cost(&mut cost, &name, input, [side, side]);
             input = Width::gate(name);
         }
-        if let Some(h) = cfg.hidden {
-            cost.linear("hidden.linear", input, Width::Fixed(h))
-                .batch_norm("hidden.bn", Width::Fixed(h));
+        let side = cfg.final_side();
+        let mut flattened = !cfg.global_pool && side > 1;
+        for (i, &h) in cfg.hidden.iter().chain([&cfg.num_classes]).enumerate() {
+            let name = if i < cfg.hidden.len() {
+                format!("hidden.{i}.linear")
+            } else {
+                "classifier".into()
+            };
+            if flattened {
+                // A linear layer on the flattened s x s map is an s x s convolution to a 1x1 map.
+                cost.push(
+                    name,
+                    LayerKind::Conv2d {
+                        kernel: [side, side],
+                        groups: Groups::Count(1),
+                        bias: true,
+                        out_hw: [1, 1],
+                    },
+                    input,
+                    Width::Fixed(h),
+                );
+                flattened = false;
+            } else {
+                cost.linear(name, input, Width::Fixed(h));
+            }
+            if i < cfg.hidden.len() && cfg.hidden_bn {
+                cost.batch_norm(format!("hidden.{i}.bn"), Width::Fixed(h));
+            }
             input = Width::Fixed(h);
         }
-        cost.linear("classifier", input, Width::Fixed(cfg.num_classes));
         cost
     }
 
@@ -246,14 +310,17 @@ impl Network for PlainCnn {
             keep_in = Some(keep);
         }
         let keep_last = keep_in.expect("a plain CNN has at least one conv");
-        match self.hidden.take() {
+        let per_channel = self.config.flattened_positions();
+        let rows: Vec<usize> = keep_last
+            .iter()
+            .flat_map(|&c| c * per_channel..(c + 1) * per_channel)
+            .collect();
+        match self.hidden.first_mut() {
             Some(h) => {
-                self.hidden = Some(Hidden {
-                    linear: prune_linear_inputs(h.linear, &keep_last),
-                    bn: h.bn,
-                });
+                let linear = h.linear.clone();
+                h.linear = prune_linear_inputs(linear, &rows);
             }
-            None => self.classifier = prune_linear_inputs(self.classifier, &keep_last),
+            None => self.classifier = prune_linear_inputs(self.classifier, &rows),
         }
         self.config.widths = widths;
         Ok(self)

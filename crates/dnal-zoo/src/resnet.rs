@@ -15,12 +15,14 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use burn::tensor::{IndexingUpdateOp, s};
+use burn::tensor::s;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
+use crate::layers::{
+    ConvBnGate, ConvBnGateConfig, add_into, positions, prune_linear_inputs, scatter,
+};
 use crate::network::Network;
 
 /// Widths of one residual block.
@@ -219,36 +221,11 @@ pub struct CifarResNet {
     config: CifarResNetConfig,
 }
 
-/// Positions of `channels` within `stream` (both sorted).
-fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
-    channels
-        .iter()
-        .map(|c| {
-            stream
-                .binary_search(c)
-                .expect("a stream holds its writers' channels")
-        })
-        .collect()
-}
-
 impl CifarResNet {
     /// Logits `[N, classes]` of images `[N, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let cfg = &self.config;
-        let device = x.device();
         let streams = cfg.streams();
-        let scatter = |into_width: usize, pos: &[usize], values: Tensor<4>| -> Tensor<4> {
-            let [n, c, h, w] = values.dims();
-            if c == into_width {
-                return values; // positions are sorted and cover the stream
-            }
-            Tensor::zeros([n, into_width, h, w], &device).select_assign(
-                1,
-                indices(pos, &device),
-                values,
-                IndexingUpdateOp::Add,
-            )
-        };
         let stem = relu(self.stem.forward(x));
         let mut x = scatter(streams[0].len(), &positions(&streams[0], &cfg.stem), stem);
         for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
@@ -264,13 +241,7 @@ impl CifarResNet {
             if let Some(b) = block {
                 let h = relu(b.conv1.forward(input));
                 let out = b.conv2.forward(h);
-                let pos = positions(&streams[s], &widths.out);
-                x = if pos.len() == streams[s].len() {
-                    x + out
-                } else {
-                    x.select_assign(1, indices(&pos, &device), out, IndexingUpdateOp::Add)
-                };
-                x = relu(x);
+                x = relu(add_into(x, &positions(&streams[s], &widths.out), out));
             }
         }
         let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);

@@ -139,3 +139,26 @@ fn pruned_model_saves_and_loads_without_the_original() {
     assert!(err.contains("config.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn vgg16_imagenet_reproduces_the_papers_baseline_cost() {
+    let model = PlainCnnConfig::vgg16_imagenet(1000)
+        .init(&device())
+        .unwrap();
+    let cost = model.cost_model().cost(None);
+    assert!(within(cost.macs, 15.47e9, 0.005), "MACs {}", cost.macs);
+    assert!(
+        within(cost.params, 138.37e6, 0.005),
+        "params {}",
+        cost.params
+    );
+    assert_eq!(counted_params(&model) as u64, cost.params);
+}
+
+#[test]
+fn pruned_vgg16_imagenet_with_a_flattened_classifier_equals_masked() {
+    // At 64x64 the last map is 2x2: the first classifier layer reads 4 inputs per channel.
+    let mut cfg = PlainCnnConfig::vgg16_imagenet(10).with_hidden(vec![64, 32]);
+    cfg.image_size = 64;
+    check_pruned_equals_masked(cfg, [2, 3, 64, 64], 4);
+}

@@ -134,6 +134,17 @@ fn pruned_resnet_saves_and_loads() {
     let loaded: CifarResNet = load(&dir, |c: &CifarResNetConfig| c.init(&device)).unwrap();
     let x = input([1, 3, 32, 32], 4, &device);
     assert!(max_abs_diff(pruned.valid().forward(x.clone()), loaded.valid().forward(x)) < 1e-6);
+    // The same through safetensors.
+    save_safetensors(&pruned, &dir).unwrap();
+    let from_st: CifarResNet =
+        load_safetensors(&dir, |c: &CifarResNetConfig| c.init(&device)).unwrap();
+    let x = input([1, 3, 32, 32], 5, &device);
+    assert!(
+        max_abs_diff(
+            pruned.valid().forward(x.clone()),
+            from_st.valid().forward(x)
+        ) < 1e-6
+    );
     // Into a full-width network: a clear error.
     let full = CifarResNetConfig::new(20, 10).unwrap();
     std::fs::write(

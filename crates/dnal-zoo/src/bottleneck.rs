@@ -1,0 +1,407 @@
+//! Bottleneck ResNets for ImageNet (ResNet-50/101/152, torchvision's v1.5 layout: stride on the
+//! 3x3 conv), with gates after the stem and after bn1, bn2 and bn3 of every block (bn3 is on the
+//! residual branch, before the add); the projection shortcut convs are not gated.
+//!
+//! Each stage begins with an ungated projection shortcut that writes every channel of the
+//! stage's stream, so the streams stay at full width; a block's kept bn3 channels are added into
+//! their stream positions (index add), and a block whose bn3 gate closes completely is removed.
+//! The stem gate prunes the stem and the inputs of the first block's conv1 and shortcut.
+
+use burn::module::ParamGroup;
+use burn::nn::PaddingConfig2d;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ZooError};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, add_into};
+use crate::network::Network;
+
+/// Widths of one bottleneck block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BottleneckWidths {
+    /// Output channels of conv1 (bn1 gate).
+    pub mid1: usize,
+    /// Output channels of conv2 (bn2 gate).
+    pub mid2: usize,
+    /// Stream positions of conv3's output channels (bn3 gate); empty: the branch is removed.
+    pub out: Vec<usize>,
+}
+
+/// Configuration of a [`BottleneckResNet`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BottleneckResNetConfig {
+    /// Image channels.
+    pub in_channels: usize,
+    /// Image side.
+    pub image_size: usize,
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Blocks per stage ([3, 4, 6, 3] for ResNet-50).
+    pub layers: Vec<usize>,
+    /// Channels kept by the stem gate (64 at full width).
+    pub stem: usize,
+    /// Every block, stage by stage.
+    pub blocks: Vec<BottleneckWidths>,
+}
+
+const PLANES: [usize; 4] = [64, 128, 256, 512];
+const EXPANSION: usize = 4;
+
+impl BottleneckResNetConfig {
+    /// A full-width bottleneck ResNet with `layers` blocks per stage.
+    pub fn new(layers: Vec<usize>, num_classes: usize) -> Result<Self> {
+        if layers.len() != 4 || layers.contains(&0) {
+            return Err(ZooError::Config(format!(
+                "a bottleneck ResNet has 4 stages of at least one block, not {layers:?}"
+            )));
+        }
+        let blocks = layers
+            .iter()
+            .zip(PLANES)
+            .flat_map(|(&n, p)| {
+                std::iter::repeat_n(
+                    BottleneckWidths {
+                        mid1: p,
+                        mid2: p,
+                        out: (0..p * EXPANSION).collect(),
+                    },
+                    n,
+                )
+            })
+            .collect();
+        Ok(Self {
+            in_channels: 3,
+            image_size: 224,
+            num_classes,
+            layers,
+            stem: 64,
+            blocks,
+        })
+    }
+
+    /// ResNet-50: 4.09G MACs, 25.55M parameters.
+    pub fn resnet50(num_classes: usize) -> Self {
+        Self::new(vec![3, 4, 6, 3], num_classes).expect("a valid layout")
+    }
+
+    /// (stage, first block of the stage) of every block.
+    fn layout(&self) -> Vec<(usize, bool)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| (0..n).map(move |b| (s, b == 0)))
+            .collect()
+    }
+
+    /// Checks that the config describes a buildable network.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ZooError::Config(m));
+        if self.layers.len() != 4 || self.blocks.len() != self.layers.iter().sum::<usize>() {
+            return bad(format!(
+                "{} blocks for stages {:?}",
+                self.blocks.len(),
+                self.layers
+            ));
+        }
+        if self.stem == 0 {
+            return bad("the stem keeps at least one channel".into());
+        }
+        for (i, (b, (s, _))) in self.blocks.iter().zip(self.layout()).enumerate() {
+            let w = PLANES[s] * EXPANSION;
+            if b.out.iter().any(|&c| c >= w) || !b.out.windows(2).all(|p| p[0] < p[1]) {
+                return bad(format!(
+                    "block {i}: output positions must be increasing and below {w}"
+                ));
+            }
+            if !b.out.is_empty() && (b.mid1 == 0 || b.mid2 == 0) {
+                return bad(format!("block {i}: a kept block needs inner channels"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the network (gates in bypass).
+    pub fn init(&self, device: &Device) -> Result<BottleneckResNet> {
+        self.validate()?;
+        let blocks = self
+            .layout()
+            .into_iter()
+            .zip(&self.blocks)
+            .map(|((s, first), b)| {
+                let width = PLANES[s] * EXPANSION;
+                let input = match (first, s) {
+                    (true, 0) => self.stem,
+                    (true, _) => PLANES[s - 1] * EXPANSION,
+                    (false, _) => width,
+                };
+                let stride = if first && s > 0 { 2 } else { 1 };
+                Bottleneck {
+                    branch: (!b.out.is_empty()).then(|| BottleneckBranch {
+                        conv1: ConvBnGateConfig::new(input, b.mid1)
+                            .with_kernel(1)
+                            .init(device),
+                        conv2: ConvBnGateConfig::new(b.mid1, b.mid2)
+                            .with_stride(stride)
+                            .init(device),
+                        conv3: ConvBnGateConfig::new(b.mid2, b.out.len())
+                            .with_kernel(1)
+                            .with_kind(GateKind::Branch)
+                            .init(device),
+                    }),
+                    shortcut: first.then(|| {
+                        ConvBnGateConfig::new(input, width)
+                            .with_kernel(1)
+                            .with_stride(stride)
+                            .init_ungated(device)
+                    }),
+                }
+            })
+            .collect();
+        Ok(BottleneckResNet {
+            stem: ConvBnGateConfig::new(self.in_channels, self.stem)
+                .with_kernel(7)
+                .with_stride(2)
+                .init(device),
+            pool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+            blocks,
+            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            classifier: LinearConfig::new(PLANES[3] * EXPANSION, self.num_classes).init(device),
+            config: self.clone(),
+        })
+    }
+}
+
+/// The three gated convs of a bottleneck's residual branch.
+#[derive(Module, Debug)]
+pub struct BottleneckBranch {
+    /// 1x1 conv -> BN -> gate (bn1).
+    pub conv1: ConvBnGate,
+    /// 3x3 conv (stride) -> BN -> gate (bn2).
+    pub conv2: ConvBnGate,
+    /// 1x1 conv -> BN -> gate (bn3, before the add).
+    pub conv3: ConvBnGate,
+}
+
+/// One bottleneck block.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    /// The residual branch (`None`: removed).
+    pub branch: Option<BottleneckBranch>,
+    /// The projection shortcut (first block of each stage; not gated).
+    pub shortcut: Option<ConvBn>,
+}
+
+/// A bottleneck ResNet with channel gates.
+#[derive(Module, Debug)]
+pub struct BottleneckResNet {
+    /// 7x7 stem conv -> BN -> gate.
+    pub stem: ConvBnGate,
+    pool: MaxPool2d,
+    /// The blocks.
+    pub blocks: Vec<Bottleneck>,
+    gap: AdaptiveAvgPool2d,
+    /// Final linear layer.
+    pub classifier: Linear,
+    #[module(skip)]
+    config: BottleneckResNetConfig,
+}
+
+impl BottleneckResNet {
+    /// Logits `[N, classes]` of images `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = self.pool.forward(relu(self.stem.forward(x)));
+        for (block, widths) in self.blocks.iter().zip(&self.config.blocks) {
+            let base = match &block.shortcut {
+                Some(sc) => sc.forward(x.clone()),
+                None => x.clone(),
+            };
+            x = match &block.branch {
+                Some(b) => {
+                    let h = relu(b.conv1.forward(x));
+                    let h = relu(b.conv2.forward(h));
+                    relu(add_into(base, &widths.out, b.conv3.forward(h)))
+                }
+                None => relu(base),
+            };
+        }
+        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        self.classifier.forward(x)
+    }
+
+    fn names(i: usize) -> [String; 3] {
+        [1, 2, 3].map(|k| format!("b{i}.bn{k}"))
+    }
+}
+
+impl GatedModel for BottleneckResNet {
+    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
+        f("stem", &self.stem.gate);
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Some(b) = &b.branch {
+                let [n1, n2, n3] = Self::names(i);
+                f(&n1, &b.conv1.gate);
+                f(&n2, &b.conv2.gate);
+                f(&n3, &b.conv3.gate);
+            }
+        }
+    }
+
+    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
+        self.stem.gate = f("stem", self.stem.gate);
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut block)| {
+                block.branch = block.branch.map(|mut b| {
+                    let [n1, n2, n3] = Self::names(i);
+                    b.conv1.gate = f(&n1, b.conv1.gate);
+                    b.conv2.gate = f(&n2, b.conv2.gate);
+                    b.conv3.gate = f(&n3, b.conv3.gate);
+                    b
+                });
+                block
+            })
+            .collect();
+        self
+    }
+}
+
+impl Network for BottleneckResNet {
+    type Config = BottleneckResNetConfig;
+
+    fn build(config: &BottleneckResNetConfig, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        BottleneckResNet::forward(self, images)
+    }
+
+    fn classifier_group(&self) -> ParamGroup {
+        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
+    }
+
+    fn config(&self) -> &BottleneckResNetConfig {
+        &self.config
+    }
+
+    /// Exact under any architecture: the streams stay at full width, so every width is a gate's
+    /// or fixed, except that a closed bn3 gate removes its whole block (see
+    /// [`Network::arch_cost`]).
+    fn cost_model(&self) -> CostModel {
+        let cfg = &self.config;
+        let mut cost = CostModel::new();
+        let mut side = cfg.image_size.div_ceil(2);
+        self.stem.add_cost(
+            &mut cost,
+            "stem",
+            Width::Fixed(cfg.in_channels),
+            [side, side],
+        );
+        side = side.div_ceil(2);
+        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
+            let width = PLANES[s] * EXPANSION;
+            let input = match (first, s) {
+                (true, 0) => Width::gate("stem"),
+                (true, _) => Width::Fixed(PLANES[s - 1] * EXPANSION),
+                (false, _) => Width::Fixed(width),
+            };
+            let in_side = side;
+            if first && s > 0 {
+                side = side.div_ceil(2);
+            }
+            if let Some(b) = &block.branch {
+                let [n1, n2, n3] = Self::names(i);
+                b.conv1
+                    .add_cost(&mut cost, &n1, input.clone(), [in_side, in_side]);
+                b.conv2
+                    .add_cost(&mut cost, &n2, Width::gate(&n1), [side, side]);
+                b.conv3
+                    .add_cost(&mut cost, &n3, Width::gate(&n2), [side, side]);
+            }
+            if let Some(sc) = &block.shortcut {
+                sc.add_cost(
+                    &mut cost,
+                    &format!("b{i}.shortcut"),
+                    input,
+                    Width::Fixed(width),
+                    [side, side],
+                );
+            }
+        }
+        cost.linear(
+            "classifier",
+            Width::Fixed(PLANES[3] * EXPANSION),
+            Width::Fixed(cfg.num_classes),
+        );
+        cost
+    }
+
+    fn arch_cost(&self, arch: &Architecture) -> Result<dnal_core::CostReport> {
+        Ok(self.clone().prune(arch)?.cost_model().cost(None))
+    }
+
+    fn prune(mut self, arch: &Architecture) -> Result<Self> {
+        arch.check_matches(&self)?;
+        let old = self.config.clone();
+        let kept = |name: &str| arch.gates[name].kept.clone();
+        let stem_keep = kept("stem");
+        let mut cfg = old.clone();
+        cfg.stem = stem_keep.len();
+        let mut plans = Vec::with_capacity(old.blocks.len());
+        for (i, b) in old.blocks.iter().enumerate() {
+            if b.out.is_empty() {
+                plans.push(None);
+                continue;
+            }
+            let [n1, n2, n3] = Self::names(i);
+            let keeps = [kept(&n1), kept(&n2), kept(&n3)];
+            cfg.blocks[i] = BottleneckWidths {
+                mid1: if keeps[2].is_empty() {
+                    0
+                } else {
+                    keeps[0].len()
+                },
+                mid2: if keeps[2].is_empty() {
+                    0
+                } else {
+                    keeps[1].len()
+                },
+                out: keeps[2].iter().map(|&k| b.out[k]).collect(),
+            };
+            plans.push((!keeps[2].is_empty()).then_some(keeps));
+        }
+        cfg.validate()?;
+        self.stem = self.stem.prune(None, &stem_keep);
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .zip(plans)
+            .zip(old.layout())
+            .map(|((block, plan), (s, first))| {
+                let input = (first && s == 0).then_some(stem_keep.as_slice());
+                let width = PLANES[s] * EXPANSION;
+                let all: Vec<usize> = (0..width).collect();
+                Bottleneck {
+                    shortcut: block.shortcut.map(|sc| sc.prune(input, &all)),
+                    branch: match (block.branch, plan) {
+                        (Some(b), Some([k1, k2, k3])) => Some(BottleneckBranch {
+                            conv1: b.conv1.prune(input, &k1),
+                            conv2: b.conv2.prune(Some(&k1), &k2),
+                            conv3: b.conv3.prune(Some(&k2), &k3),
+                        }),
+                        _ => None,
+                    },
+                }
+            })
+            .collect();
+        self.config = cfg;
+        Ok(self)
+    }
+}

@@ -1,0 +1,651 @@
+//! MobileNetV2 for ImageNet and for CIFAR, with gates after every depthwise BN (the expanded
+//! channels: closing one also removes the matching output channel of the expansion conv, or of
+//! the stem for the first, non-expanding block), after every projection BN, and after the final
+//! 1x1 conv.
+//!
+//! The CIFAR variant is the one the paper's 91.17M MACs / 2.30M parameters describe: stem
+//! stride 1, the second stage at stride 1, and a conv + BN shortcut on stride-1 blocks that
+//! change the width (the widely used `pytorch-cifar` MobileNetV2). Residual adds are pruned as
+//! in [`crate::resnet`]: each stage's stream keeps the union of what its blocks write, and
+//! residual blocks add their kept projection channels into their stream positions; a residual
+//! block whose projection gate closes is removed. ImageNet's dropout before the classifier is
+//! omitted (it has no parameters and no MACs).
+
+use burn::module::ParamGroup;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu6;
+use dnal_core::{Architecture, ChannelGate, CostModel, CostReport, GateKind, GatedModel, Width};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ZooError};
+use crate::layers::{
+    ConvBn, ConvBnGate, ConvBnGateConfig, add_into, indices, positions, prune_linear_inputs,
+    scatter,
+};
+use crate::network::Network;
+
+/// Widths of one inverted-residual block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MbBlockWidths {
+    /// Expanded (depthwise) channels.
+    pub expanded: usize,
+    /// For the first block when it does not expand (t = 1): the stem channels its depthwise
+    /// conv reads (indices in the stem's full width); empty otherwise.
+    #[serde(default)]
+    pub taps: Vec<usize>,
+    /// Stream positions (in the stage's full width) of the projection's output channels; empty:
+    /// the block's branch is removed.
+    pub out: Vec<usize>,
+}
+
+/// One stage: expansion factor, full width, number of blocks, stride of the first block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MbStage {
+    /// Expansion factor `t`.
+    pub expansion: usize,
+    /// Output width `c`.
+    pub width: usize,
+    /// Blocks `n`.
+    pub blocks: usize,
+    /// Stride `s` of the first block.
+    pub stride: usize,
+}
+
+/// Configuration of a [`MobileNetV2`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MobileNetV2Config {
+    /// Image channels.
+    pub in_channels: usize,
+    /// Image side.
+    pub image_size: usize,
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Stride of the 3x3 stem.
+    pub stem_stride: usize,
+    /// Output channels of the stem (when the first block expands; otherwise the first block's
+    /// expanded width is the stem's).
+    pub stem_width: usize,
+    /// The stages.
+    pub stages: Vec<MbStage>,
+    /// Conv + BN shortcut on stride-1 blocks that change the width (CIFAR variant).
+    pub conv_shortcuts: bool,
+    /// Channels of the final 1x1 conv.
+    pub last_width: usize,
+    /// Every block, stage by stage.
+    pub blocks: Vec<MbBlockWidths>,
+}
+
+/// How a block joins the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Join {
+    /// No shortcut: the projection output is the new stream.
+    Replace,
+    /// Identity shortcut: the projection output is added to the stream.
+    Identity,
+    /// Conv + BN shortcut (full width) plus the projection output.
+    Conv,
+}
+
+impl MobileNetV2Config {
+    fn with_stages(
+        num_classes: usize,
+        image_size: usize,
+        stem_stride: usize,
+        stages: &[[usize; 4]],
+        conv_shortcuts: bool,
+    ) -> Self {
+        let stages: Vec<MbStage> = stages
+            .iter()
+            .map(|&[expansion, width, blocks, stride]| MbStage {
+                expansion,
+                width,
+                blocks,
+                stride,
+            })
+            .collect();
+        let mut in_w = 32;
+        let mut blocks = Vec::new();
+        for st in &stages {
+            for _ in 0..st.blocks {
+                blocks.push(MbBlockWidths {
+                    expanded: in_w * st.expansion,
+                    taps: if st.expansion == 1 {
+                        (0..in_w).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    out: (0..st.width).collect(),
+                });
+                in_w = st.width;
+            }
+        }
+        Self {
+            in_channels: 3,
+            image_size,
+            num_classes,
+            stem_stride,
+            stem_width: 32,
+            stages,
+            conv_shortcuts,
+            last_width: 1280,
+            blocks,
+        }
+    }
+
+    /// MobileNetV2 for ImageNet (224x224): 300.79M MACs, 3.50M parameters.
+    pub fn imagenet(num_classes: usize) -> Self {
+        Self::with_stages(
+            num_classes,
+            224,
+            2,
+            &[
+                [1, 16, 1, 1],
+                [6, 24, 2, 2],
+                [6, 32, 3, 2],
+                [6, 64, 4, 2],
+                [6, 96, 3, 1],
+                [6, 160, 3, 2],
+                [6, 320, 1, 1],
+            ],
+            false,
+        )
+    }
+
+    /// MobileNetV2 for CIFAR (32x32): stem stride 1, second stage stride 1, conv shortcuts on
+    /// width changes at stride 1 — 91.17M MACs and 2.30M parameters, the paper's baseline.
+    pub fn cifar(num_classes: usize) -> Self {
+        Self::with_stages(
+            num_classes,
+            32,
+            1,
+            &[
+                [1, 16, 1, 1],
+                [6, 24, 2, 1],
+                [6, 32, 3, 2],
+                [6, 64, 4, 2],
+                [6, 96, 3, 1],
+                [6, 160, 3, 2],
+                [6, 320, 1, 1],
+            ],
+            true,
+        )
+    }
+
+    /// (stage, first block of its stage) of every block.
+    fn layout(&self) -> Vec<(usize, bool)> {
+        self.stages
+            .iter()
+            .enumerate()
+            .flat_map(|(s, st)| (0..st.blocks).map(move |b| (s, b == 0)))
+            .collect()
+    }
+
+    /// Full width of the stream entering stage `s`.
+    fn in_width(&self, s: usize) -> usize {
+        if s == 0 {
+            self.stem_width
+        } else {
+            self.stages[s - 1].width
+        }
+    }
+
+    fn join(&self, s: usize, first: bool) -> Join {
+        let st = &self.stages[s];
+        if !first || (st.stride == 1 && self.in_width(s) == st.width) {
+            Join::Identity
+        } else if st.stride == 1 && self.conv_shortcuts {
+            Join::Conv
+        } else {
+            Join::Replace
+        }
+    }
+
+    /// Whether the stem's width is set by the first block's depthwise gate: the first block does
+    /// not expand and is the stem's only reader.
+    fn stem_follows_first_block(&self) -> bool {
+        self.stages[0].expansion == 1 && self.join(0, true) == Join::Replace
+    }
+
+    /// The stream positions of the stem output and of every stage.
+    pub fn streams(&self) -> (Vec<usize>, Vec<Vec<usize>>) {
+        let stem: Vec<usize> = if self.stem_follows_first_block() {
+            self.blocks[0].taps.clone()
+        } else {
+            (0..self.stem_width).collect()
+        };
+        let layout = self.layout();
+        let mut streams: Vec<Vec<usize>> = Vec::new();
+        for (s, st) in self.stages.iter().enumerate() {
+            let mut present = vec![false; st.width];
+            for (i, &(bs, first)) in layout.iter().enumerate() {
+                if bs != s {
+                    continue;
+                }
+                match self.join(s, first) {
+                    Join::Conv => present.iter_mut().for_each(|p| *p = true),
+                    Join::Identity if first => {
+                        let prev = if s == 0 { &stem } else { &streams[s - 1] };
+                        prev.iter().for_each(|&c| present[c] = true);
+                    }
+                    _ => {}
+                }
+                self.blocks[i].out.iter().for_each(|&c| present[c] = true);
+            }
+            streams.push((0..st.width).filter(|&c| present[c]).collect());
+        }
+        (stem, streams)
+    }
+
+    /// Checks that the config describes a buildable network.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ZooError::Config(m));
+        let layout = self.layout();
+        if self.stages.is_empty() || layout.len() != self.blocks.len() {
+            return bad(format!(
+                "{} blocks for stages {:?}",
+                self.blocks.len(),
+                self.stages
+            ));
+        }
+        if self.last_width == 0 || self.stem_width == 0 {
+            return bad("stem and last widths must be positive".into());
+        }
+        for (i, (&(s, first), b)) in layout.iter().zip(&self.blocks).enumerate() {
+            let st = &self.stages[s];
+            if st.expansion == 1 && i != 0 {
+                return bad(format!(
+                    "block {i}: only the first block may skip the expansion (t = 1)"
+                ));
+            }
+            let taps_ok = if st.expansion == 1 {
+                b.taps.len() == b.expanded
+                    && b.taps.iter().all(|&c| c < self.stem_width)
+                    && b.taps.windows(2).all(|p| p[0] < p[1])
+            } else {
+                b.taps.is_empty()
+            };
+            if !taps_ok {
+                return bad(format!(
+                    "block {i}: taps must list the expanded channels' stem positions (t = 1 only)"
+                ));
+            }
+            if b.out.iter().any(|&c| c >= st.width) || !b.out.windows(2).all(|p| p[0] < p[1]) {
+                return bad(format!(
+                    "block {i}: output positions must be increasing and below {}",
+                    st.width
+                ));
+            }
+            let removable = self.join(s, first) != Join::Replace;
+            if b.out.is_empty() && !removable {
+                return bad(format!(
+                    "block {i}: a block without a shortcut needs outputs"
+                ));
+            }
+            if !b.out.is_empty() && b.expanded == 0 {
+                return bad(format!("block {i}: a kept block needs expanded channels"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the network (gates in bypass).
+    pub fn init(&self, device: &Device) -> Result<MobileNetV2> {
+        self.validate()?;
+        let (stem_stream, streams) = self.streams();
+        let stem = ConvBnGateConfig::new(self.in_channels, stem_stream.len())
+            .with_stride(self.stem_stride)
+            .init_ungated(device);
+        let blocks = self
+            .layout()
+            .into_iter()
+            .zip(&self.blocks)
+            .map(|((s, first), b)| {
+                let st = &self.stages[s];
+                let input = match (first, s) {
+                    (true, 0) => stem_stream.len(),
+                    (true, _) => streams[s - 1].len(),
+                    (false, _) => streams[s].len(),
+                };
+                let stride = if first { st.stride } else { 1 };
+                let join = self.join(s, first);
+                let branch = (!b.out.is_empty()).then(|| MbBranch {
+                    expand: (st.expansion != 1).then(|| {
+                        ConvBnGateConfig::new(input, b.expanded)
+                            .with_kernel(1)
+                            .init_ungated(device)
+                    }),
+                    depthwise: ConvBnGateConfig::new(b.expanded, b.expanded)
+                        .with_stride(stride)
+                        .with_depthwise(true)
+                        .init(device),
+                    project: ConvBnGateConfig::new(b.expanded, b.out.len())
+                        .with_kernel(1)
+                        .with_kind(if join == Join::Replace {
+                            GateKind::Main
+                        } else {
+                            GateKind::Branch
+                        })
+                        .init(device),
+                });
+                MbBlock {
+                    branch,
+                    shortcut: (join == Join::Conv).then(|| {
+                        ConvBnGateConfig::new(input, st.width)
+                            .with_kernel(1)
+                            .init_ungated(device)
+                    }),
+                }
+            })
+            .collect();
+        let last_in = streams.last().expect("validated").len();
+        Ok(MobileNetV2 {
+            stem,
+            blocks,
+            last: ConvBnGateConfig::new(last_in, self.last_width)
+                .with_kernel(1)
+                .init(device),
+            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            classifier: LinearConfig::new(self.last_width, self.num_classes).init(device),
+            config: self.clone(),
+        })
+    }
+}
+
+/// The convolutions of an inverted-residual block's branch.
+#[derive(Module, Debug)]
+pub struct MbBranch {
+    /// 1x1 expansion conv + BN (absent when the expansion factor is 1); its width is the
+    /// depthwise gate's.
+    pub expand: Option<ConvBn>,
+    /// 3x3 depthwise conv + BN + gate.
+    pub depthwise: ConvBnGate,
+    /// 1x1 projection conv + BN + gate.
+    pub project: ConvBnGate,
+}
+
+/// One inverted-residual block.
+#[derive(Module, Debug)]
+pub struct MbBlock {
+    /// The branch (`None`: removed).
+    pub branch: Option<MbBranch>,
+    /// Conv shortcut (CIFAR variant, stride-1 width changes).
+    pub shortcut: Option<ConvBn>,
+}
+
+/// MobileNetV2 with channel gates.
+#[derive(Module, Debug)]
+pub struct MobileNetV2 {
+    /// 3x3 stem conv + BN (ungated).
+    pub stem: ConvBn,
+    /// The inverted-residual blocks.
+    pub blocks: Vec<MbBlock>,
+    /// Final 1x1 conv + BN + gate.
+    pub last: ConvBnGate,
+    gap: AdaptiveAvgPool2d,
+    /// Final linear layer.
+    pub classifier: Linear,
+    #[module(skip)]
+    config: MobileNetV2Config,
+}
+
+impl MobileNetV2 {
+    /// Logits `[N, classes]` of images `[N, C, H, W]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let cfg = &self.config;
+        let (stem_stream, streams) = cfg.streams();
+        let mut x = relu6(self.stem.forward(x));
+        for ((block, (s, first)), widths) in self.blocks.iter().zip(cfg.layout()).zip(&cfg.blocks) {
+            let input = x.clone();
+            let branch = block.branch.as_ref().map(|b| {
+                let h = match &b.expand {
+                    Some(e) => relu6(e.forward(input.clone())),
+                    None => {
+                        let taps = positions(&stem_stream, &widths.taps);
+                        if taps.len() == stem_stream.len() {
+                            input.clone()
+                        } else {
+                            input.clone().select(1, indices(&taps, &input.device()))
+                        }
+                    }
+                };
+                b.project.forward(relu6(b.depthwise.forward(h)))
+            });
+            let pos = positions(&streams[s], &widths.out);
+            x = match cfg.join(s, first) {
+                Join::Replace => scatter(streams[s].len(), &pos, branch.expect("validated")),
+                Join::Identity => {
+                    let base = if first && s > 0 {
+                        // The stream widens to this stage's union.
+                        scatter(
+                            streams[s].len(),
+                            &positions(&streams[s], &streams[s - 1]),
+                            input,
+                        )
+                    } else {
+                        input
+                    };
+                    match branch {
+                        Some(o) => add_into(base, &pos, o),
+                        None => base,
+                    }
+                }
+                Join::Conv => {
+                    let sc = block.shortcut.as_ref().expect("conv join").forward(input);
+                    match branch {
+                        Some(o) => add_into(sc, &pos, o),
+                        None => sc,
+                    }
+                }
+            };
+        }
+        let x = relu6(self.last.forward(x));
+        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        self.classifier.forward(x)
+    }
+
+    fn names(i: usize) -> (String, String) {
+        (format!("b{i}.dw"), format!("b{i}.proj"))
+    }
+}
+
+impl GatedModel for MobileNetV2 {
+    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Some(b) = &b.branch {
+                let (dw, proj) = Self::names(i);
+                f(&dw, &b.depthwise.gate);
+                f(&proj, &b.project.gate);
+            }
+        }
+        f("last", &self.last.gate);
+    }
+
+    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut block)| {
+                block.branch = block.branch.map(|mut b| {
+                    let (dw, proj) = Self::names(i);
+                    b.depthwise.gate = f(&dw, b.depthwise.gate);
+                    b.project.gate = f(&proj, b.project.gate);
+                    b
+                });
+                block
+            })
+            .collect();
+        self.last.gate = f("last", self.last.gate);
+        self
+    }
+}
+
+impl Network for MobileNetV2 {
+    type Config = MobileNetV2Config;
+
+    fn build(config: &MobileNetV2Config, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        MobileNetV2::forward(self, images)
+    }
+
+    fn classifier_group(&self) -> ParamGroup {
+        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
+    }
+
+    fn config(&self) -> &MobileNetV2Config {
+        &self.config
+    }
+
+    /// Streams are unions of kept channels: the cost model treats them as fixed at their current
+    /// width, and [`Network::arch_cost`] prices an architecture by pruning a copy.
+    fn cost_model(&self) -> CostModel {
+        let cfg = &self.config;
+        let (stem_stream, streams) = cfg.streams();
+        let mut cost = CostModel::new();
+        let mut side = cfg.image_size.div_ceil(cfg.stem_stride);
+        let stem_out = if cfg.stem_follows_first_block() {
+            Width::gate(Self::names(0).0)
+        } else {
+            Width::Fixed(stem_stream.len())
+        };
+        self.stem.add_cost(
+            &mut cost,
+            "stem",
+            Width::Fixed(cfg.in_channels),
+            stem_out,
+            [side, side],
+        );
+        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
+            let input = match (first, s) {
+                (true, 0) => stem_stream.len(),
+                (true, _) => streams[s - 1].len(),
+                (false, _) => streams[s].len(),
+            };
+            let in_side = side;
+            if first && cfg.stages[s].stride > 1 {
+                side = side.div_ceil(cfg.stages[s].stride);
+            }
+            let (dw, proj) = Self::names(i);
+            if let Some(b) = &block.branch {
+                if let Some(e) = &b.expand {
+                    e.add_cost(
+                        &mut cost,
+                        &format!("b{i}.expand"),
+                        Width::Fixed(input),
+                        Width::gate(&dw),
+                        [in_side, in_side],
+                    );
+                }
+                b.depthwise
+                    .add_cost(&mut cost, &dw, Width::gate(&dw), [side, side]);
+                b.project
+                    .add_cost(&mut cost, &proj, Width::gate(&dw), [side, side]);
+            }
+            if let Some(sc) = &block.shortcut {
+                let w = cfg.stages[s].width;
+                sc.add_cost(
+                    &mut cost,
+                    &format!("b{i}.shortcut"),
+                    Width::Fixed(input),
+                    Width::Fixed(w),
+                    [side, side],
+                );
+            }
+        }
+        let last_in = streams.last().expect("validated").len();
+        self.last
+            .add_cost(&mut cost, "last", Width::Fixed(last_in), [side, side]);
+        cost.linear(
+            "classifier",
+            Width::gate("last"),
+            Width::Fixed(cfg.num_classes),
+        );
+        cost
+    }
+
+    fn arch_cost(&self, arch: &Architecture) -> Result<CostReport> {
+        Ok(self.clone().prune(arch)?.cost_model().cost(None))
+    }
+
+    fn prune(mut self, arch: &Architecture) -> Result<Self> {
+        arch.check_matches(&self)?;
+        let old = self.config.clone();
+        let (old_stem, old_streams) = old.streams();
+        let kept = |name: &str| arch.gates[name].kept.clone();
+        let layout = old.layout();
+        let mut cfg = old.clone();
+        let mut plans = Vec::with_capacity(old.blocks.len());
+        for (i, b) in old.blocks.iter().enumerate() {
+            if b.out.is_empty() {
+                plans.push(None);
+                continue;
+            }
+            let (dw, proj) = Self::names(i);
+            let (dw_keep, proj_keep) = (kept(&dw), kept(&proj));
+            cfg.blocks[i] = if proj_keep.is_empty() {
+                MbBlockWidths {
+                    expanded: 0,
+                    taps: Vec::new(),
+                    out: Vec::new(),
+                }
+            } else {
+                MbBlockWidths {
+                    expanded: dw_keep.len(),
+                    taps: if b.taps.is_empty() {
+                        Vec::new()
+                    } else {
+                        dw_keep.iter().map(|&k| b.taps[k]).collect()
+                    },
+                    out: proj_keep.iter().map(|&k| b.out[k]).collect(),
+                }
+            };
+            plans.push((!proj_keep.is_empty()).then_some((dw_keep, proj_keep)));
+        }
+        let last_keep = kept("last");
+        cfg.last_width = last_keep.len();
+        cfg.validate()?;
+        let (new_stem, streams) = cfg.streams();
+        let keep_stream: Vec<Vec<usize>> = streams
+            .iter()
+            .zip(&old_streams)
+            .map(|(new, old)| positions(old, new))
+            .collect();
+        let stem_keep = positions(&old_stem, &new_stem);
+        self.stem = self.stem.prune(None, &stem_keep);
+        self.blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .zip(plans)
+            .zip(layout)
+            .map(|((block, plan), (s, first))| {
+                let input: &[usize] = match (first, s) {
+                    (true, 0) => &stem_keep,
+                    (true, _) => &keep_stream[s - 1],
+                    (false, _) => &keep_stream[s],
+                };
+                let shortcut = block.shortcut.map(|sc| {
+                    let all: Vec<usize> = (0..old.stages[s].width).collect();
+                    sc.prune(Some(input), &all)
+                });
+                let branch = match (block.branch, plan) {
+                    (Some(b), Some((dw_keep, proj_keep))) => Some(MbBranch {
+                        expand: b.expand.map(|e| e.prune(Some(input), &dw_keep)),
+                        depthwise: b.depthwise.prune(None, &dw_keep),
+                        project: b.project.prune(Some(&dw_keep), &proj_keep),
+                    }),
+                    _ => None,
+                };
+                MbBlock { branch, shortcut }
+            })
+            .collect();
+        self.last = self
+            .last
+            .prune(Some(keep_stream.last().expect("validated")), &last_keep);
+        self.classifier = prune_linear_inputs(self.classifier, &last_keep);
+        self.config = cfg;
+        Ok(self)
+    }
+}
