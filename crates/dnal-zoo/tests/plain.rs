@@ -43,10 +43,20 @@ fn bad_configs_are_rejected() {
         .init(&device())
         .unwrap_err();
     assert!(err.to_string().contains("pool_after index 5"), "{err}");
-    let err = PlainCnnConfig::new(3, 32, vec![8], vec![0])
+    let err = PlainCnnConfig::new(3, 4, vec![8, 8, 8], vec![0, 1, 2])
         .init(&device())
         .unwrap_err();
-    assert!(err.to_string().contains("1x1"), "{err}");
+    assert!(err.to_string().contains("to nothing"), "{err}");
+    let err = PlainCnnConfig::new(3, 32, vec![8], vec![0])
+        .with_hidden(vec![0])
+        .init(&device())
+        .unwrap_err();
+    assert!(err.to_string().contains("hidden"), "{err}");
+    // Without a global pool the last map is flattened: 16x16x8 inputs to the classifier.
+    let model = PlainCnnConfig::new(3, 32, vec![8], vec![0])
+        .init(&device())
+        .unwrap();
+    assert_eq!(model.classifier.weight.dims(), [16 * 16 * 8, 10]);
 }
 
 /// Gives every BN non-trivial statistics and affine parameters.
