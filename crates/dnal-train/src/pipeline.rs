@@ -252,6 +252,21 @@ fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
     }
 }
 
+/// One step of the weight optimiser with every gradient left in `grads`.
+fn step_weights<N: Network>(
+    optims: &mut Optimizers,
+    lr: f64,
+    net: N,
+    grads: burn::tensor::Gradients,
+) -> N {
+    let g = GradientsParams::from_grads(grads, &net);
+    optims
+        .weights
+        .as_mut()
+        .expect("a weight optimiser in this phase")
+        .step(lr, net, g)
+}
+
 /// The frozen internals of the gates (mask and temperature), never trained.
 fn gate_internals() -> ParamGroup {
     ParamGroup::from_regex(r"gate\.(mask|temperature)$").expect("a valid pattern")
@@ -563,21 +578,11 @@ impl<'a, N: Network> Runner<'a, N> {
                         net,
                         g_alpha,
                     );
-                    let g = GradientsParams::from_grads(grads, &net);
-                    net = optims
-                        .weights
-                        .as_mut()
-                        .expect("weight optimiser")
-                        .step(lr, net, g);
+                    net = step_weights(optims, lr, net, grads);
                 }
                 _ => {
                     lr = learning_rate(stage, epoch, iter, iters);
-                    let g = GradientsParams::from_grads(grads, &net);
-                    net = optims
-                        .weights
-                        .as_mut()
-                        .expect("weight optimiser")
-                        .step(lr, net, g);
+                    net = step_weights(optims, lr, net, grads);
                 }
             }
             loss_sum += loss_value as f64 * n as f64;

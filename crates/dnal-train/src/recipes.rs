@@ -13,40 +13,25 @@ pub struct Recipe {
     pub text: &'static str,
 }
 
+macro_rules! recipes {
+    ($($name:literal),* $(,)?) => {
+        &[$(Recipe {
+            name: $name,
+            text: include_str!(concat!("../../../configs/", $name, ".toml")),
+        }),*]
+    };
+}
+
 /// Every recipe of `configs/`.
-pub const RECIPES: &[Recipe] = &[
-    Recipe {
-        name: "mnist-demo",
-        text: include_str!("../../../configs/mnist-demo.toml"),
-    },
-    Recipe {
-        name: "vgg16-cifar10",
-        text: include_str!("../../../configs/vgg16-cifar10.toml"),
-    },
-    Recipe {
-        name: "resnet56-cifar10",
-        text: include_str!("../../../configs/resnet56-cifar10.toml"),
-    },
-    Recipe {
-        name: "resnet20-cifar10",
-        text: include_str!("../../../configs/resnet20-cifar10.toml"),
-    },
-    Recipe {
-        name: "mobilenetv2-cifar10",
-        text: include_str!("../../../configs/mobilenetv2-cifar10.toml"),
-    },
-    Recipe {
-        name: "mobilenetv2-imagenet",
-        text: include_str!("../../../configs/mobilenetv2-imagenet.toml"),
-    },
-    Recipe {
-        name: "resnet50-imagenet",
-        text: include_str!("../../../configs/resnet50-imagenet.toml"),
-    },
-    Recipe {
-        name: "vgg16-imagenet",
-        text: include_str!("../../../configs/vgg16-imagenet.toml"),
-    },
+pub const RECIPES: &[Recipe] = recipes![
+    "mnist-demo",
+    "vgg16-cifar10",
+    "resnet56-cifar10",
+    "resnet20-cifar10",
+    "mobilenetv2-cifar10",
+    "mobilenetv2-imagenet",
+    "resnet50-imagenet",
+    "vgg16-imagenet",
 ];
 
 /// One runnable preset.

@@ -313,76 +313,48 @@ fn plot_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> TrainError + '_ {
     }
 }
 
+/// A value of an epoch's log, for plotting.
+type Metric = fn(&EpochLog) -> f64;
+
 fn plot_curves(path: &Path, history: &[EpochLog]) -> Result<()> {
     let err = plot_err(path);
     let root = SVGBackend::new(path, (900, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (top, bottom) = root.split_vertically(350);
-    let n = history.len().max(2) as f64;
     let max_loss = history
         .iter()
         .map(|l| l.loss.max(l.test_loss))
         .fold(0.1, f64::max);
-    {
-        let mut chart = ChartBuilder::on(&top)
-            .caption("Accuracy (%)", ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0f64..n, 0f64..100f64)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch (all stages)")
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (label, color, f) in [
-            (
-                "train",
-                BLUE,
-                (|l: &EpochLog| l.train_top1) as fn(&EpochLog) -> f64,
-            ),
-            ("test", RED, |l: &EpochLog| l.test_top1),
-        ] {
-            chart
-                .draw_series(LineSeries::new(
-                    history
-                        .iter()
-                        .enumerate()
-                        .map(|(i, l)| (i as f64 + 1.0, f(l))),
-                    color,
-                ))
-                .map_err(|e| err(&e))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("Loss", ("sans-serif", 18))
+    let accuracy: [(&str, RGBColor, Metric); 2] = [
+        ("train", BLUE, |l| l.train_top1),
+        ("test", RED, |l| l.test_top1),
+    ];
+    let loss: [(&str, RGBColor, Metric); 2] = [
+        ("train (CE + penalty)", BLUE, |l| l.loss),
+        ("test CE", RED, |l| l.test_loss),
+    ];
+    epoch_chart(&top, "Accuracy (%)", 100.0, history, &accuracy).map_err(|e| err(&e))?;
+    epoch_chart(&bottom, "Loss", max_loss * 1.05, history, &loss).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// Lines of per-epoch metrics over all stages, with a legend.
+fn epoch_chart(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    caption: &str,
+    y_max: f64,
+    history: &[EpochLog],
+    series: &[(&str, RGBColor, Metric)],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let n = history.len().max(2) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(45)
-        .build_cartesian_2d(0f64..n, 0f64..max_loss * 1.05)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch (all stages)")
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (label, color, f) in [
-        (
-            "train (CE + penalty)",
-            BLUE,
-            (|l: &EpochLog| l.loss) as fn(&EpochLog) -> f64,
-        ),
-        ("test CE", RED, |l: &EpochLog| l.test_loss),
-    ] {
+        .build_cartesian_2d(0f64..n, 0f64..y_max)?;
+    chart.configure_mesh().x_desc("epoch (all stages)").draw()?;
+    for &(label, color, f) in series {
         chart
             .draw_series(LineSeries::new(
                 history
@@ -390,8 +362,7 @@ fn plot_curves(path: &Path, history: &[EpochLog]) -> Result<()> {
                     .enumerate()
                     .map(|(i, l)| (i as f64 + 1.0, f(l))),
                 color,
-            ))
-            .map_err(|e| err(&e))?
+            ))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
@@ -399,9 +370,8 @@ fn plot_curves(path: &Path, history: &[EpochLog]) -> Result<()> {
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+        .draw()?;
+    Ok(())
 }
 
 fn plot_gates(path: &Path, history: &[EpochLog]) -> Result<()> {

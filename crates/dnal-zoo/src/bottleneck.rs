@@ -7,7 +7,6 @@
 //! their stream positions (index add), and a block whose bn3 gate closes completely is removed.
 //! The stem gate prunes the stem and the inputs of the first block's conv1 and shortcut.
 
-use burn::module::ParamGroup;
 use burn::nn::PaddingConfig2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
@@ -282,10 +281,6 @@ impl Network for BottleneckResNet {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         BottleneckResNet::forward(self, images)
-    }
-
-    fn classifier_group(&self) -> ParamGroup {
-        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
     }
 
     fn config(&self) -> &BottleneckResNetConfig {

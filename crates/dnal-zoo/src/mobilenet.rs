@@ -11,7 +11,6 @@
 //! block whose projection gate closes is removed. ImageNet's dropout before the classifier is
 //! omitted (it has no parameters and no MACs).
 
-use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -490,10 +489,6 @@ impl Network for MobileNetV2 {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         MobileNetV2::forward(self, images)
-    }
-
-    fn classifier_group(&self) -> ParamGroup {
-        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
     }
 
     fn config(&self) -> &MobileNetV2Config {

@@ -29,8 +29,11 @@ pub trait Network: GatedModel {
     fn forward(&self, images: Tensor<4>) -> Tensor<2>;
 
     /// The classifier's parameters (the layers after the last gate), which DNAL's architecture
-    /// stage may keep training while the rest of the weights are frozen.
-    fn classifier_group(&self) -> ParamGroup;
+    /// stage may keep training while the rest of the weights are frozen. By default the
+    /// parameters of the `classifier` field.
+    fn classifier_group(&self) -> ParamGroup {
+        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
+    }
 
     /// The config this network is an instance of (after pruning: the pruned widths).
     fn config(&self) -> &Self::Config;

@@ -10,7 +10,6 @@
 //! output gate closes completely is removed with both its convs. The pruned network is the same
 //! type, built from a config that records the kept stream positions.
 
-use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -294,10 +293,6 @@ impl Network for CifarResNet {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         CifarResNet::forward(self, images)
-    }
-
-    fn classifier_group(&self) -> ParamGroup {
-        ParamGroup::from_regex(r"^classifier\.").expect("a valid pattern")
     }
 
     fn config(&self) -> &CifarResNetConfig {

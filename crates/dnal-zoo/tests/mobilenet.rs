@@ -69,23 +69,7 @@ fn check(
     let device = device();
     let model = randomised(&cfg, &device);
     let arch = random_architecture(&model, seed, close);
-    let x = input([2, 3, side, side], seed, &device);
-    let masked = arch.apply_masks(model.clone()).unwrap();
-    let pruned = prune(model.clone(), &arch).unwrap();
-    let diff = max_abs_diff(masked.valid().forward(x.clone()), pruned.valid().forward(x));
-    assert!(
-        diff < 1e-4,
-        "seed {seed}: pruned vs masked logits differ by {diff}"
-    );
-    let cost = pruned.cost_model().cost(None);
-    assert_eq!(
-        counted_params(&pruned) as u64,
-        cost.params,
-        "pruned params = cost model"
-    );
-    assert_eq!(model.arch_cost(&arch).unwrap(), cost);
-    assert!(cost.macs < model.cost_model().cost(None).macs);
-    pruned
+    check_pruned(model, &arch, input([2, 3, side, side], seed, &device))
 }
 
 #[test]

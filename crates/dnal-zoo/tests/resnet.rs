@@ -75,24 +75,9 @@ fn check(depth: usize, seed: u64, close: impl Fn(usize) -> bool) {
     let device = device();
     let model = randomised(depth, &device);
     let arch = random_architecture(&model, seed, close);
-    let x = input([2, 3, 32, 32], seed, &device);
     let masked = arch.apply_masks(model.clone()).unwrap();
     assert_eq!(masked.stem.gate.mode, GateMode::Masked);
-    let pruned = prune(model.clone(), &arch).unwrap();
-    let diff = max_abs_diff(masked.valid().forward(x.clone()), pruned.valid().forward(x));
-    assert!(
-        diff < 1e-4,
-        "ResNet-{depth} seed {seed}: pruned vs masked logits differ by {diff}"
-    );
-    let cost = pruned.cost_model().cost(None);
-    assert_eq!(
-        counted_params(&pruned) as u64,
-        cost.params,
-        "pruned params = cost model"
-    );
-    assert_eq!(model.arch_cost(&arch).unwrap(), cost);
-    let full = model.cost_model().cost(None);
-    assert!(cost.macs < full.macs && cost.params < full.params);
+    check_pruned(model, &arch, input([2, 3, 32, 32], seed, &device));
 }
 
 #[test]

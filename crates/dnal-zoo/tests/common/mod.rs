@@ -75,3 +75,22 @@ pub fn random_architecture<M: GatedModel>(
 pub fn max_abs_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
 }
+
+/// Prunes `model` with `arch` and checks that, in eval mode, the pruned network's logits on `x`
+/// equal the masked network's, that its parameter count is its cost model's, and that
+/// `arch_cost` priced it right and smaller than the full network. Returns the pruned network.
+pub fn check_pruned<N: dnal_zoo::Network>(model: N, arch: &Architecture, x: Tensor<4>) -> N {
+    let masked = arch.apply_masks(model.clone()).unwrap();
+    let pruned = dnal_zoo::prune(model.clone(), arch).unwrap();
+    let diff = max_abs_diff(masked.valid().forward(x.clone()), pruned.valid().forward(x));
+    assert!(diff < 1e-4, "pruned vs masked logits differ by {diff}");
+    let cost = pruned.cost_model().cost(None);
+    assert_eq!(
+        dnal_zoo::counted_params(&pruned) as u64,
+        cost.params,
+        "pruned params = cost model"
+    );
+    assert_eq!(model.arch_cost(arch).unwrap(), cost);
+    assert!(cost.macs < model.cost_model().cost(None).macs);
+    pruned
+}
