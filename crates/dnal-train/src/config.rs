@@ -45,6 +45,12 @@ pub enum ModelName {
     Vgg16Imagenet,
     /// ResNet-50 for ImageNet (bottleneck blocks, projection shortcuts).
     Resnet50Imagenet,
+    /// The ProxylessNAS supernet for ImageNet (6 candidate MBConv ops per block).
+    SupernetImagenet,
+    /// The supernet for 32x32 images (stem and first stage at stride 1; beyond the paper).
+    SupernetCifar,
+    /// A reduced supernet (stages 8-16, 2 blocks each, last conv 32) for small images and tests.
+    SupernetTiny,
 }
 
 /// The network section.

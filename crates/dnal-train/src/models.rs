@@ -2,7 +2,7 @@
 
 use dnal_zoo::{
     BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, MobileNetV2,
-    MobileNetV2Config, Network, PlainCnn, PlainCnnConfig,
+    MobileNetV2Config, Network, PlainCnn, PlainCnnConfig, SuperNet, SuperNetConfig,
 };
 
 use crate::config::{ModelName, TrainConfig};
@@ -56,6 +56,16 @@ macro_rules! with_network {
             ModelName::Resnet50Imagenet => {
                 type $N = BottleneckResNet;
                 let mut $net = BottleneckResNetConfig::resnet50(classes);
+                ($net.in_channels, $net.image_size) = (channels, size);
+                $body
+            }
+            ModelName::SupernetImagenet | ModelName::SupernetCifar | ModelName::SupernetTiny => {
+                type $N = SuperNet;
+                let mut $net = match $cfg.model.name {
+                    ModelName::SupernetImagenet => SuperNetConfig::imagenet(classes),
+                    ModelName::SupernetCifar => SuperNetConfig::cifar(classes),
+                    _ => SuperNetConfig::tiny(size, channels, classes),
+                };
                 ($net.in_channels, $net.image_size) = (channels, size);
                 $body
             }

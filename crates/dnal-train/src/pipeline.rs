@@ -12,9 +12,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
-use dnal_core::{
-    Architecture, BackendKind, CostReport, GateMode, SparsityPenalty, derive_architecture,
-};
+use dnal_core::{Architecture, BackendKind, CostReport, GateMode, SparsityPenalty};
 use dnal_zoo::Network;
 use serde::{Deserialize, Serialize};
 
@@ -468,7 +466,7 @@ impl<'a, N: Network> Runner<'a, N> {
                 Ok(net)
             }
             Phase::Arch | Phase::Joint => {
-                let arch = derive_architecture(&net, self.cfg.arch.threshold)?;
+                let arch = net.derive(self.cfg.arch.threshold)?;
                 arch.save(out.join(paths::ARCHITECTURE))?;
                 progress.final_alpha = net
                     .gate_states()
@@ -596,14 +594,14 @@ impl<'a, N: Network> Runner<'a, N> {
         if phase.searches()
             && let Some(p) = penalty.as_deref_mut()
         {
-            let arch = derive_architecture(&net, cfg.arch.threshold)?;
+            let arch = net.derive(cfg.arch.threshold)?;
             let full = net.cost_model().cost(None).macs.max(1);
             let macs = net.arch_cost(&arch)?.macs;
             p.adapt(macs as f64 / full as f64);
         }
         let test = evaluate(&net, &self.data.test, &self.device)?;
         let (open_gates, open_by_layer, macs) = if phase.searches() {
-            let arch = derive_architecture(&net, cfg.arch.threshold)?;
+            let arch = net.derive(cfg.arch.threshold)?;
             let by_layer: BTreeMap<String, usize> = arch
                 .gates
                 .iter()
@@ -657,7 +655,7 @@ impl<'a, N: Network> Runner<'a, N> {
             runs,
             &self.device,
         );
-        let pruned_ms = pruned.map(|p| {
+        let pruned_ms = pruned.clone().map(|p| {
             latency_ms(
                 &configure(self.cfg, Phase::Final, p),
                 input,
@@ -665,7 +663,8 @@ impl<'a, N: Network> Runner<'a, N> {
                 &self.device,
             )
         });
-        let report = Report::new(self.cfg, progress, dense_ms, pruned_ms, self.opts.backend)?;
+        let mut report = Report::new(self.cfg, progress, dense_ms, pruned_ms, self.opts.backend)?;
+        report.structure = pruned.as_ref().and_then(|p| p.describe());
         report.write(out, progress)?;
         Ok(report)
     }

@@ -32,6 +32,8 @@ pub const RECIPES: &[Recipe] = recipes![
     "mobilenetv2-imagenet",
     "resnet50-imagenet",
     "vgg16-imagenet",
+    "proxyless-imagenet",
+    "proxyless-cifar10",
 ];
 
 /// One runnable preset.

@@ -85,6 +85,10 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Widths per gated layer.
     pub layers: Vec<LayerWidths>,
+    /// The pruned network's structure beyond widths (markdown; the supernet's surviving
+    /// candidates per block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<String>,
     /// The resolved config.
     pub config: TrainConfig,
     /// Wall-clock seconds of the whole run.
@@ -159,6 +163,7 @@ impl Report {
                 backend: backend.name().into(),
             },
             layers,
+            structure: None,
             config: cfg.clone(),
             seconds: progress.seconds,
         })
@@ -219,6 +224,10 @@ impl Report {
             );
             if let Some(d) = self.derived_top1 {
                 s += &format!("Top-1 right after derivation, before the final stage: {d:.2} %.\n");
+            }
+            if let Some(structure) = &self.structure {
+                s += "\n## Surviving candidates per block (expanded -> output channels)\n\n";
+                s += structure;
             }
             s += "\n## Widths per gated layer\n\n| layer | before | after | kept |\n|---|---|---|---|\n";
             for l in &self.layers {

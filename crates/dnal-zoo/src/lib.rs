@@ -15,6 +15,7 @@ pub mod mobilenet;
 pub mod network;
 pub mod plain;
 pub mod resnet;
+pub mod supernet;
 
 pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths};
 pub use error::{Result, ZooError};
@@ -23,3 +24,4 @@ pub use mobilenet::{MbBlockWidths, MbStage, MobileNetV2, MobileNetV2Config};
 pub use network::{Network, counted_params, load, load_safetensors, prune, save, save_safetensors};
 pub use plain::{PlainCnn, PlainCnnConfig};
 pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};
+pub use supernet::{CandidateWidths, SuperNet, SuperNetConfig};

@@ -41,6 +41,18 @@ pub trait Network: GatedModel {
     /// Its layers for MACs/params counting.
     fn cost_model(&self) -> CostModel;
 
+    /// Derives the architecture this network's gates describe (default:
+    /// [`dnal_core::derive_architecture`]; a family with extra structural rules adds them).
+    fn derive(&self, threshold: f64) -> Result<Architecture> {
+        Ok(dnal_core::derive_architecture(self, threshold)?)
+    }
+
+    /// A markdown description of the (pruned) network's structure for reports, if the family
+    /// has more to say than the widths per gate (the supernet lists its surviving candidates).
+    fn describe(&self) -> Option<String> {
+        None
+    }
+
     /// MACs and parameters of the network `arch` derives from this one (its kept channels).
     fn arch_cost(&self, arch: &Architecture) -> Result<CostReport> {
         Ok(self.cost_model().cost(Some(arch)))
