@@ -1,0 +1,140 @@
+//! Training steps and inference of the paper's CIFAR networks.
+//!
+//! * `train-step/<backend>/<net>/<gates>`: forward + backward + SGD step, batch 128, CIFAR
+//!   shapes; `search` is the architecture stage's gated network (every gate computing
+//!   sigmoid(beta * alpha)), `bypass` the same network with its gates off (the plain network).
+//! * `inference/<backend>/<net>/<dense|pruned>/batch-<n>`: eval-mode forward of the dense
+//!   network and of the network pruned to a uniform architecture at the MACs reduction of the
+//!   paper's lambda = 1e-4 rows (ResNet-56: 3.4x fewer MACs, VGG-16: 1.9x).
+
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dnal_benches::{cpu_backends, uniform_architecture};
+use dnal_core::GateMode;
+use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
+
+fn nets(device: &Device) -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn BenchNet>>, f64)> {
+    let d = device.clone();
+    let d2 = device.clone();
+    vec![
+        (
+            "resnet56",
+            Box::new(move || {
+                Box::new(CifarResNetConfig::new(56, 10).unwrap().init(&d).unwrap())
+                    as Box<dyn BenchNet>
+            }),
+            3.4,
+        ),
+        (
+            "vgg16",
+            Box::new(move || {
+                Box::new(PlainCnnConfig::vgg16_cifar(10).init(&d2).unwrap()) as Box<dyn BenchNet>
+            }),
+            1.9,
+        ),
+    ]
+}
+
+/// What the benchmark does with a network, object-safe.
+trait BenchNet {
+    fn train_step(&mut self, mode: GateMode, x: Tensor<4>, y: Tensor<1, Int>);
+    fn infer(&self, x: Tensor<4>);
+    fn pruned(&self, macs_ratio: f64) -> (Box<dyn BenchNet>, f64);
+}
+
+impl<N: Network + 'static> BenchNet for N {
+    fn train_step(&mut self, mode: GateMode, x: Tensor<4>, y: Tensor<1, Int>) {
+        let net = self.clone().with_gate_mode(mode).with_temperature(100.0);
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+            .init(&x.device())
+            .forward(net.forward(x), y);
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        let mut sgd = SgdConfig::new()
+            .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+            .init();
+        *self = sgd.step(0.01, net, grads);
+    }
+
+    fn infer(&self, x: Tensor<4>) {
+        let _ = self.valid().forward(x).into_data();
+    }
+
+    fn pruned(&self, macs_ratio: f64) -> (Box<dyn BenchNet>, f64) {
+        // The uniform keep ratio whose MACs reduction is closest to `macs_ratio`.
+        let full = self.cost_model().cost(None).macs as f64;
+        let (mut best, mut best_err) = (1.0, f64::INFINITY);
+        for step in 20..=100 {
+            let r = step as f64 / 100.0;
+            let arch = uniform_architecture(self, r);
+            let macs = self.arch_cost(&arch).unwrap().macs as f64;
+            let err = (full / macs - macs_ratio).abs();
+            if err < best_err {
+                (best, best_err) = (r, err);
+            }
+        }
+        let arch = uniform_architecture(self, best);
+        let pruned = self.clone().prune(&arch).unwrap();
+        let achieved = full / pruned.cost_model().cost(None).macs as f64;
+        (Box::new(pruned), achieved)
+    }
+}
+
+fn train_step(c: &mut Criterion) {
+    for (backend, device) in cpu_backends() {
+        let device = device.autodiff();
+        let x = Tensor::<4>::random(
+            [128, 3, 32, 32],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
+        let y = Tensor::<1, Int>::from_data(
+            TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
+            &device,
+        );
+        for (name, build, _) in nets(&device) {
+            let mut group = c.benchmark_group(format!("train-step/{backend}/{name}"));
+            group.sample_size(10);
+            group.throughput(Throughput::Elements(128));
+            for mode in [GateMode::Search, GateMode::Bypass] {
+                let mut net = build();
+                group.bench_function(format!("{mode:?}").to_lowercase(), |b| {
+                    b.iter(|| net.train_step(mode, x.clone(), y.clone()))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+fn inference(c: &mut Criterion) {
+    for (backend, device) in cpu_backends() {
+        for (name, build, ratio) in nets(&device) {
+            let dense = build();
+            let (pruned, achieved) = dense.pruned(ratio);
+            let mut group = c.benchmark_group(format!(
+                "inference/{backend}/{name}-{achieved:.2}x-fewer-macs"
+            ));
+            group.sample_size(10);
+            for batch in [1, 64] {
+                let x = Tensor::<4>::random(
+                    [batch, 3, 32, 32],
+                    burn::tensor::Distribution::Default,
+                    &device,
+                );
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_function(format!("dense/batch-{batch}"), |b| {
+                    b.iter(|| dense.infer(x.clone()))
+                });
+                group.bench_function(format!("pruned/batch-{batch}"), |b| {
+                    b.iter(|| pruned.infer(x.clone()))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, inference, train_step);
+criterion_main!(benches);
