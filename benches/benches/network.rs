@@ -15,7 +15,10 @@ use dnal_benches::{cpu_backends, uniform_architecture};
 use dnal_core::GateMode;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
-fn nets(device: &Device) -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn BenchNet>>, f64)> {
+/// A network's name, a builder of fresh instances, and the MACs reduction to time it at.
+type NetCase = (&'static str, Box<dyn Fn() -> Box<dyn BenchNet>>, f64);
+
+fn nets(device: &Device) -> Vec<NetCase> {
     let d = device.clone();
     let d2 = device.clone();
     vec![
