@@ -146,7 +146,9 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
         .status()
         .with_context(|| format!("could not start `{cargo}`"))?;
     if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
+        // The command has printed its own error; pass its exit status on without another one.
+        eprintln!("xtask: `cargo {}` failed ({status})", args.join(" "));
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
 }

@@ -203,6 +203,8 @@ pub mod paths {
     pub const ARCHITECTURE: &str = "architecture.json";
     /// One JSON line per epoch.
     pub const METRICS: &str = "metrics.jsonl";
+    /// The class names, one per line, in label order.
+    pub const CLASSES: &str = "classes.txt";
 }
 
 struct Optimizers {
@@ -351,6 +353,11 @@ impl<'a, N: Network> Runner<'a, N> {
     pub fn run(&self) -> Result<Outcome> {
         let out = &self.opts.out;
         std::fs::create_dir_all(out).map_err(io_err(out))?;
+        // The class list: line i is the name of class i (for an image folder, its i-th
+        // sub-folder in sorted order).
+        let mut classes = self.data.classes.join("\n");
+        classes.push('\n');
+        dnal_core::io::write_atomic(&out.join(paths::CLASSES), classes.as_bytes())?;
         let phases = phases(self.cfg);
         let ckpt_dir = out.join(paths::CHECKPOINT);
         let (mut progress, mut model, mut saved_optims) = if self.opts.resume {

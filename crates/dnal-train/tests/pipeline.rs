@@ -370,4 +370,9 @@ fn tiny_supernet_on_an_image_folder_removes_candidates() {
     assert!(removed >= 1, "no candidate removed:\n{structure}");
     assert!(structure.contains(" - |"));
     assert!(report.pruned.as_ref().unwrap().params < report.baseline.params);
+    let classes = std::fs::read_to_string(tmp.path().join("out").join(paths::CLASSES)).unwrap();
+    assert_eq!(
+        classes.lines().collect::<Vec<_>>(),
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    );
 }
