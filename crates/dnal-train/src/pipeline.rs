@@ -672,6 +672,7 @@ impl<'a, N: Network> Runner<'a, N> {
         });
         let mut report = Report::new(self.cfg, progress, dense_ms, pruned_ms, self.opts.backend)?;
         report.structure = pruned.as_ref().and_then(|p| p.describe());
+        report.structure_grid = pruned.as_ref().and_then(|p| p.structure_grid());
         report.write(out, progress)?;
         Ok(report)
     }

@@ -89,6 +89,9 @@ pub struct Report {
     /// candidates per block).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub structure: Option<String>,
+    /// The same as a grid (plotted as `structure.svg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure_grid: Option<dnal_zoo::StructureGrid>,
     /// The resolved config.
     pub config: TrainConfig,
     /// Wall-clock seconds of the whole run.
@@ -164,6 +167,7 @@ impl Report {
             },
             layers,
             structure: None,
+            structure_grid: None,
             config: cfg.clone(),
             seconds: progress.seconds,
         })
@@ -180,6 +184,9 @@ impl Report {
                 plot_gates(&out.join("gates.svg"), &progress.history)?;
                 plot_alpha(&out.join("alpha.svg"), &progress.final_alpha)?;
                 plot_widths(&out.join("widths.svg"), &self.layers)?;
+            }
+            if let Some(grid) = &self.structure_grid {
+                plot_grid(&out.join("structure.svg"), grid)?;
             }
         }
         Ok(())
@@ -507,6 +514,53 @@ fn plot_widths(path: &Path, layers: &[LayerWidths]) -> Result<()> {
                 [(i as f64 + 0.25, 0.0), (i as f64 + 0.75, l.after as f64)],
                 BLUE.mix(0.8).filled(),
             )
+        }))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// A heat grid of kept fractions: one row per block, one column per candidate; white = removed.
+fn plot_grid(path: &Path, grid: &dnal_zoo::StructureGrid) -> Result<()> {
+    let err = plot_err(path);
+    let (rows, cols) = (grid.rows.len().max(1), grid.columns.len().max(1));
+    let root =
+        SVGBackend::new(path, (120 + 90 * cols as u32, 80 + 22 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Output channels kept per block and candidate (white: removed)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..cols, 0..rows)
+        .map_err(|e| err(&e))?;
+    let columns = grid.columns.clone();
+    let row_names = grid.rows.clone();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(cols)
+        .y_labels(rows)
+        .x_label_formatter(&|x| columns.get(*x).cloned().unwrap_or_default())
+        .y_label_formatter(&|y| {
+            let name: Option<&String> = rows.checked_sub(y + 1).and_then(|r| row_names.get(r));
+            name.map_or_else(String::new, |n| n.to_string())
+        })
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(grid.cells.iter().enumerate().flat_map(|(r, row)| {
+            row.iter().enumerate().map(move |(c, &v)| {
+                let y = rows - 1 - r;
+                let color = if v <= 0.0 {
+                    WHITE.mix(1.0)
+                } else {
+                    BLUE.mix(0.15 + 0.85 * v.min(1.0))
+                };
+                Rectangle::new([(c, y), (c + 1, y + 1)], color.filled())
+            })
         }))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))

@@ -353,10 +353,10 @@ fn tiny_supernet_on_an_image_folder_removes_candidates() {
         "final.lr=0.02",
         "arch.penalty.lambda=0.1",
         "report.latency_runs=1",
-        "report.plots=false",
     ]);
     let report =
         finished(dnal_train::run(&cfg, &opts(&tmp.path().join("out"), false, None)).unwrap());
+    assert!(tmp.path().join("out/structure.svg").is_file());
     let structure = report
         .structure
         .clone()

@@ -21,7 +21,9 @@ pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths}
 pub use error::{Result, ZooError};
 pub use layers::{ConvBnGate, ConvBnGateConfig};
 pub use mobilenet::{MbBlockWidths, MbStage, MobileNetV2, MobileNetV2Config};
-pub use network::{Network, counted_params, load, load_safetensors, prune, save, save_safetensors};
+pub use network::{
+    Network, StructureGrid, counted_params, load, load_safetensors, prune, save, save_safetensors,
+};
 pub use plain::{PlainCnn, PlainCnnConfig};
 pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};
 pub use supernet::{CandidateWidths, SuperNet, SuperNetConfig};

@@ -17,6 +17,18 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The burnpack weights are `model.bpk`.
 pub const WEIGHTS_STEM: &str = "model";
 
+/// A grid of values in [0, 1] with labelled rows and columns (for instance, per block and
+/// candidate operation, the fraction of output channels kept; 0 = removed).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StructureGrid {
+    /// Row labels.
+    pub rows: Vec<String>,
+    /// Column labels.
+    pub columns: Vec<String>,
+    /// `cells[row][column]`.
+    pub cells: Vec<Vec<f64>>,
+}
+
 /// A network of the zoo: an image classifier with channel gates.
 pub trait Network: GatedModel {
     /// The config of widths the network is built from.
@@ -50,6 +62,11 @@ pub trait Network: GatedModel {
     /// A markdown description of the (pruned) network's structure for reports, if the family
     /// has more to say than the widths per gate (the supernet lists its surviving candidates).
     fn describe(&self) -> Option<String> {
+        None
+    }
+
+    /// The same as a grid of kept fractions for a plot (the supernet: blocks x candidates).
+    fn structure_grid(&self) -> Option<StructureGrid> {
         None
     }
 

@@ -515,6 +515,37 @@ impl Network for SuperNet {
         Some(self.candidate_table())
     }
 
+    fn structure_grid(&self) -> Option<crate::network::StructureGrid> {
+        let layout = self.config.layout();
+        let rows = (0..self.config.blocks.len())
+            .map(|i| {
+                let (s, _) = layout[i];
+                format!(
+                    "s{s}.b{}",
+                    i - self.config.stage_blocks[..s].iter().sum::<usize>()
+                )
+            })
+            .collect();
+        let cells = self
+            .config
+            .blocks
+            .iter()
+            .zip(&layout)
+            .map(|(cands, &(s, _))| {
+                let w = self.config.stage_widths[s] as f64;
+                cands.iter().map(|c| c.out.len() as f64 / w).collect()
+            })
+            .collect();
+        Some(crate::network::StructureGrid {
+            rows,
+            columns: CANDIDATES
+                .iter()
+                .map(|(k, e)| format!("k{k}e{e}"))
+                .collect(),
+            cells,
+        })
+    }
+
     /// Streams are unions of kept channels: the cost model treats them as fixed at their current
     /// width, and [`Network::arch_cost`] prices an architecture by pruning a copy.
     fn cost_model(&self) -> CostModel {
