@@ -52,3 +52,80 @@ fn errors_exit_non_zero_with_a_message() {
     let (ok, text) = dnal_train(&["download", "imagenet"]);
     assert!(!ok && text.contains("cifar10 and cifar100"), "{text}");
 }
+
+/// The binary is killed (SIGKILL) in the middle of a tiny run, after its first checkpoint;
+/// `--resume` then finishes it with exactly the result of an uninterrupted run.
+#[test]
+fn a_killed_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "data.train_limit=300",
+        "data.test_limit=200",
+        "weights.epochs=3",
+        "arch.epochs=2",
+        "final.epochs=2",
+        "arch.penalty.lambda=5e-2",
+        "report.latency_runs=1",
+        "report.plots=false",
+    ];
+    let mut args: Vec<String> = vec!["train".into(), "--quiet".into()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.into());
+    }
+    let run = |out: &std::path::Path| {
+        let mut a = args.clone();
+        a.push("--out".into());
+        a.push(out.display().to_string());
+        a
+    };
+    let straight = tmp.path().join("straight");
+    let (ok, text) = dnal_train(
+        &run(&straight)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok, "{text}");
+
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dnal-train"))
+        .args(run(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let progress = killed.join("checkpoint").join("progress.json");
+    let started = std::time::Instant::now();
+    loop {
+        let epochs = std::fs::read_to_string(&progress)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["history"].as_array().map(|h| h.len()))
+            .unwrap_or(0);
+        if epochs >= 1 {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, text) = dnal_train(&["train", "--quiet", "--resume", killed.to_str().unwrap()]);
+    assert!(ok, "{text}");
+
+    let report = |dir: &std::path::Path| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
+                .unwrap();
+        for key in ["seconds", "latency_ms"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        v.as_object_mut().unwrap().remove("reduction");
+        v
+    };
+    assert_eq!(report(&straight), report(&killed));
+}
