@@ -15,7 +15,7 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
-use dnal_core::{Architecture, ChannelGate, CostModel, CostReport, GateKind, GatedModel, Width};
+use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
@@ -560,10 +560,6 @@ impl Network for MobileNetV2 {
             Width::Fixed(cfg.num_classes),
         );
         cost
-    }
-
-    fn arch_cost(&self, arch: &Architecture) -> Result<CostReport> {
-        Ok(self.clone().prune(arch)?.cost_model().cost(None))
     }
 
     fn prune(mut self, arch: &Architecture) -> Result<Self> {

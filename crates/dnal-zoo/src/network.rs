@@ -70,9 +70,13 @@ pub trait Network: GatedModel {
         None
     }
 
-    /// MACs and parameters of the network `arch` derives from this one (its kept channels).
+    /// MACs and parameters of the network `arch` derives from this one (its kept channels). By
+    /// default the cost of a pruned copy, which is exact for every family (residual streams are
+    /// unions of kept channels, which a product of gate widths cannot express); a family whose
+    /// cost model is exact under any architecture overrides it with the cheaper
+    /// `cost_model().cost(Some(arch))`.
     fn arch_cost(&self, arch: &Architecture) -> Result<CostReport> {
-        Ok(self.cost_model().cost(Some(arch)))
+        Ok(self.clone().prune(arch)?.cost_model().cost(None))
     }
 
     /// Removes every channel `arch` does not keep: the result is the same type, built from a

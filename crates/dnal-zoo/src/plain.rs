@@ -298,6 +298,11 @@ impl Network for PlainCnn {
         cost
     }
 
+    /// Exact without pruning: every width is a gate's or fixed.
+    fn arch_cost(&self, arch: &Architecture) -> Result<dnal_core::CostReport> {
+        Ok(self.cost_model().cost(Some(arch)))
+    }
+
     fn prune(mut self, arch: &Architecture) -> Result<Self> {
         arch.check_matches(&self)?;
         let mut keep_in: Option<Vec<usize>> = None;

@@ -341,10 +341,6 @@ impl Network for CifarResNet {
         cost
     }
 
-    fn arch_cost(&self, arch: &Architecture) -> Result<dnal_core::CostReport> {
-        Ok(self.clone().prune(arch)?.cost_model().cost(None))
-    }
-
     fn prune(mut self, arch: &Architecture) -> Result<Self> {
         arch.check_matches(&self)?;
         let old = self.config.clone();
