@@ -341,6 +341,10 @@ impl<'a, N: Network> Runner<'a, N> {
     }
 
     fn fresh(&self) -> Result<N> {
+        // The backend's random generator is process-wide: seeding and drawing the initial
+        // weights happen under one lock, so runs in other threads cannot interleave draws.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
         self.train_device.seed(self.cfg.seed);
         Ok(N::build(&self.net_config, &self.train_device)?)
     }
