@@ -602,30 +602,25 @@ impl<'a, N: Network> Runner<'a, N> {
             bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
         }
         bar.finish_and_clear();
-        if phase.searches()
-            && let Some(p) = penalty.as_deref_mut()
-        {
-            let arch = net.derive(cfg.arch.threshold)?;
-            let full = net.cost_model().cost(None).macs.max(1);
-            let macs = net.arch_cost(&arch)?.macs;
-            p.adapt(macs as f64 / full as f64);
-        }
-        let test = evaluate(&net, &self.data.test, &self.device)?;
+        let full_macs = net.cost_model().cost(None).macs;
+        // The architecture derived now: its MACs move lambda in the adaptive-target mode and go
+        // into the log. Derived and priced once per epoch.
         let (open_gates, open_by_layer, macs) = if phase.searches() {
             let arch = net.derive(cfg.arch.threshold)?;
+            let macs = net.arch_cost(&arch)?.macs;
+            if let Some(p) = penalty.as_deref_mut() {
+                p.adapt(macs as f64 / full_macs.max(1) as f64);
+            }
             let by_layer: BTreeMap<String, usize> = arch
                 .gates
                 .iter()
                 .map(|(n, g)| (n.clone(), g.kept.len()))
                 .collect();
-            (arch.kept_channels(), by_layer, net.arch_cost(&arch)?.macs)
+            (arch.kept_channels(), by_layer, macs)
         } else {
-            (
-                net.gated_channels(),
-                BTreeMap::new(),
-                net.cost_model().cost(None).macs,
-            )
+            (net.gated_channels(), BTreeMap::new(), full_macs)
         };
+        let test = evaluate(&net, &self.data.test, &self.device)?;
         let log = EpochLog {
             stage: phase.name().into(),
             epoch,
