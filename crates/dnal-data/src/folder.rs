@@ -81,6 +81,17 @@ impl ImageFolder {
         })
     }
 
+    /// The first `per_class` images of every class (in sorted file order): a class-balanced
+    /// subset for quick runs.
+    pub fn balanced_head(mut self, per_class: usize) -> Self {
+        let mut taken = vec![0usize; self.classes.len()];
+        self.items.retain(|(_, label)| {
+            taken[*label] += 1;
+            taken[*label] <= per_class
+        });
+        self
+    }
+
     /// The scanned folder.
     pub fn root(&self) -> &Path {
         &self.root

@@ -276,6 +276,11 @@ fn image_folders_sort_classes_and_report_bad_images() {
         (1, 51, 40, 3)
     );
     assert_eq!(e.image.at(10, 20, 0), 20); // PNG is lossless
+    let head = folder.clone().balanced_head(1);
+    assert_eq!(
+        head.items().iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+        [0, 1]
+    );
     folder.write_class_list(&root.join("classes.txt")).unwrap();
     assert_eq!(
         std::fs::read_to_string(root.join("classes.txt")).unwrap(),

@@ -136,8 +136,17 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
                 "data.path",
                 "an image-folder data set needs data.path (root/train/<class>/*, root/val/<class>/*)",
             ))?;
-            let train = ImageFolder::open(&root, Split::Train)?;
-            let test = ImageFolder::open(&root, Split::Test)?;
+            let per_class = |set: &ImageFolder, n: Option<usize>| {
+                n.map(|n| n.div_ceil(set.classes().len()).max(1))
+            };
+            let mut train = ImageFolder::open(&root, Split::Train)?;
+            if let Some(k) = per_class(&train, cfg.train_limit) {
+                train = train.balanced_head(k);
+            }
+            let mut test = ImageFolder::open(&root, Split::Test)?;
+            if let Some(k) = per_class(&test, cfg.test_limit) {
+                test = test.balanced_head(k);
+            }
             let size = cfg.crop_size;
             let train_tf = if cfg.augment {
                 Transform::RandomResizedCrop {
