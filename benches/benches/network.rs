@@ -100,12 +100,19 @@ fn train_step(c: &mut Criterion) {
             let mut group = c.benchmark_group(format!("train-step/{backend}/{name}"));
             group.sample_size(10);
             group.throughput(Throughput::Elements(128));
-            for mode in [GateMode::Search, GateMode::Bypass] {
-                let mut net = build();
-                group.bench_function(format!("{mode:?}").to_lowercase(), |b| {
-                    b.iter(|| net.train_step(mode, x.clone(), y.clone()))
-                });
+            // dnal's kernels (the default), then burn's own convolution backward and BatchNorm.
+            for kernels in [true, false] {
+                dnal_zoo::kernels::set_enabled(kernels);
+                let suffix = if kernels { "" } else { "-burn-ops" };
+                for mode in [GateMode::Search, GateMode::Bypass] {
+                    let mut net = build();
+                    let name = format!("{mode:?}{suffix}").to_lowercase();
+                    group.bench_function(name, |b| {
+                        b.iter(|| net.train_step(mode, x.clone(), y.clone()))
+                    });
+                }
             }
+            dnal_zoo::kernels::set_enabled(true);
             group.finish();
         }
     }

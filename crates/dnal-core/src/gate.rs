@@ -94,10 +94,8 @@ impl ChannelGate {
 
     /// Applies the gate to `[N, C]` or `[N, C, H, W]` (any rank >= 2, channels on axis 1).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let factor = match self.mode {
-            GateMode::Bypass => return x,
-            GateMode::Search => self.search_factor(),
-            GateMode::Masked => self.mask.val(),
+        let Some(factor) = self.factor() else {
+            return x;
         };
         let mut shape = [1usize; D];
         shape[1] = self.channels();
@@ -105,6 +103,18 @@ impl ChannelGate {
         match x.dtype() {
             dtype if dtype == factor.dtype() => x * factor,
             dtype => x * factor.cast(dtype),
+        }
+    }
+
+    /// The per-channel factor the forward pass multiplies by: `None` in bypass, the mask when
+    /// masked, [`search_factor`](Self::search_factor) in search. A layer that can fold a factor
+    /// into its own affine transform (BatchNorm) takes this instead of calling
+    /// [`forward`](Self::forward).
+    pub fn factor(&self) -> Option<Tensor<1>> {
+        match self.mode {
+            GateMode::Bypass => None,
+            GateMode::Search => Some(self.search_factor()),
+            GateMode::Masked => Some(self.mask.val()),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The conv -> BN -> gate unit every gated network is built from, and the slicing that
 //! physically removes channels from it.
 
+use crate::kernels;
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, PaddingConfig2d};
@@ -70,7 +71,7 @@ pub struct ConvBn {
 impl ConvBn {
     /// `bn(conv(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        kernels::batch_norm(&self.bn, None, self.conv.forward(x))
     }
 
     /// Declares this conv and BN in `cost`, with the given widths.
@@ -142,9 +143,10 @@ pub struct ConvBnGate {
 }
 
 impl ConvBnGate {
-    /// `gate(bn(conv(x)))`.
+    /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform (see
+    /// [`kernels`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.gate.forward(self.bn.forward(self.conv.forward(x)))
+        kernels::batch_norm(&self.bn, self.gate.factor(), self.conv.forward(x))
     }
 
     /// Output channels.

@@ -10,6 +10,7 @@
 
 pub mod bottleneck;
 pub mod error;
+pub mod kernels;
 pub mod layers;
 pub mod mobilenet;
 pub mod network;

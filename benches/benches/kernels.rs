@@ -1,0 +1,42 @@
+//! BatchNorm + channel gate, forward + backward, on the activation shapes of ResNet-56's three
+//! stages (batch 128): burn's BatchNorm followed by the gate (`burn-bn-then-gate`) against
+//! dnal's BatchNorm with the gate folded into its affine transform (`dnal-folded`).
+//!
+//! `cargo bench -p dnal-benches --bench kernels`
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dnal_core::{ChannelGateConfig, GateMode};
+use dnal_zoo::kernels;
+
+fn batch_norm_gate(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
+        let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
+        let bn = burn::nn::BatchNormConfig::new(channels).init(&device);
+        let gate = ChannelGateConfig::new(channels)
+            .init(&device)
+            .with_mode(GateMode::Search)
+            .with_temperature(100.0);
+        let mut group = c.benchmark_group(format!("bn-gate/flex/128x{channels}x{hw}x{hw}"));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements(128));
+        let step = |folded: bool| {
+            let x = x.clone().require_grad();
+            let y = if folded {
+                kernels::batch_norm(&bn, gate.factor(), x.clone())
+            } else {
+                gate.forward(bn.forward(x.clone()))
+            };
+            let grads = y.sum().backward();
+            let _ = x.grad(&grads).expect("input gradient").into_data();
+        };
+        group.bench_function("burn-bn-then-gate", |b| b.iter(|| step(false)));
+        group.bench_function("dnal-folded", |b| b.iter(|| step(true)));
+        group.finish();
+    }
+}
+
+criterion_group!(benches, batch_norm_gate);
+criterion_main!(benches);

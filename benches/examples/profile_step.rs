@@ -1,0 +1,52 @@
+//! Runs a few training steps of gated ResNet-56 (batch 128) for a profiler:
+//! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
+//! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` times burn's own
+//! BatchNorm instead of dnal's.
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use dnal_core::{GateMode, GatedModel};
+use dnal_zoo::CifarResNetConfig;
+
+fn main() {
+    let steps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let device = Device::flex().autodiff();
+    dnal_zoo::kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
+    let mut net = CifarResNetConfig::new(56, 10)
+        .unwrap()
+        .init(&device)
+        .unwrap();
+    let x = Tensor::<4>::random(
+        [128, 3, 32, 32],
+        burn::tensor::Distribution::Default,
+        &device,
+    );
+    let y = Tensor::<1, Int>::from_data(
+        TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
+        &device,
+    );
+    let mut sgd = SgdConfig::new().init();
+    for _ in 0..steps {
+        let t = std::time::Instant::now();
+        let step = net
+            .clone()
+            .with_gate_mode(GateMode::Search)
+            .with_temperature(100.0);
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+            .init(&device)
+            .forward(step.forward(x.clone()), y.clone());
+        let t_fwd = t.elapsed();
+        let grads = GradientsParams::from_grads(loss.backward(), &step);
+        let t_bwd = t.elapsed();
+        net = sgd.step(0.01, step, grads);
+        let _ = device.sync();
+        println!(
+            "forward {:?} backward {:?} total {:?}",
+            t_fwd,
+            t_bwd - t_fwd,
+            t.elapsed()
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! BatchNorm with the channel gate folded into its affine transform, and a faster BatchNorm on
+//! flex.
+//!
+//! Every conv -> BN (-> gate) unit of the zoo runs its BatchNorm and gate through
+//! [`batch_norm`], with the gate's per-channel factor `g` (see
+//! [`ChannelGate::factor`](dnal_core::ChannelGate::factor)) folded into the affine transform:
+//! `a = gamma * g`, `b = beta * g`. The gate then costs two `[C]`-sized multiplies instead of
+//! a pass over the activation forward and two backward, on every backend.
+//!
+//! * **Training on flex** (f32): dnal's own operation, registered on burn's autodiff graph
+//!   through burn's backend-extension API with a hand-written backward. The batch statistics
+//!   take one pass (shifted sum and sum of squares per channel, accumulated in f64), the output
+//!   a second; the backward two (the two per-channel sums, then the input gradient). burn's
+//!   generic BatchNorm, which flex uses, makes about ten passes with copies for the
+//!   channel-first reductions.
+//! * **Training elsewhere**: burn's `batch_norm_train` with the folded `a`, `b`.
+//! * **Evaluation**, every backend: `x * scale + shift`, the running statistics, gamma, beta
+//!   and the gate folded into `scale` and `shift`.
+//!
+//! [`set_enabled`]`(false)` turns the flex operation off process-wide (benchmarks compare
+//! both).
+
+pub mod cpu;
+#[cfg(feature = "flex")]
+mod flex;
+
+use burn::nn::BatchNorm;
+use burn::prelude::*;
+use burn::tensor::DType;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns dnal's flex BatchNorm on (the default) or off for the whole process; off, training
+/// uses burn's `batch_norm_train` (the gate stays folded).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether dnal's flex BatchNorm is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether `x` takes the flex operation: it is on, `x` is f32 and lives on flex (with or
+/// without autodiff).
+pub fn takes_fast_path<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        use burn::backend::DispatchDevice;
+        enabled()
+            && x.dtype() == DType::F32
+            && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// `bn(x)` followed by a per-channel `factor` (a channel gate's, `None` for no gate), with the
+/// factor folded into BatchNorm's affine transform.
+///
+/// Training (an autodiff device and a BatchNorm not frozen) uses the batch statistics and
+/// updates the running ones exactly as burn's BatchNorm does; evaluation uses the running
+/// statistics.
+pub fn batch_norm(bn: &BatchNorm, factor: Option<Tensor<1>>, x: Tensor<4>) -> Tensor<4> {
+    let training = x.device().is_autodiff() && bn.training.is_enabled();
+    let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
+    let (a, b) = match factor {
+        Some(f) => {
+            let f = f.cast(gamma.dtype());
+            (gamma * f.clone(), beta * f)
+        }
+        None => (gamma, beta),
+    };
+    if !training {
+        let device = x.device();
+        let mean = bn.running_mean.value().to_device(&device);
+        let var = bn.running_var.value().to_device(&device);
+        let scale = a * (var + bn.epsilon).sqrt().recip();
+        let shift = b - mean * scale.clone();
+        let [_, c, _, _] = x.dims();
+        return x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
+    }
+    let (output, mean, variance) = batch_norm_train(x, a, b, bn.epsilon);
+    let device = mean.device();
+    let update = |state: &burn::module::RunningState<Tensor<1>>, stat: Tensor<1>| {
+        let old = state.value_sync().to_device(&device);
+        let new = old.mul_scalar(1.0 - bn.momentum) + stat.detach().mul_scalar(bn.momentum);
+        state.update(new.detach());
+    };
+    update(&bn.running_mean, mean);
+    update(&bn.running_var, variance);
+    output
+}
+
+/// `(x - mean) / sqrt(var + eps) * a + b` with the batch's statistics, and those statistics
+/// (mean, biased variance; detached).
+pub fn batch_norm_train(
+    x: Tensor<4>,
+    a: Tensor<1>,
+    b: Tensor<1>,
+    epsilon: f64,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    #[cfg(feature = "flex")]
+    if takes_fast_path(&x) && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        let out = <Dispatch as DnalKernels>::dnal_batch_norm_train(
+            x.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            epsilon,
+        );
+        return (
+            Tensor::from_dispatch(out.output),
+            Tensor::from_dispatch(out.mean),
+            Tensor::from_dispatch(out.variance),
+        );
+    }
+    let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
+    (out.output, out.mean, out.variance)
+}
