@@ -3,20 +3,29 @@
 //! * `train-step/<backend>/<net>/<gates>`: forward + backward + SGD step, batch 128, CIFAR
 //!   shapes; `search` is the architecture stage's gated network (every gate computing
 //!   sigmoid(beta * alpha)), `bypass` the same network with its gates off (the plain network).
-//! * `inference/<backend>/<net>/<dense|pruned>/batch-<n>`: eval-mode forward of the dense
-//!   network and of the network pruned to a uniform architecture at the MACs reduction of the
-//!   paper's lambda = 1e-4 rows (ResNet-56: 3.4x fewer MACs, VGG-16: 1.9x).
+//!   `search-burn-ops` and `bypass-burn-ops` time the same steps with dnal's flex BatchNorm turned
+//!   off (burn's own BatchNorm, the gate still folded into its affine transform).
+//! * `inference/<backend>/<net>-<r>x-fewer-macs/<dense|pruned>/batch-<n>`: eval-mode forward of
+//!   the dense network and of the network pruned to the fixed architecture checked in under
+//!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, VGG-16: 1.90x; see
+//!   `examples/write_architectures.rs`). `benches/reference/pytorch_reference.py` times the
+//!   same networks and widths in PyTorch.
 
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dnal_benches::{cpu_backends, uniform_architecture};
+use dnal_benches::cpu_backends;
+use dnal_core::Architecture;
 use dnal_core::GateMode;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
-/// A network's name, a builder of fresh instances, and the MACs reduction to time it at.
-type NetCase = (&'static str, Box<dyn Fn() -> Box<dyn BenchNet>>, f64);
+/// A network's name, a builder of fresh instances, and the architecture to prune it to.
+type NetCase = (
+    &'static str,
+    Box<dyn Fn() -> Box<dyn BenchNet>>,
+    &'static str,
+);
 
 fn nets(device: &Device) -> Vec<NetCase> {
     let d = device.clone();
@@ -28,14 +37,14 @@ fn nets(device: &Device) -> Vec<NetCase> {
                 Box::new(CifarResNetConfig::new(56, 10).unwrap().init(&d).unwrap())
                     as Box<dyn BenchNet>
             }),
-            3.4,
+            include_str!("../architectures/resnet56-cifar10.json"),
         ),
         (
             "vgg16",
             Box::new(move || {
                 Box::new(PlainCnnConfig::vgg16_cifar(10).init(&d2).unwrap()) as Box<dyn BenchNet>
             }),
-            1.9,
+            include_str!("../architectures/vgg16-cifar10.json"),
         ),
     ]
 }
@@ -44,7 +53,7 @@ fn nets(device: &Device) -> Vec<NetCase> {
 trait BenchNet {
     fn train_step(&mut self, mode: GateMode, x: Tensor<4>, y: Tensor<1, Int>);
     fn infer(&self, x: Tensor<4>);
-    fn pruned(&self, macs_ratio: f64) -> (Box<dyn BenchNet>, f64);
+    fn pruned(&self, arch: &Architecture) -> (Box<dyn BenchNet>, f64);
 }
 
 impl<N: Network + 'static> BenchNet for N {
@@ -64,21 +73,9 @@ impl<N: Network + 'static> BenchNet for N {
         let _ = self.valid().forward(x).into_data();
     }
 
-    fn pruned(&self, macs_ratio: f64) -> (Box<dyn BenchNet>, f64) {
-        // The uniform keep ratio whose MACs reduction is closest to `macs_ratio`.
+    fn pruned(&self, arch: &Architecture) -> (Box<dyn BenchNet>, f64) {
         let full = self.cost_model().cost(None).macs as f64;
-        let (mut best, mut best_err) = (1.0, f64::INFINITY);
-        for step in 20..=100 {
-            let r = step as f64 / 100.0;
-            let arch = uniform_architecture(self, r);
-            let macs = self.arch_cost(&arch).unwrap().macs as f64;
-            let err = (full / macs - macs_ratio).abs();
-            if err < best_err {
-                (best, best_err) = (r, err);
-            }
-        }
-        let arch = uniform_architecture(self, best);
-        let pruned = self.clone().prune(&arch).unwrap();
+        let pruned = self.clone().prune(arch).unwrap();
         let achieved = full / pruned.cost_model().cost(None).macs as f64;
         (Box::new(pruned), achieved)
     }
@@ -120,9 +117,10 @@ fn train_step(c: &mut Criterion) {
 
 fn inference(c: &mut Criterion) {
     for (backend, device) in cpu_backends() {
-        for (name, build, ratio) in nets(&device) {
+        for (name, build, arch) in nets(&device) {
+            let arch = Architecture::from_json(arch).expect("a checked-in architecture");
             let dense = build();
-            let (pruned, achieved) = dense.pruned(ratio);
+            let (pruned, achieved) = dense.pruned(&arch);
             let mut group = c.benchmark_group(format!(
                 "inference/{backend}/{name}-{achieved:.2}x-fewer-macs"
             ));

@@ -71,7 +71,7 @@ pub struct ConvBn {
 impl ConvBn {
     /// `bn(conv(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::batch_norm(&self.bn, None, self.conv.forward(x))
+        kernels::batch_norm(&self.bn, None, kernels::conv_forward(&self.conv, x))
     }
 
     /// Declares this conv and BN in `cost`, with the given widths.
@@ -146,7 +146,11 @@ impl ConvBnGate {
     /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform (see
     /// [`kernels`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::batch_norm(&self.bn, self.gate.factor(), self.conv.forward(x))
+        kernels::batch_norm(
+            &self.bn,
+            self.gate.factor(),
+            kernels::conv_forward(&self.conv, x),
+        )
     }
 
     /// Output channels.

@@ -1,13 +1,15 @@
-//! dnal's BatchNorm with the folded gate against burn's BatchNorm followed by the gate: equal
-//! values, gradients and running statistics.
+//! dnal's kernels against burn's own operations: the convolution (values and gradients), and
+//! BatchNorm with the folded gate against burn's BatchNorm followed by the gate (values,
+//! gradients and running statistics).
 
 mod common;
 
 use burn::nn::BatchNormConfig;
 use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
 use common::{input, noise, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
-use dnal_zoo::kernels;
+use dnal_zoo::kernels::{self, cpu};
 
 fn train_device() -> Device {
     Device::flex().autodiff()
@@ -28,6 +30,101 @@ fn assert_close<const D: usize>(what: &str, actual: Tensor<D>, expected: Tensor<
         worst <= tol * scale,
         "{what}: max abs difference {worst} exceeds {tol} x {scale}"
     );
+}
+
+/// Forward value and the gradients of `sum(out * probe)` with respect to input and weight.
+fn conv_case(shape: [usize; 4], out_channels: usize, kernel: usize, stride: usize, padding: usize) {
+    let device = train_device();
+    let [_, c, _, _] = shape;
+    let weight_shape = [out_channels, c, kernel, kernel];
+    let x = input(shape, 1, &device);
+    let w = Tensor::<4>::from_data(
+        TensorData::new(
+            noise(weight_shape.iter().product(), 2, -0.5, 0.5),
+            weight_shape,
+        ),
+        &device,
+    );
+    let run = |fast: bool| {
+        let x = x.clone().detach().require_grad();
+        let w = w.clone().detach().require_grad();
+        let y = if fast {
+            kernels::conv2d(x.clone(), w.clone(), stride, padding)
+        } else {
+            burn::tensor::module::conv2d(
+                x.clone(),
+                w.clone(),
+                None,
+                ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1),
+            )
+        };
+        let probe = input(y.dims(), 3, &device);
+        let grads = (y.clone() * probe).sum().backward();
+        (
+            y.inner(),
+            x.grad(&grads).expect("input gradient"),
+            w.grad(&grads).expect("weight gradient"),
+        )
+    };
+    let (y, dx, dw) = run(true);
+    let (ry, rdx, rdw) = run(false);
+    let case = format!("{shape:?} -> {out_channels}, k{kernel} s{stride} p{padding}");
+    assert_close(&format!("conv {case} output"), y, ry, 1e-5);
+    assert_close(&format!("conv {case} input grad"), dx, rdx, 1e-5);
+    assert_close(&format!("conv {case} weight grad"), dw, rdw, 1e-5);
+}
+
+#[test]
+fn conv_matches_burn_in_value_and_gradient() {
+    conv_case([2, 3, 8, 8], 4, 3, 1, 1);
+    conv_case([3, 5, 9, 7], 6, 3, 2, 1);
+    conv_case([2, 4, 6, 6], 8, 1, 1, 0);
+    conv_case([2, 4, 7, 7], 3, 1, 2, 0);
+    conv_case([1, 3, 15, 15], 4, 7, 2, 3);
+    conv_case([2, 2, 5, 5], 2, 3, 1, 0);
+}
+
+#[test]
+fn conv_matches_burn_on_a_larger_batch() {
+    conv_case([9, 16, 32, 32], 8, 3, 1, 1);
+    conv_case([9, 16, 32, 32], 32, 3, 2, 1);
+}
+
+#[test]
+fn col2im_is_the_adjoint_of_im2col() {
+    // <im2col(x), c> == <x, col2im(c)> for every geometry.
+    for (k, s, p) in [
+        (3, 1, 1),
+        (3, 2, 1),
+        (1, 2, 0),
+        (5, 1, 2),
+        (3, 3, 0),
+        (1, 1, 0),
+        (3, 1, 0),
+    ] {
+        let g = cpu::ConvGeometry {
+            in_channels: 2,
+            out_channels: 1,
+            in_hw: [7, 6],
+            kernel: k,
+            stride: s,
+            padding: p,
+        };
+        let x = noise(g.image(), 5, -1.0, 1.0);
+        let mut cols = vec![9.0];
+        cpu::im2col(&x, &g, &mut cols);
+        assert_eq!(cols.remove(0), 9.0, "im2col appends");
+        assert_eq!(cols.len(), g.patch() * g.positions());
+        let c = noise(cols.len(), 6, -1.0, 1.0);
+        let mut back = vec![0.0; g.image()];
+        cpu::col2im(&c, &g, &mut back);
+        let lhs: f64 = cols.iter().zip(&c).map(|(a, b)| f64::from(a * b)).sum();
+        let rhs: f64 = x.iter().zip(&back).map(|(a, b)| f64::from(a * b)).sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+            "k{k} s{s} p{p}: {lhs} vs {rhs}"
+        );
+    }
 }
 
 fn gate(channels: usize, mode: GateMode, device: &Device) -> dnal_core::ChannelGate {

@@ -1,6 +1,7 @@
-//! BatchNorm on host memory: one-pass statistics, the affine pass, and the two-pass backward,
-//! on plain `f32` slices in NCHW order (`[N, C, L]`, `L` the positions per channel). Parallel
-//! with rayon; no unsafe code.
+//! The host-memory halves of the kernels, on plain `f32` slices in NCHW order: im2col and
+//! col2im of one image for the convolution; BatchNorm's one-pass statistics, affine pass and
+//! two-pass backward (`[N, C, L]`, `L` the positions per channel, parallel with rayon). No
+//! unsafe code; the matrix products are flex's (`gemm`), called by [`super::flex`].
 
 use rayon::prelude::*;
 
@@ -104,4 +105,161 @@ pub fn batch_norm_input_grad(
         }
     });
     dx
+}
+
+/// The shape of one 2-D convolution: square kernel, equal stride and padding on both axes,
+/// no dilation, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Input height and width.
+    pub in_hw: [usize; 2],
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// Output height and width.
+    pub fn out_hw(&self) -> [usize; 2] {
+        let out = |i: usize| (i + 2 * self.padding - self.kernel) / self.stride + 1;
+        [out(self.in_hw[0]), out(self.in_hw[1])]
+    }
+
+    /// Rows of the column matrix: `in_channels * kernel^2`.
+    pub fn patch(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+
+    /// Output positions per image.
+    pub fn positions(&self) -> usize {
+        let [h, w] = self.out_hw();
+        h * w
+    }
+
+    /// Values in one input image.
+    pub fn image(&self) -> usize {
+        self.in_channels * self.in_hw[0] * self.in_hw[1]
+    }
+
+    /// Output positions `[lo, hi)` along an axis of `out` positions whose input index
+    /// `o * stride + k - padding` falls inside `0..size`.
+    fn valid(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+        // o * s + k - p <= size - 1  <=>  o <= (size - 1 + p - k) / s
+        let hi = if size + p > k {
+            ((size - 1 + p - k) / s + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// Appends the column matrix of one image `x` (`[C, H, W]`) to `cols`: `[C * k * k, OH * OW]`,
+/// row `(c, kh, kw)`, column `(oh, ow)`. Every value is written once (no zero fill first).
+pub fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let k = g.kernel;
+    debug_assert_eq!(x.len(), g.image());
+    cols.reserve(g.patch() * oh * ow);
+    if g.stride == 1 && [oh, ow] == g.in_hw {
+        return im2col_same(x, g, cols);
+    }
+    for row in 0..g.patch() {
+        let c = row / (k * k);
+        let (kh, kw) = ((row / k) % k, row % k);
+        let (ylo, yhi) = g.valid(kh, h, oh);
+        let (xlo, xhi) = g.valid(kw, w, ow);
+        if xlo >= xhi {
+            cols.resize(cols.len() + oh * ow, 0.0);
+            continue;
+        }
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        cols.resize(cols.len() + ylo * ow, 0.0);
+        let ix0 = xlo * g.stride + kw - g.padding;
+        for y in ylo..yhi {
+            let iy = y * g.stride + kh - g.padding;
+            let irow = &plane[iy * w + ix0..(iy + 1) * w];
+            cols.resize(cols.len() + xlo, 0.0);
+            if g.stride == 1 {
+                cols.extend_from_slice(&irow[..xhi - xlo]);
+            } else {
+                cols.extend(irow.iter().step_by(g.stride).take(xhi - xlo));
+            }
+            cols.resize(cols.len() + (ow - xhi), 0.0);
+        }
+        cols.resize(cols.len() + (oh - yhi) * ow, 0.0);
+    }
+}
+
+/// [`im2col`] of a stride-1 convolution whose output is as large as its input ("same"
+/// padding): each row is the input plane shifted by `(kh - p) * W + (kw - p)` in flattened
+/// order, so it is one copy, after which the few values that wrapped around a row edge are
+/// zeroed.
+fn im2col_same(x: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let (k, n) = (g.kernel, h * w);
+    for row in 0..g.patch() {
+        let c = row / (k * k);
+        let (kh, kw) = ((row / k) % k, row % k);
+        let plane = &x[c * n..(c + 1) * n];
+        let start = cols.len();
+        // Output position o reads input o + shift.
+        let shift = (kh * w + kw) as isize - (g.padding * w + g.padding) as isize;
+        let lo = (-shift).clamp(0, n as isize) as usize;
+        let hi = (n as isize - shift).clamp(0, n as isize) as usize;
+        cols.resize(start + lo, 0.0);
+        if lo < hi {
+            let from = (lo as isize + shift) as usize;
+            cols.extend_from_slice(&plane[from..from + (hi - lo)]);
+        }
+        cols.resize(start + n, 0.0);
+        let (xlo, xhi) = g.valid(kw, w, w);
+        if xlo > 0 || xhi < w {
+            for out_row in cols[start..start + n].chunks_mut(w) {
+                out_row[..xlo].fill(0.0);
+                out_row[xhi..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: sums the column matrix `cols` (`[C * k * k, OH * OW]`) into the
+/// image `dx` (`[C, H, W]`, overwritten).
+pub fn col2im(cols: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let (k, l) = (g.kernel, oh * ow);
+    debug_assert_eq!(dx.len(), g.image());
+    for (c, dst) in dx.chunks_mut(h * w).enumerate() {
+        dst.fill(0.0);
+        for kh in 0..k {
+            let (ylo, yhi) = g.valid(kh, h, oh);
+            for kw in 0..k {
+                let (xlo, xhi) = g.valid(kw, w, ow);
+                if xlo >= xhi {
+                    continue;
+                }
+                let src = &cols[((c * k + kh) * k + kw) * l..][..l];
+                let ix0 = xlo * g.stride + kw - g.padding;
+                for y in ylo..yhi {
+                    let iy = y * g.stride + kh - g.padding;
+                    let drow = &mut dst[iy * w..(iy + 1) * w];
+                    let srow = &src[y * ow + xlo..y * ow + xhi];
+                    for (d, s) in drow[ix0..].iter_mut().step_by(g.stride).zip(srow) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
 }

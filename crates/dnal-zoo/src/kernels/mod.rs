@@ -24,9 +24,12 @@ pub mod cpu;
 #[cfg(feature = "flex")]
 mod flex;
 
-use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::DType;
+use burn::tensor::module::conv2d as burn_conv2d;
+use burn::tensor::ops::ConvOptions;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -57,6 +60,56 @@ pub fn takes_fast_path<const D: usize>(x: &Tensor<D>) -> bool {
         let _ = x;
         false
     }
+}
+
+/// `(stride, padding)` when `conv` fits dnal's convolution: one group, no bias, no dilation,
+/// square kernel, equal strides, symmetric padding smaller than the kernel.
+fn fast_conv_shape(conv: &Conv2d) -> Option<(usize, usize)> {
+    let [kh, kw] = conv.kernel_size;
+    let [sh, sw] = conv.stride;
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let fits = conv.groups == 1
+        && conv.bias.is_none()
+        && conv.dilation == [1, 1]
+        && kh == kw
+        && sh == sw
+        && pad < kh;
+    fits.then_some((sh, pad))
+}
+
+/// `conv.forward(x)`, through [`conv2d`] when the layer fits dnal's convolution.
+pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match fast_conv_shape(conv) {
+        Some((stride, padding)) => conv2d(x, conv.weight.val(), stride, padding),
+        None => conv.forward(x),
+    }
+}
+
+/// 2-D convolution without bias: square kernel, `stride` and `padding` on both axes, one
+/// group. On flex (f32) dnal's image-by-image im2col + matrix product, forward and backward;
+/// elsewhere burn's conv2d.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if takes_fast_path(&x) && weight.dtype() == DType::F32 {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_conv2d(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            stride,
+            padding,
+        ));
+    }
+    burn_conv2d(
+        x,
+        weight,
+        None,
+        ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1),
+    )
 }
 
 /// `bn(x)` followed by a per-channel `factor` (a channel gate's, `None` for no gate), with the
