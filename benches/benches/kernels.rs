@@ -1,6 +1,9 @@
-//! BatchNorm + channel gate, forward + backward, on the activation shapes of ResNet-56's three
-//! stages (batch 128): burn's BatchNorm followed by the gate (`burn-bn-then-gate`) against
-//! dnal's BatchNorm with the gate folded into its affine transform (`dnal-folded`).
+//! dnal's flex operations against burn's, forward + backward, on the activation shapes of
+//! ResNet-56's three stages (batch 128):
+//!
+//! * `conv/flex/<shape>/{burn,dnal}`: a 3x3 stride-1 convolution, input and weight gradients;
+//! * `bn-gate/flex/<shape>/burn-bn-then-gate`: burn's BatchNorm followed by the channel gate in
+//!   search mode; `dnal-folded`: dnal's BatchNorm with the gate folded into its affine transform.
 //!
 //! `cargo bench -p dnal-benches --bench kernels`
 
@@ -38,5 +41,31 @@ fn batch_norm_gate(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, batch_norm_gate);
+fn conv(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
+        let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
+        let w = Tensor::<4>::random([channels, channels, 3, 3], Distribution::Default, &device);
+        let mut group = c.benchmark_group(format!("conv/flex/128x{channels}x{hw}x{hw}"));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements(128));
+        for dnal in [false, true] {
+            kernels::set_enabled(dnal);
+            let name = if dnal { "dnal" } else { "burn" };
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+                    let y = kernels::conv2d(x.clone(), w.clone(), 1, 1);
+                    let grads = y.sum().backward();
+                    let _ = x.grad(&grads).expect("input gradient").into_data();
+                    let _ = w.grad(&grads).expect("weight gradient").into_data();
+                })
+            });
+        }
+        kernels::set_enabled(true);
+        group.finish();
+    }
+}
+
+criterion_group!(benches, conv, batch_norm_gate);
 criterion_main!(benches);

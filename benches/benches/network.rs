@@ -3,8 +3,8 @@
 //! * `train-step/<backend>/<net>/<gates>`: forward + backward + SGD step, batch 128, CIFAR
 //!   shapes; `search` is the architecture stage's gated network (every gate computing
 //!   sigmoid(beta * alpha)), `bypass` the same network with its gates off (the plain network).
-//!   `search-burn-ops` and `bypass-burn-ops` time the same steps with dnal's flex BatchNorm turned
-//!   off (burn's own BatchNorm, the gate still folded into its affine transform).
+//!   On flex, `search-burn-ops` and `bypass-burn-ops` time the same steps with dnal's flex
+//!   convolution and BatchNorm turned off (burn's own; the gate still folded into BatchNorm).
 //! * `inference/<backend>/<net>-<r>x-fewer-macs/<dense|pruned>/batch-<n>`: eval-mode forward of
 //!   the dense network and of the network pruned to the fixed architecture checked in under
 //!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, VGG-16: 1.90x; see
@@ -16,8 +16,8 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_benches::cpu_backends;
-use dnal_core::Architecture;
 use dnal_core::GateMode;
+use dnal_core::{Architecture, BackendKind};
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
 /// A network's name, a builder of fresh instances, and the architecture to prune it to.
@@ -97,8 +97,14 @@ fn train_step(c: &mut Criterion) {
             let mut group = c.benchmark_group(format!("train-step/{backend}/{name}"));
             group.sample_size(10);
             group.throughput(Throughput::Elements(128));
-            // dnal's kernels (the default), then burn's own convolution backward and BatchNorm.
-            for kernels in [true, false] {
+            // dnal's flex operations (the default), then burn's own convolution and BatchNorm
+            // (flex only: other backends always use burn's).
+            let variants: &[bool] = if backend == BackendKind::Flex {
+                &[true, false]
+            } else {
+                &[true]
+            };
+            for &kernels in variants {
                 dnal_zoo::kernels::set_enabled(kernels);
                 let suffix = if kernels { "" } else { "-burn-ops" };
                 for mode in [GateMode::Search, GateMode::Bypass] {

@@ -91,6 +91,32 @@ fn conv_matches_burn_on_a_larger_batch() {
 }
 
 #[test]
+fn conv_gradients_do_not_depend_on_the_thread_count() {
+    let device = train_device();
+    let x = input([19, 8, 12, 12], 21, &device);
+    let w = input([16, 8, 3, 3], 22, &device);
+    let grads_with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let y = kernels::conv2d(x.clone(), w.clone(), 1, 1);
+            let grads = (y.clone() * y).sum().backward();
+            (
+                x.grad(&grads).unwrap().into_data(),
+                w.grad(&grads).unwrap().into_data(),
+            )
+        })
+    };
+    let one = grads_with(1);
+    let three = grads_with(3);
+    assert_eq!(one.0, three.0, "input gradient");
+    assert_eq!(one.1, three.1, "weight gradient");
+}
+
+#[test]
 fn col2im_is_the_adjoint_of_im2col() {
     // <im2col(x), c> == <x, col2im(c)> for every geometry.
     for (k, s, p) in [

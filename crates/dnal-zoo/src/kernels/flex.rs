@@ -13,6 +13,9 @@ use burn::backend::{Autodiff, AutodiffBackend, ExtensionType, Flex, backend_exte
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
+/// Images per group whose weight-gradient contributions are summed in sequence.
+const WEIGHT_GRAD_GROUP: usize = 8;
+
 /// A BatchNorm output with the batch statistics it used.
 #[derive(ExtensionType)]
 pub struct NormOutput<B: burn::backend::Backend> {
@@ -113,15 +116,26 @@ fn conv_backward(
     let xv = x.storage::<f32>();
     let batch = x.layout().shape()[0];
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
-    // dW = sum over images of grad_i [Co, L] x cols_i^T [L, P].
+    // dW = sum over images of grad_i [Co, L] x cols_i^T [L, P], summed in a fixed order
+    // (groups of images in parallel, each group and then the groups in sequence) so that the
+    // result does not depend on the number of threads.
     let dw = want_w.then(|| {
-        let sum = (0..batch)
-            .into_par_iter()
-            .map(|i| {
-                let cols = columns(xv, &g, i);
-                Flex::float_matmul(image_matrix(&grad, i, co, l), cols.transpose(0, 1))
-            })
-            .reduce_with(Flex::float_add)
+        let images: Vec<usize> = (0..batch).collect();
+        let partial = |ids: &[usize]| {
+            ids.iter()
+                .map(|&i| {
+                    let cols = columns(xv, &g, i);
+                    Flex::float_matmul(image_matrix(&grad, i, co, l), cols.transpose(0, 1))
+                })
+                .reduce(Flex::float_add)
+                .expect("a non-empty group")
+        };
+        let sum = images
+            .par_chunks(WEIGHT_GRAD_GROUP)
+            .map(partial)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(Flex::float_add)
             .expect("a non-empty batch");
         f32s(&sum).reshape([co, g.in_channels, g.kernel, g.kernel].into())
     });

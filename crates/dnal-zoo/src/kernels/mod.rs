@@ -1,23 +1,29 @@
-//! BatchNorm with the channel gate folded into its affine transform, and a faster BatchNorm on
-//! flex.
+//! The convolution and the BatchNorm (with the channel gate folded in) that every conv -> BN
+//! (-> gate) unit of the zoo runs through.
 //!
-//! Every conv -> BN (-> gate) unit of the zoo runs its BatchNorm and gate through
-//! [`batch_norm`], with the gate's per-channel factor `g` (see
-//! [`ChannelGate::factor`](dnal_core::ChannelGate::factor)) folded into the affine transform:
-//! `a = gamma * g`, `b = beta * g`. The gate then costs two `[C]`-sized multiplies instead of
-//! a pass over the activation forward and two backward, on every backend.
+//! **The gate folded into BatchNorm**, on every backend: [`batch_norm`] takes the gate's
+//! per-channel factor `g` (see [`ChannelGate::factor`](dnal_core::ChannelGate::factor)) and
+//! uses the affine transform `a = gamma * g`, `b = beta * g`, so the gate costs two `[C]`-sized
+//! multiplies instead of a pass over the activation forward and two backward. In evaluation
+//! the running statistics are folded too: `x * scale + shift`.
 //!
-//! * **Training on flex** (f32): dnal's own operation, registered on burn's autodiff graph
-//!   through burn's backend-extension API with a hand-written backward. The batch statistics
-//!   take one pass (shifted sum and sum of squares per channel, accumulated in f64), the output
-//!   a second; the backward two (the two per-channel sums, then the input gradient). burn's
-//!   generic BatchNorm, which flex uses, makes about ten passes with copies for the
-//!   channel-first reductions.
-//! * **Training elsewhere**: burn's `batch_norm_train` with the folded `a`, `b`.
-//! * **Evaluation**, every backend: `x * scale + shift`, the running statistics, gamma, beta
-//!   and the gate folded into `scale` and `shift`.
+//! **dnal's own operations on flex** (f32), declared with burn's `#[backend_extension]` and
+//! differentiated by hand-written `Backward` implementations on burn's autodiff graph:
 //!
-//! [`set_enabled`]`(false)` turns the flex operation off process-wide (benchmarks compare
+//! * BatchNorm in training: the batch statistics in one pass (shifted sum and sum of squares
+//!   per channel, accumulated in f64), the output in a second; the backward in two (the two
+//!   per-channel sums, then the input gradient). burn's generic BatchNorm, which flex uses,
+//!   makes about ten passes with copies for the channel-first reductions. Other backends use
+//!   burn's `batch_norm_train` with the folded `a`, `b`.
+//! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias): image by
+//!   image in parallel, im2col into a buffer that stays in cache and one matrix product (flex's
+//!   `gemm`), whose `[Co, OH * OW]` result is already the image's NCHW output. The weight
+//!   gradient is the sum over images of `grad_i x cols_i^T`, summed in a fixed order so that it
+//!   does not depend on the number of threads; the input gradient of a stride-1 convolution is
+//!   the convolution of the output gradient with the flipped, transposed kernel, and of a
+//!   strided one col2im of `W^T x grad_i`. Other backends, and other convolutions, use burn's.
+//!
+//! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide (the benchmarks time
 //! both).
 
 pub mod cpu;
@@ -34,13 +40,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Turns dnal's flex BatchNorm on (the default) or off for the whole process; off, training
-/// uses burn's `batch_norm_train` (the gate stays folded).
+/// Turns dnal's flex operations on (the default) or off for the whole process; off, every
+/// layer uses burn's convolution and `batch_norm_train` (the gate stays folded).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether dnal's flex BatchNorm is on.
+/// Whether dnal's flex operations are on.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
