@@ -1,31 +1,42 @@
-//! Runs a few training steps of gated ResNet-56 (batch 128) for a profiler:
+//! Runs a few training steps of gated ResNet-56 (or VGG-16: second argument `vgg16`), batch
+//! 128, for a profiler:
 //! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
-//! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` times burn's own
-//! BatchNorm instead of dnal's.
+//! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` uses burn's own
+//! convolution and BatchNorm instead of dnal's.
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use dnal_core::{GateMode, GatedModel};
-use dnal_zoo::CifarResNetConfig;
+use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
 fn main() {
-    let steps: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let mut args = std::env::args().skip(1);
+    let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();
     dnal_zoo::kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
-    let mut net = CifarResNetConfig::new(56, 10)
-        .unwrap()
-        .init(&device)
-        .unwrap();
+    if args.next().as_deref() == Some("vgg16") {
+        run(
+            PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
+            steps,
+            &device,
+        );
+    } else {
+        let net = CifarResNetConfig::new(56, 10)
+            .unwrap()
+            .init(&device)
+            .unwrap();
+        run(net, steps, &device);
+    }
+}
+
+fn run<N: Network>(mut net: N, steps: usize, device: &Device) {
     let x = Tensor::<4>::random(
         [128, 3, 32, 32],
         burn::tensor::Distribution::Default,
-        &device,
+        device,
     );
     let y = Tensor::<1, Int>::from_data(
         TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
-        &device,
+        device,
     );
     let mut sgd = SgdConfig::new().init();
     for _ in 0..steps {
@@ -35,7 +46,7 @@ fn main() {
             .with_gate_mode(GateMode::Search)
             .with_temperature(100.0);
         let loss = burn::nn::loss::CrossEntropyLossConfig::new()
-            .init(&device)
+            .init(device)
             .forward(step.forward(x.clone()), y.clone());
         let t_fwd = t.elapsed();
         let grads = GradientsParams::from_grads(loss.backward(), &step);

@@ -13,8 +13,8 @@ use burn::backend::{Autodiff, AutodiffBackend, ExtensionType, Flex, backend_exte
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
-/// Images per group whose weight-gradient contributions are summed in sequence.
-const WEIGHT_GRAD_GROUP: usize = 8;
+/// Groups of images whose weight-gradient contributions are summed in sequence.
+const WEIGHT_GRAD_RUN: usize = 8;
 
 /// A BatchNorm output with the batch statistics it used.
 #[derive(ExtensionType)]
@@ -72,20 +72,68 @@ fn geometry(x: &FlexTensor, weight: &FlexTensor, stride: usize, padding: usize) 
     }
 }
 
-/// Image `i` of a contiguous `[N, ...]` tensor as a `[rows, cols]` matrix view.
-fn image_matrix(t: &FlexTensor, i: usize, rows: usize, cols: usize) -> FlexTensor {
-    t.narrow(0, i, 1).reshape([rows, cols].into())
+/// Output positions a matrix product should see at least: images whose maps are smaller are
+/// processed in groups, side by side, so that the product stays efficient (a 4x4 map alone
+/// would give `gemm` 16 columns).
+const GROUP_POSITIONS: usize = 256;
+
+/// Images per group for `g` (1 when a map alone has enough positions).
+fn group_size(g: &ConvGeometry, batch: usize) -> usize {
+    GROUP_POSITIONS
+        .div_ceil(g.positions())
+        .clamp(1, batch.max(1))
 }
 
-/// The column matrix `[P, L]` of image `i` of `x`.
-fn columns(x: &[f32], g: &ConvGeometry, i: usize) -> FlexTensor {
+/// Images `first..first + count` of a contiguous `[N, C, L]` tensor as one `[C, count * L]`
+/// matrix (a view when `count` is 1).
+fn group_matrix(t: &FlexTensor, first: usize, count: usize, c: usize, l: usize) -> FlexTensor {
+    if count == 1 {
+        return t.narrow(0, first, 1).reshape([c, l].into());
+    }
+    let v = t.storage::<f32>();
+    let mut out = Vec::with_capacity(c * count * l);
+    for ch in 0..c {
+        for i in first..first + count {
+            out.extend_from_slice(&v[(i * c + ch) * l..][..l]);
+        }
+    }
+    tensor(out, &[c, count * l])
+}
+
+/// Writes `[C, count * L]` back as `count` images `[C, L]` into `dst`.
+fn ungroup(y: &[f32], c: usize, l: usize, count: usize, dst: &mut [f32]) {
+    if count == 1 {
+        dst.copy_from_slice(y);
+        return;
+    }
+    for (at, out) in dst.chunks_mut(l).enumerate() {
+        let (i, ch) = (at / c, at % c);
+        out.copy_from_slice(&y[ch * count * l + i * l..][..l]);
+    }
+}
+
+/// The column matrix `[P, count * L]` of images `first..first + count` of `x`.
+fn columns(x: &[f32], g: &ConvGeometry, first: usize, count: usize) -> FlexTensor {
+    let (p, l, image) = (g.patch(), g.positions(), g.image());
     let mut cols = Vec::new();
-    cpu::im2col(&x[i * g.image()..(i + 1) * g.image()], g, &mut cols);
-    tensor(cols, &[g.patch(), g.positions()])
+    if count == 1 {
+        cpu::im2col(&x[first * image..(first + 1) * image], g, &mut cols);
+        return tensor(cols, &[p, l]);
+    }
+    let mut out = vec![0.0f32; p * count * l];
+    for i in 0..count {
+        cols.clear();
+        let at = (first + i) * image;
+        cpu::im2col(&x[at..at + image], g, &mut cols);
+        for (r, src) in cols.chunks(l).enumerate() {
+            out[r * count * l + i * l..][..l].copy_from_slice(src);
+        }
+    }
+    tensor(out, &[p, count * l])
 }
 
-/// The forward pass, image by image in parallel: im2col into a buffer that stays in cache,
-/// then `W [Co, P] x cols [P, L]`, which is already the image's NCHW output.
+/// The forward pass, groups of images in parallel: im2col into a buffer that stays in cache,
+/// then `W [Co, P] x cols [P, n * L]`, which is already NCHW for one image.
 fn conv_forward(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
     let x = f32s(&x);
     let g = geometry(&x, &weight, stride, padding);
@@ -93,11 +141,18 @@ fn conv_forward(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize
     let w2d = f32s(&weight).reshape([co, p].into());
     let xv = x.storage::<f32>();
     let batch = x.layout().shape()[0];
+    let per = group_size(&g, batch);
     let mut out = vec![0.0f32; batch * co * l];
-    out.par_chunks_mut(co * l).enumerate().for_each(|(i, dst)| {
-        let y = Flex::float_matmul(w2d.clone(), columns(xv, &g, i));
-        dst.copy_from_slice(f32s(&y).storage::<f32>());
-    });
+    out.par_chunks_mut(per * co * l)
+        .enumerate()
+        .for_each(|(n, dst)| {
+            let count = dst.len() / (co * l);
+            let y = f32s(&Flex::float_matmul(
+                w2d.clone(),
+                columns(xv, &g, n * per, count),
+            ));
+            ungroup(y.storage::<f32>(), co, l, count, dst);
+        });
     let [oh, ow] = g.out_hw();
     tensor(out, &[batch, co, oh, ow])
 }
@@ -116,22 +171,27 @@ fn conv_backward(
     let xv = x.storage::<f32>();
     let batch = x.layout().shape()[0];
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
-    // dW = sum over images of grad_i [Co, L] x cols_i^T [L, P], summed in a fixed order
-    // (groups of images in parallel, each group and then the groups in sequence) so that the
-    // result does not depend on the number of threads.
+    let per = group_size(&g, batch);
+    let groups: Vec<(usize, usize)> = (0..batch)
+        .step_by(per)
+        .map(|first| (first, per.min(batch - first)))
+        .collect();
+    // dW = sum over groups of grad [Co, n * L] x cols^T [n * L, P], summed in a fixed order
+    // (runs of groups in parallel, each run and then the runs in sequence) so that the result
+    // does not depend on the number of threads.
     let dw = want_w.then(|| {
-        let images: Vec<usize> = (0..batch).collect();
-        let partial = |ids: &[usize]| {
-            ids.iter()
-                .map(|&i| {
-                    let cols = columns(xv, &g, i);
-                    Flex::float_matmul(image_matrix(&grad, i, co, l), cols.transpose(0, 1))
+        let partial = |run: &[(usize, usize)]| {
+            run.iter()
+                .map(|&(first, count)| {
+                    let cols = columns(xv, &g, first, count);
+                    let dy = group_matrix(&grad, first, count, co, l);
+                    Flex::float_matmul(dy, cols.transpose(0, 1))
                 })
                 .reduce(Flex::float_add)
-                .expect("a non-empty group")
+                .expect("a non-empty run")
         };
-        let sum = images
-            .par_chunks(WEIGHT_GRAD_GROUP)
+        let sum = groups
+            .par_chunks(WEIGHT_GRAD_RUN)
             .map(partial)
             .collect::<Vec<_>>()
             .into_iter()
@@ -146,17 +206,26 @@ fn conv_backward(
             let flipped = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
             return conv_forward(grad.clone(), f32s(&flipped), 1, g.kernel - 1 - g.padding);
         }
-        // Strided: col2im of W^T [P, Co] x grad_i [Co, L], image by image.
+        // Strided: col2im of W^T [P, Co] x grad [Co, n * L], group by group.
         let w2d_t = f32s(weight).reshape([co, p].into()).transpose(0, 1);
         let mut dx = vec![0.0f32; batch * g.image()];
-        dx.par_chunks_mut(g.image())
+        dx.par_chunks_mut(per * g.image())
             .enumerate()
-            .for_each(|(i, dst)| {
-                let dcols = f32s(&Flex::float_matmul(
-                    w2d_t.clone(),
-                    image_matrix(&grad, i, co, l),
-                ));
-                cpu::col2im(dcols.storage::<f32>(), &g, dst);
+            .for_each(|(n, dst)| {
+                let count = dst.len() / g.image();
+                let dy = group_matrix(&grad, n * per, count, co, l);
+                let dcols = f32s(&Flex::float_matmul(w2d_t.clone(), dy));
+                let mut one = vec![0.0f32; p * l];
+                for (i, image) in dst.chunks_mut(g.image()).enumerate() {
+                    if count == 1 {
+                        cpu::col2im(dcols.storage::<f32>(), &g, image);
+                        continue;
+                    }
+                    for (r, row) in one.chunks_mut(l).enumerate() {
+                        row.copy_from_slice(&dcols.storage::<f32>()[r * count * l + i * l..][..l]);
+                    }
+                    cpu::col2im(&one, &g, image);
+                }
             });
         tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])
     });
