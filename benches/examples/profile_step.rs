@@ -5,7 +5,7 @@
 //! convolution and BatchNorm instead of dnal's.
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
-use dnal_core::{GateMode, GatedModel};
+use dnal_core::GateMode;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
 fn main() {
