@@ -71,7 +71,7 @@ pub struct ConvBn {
 impl ConvBn {
     /// `bn(conv(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::batch_norm(&self.bn, None, kernels::conv_forward(&self.conv, x))
+        kernels::conv_bn(&self.conv, &self.bn, None, x)
     }
 
     /// Declares this conv and BN in `cost`, with the given widths.
@@ -143,14 +143,10 @@ pub struct ConvBnGate {
 }
 
 impl ConvBnGate {
-    /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform (see
-    /// [`kernels`]).
+    /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform, and for
+    /// inference on flex BatchNorm folded into the convolution (see [`kernels::conv_bn`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::batch_norm(
-            &self.bn,
-            self.gate.factor(),
-            kernels::conv_forward(&self.conv, x),
-        )
+        kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), x)
     }
 
     /// Output channels.

@@ -265,6 +265,36 @@ fn batch_norm_in_eval_matches_burn_then_gate() {
 }
 
 #[test]
+fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
+    let device = Device::flex();
+    let c = 6;
+    let mut bn = BatchNormConfig::new(c).init(&device);
+    bn.gamma = bn.gamma.map(|_| vec1(noise(c, 13, 0.5, 1.5), &device));
+    bn.beta = bn.beta.map(|_| vec1(noise(c, 14, -0.5, 0.5), &device));
+    bn.running_mean = burn::module::RunningState::new(vec1(noise(c, 15, -1.0, 1.0), &device));
+    bn.running_var = burn::module::RunningState::new(vec1(noise(c, 16, 0.5, 2.0), &device));
+    for (stride, padding) in [(1, 1), (2, 1)] {
+        let conv = burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
+            .with_stride([stride; 2])
+            .with_padding(burn::nn::PaddingConfig2d::Explicit(
+                padding, padding, padding, padding,
+            ))
+            .with_bias(false)
+            .init(&device);
+        let x = input([3, 4, 9, 9], 19, &device);
+        for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
+            let g = gate(c, mode, &device);
+            assert_close(
+                &format!("conv-bn eval s{stride} {mode:?}"),
+                kernels::conv_bn(&conv, &bn, g.factor(), x.clone()),
+                g.forward(bn.forward(conv.forward(x.clone()))),
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
     let device = train_device();
     let c = 4;

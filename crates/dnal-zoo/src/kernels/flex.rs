@@ -2,6 +2,7 @@
 //! registered on burn's autodiff graph (burn 0.22's `extension` feature).
 
 use super::cpu::{self, ConvGeometry};
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -35,6 +36,18 @@ pub trait DnalKernels: burn::backend::Backend {
     fn dnal_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// [`dnal_conv2d`](Self::dnal_conv2d) followed by a per-output-channel `y * scale + shift`
+    /// (a BatchNorm folded into the convolution for inference), applied while the output is
+    /// written.
+    fn dnal_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
         stride: usize,
         padding: usize,
     ) -> FloatTensor<Self>;
@@ -100,15 +113,24 @@ fn group_matrix(t: &FlexTensor, first: usize, count: usize, c: usize, l: usize) 
     tensor(out, &[c, count * l])
 }
 
-/// Writes `[C, count * L]` back as `count` images `[C, L]` into `dst`.
-fn ungroup(y: &[f32], c: usize, l: usize, count: usize, dst: &mut [f32]) {
-    if count == 1 {
-        dst.copy_from_slice(y);
-        return;
-    }
+/// Per-output-channel `(scale, shift)` applied as the output is written.
+type ChannelAffine<'a> = Option<(&'a [f32], &'a [f32])>;
+
+/// Writes `[C, count * L]` back as `count` images `[C, L]` into `dst`, applying
+/// `v * scale[ch] + shift[ch]` to channel `ch` when given.
+fn ungroup(y: &[f32], c: usize, l: usize, count: usize, affine: ChannelAffine, dst: &mut [f32]) {
     for (at, out) in dst.chunks_mut(l).enumerate() {
         let (i, ch) = (at / c, at % c);
-        out.copy_from_slice(&y[ch * count * l + i * l..][..l]);
+        let src = &y[ch * count * l + i * l..][..l];
+        match affine {
+            Some((scale, shift)) => {
+                let (m, b) = (scale[ch], shift[ch]);
+                for (o, v) in out.iter_mut().zip(src) {
+                    *o = v * m + b;
+                }
+            }
+            None => out.copy_from_slice(src),
+        }
     }
 }
 
@@ -135,6 +157,17 @@ fn columns(x: &[f32], g: &ConvGeometry, first: usize, count: usize) -> FlexTenso
 /// The forward pass, groups of images in parallel: im2col into a buffer that stays in cache,
 /// then `W [Co, P] x cols [P, n * L]`, which is already NCHW for one image.
 fn conv_forward(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+    conv_forward_affine(x, weight, None, stride, padding)
+}
+
+/// [`conv_forward`] with `v * scale[co] + shift[co]` applied to output channel `co`.
+fn conv_forward_affine(
+    x: FlexTensor,
+    weight: FlexTensor,
+    affine: ChannelAffine,
+    stride: usize,
+    padding: usize,
+) -> FlexTensor {
     let x = f32s(&x);
     let g = geometry(&x, &weight, stride, padding);
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
@@ -151,7 +184,7 @@ fn conv_forward(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize
                 w2d.clone(),
                 columns(xv, &g, n * per, count),
             ));
-            ungroup(y.storage::<f32>(), co, l, count, dst);
+            ungroup(y.storage::<f32>(), co, l, count, affine, dst);
         });
     let [oh, ow] = g.out_hw();
     tensor(out, &[batch, co, oh, ow])
@@ -291,6 +324,18 @@ impl DnalKernels for Flex {
         conv_forward(x, weight, stride, padding)
     }
 
+    fn dnal_conv2d_affine(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let (scale, shift) = (vec_of(&scale), vec_of(&shift));
+        conv_forward_affine(x, weight, Some((&scale, &shift)), stride, padding)
+    }
+
     fn dnal_batch_norm_train(
         x: FlexTensor,
         a: FlexTensor,
@@ -341,6 +386,21 @@ impl Backward<Flex, 3> for NormBackward {
 }
 
 impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
+    /// Composed of differentiable operations: the convolution, then the affine transform.
+    fn dnal_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let y = Self::dnal_conv2d(x, weight, stride, padding);
+        let c = shift.shape().num_elements();
+        let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
+        Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift))
+    }
+
     fn dnal_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

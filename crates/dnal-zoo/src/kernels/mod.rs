@@ -118,6 +118,40 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
     )
 }
 
+/// `batch_norm(bn, factor, conv(x))`. In inference on flex (no autodiff device, f32, a
+/// convolution that fits [`conv2d`]) BatchNorm and the factor are folded into the convolution
+/// itself: `y * scale + shift` per channel, `scale = gamma * g / sqrt(var + eps)`,
+/// `shift = beta * g - mean * scale`, is applied as the convolution writes its output, so the
+/// unit makes no pass over its output besides the convolution's.
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    x: Tensor<4>,
+) -> Tensor<4> {
+    let (a, b) = affine(bn, factor);
+    #[cfg(feature = "flex")]
+    if !x.device().is_autodiff()
+        && takes_fast_path(&x)
+        && conv.weight.dtype() == DType::F32
+        && a.dtype() == DType::F32
+        && let Some((stride, padding)) = fast_conv_shape(conv)
+    {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        let (scale, shift) = running_affine(bn, a, b, &x.device());
+        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_conv2d_affine(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            stride,
+            padding,
+        ));
+    }
+    batch_norm_affine(bn, a, b, conv_forward(conv, x))
+}
+
 /// `bn(x)` followed by a per-channel `factor` (a channel gate's, `None` for no gate), with the
 /// factor folded into BatchNorm's affine transform.
 ///
@@ -125,21 +159,40 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
 /// updates the running ones exactly as burn's BatchNorm does; evaluation uses the running
 /// statistics.
 pub fn batch_norm(bn: &BatchNorm, factor: Option<Tensor<1>>, x: Tensor<4>) -> Tensor<4> {
-    let training = x.device().is_autodiff() && bn.training.is_enabled();
+    let (a, b) = affine(bn, factor);
+    batch_norm_affine(bn, a, b, x)
+}
+
+/// BatchNorm's affine transform with the factor folded in: `(gamma * g, beta * g)`.
+fn affine(bn: &BatchNorm, factor: Option<Tensor<1>>) -> (Tensor<1>, Tensor<1>) {
     let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
-    let (a, b) = match factor {
+    match factor {
         Some(f) => {
             let f = f.cast(gamma.dtype());
             (gamma * f.clone(), beta * f)
         }
         None => (gamma, beta),
-    };
+    }
+}
+
+/// `(scale, shift)` of the inference transform `x * scale + shift` with the running statistics.
+fn running_affine(
+    bn: &BatchNorm,
+    a: Tensor<1>,
+    b: Tensor<1>,
+    device: &Device,
+) -> (Tensor<1>, Tensor<1>) {
+    let mean = bn.running_mean.value().to_device(device);
+    let var = bn.running_var.value().to_device(device);
+    let scale = a * (var + bn.epsilon).sqrt().recip();
+    let shift = b - mean * scale.clone();
+    (scale, shift)
+}
+
+fn batch_norm_affine(bn: &BatchNorm, a: Tensor<1>, b: Tensor<1>, x: Tensor<4>) -> Tensor<4> {
+    let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training {
-        let device = x.device();
-        let mean = bn.running_mean.value().to_device(&device);
-        let var = bn.running_var.value().to_device(&device);
-        let scale = a * (var + bn.epsilon).sqrt().recip();
-        let shift = b - mean * scale.clone();
+        let (scale, shift) = running_affine(bn, a, b, &x.device());
         let [_, c, _, _] = x.dims();
         return x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
     }
