@@ -243,15 +243,21 @@ fn batch_norm_statistics_stay_exact_far_from_zero() {
     norm_case(GateMode::Search, 1000.0, 1e-3);
 }
 
+/// A BatchNorm with random affine parameters and running statistics.
+fn eval_batch_norm(c: usize, device: &Device) -> burn::nn::BatchNorm {
+    let mut bn = BatchNormConfig::new(c).init(device);
+    bn.gamma = bn.gamma.map(|_| vec1(noise(c, 13, 0.5, 1.5), device));
+    bn.beta = bn.beta.map(|_| vec1(noise(c, 14, -0.5, 0.5), device));
+    bn.running_mean = burn::module::RunningState::new(vec1(noise(c, 15, -1.0, 1.0), device));
+    bn.running_var = burn::module::RunningState::new(vec1(noise(c, 16, 0.5, 2.0), device));
+    bn
+}
+
 #[test]
 fn batch_norm_in_eval_matches_burn_then_gate() {
     let device = Device::flex();
     let c = 6;
-    let mut bn = BatchNormConfig::new(c).init(&device);
-    bn.gamma = bn.gamma.map(|_| vec1(noise(c, 13, 0.5, 1.5), &device));
-    bn.beta = bn.beta.map(|_| vec1(noise(c, 14, -0.5, 0.5), &device));
-    bn.running_mean = burn::module::RunningState::new(vec1(noise(c, 15, -1.0, 1.0), &device));
-    bn.running_var = burn::module::RunningState::new(vec1(noise(c, 16, 0.5, 2.0), &device));
+    let bn = eval_batch_norm(c, &device);
     let x = input([3, c, 4, 4], 17, &device);
     for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
         let g = gate(c, mode, &device);
@@ -268,11 +274,7 @@ fn batch_norm_in_eval_matches_burn_then_gate() {
 fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
     let device = Device::flex();
     let c = 6;
-    let mut bn = BatchNormConfig::new(c).init(&device);
-    bn.gamma = bn.gamma.map(|_| vec1(noise(c, 13, 0.5, 1.5), &device));
-    bn.beta = bn.beta.map(|_| vec1(noise(c, 14, -0.5, 0.5), &device));
-    bn.running_mean = burn::module::RunningState::new(vec1(noise(c, 15, -1.0, 1.0), &device));
-    bn.running_var = burn::module::RunningState::new(vec1(noise(c, 16, 0.5, 2.0), &device));
+    let bn = eval_batch_norm(c, &device);
     for (stride, padding) in [(1, 1), (2, 1)] {
         let conv = burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
             .with_stride([stride; 2])
