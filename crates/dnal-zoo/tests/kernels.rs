@@ -138,7 +138,7 @@ fn col2im_is_the_adjoint_of_im2col() {
         };
         let x = noise(g.image(), 5, -1.0, 1.0);
         let mut cols = vec![9.0];
-        cpu::im2col(&x, &g, &mut cols);
+        cpu::im2col(&[&x], &g, &mut cols);
         assert_eq!(cols.remove(0), 9.0, "im2col appends");
         assert_eq!(cols.len(), g.patch() * g.positions());
         let c = noise(cols.len(), 6, -1.0, 1.0);

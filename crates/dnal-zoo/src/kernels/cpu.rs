@@ -163,72 +163,80 @@ impl ConvGeometry {
     }
 }
 
-/// Appends the column matrix of one image `x` (`[C, H, W]`) to `cols`: `[C * k * k, OH * OW]`,
-/// row `(c, kh, kw)`, column `(oh, ow)`. Every value is written once (no zero fill first).
-pub fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
-    let [h, w] = g.in_hw;
+/// Appends the column matrix of `images` (each `[C, H, W]`, side by side) to `cols`:
+/// `[C * k * k, images * OH * OW]`, row `(c, kh, kw)`, column `(image, oh, ow)`. Every value is
+/// written once (no zero fill first).
+pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
     let [oh, ow] = g.out_hw();
-    let k = g.kernel;
-    debug_assert_eq!(x.len(), g.image());
-    cols.reserve(g.patch() * oh * ow);
-    if g.stride == 1 && [oh, ow] == g.in_hw {
-        return im2col_same(x, g, cols);
-    }
+    cols.reserve(g.patch() * images.len() * oh * ow);
     for row in 0..g.patch() {
-        let c = row / (k * k);
-        let (kh, kw) = ((row / k) % k, row % k);
-        let (ylo, yhi) = g.valid(kh, h, oh);
-        let (xlo, xhi) = g.valid(kw, w, ow);
-        if xlo >= xhi {
-            cols.resize(cols.len() + oh * ow, 0.0);
-            continue;
-        }
-        let plane = &x[c * h * w..(c + 1) * h * w];
-        cols.resize(cols.len() + ylo * ow, 0.0);
-        let ix0 = xlo * g.stride + kw - g.padding;
-        for y in ylo..yhi {
-            let iy = y * g.stride + kh - g.padding;
-            let irow = &plane[iy * w + ix0..(iy + 1) * w];
-            cols.resize(cols.len() + xlo, 0.0);
-            if g.stride == 1 {
-                cols.extend_from_slice(&irow[..xhi - xlo]);
+        for x in images {
+            debug_assert_eq!(x.len(), g.image());
+            if g.stride == 1 && [oh, ow] == g.in_hw {
+                append_row_same(x, g, row, cols);
             } else {
-                cols.extend(irow.iter().step_by(g.stride).take(xhi - xlo));
+                append_row(x, g, row, cols);
             }
-            cols.resize(cols.len() + (ow - xhi), 0.0);
         }
-        cols.resize(cols.len() + (oh - yhi) * ow, 0.0);
     }
 }
 
-/// [`im2col`] of a stride-1 convolution whose output is as large as its input ("same"
-/// padding): each row is the input plane shifted by `(kh - p) * W + (kw - p)` in flattened
+/// Appends row `(c, kh, kw)` of one image's column matrix (`OH * OW` values).
+fn append_row(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let k = g.kernel;
+    let c = row / (k * k);
+    let (kh, kw) = ((row / k) % k, row % k);
+    let (ylo, yhi) = g.valid(kh, h, oh);
+    let (xlo, xhi) = g.valid(kw, w, ow);
+    if xlo >= xhi {
+        cols.resize(cols.len() + oh * ow, 0.0);
+        return;
+    }
+    let plane = &x[c * h * w..(c + 1) * h * w];
+    cols.resize(cols.len() + ylo * ow, 0.0);
+    let ix0 = xlo * g.stride + kw - g.padding;
+    for y in ylo..yhi {
+        let iy = y * g.stride + kh - g.padding;
+        let irow = &plane[iy * w + ix0..(iy + 1) * w];
+        cols.resize(cols.len() + xlo, 0.0);
+        if g.stride == 1 {
+            cols.extend_from_slice(&irow[..xhi - xlo]);
+        } else {
+            cols.extend(irow.iter().step_by(g.stride).take(xhi - xlo));
+        }
+        cols.resize(cols.len() + (ow - xhi), 0.0);
+    }
+    cols.resize(cols.len() + (oh - yhi) * ow, 0.0);
+}
+
+/// [`append_row`] for a stride-1 convolution whose output is as large as its input ("same"
+/// padding): the row is the input plane shifted by `(kh - p) * W + (kw - p)` in flattened
 /// order, so it is one copy, after which the few values that wrapped around a row edge are
 /// zeroed.
-fn im2col_same(x: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
+fn append_row_same(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
     let [h, w] = g.in_hw;
     let (k, n) = (g.kernel, h * w);
-    for row in 0..g.patch() {
-        let c = row / (k * k);
-        let (kh, kw) = ((row / k) % k, row % k);
-        let plane = &x[c * n..(c + 1) * n];
-        let start = cols.len();
-        // Output position o reads input o + shift.
-        let shift = (kh * w + kw) as isize - (g.padding * w + g.padding) as isize;
-        let lo = (-shift).clamp(0, n as isize) as usize;
-        let hi = (n as isize - shift).clamp(0, n as isize) as usize;
-        cols.resize(start + lo, 0.0);
-        if lo < hi {
-            let from = (lo as isize + shift) as usize;
-            cols.extend_from_slice(&plane[from..from + (hi - lo)]);
-        }
-        cols.resize(start + n, 0.0);
-        let (xlo, xhi) = g.valid(kw, w, w);
-        if xlo > 0 || xhi < w {
-            for out_row in cols[start..start + n].chunks_mut(w) {
-                out_row[..xlo].fill(0.0);
-                out_row[xhi..].fill(0.0);
-            }
+    let c = row / (k * k);
+    let (kh, kw) = ((row / k) % k, row % k);
+    let plane = &x[c * n..(c + 1) * n];
+    let start = cols.len();
+    // Output position o reads input o + shift.
+    let shift = (kh * w + kw) as isize - (g.padding * w + g.padding) as isize;
+    let lo = (-shift).clamp(0, n as isize) as usize;
+    let hi = (n as isize - shift).clamp(0, n as isize) as usize;
+    cols.resize(start + lo, 0.0);
+    if lo < hi {
+        let from = (lo as isize + shift) as usize;
+        cols.extend_from_slice(&plane[from..from + (hi - lo)]);
+    }
+    cols.resize(start + n, 0.0);
+    let (xlo, xhi) = g.valid(kw, w, w);
+    if xlo > 0 || xhi < w {
+        for out_row in cols[start..start + n].chunks_mut(w) {
+            out_row[..xlo].fill(0.0);
+            out_row[xhi..].fill(0.0);
         }
     }
 }

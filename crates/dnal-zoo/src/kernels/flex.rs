@@ -136,22 +136,12 @@ fn ungroup(y: &[f32], c: usize, l: usize, count: usize, affine: ChannelAffine, d
 
 /// The column matrix `[P, count * L]` of images `first..first + count` of `x`.
 fn columns(x: &[f32], g: &ConvGeometry, first: usize, count: usize) -> FlexTensor {
-    let (p, l, image) = (g.patch(), g.positions(), g.image());
+    let images: Vec<&[f32]> = x[first * g.image()..(first + count) * g.image()]
+        .chunks(g.image())
+        .collect();
     let mut cols = Vec::new();
-    if count == 1 {
-        cpu::im2col(&x[first * image..(first + 1) * image], g, &mut cols);
-        return tensor(cols, &[p, l]);
-    }
-    let mut out = vec![0.0f32; p * count * l];
-    for i in 0..count {
-        cols.clear();
-        let at = (first + i) * image;
-        cpu::im2col(&x[at..at + image], g, &mut cols);
-        for (r, src) in cols.chunks(l).enumerate() {
-            out[r * count * l + i * l..][..l].copy_from_slice(src);
-        }
-    }
-    tensor(out, &[p, count * l])
+    cpu::im2col(&images, g, &mut cols);
+    tensor(cols, &[g.patch(), count * g.positions()])
 }
 
 /// The forward pass, groups of images in parallel: im2col into a buffer that stays in cache,
