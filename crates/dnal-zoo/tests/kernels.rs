@@ -143,7 +143,7 @@ fn col2im_is_the_adjoint_of_im2col() {
         assert_eq!(cols.len(), g.patch() * g.positions());
         let c = noise(cols.len(), 6, -1.0, 1.0);
         let mut back = vec![0.0; g.image()];
-        cpu::col2im(&c, &g, &mut back);
+        cpu::col2im(&c, &g, 1, 0, &mut back);
         let lhs: f64 = cols.iter().zip(&c).map(|(a, b)| f64::from(a * b)).sum();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| f64::from(a * b)).sum();
         assert!(

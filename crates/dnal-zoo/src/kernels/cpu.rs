@@ -241,9 +241,9 @@ fn append_row_same(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>)
     }
 }
 
-/// The adjoint of [`im2col`]: sums the column matrix `cols` (`[C * k * k, OH * OW]`) into the
-/// image `dx` (`[C, H, W]`, overwritten).
-pub fn col2im(cols: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+/// The adjoint of [`im2col`]: sums image `image`'s part of the column matrix `cols`
+/// (`[C * k * k, images * OH * OW]`, images side by side) into `dx` (`[C, H, W]`, overwritten).
+pub fn col2im(cols: &[f32], g: &ConvGeometry, images: usize, image: usize, dx: &mut [f32]) {
     let [h, w] = g.in_hw;
     let [oh, ow] = g.out_hw();
     let (k, l) = (g.kernel, oh * ow);
@@ -257,7 +257,7 @@ pub fn col2im(cols: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
                 if xlo >= xhi {
                     continue;
                 }
-                let src = &cols[((c * k + kh) * k + kw) * l..][..l];
+                let src = &cols[(((c * k + kh) * k + kw) * images + image) * l..][..l];
                 let ix0 = xlo * g.stride + kw - g.padding;
                 for y in ylo..yhi {
                     let iy = y * g.stride + kh - g.padding;

@@ -238,16 +238,8 @@ fn conv_backward(
                 let count = dst.len() / g.image();
                 let dy = group_matrix(&grad, n * per, count, co, l);
                 let dcols = f32s(&Flex::float_matmul(w2d_t.clone(), dy));
-                let mut one = vec![0.0f32; p * l];
                 for (i, image) in dst.chunks_mut(g.image()).enumerate() {
-                    if count == 1 {
-                        cpu::col2im(dcols.storage::<f32>(), &g, image);
-                        continue;
-                    }
-                    for (r, row) in one.chunks_mut(l).enumerate() {
-                        row.copy_from_slice(&dcols.storage::<f32>()[r * count * l + i * l..][..l]);
-                    }
-                    cpu::col2im(&one, &g, image);
+                    cpu::col2im(dcols.storage::<f32>(), &g, count, i, image);
                 }
             });
         tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])
