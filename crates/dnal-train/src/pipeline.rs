@@ -341,15 +341,15 @@ impl<'a, N: Network> Runner<'a, N> {
     }
 
     fn fresh(&self) -> Result<N> {
-        // The backend's random generator is process-wide: seeding and drawing the initial
-        // weights happen under one lock, so runs in other threads cannot interleave draws.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = init_lock();
         self.train_device.seed(self.cfg.seed);
         Ok(N::build(&self.net_config, &self.train_device)?)
     }
 
     fn load_model(&self, dir: &Path) -> Result<N> {
+        // Building draws (then overwrites) random weights: under the lock, so that the draws
+        // cannot land between another run's seeding and its initial weights.
+        let _guard = init_lock();
         Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
     }
 
@@ -685,4 +685,14 @@ fn progress_key(phase: Phase) -> u64 {
         Phase::Final => 4,
         Phase::BaselineExtend => 5,
     }
+}
+
+/// The lock under which every network is built. The backend's random generator is
+/// process-wide, so a seeded run seeds and draws its initial weights while holding it, and
+/// anything else in the process that builds a network (drawing weights it may then overwrite)
+/// holds it too; otherwise draws from another thread can land between a run's seeding and its
+/// initial weights, and seeded runs stop being reproducible.
+pub fn init_lock() -> std::sync::MutexGuard<'static, ()> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    INIT.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -109,10 +109,13 @@ fn reduced_demo_prunes_most_macs_and_keeps_accuracy() {
     }
     let lines = std::fs::read_to_string(tmp.path().join(paths::METRICS)).unwrap();
     assert_eq!(lines.lines().count(), 13);
-    let loaded: dnal_zoo::PlainCnn = dnal_zoo::load(&tmp.path().join(paths::PRUNED), |c| {
-        <dnal_zoo::PlainCnn as dnal_zoo::Network>::build(c, &Default::default())
-    })
-    .unwrap();
+    let loaded: dnal_zoo::PlainCnn = {
+        let _guard = dnal_train::pipeline::init_lock();
+        dnal_zoo::load(&tmp.path().join(paths::PRUNED), |c| {
+            <dnal_zoo::PlainCnn as dnal_zoo::Network>::build(c, &Default::default())
+        })
+        .unwrap()
+    };
     assert_eq!(
         dnal_zoo::Network::cost_model(&loaded).cost(None).macs,
         pruned.macs
