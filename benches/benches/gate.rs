@@ -7,6 +7,7 @@ use dnal_benches::cpu_backends;
 use dnal_core::{ChannelGateConfig, GateMode};
 
 fn gate(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
         let x = Tensor::<4>::random(

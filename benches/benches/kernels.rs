@@ -14,6 +14,7 @@ use dnal_core::{ChannelGateConfig, GateMode};
 use dnal_zoo::kernels;
 
 fn batch_norm_gate(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
@@ -28,7 +29,7 @@ fn batch_norm_gate(c: &mut Criterion) {
         let step = |folded: bool| {
             let x = x.clone().require_grad();
             let y = if folded {
-                kernels::batch_norm(&bn, gate.factor(), x.clone())
+                kernels::batch_norm(&bn, gate.factor(), kernels::Activation::Identity, x.clone())
             } else {
                 gate.forward(bn.forward(x.clone()))
             };
@@ -42,6 +43,7 @@ fn batch_norm_gate(c: &mut Criterion) {
 }
 
 fn conv(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);

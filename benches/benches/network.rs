@@ -82,6 +82,7 @@ impl<N: Network + 'static> BenchNet for N {
 }
 
 fn train_step(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
         let x = Tensor::<4>::random(
@@ -122,6 +123,7 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn inference(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {
         for (name, build, arch) in nets(&device) {
             let arch = Architecture::from_json(arch).expect("a checked-in architecture");

@@ -9,6 +9,7 @@ use dnal_core::GateMode;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
 fn main() {
+    dnal_benches::keep_freed_memory();
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();

@@ -3,6 +3,15 @@
 use burn::prelude::*;
 use dnal_core::BackendKind;
 
+// The benchmarks run with the allocator dnal's trainer uses (see `dnal_zoo::allocator`).
+#[global_allocator]
+static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
+
+/// Keeps freed memory for reuse, as the trainer does; every benchmark calls it first.
+pub fn keep_freed_memory() {
+    dnal_zoo::allocator::keep_freed_memory();
+}
+
 /// The CPU backends compiled into this build, with their devices.
 pub fn cpu_backends() -> Vec<(BackendKind, Device)> {
     [BackendKind::Flex, BackendKind::Ndarray]

@@ -69,7 +69,11 @@ struct TrainArgs {
     quiet: bool,
 }
 
+#[global_allocator]
+static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
+
 fn main() -> ExitCode {
+    dnal_zoo::allocator::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

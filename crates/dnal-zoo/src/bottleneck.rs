@@ -7,6 +7,7 @@
 //! their stream positions (index add), and a block whose bn3 gate closes completely is removed.
 //! The stem gate prunes the stem and the inputs of the first block's conv1 and shortcut.
 
+use crate::kernels::Activation;
 use burn::nn::PaddingConfig2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
@@ -215,7 +216,9 @@ pub struct BottleneckResNet {
 impl BottleneckResNet {
     /// Logits `[N, classes]` of images `[N, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = self.pool.forward(relu(self.stem.forward(x)));
+        let mut x = self
+            .pool
+            .forward(self.stem.forward_act(x, Activation::Relu));
         for (block, widths) in self.blocks.iter().zip(&self.config.blocks) {
             let base = match &block.shortcut {
                 Some(sc) => sc.forward(x.clone()),
@@ -223,8 +226,8 @@ impl BottleneckResNet {
             };
             x = match &block.branch {
                 Some(b) => {
-                    let h = relu(b.conv1.forward(x));
-                    let h = relu(b.conv2.forward(h));
+                    let h = b.conv1.forward_act(x, Activation::Relu);
+                    let h = b.conv2.forward_act(h, Activation::Relu);
                     relu(add_into(base, &widths.out, b.conv3.forward(h)))
                 }
                 None => relu(base),

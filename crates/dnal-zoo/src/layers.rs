@@ -1,7 +1,7 @@
 //! The conv -> BN -> gate unit every gated network is built from, and the slicing that
 //! physically removes channels from it.
 
-use crate::kernels;
+use crate::kernels::{self, Activation};
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, PaddingConfig2d};
@@ -71,7 +71,12 @@ pub struct ConvBn {
 impl ConvBn {
     /// `bn(conv(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::conv_bn(&self.conv, &self.bn, None, x)
+        self.forward_act(x, Activation::Identity)
+    }
+
+    /// `act(bn(conv(x)))`, the activation applied by the unit (see [`kernels::conv_bn`]).
+    pub fn forward_act(&self, x: Tensor<4>, act: Activation) -> Tensor<4> {
+        kernels::conv_bn(&self.conv, &self.bn, None, act, x)
     }
 
     /// Declares this conv and BN in `cost`, with the given widths.
@@ -146,7 +151,13 @@ impl ConvBnGate {
     /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform, and for
     /// inference on flex BatchNorm folded into the convolution (see [`kernels::conv_bn`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), x)
+        self.forward_act(x, Activation::Identity)
+    }
+
+    /// `act(gate(bn(conv(x))))`, the activation applied by the unit: fused with BatchNorm (in
+    /// training) or the convolution (in inference) on flex.
+    pub fn forward_act(&self, x: Tensor<4>, act: Activation) -> Tensor<4> {
+        kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), act, x)
     }
 
     /// Output channels.

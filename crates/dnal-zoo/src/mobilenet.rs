@@ -11,10 +11,10 @@
 //! block whose projection gate closes is removed. ImageNet's dropout before the classifier is
 //! omitted (it has no parameters and no MACs).
 
+use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu6;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use serde::{Deserialize, Serialize};
 
@@ -394,12 +394,12 @@ impl MobileNetV2 {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let cfg = &self.config;
         let (stem_stream, streams) = cfg.streams();
-        let mut x = relu6(self.stem.forward(x));
+        let mut x = self.stem.forward_act(x, Activation::Relu6);
         for ((block, (s, first)), widths) in self.blocks.iter().zip(cfg.layout()).zip(&cfg.blocks) {
             let input = x.clone();
             let branch = block.branch.as_ref().map(|b| {
                 let h = match &b.expand {
-                    Some(e) => relu6(e.forward(input.clone())),
+                    Some(e) => e.forward_act(input.clone(), Activation::Relu6),
                     None => {
                         let taps = positions(&stem_stream, &widths.taps);
                         if taps.len() == stem_stream.len() {
@@ -409,7 +409,8 @@ impl MobileNetV2 {
                         }
                     }
                 };
-                b.project.forward(relu6(b.depthwise.forward(h)))
+                b.project
+                    .forward(b.depthwise.forward_act(h, Activation::Relu6))
             });
             let pos = positions(&streams[s], &widths.out);
             x = match cfg.join(s, first) {
@@ -439,7 +440,7 @@ impl MobileNetV2 {
                 }
             };
         }
-        let x = relu6(self.last.forward(x));
+        let x = self.last.forward_act(x, Activation::Relu6);
         let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
         self.classifier.forward(x)
     }

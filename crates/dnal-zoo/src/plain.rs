@@ -2,6 +2,7 @@
 //! VGG-16-BN for CIFAR and for ImageNet and the small MNIST CNN of the demo are presets of this
 //! one network.
 
+use crate::kernels::Activation;
 use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
@@ -192,7 +193,7 @@ impl PlainCnn {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let mut x = x;
         for (i, unit) in self.convs.iter().enumerate() {
-            x = relu(unit.forward(x));
+            x = unit.forward_act(x, Activation::Relu);
             if self.config.pool_after.contains(&i) {
                 x = self.pool.forward(x);
             }

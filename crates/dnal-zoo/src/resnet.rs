@@ -10,6 +10,7 @@
 //! output gate closes completely is removed with both its convs. The pruned network is the same
 //! type, built from a config that records the kept stream positions.
 
+use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -225,7 +226,7 @@ impl CifarResNet {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let cfg = &self.config;
         let streams = cfg.streams();
-        let stem = relu(self.stem.forward(x));
+        let stem = self.stem.forward_act(x, Activation::Relu);
         let mut x = scatter(streams[0].len(), &positions(&streams[0], &cfg.stem), stem);
         for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
             let s = i / cfg.blocks_per_stage;
@@ -238,7 +239,7 @@ impl CifarResNet {
                 x = scatter(streams[s].len(), &positions(&streams[s], &moved), sub);
             }
             if let Some(b) = block {
-                let h = relu(b.conv1.forward(input));
+                let h = b.conv1.forward_act(input, Activation::Relu);
                 let out = b.conv2.forward(h);
                 x = relu(add_into(x, &positions(&streams[s], &widths.out), out));
             }

@@ -11,10 +11,10 @@
 //! output: [`Network::derive`] reopens the strongest projection channel of such a block if all
 //! of its candidates closed.
 
+use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu6;
 use dnal_core::{
     Architecture, ChannelGate, CostModel, CostReport, GateKind, GatedModel, Width,
     derive_architecture,
@@ -374,8 +374,8 @@ impl SuperNet {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let cfg = &self.config;
         let streams = cfg.streams();
-        let x = relu6(self.stem.forward(x));
-        let x = relu6(self.first_block.depthwise.forward(x));
+        let x = self.stem.forward_act(x, Activation::Relu6);
+        let x = self.first_block.depthwise.forward_act(x, Activation::Relu6);
         let mut x = self.first_block.project.forward(x);
         for ((block, cands), (s, first)) in self.blocks.iter().zip(&cfg.blocks).zip(cfg.layout()) {
             let input = x.clone();
@@ -399,8 +399,8 @@ impl SuperNet {
             };
             for (cand, widths) in block.candidates.iter().zip(cands) {
                 if let Some(c) = cand {
-                    let h = relu6(c.expand.forward(input.clone()));
-                    let h = relu6(c.depthwise.forward(h));
+                    let h = c.expand.forward_act(input.clone(), Activation::Relu6);
+                    let h = c.depthwise.forward_act(h, Activation::Relu6);
                     out = add_into(
                         out,
                         &positions(&streams[s], &widths.out),
@@ -410,7 +410,7 @@ impl SuperNet {
             }
             x = out;
         }
-        let x = relu6(self.last.forward(x));
+        let x = self.last.forward_act(x, Activation::Relu6);
         let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
         self.classifier.forward(x)
     }

@@ -9,7 +9,9 @@ use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 use common::{input, noise, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
-use dnal_zoo::kernels::{self, cpu};
+use dnal_zoo::kernels::{self, Activation, cpu};
+
+const ACTIVATIONS: [Activation; 3] = [Activation::Identity, Activation::Relu, Activation::Relu6];
 
 fn train_device() -> Device {
     Device::flex().autodiff()
@@ -88,6 +90,18 @@ fn conv_matches_burn_in_value_and_gradient() {
 fn conv_matches_burn_on_a_larger_batch() {
     conv_case([9, 16, 32, 32], 8, 3, 1, 1);
     conv_case([9, 16, 32, 32], 32, 3, 2, 1);
+}
+
+/// Shapes that take the direct AVX-512 kernels where the CPU has them (stride 1, "same"
+/// padding, maps of a multiple of 16 positions, batches of several groups): odd filter counts
+/// (channel blocks 6 + 6 + 5), odd patch sizes, 4x4 maps whose vectors span images, an odd
+/// number of vectors, 1x1 and 5x5 kernels.
+#[test]
+fn conv_matches_burn_on_the_direct_kernel_shapes() {
+    conv_case([41, 3, 4, 4], 17, 3, 1, 1);
+    conv_case([6, 5, 8, 8], 9, 5, 1, 2);
+    conv_case([5, 4, 16, 16], 8, 1, 1, 0);
+    conv_case([4, 7, 16, 16], 34, 3, 1, 1);
 }
 
 #[test]
@@ -169,7 +183,9 @@ fn gate(channels: usize, mode: GateMode, device: &Device) -> dnal_core::ChannelG
     g
 }
 
-fn norm_case(mode: GateMode, shift: f32, tol: f32) {
+fn norm_case(mode: GateMode, shift: f32, tol: f32, act: Activation) {
+    // A large gamma puts part of ReLU6's output against its upper bound.
+    let gain = if act == Activation::Relu6 { 4.0 } else { 1.0 };
     let device = train_device();
     let shape = [4, 6, 5, 5];
     let c = shape[1];
@@ -179,7 +195,7 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32) {
         let mut bn = BatchNormConfig::new(c).init(&device);
         bn.gamma = bn
             .gamma
-            .map(|_| vec1(noise(c, 13, 0.5, 1.5), &device).require_grad());
+            .map(|_| vec1(noise(c, 13, 0.5 * gain, 1.5 * gain), &device).require_grad());
         bn.beta = bn
             .beta
             .map(|_| vec1(noise(c, 14, -0.5, 0.5), &device).require_grad());
@@ -190,9 +206,9 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32) {
         let g = gate(c, mode, &device);
         let x = x.clone().detach().require_grad();
         let y = if fast {
-            kernels::batch_norm(&bn, g.factor(), x.clone())
+            kernels::batch_norm(&bn, g.factor(), act, x.clone())
         } else {
-            g.forward(bn.forward(x.clone()))
+            act.apply(g.forward(bn.forward(x.clone())))
         };
         let grads = (y.clone() * probe.clone()).sum().backward();
         let alpha_grad = (mode == GateMode::Search).then(|| g.alpha.grad(&grads).unwrap());
@@ -208,7 +224,7 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32) {
     };
     let fast = run(true);
     let reference = run(false);
-    let what = format!("{mode:?} shift {shift}");
+    let what = format!("{mode:?} {act:?} shift {shift}");
     assert_close(&format!("bn {what} output"), fast.0, reference.0, tol);
     assert_close(
         &format!("bn {what} input grad"),
@@ -232,15 +248,23 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32) {
 
 #[test]
 fn batch_norm_with_folded_gate_matches_burn_then_gate() {
-    norm_case(GateMode::Bypass, 0.0, 1e-4);
-    norm_case(GateMode::Search, 0.0, 1e-4);
-    norm_case(GateMode::Masked, 0.0, 1e-4);
+    norm_case(GateMode::Bypass, 0.0, 1e-4, Activation::Identity);
+    norm_case(GateMode::Search, 0.0, 1e-4, Activation::Identity);
+    norm_case(GateMode::Masked, 0.0, 1e-4, Activation::Identity);
+}
+
+#[test]
+fn batch_norm_with_a_fused_activation_matches_burn_then_the_activation() {
+    for act in [Activation::Relu, Activation::Relu6] {
+        norm_case(GateMode::Search, 0.0, 1e-4, act);
+        norm_case(GateMode::Bypass, 0.0, 1e-4, act);
+    }
 }
 
 #[test]
 fn batch_norm_statistics_stay_exact_far_from_zero() {
     // At |mean| = 1000, f32 inputs carry ~6e-5 absolute error: both sides agree to ~1e-3.
-    norm_case(GateMode::Search, 1000.0, 1e-3);
+    norm_case(GateMode::Search, 1000.0, 1e-3, Activation::Identity);
 }
 
 /// A BatchNorm with random affine parameters and running statistics.
@@ -260,13 +284,15 @@ fn batch_norm_in_eval_matches_burn_then_gate() {
     let bn = eval_batch_norm(c, &device);
     let x = input([3, c, 4, 4], 17, &device);
     for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
-        let g = gate(c, mode, &device);
-        assert_close(
-            &format!("bn eval {mode:?}"),
-            kernels::batch_norm(&bn, g.factor(), x.clone()),
-            g.forward(bn.forward(x.clone())),
-            1e-5,
-        );
+        for act in ACTIVATIONS {
+            let g = gate(c, mode, &device);
+            assert_close(
+                &format!("bn eval {mode:?} {act:?}"),
+                kernels::batch_norm(&bn, g.factor(), act, x.clone()),
+                act.apply(g.forward(bn.forward(x.clone()))),
+                1e-5,
+            );
+        }
     }
 }
 
@@ -285,13 +311,17 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
             .init(&device);
         let x = input([3, 4, 9, 9], 19, &device);
         for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
-            let g = gate(c, mode, &device);
-            assert_close(
-                &format!("conv-bn eval s{stride} {mode:?}"),
-                kernels::conv_bn(&conv, &bn, g.factor(), x.clone()),
-                g.forward(bn.forward(conv.forward(x.clone()))),
-                1e-5,
-            );
+            for act in ACTIVATIONS {
+                let g = gate(c, mode, &device);
+                // x3: part of ReLU6's output reaches its upper bound.
+                let x = x.clone() * 3.0;
+                assert_close(
+                    &format!("conv-bn eval s{stride} {mode:?} {act:?}"),
+                    kernels::conv_bn(&conv, &bn, g.factor(), act, x.clone()),
+                    act.apply(g.forward(bn.forward(conv.forward(x)))),
+                    1e-5,
+                );
+            }
         }
     }
 }
@@ -306,7 +336,7 @@ fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
         .alpha
         .map(|_| vec1(vec![1.0, -1.0, 0.5, -0.5], &device).require_grad());
     let x = input([2, c, 3, 3], 18, &device).require_grad();
-    let y = kernels::batch_norm(&bn, g.factor(), x.clone());
+    let y = kernels::batch_norm(&bn, g.factor(), Activation::Relu, x.clone());
     let grads = y.clone().sum().backward();
     for t in [
         y.inner().into_data(),

@@ -32,30 +32,112 @@ pub fn channel_stats(x: &[f32], channels: usize, l: usize) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
-/// `y = (x - mean) * inv_std * a + b` per channel, in one pass.
-pub fn normalize(x: &[f32], channels: usize, l: usize, scale: &[f32], shift: &[f32]) -> Vec<f32> {
+/// An activation that clamps to `[lo, hi]` (ReLU: `[0, inf]`, ReLU6: `[0, 6]`), applied with
+/// BatchNorm so that it costs no pass of its own. NaN passes through unchanged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clamp {
+    /// Lower bound.
+    pub lo: f32,
+    /// Upper bound.
+    pub hi: f32,
+}
+
+impl Clamp {
+    /// No clamp (the identity).
+    pub const NONE: Clamp = Clamp {
+        lo: f32::NEG_INFINITY,
+        hi: f32::INFINITY,
+    };
+
+    /// Whether this is the identity.
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+
+    /// `v` clamped to `[lo, hi]`.
+    #[inline]
+    pub fn apply(self, v: f32) -> f32 {
+        if v < self.lo {
+            self.lo
+        } else if v > self.hi {
+            self.hi
+        } else {
+            v
+        }
+    }
+
+    /// Whether the gradient flows through an output `y` (strictly inside the bounds, as
+    /// burn's ReLU backward has it).
+    #[inline]
+    pub fn passes(self, y: f32) -> bool {
+        y > self.lo && y < self.hi
+    }
+}
+
+/// The output gradient of a BatchNorm whose output `y` went through `clamp`: `(y, clamp)`, or
+/// `None` when nothing was clamped.
+pub type ClampGrad<'a> = Option<(&'a [f32], Clamp)>;
+
+/// `dy` with the values whose output the clamp cut off set to zero, into `buf` (or `dy`
+/// itself when there is no clamp). `at` is the offset of `dy` in the whole tensor.
+fn through_clamp<'a>(
+    dy: &'a [f32],
+    at: usize,
+    clamp: ClampGrad,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    match clamp {
+        None => dy,
+        Some((y, c)) => {
+            buf.clear();
+            buf.extend(
+                dy.iter()
+                    .zip(&y[at..at + dy.len()])
+                    .map(|(&g, &y)| if c.passes(y) { g } else { 0.0 }),
+            );
+            buf
+        }
+    }
+}
+
+/// `y = clamp((x - mean) * inv_std * a + b)` per channel, in one pass.
+pub fn normalize(
+    x: &[f32],
+    channels: usize,
+    l: usize,
+    scale: &[f32],
+    shift: &[f32],
+    clamp: Clamp,
+) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(l)
-        .zip(x.par_chunks(l))
+    y.par_chunks_mut(l.max(1))
+        .zip(x.par_chunks(l.max(1)))
         .enumerate()
         .for_each(|(plane, (dst, src))| {
             let c = plane % channels;
             let (m, b) = (scale[c], shift[c]);
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = s * m + b;
+            if clamp.is_none() {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s * m + b;
+                }
+            } else {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = clamp.apply(s * m + b);
+                }
             }
         });
     y
 }
 
-/// Sums per channel of `dy` and of `dy * xhat` (`xhat = (x - mean) * inv_std`), in f64.
+/// Sums per channel of `dy` and of `dy * xhat` (`xhat = (x - mean) * inv_std`), in f64, with
+/// `dy` first passed back through `clamp`.
 pub fn batch_norm_grad_sums(
     x: &[f32],
     dy: &[f32],
     channels: usize,
     l: usize,
-    mean: &[f32],
-    inv_std: &[f32],
+    (mean, inv_std): (&[f32], &[f32]),
+    clamp: ClampGrad,
 ) -> (Vec<f32>, Vec<f32>) {
     let n = x.len() / (channels * l).max(1);
     (0..channels)
@@ -63,11 +145,13 @@ pub fn batch_norm_grad_sums(
         .map(|c| {
             let (m, r) = (mean[c], inv_std[c]);
             let (mut sd, mut sdx) = (0.0f64, 0.0f64);
+            let mut buf = Vec::new();
             for i in 0..n {
                 let at = (i * channels + c) * l;
+                let g = through_clamp(&dy[at..at + l], at, clamp, &mut buf);
                 let (a, b) = x[at..at + l]
                     .iter()
-                    .zip(&dy[at..at + l])
+                    .zip(g)
                     .fold((0.0f32, 0.0f32), |(a, b), (&xv, &g)| {
                         (a + g, b + g * (xv - m) * r)
                     });
@@ -80,31 +164,63 @@ pub fn batch_norm_grad_sums(
 }
 
 /// The input gradient of batch-statistics BatchNorm with per-channel affine `a`:
-/// `dx = a * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`, one pass.
+/// `dx = a * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`, one pass, with `dy`
+/// first passed back through `clamp`.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_input_grad(
     x: &[f32],
     dy: &[f32],
     channels: usize,
     l: usize,
-    mean: &[f32],
-    inv_std: &[f32],
+    (mean, inv_std): (&[f32], &[f32]),
     a: &[f32],
     sums: (&[f32], &[f32]),
+    clamp: ClampGrad,
 ) -> Vec<f32> {
     let count = (x.len() / channels.max(1)) as f32;
     let mut dx = vec![0.0; x.len()];
-    dx.par_chunks_mut(l).enumerate().for_each(|(plane, dst)| {
-        let c = plane % channels;
-        let at = plane * l;
-        let (m, r) = (mean[c], inv_std[c]);
-        let k = a[c] * r;
-        let (md, mdx) = (sums.0[c] / count, sums.1[c] / count);
-        for ((d, &xv), &g) in dst.iter_mut().zip(&x[at..at + l]).zip(&dy[at..at + l]) {
-            *d = k * (g - md - (xv - m) * r * mdx);
-        }
-    });
+    dx.par_chunks_mut(l.max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (plane, dst)| {
+            let c = plane % channels;
+            let at = plane * l;
+            let (m, r) = (mean[c], inv_std[c]);
+            let k = a[c] * r;
+            let (md, mdx) = (sums.0[c] / count, sums.1[c] / count);
+            let g = through_clamp(&dy[at..at + l], at, clamp, buf);
+            for ((d, &xv), &g) in dst.iter_mut().zip(&x[at..at + l]).zip(g) {
+                *d = k * (g - md - (xv - m) * r * mdx);
+            }
+        });
     dx
+}
+
+/// Per-output-channel `clamp(v * scale + shift)` (BatchNorm and an activation folded into the
+/// convolution for inference), applied as the convolution writes its output.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Per-channel factor.
+    pub scale: &'a [f32],
+    /// Per-channel offset.
+    pub shift: &'a [f32],
+    /// The activation.
+    pub clamp: Clamp,
+}
+
+impl Epilogue<'_> {
+    /// Applies channel `ch`'s transform to `values` in place.
+    pub fn apply(&self, ch: usize, values: &mut [f32]) {
+        let (m, b) = (self.scale[ch], self.shift[ch]);
+        if self.clamp.is_none() {
+            for v in values {
+                *v = *v * m + b;
+            }
+        } else {
+            for v in values {
+                *v = self.clamp.apply(*v * m + b);
+            }
+        }
+    }
 }
 
 /// The shape of one 2-D convolution: square kernel, equal stride and padding on both axes,
@@ -150,7 +266,7 @@ impl ConvGeometry {
 
     /// Output positions `[lo, hi)` along an axis of `out` positions whose input index
     /// `o * stride + k - padding` falls inside `0..size`.
-    fn valid(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
+    pub(crate) fn valid(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
         let (s, p) = (self.stride, self.padding);
         let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
         // o * s + k - p <= size - 1  <=>  o <= (size - 1 + p - k) / s

@@ -1,7 +1,9 @@
 //! The kernels as a burn backend extension on flex, with hand-written backward passes
 //! registered on burn's autodiff graph (burn 0.22's `extension` feature).
 
-use super::cpu::{self, ConvGeometry};
+use super::cpu::{self, Clamp, ConvGeometry, Epilogue};
+use super::direct;
+use super::gemm::{MatMut, MatRef, matmul};
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -41,8 +43,9 @@ pub trait DnalKernels: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 
     /// [`dnal_conv2d`](Self::dnal_conv2d) followed by a per-output-channel `y * scale + shift`
-    /// (a BatchNorm folded into the convolution for inference), applied while the output is
-    /// written.
+    /// clamped to `[lo, hi]` (a BatchNorm and an activation folded into the convolution for
+    /// inference), applied while the output is written.
+    #[allow(clippy::too_many_arguments)]
     fn dnal_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -50,15 +53,20 @@ pub trait DnalKernels: burn::backend::Backend {
         shift: FloatTensor<Self>,
         stride: usize,
         padding: usize,
+        lo: f32,
+        hi: f32,
     ) -> FloatTensor<Self>;
 
     /// Batch-statistics BatchNorm with a per-channel affine transform `a`, `b` (the caller
-    /// folds gamma, beta and any gate into them): two passes forward, two backward.
+    /// folds gamma, beta and any gate into them), its output clamped to `[lo, hi]` (an
+    /// activation: ReLU is `[0, inf]`): two passes forward, two backward.
     fn dnal_batch_norm_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         epsilon: f64,
+        lo: f32,
+        hi: f32,
     ) -> NormOutput<Self>;
 }
 
@@ -97,87 +105,211 @@ fn group_size(g: &ConvGeometry, batch: usize) -> usize {
         .clamp(1, batch.max(1))
 }
 
-/// Images `first..first + count` of a contiguous `[N, C, L]` tensor as one `[C, count * L]`
-/// matrix (a view when `count` is 1).
-fn group_matrix(t: &FlexTensor, first: usize, count: usize, c: usize, l: usize) -> FlexTensor {
-    if count == 1 {
-        return t.narrow(0, first, 1).reshape([c, l].into());
-    }
-    let v = t.storage::<f32>();
-    let mut out = Vec::with_capacity(c * count * l);
-    for ch in 0..c {
-        for i in first..first + count {
-            out.extend_from_slice(&v[(i * c + ch) * l..][..l]);
-        }
-    }
-    tensor(out, &[c, count * l])
+/// Whether `gemm` itself should run its `m x k x n` products in parallel: when there are
+/// fewer groups of images than threads (batch 1 in inference), the groups alone would leave
+/// threads idle, and the products are large enough to share (flex's own threshold).
+fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
+    groups < rayon::current_num_threads() && m * k * n >= 192 * 192 * 192
 }
 
-/// Per-output-channel `(scale, shift)` applied as the output is written.
-type ChannelAffine<'a> = Option<(&'a [f32], &'a [f32])>;
+/// Fewest groups of images (forward) or runs of groups (weight gradient) the AVX-512 kernels
+/// take: they spread whole groups over the threads, so fewer (small batches) are left to
+/// `gemm`, which splits a product itself. A constant, not the number of threads, so that the
+/// result does not depend on the number of threads.
+const DIRECT_MIN_GROUPS: usize = 2;
 
-/// Writes `[C, count * L]` back as `count` images `[C, L]` into `dst`, applying
-/// `v * scale[ch] + shift[ch]` to channel `ch` when given.
-fn ungroup(y: &[f32], c: usize, l: usize, count: usize, affine: ChannelAffine, dst: &mut [f32]) {
-    for (at, out) in dst.chunks_mut(l).enumerate() {
-        let (i, ch) = (at / c, at % c);
-        let src = &y[ch * count * l + i * l..][..l];
-        match affine {
-            Some((scale, shift)) => {
-                let (m, b) = (scale[ch], shift[ch]);
-                for (o, v) in out.iter_mut().zip(src) {
-                    *o = v * m + b;
+/// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
+fn direct_path(groups: usize) -> bool {
+    direct::available() && groups >= DIRECT_MIN_GROUPS
+}
+
+/// Per-thread buffers of the convolution, reused across the images a thread processes.
+#[derive(Default)]
+struct Scratch {
+    /// Column matrix of a group of images.
+    cols: Vec<f32>,
+    /// A group's `[Co, n * L]` matrix (product or gathered output gradient).
+    wide: Vec<f32>,
+}
+
+/// Fills `scratch.cols` with the column matrix `[P, count * L]` of `images`.
+fn columns_into(images: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    let images: Vec<&[f32]> = images.chunks(g.image()).collect();
+    cols.clear();
+    cpu::im2col(&images, g, cols);
+}
+
+/// Images `[count, C, L]` side by side as the matrix `[C, count * L]`, into `out`.
+fn gather_group(images: &[f32], c: usize, l: usize, out: &mut Vec<f32>) {
+    let count = images.len() / (c * l);
+    out.clear();
+    out.reserve(c * count * l);
+    for ch in 0..c {
+        for i in 0..count {
+            out.extend_from_slice(&images[(i * c + ch) * l..][..l]);
+        }
+    }
+}
+
+/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]`, result `[N, Co, OH, OW]`.
+/// Groups of images in parallel: im2col into a per-thread buffer, then `W x cols`, written
+/// straight into the image's output (one image per group) or through the group's product.
+fn conv_forward_slices(
+    x: &[f32],
+    w: &[f32],
+    g: &ConvGeometry,
+    epilogue: Option<Epilogue>,
+) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let batch = x.len() / g.image().max(1);
+    let per = group_size(g, batch);
+    let groups = batch.div_ceil(per);
+    let mut out = vec![0.0f32; batch * co * l];
+    if out.is_empty() {
+        return out;
+    }
+    if direct_path(groups) && direct::supports(g) {
+        let w = direct::PackedWeights::new(w, g);
+        out.par_chunks_mut(per * co * l)
+            .zip(x.par_chunks(per * g.image()))
+            .for_each(|(dst, images)| direct::conv_forward_images(images, &w, g, epilogue, dst));
+        return out;
+    }
+    let parallel = parallel_products(groups, [co, p, per * l]);
+    let lhs = MatRef::row_major(w, co, p);
+    out.par_chunks_mut(per * co * l)
+        .zip(x.par_chunks(per * g.image()))
+        .for_each_init(Scratch::default, |s, (dst, images)| {
+            let count = dst.len() / (co * l);
+            columns_into(images, g, &mut s.cols);
+            let cols = MatRef::row_major(&s.cols, p, count * l);
+            if count == 1 {
+                matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
+                if let Some(e) = epilogue {
+                    for (ch, plane) in dst.chunks_mut(l).enumerate() {
+                        e.apply(ch, plane);
+                    }
+                }
+                return;
+            }
+            s.wide.resize(co * count * l, 0.0);
+            let wide = MatMut::row_major(&mut s.wide, co, count * l);
+            matmul(wide, lhs, cols, false, parallel);
+            for (at, plane) in dst.chunks_mut(l).enumerate() {
+                let (i, ch) = (at / co, at % co);
+                plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
+                if let Some(e) = epilogue {
+                    e.apply(ch, plane);
                 }
             }
-            None => out.copy_from_slice(src),
-        }
-    }
+        });
+    out
 }
 
-/// The column matrix `[P, count * L]` of images `first..first + count` of `x`.
-fn columns(x: &[f32], g: &ConvGeometry, first: usize, count: usize) -> FlexTensor {
-    let images: Vec<&[f32]> = x[first * g.image()..(first + count) * g.image()]
-        .chunks(g.image())
-        .collect();
-    let mut cols = Vec::new();
-    cpu::im2col(&images, g, &mut cols);
-    tensor(cols, &[g.patch(), count * g.positions()])
-}
-
-/// The forward pass, groups of images in parallel: im2col into a buffer that stays in cache,
-/// then `W [Co, P] x cols [P, n * L]`, which is already NCHW for one image.
-fn conv_forward(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
-    conv_forward_affine(x, weight, None, stride, padding)
-}
-
-/// [`conv_forward`] with `v * scale[co] + shift[co]` applied to output channel `co`.
-fn conv_forward_affine(
+/// The forward pass on flex tensors.
+fn conv_forward(
     x: FlexTensor,
     weight: FlexTensor,
-    affine: ChannelAffine,
     stride: usize,
     padding: usize,
+    epilogue: Option<Epilogue>,
 ) -> FlexTensor {
     let x = f32s(&x);
+    let weight = f32s(&weight);
     let g = geometry(&x, &weight, stride, padding);
-    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
-    let w2d = f32s(&weight).reshape([co, p].into());
-    let xv = x.storage::<f32>();
     let batch = x.layout().shape()[0];
-    let per = group_size(&g, batch);
-    let mut out = vec![0.0f32; batch * co * l];
-    out.par_chunks_mut(per * co * l)
-        .enumerate()
-        .for_each(|(n, dst)| {
-            let count = dst.len() / (co * l);
-            let y = f32s(&Flex::float_matmul(
-                w2d.clone(),
-                columns(xv, &g, n * per, count),
-            ));
-            ungroup(y.storage::<f32>(), co, l, count, affine, dst);
-        });
+    let out = conv_forward_slices(x.storage::<f32>(), weight.storage::<f32>(), &g, epilogue);
     let [oh, ow] = g.out_hw();
-    tensor(out, &[batch, co, oh, ow])
+    tensor(out, &[batch, g.out_channels, oh, ow])
+}
+
+/// The weight gradient `sum_i dy_i [Co, L] x cols_i^T [L, P]`, as `[Co * P]`. Runs of
+/// [`WEIGHT_GRAD_RUN`] groups are summed in parallel, each in sequence into its own buffer,
+/// and the runs then in sequence, so the result does not depend on the number of threads.
+fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let batch = x.len() / g.image().max(1);
+    let per = group_size(g, batch);
+    let groups: Vec<(usize, usize)> = (0..batch)
+        .step_by(per)
+        .map(|first| (first, per.min(batch - first)))
+        .collect();
+    let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
+    let direct = direct_path(runs) && direct::supports(g);
+    let parallel = parallel_products(runs, [co, per * l, p]);
+    let partial = |run: &[(usize, usize)]| {
+        if direct {
+            // The run's groups are consecutive images.
+            let first = run[0].0;
+            let images: usize = run.iter().map(|&(_, count)| count).sum();
+            return direct::conv_weight_grad_images(
+                &x[first * g.image()..][..images * g.image()],
+                &dy[first * co * l..][..images * co * l],
+                g,
+            );
+        }
+        let mut s = Scratch::default();
+        let mut dw = vec![0.0f32; co * p];
+        for (n, &(first, count)) in run.iter().enumerate() {
+            columns_into(&x[first * g.image()..][..count * g.image()], g, &mut s.cols);
+            let cols_t = MatRef::row_major(&s.cols, p, count * l).t();
+            let dy_group = &dy[first * co * l..][..count * co * l];
+            let dy_group = if count == 1 {
+                MatRef::row_major(dy_group, co, l)
+            } else {
+                gather_group(dy_group, co, l, &mut s.wide);
+                MatRef::row_major(&s.wide, co, count * l)
+            };
+            let dst = MatMut::row_major(&mut dw, co, p);
+            matmul(dst, dy_group, cols_t, n > 0, parallel);
+        }
+        dw
+    };
+    let sums: Vec<Vec<f32>> = groups.par_chunks(WEIGHT_GRAD_RUN).map(partial).collect();
+    let mut sums = sums.into_iter();
+    let mut dw = sums.next().unwrap_or_else(|| vec![0.0; co * p]);
+    for run in sums {
+        for (d, v) in dw.iter_mut().zip(&run) {
+            *d += v;
+        }
+    }
+    dw
+}
+
+/// The input gradient of a strided convolution: per group, `W^T [P, Co] x dy [Co, n * L]`,
+/// then col2im of each image's columns.
+fn conv_input_grad_strided(dy: &[f32], w: &[f32], g: &ConvGeometry, batch: usize) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let per = group_size(g, batch);
+    let parallel = parallel_products(batch.div_ceil(per), [p, co, per * l]);
+    let w_t = MatRef::row_major(w, co, p).t();
+    let mut dx = vec![0.0f32; batch * g.image()];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(per * g.image())
+        .zip(dy.par_chunks(per * co * l))
+        .for_each_init(Scratch::default, |s, (dst, dy)| {
+            let count = dst.len() / g.image();
+            let dy = if count == 1 {
+                MatRef::row_major(dy, co, l)
+            } else {
+                gather_group(dy, co, l, &mut s.wide);
+                MatRef::row_major(&s.wide, co, count * l)
+            };
+            s.cols.resize(p * count * l, 0.0);
+            matmul(
+                MatMut::row_major(&mut s.cols, p, count * l),
+                w_t,
+                dy,
+                false,
+                parallel,
+            );
+            for (i, image) in dst.chunks_mut(g.image()).enumerate() {
+                cpu::col2im(&s.cols, g, count, i, image);
+            }
+        });
+    dx
 }
 
 /// `(dx, dweight)`, each only when asked for.
@@ -191,57 +323,20 @@ fn conv_backward(
 ) -> (Option<FlexTensor>, Option<FlexTensor>) {
     let x = f32s(x);
     let grad = f32s(grad);
-    let xv = x.storage::<f32>();
+    let (xv, dy) = (x.storage::<f32>(), grad.storage::<f32>());
     let batch = x.layout().shape()[0];
-    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
-    let per = group_size(&g, batch);
-    let groups: Vec<(usize, usize)> = (0..batch)
-        .step_by(per)
-        .map(|first| (first, per.min(batch - first)))
-        .collect();
-    // dW = sum over groups of grad [Co, n * L] x cols^T [n * L, P], summed in a fixed order
-    // (runs of groups in parallel, each run and then the runs in sequence) so that the result
-    // does not depend on the number of threads.
     let dw = want_w.then(|| {
-        let partial = |run: &[(usize, usize)]| {
-            run.iter()
-                .map(|&(first, count)| {
-                    let cols = columns(xv, &g, first, count);
-                    let dy = group_matrix(&grad, first, count, co, l);
-                    Flex::float_matmul(dy, cols.transpose(0, 1))
-                })
-                .reduce(Flex::float_add)
-                .expect("a non-empty run")
-        };
-        let sum = groups
-            .par_chunks(WEIGHT_GRAD_RUN)
-            .map(partial)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .reduce(Flex::float_add)
-            .expect("a non-empty batch");
-        f32s(&sum).reshape([co, g.in_channels, g.kernel, g.kernel].into())
+        let dw = conv_weight_grad(xv, dy, &g);
+        tensor(dw, &[g.out_channels, g.in_channels, g.kernel, g.kernel])
     });
     let dx = want_x.then(|| {
         if g.stride == 1 {
             // The input gradient of a stride-1 convolution is the convolution of the output
             // gradient with the transposed, flipped kernel and padding k - 1 - p.
             let flipped = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
-            return conv_forward(grad.clone(), f32s(&flipped), 1, g.kernel - 1 - g.padding);
+            return conv_forward(grad.clone(), flipped, 1, g.kernel - 1 - g.padding, None);
         }
-        // Strided: col2im of W^T [P, Co] x grad [Co, n * L], group by group.
-        let w2d_t = f32s(weight).reshape([co, p].into()).transpose(0, 1);
-        let mut dx = vec![0.0f32; batch * g.image()];
-        dx.par_chunks_mut(per * g.image())
-            .enumerate()
-            .for_each(|(n, dst)| {
-                let count = dst.len() / g.image();
-                let dy = group_matrix(&grad, n * per, count, co, l);
-                let dcols = f32s(&Flex::float_matmul(w2d_t.clone(), dy));
-                for (i, image) in dst.chunks_mut(g.image()).enumerate() {
-                    cpu::col2im(dcols.storage::<f32>(), &g, count, i, image);
-                }
-            });
+        let dx = conv_input_grad_strided(dy, f32s(weight).storage::<f32>(), &g, batch);
         tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])
     });
     (dx, dw)
@@ -284,7 +379,13 @@ fn inv_std(variance: &[f32], epsilon: f64) -> Vec<f32> {
         .collect()
 }
 
-fn norm_forward(x: &FlexTensor, a: &FlexTensor, b: &FlexTensor, epsilon: f64) -> NormOutput<Flex> {
+fn norm_forward(
+    x: &FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    epsilon: f64,
+    clamp: Clamp,
+) -> NormOutput<Flex> {
     let x = f32s(x);
     let (c, l) = per_channel(&x);
     let xv = x.storage::<f32>();
@@ -293,7 +394,7 @@ fn norm_forward(x: &FlexTensor, a: &FlexTensor, b: &FlexTensor, epsilon: f64) ->
     let (a, b) = (vec_of(a), vec_of(b));
     let scale: Vec<f32> = (0..c).map(|i| a[i] * r[i]).collect();
     let shift: Vec<f32> = (0..c).map(|i| b[i] - mean[i] * scale[i]).collect();
-    let y = cpu::normalize(xv, c, l, &scale, &shift);
+    let y = cpu::normalize(xv, c, l, &scale, &shift, clamp);
     NormOutput {
         output: tensor(y, x.layout().shape()),
         mean: tensor(mean, &[c]),
@@ -303,7 +404,7 @@ fn norm_forward(x: &FlexTensor, a: &FlexTensor, b: &FlexTensor, epsilon: f64) ->
 
 impl DnalKernels for Flex {
     fn dnal_conv2d(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
-        conv_forward(x, weight, stride, padding)
+        conv_forward(x, weight, stride, padding, None)
     }
 
     fn dnal_conv2d_affine(
@@ -313,9 +414,16 @@ impl DnalKernels for Flex {
         shift: FlexTensor,
         stride: usize,
         padding: usize,
+        lo: f32,
+        hi: f32,
     ) -> FlexTensor {
         let (scale, shift) = (vec_of(&scale), vec_of(&shift));
-        conv_forward_affine(x, weight, Some((&scale, &shift)), stride, padding)
+        let epilogue = Epilogue {
+            scale: &scale,
+            shift: &shift,
+            clamp: Clamp { lo, hi },
+        };
+        conv_forward(x, weight, stride, padding, Some(epilogue))
     }
 
     fn dnal_batch_norm_train(
@@ -323,39 +431,48 @@ impl DnalKernels for Flex {
         a: FlexTensor,
         b: FlexTensor,
         epsilon: f64,
+        lo: f32,
+        hi: f32,
     ) -> NormOutput<Flex> {
-        norm_forward(&x, &a, &b, epsilon)
+        norm_forward(&x, &a, &b, epsilon, Clamp { lo, hi })
     }
 }
 
 #[derive(Debug)]
 struct NormBackward;
 
+/// What [`NormBackward`] keeps: input, `a`, batch mean, batch variance, epsilon, and the
+/// clamp with the output it cut (only when there is a clamp).
+type NormState = (
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    f64,
+    Option<(FlexTensor, Clamp)>,
+);
+
 impl Backward<Flex, 3> for NormBackward {
-    /// Input, `a`, batch mean, batch variance, epsilon.
-    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64);
+    type State = NormState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let grad = f32s(&grads.consume::<Flex>(&ops.node));
-        let (x, a, mean, var, epsilon) = ops.state;
+        let (x, a, mean, var, epsilon, clamped) = ops.state;
         let x = f32s(&x);
         let (c, l) = per_channel(&x);
         let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
         let (mean, var) = (vec_of(&mean), vec_of(&var));
         let r = inv_std(&var, epsilon);
-        let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, &mean, &r);
+        let output = clamped.map(|(y, clamp)| (f32s(&y), clamp));
+        let clamp = output
+            .as_ref()
+            .map(|(y, clamp)| (y.storage::<f32>(), *clamp));
+        let stats = (mean.as_slice(), r.as_slice());
+        let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, stats, clamp);
         if let Some(node) = node_x {
-            let dx = cpu::batch_norm_input_grad(
-                xv,
-                gv,
-                c,
-                l,
-                &mean,
-                &r,
-                &vec_of(&a),
-                (&sum_dy, &sum_dy_xhat),
-            );
+            let sums = (sum_dy.as_slice(), sum_dy_xhat.as_slice());
+            let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &vec_of(&a), sums, clamp);
             grads.register::<Flex>(node.id, tensor(dx, x.layout().shape()));
         }
         if let Some(node) = node_a {
@@ -368,7 +485,7 @@ impl Backward<Flex, 3> for NormBackward {
 }
 
 impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
-    /// Composed of differentiable operations: the convolution, then the affine transform.
+    /// Composed of differentiable operations: the convolution, the affine transform, the clamp.
     fn dnal_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -376,11 +493,18 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         shift: FloatTensor<Self>,
         stride: usize,
         padding: usize,
+        lo: f32,
+        hi: f32,
     ) -> FloatTensor<Self> {
         let y = Self::dnal_conv2d(x, weight, stride, padding);
         let c = shift.shape().num_elements();
         let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
-        Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift))
+        let y = Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift));
+        if (Clamp { lo, hi }).is_none() {
+            y
+        } else {
+            Self::float_clamp(y, lo.into(), hi.into())
+        }
     }
 
     fn dnal_conv2d(
@@ -397,7 +521,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
             OpsKind::Tracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
                 let g = geometry(&x, &weight, stride, padding);
-                let out = conv_forward(x.clone(), weight.clone(), stride, padding);
+                let out = conv_forward(x.clone(), weight.clone(), stride, padding, None);
                 prep.finish((x, weight, g), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(conv_forward(
@@ -405,6 +529,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 weight.into_primitive(),
                 stride,
                 padding,
+                None,
             )),
         }
     }
@@ -414,7 +539,10 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         epsilon: f64,
+        lo: f32,
+        hi: f32,
     ) -> NormOutput<Self> {
+        let clamp = Clamp { lo, hi };
         match NormBackward
             .prepare::<C>([x.node(), a.node(), b.node()])
             .compute_bound()
@@ -422,8 +550,16 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
-                let out = norm_forward(&x, &a, &b, epsilon);
-                let state = (x, a, out.mean.clone(), out.variance.clone(), epsilon);
+                let out = norm_forward(&x, &a, &b, epsilon, clamp);
+                let clamped = (!clamp.is_none()).then(|| (out.output.clone(), clamp));
+                let state = (
+                    x,
+                    a,
+                    out.mean.clone(),
+                    out.variance.clone(),
+                    epsilon,
+                    clamped,
+                );
                 NormOutput {
                     output: prep.finish(state, out.output),
                     mean: Self::from_inner(out.mean),
@@ -431,7 +567,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 }
             }
             OpsKind::UnTracked(prep) => {
-                let out = norm_forward(x.primitive(), a.primitive(), b.primitive(), epsilon);
+                let out = norm_forward(x.primitive(), a.primitive(), b.primitive(), epsilon, clamp);
                 NormOutput {
                     output: prep.finish(out.output),
                     mean: Self::from_inner(out.mean),

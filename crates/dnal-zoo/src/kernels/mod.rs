@@ -28,14 +28,20 @@
 
 pub mod cpu;
 #[cfg(feature = "flex")]
+mod direct;
+#[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "flex")]
+pub mod gemm;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::DType;
+use burn::tensor::activation::{relu, relu6};
 use burn::tensor::module::conv2d as burn_conv2d;
 use burn::tensor::ops::ConvOptions;
+use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -65,6 +71,43 @@ pub fn takes_fast_path<const D: usize>(x: &Tensor<D>) -> bool {
     {
         let _ = x;
         false
+    }
+}
+
+/// The activation that ends a conv -> BN (-> gate) unit. The unit applies it itself, so that
+/// on flex it costs no pass of its own: it is fused into BatchNorm in training and into the
+/// convolution's output in inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// None.
+    #[default]
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+}
+
+impl Activation {
+    /// The activation as a clamp to `[lo, hi]`.
+    pub fn clamp(self) -> Clamp {
+        match self {
+            Self::Identity => Clamp::NONE,
+            Self::Relu => Clamp {
+                lo: 0.0,
+                hi: f32::INFINITY,
+            },
+            Self::Relu6 => Clamp { lo: 0.0, hi: 6.0 },
+        }
+    }
+
+    /// The activation with burn's operations.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Identity => x,
+            Self::Relu => relu(x),
+            Self::Relu6 => relu6(x),
+        }
     }
 }
 
@@ -118,15 +161,17 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
     )
 }
 
-/// `batch_norm(bn, factor, conv(x))`. In inference on flex (no autodiff device, f32, a
-/// convolution that fits [`conv2d`]) BatchNorm and the factor are folded into the convolution
-/// itself: `y * scale + shift` per channel, `scale = gamma * g / sqrt(var + eps)`,
-/// `shift = beta * g - mean * scale`, is applied as the convolution writes its output, so the
-/// unit makes no pass over its output besides the convolution's.
+/// `act(batch_norm(bn, factor, conv(x)))`. In inference on flex (no autodiff device, f32, a
+/// convolution that fits [`conv2d`]) BatchNorm, the factor and the activation are folded into
+/// the convolution itself: `act(y * scale + shift)` per channel,
+/// `scale = gamma * g / sqrt(var + eps)`, `shift = beta * g - mean * scale`, is applied as the
+/// convolution writes its output, so the unit makes no pass over its output besides the
+/// convolution's.
 pub fn conv_bn(
     conv: &Conv2d,
     bn: &BatchNorm,
     factor: Option<Tensor<1>>,
+    act: Activation,
     x: Tensor<4>,
 ) -> Tensor<4> {
     let (a, b) = affine(bn, factor);
@@ -140,6 +185,7 @@ pub fn conv_bn(
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         let (scale, shift) = running_affine(bn, a, b, &x.device());
+        let Clamp { lo, hi } = act.clamp();
         return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_conv2d_affine(
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
@@ -147,20 +193,28 @@ pub fn conv_bn(
             shift.into_dispatch(),
             stride,
             padding,
+            lo,
+            hi,
         ));
     }
-    batch_norm_affine(bn, a, b, conv_forward(conv, x))
+    batch_norm_affine(bn, a, b, act, conv_forward(conv, x))
 }
 
-/// `bn(x)` followed by a per-channel `factor` (a channel gate's, `None` for no gate), with the
-/// factor folded into BatchNorm's affine transform.
+/// `act(bn(x) * factor)`: BatchNorm followed by a per-channel `factor` (a channel gate's,
+/// `None` for no gate), with the factor folded into BatchNorm's affine transform, and the
+/// activation `act`.
 ///
 /// Training (an autodiff device and a BatchNorm not frozen) uses the batch statistics and
 /// updates the running ones exactly as burn's BatchNorm does; evaluation uses the running
 /// statistics.
-pub fn batch_norm(bn: &BatchNorm, factor: Option<Tensor<1>>, x: Tensor<4>) -> Tensor<4> {
+pub fn batch_norm(
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    act: Activation,
+    x: Tensor<4>,
+) -> Tensor<4> {
     let (a, b) = affine(bn, factor);
-    batch_norm_affine(bn, a, b, x)
+    batch_norm_affine(bn, a, b, act, x)
 }
 
 /// BatchNorm's affine transform with the factor folded in: `(gamma * g, beta * g)`.
@@ -189,14 +243,20 @@ fn running_affine(
     (scale, shift)
 }
 
-fn batch_norm_affine(bn: &BatchNorm, a: Tensor<1>, b: Tensor<1>, x: Tensor<4>) -> Tensor<4> {
+fn batch_norm_affine(
+    bn: &BatchNorm,
+    a: Tensor<1>,
+    b: Tensor<1>,
+    act: Activation,
+    x: Tensor<4>,
+) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training {
         let (scale, shift) = running_affine(bn, a, b, &x.device());
         let [_, c, _, _] = x.dims();
-        return x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
+        return act.apply(x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]));
     }
-    let (output, mean, variance) = batch_norm_train(x, a, b, bn.epsilon);
+    let (output, mean, variance) = batch_norm_train(x, a, b, bn.epsilon, act);
     let device = mean.device();
     let update = |state: &burn::module::RunningState<Tensor<1>>, stat: Tensor<1>| {
         let old = state.value_sync().to_device(&device);
@@ -208,23 +268,28 @@ fn batch_norm_affine(bn: &BatchNorm, a: Tensor<1>, b: Tensor<1>, x: Tensor<4>) -
     output
 }
 
-/// `(x - mean) / sqrt(var + eps) * a + b` with the batch's statistics, and those statistics
-/// (mean, biased variance; detached).
+/// `act((x - mean) / sqrt(var + eps) * a + b)` with the batch's statistics, and those
+/// statistics (mean, biased variance; detached). On flex the activation is applied in the same
+/// pass, and its gradient in BatchNorm's backward passes.
 pub fn batch_norm_train(
     x: Tensor<4>,
     a: Tensor<1>,
     b: Tensor<1>,
     epsilon: f64,
+    act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x) && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
         use burn::backend::Dispatch;
         use flex::DnalKernels;
+        let Clamp { lo, hi } = act.clamp();
         let out = <Dispatch as DnalKernels>::dnal_batch_norm_train(
             x.into_dispatch(),
             a.into_dispatch(),
             b.into_dispatch(),
             epsilon,
+            lo,
+            hi,
         );
         return (
             Tensor::from_dispatch(out.output),
@@ -233,5 +298,5 @@ pub fn batch_norm_train(
         );
     }
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
-    (out.output, out.mean, out.variance)
+    (act.apply(out.output), out.mean, out.variance)
 }
