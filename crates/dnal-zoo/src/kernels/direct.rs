@@ -54,7 +54,7 @@ pub fn available() -> bool {
 pub fn supports(g: &ConvGeometry) -> bool {
     g.stride == 1
         && g.out_hw() == g.in_hw
-        && g.positions() % LANES == 0
+        && g.positions().is_multiple_of(LANES)
         && g.positions() > 0
         && g.patch() > 0
 }
