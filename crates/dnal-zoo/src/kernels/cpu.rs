@@ -18,9 +18,9 @@ pub fn channel_stats(x: &[f32], channels: usize, l: usize) -> (Vec<f32>, Vec<f32
             let (mut s, mut q) = (0.0f64, 0.0f64);
             for i in 0..n {
                 let plane = &x[(i * channels + c) * l..][..l];
-                let (ps, pq) = plane.iter().fold((0.0f32, 0.0f32), |(s, q), &v| {
+                let (ps, pq) = lane_sums(plane, plane, plane, |v, _, _| {
                     let d = v - shift as f32;
-                    (s + d, q + d * d)
+                    (d, d * d)
                 });
                 s += f64::from(ps);
                 q += f64::from(pq);
@@ -78,26 +78,47 @@ impl Clamp {
 /// `None` when nothing was clamped.
 pub type ClampGrad<'a> = Option<(&'a [f32], Clamp)>;
 
-/// `dy` with the values whose output the clamp cut off set to zero, into `buf` (or `dy`
-/// itself when there is no clamp). `at` is the offset of `dy` in the whole tensor.
-fn through_clamp<'a>(
-    dy: &'a [f32],
-    at: usize,
-    clamp: ClampGrad,
-    buf: &'a mut Vec<f32>,
-) -> &'a [f32] {
-    match clamp {
-        None => dy,
-        Some((y, c)) => {
-            buf.clear();
-            buf.extend(
-                dy.iter()
-                    .zip(&y[at..at + dy.len()])
-                    .map(|(&g, &y)| if c.passes(y) { g } else { 0.0 }),
-            );
-            buf
+/// Lanes summed side by side, so that the sums vectorize (a single running sum is one long
+/// chain of dependent additions); always in the same order.
+const SUM_LANES: usize = 16;
+
+/// `(sum f(x, g, y).0, sum f(x, g, y).1)` over the elements of three equal-length slices, in
+/// [`SUM_LANES`] partial sums (pass a slice twice where fewer are needed).
+#[inline]
+fn lane_sums(
+    xs: &[f32],
+    gs: &[f32],
+    ys: &[f32],
+    f: impl Fn(f32, f32, f32) -> (f32, f32),
+) -> (f32, f32) {
+    let (mut a, mut b) = ([0.0f32; SUM_LANES], [0.0f32; SUM_LANES]);
+    fn chunks(v: &[f32]) -> std::slice::ChunksExact<'_, f32> {
+        v.chunks_exact(SUM_LANES)
+    }
+    for ((x, g), y) in chunks(xs).zip(chunks(gs)).zip(chunks(ys)) {
+        for j in 0..SUM_LANES {
+            let (u, v) = f(x[j], g[j], y[j]);
+            a[j] += u;
+            b[j] += v;
         }
     }
+    let (xr, gr, yr) = (
+        chunks(xs).remainder(),
+        chunks(gs).remainder(),
+        chunks(ys).remainder(),
+    );
+    for (j, ((&x, &g), &y)) in xr.iter().zip(gr).zip(yr).enumerate() {
+        let (u, v) = f(x, g, y);
+        a[j] += u;
+        b[j] += v;
+    }
+    (a.iter().sum(), b.iter().sum())
+}
+
+/// `g` where the clamp let output `y` through, else zero.
+#[inline]
+fn through(g: f32, y: f32, clamp: Clamp) -> f32 {
+    if clamp.passes(y) { g } else { 0.0 }
 }
 
 /// `y = clamp((x - mean) * inv_std * a + b)` per channel, in one pass.
@@ -145,16 +166,16 @@ pub fn batch_norm_grad_sums(
         .map(|c| {
             let (m, r) = (mean[c], inv_std[c]);
             let (mut sd, mut sdx) = (0.0f64, 0.0f64);
-            let mut buf = Vec::new();
             for i in 0..n {
                 let at = (i * channels + c) * l;
-                let g = through_clamp(&dy[at..at + l], at, clamp, &mut buf);
-                let (a, b) = x[at..at + l]
-                    .iter()
-                    .zip(g)
-                    .fold((0.0f32, 0.0f32), |(a, b), (&xv, &g)| {
-                        (a + g, b + g * (xv - m) * r)
-                    });
+                let (xs, gs) = (&x[at..at + l], &dy[at..at + l]);
+                let (a, b) = match clamp {
+                    None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
+                    Some((y, clamp)) => lane_sums(xs, gs, &y[at..at + l], |xv, g, yv| {
+                        let g = through(g, yv, clamp);
+                        (g, g * (xv - m) * r)
+                    }),
+                };
                 sd += f64::from(a);
                 sdx += f64::from(b);
             }
@@ -181,15 +202,25 @@ pub fn batch_norm_input_grad(
     let mut dx = vec![0.0; x.len()];
     dx.par_chunks_mut(l.max(1))
         .enumerate()
-        .for_each_init(Vec::new, |buf, (plane, dst)| {
+        .for_each(|(plane, dst)| {
             let c = plane % channels;
             let at = plane * l;
             let (m, r) = (mean[c], inv_std[c]);
             let k = a[c] * r;
             let (md, mdx) = (sums.0[c] / count, sums.1[c] / count);
-            let g = through_clamp(&dy[at..at + l], at, clamp, buf);
-            for ((d, &xv), &g) in dst.iter_mut().zip(&x[at..at + l]).zip(g) {
-                *d = k * (g - md - (xv - m) * r * mdx);
+            let (xs, gs) = (&x[at..at + l], &dy[at..at + l]);
+            match clamp {
+                None => {
+                    for ((d, &xv), &g) in dst.iter_mut().zip(xs).zip(gs) {
+                        *d = k * (g - md - (xv - m) * r * mdx);
+                    }
+                }
+                Some((y, clamp)) => {
+                    let ys = &y[at..at + l];
+                    for (((d, &xv), &g), &yv) in dst.iter_mut().zip(xs).zip(gs).zip(ys) {
+                        *d = k * (through(g, yv, clamp) - md - (xv - m) * r * mdx);
+                    }
+                }
             }
         });
     dx
