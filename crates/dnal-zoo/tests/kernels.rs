@@ -301,7 +301,9 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
     let device = Device::flex();
     let c = 6;
     let bn = eval_batch_norm(c, &device);
-    for (stride, padding) in [(1, 1), (2, 1)] {
+    // 9x9 maps take im2col and gemm; 16x16 maps of a batch of 9 the direct kernels, with the
+    // epilogue applied in the micro-kernel.
+    for (stride, padding, hw, batch) in [(1, 1, 9, 3), (2, 1, 9, 3), (1, 1, 16, 9)] {
         let conv = burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
             .with_stride([stride; 2])
             .with_padding(burn::nn::PaddingConfig2d::Explicit(
@@ -309,14 +311,14 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
             ))
             .with_bias(false)
             .init(&device);
-        let x = input([3, 4, 9, 9], 19, &device);
+        let x = input([batch, 4, hw, hw], 19, &device);
         for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
             for act in ACTIVATIONS {
                 let g = gate(c, mode, &device);
                 // x3: part of ReLU6's output reaches its upper bound.
                 let x = x.clone() * 3.0;
                 assert_close(
-                    &format!("conv-bn eval s{stride} {mode:?} {act:?}"),
+                    &format!("conv-bn eval {hw}x{hw} s{stride} {mode:?} {act:?}"),
                     kernels::conv_bn(&conv, &bn, g.factor(), act, x.clone()),
                     act.apply(g.forward(bn.forward(conv.forward(x)))),
                     1e-5,

@@ -161,22 +161,48 @@ impl PackedWeights {
     }
 }
 
-/// One vector of output positions: its image's input and where it starts in the image.
+/// One vector of output positions: its image's input, its image's index in the batch and
+/// where it starts in the image.
 #[derive(Clone, Copy)]
 struct Vector<'a> {
     image: &'a [f32],
+    index: usize,
     at: usize,
     masks: &'a [u16],
 }
 
-/// The forward convolution of consecutive images (`x`, `[n, Ci, H, W]`) into `out`
-/// (`[n, Co, H, W]`), with the epilogue applied as each tile is written.
-pub fn conv_forward_images(
+/// The forward convolution of a batch (`x`, `[N, Ci, H, W]`, `g` accepted by [`supports`]),
+/// `per` images per parallel task, with the epilogue applied in the micro-kernel. The output
+/// (`[N, Co, H, W]`) is written once, without being zeroed first.
+pub fn conv_forward(
+    x: &[f32],
+    w: &PackedWeights,
+    g: &ConvGeometry,
+    per: usize,
+    epilogue: Option<Epilogue>,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (co, l, image_len) = (g.out_channels, g.positions(), g.image());
+    let batch = x.len() / image_len;
+    let n = batch * co * l;
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(per.max(1) * co * l)
+        .zip(x.par_chunks(per.max(1) * image_len))
+        .for_each(|(dst, images)| conv_forward_images(images, w, g, epilogue, dst));
+    // SAFETY: `conv_forward_images` wrote every element of every chunk: each image's every
+    // vector of positions, for every channel block, and the blocks cover all channels.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// [`conv_forward`] of consecutive images into `out` (`[n, Co, H, W]`), every element written.
+fn conv_forward_images(
     x: &[f32],
     w: &PackedWeights,
     g: &ConvGeometry,
     epilogue: Option<Epilogue>,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (l, co) = (g.positions(), g.out_channels);
     let image_len = g.image();
@@ -185,29 +211,81 @@ pub fn conv_forward_images(
     let per_image = l / LANES;
     let vector = |v: usize| Vector {
         image: &x[(v / per_image) * image_len..][..image_len],
+        index: v / per_image,
         at: (v % per_image) * LANES,
         masks: w.taps.masks(v % per_image),
     };
     let total = images * per_image;
-    let mut tile = [0.0f32; MAX_CHANNELS * 2 * LANES];
+    let (ones, zeros) = (vec![1.0f32; co], vec![0.0f32; co]);
+    let (scale, shift, clamp) = match epilogue {
+        Some(e) => (e.scale, e.shift, e.clamp),
+        None => (&ones[..], &zeros[..], super::cpu::Clamp::NONE),
+    };
     for v in (0..total).step_by(2) {
-        let pair = [Some(vector(v)), (v + 1 < total).then(|| vector(v + 1))];
+        let pair = [
+            vector(v),
+            if v + 1 < total {
+                vector(v + 1)
+            } else {
+                vector(v)
+            },
+        ];
+        let second = v + 1 < total;
         for (b, &(first, count)) in w.blocks.iter().enumerate() {
-            forward_tile(w.block(b), &w.taps.offsets, l, pair, count, &mut tile);
-            for (half, slot) in pair.iter().enumerate() {
-                let Some(slot) = slot else { continue };
-                let image = (v + half) / per_image;
-                for r in 0..count {
-                    let ch = first + r;
-                    let dst = &mut out[(image * co + ch) * l + slot.at..][..LANES];
-                    dst.copy_from_slice(&tile[(r * 2 + half) * LANES..][..LANES]);
-                    if let Some(e) = epilogue {
-                        e.apply(ch, dst);
-                    }
-                }
-            }
+            let tile = Tile {
+                out: &mut *out,
+                starts: pair.map(|p| (p.index * co + first) * l + p.at),
+                stride: l,
+                count,
+                second,
+                scale: &scale[first..first + count],
+                shift: &shift[first..first + count],
+                bounds: (clamp.lo, clamp.hi),
+            };
+            forward_tile(w.block(b), &w.taps.offsets, l, pair, tile);
         }
     }
+}
+
+/// Where a forward micro-kernel writes: channel `r < count` of vector `h` goes to
+/// `out[starts[h] + r * stride..][..16]` (the second vector only when `second`), as
+/// `clamp(v * scale[r] + shift[r])`.
+struct Tile<'a> {
+    out: &'a mut [std::mem::MaybeUninit<f32>],
+    starts: [usize; 2],
+    stride: usize,
+    count: usize,
+    second: bool,
+    scale: &'a [f32],
+    shift: &'a [f32],
+    bounds: (f32, f32),
+}
+
+/// Computes one tile (up to 8 channels x 2 vectors of positions) and writes it.
+fn forward_tile(w: &[f32], offsets: &[isize], l: usize, pair: [Vector; 2], tile: Tile) {
+    let channels = pair[0].image.len() / l;
+    assert!(w.len() >= channels * offsets.len() * MAX_CHANNELS);
+    assert!(pair.iter().all(|p| p.masks.len() == offsets.len()));
+    assert!(tile.scale.len() == tile.count && tile.shift.len() == tile.count);
+    for start in tile.starts {
+        assert!(start + (tile.count - 1) * tile.stride + LANES <= tile.out.len());
+    }
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match tile.count {
+                $($r => {
+                    // SAFETY: the callers use the direct kernels only when `available()`; every
+                    // unmasked lane of tap t at position at + lane reads input position
+                    // at + lane + offsets[t] of channel c, inside the image (`Taps::new`); the
+                    // stores are inside `tile.out` (asserted above).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe { avx512::forward::<$r>(w, offsets, l, channels, pair, tile) }
+                })*
+                _ => unreachable!("channel blocks hold 1 to {MAX_CHANNELS} channels"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8);
 }
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
@@ -235,51 +313,6 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
         }
     }
     dw
-}
-
-/// `tile[r][half]` (two vectors per channel) = block weights x shifted input, for `r < count`.
-fn forward_tile(
-    w: &[f32],
-    offsets: &[isize],
-    l: usize,
-    pair: [Option<Vector>; 2],
-    count: usize,
-    tile: &mut [f32; MAX_CHANNELS * 2 * LANES],
-) {
-    let first = pair[0].expect("a tile has a first vector");
-    // A missing second vector reads nothing (all lanes masked off) from the first's image.
-    let second = pair[1].unwrap_or(first);
-    let none = [0u16; 0];
-    let second_masks = if pair[1].is_some() {
-        second.masks
-    } else {
-        &none[..]
-    };
-    let channels = first.image.len() / l;
-    assert!(w.len() >= channels * offsets.len() * MAX_CHANNELS);
-    assert!(first.masks.len() == offsets.len());
-    macro_rules! dispatch {
-        ($($r:literal)*) => {
-            match count {
-                $($r => {
-                    // SAFETY: the callers use the direct kernels only when `available()`; every
-                    // unmasked lane of tap t at position at + lane reads input position
-                    // at + lane + offsets[t] of channel c, inside the image (`Taps::new`).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        avx512::forward::<$r>(
-                            w, offsets, l, channels,
-                            (first.image, first.at, first.masks),
-                            (second.image, second.at, second_masks),
-                            tile,
-                        )
-                    }
-                })*
-                _ => unreachable!("channel blocks hold 1 to {MAX_CHANNELS} channels"),
-            }
-        };
-    }
-    dispatch!(1 2 3 4 5 6 7 8);
 }
 
 /// `sums[r][j]` = sum over the images and positions of `dy[c0 + r] * x_shifted[k0 + j]`.
@@ -315,7 +348,7 @@ fn weight_grad_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{ConvGeometry, DW_CHANNELS, DW_ROWS, LANES, MAX_CHANNELS, Taps};
+    use super::{ConvGeometry, DW_CHANNELS, DW_ROWS, LANES, MAX_CHANNELS, Taps, Tile, Vector};
     use std::arch::x86_64::*;
 
     /// The masked load of 16 input values of channel `c` at flattened position
@@ -331,35 +364,33 @@ mod avx512 {
         unsafe { _mm512_maskz_loadu_ps(mask, ptr) }
     }
 
-    /// `tile[r][0]`, `tile[r][1]` = sum over patch rows `k = (c, t)` of `w[k][r]` times the
-    /// two vectors' shifted input.
+    /// Channels `r < R` of a tile: the sum over patch rows `k = (c, t)` of `w[k][r]` times the
+    /// two vectors' shifted input, through the epilogue, stored where `tile` says.
     ///
     /// # Safety
     /// AVX-512F must be available; `w` holds `channels * offsets.len() * MAX_CHANNELS`
-    /// values; each vector's masks say which lanes of each tap are inside its image (an empty
-    /// mask list: none).
-    #[allow(clippy::too_many_arguments)]
+    /// values; each vector's masks say which lanes of each tap are inside its image; every
+    /// store of `tile` is inside `tile.out`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn forward<const R: usize>(
         w: &[f32],
         offsets: &[isize],
         l: usize,
         channels: usize,
-        (x0, at0, m0): (&[f32], usize, &[u16]),
-        (x1, at1, m1): (&[f32], usize, &[u16]),
-        tile: &mut [f32; MAX_CHANNELS * 2 * LANES],
+        pair: [Vector; 2],
+        tile: Tile,
     ) {
         let taps = offsets.len();
+        let [p0, p1] = pair;
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for c in 0..channels {
             for t in 0..taps {
                 let off = offsets[t];
-                let mask1 = m1.get(t).copied().unwrap_or(0);
                 // SAFETY: contract (lanes on are inside the image).
                 let (v0, v1) = unsafe {
                     (
-                        load(x0, c * l + at0, off, m0[t]),
-                        load(x1, c * l + at1, off, mask1),
+                        load(p0.image, c * l + p0.at, off, p0.masks[t]),
+                        load(p1.image, c * l + p1.at, off, p1.masks[t]),
                     )
                 };
                 let wk = &w[(c * taps + t) * MAX_CHANNELS..][..MAX_CHANNELS];
@@ -370,12 +401,18 @@ mod avx512 {
                 }
             }
         }
+        let (lo, hi) = (_mm512_set1_ps(tile.bounds.0), _mm512_set1_ps(tile.bounds.1));
+        let out = tile.out.as_mut_ptr().cast::<f32>();
         for (r, a) in acc.iter().enumerate() {
-            let dst = &mut tile[r * 2 * LANES..][..2 * LANES];
-            // SAFETY: `dst` holds 32 values.
-            unsafe {
-                _mm512_storeu_ps(dst.as_mut_ptr(), a[0]);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(LANES), a[1]);
+            let (m, b) = (_mm512_set1_ps(tile.scale[r]), _mm512_set1_ps(tile.shift[r]));
+            // max/min return their second operand when it is NaN, so NaN passes through.
+            let epilogue = |v| _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmadd_ps(v, m, b)));
+            for (h, &start) in tile.starts.iter().enumerate() {
+                if h == 1 && !tile.second {
+                    continue;
+                }
+                // SAFETY: inside `tile.out` (contract).
+                unsafe { _mm512_storeu_ps(out.add(start + r * tile.stride), epilogue(a[h])) };
             }
         }
     }

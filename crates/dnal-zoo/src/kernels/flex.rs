@@ -164,15 +164,12 @@ fn conv_forward_slices(
     let batch = x.len() / g.image().max(1);
     let per = group_size(g, batch);
     let groups = batch.div_ceil(per);
+    if batch * co * l > 0 && direct_path(groups) && direct::supports(g) {
+        let w = direct::PackedWeights::new(w, g);
+        return direct::conv_forward(x, &w, g, per, epilogue);
+    }
     let mut out = vec![0.0f32; batch * co * l];
     if out.is_empty() {
-        return out;
-    }
-    if direct_path(groups) && direct::supports(g) {
-        let w = direct::PackedWeights::new(w, g);
-        out.par_chunks_mut(per * co * l)
-            .zip(x.par_chunks(per * g.image()))
-            .for_each(|(dst, images)| direct::conv_forward_images(images, &w, g, epilogue, dst));
         return out;
     }
     let parallel = parallel_products(groups, [co, p, per * l]);
