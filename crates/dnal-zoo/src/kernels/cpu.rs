@@ -130,24 +130,15 @@ pub fn normalize(
     shift: &[f32],
     clamp: Clamp,
 ) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(l.max(1))
-        .zip(x.par_chunks(l.max(1)))
-        .enumerate()
-        .for_each(|(plane, (dst, src))| {
-            let c = plane % channels;
-            let (m, b) = (scale[c], shift[c]);
-            if clamp.is_none() {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s * m + b;
-                }
-            } else {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = clamp.apply(s * m + b);
-                }
-            }
-        });
-    y
+    let l = l.max(1);
+    super::planes::par_planes(x.len(), l, |plane| {
+        let c = plane % channels;
+        let (m, b) = (scale[c], shift[c]);
+        x[plane * l..]
+            .iter()
+            .take(l)
+            .map(move |&s| clamp.apply(s * m + b))
+    })
 }
 
 /// Sums per channel of `dy` and of `dy * xhat` (`xhat = (x - mean) * inv_std`), in f64, with
@@ -199,31 +190,33 @@ pub fn batch_norm_input_grad(
     clamp: ClampGrad,
 ) -> Vec<f32> {
     let count = (x.len() / channels.max(1)) as f32;
-    let mut dx = vec![0.0; x.len()];
-    dx.par_chunks_mut(l.max(1))
-        .enumerate()
-        .for_each(|(plane, dst)| {
-            let c = plane % channels;
-            let at = plane * l;
-            let (m, r) = (mean[c], inv_std[c]);
-            let k = a[c] * r;
-            let (md, mdx) = (sums.0[c] / count, sums.1[c] / count);
-            let (xs, gs) = (&x[at..at + l], &dy[at..at + l]);
-            match clamp {
-                None => {
-                    for ((d, &xv), &g) in dst.iter_mut().zip(xs).zip(gs) {
-                        *d = k * (g - md - (xv - m) * r * mdx);
-                    }
-                }
-                Some((y, clamp)) => {
-                    let ys = &y[at..at + l];
-                    for (((d, &xv), &g), &yv) in dst.iter_mut().zip(xs).zip(gs).zip(ys) {
-                        *d = k * (through(g, yv, clamp) - md - (xv - m) * r * mdx);
-                    }
-                }
-            }
-        });
-    dx
+    let l = l.max(1);
+    let plane_values = |plane: usize| {
+        let c = plane % channels;
+        let at = plane * l;
+        let end = (at + l).min(x.len());
+        let (m, r) = (mean[c], inv_std[c]);
+        let k = a[c] * r;
+        let (md, mdx) = (sums.0[c] / count, sums.1[c] / count);
+        (at..end, m, r, k, md, mdx)
+    };
+    match clamp {
+        None => super::planes::par_planes(x.len(), l, |plane| {
+            let (at, m, r, k, md, mdx) = plane_values(plane);
+            let (xs, gs) = (&x[at.clone()], &dy[at]);
+            xs.iter()
+                .zip(gs)
+                .map(move |(&xv, &g)| k * (g - md - (xv - m) * r * mdx))
+        }),
+        Some((y, clamp)) => super::planes::par_planes(x.len(), l, |plane| {
+            let (at, m, r, k, md, mdx) = plane_values(plane);
+            let (xs, gs, ys) = (&x[at.clone()], &dy[at.clone()], &y[at]);
+            xs.iter()
+                .zip(gs)
+                .zip(ys)
+                .map(move |((&xv, &g), &yv)| k * (through(g, yv, clamp) - md - (xv - m) * r * mdx))
+        }),
+    }
 }
 
 /// Per-output-channel `clamp(v * scale + shift)` (BatchNorm and an activation folded into the
@@ -308,6 +301,20 @@ impl ConvGeometry {
         };
         (lo.min(hi), hi)
     }
+}
+
+/// The kernel of the input gradient of a stride-1 convolution: `w` (`[Co, Ci, k, k]`) with its
+/// two channel axes swapped and both spatial axes reversed, `[Ci, Co, k, k]`.
+pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (co, ci, kk) = (g.out_channels, g.in_channels, g.kernel * g.kernel);
+    assert_eq!(w.len(), co * ci * kk, "weights of the wrong size");
+    let mut out = Vec::with_capacity(w.len());
+    for i in 0..ci {
+        for o in 0..co {
+            out.extend(w[(o * ci + i) * kk..][..kk].iter().rev());
+        }
+    }
+    out
 }
 
 /// Appends the column matrix of `images` (each `[C, H, W]`, side by side) to `cols`:

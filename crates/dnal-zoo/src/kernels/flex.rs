@@ -164,7 +164,7 @@ fn conv_forward_slices(
     let batch = x.len() / g.image().max(1);
     let per = group_size(g, batch);
     let groups = batch.div_ceil(per);
-    if batch * co * l > 0 && direct_path(groups) && direct::supports(g) {
+    if batch * co * l > 0 && direct_path(groups) && direct::takes_forward(g) {
         let w = direct::PackedWeights::new(w, g);
         return direct::conv_forward(x, &w, g, per, epilogue);
     }
@@ -232,7 +232,7 @@ fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
         .map(|first| (first, per.min(batch - first)))
         .collect();
     let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
-    let direct = direct_path(runs) && direct::supports(g);
+    let direct = direct_path(runs) && direct::takes_weight_grad(g);
     let parallel = parallel_products(runs, [co, per * l, p]);
     let partial = |run: &[(usize, usize)]| {
         if direct {
@@ -330,8 +330,10 @@ fn conv_backward(
         if g.stride == 1 {
             // The input gradient of a stride-1 convolution is the convolution of the output
             // gradient with the transposed, flipped kernel and padding k - 1 - p.
-            let flipped = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
-            return conv_forward(grad.clone(), flipped, 1, g.kernel - 1 - g.padding, None);
+            let flipped = cpu::flip_transpose(f32s(weight).storage::<f32>(), &g);
+            let k = g.kernel;
+            let flipped = tensor(flipped, &[g.in_channels, g.out_channels, k, k]);
+            return conv_forward(grad.clone(), flipped, 1, k - 1 - g.padding, None);
         }
         let dx = conv_input_grad_strided(dy, f32s(weight).storage::<f32>(), &g, batch);
         tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])

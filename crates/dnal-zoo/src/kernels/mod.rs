@@ -33,6 +33,7 @@ mod direct;
 mod flex;
 #[cfg(feature = "flex")]
 pub mod gemm;
+mod planes;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
