@@ -1,7 +1,10 @@
 //! dnal's flex operations against burn's, forward + backward, on the activation shapes of
 //! ResNet-56's three stages (batch 128):
 //!
-//! * `conv/flex/<shape>/{burn,dnal}`: a 3x3 stride-1 convolution, input and weight gradients;
+//! * `conv/flex/<shape>/{burn,dnal-gemm,dnal}`: a 3x3 stride-1 convolution, input and weight
+//!   gradients: burn's; dnal's with im2col and `gemm` only (`kernels::set_direct(false)`);
+//!   dnal's default, which takes its direct AVX-512 kernels where they are faster (ResNet-56's
+//!   shapes) and `gemm` for wide layers (256 channels);
 //! * `bn-gate/flex/<shape>/burn-bn-then-gate`: burn's BatchNorm followed by the channel gate in
 //!   search mode; `dnal-folded`: dnal's BatchNorm with the gate folded into its affine transform.
 //!
@@ -11,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_core::{ChannelGateConfig, GateMode};
-use dnal_zoo::kernels;
+use dnal_zoo::kernels::{self, Activation};
 
 fn batch_norm_gate(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
@@ -26,18 +29,28 @@ fn batch_norm_gate(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("bn-gate/flex/128x{channels}x{hw}x{hw}"));
         group.sample_size(20);
         group.throughput(Throughput::Elements(128));
-        let step = |folded: bool| {
+        let step = |folded: bool, act: Activation| {
             let x = x.clone().require_grad();
             let y = if folded {
-                kernels::batch_norm(&bn, gate.factor(), kernels::Activation::Identity, x.clone())
+                kernels::batch_norm(&bn, gate.factor(), act, x.clone())
             } else {
-                gate.forward(bn.forward(x.clone()))
+                act.apply(gate.forward(bn.forward(x.clone())))
             };
             let grads = y.sum().backward();
             let _ = x.grad(&grads).expect("input gradient").into_data();
         };
-        group.bench_function("burn-bn-then-gate", |b| b.iter(|| step(false)));
-        group.bench_function("dnal-folded", |b| b.iter(|| step(true)));
+        group.bench_function("burn-bn-then-gate", |b| {
+            b.iter(|| step(false, Activation::Identity))
+        });
+        group.bench_function("dnal-folded", |b| {
+            b.iter(|| step(true, Activation::Identity))
+        });
+        group.bench_function("burn-bn-then-gate-relu", |b| {
+            b.iter(|| step(false, Activation::Relu))
+        });
+        group.bench_function("dnal-folded-relu", |b| {
+            b.iter(|| step(true, Activation::Relu))
+        });
         group.finish();
     }
 }
@@ -45,15 +58,19 @@ fn batch_norm_gate(c: &mut Criterion) {
 fn conv(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
     let device = Device::flex().autodiff();
-    for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
+    for (channels, hw) in [(16, 32), (32, 16), (64, 8), (256, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
         let w = Tensor::<4>::random([channels, channels, 3, 3], Distribution::Default, &device);
         let mut group = c.benchmark_group(format!("conv/flex/128x{channels}x{hw}x{hw}"));
         group.sample_size(20);
         group.throughput(Throughput::Elements(128));
-        for dnal in [false, true] {
+        for (name, dnal, direct) in [
+            ("burn", false, false),
+            ("dnal-gemm", true, false),
+            ("dnal", true, true),
+        ] {
             kernels::set_enabled(dnal);
-            let name = if dnal { "dnal" } else { "burn" };
+            kernels::set_direct(direct);
             group.bench_function(name, |b| {
                 b.iter(|| {
                     let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
@@ -65,6 +82,7 @@ fn conv(c: &mut Criterion) {
             });
         }
         kernels::set_enabled(true);
+        kernels::set_direct(true);
         group.finish();
     }
 }

@@ -2,7 +2,7 @@
 //! 128, for a profiler:
 //! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
 //! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` uses burn's own
-//! convolution and BatchNorm instead of dnal's.
+//! convolution and BatchNorm instead of dnal's, `DNAL_GATES=bypass` turns the gates off.
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use dnal_core::GateMode;
@@ -30,6 +30,10 @@ fn main() {
 }
 
 fn run<N: Network>(mut net: N, steps: usize, device: &Device) {
+    let mode = match std::env::var("DNAL_GATES").as_deref() {
+        Ok("bypass") => GateMode::Bypass,
+        _ => GateMode::Search,
+    };
     let x = Tensor::<4>::random(
         [128, 3, 32, 32],
         burn::tensor::Distribution::Default,
@@ -42,10 +46,7 @@ fn run<N: Network>(mut net: N, steps: usize, device: &Device) {
     let mut sgd = SgdConfig::new().init();
     for _ in 0..steps {
         let t = std::time::Instant::now();
-        let step = net
-            .clone()
-            .with_gate_mode(GateMode::Search)
-            .with_temperature(100.0);
+        let step = net.clone().with_gate_mode(mode).with_temperature(100.0);
         let loss = burn::nn::loss::CrossEntropyLossConfig::new()
             .init(device)
             .forward(step.forward(x.clone()), y.clone());

@@ -120,7 +120,7 @@ const DIRECT_MIN_GROUPS: usize = 2;
 
 /// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
 fn direct_path(groups: usize) -> bool {
-    direct::available() && groups >= DIRECT_MIN_GROUPS
+    super::direct_enabled() && direct::available() && groups >= DIRECT_MIN_GROUPS
 }
 
 /// Per-thread buffers of the convolution, reused across the images a thread processes.

@@ -58,6 +58,19 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+static DIRECT: AtomicBool = AtomicBool::new(true);
+
+/// Lets dnal's flex convolution use its direct AVX-512 kernels where they are faster (the
+/// default), or makes it use im2col and `gemm` everywhere (the benchmarks time both).
+pub fn set_direct(on: bool) {
+    DIRECT.store(on, Ordering::Relaxed);
+}
+
+/// Whether the direct kernels may be used.
+pub fn direct_enabled() -> bool {
+    DIRECT.load(Ordering::Relaxed)
+}
+
 /// Whether `x` takes the flex operation: it is on, `x` is f32 and lives on flex (with or
 /// without autodiff).
 pub fn takes_fast_path<const D: usize>(x: &Tensor<D>) -> bool {
