@@ -358,7 +358,7 @@ fn append_row(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
         if g.stride == 1 {
             cols.extend_from_slice(&irow[..xhi - xlo]);
         } else {
-            cols.extend(irow.iter().step_by(g.stride).take(xhi - xlo));
+            cols.extend(irow.chunks(g.stride).take(xhi - xlo).map(|c| c[0]));
         }
         cols.resize(cols.len() + (ow - xhi), 0.0);
     }
