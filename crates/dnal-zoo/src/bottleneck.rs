@@ -17,7 +17,7 @@ use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Widt
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, add_into};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, add_into, covers};
 use crate::network::Network;
 
 /// Widths of one bottleneck block.
@@ -228,7 +228,11 @@ impl BottleneckResNet {
                 Some(b) => {
                     let h = b.conv1.forward_act(x, Activation::Relu);
                     let h = b.conv2.forward_act(h, Activation::Relu);
-                    relu(add_into(base, &widths.out, b.conv3.forward(h)))
+                    if covers(&widths.out, base.dims()[1]) {
+                        b.conv3.forward_add(h, base, Activation::Relu)
+                    } else {
+                        relu(add_into(base, &widths.out, b.conv3.forward(h)))
+                    }
                 }
                 None => relu(base),
             };

@@ -160,6 +160,13 @@ impl ConvBnGate {
         kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), act, x)
     }
 
+    /// `act(gate(bn(conv(x))) + residual)`: a residual block's last unit, with the shortcut
+    /// (shaped like the output) added before the activation, both fused on flex (see
+    /// [`kernels::conv_bn_add`]).
+    pub fn forward_add(&self, x: Tensor<4>, residual: Tensor<4>, act: Activation) -> Tensor<4> {
+        kernels::conv_bn_add(&self.conv, &self.bn, self.gate.factor(), act, x, residual)
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.conv.weight.dims()[0]
@@ -252,6 +259,12 @@ pub fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
                 .expect("a stream holds its writers' channels")
         })
         .collect()
+}
+
+/// Whether `pos` (positions in a stream of `width` channels) is every channel in order, so
+/// that adding into the stream is a plain add.
+pub fn covers(pos: &[usize], width: usize) -> bool {
+    pos.len() == width && pos.iter().enumerate().all(|(i, &p)| i == p)
 }
 
 /// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): an index

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
 use crate::layers::{
-    ConvBnGate, ConvBnGateConfig, add_into, positions, prune_linear_inputs, scatter,
+    ConvBnGate, ConvBnGateConfig, add_into, covers, positions, prune_linear_inputs, scatter,
 };
 use crate::network::Network;
 
@@ -240,8 +240,12 @@ impl CifarResNet {
             }
             if let Some(b) = block {
                 let h = b.conv1.forward_act(input, Activation::Relu);
-                let out = b.conv2.forward(h);
-                x = relu(add_into(x, &positions(&streams[s], &widths.out), out));
+                let pos = positions(&streams[s], &widths.out);
+                x = if covers(&pos, streams[s].len()) {
+                    b.conv2.forward_add(h, x, Activation::Relu)
+                } else {
+                    relu(add_into(x, &pos, b.conv2.forward(h)))
+                };
             }
         }
         let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);

@@ -348,3 +348,88 @@ fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
         assert!(t.try_to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()));
     }
 }
+
+/// A residual block's last unit, `relu(gate(bn(conv(x))) + shortcut)`, fused (BatchNorm in
+/// training, the convolution's output in inference) against burn's operations one by one:
+/// values, and in training the gradients of the input, the shortcut, gamma, beta and alpha.
+#[test]
+fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
+    let c = 8;
+    // 16x16 maps, batch 9: the direct kernels where the CPU has them; 9x9: im2col and gemm.
+    for (hw, batch) in [(16, 9), (9, 3)] {
+        let conv = |device: &Device| {
+            burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
+                .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        // Inference.
+        let device = Device::flex();
+        let (conv_eval, bn) = (conv(&device), eval_batch_norm(c, &device));
+        let x = input([batch, 4, hw, hw], 31, &device);
+        let shortcut = input([batch, c, hw, hw], 32, &device);
+        for mode in [GateMode::Bypass, GateMode::Search] {
+            let g = gate(c, mode, &device);
+            let fused = kernels::conv_bn_add(
+                &conv_eval,
+                &bn,
+                g.factor(),
+                Activation::Relu,
+                x.clone(),
+                shortcut.clone(),
+            );
+            let reference = Activation::Relu
+                .apply(g.forward(bn.forward(conv_eval.forward(x.clone()))) + shortcut.clone());
+            assert_close(
+                &format!("conv-bn-add eval {hw}x{hw} {mode:?}"),
+                fused,
+                reference,
+                1e-5,
+            );
+        }
+        // Training.
+        let device = train_device();
+        let conv_train = conv(&device);
+        let x = input([batch, 4, hw, hw], 33, &device);
+        let shortcut = input([batch, c, hw, hw], 34, &device);
+        let probe = input([batch, c, hw, hw], 35, &device);
+        let run = |fused: bool| {
+            let bn = BatchNormConfig::new(c).init(&device);
+            let g = gate(c, GateMode::Search, &device);
+            let (x, r) = (
+                x.clone().detach().require_grad(),
+                shortcut.clone().detach().require_grad(),
+            );
+            let y = if fused {
+                kernels::conv_bn_add(
+                    &conv_train,
+                    &bn,
+                    g.factor(),
+                    Activation::Relu,
+                    x.clone(),
+                    r.clone(),
+                )
+            } else {
+                Activation::Relu
+                    .apply(g.forward(bn.forward(conv_train.forward(x.clone()))) + r.clone())
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                r.grad(&grads).unwrap(),
+                bn.gamma.grad(&grads).unwrap(),
+                bn.beta.grad(&grads).unwrap(),
+                g.alpha.grad(&grads).unwrap(),
+            )
+        };
+        let (f, b) = (run(true), run(false));
+        let what = format!("conv-bn-add train {hw}x{hw}");
+        assert_close(&format!("{what} output"), f.0, b.0, 1e-4);
+        assert_close(&format!("{what} input grad"), f.1, b.1, 1e-3);
+        assert_close(&format!("{what} shortcut grad"), f.2, b.2, 1e-5);
+        assert_close(&format!("{what} gamma grad"), f.3, b.3, 1e-4);
+        assert_close(&format!("{what} beta grad"), f.4, b.4, 1e-4);
+        assert_close(&format!("{what} alpha grad"), f.5, b.5, 1e-4);
+    }
+}

@@ -121,23 +121,50 @@ fn through(g: f32, y: f32, clamp: Clamp) -> f32 {
     if clamp.passes(y) { g } else { 0.0 }
 }
 
-/// `y = clamp((x - mean) * inv_std * a + b)` per channel, in one pass.
+/// `y = clamp((x - mean) * inv_std * a + b + residual)` per channel, in one pass (`residual`
+/// shaped like `x`, or `None`).
 pub fn normalize(
     x: &[f32],
     channels: usize,
     l: usize,
-    scale: &[f32],
-    shift: &[f32],
+    (scale, shift): (&[f32], &[f32]),
+    residual: Option<&[f32]>,
     clamp: Clamp,
 ) -> Vec<f32> {
     let l = l.max(1);
-    super::planes::par_planes(x.len(), l, |plane| {
+    let plane_of = move |plane: usize| {
         let c = plane % channels;
-        let (m, b) = (scale[c], shift[c]);
-        x[plane * l..]
+        (
+            plane * l..((plane + 1) * l).min(x.len()),
+            scale[c],
+            shift[c],
+        )
+    };
+    match residual {
+        None => super::planes::par_planes(x.len(), l, |plane| {
+            let (at, m, b) = plane_of(plane);
+            x[at].iter().map(move |&s| clamp.apply(s * m + b))
+        }),
+        Some(r) => super::planes::par_planes(x.len(), l, |plane| {
+            let (at, m, b) = plane_of(plane);
+            x[at.clone()]
+                .iter()
+                .zip(&r[at])
+                .map(move |(&s, &r)| clamp.apply(s * m + b + r))
+        }),
+    }
+}
+
+/// `g` passed back through `clamp` given the output `y` (zero where the clamp cut), as a new
+/// gradient: the gradient of the clamp's input, which a residual block's shortcut receives.
+pub fn through_clamp(g: &[f32], y: &[f32], clamp: Clamp) -> Vec<f32> {
+    const PLANE: usize = 4096;
+    super::planes::par_planes(g.len(), PLANE, |plane| {
+        let at = plane * PLANE..((plane + 1) * PLANE).min(g.len());
+        g[at.clone()]
             .iter()
-            .take(l)
-            .map(move |&s| clamp.apply(s * m + b))
+            .zip(&y[at])
+            .map(move |(&g, &y)| through(g, y, clamp))
     })
 }
 
@@ -219,29 +246,36 @@ pub fn batch_norm_input_grad(
     }
 }
 
-/// Per-output-channel `clamp(v * scale + shift)` (BatchNorm and an activation folded into the
-/// convolution for inference), applied as the convolution writes its output.
+/// Per-output-channel `clamp(v * scale + shift + residual)` (BatchNorm, a residual block's
+/// shortcut and an activation folded into the convolution for inference), applied as the
+/// convolution writes its output.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
     /// Per-channel factor.
     pub scale: &'a [f32],
     /// Per-channel offset.
     pub shift: &'a [f32],
+    /// Values added before the clamp, laid out like the whole output (`None`: nothing).
+    pub residual: Option<&'a [f32]>,
     /// The activation.
     pub clamp: Clamp,
 }
 
 impl Epilogue<'_> {
-    /// Applies channel `ch`'s transform to `values` in place.
-    pub fn apply(&self, ch: usize, values: &mut [f32]) {
+    /// Applies channel `ch`'s transform to `values`, which sit at offset `at` of the output.
+    pub fn apply(&self, ch: usize, values: &mut [f32], at: usize) {
         let (m, b) = (self.scale[ch], self.shift[ch]);
-        if self.clamp.is_none() {
-            for v in values {
-                *v = *v * m + b;
+        match self.residual {
+            None => {
+                for v in values.iter_mut() {
+                    *v = self.clamp.apply(*v * m + b);
+                }
             }
-        } else {
-            for v in values {
-                *v = self.clamp.apply(*v * m + b);
+            Some(r) => {
+                let n = values.len();
+                for (v, &r) in values.iter_mut().zip(&r[at..at + n]) {
+                    *v = self.clamp.apply(*v * m + b + r);
+                }
             }
         }
     }

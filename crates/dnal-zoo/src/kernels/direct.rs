@@ -201,10 +201,22 @@ pub fn conv_forward(
     let batch = x.len() / image_len;
     let n = batch * co * l;
     let mut out = Vec::with_capacity(n);
+    let chunk = per.max(1) * co * l;
+    if let Some(r) = epilogue.and_then(|e| e.residual) {
+        assert_eq!(r.len(), n, "residual of the wrong size");
+    }
     out.spare_capacity_mut()[..n]
-        .par_chunks_mut(per.max(1) * co * l)
+        .par_chunks_mut(chunk)
         .zip(x.par_chunks(per.max(1) * image_len))
-        .for_each(|(dst, images)| conv_forward_images(images, w, g, epilogue, dst));
+        .enumerate()
+        .for_each(|(i, (dst, images))| {
+            // The group's part of the residual, laid out like `dst`.
+            let epilogue = epilogue.map(|e| Epilogue {
+                residual: e.residual.map(|r| &r[i * chunk..i * chunk + dst.len()]),
+                ..e
+            });
+            conv_forward_images(images, w, g, epilogue, dst)
+        });
     // SAFETY: `conv_forward_images` wrote every element of every chunk: each image's every
     // vector of positions, for every channel block, and the blocks cover all channels.
     unsafe { out.set_len(n) };
@@ -232,10 +244,13 @@ fn conv_forward_images(
     };
     let total = images * per_image;
     let (ones, zeros) = (vec![1.0f32; co], vec![0.0f32; co]);
-    let (scale, shift, clamp) = match epilogue {
-        Some(e) => (e.scale, e.shift, e.clamp),
-        None => (&ones[..], &zeros[..], super::cpu::Clamp::NONE),
+    let (scale, shift, residual, clamp) = match epilogue {
+        Some(e) => (e.scale, e.shift, e.residual, e.clamp),
+        None => (&ones[..], &zeros[..], None, super::cpu::Clamp::NONE),
     };
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "residual of the wrong size");
+    }
     // Channel blocks outside, so that a block's weights stay in cache while the images'
     // vectors stream past them (wide layers have megabytes of weights).
     for (b, &(first, count)) in w.blocks.iter().enumerate() {
@@ -250,6 +265,7 @@ fn conv_forward_images(
                 second,
                 scale: &scale[first..first + count],
                 shift: &shift[first..first + count],
+                residual,
                 bounds: (clamp.lo, clamp.hi),
             };
             forward_tile(w.block(b), &w.taps.offsets, l, pair, tile);
@@ -259,7 +275,7 @@ fn conv_forward_images(
 
 /// Where a forward micro-kernel writes: channel `r < count` of vector `h` goes to
 /// `out[starts[h] + r * stride..][..16]` (the second vector only when `second`), as
-/// `clamp(v * scale[r] + shift[r])`.
+/// `clamp(v * scale[r] + shift[r] + residual[same place])`.
 struct Tile<'a> {
     out: &'a mut [std::mem::MaybeUninit<f32>],
     starts: [usize; 2],
@@ -268,6 +284,7 @@ struct Tile<'a> {
     second: bool,
     scale: &'a [f32],
     shift: &'a [f32],
+    residual: Option<&'a [f32]>,
     bounds: (f32, f32),
 }
 
@@ -277,6 +294,7 @@ fn forward_tile(w: &[f32], offsets: &[isize], l: usize, pair: [Vector; 2], tile:
     assert!(w.len() >= channels * offsets.len() * MAX_CHANNELS);
     assert!(pair.iter().all(|p| p.masks.len() == offsets.len()));
     assert!(tile.scale.len() == tile.count && tile.shift.len() == tile.count);
+    assert!(tile.residual.is_none_or(|r| r.len() == tile.out.len()));
     for start in tile.starts {
         assert!(start + (tile.count - 1) * tile.stride + LANES <= tile.out.len());
     }
@@ -416,13 +434,20 @@ mod avx512 {
         for (r, a) in acc.iter().enumerate() {
             let (m, b) = (_mm512_set1_ps(tile.scale[r]), _mm512_set1_ps(tile.shift[r]));
             // max/min return their second operand when it is NaN, so NaN passes through.
-            let epilogue = |v| _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmadd_ps(v, m, b)));
             for (h, &start) in tile.starts.iter().enumerate() {
                 if h == 1 && !tile.second {
                     continue;
                 }
+                let at = start + r * tile.stride;
+                let mut v = _mm512_fmadd_ps(a[h], m, b);
+                if let Some(res) = tile.residual {
+                    // SAFETY: `residual` is as long as `out` (contract), and `at + 16` is
+                    // inside `out`.
+                    v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(res.as_ptr().add(at)) });
+                }
+                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
                 // SAFETY: inside `tile.out` (contract).
-                unsafe { _mm512_storeu_ps(out.add(start + r * tile.stride), epilogue(a[h])) };
+                unsafe { _mm512_storeu_ps(out.add(at), v) };
             }
         }
     }

@@ -42,15 +42,30 @@ pub trait DnalKernels: burn::backend::Backend {
         padding: usize,
     ) -> FloatTensor<Self>;
 
-    /// [`dnal_conv2d`](Self::dnal_conv2d) followed by a per-output-channel `y * scale + shift`
-    /// clamped to `[lo, hi]` (a BatchNorm and an activation folded into the convolution for
-    /// inference), applied while the output is written.
+    /// [`dnal_conv2d`](Self::dnal_conv2d) followed by a per-output-channel
+    /// `y * scale + shift`, clamped to `[lo, hi]` (BatchNorm and an activation folded into the
+    /// convolution for inference), applied while the output is written.
     #[allow(clippy::too_many_arguments)]
     fn dnal_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         scale: FloatTensor<Self>,
         shift: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self>;
+
+    /// [`dnal_conv2d_affine`](Self::dnal_conv2d_affine) with `residual` (shaped like the
+    /// output: a residual block's shortcut) added before the clamp.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_conv2d_affine_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
         stride: usize,
         padding: usize,
         lo: f32,
@@ -64,6 +79,20 @@ pub trait DnalKernels: burn::backend::Backend {
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
+    /// [`dnal_batch_norm_train`](Self::dnal_batch_norm_train) with `residual` (shaped like
+    /// `x`: a residual block's shortcut) added before the clamp; one more backward pass, for
+    /// the shortcut's gradient, when there is a clamp.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_batch_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
         epsilon: f64,
         lo: f32,
         hi: f32,
@@ -176,7 +205,10 @@ fn conv_forward_slices(
     let lhs = MatRef::row_major(w, co, p);
     out.par_chunks_mut(per * co * l)
         .zip(x.par_chunks(per * g.image()))
-        .for_each_init(Scratch::default, |s, (dst, images)| {
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (n, (dst, images))| {
+            // Offset of this group in the output (where a residual's values are).
+            let first = n * per * co * l;
             let count = dst.len() / (co * l);
             columns_into(images, g, &mut s.cols);
             let cols = MatRef::row_major(&s.cols, p, count * l);
@@ -184,7 +216,7 @@ fn conv_forward_slices(
                 matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
                 if let Some(e) = epilogue {
                     for (ch, plane) in dst.chunks_mut(l).enumerate() {
-                        e.apply(ch, plane);
+                        e.apply(ch, plane, first + ch * l);
                     }
                 }
                 return;
@@ -196,7 +228,7 @@ fn conv_forward_slices(
                 let (i, ch) = (at / co, at % co);
                 plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
                 if let Some(e) = epilogue {
-                    e.apply(ch, plane);
+                    e.apply(ch, plane, first + at * l);
                 }
             }
         });
@@ -380,8 +412,8 @@ fn inv_std(variance: &[f32], epsilon: f64) -> Vec<f32> {
 
 fn norm_forward(
     x: &FlexTensor,
-    a: &FlexTensor,
-    b: &FlexTensor,
+    (a, b): (&FlexTensor, &FlexTensor),
+    residual: Option<&FlexTensor>,
     epsilon: f64,
     clamp: Clamp,
 ) -> NormOutput<Flex> {
@@ -393,7 +425,9 @@ fn norm_forward(
     let (a, b) = (vec_of(a), vec_of(b));
     let scale: Vec<f32> = (0..c).map(|i| a[i] * r[i]).collect();
     let shift: Vec<f32> = (0..c).map(|i| b[i] - mean[i] * scale[i]).collect();
-    let y = cpu::normalize(xv, c, l, &scale, &shift, clamp);
+    let residual = residual.map(f32s);
+    let res = residual.as_ref().map(|t| t.storage::<f32>());
+    let y = cpu::normalize(xv, c, l, (&scale, &shift), res, clamp);
     NormOutput {
         output: tensor(y, x.layout().shape()),
         mean: tensor(mean, &[c]),
@@ -416,13 +450,38 @@ impl DnalKernels for Flex {
         lo: f32,
         hi: f32,
     ) -> FlexTensor {
-        let (scale, shift) = (vec_of(&scale), vec_of(&shift));
-        let epilogue = Epilogue {
-            scale: &scale,
-            shift: &shift,
-            clamp: Clamp { lo, hi },
-        };
-        conv_forward(x, weight, stride, padding, Some(epilogue))
+        conv_affine(
+            x,
+            weight,
+            (scale, shift),
+            None,
+            stride,
+            padding,
+            Clamp { lo, hi },
+        )
+    }
+
+    fn dnal_conv2d_affine_add(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        residual: FlexTensor,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FlexTensor {
+        let clamp = Clamp { lo, hi };
+        conv_affine(
+            x,
+            weight,
+            (scale, shift),
+            Some(residual),
+            stride,
+            padding,
+            clamp,
+        )
     }
 
     fn dnal_batch_norm_train(
@@ -433,15 +492,46 @@ impl DnalKernels for Flex {
         lo: f32,
         hi: f32,
     ) -> NormOutput<Flex> {
-        norm_forward(&x, &a, &b, epsilon, Clamp { lo, hi })
+        norm_forward(&x, (&a, &b), None, epsilon, Clamp { lo, hi })
+    }
+
+    fn dnal_batch_norm_add_train(
+        x: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        residual: FlexTensor,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Flex> {
+        norm_forward(&x, (&a, &b), Some(&residual), epsilon, Clamp { lo, hi })
     }
 }
 
-#[derive(Debug)]
-struct NormBackward;
+/// The inference convolution with BatchNorm, an optional residual and the clamp applied as
+/// its output is written.
+fn conv_affine(
+    x: FlexTensor,
+    weight: FlexTensor,
+    (scale, shift): (FlexTensor, FlexTensor),
+    residual: Option<FlexTensor>,
+    stride: usize,
+    padding: usize,
+    clamp: Clamp,
+) -> FlexTensor {
+    let (scale, shift) = (vec_of(&scale), vec_of(&shift));
+    let residual = residual.map(|r| f32s(&r));
+    let epilogue = Epilogue {
+        scale: &scale,
+        shift: &shift,
+        residual: residual.as_ref().map(|r| r.storage::<f32>()),
+        clamp,
+    };
+    conv_forward(x, weight, stride, padding, Some(epilogue))
+}
 
-/// What [`NormBackward`] keeps: input, `a`, batch mean, batch variance, epsilon, and the
-/// clamp with the output it cut (only when there is a clamp).
+/// What the BatchNorm backward passes keep: input, `a`, batch mean, batch variance, epsilon,
+/// and the clamp with the output it cut (only when there is a clamp).
 type NormState = (
     FlexTensor,
     FlexTensor,
@@ -451,34 +541,86 @@ type NormState = (
     Option<(FlexTensor, Clamp)>,
 );
 
+/// `(dx, da, db)` of BatchNorm for the output gradient `grad`, passed back through the clamp
+/// first when the state has one; `dx` only when asked for.
+fn norm_grads(
+    state: NormState,
+    grad: &FlexTensor,
+    want_x: bool,
+) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+    let (x, a, mean, var, epsilon, clamped) = state;
+    let grad = f32s(grad);
+    let x = f32s(&x);
+    let (c, l) = per_channel(&x);
+    let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
+    let (mean, var) = (vec_of(&mean), vec_of(&var));
+    let r = inv_std(&var, epsilon);
+    let output = clamped.map(|(y, clamp)| (f32s(&y), clamp));
+    let clamp = output
+        .as_ref()
+        .map(|(y, clamp)| (y.storage::<f32>(), *clamp));
+    let stats = (mean.as_slice(), r.as_slice());
+    let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, stats, clamp);
+    let dx = want_x.then(|| {
+        let sums = (sum_dy.as_slice(), sum_dy_xhat.as_slice());
+        let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &vec_of(&a), sums, clamp);
+        tensor(dx, x.layout().shape())
+    });
+    (dx, tensor(sum_dy_xhat, &[c]), tensor(sum_dy, &[c]))
+}
+
+#[derive(Debug)]
+struct NormBackward;
+
 impl Backward<Flex, 3> for NormBackward {
     type State = NormState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
-        let grad = f32s(&grads.consume::<Flex>(&ops.node));
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (dx, da, db) = norm_grads(ops.state, &grad, node_x.is_some());
+        let ids = [node_x, node_a, node_b].map(|n| n.map(|n| n.id));
+        register(grads, ids, [dx, Some(da), Some(db)]);
+    }
+}
+
+/// BatchNorm plus a residual, then the clamp: the residual's gradient is the clamp's input
+/// gradient, which is also what BatchNorm's own backward passes start from.
+#[derive(Debug)]
+struct NormAddBackward;
+
+impl Backward<Flex, 4> for NormAddBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b, node_r] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
         let (x, a, mean, var, epsilon, clamped) = ops.state;
-        let x = f32s(&x);
-        let (c, l) = per_channel(&x);
-        let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
-        let (mean, var) = (vec_of(&mean), vec_of(&var));
-        let r = inv_std(&var, epsilon);
-        let output = clamped.map(|(y, clamp)| (f32s(&y), clamp));
-        let clamp = output
-            .as_ref()
-            .map(|(y, clamp)| (y.storage::<f32>(), *clamp));
-        let stats = (mean.as_slice(), r.as_slice());
-        let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, stats, clamp);
-        if let Some(node) = node_x {
-            let sums = (sum_dy.as_slice(), sum_dy_xhat.as_slice());
-            let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &vec_of(&a), sums, clamp);
-            grads.register::<Flex>(node.id, tensor(dx, x.layout().shape()));
-        }
-        if let Some(node) = node_a {
-            grads.register::<Flex>(node.id, tensor(sum_dy_xhat, &[c]));
-        }
-        if let Some(node) = node_b {
-            grads.register::<Flex>(node.id, tensor(sum_dy, &[c]));
+        // Through the clamp once; BatchNorm then sees no clamp.
+        let grad = match clamped {
+            Some((y, clamp)) => {
+                let (g, y) = (f32s(&grad), f32s(&y));
+                let through = cpu::through_clamp(g.storage::<f32>(), y.storage::<f32>(), clamp);
+                tensor(through, g.layout().shape())
+            }
+            None => grad,
+        };
+        let state = (x, a, mean, var, epsilon, None);
+        let (dx, da, db) = norm_grads(state, &grad, node_x.is_some());
+        let ids = [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id));
+        register(grads, ids, [dx, Some(da), Some(db), Some(grad)]);
+    }
+}
+
+/// Registers each gradient whose parent is tracked.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    ids: [Option<burn::backend::autodiff::NodeId>; N],
+    values: [Option<FlexTensor>; N],
+) {
+    for (id, grad) in ids.into_iter().zip(values) {
+        if let (Some(id), Some(grad)) = (id, grad) {
+            grads.register::<Flex>(id, grad);
         }
     }
 }
@@ -499,11 +641,25 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         let c = shift.shape().num_elements();
         let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
         let y = Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift));
-        if (Clamp { lo, hi }).is_none() {
-            y
-        } else {
-            Self::float_clamp(y, lo.into(), hi.into())
-        }
+        clamp_tensor::<C>(y, Clamp { lo, hi })
+    }
+
+    /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
+    fn dnal_conv2d_affine_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self> {
+        let none = Clamp::NONE;
+        let y =
+            Self::dnal_conv2d_affine(x, weight, scale, shift, stride, padding, none.lo, none.hi);
+        clamp_tensor::<C>(Self::float_add(y, residual), Clamp { lo, hi })
     }
 
     fn dnal_conv2d(
@@ -549,30 +705,91 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
-                let out = norm_forward(&x, &a, &b, epsilon, clamp);
-                let clamped = (!clamp.is_none()).then(|| (out.output.clone(), clamp));
-                let state = (
-                    x,
-                    a,
-                    out.mean.clone(),
-                    out.variance.clone(),
-                    epsilon,
-                    clamped,
-                );
-                NormOutput {
-                    output: prep.finish(state, out.output),
-                    mean: Self::from_inner(out.mean),
-                    variance: Self::from_inner(out.variance),
-                }
+                let (state, out) = tracked_norm(x, a, b, None, epsilon, clamp);
+                let output = prep.finish(state, out.output.clone());
+                norm_output::<C>(output, out)
             }
             OpsKind::UnTracked(prep) => {
-                let out = norm_forward(x.primitive(), a.primitive(), b.primitive(), epsilon, clamp);
-                NormOutput {
-                    output: prep.finish(out.output),
-                    mean: Self::from_inner(out.mean),
-                    variance: Self::from_inner(out.variance),
-                }
+                let (x, a, b) = (x.primitive(), a.primitive(), b.primitive());
+                let out = norm_forward(x, (a, b), None, epsilon, clamp);
+                norm_output::<C>(prep.finish(out.output.clone()), out)
             }
         }
+    }
+
+    fn dnal_batch_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        let clamp = Clamp { lo, hi };
+        match NormAddBackward
+            .prepare::<C>([x.node(), a.node(), b.node(), residual.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+                let r = residual.into_primitive();
+                let (state, out) = tracked_norm(x, a, b, Some(r), epsilon, clamp);
+                let output = prep.finish(state, out.output.clone());
+                norm_output::<C>(output, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x, a, b) = (x.primitive(), a.primitive(), b.primitive());
+                let out = norm_forward(x, (a, b), Some(residual.primitive()), epsilon, clamp);
+                norm_output::<C>(prep.finish(out.output.clone()), out)
+            }
+        }
+    }
+}
+
+/// `y` clamped with differentiable operations (unchanged without a clamp).
+fn clamp_tensor<C: CheckpointStrategy>(
+    y: FloatTensor<Autodiff<Flex, C>>,
+    clamp: Clamp,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    if clamp.is_none() {
+        y
+    } else {
+        Autodiff::<Flex, C>::float_clamp(y, clamp.lo.into(), clamp.hi.into())
+    }
+}
+
+/// A tracked BatchNorm's forward: the state its backward keeps, and its output.
+fn tracked_norm(
+    x: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    residual: Option<FlexTensor>,
+    epsilon: f64,
+    clamp: Clamp,
+) -> (NormState, NormOutput<Flex>) {
+    let out = norm_forward(&x, (&a, &b), residual.as_ref(), epsilon, clamp);
+    let clamped = (!clamp.is_none()).then(|| (out.output.clone(), clamp));
+    let state = (
+        x,
+        a,
+        out.mean.clone(),
+        out.variance.clone(),
+        epsilon,
+        clamped,
+    );
+    (state, out)
+}
+
+/// The autodiff output of a BatchNorm: the tracked `output`, the untracked statistics.
+fn norm_output<C: CheckpointStrategy>(
+    output: FloatTensor<Autodiff<Flex, C>>,
+    out: NormOutput<Flex>,
+) -> NormOutput<Autodiff<Flex, C>> {
+    NormOutput {
+        output,
+        mean: Autodiff::<Flex, C>::from_inner(out.mean),
+        variance: Autodiff::<Flex, C>::from_inner(out.variance),
     }
 }

@@ -1,5 +1,5 @@
-//! The convolution and the BatchNorm (with the channel gate folded in) that every conv -> BN
-//! (-> gate) unit of the zoo runs through.
+//! The convolution and the BatchNorm (with the channel gate folded in, and the unit's
+//! activation fused) that every conv -> BN (-> gate) (-> ReLU) unit of the zoo runs through.
 //!
 //! **The gate folded into BatchNorm**, on every backend: [`batch_norm`] takes the gate's
 //! per-channel factor `g` (see [`ChannelGate::factor`](dnal_core::ChannelGate::factor)) and
@@ -11,20 +11,26 @@
 //! differentiated by hand-written `Backward` implementations on burn's autodiff graph:
 //!
 //! * BatchNorm in training: the batch statistics in one pass (shifted sum and sum of squares
-//!   per channel, accumulated in f64), the output in a second; the backward in two (the two
-//!   per-channel sums, then the input gradient). burn's generic BatchNorm, which flex uses,
-//!   makes about ten passes with copies for the channel-first reductions. Other backends use
-//!   burn's `batch_norm_train` with the folded `a`, `b`.
-//! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias): image by
-//!   image in parallel, im2col into a buffer that stays in cache and one matrix product (flex's
-//!   `gemm`), whose `[Co, OH * OW]` result is already the image's NCHW output. The weight
-//!   gradient is the sum over images of `grad_i x cols_i^T`, summed in a fixed order so that it
-//!   does not depend on the number of threads; the input gradient of a stride-1 convolution is
-//!   the convolution of the output gradient with the flipped, transposed kernel, and of a
+//!   per channel, accumulated in f64), the output in a second, with the [`Activation`] (a
+//!   clamp) applied in the same pass; the backward in two (the two per-channel sums, then the
+//!   input gradient), the activation's gradient mask applied on the fly. burn's generic
+//!   BatchNorm, which flex uses, makes about ten passes with copies for the channel-first
+//!   reductions. Other backends use burn's `batch_norm_train` with the folded `a`, `b`.
+//! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
+//!   engines. Stride-1 "same" convolutions whose maps hold a multiple of 16 positions take
+//!   direct AVX-512 micro-kernels where the CPU has them and they are faster (`direct.rs`:
+//!   no column matrix; the input is read through shifted, masked vector loads). The rest is
+//!   im2col into a buffer that stays in cache and one matrix product per image or group of
+//!   small images (`gemm.rs`, the `gemm` crate flex itself uses), whose `[Co, OH * OW]` result
+//!   is already the image's NCHW output. The weight gradient is summed in a fixed order so that
+//!   it does not depend on the number of threads; the input gradient of a stride-1 convolution
+//!   is the convolution of the output gradient with the flipped, transposed kernel, and of a
 //!   strided one col2im of `W^T x grad_i`. Other backends, and other convolutions, use burn's.
+//! * [`conv_bn`] in inference: BatchNorm, the gate and the activation applied as the
+//!   convolution writes its output.
 //!
-//! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide (the benchmarks time
-//! both).
+//! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide, [`set_direct`]`(false)`
+//! only the direct kernels (the benchmarks time all three).
 
 pub mod cpu;
 #[cfg(feature = "flex")]
@@ -188,30 +194,65 @@ pub fn conv_bn(
     act: Activation,
     x: Tensor<4>,
 ) -> Tensor<4> {
+    conv_bn_residual(conv, bn, factor, act, x, None)
+}
+
+/// `act(batch_norm(bn, factor, conv(x)) + residual)`: the last unit of a residual block, with
+/// the shortcut (`residual`, shaped like the output) added before the activation. On flex the
+/// addition and the activation cost no pass of their own: in training they are fused into
+/// BatchNorm (forward and backward), in inference into the convolution's output.
+pub fn conv_bn_add(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    act: Activation,
+    x: Tensor<4>,
+    residual: Tensor<4>,
+) -> Tensor<4> {
+    conv_bn_residual(conv, bn, factor, act, x, Some(residual))
+}
+
+fn conv_bn_residual(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    act: Activation,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+) -> Tensor<4> {
     let (a, b) = affine(bn, factor);
     #[cfg(feature = "flex")]
     if !x.device().is_autodiff()
         && takes_fast_path(&x)
         && conv.weight.dtype() == DType::F32
         && a.dtype() == DType::F32
+        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
         && let Some((stride, padding)) = fast_conv_shape(conv)
     {
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         let (scale, shift) = running_affine(bn, a, b, &x.device());
         let Clamp { lo, hi } = act.clamp();
-        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_conv2d_affine(
-            x.into_dispatch(),
-            conv.weight.val().into_dispatch(),
-            scale.into_dispatch(),
-            shift.into_dispatch(),
-            stride,
-            padding,
-            lo,
-            hi,
-        ));
+        let (x, w) = (x.into_dispatch(), conv.weight.val().into_dispatch());
+        let (scale, shift) = (scale.into_dispatch(), shift.into_dispatch());
+        return Tensor::from_dispatch(match residual {
+            None => <Dispatch as DnalKernels>::dnal_conv2d_affine(
+                x, w, scale, shift, stride, padding, lo, hi,
+            ),
+            Some(r) => <Dispatch as DnalKernels>::dnal_conv2d_affine_add(
+                x,
+                w,
+                scale,
+                shift,
+                r.into_dispatch(),
+                stride,
+                padding,
+                lo,
+                hi,
+            ),
+        });
     }
-    batch_norm_affine(bn, a, b, act, conv_forward(conv, x))
+    batch_norm_affine(bn, a, b, act, conv_forward(conv, x), residual)
 }
 
 /// `act(bn(x) * factor)`: BatchNorm followed by a per-channel `factor` (a channel gate's,
@@ -228,7 +269,7 @@ pub fn batch_norm(
     x: Tensor<4>,
 ) -> Tensor<4> {
     let (a, b) = affine(bn, factor);
-    batch_norm_affine(bn, a, b, act, x)
+    batch_norm_affine(bn, a, b, act, x, None)
 }
 
 /// BatchNorm's affine transform with the factor folded in: `(gamma * g, beta * g)`.
@@ -263,14 +304,19 @@ fn batch_norm_affine(
     b: Tensor<1>,
     act: Activation,
     x: Tensor<4>,
+    residual: Option<Tensor<4>>,
 ) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training {
         let (scale, shift) = running_affine(bn, a, b, &x.device());
         let [_, c, _, _] = x.dims();
-        return act.apply(x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]));
+        let y = x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
+        return act.apply(match residual {
+            Some(r) => y + r,
+            None => y,
+        });
     }
-    let (output, mean, variance) = batch_norm_train(x, a, b, bn.epsilon, act);
+    let (output, mean, variance) = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual);
     let device = mean.device();
     let update = |state: &burn::module::RunningState<Tensor<1>>, stat: Tensor<1>| {
         let old = state.value_sync().to_device(&device);
@@ -292,19 +338,40 @@ pub fn batch_norm_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    batch_norm_train_residual(x, a, b, epsilon, act, None)
+}
+
+/// [`batch_norm_train`] with `residual` added before the activation.
+fn batch_norm_train_residual(
+    x: Tensor<4>,
+    a: Tensor<1>,
+    b: Tensor<1>,
+    epsilon: f64,
+    act: Activation,
+    residual: Option<Tensor<4>>,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
     #[cfg(feature = "flex")]
-    if takes_fast_path(&x) && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+    if takes_fast_path(&x)
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+    {
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         let Clamp { lo, hi } = act.clamp();
-        let out = <Dispatch as DnalKernels>::dnal_batch_norm_train(
-            x.into_dispatch(),
-            a.into_dispatch(),
-            b.into_dispatch(),
-            epsilon,
-            lo,
-            hi,
-        );
+        let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
+        let out = match residual {
+            None => <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi),
+            Some(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
+                x,
+                a,
+                b,
+                r.into_dispatch(),
+                epsilon,
+                lo,
+                hi,
+            ),
+        };
         return (
             Tensor::from_dispatch(out.output),
             Tensor::from_dispatch(out.mean),
@@ -312,5 +379,9 @@ pub fn batch_norm_train(
         );
     }
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
-    (act.apply(out.output), out.mean, out.variance)
+    let y = match residual {
+        Some(r) => out.output + r,
+        None => out.output,
+    };
+    (act.apply(y), out.mean, out.variance)
 }
