@@ -33,6 +33,8 @@ use super::cpu::{ConvGeometry, Epilogue};
 const LANES: usize = 16;
 /// Most output channels per forward micro-kernel.
 const MAX_CHANNELS: usize = 8;
+/// Most vectors of positions per forward micro-kernel step.
+const TILE_VECTORS: usize = 4;
 /// Most output channels and patch rows per weight-gradient micro-kernel.
 const DW_CHANNELS: usize = 4;
 const DW_ROWS: usize = 4;
@@ -254,66 +256,81 @@ fn conv_forward_images(
     // Channel blocks outside, so that a block's weights stay in cache while the images'
     // vectors stream past them (wide layers have megabytes of weights).
     for (b, &(first, count)) in w.blocks.iter().enumerate() {
-        for v in (0..total).step_by(2) {
-            let second = v + 1 < total;
-            let pair = [vector(v), vector(if second { v + 1 } else { v })];
+        // Narrow blocks take four vectors per step, so that each broadcast weight feeds four
+        // FMAs (the accumulators still fit the 32 vector registers).
+        let step = if count <= 6 { 4 } else { 2 };
+        for v in (0..total).step_by(step) {
+            // Vectors past the end repeat the last one and are not stored.
+            let valid = step.min(total - v);
+            let vectors: [Vector; TILE_VECTORS] =
+                std::array::from_fn(|h| vector(v + h.min(valid - 1)));
             let tile = Tile {
                 out: &mut *out,
-                starts: pair.map(|p| (p.index * co + first) * l + p.at),
+                starts: vectors.map(|p| (p.index * co + first) * l + p.at),
                 stride: l,
                 count,
-                second,
+                vectors: step,
+                valid,
                 scale: &scale[first..first + count],
                 shift: &shift[first..first + count],
                 residual,
                 bounds: (clamp.lo, clamp.hi),
             };
-            forward_tile(w.block(b), &w.taps.offsets, l, pair, tile);
+            forward_tile(w.block(b), &w.taps.offsets, l, vectors, tile);
         }
     }
 }
 
-/// Where a forward micro-kernel writes: channel `r < count` of vector `h` goes to
-/// `out[starts[h] + r * stride..][..16]` (the second vector only when `second`), as
-/// `clamp(v * scale[r] + shift[r] + residual[same place])`.
+/// Where a forward micro-kernel writes: channel `r < count` of vector `h < valid` goes to
+/// `out[starts[h] + r * stride..][..16]`, as `clamp(v * scale[r] + shift[r] + residual[same
+/// place])`; the kernel computes `vectors` (2 or 4) vectors.
 struct Tile<'a> {
     out: &'a mut [std::mem::MaybeUninit<f32>],
-    starts: [usize; 2],
+    starts: [usize; TILE_VECTORS],
     stride: usize,
     count: usize,
-    second: bool,
+    vectors: usize,
+    valid: usize,
     scale: &'a [f32],
     shift: &'a [f32],
     residual: Option<&'a [f32]>,
     bounds: (f32, f32),
 }
 
-/// Computes one tile (up to 8 channels x 2 vectors of positions) and writes it.
-fn forward_tile(w: &[f32], offsets: &[isize], l: usize, pair: [Vector; 2], tile: Tile) {
-    let channels = pair[0].image.len() / l;
+/// Computes one tile (up to 8 channels x 2, or up to 6 channels x 4 vectors of positions) and
+/// writes it.
+fn forward_tile(
+    w: &[f32],
+    offsets: &[isize],
+    l: usize,
+    vectors: [Vector; TILE_VECTORS],
+    tile: Tile,
+) {
+    let channels = vectors[0].image.len() / l;
     assert!(w.len() >= channels * offsets.len() * MAX_CHANNELS);
-    assert!(pair.iter().all(|p| p.masks.len() == offsets.len()));
+    assert!(vectors.iter().all(|p| p.masks.len() == offsets.len()));
+    assert!(tile.valid >= 1 && tile.valid <= tile.vectors);
     assert!(tile.scale.len() == tile.count && tile.shift.len() == tile.count);
     assert!(tile.residual.is_none_or(|r| r.len() == tile.out.len()));
     for start in tile.starts {
         assert!(start + (tile.count - 1) * tile.stride + LANES <= tile.out.len());
     }
     macro_rules! dispatch {
-        ($($r:literal)*) => {
-            match tile.count {
-                $($r => {
+        ($(($r:literal, $v:literal))*) => {
+            match (tile.count, tile.vectors) {
+                $(($r, $v) => {
                     // SAFETY: the callers use the direct kernels only when `available()`; every
                     // unmasked lane of tap t at position at + lane reads input position
                     // at + lane + offsets[t] of channel c, inside the image (`Taps::new`); the
                     // stores are inside `tile.out` (asserted above).
                     #[cfg(target_arch = "x86_64")]
-                    unsafe { avx512::forward::<$r>(w, offsets, l, channels, pair, tile) }
+                    unsafe { avx512::forward::<$r, $v>(w, offsets, l, channels, vectors, tile) }
                 })*
-                _ => unreachable!("channel blocks hold 1 to {MAX_CHANNELS} channels"),
+                _ => unreachable!("tiles of 1 to 6 channels x 4 vectors or 7 to 8 x 2"),
             }
         };
     }
-    dispatch!(1 2 3 4 5 6 7 8);
+    dispatch!((1, 4)(2, 4)(3, 4)(4, 4)(5, 4)(6, 4)(7, 2)(8, 2));
 }
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
@@ -376,7 +393,9 @@ fn weight_grad_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{ConvGeometry, DW_CHANNELS, DW_ROWS, LANES, MAX_CHANNELS, Taps, Tile, Vector};
+    use super::{
+        ConvGeometry, DW_CHANNELS, DW_ROWS, LANES, MAX_CHANNELS, TILE_VECTORS, Taps, Tile, Vector,
+    };
     use std::arch::x86_64::*;
 
     /// The masked load of 16 input values of channel `c` at flattened position
@@ -392,40 +411,39 @@ mod avx512 {
         unsafe { _mm512_maskz_loadu_ps(mask, ptr) }
     }
 
-    /// Channels `r < R` of a tile: the sum over patch rows `k = (c, t)` of `w[k][r]` times the
-    /// two vectors' shifted input, through the epilogue, stored where `tile` says.
+    /// Channels `r < R` of a tile of `V` vectors: the sum over patch rows `k = (c, t)` of
+    /// `w[k][r]` times each vector's shifted input, through the epilogue, stored where `tile`
+    /// says.
     ///
     /// # Safety
     /// AVX-512F must be available; `w` holds `channels * offsets.len() * MAX_CHANNELS`
     /// values; each vector's masks say which lanes of each tap are inside its image; every
     /// store of `tile` is inside `tile.out`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn forward<const R: usize>(
+    pub unsafe fn forward<const R: usize, const V: usize>(
         w: &[f32],
         offsets: &[isize],
         l: usize,
         channels: usize,
-        pair: [Vector; 2],
+        vectors: [Vector; TILE_VECTORS],
         tile: Tile,
     ) {
         let taps = offsets.len();
-        let [p0, p1] = pair;
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         for c in 0..channels {
             for t in 0..taps {
                 let off = offsets[t];
-                // SAFETY: contract (lanes on are inside the image).
-                let (v0, v1) = unsafe {
-                    (
-                        load(p0.image, c * l + p0.at, off, p0.masks[t]),
-                        load(p1.image, c * l + p1.at, off, p1.masks[t]),
-                    )
-                };
+                let xs: [__m512; V] = std::array::from_fn(|h| {
+                    let p = &vectors[h];
+                    // SAFETY: contract (lanes on are inside the image).
+                    unsafe { load(p.image, c * l + p.at, off, p.masks[t]) }
+                });
                 let wk = &w[(c * taps + t) * MAX_CHANNELS..][..MAX_CHANNELS];
                 for (a, &wr) in acc.iter_mut().zip(wk) {
                     let s = _mm512_set1_ps(wr);
-                    a[0] = _mm512_fmadd_ps(s, v0, a[0]);
-                    a[1] = _mm512_fmadd_ps(s, v1, a[1]);
+                    for (ah, xh) in a.iter_mut().zip(&xs) {
+                        *ah = _mm512_fmadd_ps(s, *xh, *ah);
+                    }
                 }
             }
         }
@@ -434,10 +452,7 @@ mod avx512 {
         for (r, a) in acc.iter().enumerate() {
             let (m, b) = (_mm512_set1_ps(tile.scale[r]), _mm512_set1_ps(tile.shift[r]));
             // max/min return their second operand when it is NaN, so NaN passes through.
-            for (h, &start) in tile.starts.iter().enumerate() {
-                if h == 1 && !tile.second {
-                    continue;
-                }
+            for (h, &start) in tile.starts.iter().enumerate().take(tile.valid) {
                 let at = start + r * tile.stride;
                 let mut v = _mm512_fmadd_ps(a[h], m, b);
                 if let Some(res) = tile.residual {
