@@ -30,7 +30,7 @@ pub struct PlainCnnConfig {
     /// by channel, as in VGG-16 for ImageNet).
     #[config(default = false)]
     pub global_pool: bool,
-    /// Hidden classifier layers (linear -> [BN] -> ReLU) before the last linear.
+    /// Hidden classifier layers (linear -> optional BN -> ReLU) before the last linear.
     #[config(default = "Vec::new()")]
     pub hidden: Vec<usize>,
     /// Whether the hidden classifier layers have a BatchNorm.

@@ -1,7 +1,9 @@
 //! The host-memory halves of the kernels, on plain `f32` slices in NCHW order: im2col and
-//! col2im of one image for the convolution; BatchNorm's one-pass statistics, affine pass and
-//! two-pass backward (`[N, C, L]`, `L` the positions per channel, parallel with rayon). No
-//! unsafe code; the matrix products are flex's (`gemm`), called by [`super::flex`].
+//! col2im of one image for the convolution, the flipped kernel of its input gradient, the
+//! epilogue applied as it writes its output; BatchNorm's one-pass statistics, affine pass and
+//! two-pass backward with the activation ([`Clamp`]) and a residual fused (`[N, C, L]`, `L` the
+//! positions per channel, parallel with rayon). No unsafe code; the matrix products and the
+//! direct convolution kernels are in the flex-only modules.
 
 use rayon::prelude::*;
 
