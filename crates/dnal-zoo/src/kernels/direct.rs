@@ -11,9 +11,10 @@
 //! 16 (32x32 down to 4x4 maps).
 //!
 //! * Forward, `Y [Co, L] = W [Co, P] x X_shifted [P, L]`: up to 8 output channels x 2 vectors
-//!   of positions in 16 accumulators, one broadcast weight per pair of FMAs. Output channels
-//!   are split into near-equal blocks (17 filters: 6 + 6 + 5), so pruned layers with odd
-//!   widths waste no lanes.
+//!   of positions in 16 accumulators (up to 6 x 4 in 24 for narrow blocks), one broadcast
+//!   weight per 2 or 4 FMAs. Output channels are split into near-equal blocks (17 filters:
+//!   6 + 6 + 5), so pruned layers with odd widths waste no lanes. BatchNorm, a residual and
+//!   the activation are applied in registers, and the output is written once.
 //! * Weight gradient, `dW [Co, P] = dY [Co, L] x X_shifted^T [L, P]` over a run of images: up
 //!   to 4 output channels x 4 patch rows in 16 accumulators along the positions, each reduced
 //!   once per run, in a fixed order (so the result does not depend on the number of threads).
