@@ -85,15 +85,7 @@ fn train_step(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
-        let x = Tensor::<4>::random(
-            [128, 3, 32, 32],
-            burn::tensor::Distribution::Default,
-            &device,
-        );
-        let y = Tensor::<1, Int>::from_data(
-            TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
-            &device,
-        );
+        let (x, y) = dnal_benches::cifar_batch(128, &device);
         for (name, build, _) in nets(&device) {
             let mut group = c.benchmark_group(format!("train-step/{backend}/{name}"));
             group.sample_size(10);

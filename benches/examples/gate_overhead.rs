@@ -19,15 +19,7 @@ fn main() {
         .unwrap()
         .init(&device)
         .unwrap();
-    let x = Tensor::<4>::random(
-        [128, 3, 32, 32],
-        burn::tensor::Distribution::Default,
-        &device,
-    );
-    let y = Tensor::<1, Int>::from_data(
-        TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
-        &device,
-    );
+    let (x, y) = dnal_benches::cifar_batch(128, &device);
     let (mut search, mut bypass) = (Vec::new(), Vec::new());
     // Two warm-up steps per mode, then `per_mode` timed steps each, alternating.
     for i in 0..2 * (per_mode + 2) {

@@ -34,15 +34,7 @@ fn run<N: Network>(mut net: N, steps: usize, device: &Device) {
         Ok("bypass") => GateMode::Bypass,
         _ => GateMode::Search,
     };
-    let x = Tensor::<4>::random(
-        [128, 3, 32, 32],
-        burn::tensor::Distribution::Default,
-        device,
-    );
-    let y = Tensor::<1, Int>::from_data(
-        TensorData::new((0..128i64).map(|i| i % 10).collect(), [128]),
-        device,
-    );
+    let (x, y) = dnal_benches::cifar_batch(128, device);
     let mut sgd = SgdConfig::new().init();
     for _ in 0..steps {
         let t = std::time::Instant::now();

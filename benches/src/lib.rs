@@ -34,3 +34,16 @@ pub fn uniform_architecture<M: dnal_core::GatedModel>(
     }
     arch
 }
+
+/// A training batch of CIFAR shapes: `batch` random images `[batch, 3, 32, 32]` and labels
+/// cycling through 10 classes.
+pub fn cifar_batch(batch: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+    let x = Tensor::<4>::random(
+        [batch, 3, 32, 32],
+        burn::tensor::Distribution::Default,
+        device,
+    );
+    let labels = (0..batch as i64).map(|i| i % 10).collect();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
+    (x, y)
+}
