@@ -44,6 +44,7 @@ mod planes;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
+#[cfg(feature = "flex")]
 use burn::tensor::DType;
 use burn::tensor::activation::{relu, relu6};
 use burn::tensor::module::conv2d as burn_conv2d;
