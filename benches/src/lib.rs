@@ -7,7 +7,8 @@ use dnal_core::BackendKind;
 #[global_allocator]
 static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
 
-/// Keeps freed memory for reuse, as the trainer does; every benchmark calls it first.
+/// Keeps freed memory for reuse, as the trainer does; every benchmark and example calls it
+/// first (which also links this crate, and with it the global allocator above, into them).
 pub fn keep_freed_memory() {
     dnal_zoo::allocator::keep_freed_memory();
 }

@@ -205,7 +205,15 @@ pub fn conv_forward(
     let n = batch * co * l;
     let mut out = Vec::with_capacity(n);
     let chunk = per.max(1) * co * l;
-    if let Some(r) = epilogue.and_then(|e| e.residual) {
+    // No epilogue is the identity one.
+    let (ones, zeros) = (vec![1.0f32; co], vec![0.0f32; co]);
+    let epilogue = epilogue.unwrap_or(Epilogue {
+        scale: &ones,
+        shift: &zeros,
+        residual: None,
+        clamp: super::cpu::Clamp::NONE,
+    });
+    if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), n, "residual of the wrong size");
     }
     out.spare_capacity_mut()[..n]
@@ -214,10 +222,12 @@ pub fn conv_forward(
         .enumerate()
         .for_each(|(i, (dst, images))| {
             // The group's part of the residual, laid out like `dst`.
-            let epilogue = epilogue.map(|e| Epilogue {
-                residual: e.residual.map(|r| &r[i * chunk..i * chunk + dst.len()]),
-                ..e
-            });
+            let epilogue = Epilogue {
+                residual: epilogue
+                    .residual
+                    .map(|r| &r[i * chunk..i * chunk + dst.len()]),
+                ..epilogue
+            };
             conv_forward_images(images, w, g, epilogue, dst)
         });
     // SAFETY: `conv_forward_images` wrote every element of every chunk: each image's every
@@ -231,7 +241,7 @@ fn conv_forward_images(
     x: &[f32],
     w: &PackedWeights,
     g: &ConvGeometry,
-    epilogue: Option<Epilogue>,
+    epilogue: Epilogue,
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (l, co) = (g.positions(), g.out_channels);
@@ -246,14 +256,12 @@ fn conv_forward_images(
         masks: w.taps.masks(v % per_image),
     };
     let total = images * per_image;
-    let (ones, zeros) = (vec![1.0f32; co], vec![0.0f32; co]);
-    let (scale, shift, residual, clamp) = match epilogue {
-        Some(e) => (e.scale, e.shift, e.residual, e.clamp),
-        None => (&ones[..], &zeros[..], None, super::cpu::Clamp::NONE),
-    };
-    if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "residual of the wrong size");
-    }
+    let Epilogue {
+        scale,
+        shift,
+        residual,
+        clamp,
+    } = epilogue;
     // Channel blocks outside, so that a block's weights stay in cache while the images'
     // vectors stream past them (wide layers have megabytes of weights).
     for (b, &(first, count)) in w.blocks.iter().enumerate() {

@@ -17,19 +17,20 @@ pub struct MatRef<'a> {
     cs: usize,
 }
 
-/// Whether every element of a `rows x cols` view with strides `rs`, `cs` lies in `len` values.
-fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
-    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+/// Panics unless every element of a `rows x cols` view with strides `rs`, `cs` lies in `len`
+/// values.
+fn check_fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    let fits = rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len;
+    assert!(
+        fits,
+        "a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {len} values"
+    );
 }
 
 impl<'a> MatRef<'a> {
     /// A strided view; panics if it reaches past the end of `data`.
     pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        assert!(
-            fits(data.len(), rows, cols, rs, cs),
-            "a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {} values",
-            data.len()
-        );
+        check_fits(data.len(), rows, cols, rs, cs);
         Self {
             data,
             rows,
@@ -70,11 +71,7 @@ impl<'a> MatMut<'a> {
     /// A view with row stride `rs`; panics if `rs < cols` or it reaches past the end of `data`.
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
         assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");
-        assert!(
-            fits(data.len(), rows, cols, rs, 1),
-            "a {rows}x{cols} view with row stride {rs} does not fit in {} values",
-            data.len()
-        );
+        check_fits(data.len(), rows, cols, rs, 1);
         Self {
             data,
             rows,
