@@ -142,7 +142,8 @@ fn channel_blocks(channels: usize) -> Vec<(usize, usize)> {
 }
 
 /// A convolution's weights and taps prepared for the forward kernel: per channel block,
-/// `[P][MAX_CHANNELS]` (zero past the block's channels).
+/// `[tap][Ci][MAX_CHANNELS]` (zero past the block's channels), in the order the kernel reads
+/// them.
 pub struct PackedWeights {
     values: Vec<f32>,
     blocks: Vec<(usize, usize)>,
@@ -157,12 +158,14 @@ impl PackedWeights {
         let p = g.patch();
         assert_eq!(w.len(), g.out_channels * p, "weights of the wrong size");
         let blocks = channel_blocks(g.out_channels);
+        let (taps, channels) = (g.kernel * g.kernel, g.in_channels);
         let mut values = vec![0.0; blocks.len() * p * MAX_CHANNELS];
         for (b, &(first, count)) in blocks.iter().enumerate() {
             let dst = &mut values[b * p * MAX_CHANNELS..][..p * MAX_CHANNELS];
             for r in 0..count {
                 for (k, &v) in w[(first + r) * p..][..p].iter().enumerate() {
-                    dst[k * MAX_CHANNELS + r] = v;
+                    let (c, t) = (k / taps, k % taps);
+                    dst[(t * channels + c) * MAX_CHANNELS + r] = v;
                 }
             }
         }
@@ -439,17 +442,28 @@ mod avx512 {
     ) {
         let taps = offsets.len();
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for c in 0..channels {
-            for t in 0..taps {
-                let off = offsets[t];
+        // Taps outside, channels inside: a tap's lane masks stay in mask registers and the
+        // channel loop is one index step for the inputs and one for the weights.
+        for t in 0..taps {
+            let masks: [__mmask16; V] = std::array::from_fn(|h| vectors[h].masks[t]);
+            let starts: [*const f32; V] = std::array::from_fn(|h| {
+                let p = &vectors[h];
+                p.image
+                    .as_ptr()
+                    .wrapping_add(p.at)
+                    .wrapping_offset(offsets[t])
+            });
+            let wt = w[t * channels * MAX_CHANNELS..][..channels * MAX_CHANNELS].as_ptr();
+            for c in 0..channels {
                 let xs: [__m512; V] = std::array::from_fn(|h| {
-                    let p = &vectors[h];
-                    // SAFETY: contract (lanes on are inside the image).
-                    unsafe { load(p.image, c * l + p.at, off, p.masks[t]) }
+                    // SAFETY: contract (lanes on are inside the image, `Taps::new`).
+                    unsafe { _mm512_maskz_loadu_ps(masks[h], starts[h].wrapping_add(c * l)) }
                 });
-                let wk = &w[(c * taps + t) * MAX_CHANNELS..][..MAX_CHANNELS];
-                for (a, &wr) in acc.iter_mut().zip(wk) {
-                    let s = _mm512_set1_ps(wr);
+                // SAFETY: `wt` holds `channels * MAX_CHANNELS` values and `R <= MAX_CHANNELS`.
+                let wk = unsafe { wt.add(c * MAX_CHANNELS) };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    let s = _mm512_set1_ps(unsafe { *wk.add(r) });
                     for (ah, xh) in a.iter_mut().zip(&xs) {
                         *ah = _mm512_fmadd_ps(s, *xh, *ah);
                     }
