@@ -410,19 +410,6 @@ mod avx512 {
     };
     use std::arch::x86_64::*;
 
-    /// The masked load of 16 input values of channel `c` at flattened position
-    /// `at + offset`: lanes off in `mask` are zero and not read.
-    ///
-    /// # Safety
-    /// AVX-512F must be available and every lane on in `mask` must be inside `image`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load(image: &[f32], base: usize, offset: isize, mask: u16) -> __m512 {
-        let ptr = image.as_ptr().wrapping_add(base).wrapping_offset(offset);
-        // SAFETY: see the contract; masked-off lanes are not accessed.
-        unsafe { _mm512_maskz_loadu_ps(mask, ptr) }
-    }
-
     /// Channels `r < R` of a tile of `V` vectors: the sum over patch rows `k = (c, t)` of
     /// `w[k][r]` times each vector's shifted input, through the epilogue, stored where `tile`
     /// says.
@@ -510,25 +497,27 @@ mod avx512 {
         let image_len = g.image();
         let images = x.len() / image_len;
         let tap_count = taps.offsets.len();
-        let rows: [(usize, usize); RK] = std::array::from_fn(|j| {
-            let k = k0 + j;
-            (k / tap_count, k % tap_count)
+        // Each patch row's flattened offset in an image and its tap.
+        let rows: [(isize, usize); RK] = std::array::from_fn(|j| {
+            let (c, t) = ((k0 + j) / tap_count, (k0 + j) % tap_count);
+            ((c * l) as isize + taps.offsets[t], t)
         });
         let mut acc = [[_mm512_setzero_ps(); RK]; RC];
         for i in 0..images {
-            let image = &x[i * image_len..][..image_len];
-            let grad = &dy[i * co * l..][..co * l];
+            let image = x[i * image_len..][..image_len].as_ptr();
+            let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
+            let starts: [*const f32; RK] =
+                std::array::from_fn(|j| image.wrapping_offset(rows[j].0));
             for v in 0..l / LANES {
-                let masks = taps.masks(v);
                 let at = v * LANES;
+                let masks = taps.masks(v);
                 let d: [__m512; RC] = std::array::from_fn(|r| {
-                    let row = &grad[(c0 + r) * l + at..][..LANES];
-                    // SAFETY: `row` holds 16 values.
-                    unsafe { _mm512_loadu_ps(row.as_ptr()) }
+                    // SAFETY: `grad` holds `RC` rows of `l` values and `at + 16 <= l`.
+                    unsafe { _mm512_loadu_ps(grad.add(r * l + at)) }
                 });
-                for (j, &(c, t)) in rows.iter().enumerate() {
+                for (j, &(_, t)) in rows.iter().enumerate() {
                     // SAFETY: lanes on in the mask are inside the image (`Taps::new`).
-                    let xs = unsafe { load(image, c * l + at, taps.offsets[t], masks[t]) };
+                    let xs = unsafe { _mm512_maskz_loadu_ps(masks[t], starts[j].wrapping_add(at)) };
                     for (a, dr) in acc.iter_mut().zip(&d) {
                         a[j] = _mm512_fmadd_ps(*dr, xs, a[j]);
                     }
