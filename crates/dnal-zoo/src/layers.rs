@@ -282,15 +282,28 @@ pub fn add_into(into: Tensor<4>, pos: &[usize], values: Tensor<4>) -> Tensor<4> 
     )
 }
 
-/// Places `values` (`[N, k, H, W]`) at the channels `pos` of a zero tensor with `width` channels.
+/// Places `values` (`[N, k, H, W]`) at the channels `pos` of a zero tensor with `width` channels:
+/// zeros on either side when `pos` is one run of consecutive channels (a ResNet's padded
+/// shortcut), an index add otherwise.
 pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
     let [n, c, h, w] = values.dims();
     if c == width {
         return values;
     }
-    add_into(
-        Tensor::zeros([n, width, h, w], &values.device()),
-        pos,
-        values,
-    )
+    let device = values.device();
+    if let Some(&first) = pos.first()
+        && pos.iter().enumerate().all(|(i, &p)| p == first + i)
+    {
+        let after = width - first - c;
+        let mut parts = Vec::with_capacity(3);
+        if first > 0 {
+            parts.push(Tensor::zeros([n, first, h, w], &device));
+        }
+        parts.push(values);
+        if after > 0 {
+            parts.push(Tensor::zeros([n, after, h, w], &device));
+        }
+        return Tensor::cat(parts, 1);
+    }
+    add_into(Tensor::zeros([n, width, h, w], &device), pos, values)
 }

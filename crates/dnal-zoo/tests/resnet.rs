@@ -152,3 +152,33 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+/// `scatter` places a run of channels with zeros on either side and other positions with an
+/// index add; both give the same values, and the gradient of the placed channels is the
+/// output gradient at their positions.
+#[test]
+fn scatter_places_runs_and_scattered_channels_alike() {
+    let device = Device::flex().autodiff();
+    let values = common::input([2, 3, 4, 4], 7, &device);
+    let weights = common::input([2, 8, 4, 4], 8, &device);
+    for pos in [vec![0, 1, 2], vec![2, 3, 4], vec![5, 6, 7], vec![1, 4, 6]] {
+        let v = values.clone().require_grad();
+        let placed = dnal_zoo::layers::scatter(8, &pos, v.clone());
+        let expected = Tensor::<4>::zeros([2, 8, 4, 4], &device).select_assign(
+            1,
+            dnal_zoo::layers::indices(&pos, &device),
+            values.clone(),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let diff = (placed.clone() - expected).abs().max().into_scalar::<f32>();
+        assert_eq!(diff, 0.0, "positions {pos:?}: values");
+        let grads = (placed * weights.clone()).sum().backward();
+        let grad = v.grad(&grads).expect("gradient of the placed channels");
+        let expected = weights
+            .clone()
+            .inner()
+            .select(1, dnal_zoo::layers::indices(&pos, &grad.device()));
+        let diff = (grad - expected).abs().max().into_scalar::<f32>();
+        assert_eq!(diff, 0.0, "positions {pos:?}: gradient");
+    }
+}

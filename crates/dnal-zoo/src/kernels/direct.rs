@@ -74,7 +74,7 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 /// 32 at 16x16, by 15-20 %), and loses on wider ones, whose rows it reads again for every
 /// 4 x 4 tile of the gradient.
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    supports(g) && g.out_channels <= 64 && g.in_channels <= 64 && g.positions() >= 256
+    supports(g) && g.out_channels <= 64 && g.in_channels <= 64
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -347,67 +347,126 @@ fn forward_tile(
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
 /// `dy` their output gradient (`[n, Co, H, W]`).
+///
+/// The images go in chunks of about [`CHUNK_POSITIONS`] positions; for each chunk and block of
+/// [`DW_CHANNELS`] output channels, one kernel call passes over every tile of [`DW_ROWS`]
+/// patch rows. The block's output-gradient rows of the chunk stay in L1 while the tiles read
+/// the input rows, and each tile's 16-lane partial sums wait in memory between chunks. The
+/// result does not depend on the number of threads (nothing here is parallel).
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
-    let images = x.len() / g.image();
+    let image_len = g.image();
+    let images = x.len() / image_len;
     assert_eq!(
         dy.len(),
         images * co * l,
         "output gradient of the wrong size"
     );
     let taps = Taps::new(g);
+    let tap_count = taps.taps;
+    // Patch rows `(c, t)` as (offset of their first input in an image, tap), padded to whole
+    // tiles with rows of the null tap (`tap_count`), whose masks read nothing.
+    let tiles = p.div_ceil(DW_ROWS);
+    let mut rows: Vec<(isize, usize)> = (0..p)
+        .map(|k| {
+            let (c, t) = (k / tap_count, k % tap_count);
+            ((c * l) as isize + taps.offsets[t], t)
+        })
+        .collect();
+    rows.resize(tiles * DW_ROWS, (0, tap_count));
+    // Lane masks `[vector][tap]`, with the null tap last.
+    let masks: Vec<u16> = (0..l / LANES)
+        .flat_map(|v| taps.masks(v).iter().copied().chain([0]))
+        .collect();
+    let blocks = co.div_ceil(DW_CHANNELS);
+    let mut partial = vec![0.0f32; blocks * tiles * TILE_SUMS];
+    let per = CHUNK_POSITIONS.div_ceil(l).clamp(1, images.max(1));
+    for first in (0..images).step_by(per) {
+        let count = per.min(images - first);
+        let chunk = &x[first * image_len..][..count * image_len];
+        let grad = &dy[first * co * l..][..count * co * l];
+        for (b, sums) in partial.chunks_exact_mut(tiles * TILE_SUMS).enumerate() {
+            let c0 = b * DW_CHANNELS;
+            let rc = DW_CHANNELS.min(co - c0);
+            let block = DwBlock {
+                x: chunk,
+                dy: grad,
+                g,
+                c0,
+                rows: &rows,
+                masks: &masks,
+                tap_stride: tap_count + 1,
+            };
+            macro_rules! dispatch {
+                ($($r:literal)*) => {
+                    match rc {
+                        // SAFETY: the callers use the direct kernels only when `available()`;
+                        // `block` holds whole images, `rows` only offsets and taps of `g`
+                        // (and the null tap), and `masks` the lanes inside the image for each.
+                        $($r => {
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe { avx512::weight_grad::<$r>(block, sums) }
+                        })*
+                        _ => unreachable!("blocks of 1 to 4 channels"),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4);
+        }
+    }
     let mut dw = vec![0.0f32; co * p];
-    let mut sums = [0.0f32; DW_CHANNELS * DW_ROWS];
-    for c0 in (0..co).step_by(DW_CHANNELS) {
-        let rc = DW_CHANNELS.min(co - c0);
-        for k0 in (0..p).step_by(DW_ROWS) {
-            let rk = DW_ROWS.min(p - k0);
-            weight_grad_tile(x, dy, g, &taps, (c0, rc), (k0, rk), &mut sums);
-            for r in 0..rc {
-                dw[(c0 + r) * p + k0..][..rk].copy_from_slice(&sums[r * DW_ROWS..][..rk]);
+    for (b, block) in partial.chunks_exact(tiles * TILE_SUMS).enumerate() {
+        let c0 = b * DW_CHANNELS;
+        for (tile, sums) in block.chunks_exact(TILE_SUMS).enumerate() {
+            for r in 0..DW_CHANNELS.min(co - c0) {
+                for j in 0..DW_ROWS.min(p - tile * DW_ROWS) {
+                    dw[(c0 + r) * p + tile * DW_ROWS + j] =
+                        lane_sum(&sums[(r * DW_ROWS + j) * LANES..][..LANES]);
+                }
             }
         }
     }
     dw
 }
 
-/// `sums[r][j]` = sum over the images and positions of `dy[c0 + r] * x_shifted[k0 + j]`.
-fn weight_grad_tile(
-    x: &[f32],
-    dy: &[f32],
-    g: &ConvGeometry,
-    taps: &Taps,
-    (c0, rc): (usize, usize),
-    (k0, rk): (usize, usize),
-    sums: &mut [f32; DW_CHANNELS * DW_ROWS],
-) {
-    macro_rules! dispatch {
-        ($(($a:literal, $b:literal))*) => {
-            match (rc, rk) {
-                $(($a, $b) => {
-                    // SAFETY: as in `forward_tile`: unmasked lanes read inside each image.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        avx512::weight_grad::<$a, $b>(x, dy, g, taps, c0, k0, sums)
-                    }
-                })*
-                _ => unreachable!("tiles hold 1 to 4 channels and rows"),
-            }
-        };
+/// Fewest positions a weight-gradient kernel call covers (whole images): fewer would load and
+/// store the partial sums too often; more would let the output-gradient rows leave L1.
+const CHUNK_POSITIONS: usize = 1024;
+
+/// Partial sums of a weight-gradient tile: `[DW_CHANNELS][DW_ROWS][LANES]`.
+const TILE_SUMS: usize = DW_CHANNELS * DW_ROWS * LANES;
+
+/// The sum of 16 lanes, in a fixed (pairwise) order.
+fn lane_sum(lanes: &[f32]) -> f32 {
+    let mut v: [f32; LANES] = lanes.try_into().expect("16 lanes");
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
     }
-    dispatch!(
-        (1, 1)(1, 2)(1, 3)(1, 4)(2, 1)(2, 2)(2, 3)(2, 4)(3, 1)(3, 2)(3, 3)(3, 4)(4, 1)(4, 2)(4, 3)(
-            4, 4
-        )
-    );
+    v[0]
+}
+
+/// What a weight-gradient kernel call reads: a chunk of images (`x`, `dy`), the output
+/// channels from `c0`, every patch row (`rows`, padded to whole tiles) and the lane masks
+/// (`[vector][tap_stride]`).
+#[derive(Clone, Copy)]
+struct DwBlock<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    g: &'a ConvGeometry,
+    c0: usize,
+    rows: &'a [(isize, usize)],
+    masks: &'a [u16],
+    tap_stride: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{
-        ConvGeometry, DW_CHANNELS, DW_ROWS, LANES, MAX_CHANNELS, TILE_VECTORS, Taps, Tile, Vector,
-    };
+    use super::{DW_ROWS, DwBlock, LANES, MAX_CHANNELS, TILE_SUMS, TILE_VECTORS, Tile, Vector};
     use std::arch::x86_64::*;
 
     /// Channels `r < R` of a tile of `V` vectors: the sum over patch rows `k = (c, t)` of
@@ -477,56 +536,70 @@ mod avx512 {
         }
     }
 
-    /// `sums[r][j]` = sum over images and positions of `dy[c0 + r] * x_shifted[k0 + j]`, for
-    /// `r < RC`, `j < RK`.
+    /// For each tile of [`DW_ROWS`] patch rows, adds to its partial sums (`[r][j]`, 16 lanes
+    /// each) the products of `dy[c0 + r]` and row `j`'s shifted input over the positions of
+    /// the block's images, for `r < RC`.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` and `dy` hold whole images of `g`, and the masks of
-    /// `taps` are those of `g`.
+    /// AVX-512F must be available; `block.x` and `block.dy` hold whole images of `block.g`
+    /// and their output gradients; every lane on in the masks of a row's tap is inside the
+    /// image at the row's offset.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn weight_grad<const RC: usize, const RK: usize>(
-        x: &[f32],
-        dy: &[f32],
-        g: &ConvGeometry,
-        taps: &Taps,
-        c0: usize,
-        k0: usize,
-        sums: &mut [f32; DW_CHANNELS * DW_ROWS],
-    ) {
-        let (l, co) = (g.positions(), g.out_channels);
-        let image_len = g.image();
-        let images = x.len() / image_len;
-        let tap_count = taps.offsets.len();
-        // Each patch row's flattened offset in an image and its tap.
-        let rows: [(isize, usize); RK] = std::array::from_fn(|j| {
-            let (c, t) = ((k0 + j) / tap_count, (k0 + j) % tap_count);
-            ((c * l) as isize + taps.offsets[t], t)
-        });
-        let mut acc = [[_mm512_setzero_ps(); RK]; RC];
-        for i in 0..images {
-            let image = x[i * image_len..][..image_len].as_ptr();
-            let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
-            let starts: [*const f32; RK] =
-                std::array::from_fn(|j| image.wrapping_offset(rows[j].0));
-            for v in 0..l / LANES {
-                let at = v * LANES;
-                let masks = taps.masks(v);
-                let d: [__m512; RC] = std::array::from_fn(|r| {
-                    // SAFETY: `grad` holds `RC` rows of `l` values and `at + 16 <= l`.
-                    unsafe { _mm512_loadu_ps(grad.add(r * l + at)) }
-                });
-                for (j, &(_, t)) in rows.iter().enumerate() {
-                    // SAFETY: lanes on in the mask are inside the image (`Taps::new`).
-                    let xs = unsafe { _mm512_maskz_loadu_ps(masks[t], starts[j].wrapping_add(at)) };
-                    for (a, dr) in acc.iter_mut().zip(&d) {
-                        a[j] = _mm512_fmadd_ps(*dr, xs, a[j]);
+    pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) {
+        let DwBlock {
+            x,
+            dy,
+            g,
+            c0,
+            rows,
+            masks,
+            tap_stride,
+        } = block;
+        let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
+        let (images, vectors) = (x.len() / image_len, l / LANES);
+        assert!(dy.len() == images * co * l && c0 + RC <= co);
+        assert!(masks.len() == vectors * tap_stride && rows.iter().all(|r| r.1 < tap_stride));
+        assert!(partial.len() == rows.len() / DW_ROWS * TILE_SUMS);
+        let slot = |r: usize, j: usize| (r * DW_ROWS + j) * LANES;
+        for (tile, sums) in rows
+            .chunks_exact(DW_ROWS)
+            .zip(partial.chunks_exact_mut(TILE_SUMS))
+        {
+            let taps: [usize; DW_ROWS] = std::array::from_fn(|j| tile[j].1);
+            let mut acc: [[__m512; DW_ROWS]; RC] = std::array::from_fn(|r| {
+                // SAFETY: `sums` holds `TILE_SUMS` values, slot + 16 inside.
+                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(sums.as_ptr().add(slot(r, j))) })
+            });
+            for i in 0..images {
+                let image = x[i * image_len..][..image_len].as_ptr();
+                let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
+                let starts: [*const f32; DW_ROWS] =
+                    std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
+                let mut m = masks.as_ptr();
+                for v in 0..vectors {
+                    let at = v * LANES;
+                    let d: [__m512; RC] = std::array::from_fn(|r| {
+                        // SAFETY: `grad` holds `RC` rows of `l` values and `at + 16 <= l`.
+                        unsafe { _mm512_loadu_ps(grad.add(r * l + at)) }
+                    });
+                    for (j, start) in starts.iter().enumerate() {
+                        // SAFETY: `m` is vector v's row of masks (`tap_stride` values) and
+                        // lanes on in a tap's mask are inside the image (contract).
+                        let xs = unsafe {
+                            _mm512_maskz_loadu_ps(*m.add(taps[j]), start.wrapping_add(at))
+                        };
+                        for (a, dr) in acc.iter_mut().zip(&d) {
+                            a[j] = _mm512_fmadd_ps(*dr, xs, a[j]);
+                        }
                     }
+                    m = m.wrapping_add(tap_stride);
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (j, v) in a.iter().enumerate() {
-                sums[r * DW_ROWS + j] = _mm512_reduce_add_ps(*v);
+            for (r, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    // SAFETY: as for the loads.
+                    unsafe { _mm512_storeu_ps(sums.as_mut_ptr().add(slot(r, j)), *v) };
+                }
             }
         }
     }

@@ -1,0 +1,51 @@
+//! Times dnal's flex convolution by part on the 3x3 layers of CIFAR networks, batch 128:
+//! the forward, and forward + backward for the weight gradient alone and for both gradients.
+//! Prints the fastest of `reps` (first argument, default 10) runs of each, in ms and GFLOP/s.
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use dnal_zoo::kernels;
+
+fn main() {
+    dnal_benches::keep_freed_memory();
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let device = Device::flex().autodiff();
+    for (channels, hw) in [(9, 32), (16, 32), (17, 16), (32, 16), (34, 8), (64, 8)] {
+        let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
+        let w = Tensor::<4>::random([channels, channels, 3, 3], Distribution::Default, &device);
+        let flop = 2.0 * (128 * channels * channels * 9 * hw * hw) as f64;
+        let time = |f: &dyn Fn()| {
+            (0..reps)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let fwd = time(&|| {
+            let _ = kernels::conv2d(x.clone(), w.clone(), 1, 1).into_data();
+        });
+        let dw = time(&|| {
+            let w = w.clone().require_grad();
+            let grads = kernels::conv2d(x.clone(), w.clone(), 1, 1).sum().backward();
+            let _ = w.grad(&grads).expect("weight gradient").into_data();
+        });
+        let both = time(&|| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let grads = kernels::conv2d(x.clone(), w.clone(), 1, 1).sum().backward();
+            let _ = x.grad(&grads).expect("input gradient").into_data();
+            let _ = w.grad(&grads).expect("weight gradient").into_data();
+        });
+        println!(
+            "{channels:>3}x{hw:>2}x{hw:<2} forward {:6.2} ms ({:3.0} GFLOP/s)  +dW {:6.2} ms  +dW+dx {:6.2} ms  (backward {:3.0} GFLOP/s)",
+            fwd * 1e3,
+            flop / fwd / 1e9,
+            dw * 1e3,
+            both * 1e3,
+            2.0 * flop / (both - fwd) / 1e9,
+        );
+    }
+}
