@@ -16,8 +16,10 @@
 //!   6 + 6 + 5), so pruned layers with odd widths waste no lanes. BatchNorm, a residual and
 //!   the activation are applied in registers, and the output is written once.
 //! * Weight gradient, `dW [Co, P] = dY [Co, L] x X_shifted^T [L, P]` over a run of images: up
-//!   to 4 output channels x 4 patch rows in 16 accumulators along the positions, each reduced
-//!   once per run, in a fixed order (so the result does not depend on the number of threads).
+//!   to 6 output channels (near-equal blocks) x 4 patch rows in 24 accumulators along the
+//!   positions, each reduced once per run, in a fixed order (so the result does not depend on
+//!   the number of threads). The images go in chunks of about 1024 positions, and a chunk's
+//!   block of output-gradient rows stays in L1 while every tile of patch rows passes over it.
 //! * The input gradient of a stride-1 convolution is itself such a convolution (flipped,
 //!   transposed kernel) and takes the forward path.
 //!
@@ -36,8 +38,8 @@ const LANES: usize = 16;
 const MAX_CHANNELS: usize = 8;
 /// Most vectors of positions per forward micro-kernel step.
 const TILE_VECTORS: usize = 4;
-/// Most output channels and patch rows per weight-gradient micro-kernel.
-const DW_CHANNELS: usize = 4;
+/// Most output channels and patch rows per weight-gradient micro-kernel (24 accumulators).
+const DW_CHANNELS: usize = 6;
 const DW_ROWS: usize = 4;
 
 /// Whether this CPU runs the AVX-512 kernels.
@@ -127,10 +129,9 @@ impl Taps {
     }
 }
 
-/// The output channels split into near-equal blocks of at most [`MAX_CHANNELS`]:
-/// `(first, count)`.
-fn channel_blocks(channels: usize) -> Vec<(usize, usize)> {
-    let blocks = channels.div_ceil(MAX_CHANNELS);
+/// `channels` split into near-equal blocks of at most `max`: `(first, count)`.
+fn channel_blocks(channels: usize, max: usize) -> Vec<(usize, usize)> {
+    let blocks = channels.div_ceil(max);
     let mut out = Vec::with_capacity(blocks);
     let mut first = 0;
     for b in 0..blocks {
@@ -157,7 +158,7 @@ impl PackedWeights {
         assert!(supports(g), "not a convolution the direct kernels compute");
         let p = g.patch();
         assert_eq!(w.len(), g.out_channels * p, "weights of the wrong size");
-        let blocks = channel_blocks(g.out_channels);
+        let blocks = channel_blocks(g.out_channels, MAX_CHANNELS);
         let (taps, channels) = (g.kernel * g.kernel, g.in_channels);
         let mut values = vec![0.0; blocks.len() * p * MAX_CHANNELS];
         for (b, &(first, count)) in blocks.iter().enumerate() {
@@ -379,16 +380,17 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     let masks: Vec<u16> = (0..l / LANES)
         .flat_map(|v| taps.masks(v).iter().copied().chain([0]))
         .collect();
-    let blocks = co.div_ceil(DW_CHANNELS);
-    let mut partial = vec![0.0f32; blocks * tiles * TILE_SUMS];
+    let blocks = channel_blocks(co, DW_CHANNELS);
+    let mut partial = vec![0.0f32; blocks.len() * tiles * TILE_SUMS];
     let per = CHUNK_POSITIONS.div_ceil(l).clamp(1, images.max(1));
     for first in (0..images).step_by(per) {
         let count = per.min(images - first);
         let chunk = &x[first * image_len..][..count * image_len];
         let grad = &dy[first * co * l..][..count * co * l];
-        for (b, sums) in partial.chunks_exact_mut(tiles * TILE_SUMS).enumerate() {
-            let c0 = b * DW_CHANNELS;
-            let rc = DW_CHANNELS.min(co - c0);
+        for (&(c0, rc), sums) in blocks
+            .iter()
+            .zip(partial.chunks_exact_mut(tiles * TILE_SUMS))
+        {
             let block = DwBlock {
                 x: chunk,
                 dy: grad,
@@ -408,18 +410,17 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
                             #[cfg(target_arch = "x86_64")]
                             unsafe { avx512::weight_grad::<$r>(block, sums) }
                         })*
-                        _ => unreachable!("blocks of 1 to 4 channels"),
+                        _ => unreachable!("blocks of 1 to 6 channels"),
                     }
                 };
             }
-            dispatch!(1 2 3 4);
+            dispatch!(1 2 3 4 5 6);
         }
     }
     let mut dw = vec![0.0f32; co * p];
-    for (b, block) in partial.chunks_exact(tiles * TILE_SUMS).enumerate() {
-        let c0 = b * DW_CHANNELS;
+    for (&(c0, rc), block) in blocks.iter().zip(partial.chunks_exact(tiles * TILE_SUMS)) {
         for (tile, sums) in block.chunks_exact(TILE_SUMS).enumerate() {
-            for r in 0..DW_CHANNELS.min(co - c0) {
+            for r in 0..rc {
                 for j in 0..DW_ROWS.min(p - tile * DW_ROWS) {
                     dw[(c0 + r) * p + tile * DW_ROWS + j] =
                         lane_sum(&sums[(r * DW_ROWS + j) * LANES..][..LANES]);
