@@ -72,11 +72,10 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 }
 
 /// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
-/// with maps of at least 16x16 (up to 64 input and output channels; 16 to 64 channels at 32x32,
-/// 32 at 16x16, by 15-20 %), and loses on wider ones, whose rows it reads again for every
-/// 4 x 4 tile of the gradient.
+/// with maps of at least 16x16 (up to 64 input and output channels), and is no faster on
+/// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers.
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    supports(g) && g.out_channels <= 64 && g.in_channels <= 64
+    supports(g) && g.out_channels <= 64 && g.in_channels <= 64 && g.positions() >= 256
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
