@@ -1,18 +1,28 @@
 //! Times dnal's flex convolution by part on the 3x3 layers of CIFAR networks, batch 128:
 //! the forward, and forward + backward for the weight gradient alone and for both gradients.
 //! Prints the fastest of `reps` (first argument, default 10) runs of each, in ms and GFLOP/s.
+//! Further arguments `CxS` choose the layers (channels x map side), e.g. `256x8 512x4`.
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use dnal_zoo::kernels;
 
 fn main() {
     dnal_benches::keep_freed_memory();
-    let reps: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let mut layers: Vec<(usize, usize)> = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| {
+            let (c, s) = a.split_once('x')?;
+            Some((c.parse().ok()?, s.parse().ok()?))
+        })
+        .collect();
+    if layers.is_empty() {
+        layers = vec![(9, 32), (16, 32), (17, 16), (32, 16), (34, 8), (64, 8)];
+    }
     let device = Device::flex().autodiff();
-    for (channels, hw) in [(9, 32), (16, 32), (17, 16), (32, 16), (34, 8), (64, 8)] {
+    for (channels, hw) in layers {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
         let w = Tensor::<4>::random([channels, channels, 3, 3], Distribution::Default, &device);
         let flop = 2.0 * (128 * channels * channels * 9 * hw * hw) as f64;

@@ -195,7 +195,7 @@ impl PlainCnn {
         for (i, unit) in self.convs.iter().enumerate() {
             x = unit.forward_act(x, Activation::Relu);
             if self.config.pool_after.contains(&i) {
-                x = self.pool.forward(x);
+                x = crate::kernels::max_pool2d(&self.pool, x);
             }
         }
         if self.config.global_pool {

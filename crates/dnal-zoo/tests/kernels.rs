@@ -433,3 +433,41 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
         assert_close(&format!("{what} alpha grad"), f.5, b.5, 1e-4);
     }
 }
+
+/// dnal's 2x2 max-pool against burn's: values and input gradients, bitwise, on even and odd
+/// maps, with ties (a ReLU's zeros: the first input of the window wins) and a NaN.
+#[test]
+fn max_pool_matches_burn_with_ties_and_odd_maps() {
+    use burn::nn::pool::MaxPool2dConfig;
+    let device = train_device();
+    let pool = MaxPool2dConfig::new([2, 2]).init();
+    for (shape, seed) in [([3, 5, 8, 8], 31), ([2, 3, 7, 9], 32), ([40, 2, 4, 6], 33)] {
+        // Half the values are zero (after a ReLU), so many windows tie.
+        let x = burn::tensor::activation::relu(input(shape, seed, &device));
+        let probe = input([shape[0], shape[1], shape[2] / 2, shape[3] / 2], seed + 1, &device);
+        let run = |fast: bool| {
+            let x = x.clone().detach().require_grad();
+            let y = if fast {
+                kernels::max_pool2d(&pool, x.clone())
+            } else {
+                pool.forward(x.clone())
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            (vec1_of(y.inner()), vec1_of(dx))
+        };
+        let (fast, reference) = (run(true), run(false));
+        assert_eq!(fast.0, reference.0, "{shape:?}: pooled values");
+        assert_eq!(fast.1, reference.1, "{shape:?}: input gradient");
+    }
+    // A NaN wins its window, as in burn.
+    let mut values = noise(16, 34, -1.0, 1.0);
+    values[5] = f32::NAN;
+    let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &Device::flex());
+    let y = vec1_of(kernels::max_pool2d(&pool, x));
+    assert!(y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()), "{y:?}");
+}
+
+fn vec1_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}

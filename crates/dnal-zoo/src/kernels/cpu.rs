@@ -461,3 +461,80 @@ pub fn col2im(cols: &[f32], g: &ConvGeometry, images: usize, image: usize, dx: &
         }
     }
 }
+
+/// Planes of a 2x2, stride-2 max-pool processed per parallel task.
+const POOL_PLANES: usize = 16;
+
+/// 2x2 max-pool with stride 2 of `planes` maps of `h x w` (an odd last row or column is
+/// dropped, as burn's floor mode does): the output `[planes, h / 2, w / 2]` and, for each
+/// output, which of its window's four inputs won (`2 * dy + dx`). The first maximum in row
+/// order wins, and a NaN wins over any number (the last NaN), as in burn and PyTorch.
+pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, Vec<u8>) {
+    let (oh, ow) = (h / 2, w / 2);
+    let (out_plane, in_plane) = (oh * ow, h * w);
+    let mut y = vec![0.0f32; planes * out_plane];
+    let mut at = vec![0u8; planes * out_plane];
+    if out_plane == 0 {
+        return (y, at);
+    }
+    y.par_chunks_mut(POOL_PLANES * out_plane)
+        .zip(at.par_chunks_mut(POOL_PLANES * out_plane))
+        .zip(x.par_chunks(POOL_PLANES * in_plane))
+        .for_each(|((y, at), x)| {
+            for ((y, at), x) in y
+                .chunks_exact_mut(out_plane)
+                .zip(at.chunks_exact_mut(out_plane))
+                .zip(x.chunks_exact(in_plane))
+            {
+                for oy in 0..oh {
+                    let (top, bottom) = (&x[2 * oy * w..][..w], &x[(2 * oy + 1) * w..][..w]);
+                    let row = oy * ow;
+                    for ox in 0..ow {
+                        let window = [
+                            top[2 * ox],
+                            top[2 * ox + 1],
+                            bottom[2 * ox],
+                            bottom[2 * ox + 1],
+                        ];
+                        let mut best = 0;
+                        for (k, &v) in window.iter().enumerate().skip(1) {
+                            if v > window[best] || v.is_nan() {
+                                best = k;
+                            }
+                        }
+                        y[row + ox] = window[best];
+                        at[row + ox] = best as u8;
+                    }
+                }
+            }
+        });
+    (y, at)
+}
+
+/// The input gradient of [`max_pool2x2`]: each output's gradient `dy` goes to the input that
+/// won its window (`at`), zero elsewhere.
+pub fn max_pool2x2_backward(dy: &[f32], at: &[u8], planes: usize, [h, w]: [usize; 2]) -> Vec<f32> {
+    let (oh, ow) = (h / 2, w / 2);
+    let (out_plane, in_plane) = (oh * ow, h * w);
+    let mut dx = vec![0.0f32; planes * in_plane];
+    if out_plane == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(POOL_PLANES * in_plane)
+        .zip(dy.par_chunks(POOL_PLANES * out_plane))
+        .zip(at.par_chunks(POOL_PLANES * out_plane))
+        .for_each(|((dx, dy), at)| {
+            for ((dx, dy), at) in dx
+                .chunks_exact_mut(in_plane)
+                .zip(dy.chunks_exact(out_plane))
+                .zip(at.chunks_exact(out_plane))
+            {
+                for (i, (&g, &k)) in dy.iter().zip(at).enumerate() {
+                    let (oy, ox) = (i / ow, i % ow);
+                    let (ky, kx) = (usize::from(k / 2), usize::from(k % 2));
+                    dx[(2 * oy + ky) * w + 2 * ox + kx] = g;
+                }
+            }
+        });
+    dx
+}

@@ -97,6 +97,10 @@ pub trait DnalKernels: burn::backend::Backend {
         lo: f32,
         hi: f32,
     ) -> NormOutput<Self>;
+
+    /// 2x2 max-pool with stride 2 (f32, `[N, C, H, W]`, an odd last row or column dropped),
+    /// its backward sending each output's gradient to the input that won the window.
+    fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 fn f32s(t: &FlexTensor) -> FlexTensor {
@@ -440,6 +444,10 @@ impl DnalKernels for Flex {
         conv_forward(x, weight, stride, padding, None)
     }
 
+    fn dnal_max_pool2x2(x: FlexTensor) -> FlexTensor {
+        max_pool_forward(&x).0
+    }
+
     fn dnal_conv2d_affine(
         x: FlexTensor,
         weight: FlexTensor,
@@ -612,6 +620,35 @@ impl Backward<Flex, 4> for NormAddBackward {
     }
 }
 
+/// The pooled output, which input won each window, and the input's shape `[N, C, H, W]`.
+fn max_pool_forward(x: &FlexTensor) -> (FlexTensor, Vec<u8>, [usize; 4]) {
+    let x = f32s(x);
+    let [n, c, h, w]: [usize; 4] = x.layout().shape()[..]
+        .try_into()
+        .expect("max-pool of a rank-4 tensor");
+    let (y, at) = cpu::max_pool2x2(x.storage::<f32>(), n * c, [h, w]);
+    (tensor(y, &[n, c, h / 2, w / 2]), at, [n, c, h, w])
+}
+
+#[derive(Debug)]
+struct PoolBackward;
+
+impl Backward<Flex, 1> for PoolBackward {
+    /// Which input won each window, and the input's shape.
+    type State = (std::sync::Arc<Vec<u8>>, [usize; 4]);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (at, [n, c, h, w]) = ops.state;
+        if let Some(node) = node_x {
+            let grad = f32s(&grad);
+            let dx = cpu::max_pool2x2_backward(grad.storage::<f32>(), &at, n * c, [h, w]);
+            grads.register::<Flex>(node.id, tensor(dx, &[n, c, h, w]));
+        }
+    }
+}
+
 /// Registers each gradient whose parent is tracked.
 fn register<const N: usize>(
     grads: &mut Gradients,
@@ -626,6 +663,20 @@ fn register<const N: usize>(
 }
 
 impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
+    fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match PoolBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, at, shape) = max_pool_forward(&x.into_primitive());
+                prep.finish((std::sync::Arc::new(at), shape), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(max_pool_forward(&x.into_primitive()).0),
+        }
+    }
+
     /// Composed of differentiable operations: the convolution, the affine transform, the clamp.
     fn dnal_conv2d_affine(
         x: FloatTensor<Self>,

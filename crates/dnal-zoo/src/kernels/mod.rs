@@ -42,6 +42,7 @@ pub mod gemm;
 mod planes;
 
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
 #[cfg(feature = "flex")]
@@ -180,6 +181,30 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
         None,
         ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1),
     )
+}
+
+/// `pool.forward(x)`; on flex (f32) a 2x2, stride-2 max-pool without padding or dilation (a
+/// VGG's) is dnal's own, forward and backward (one pass each; burn's generic pooling costs
+/// several times as much).
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if takes_fast_path(&x)
+        && pool.kernel_size == [2, 2]
+        && pool.stride == [2, 2]
+        && pool.dilation == [1, 1]
+        && !pool.ceil_mode
+        && matches!(
+            pool.padding,
+            PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
+        )
+    {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_max_pool2x2(
+            x.into_dispatch(),
+        ));
+    }
+    pool.forward(x)
 }
 
 /// `act(batch_norm(bn, factor, conv(x)))`. In inference on flex (no autodiff device, f32, a
