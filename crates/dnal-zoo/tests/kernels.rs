@@ -444,7 +444,11 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
     for (shape, seed) in [([3, 5, 8, 8], 31), ([2, 3, 7, 9], 32), ([40, 2, 4, 6], 33)] {
         // Half the values are zero (after a ReLU), so many windows tie.
         let x = burn::tensor::activation::relu(input(shape, seed, &device));
-        let probe = input([shape[0], shape[1], shape[2] / 2, shape[3] / 2], seed + 1, &device);
+        let probe = input(
+            [shape[0], shape[1], shape[2] / 2, shape[3] / 2],
+            seed + 1,
+            &device,
+        );
         let run = |fast: bool| {
             let x = x.clone().detach().require_grad();
             let y = if fast {
@@ -465,7 +469,10 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
     values[5] = f32::NAN;
     let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &Device::flex());
     let y = vec1_of(kernels::max_pool2d(&pool, x));
-    assert!(y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()), "{y:?}");
+    assert!(
+        y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()),
+        "{y:?}"
+    );
 }
 
 fn vec1_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -487,23 +487,23 @@ pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, V
                 .zip(x.chunks_exact(in_plane))
             {
                 for oy in 0..oh {
-                    let (top, bottom) = (&x[2 * oy * w..][..w], &x[(2 * oy + 1) * w..][..w]);
-                    let row = oy * ow;
-                    for ox in 0..ow {
-                        let window = [
-                            top[2 * ox],
-                            top[2 * ox + 1],
-                            bottom[2 * ox],
-                            bottom[2 * ox + 1],
-                        ];
-                        let mut best = 0;
-                        for (k, &v) in window.iter().enumerate().skip(1) {
-                            if v > window[best] || v.is_nan() {
-                                best = k;
-                            }
-                        }
-                        y[row + ox] = window[best];
-                        at[row + ox] = best as u8;
+                    let (top, bottom) =
+                        (&x[2 * oy * w..][..2 * ow], &x[(2 * oy + 1) * w..][..2 * ow]);
+                    let (y, at) = (&mut y[oy * ow..][..ow], &mut at[oy * ow..][..ow]);
+                    for (((y, at), t), b) in y
+                        .iter_mut()
+                        .zip(at.iter_mut())
+                        .zip(top.chunks_exact(2))
+                        .zip(bottom.chunks_exact(2))
+                    {
+                        // Selects, not branches, so that the loop vectorizes.
+                        let wins = |v: f32, m: f32| v > m || v.is_nan();
+                        let (m, k) = (t[0], 0u8);
+                        let (m, k) = if wins(t[1], m) { (t[1], 1) } else { (m, k) };
+                        let (m, k) = if wins(b[0], m) { (b[0], 2) } else { (m, k) };
+                        let (m, k) = if wins(b[1], m) { (b[1], 3) } else { (m, k) };
+                        *y = m;
+                        *at = k;
                     }
                 }
             }
@@ -515,26 +515,29 @@ pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, V
 /// won its window (`at`), zero elsewhere.
 pub fn max_pool2x2_backward(dy: &[f32], at: &[u8], planes: usize, [h, w]: [usize; 2]) -> Vec<f32> {
     let (oh, ow) = (h / 2, w / 2);
-    let (out_plane, in_plane) = (oh * ow, h * w);
-    let mut dx = vec![0.0f32; planes * in_plane];
-    if out_plane == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(POOL_PLANES * in_plane)
-        .zip(dy.par_chunks(POOL_PLANES * out_plane))
-        .zip(at.par_chunks(POOL_PLANES * out_plane))
-        .for_each(|((dx, dy), at)| {
-            for ((dx, dy), at) in dx
-                .chunks_exact_mut(in_plane)
-                .zip(dy.chunks_exact(out_plane))
-                .zip(at.chunks_exact(out_plane))
-            {
-                for (i, (&g, &k)) in dy.iter().zip(at).enumerate() {
-                    let (oy, ox) = (i / ow, i % ow);
-                    let (ky, kx) = (usize::from(k / 2), usize::from(k % 2));
-                    dx[(2 * oy + ky) * w + 2 * ox + kx] = g;
-                }
-            }
-        });
-    dx
+    let out_plane = oh * ow;
+    // One pass over the input gradient, row by row (an odd last row or column gets zeros).
+    super::planes::par_planes(planes * h * w, h * w, move |p| {
+        let (dy, at) = (
+            &dy[p * out_plane..][..out_plane],
+            &at[p * out_plane..][..out_plane],
+        );
+        (0..h).flat_map(move |iy| {
+            let (oy, ky) = (iy / 2, 2 * (iy % 2) as u8);
+            let (g, k) = if oy < oh {
+                (&dy[oy * ow..][..ow], &at[oy * ow..][..ow])
+            } else {
+                (&[][..], &[][..])
+            };
+            g.iter()
+                .zip(k)
+                .flat_map(move |(&g, &k)| {
+                    [
+                        if k == ky { g } else { 0.0 },
+                        if k == ky + 1 { g } else { 0.0 },
+                    ]
+                })
+                .chain(std::iter::repeat_n(0.0, w - 2 * g.len()))
+        })
+    })
 }
