@@ -359,6 +359,9 @@ pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
 pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
     let [oh, ow] = g.out_hw();
     cols.reserve(g.patch() * images.len() * oh * ow);
+    if oh * ow <= SMALL_MAP {
+        return im2col_small(images, g, cols);
+    }
     for row in 0..g.patch() {
         for x in images {
             debug_assert_eq!(x.len(), g.image());
@@ -367,6 +370,39 @@ pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
             } else {
                 append_row(x, g, row, cols);
             }
+        }
+    }
+}
+
+/// Output maps of at most this many positions take [`im2col_small`].
+const SMALL_MAP: usize = 64;
+
+/// [`im2col`] for small output maps, whose rows are too short for copies of runs: each
+/// tap's row is gathered through a table of the input position every output position reads.
+fn im2col_small(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let (k, n) = (g.kernel, h * w);
+    // `[tap][output position]`: the input position read, or `n` (padding, a zero).
+    let table: Vec<usize> = (0..k * k)
+        .flat_map(|t| {
+            let (kh, kw) = (t / k, t % k);
+            (0..oh * ow).map(move |o| {
+                let iy = (o / ow * g.stride + kh).checked_sub(g.padding);
+                let ix = (o % ow * g.stride + kw).checked_sub(g.padding);
+                match (iy, ix) {
+                    (Some(iy), Some(ix)) if iy < h && ix < w => iy * w + ix,
+                    _ => n,
+                }
+            })
+        })
+        .collect();
+    for row in 0..g.patch() {
+        let (c, t) = (row / (k * k), row % (k * k));
+        let reads = &table[t * oh * ow..][..oh * ow];
+        for x in images {
+            let plane = &x[c * n..][..n];
+            cols.extend(reads.iter().map(|&i| plane.get(i).copied().unwrap_or(0.0)));
         }
     }
 }
