@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 use common::{input, noise, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
+use dnal_zoo::kernels::cpu::Clamp;
 use dnal_zoo::kernels::{self, Activation, cpu};
 
 const ACTIVATIONS: [Activation; 3] = [Activation::Identity, Activation::Relu, Activation::Relu6];
@@ -258,6 +259,35 @@ fn batch_norm_with_a_fused_activation_matches_burn_then_the_activation() {
     for act in [Activation::Relu, Activation::Relu6] {
         norm_case(GateMode::Search, 0.0, 1e-4, act);
         norm_case(GateMode::Bypass, 0.0, 1e-4, act);
+    }
+}
+
+/// The backward recomputes the activation's gradient mask from BatchNorm's input: it must
+/// agree exactly with the forward output. With a unit output gradient, the gradient of `b` is
+/// the number of outputs strictly inside the clamp's bounds.
+#[test]
+fn batch_norm_backward_masks_exactly_the_outputs_the_activation_let_through() {
+    let device = train_device();
+    let (n, c, hw) = (4, 5, 6);
+    let x = input([n, c, hw, hw], 41, &device);
+    for act in [Activation::Relu, Activation::Relu6] {
+        let a = vec1(noise(c, 42, 2.0, 4.0), &device).require_grad();
+        let b = vec1(noise(c, 43, -1.0, 5.0), &device).require_grad();
+        let (y, _, _) = kernels::batch_norm_train(x.clone(), a, b.clone(), 1e-5, act);
+        let grads = y.clone().sum().backward();
+        let db = b.grad(&grads).expect("gradient of b").into_data();
+        let Clamp { lo, hi } = act.clamp();
+        let y = y.inner().into_data().try_to_vec::<f32>().unwrap();
+        let expected: Vec<f32> = (0..c)
+            .map(|ch| {
+                (0..n)
+                    .flat_map(|i| &y[(i * c + ch) * hw * hw..][..hw * hw])
+                    .filter(|&&v| v > lo && v < hi)
+                    .count() as f32
+            })
+            .collect();
+        assert_eq!(db.try_to_vec::<f32>().unwrap(), expected, "{act:?}");
+        assert!(expected.iter().any(|&k| k > 0.0 && k < (n * hw * hw) as f32));
     }
 }
 

@@ -76,9 +76,22 @@ impl Clamp {
     }
 }
 
-/// The output gradient of a BatchNorm whose output `y` went through `clamp`: `(y, clamp)`, or
+/// The clamp a BatchNorm applied to its affine output `x * scale + shift` (per channel, as
+/// [`normalize`] computes it without a residual): its backward passes recompute the clamp's
+/// gradient mask from `x` with the same arithmetic, bit for bit, instead of reading the output.
+#[derive(Debug, Clone, Copy)]
+pub struct ClampOf<'a> {
+    /// Per-channel factor.
+    pub scale: &'a [f32],
+    /// Per-channel offset.
+    pub shift: &'a [f32],
+    /// The activation.
+    pub clamp: Clamp,
+}
+
+/// The clamp whose gradient BatchNorm's backward applies to its output gradient first, or
 /// `None` when nothing was clamped.
-pub type ClampGrad<'a> = Option<(&'a [f32], Clamp)>;
+pub type ClampGrad<'a> = Option<ClampOf<'a>>;
 
 /// Lanes summed side by side, so that the sums vectorize (a single running sum is one long
 /// chain of dependent additions); always in the same order.
@@ -121,6 +134,13 @@ fn lane_sums(
 #[inline]
 fn through(g: f32, y: f32, clamp: Clamp) -> f32 {
     if clamp.passes(y) { g } else { 0.0 }
+}
+
+/// `g` where the clamp let `x * m + b` through (the clamp's input, computed as [`normalize`]
+/// computes it), else zero.
+#[inline]
+fn through_affine(g: f32, x: f32, m: f32, b: f32, clamp: Clamp) -> f32 {
+    through(g, x * m + b, clamp)
 }
 
 /// `y = clamp((x - mean) * inv_std * a + b + residual)` per channel, in one pass (`residual`
@@ -191,10 +211,13 @@ pub fn batch_norm_grad_sums(
                 let (xs, gs) = (&x[at..at + l], &dy[at..at + l]);
                 let (a, b) = match clamp {
                     None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
-                    Some((y, clamp)) => lane_sums(xs, gs, &y[at..at + l], |xv, g, yv| {
-                        let g = through(g, yv, clamp);
-                        (g, g * (xv - m) * r)
-                    }),
+                    Some(k) => {
+                        let (sm, sb) = (k.scale[c], k.shift[c]);
+                        lane_sums(xs, gs, gs, |xv, g, _| {
+                            let g = through_affine(g, xv, sm, sb, k.clamp);
+                            (g, g * (xv - m) * r)
+                        })
+                    }
                 };
                 sd += f64::from(a);
                 sdx += f64::from(b);
@@ -237,13 +260,14 @@ pub fn batch_norm_input_grad(
                 .zip(gs)
                 .map(move |(&xv, &g)| k * (g - md - (xv - m) * r * mdx))
         }),
-        Some((y, clamp)) => super::planes::par_planes(x.len(), l, |plane| {
+        Some(cl) => super::planes::par_planes(x.len(), l, |plane| {
             let (at, m, r, k, md, mdx) = plane_values(plane);
-            let (xs, gs, ys) = (&x[at.clone()], &dy[at.clone()], &y[at]);
-            xs.iter()
-                .zip(gs)
-                .zip(ys)
-                .map(move |((&xv, &g), &yv)| k * (through(g, yv, clamp) - md - (xv - m) * r * mdx))
+            let c = plane % channels;
+            let (sm, sb) = (cl.scale[c], cl.shift[c]);
+            let (xs, gs) = (&x[at.clone()], &dy[at]);
+            xs.iter().zip(gs).map(move |(&xv, &g)| {
+                k * (through_affine(g, xv, sm, sb, cl.clamp) - md - (xv - m) * r * mdx)
+            })
         }),
     }
 }

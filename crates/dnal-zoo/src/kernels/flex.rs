@@ -425,10 +425,7 @@ fn norm_forward(
     let (c, l) = per_channel(&x);
     let xv = x.storage::<f32>();
     let (mean, var) = cpu::channel_stats(xv, c, l);
-    let r = inv_std(&var, epsilon);
-    let (a, b) = (vec_of(a), vec_of(b));
-    let scale: Vec<f32> = (0..c).map(|i| a[i] * r[i]).collect();
-    let shift: Vec<f32> = (0..c).map(|i| b[i] - mean[i] * scale[i]).collect();
+    let (scale, shift) = norm_affine(&vec_of(a), &vec_of(b), &mean, &var, epsilon);
     let residual = residual.map(f32s);
     let res = residual.as_ref().map(|t| t.storage::<f32>());
     let y = cpu::normalize(xv, c, l, (&scale, &shift), res, clamp);
@@ -437,6 +434,27 @@ fn norm_forward(
         mean: tensor(mean, &[c]),
         variance: tensor(var, &[c]),
     }
+}
+
+/// BatchNorm's per-channel `(scale, shift)`: `y = x * scale + shift`, `scale = a * inv_std`,
+/// `shift = b - mean * scale` (the forward pass and the backward's recomputed clamp mask use
+/// this one function, so they agree bit for bit).
+fn norm_affine(
+    a: &[f32],
+    b: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let r = inv_std(var, epsilon);
+    let scale: Vec<f32> = a.iter().zip(&r).map(|(a, r)| a * r).collect();
+    let shift = b
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
 }
 
 impl DnalKernels for Flex {
@@ -538,40 +556,43 @@ fn conv_affine(
     conv_forward(x, weight, stride, padding, Some(epilogue))
 }
 
-/// What the BatchNorm backward passes keep: input, `a`, batch mean, batch variance, epsilon,
-/// and the clamp with the output it cut (only when there is a clamp).
+/// What the BatchNorm backward passes keep: input, `a`, `b`, batch mean, batch variance,
+/// epsilon, and the clamp (its gradient mask is recomputed from the input).
 type NormState = (
     FlexTensor,
     FlexTensor,
     FlexTensor,
     FlexTensor,
+    FlexTensor,
     f64,
-    Option<(FlexTensor, Clamp)>,
+    Clamp,
 );
 
-/// `(dx, da, db)` of BatchNorm for the output gradient `grad`, passed back through the clamp
-/// first when the state has one; `dx` only when asked for.
+/// `(dx, da, db)` of BatchNorm for the output gradient `grad`, passed back through the state's
+/// clamp first; `dx` only when asked for.
 fn norm_grads(
     state: NormState,
     grad: &FlexTensor,
     want_x: bool,
 ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
-    let (x, a, mean, var, epsilon, clamped) = state;
+    let (x, a, b, mean, var, epsilon, clamp) = state;
     let grad = f32s(grad);
     let x = f32s(&x);
     let (c, l) = per_channel(&x);
     let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
-    let (mean, var) = (vec_of(&mean), vec_of(&var));
+    let (a, mean, var) = (vec_of(&a), vec_of(&mean), vec_of(&var));
     let r = inv_std(&var, epsilon);
-    let output = clamped.map(|(y, clamp)| (f32s(&y), clamp));
-    let clamp = output
-        .as_ref()
-        .map(|(y, clamp)| (y.storage::<f32>(), *clamp));
+    let (scale, shift) = norm_affine(&a, &vec_of(&b), &mean, &var, epsilon);
+    let clamp = (!clamp.is_none()).then_some(cpu::ClampOf {
+        scale: &scale,
+        shift: &shift,
+        clamp,
+    });
     let stats = (mean.as_slice(), r.as_slice());
     let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, stats, clamp);
     let dx = want_x.then(|| {
         let sums = (sum_dy.as_slice(), sum_dy_xhat.as_slice());
-        let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &vec_of(&a), sums, clamp);
+        let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &a, sums, clamp);
         tensor(dx, x.layout().shape())
     });
     (dx, tensor(sum_dy_xhat, &[c]), tensor(sum_dy, &[c]))
@@ -598,22 +619,23 @@ impl Backward<Flex, 3> for NormBackward {
 struct NormAddBackward;
 
 impl Backward<Flex, 4> for NormAddBackward {
-    type State = NormState;
+    /// BatchNorm's state and the output (clamped after the residual was added).
+    type State = (NormState, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b, node_r] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (x, a, mean, var, epsilon, clamped) = ops.state;
-        // Through the clamp once; BatchNorm then sees no clamp.
-        let grad = match clamped {
-            Some((y, clamp)) => {
-                let (g, y) = (f32s(&grad), f32s(&y));
-                let through = cpu::through_clamp(g.storage::<f32>(), y.storage::<f32>(), clamp);
-                tensor(through, g.layout().shape())
-            }
-            None => grad,
+        let ((x, a, b, mean, var, epsilon, clamp), y) = ops.state;
+        // Through the clamp once (its input included the residual, so its mask comes from the
+        // output); BatchNorm then sees no clamp.
+        let grad = if clamp.is_none() {
+            grad
+        } else {
+            let (g, y) = (f32s(&grad), f32s(&y));
+            let through = cpu::through_clamp(g.storage::<f32>(), y.storage::<f32>(), clamp);
+            tensor(through, g.layout().shape())
         };
-        let state = (x, a, mean, var, epsilon, None);
+        let state = (x, a, b, mean, var, epsilon, Clamp::NONE);
         let (dx, da, db) = norm_grads(state, &grad, node_x.is_some());
         let ids = [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id));
         register(grads, ids, [dx, Some(da), Some(db), Some(grad)]);
@@ -787,7 +809,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
                 let r = residual.into_primitive();
                 let (state, out) = tracked_norm(x, a, b, Some(r), epsilon, clamp);
-                let output = prep.finish(state, out.output.clone());
+                let output = prep.finish((state, out.output.clone()), out.output.clone());
                 norm_output::<C>(output, out)
             }
             OpsKind::UnTracked(prep) => {
@@ -821,14 +843,14 @@ fn tracked_norm(
     clamp: Clamp,
 ) -> (NormState, NormOutput<Flex>) {
     let out = norm_forward(&x, (&a, &b), residual.as_ref(), epsilon, clamp);
-    let clamped = (!clamp.is_none()).then(|| (out.output.clone(), clamp));
     let state = (
         x,
         a,
+        b,
         out.mean.clone(),
         out.variance.clone(),
         epsilon,
-        clamped,
+        clamp,
     );
     (state, out)
 }
