@@ -287,7 +287,11 @@ fn batch_norm_backward_masks_exactly_the_outputs_the_activation_let_through() {
             })
             .collect();
         assert_eq!(db.try_to_vec::<f32>().unwrap(), expected, "{act:?}");
-        assert!(expected.iter().any(|&k| k > 0.0 && k < (n * hw * hw) as f32));
+        assert!(
+            expected
+                .iter()
+                .any(|&k| k > 0.0 && k < (n * hw * hw) as f32)
+        );
     }
 }
 

@@ -177,17 +177,48 @@ pub fn normalize(
     }
 }
 
-/// `g` passed back through `clamp` given the output `y` (zero where the clamp cut), as a new
-/// gradient: the gradient of the clamp's input, which a residual block's shortcut receives.
-pub fn through_clamp(g: &[f32], y: &[f32], clamp: Clamp) -> Vec<f32> {
-    const PLANE: usize = 4096;
-    super::planes::par_planes(g.len(), PLANE, |plane| {
-        let at = plane * PLANE..((plane + 1) * PLANE).min(g.len());
-        g[at.clone()]
-            .iter()
-            .zip(&y[at])
-            .map(move |(&g, &y)| through(g, y, clamp))
-    })
+/// The output gradient `dy` passed back through `clamp` given the output `y` (zero where the
+/// clamp cut: `g`, the gradient of the clamp's input, which a residual block's shortcut
+/// receives), and [`batch_norm_grad_sums`] of `g`, in one pass: `(g, sum(g), sum(g * xhat))`
+/// per channel, summed in the same order as [`batch_norm_grad_sums`].
+pub fn through_clamp_grad_sums(
+    dy: &[f32],
+    y: &[f32],
+    x: &[f32],
+    channels: usize,
+    l: usize,
+    (mean, inv_std): (&[f32], &[f32]),
+    clamp: Clamp,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let l = l.max(1);
+    let (g, planes) = super::planes::par_planes_fold(
+        dy.len(),
+        l,
+        |plane| {
+            let at = plane * l..((plane + 1) * l).min(dy.len());
+            dy[at.clone()]
+                .iter()
+                .zip(&y[at])
+                .map(move |(&g, &y)| through(g, y, clamp))
+        },
+        |plane, g| {
+            let c = plane % channels;
+            let (m, r) = (mean[c], inv_std[c]);
+            let xs = &x[plane * l..][..g.len()];
+            lane_sums(xs, g, g, |xv, g, _| (g, g * (xv - m) * r))
+        },
+    );
+    let n = planes.len() / channels.max(1);
+    let (sum_dy, sum_dy_xhat) = (0..channels)
+        .map(|c| {
+            let (sd, sdx) = (0..n).fold((0.0f64, 0.0f64), |(sd, sdx), i| {
+                let (a, b) = planes[i * channels + c];
+                (sd + f64::from(a), sdx + f64::from(b))
+            });
+            (sd as f32, sdx as f32)
+        })
+        .unzip();
+    (g, sum_dy, sum_dy_xhat)
 }
 
 /// Sums per channel of `dy` and of `dy * xhat` (`xhat = (x - mean) * inv_std`), in f64, with

@@ -568,34 +568,57 @@ type NormState = (
     Clamp,
 );
 
-/// `(dx, da, db)` of BatchNorm for the output gradient `grad`, passed back through the state's
-/// clamp first; `dx` only when asked for.
+/// `(dx, da, db, g)` of BatchNorm for the output gradient `grad`, passed back through the
+/// state's clamp first (`g`, the clamp's input gradient); `dx` only when asked for. With
+/// `output`, the clamp's input included a residual, so its mask comes from the output, and the
+/// pass that applies it also sums what the weight gradients need; without, the mask is
+/// recomputed from the input.
 fn norm_grads(
     state: NormState,
-    grad: &FlexTensor,
+    grad: FlexTensor,
     want_x: bool,
-) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+    output: Option<FlexTensor>,
+) -> (Option<FlexTensor>, FlexTensor, FlexTensor, FlexTensor) {
     let (x, a, b, mean, var, epsilon, clamp) = state;
-    let grad = f32s(grad);
+    let grad = f32s(&grad);
     let x = f32s(&x);
     let (c, l) = per_channel(&x);
     let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
     let (a, mean, var) = (vec_of(&a), vec_of(&mean), vec_of(&var));
     let r = inv_std(&var, epsilon);
-    let (scale, shift) = norm_affine(&a, &vec_of(&b), &mean, &var, epsilon);
-    let clamp = (!clamp.is_none()).then_some(cpu::ClampOf {
-        scale: &scale,
-        shift: &shift,
-        clamp,
-    });
     let stats = (mean.as_slice(), r.as_slice());
-    let (sum_dy, sum_dy_xhat) = cpu::batch_norm_grad_sums(xv, gv, c, l, stats, clamp);
+    let (scale, shift) = norm_affine(&a, &vec_of(&b), &mean, &var, epsilon);
+    let (through, (sum_dy, sum_dy_xhat), mask) = match output {
+        Some(y) if !clamp.is_none() => {
+            let y = f32s(&y);
+            let (g, sd, sdx) =
+                cpu::through_clamp_grad_sums(gv, y.storage::<f32>(), xv, c, l, stats, clamp);
+            (Some(g), (sd, sdx), None)
+        }
+        _ => {
+            let mask = (!clamp.is_none()).then_some(cpu::ClampOf {
+                scale: &scale,
+                shift: &shift,
+                clamp,
+            });
+            (
+                None,
+                cpu::batch_norm_grad_sums(xv, gv, c, l, stats, mask),
+                mask,
+            )
+        }
+    };
     let dx = want_x.then(|| {
         let sums = (sum_dy.as_slice(), sum_dy_xhat.as_slice());
-        let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &a, sums, clamp);
+        let gv = through.as_deref().unwrap_or(gv);
+        let dx = cpu::batch_norm_input_grad(xv, gv, c, l, stats, &a, sums, mask);
         tensor(dx, x.layout().shape())
     });
-    (dx, tensor(sum_dy_xhat, &[c]), tensor(sum_dy, &[c]))
+    let g = match through {
+        Some(g) => tensor(g, x.layout().shape()),
+        None => grad,
+    };
+    (dx, tensor(sum_dy_xhat, &[c]), tensor(sum_dy, &[c]), g)
 }
 
 #[derive(Debug)]
@@ -607,7 +630,7 @@ impl Backward<Flex, 3> for NormBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (dx, da, db) = norm_grads(ops.state, &grad, node_x.is_some());
+        let (dx, da, db, _) = norm_grads(ops.state, grad, node_x.is_some(), None);
         let ids = [node_x, node_a, node_b].map(|n| n.map(|n| n.id));
         register(grads, ids, [dx, Some(da), Some(db)]);
     }
@@ -625,20 +648,10 @@ impl Backward<Flex, 4> for NormAddBackward {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b, node_r] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let ((x, a, b, mean, var, epsilon, clamp), y) = ops.state;
-        // Through the clamp once (its input included the residual, so its mask comes from the
-        // output); BatchNorm then sees no clamp.
-        let grad = if clamp.is_none() {
-            grad
-        } else {
-            let (g, y) = (f32s(&grad), f32s(&y));
-            let through = cpu::through_clamp(g.storage::<f32>(), y.storage::<f32>(), clamp);
-            tensor(through, g.layout().shape())
-        };
-        let state = (x, a, b, mean, var, epsilon, Clamp::NONE);
-        let (dx, da, db) = norm_grads(state, &grad, node_x.is_some());
+        let (state, y) = ops.state;
+        let (dx, da, db, g) = norm_grads(state, grad, node_x.is_some(), Some(y));
         let ids = [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id));
-        register(grads, ids, [dx, Some(da), Some(db), Some(grad)]);
+        register(grads, ids, [dx, Some(da), Some(db), Some(g)]);
     }
 }
 

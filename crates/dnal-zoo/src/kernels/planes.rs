@@ -33,9 +33,52 @@ where
     out
 }
 
+/// [`par_planes`], and for each plane `fold(i, values)` of its values right after they are
+/// written (while they are in cache), in plane order.
+pub fn par_planes_fold<I, F, T, G>(len: usize, l: usize, plane: F, fold: G) -> (Vec<f32>, Vec<T>)
+where
+    I: Iterator<Item = f32>,
+    F: Fn(usize) -> I + Sync,
+    T: Send,
+    G: Fn(usize, &[f32]) -> T + Sync,
+{
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let folds = out.spare_capacity_mut()[..len]
+        .par_chunks_mut(l.max(1))
+        .enumerate()
+        .map(|(i, dst)| {
+            let mut written = 0;
+            for (d, v) in dst.iter_mut().zip(plane(i)) {
+                d.write(v);
+                written += 1;
+            }
+            assert_eq!(written, dst.len(), "plane {i} is short of values");
+            // SAFETY: every value of `dst` was written just above (a short plane panicked).
+            let values =
+                unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<f32>(), dst.len()) };
+            fold(i, values)
+        })
+        .collect();
+    // SAFETY: as in `par_planes`: every plane wrote all its values.
+    unsafe { out.set_len(len) };
+    (out, folds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folds_see_their_planes_in_order() {
+        let (v, sums) = par_planes_fold(
+            10,
+            4,
+            |i| (0..4).map(move |j| (i * 4 + j) as f32),
+            |i, plane| (i, plane.iter().sum::<f32>()),
+        );
+        assert_eq!(v, (0..10).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(sums, vec![(0, 6.0), (1, 22.0), (2, 17.0)]);
+    }
 
     #[test]
     fn planes_land_in_order() {
