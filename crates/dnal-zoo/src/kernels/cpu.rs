@@ -412,15 +412,26 @@ pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
 /// `[C * k * k, images * OH * OW]`, row `(c, kh, kw)`, column `(image, oh, ow)`. Every value is
 /// written once (no zero fill first).
 pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    im2col_with(images, g, GatherTable::new(g).as_ref(), cols);
+}
+
+/// [`im2col`] with the geometry's [`GatherTable`] built beforehand (once per convolution, not
+/// once per group of images).
+pub fn im2col_with(
+    images: &[&[f32]],
+    g: &ConvGeometry,
+    table: Option<&GatherTable>,
+    cols: &mut Vec<f32>,
+) {
     let [oh, ow] = g.out_hw();
     cols.reserve(g.patch() * images.len() * oh * ow);
-    if oh * ow <= SMALL_MAP {
-        return im2col_small(images, g, cols);
+    if let Some(table) = table {
+        return table.gather(images, g, cols);
     }
     for row in 0..g.patch() {
         for x in images {
             debug_assert_eq!(x.len(), g.image());
-            if g.stride == 1 && [oh, ow] == g.in_hw {
+            if [oh, ow] == g.in_hw {
                 append_row_same(x, g, row, cols);
             } else {
                 append_row(x, g, row, cols);
@@ -429,40 +440,63 @@ pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
     }
 }
 
-/// Output maps of at most this many positions take [`im2col_small`].
+/// Output maps of at most this many positions take a [`GatherTable`].
 const SMALL_MAP: usize = 64;
 
-/// [`im2col`] for small output maps, whose rows are too short for copies of runs: each
-/// tap's row is gathered through a table of the input position every output position reads.
-fn im2col_small(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
-    let [h, w] = g.in_hw;
-    let [oh, ow] = g.out_hw();
-    let (k, n) = (g.kernel, h * w);
-    // `[tap][output position]`: the input position read, or `n` (padding, a zero).
-    let table: Vec<usize> = (0..k * k)
-        .flat_map(|t| {
-            let (kh, kw) = (t / k, t % k);
-            (0..oh * ow).map(move |o| {
-                let iy = (o / ow * g.stride + kh).checked_sub(g.padding);
-                let ix = (o % ow * g.stride + kw).checked_sub(g.padding);
-                match (iy, ix) {
-                    (Some(iy), Some(ix)) if iy < h && ix < w => iy * w + ix,
-                    _ => n,
-                }
+/// For small output maps, whose column rows are too short for copies of runs, and for strided
+/// convolutions: the input position each output position reads through each tap
+/// (`[tap][output position]`, the plane size for padding), so that a row is one gather.
+#[derive(Debug, Clone)]
+pub struct GatherTable(Vec<usize>);
+
+impl GatherTable {
+    /// The table of `g`, or `None` when its rows are better copied in runs (stride 1, maps of
+    /// more than 64 positions).
+    pub fn new(g: &ConvGeometry) -> Option<Self> {
+        let [h, w] = g.in_hw;
+        let [oh, ow] = g.out_hw();
+        if oh * ow > SMALL_MAP && g.stride == 1 {
+            return None;
+        }
+        let k = g.kernel;
+        let table = (0..k * k)
+            .flat_map(|t| {
+                let (kh, kw) = (t / k, t % k);
+                (0..oh).flat_map(move |oy| {
+                    (0..ow).map(move |ox| {
+                        let iy = (oy * g.stride + kh).checked_sub(g.padding);
+                        let ix = (ox * g.stride + kw).checked_sub(g.padding);
+                        match (iy, ix) {
+                            (Some(iy), Some(ix)) if iy < h && ix < w => iy * w + ix,
+                            _ => h * w,
+                        }
+                    })
+                })
             })
-        })
-        .collect();
-    for row in 0..g.patch() {
-        let (c, t) = (row / (k * k), row % (k * k));
-        let reads = &table[t * oh * ow..][..oh * ow];
-        for x in images {
-            let plane = &x[c * n..][..n];
-            cols.extend(reads.iter().map(|&i| plane.get(i).copied().unwrap_or(0.0)));
+            .collect();
+        Some(Self(table))
+    }
+
+    fn gather(&self, images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
+        let [h, w] = g.in_hw;
+        let (taps, n, l) = (
+            g.kernel * g.kernel,
+            h * w,
+            self.0.len() / (g.kernel * g.kernel),
+        );
+        for row in 0..g.patch() {
+            let (c, t) = (row / taps, row % taps);
+            let reads = &self.0[t * l..][..l];
+            for x in images {
+                let plane = &x[c * n..][..n];
+                cols.extend(reads.iter().map(|&i| plane.get(i).copied().unwrap_or(0.0)));
+            }
         }
     }
 }
 
-/// Appends row `(c, kh, kw)` of one image's column matrix (`OH * OW` values).
+/// Appends row `(c, kh, kw)` of one image's column matrix (`OH * OW` values) of a stride-1
+/// convolution: runs of input rows copied between zeros.
 fn append_row(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
     let [h, w] = g.in_hw;
     let [oh, ow] = g.out_hw();
@@ -477,16 +511,13 @@ fn append_row(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
     }
     let plane = &x[c * h * w..(c + 1) * h * w];
     cols.resize(cols.len() + ylo * ow, 0.0);
-    let ix0 = xlo * g.stride + kw - g.padding;
+    debug_assert_eq!(g.stride, 1, "strided convolutions take im2col_gather");
+    let ix0 = xlo + kw - g.padding;
     for y in ylo..yhi {
-        let iy = y * g.stride + kh - g.padding;
+        let iy = y + kh - g.padding;
         let irow = &plane[iy * w + ix0..(iy + 1) * w];
         cols.resize(cols.len() + xlo, 0.0);
-        if g.stride == 1 {
-            cols.extend_from_slice(&irow[..xhi - xlo]);
-        } else {
-            cols.extend(irow.chunks(g.stride).take(xhi - xlo).map(|c| c[0]));
-        }
+        cols.extend_from_slice(&irow[..xhi - xlo]);
         cols.resize(cols.len() + (ow - xhi), 0.0);
     }
     cols.resize(cols.len() + (oh - yhi) * ow, 0.0);

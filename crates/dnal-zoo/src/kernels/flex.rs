@@ -165,11 +165,17 @@ struct Scratch {
     wide: Vec<f32>,
 }
 
-/// Fills `scratch.cols` with the column matrix `[P, count * L]` of `images`.
-fn columns_into(images: &[f32], g: &ConvGeometry, cols: &mut Vec<f32>) {
+/// Fills `cols` with the column matrix `[P, count * L]` of `images` (`table`: the geometry's
+/// gather table, built once per convolution).
+fn columns_into(
+    images: &[f32],
+    g: &ConvGeometry,
+    table: Option<&cpu::GatherTable>,
+    cols: &mut Vec<f32>,
+) {
     let images: Vec<&[f32]> = images.chunks(g.image()).collect();
     cols.clear();
-    cpu::im2col(&images, g, cols);
+    cpu::im2col_with(&images, g, table, cols);
 }
 
 /// Images `[count, C, L]` side by side as the matrix `[C, count * L]`, into `out`.
@@ -206,6 +212,7 @@ fn conv_forward_slices(
         return out;
     }
     let parallel = parallel_products(groups, [co, p, per * l]);
+    let table = cpu::GatherTable::new(g);
     let lhs = MatRef::row_major(w, co, p);
     out.par_chunks_mut(per * co * l)
         .zip(x.par_chunks(per * g.image()))
@@ -214,7 +221,7 @@ fn conv_forward_slices(
             // Offset of this group in the output (where a residual's values are).
             let first = n * per * co * l;
             let count = dst.len() / (co * l);
-            columns_into(images, g, &mut s.cols);
+            columns_into(images, g, table.as_ref(), &mut s.cols);
             let cols = MatRef::row_major(&s.cols, p, count * l);
             if count == 1 {
                 matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
@@ -270,6 +277,7 @@ fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
     let direct = direct_path(runs) && direct::takes_weight_grad(g);
     let parallel = parallel_products(runs, [co, per * l, p]);
+    let table = (!direct).then(|| cpu::GatherTable::new(g)).flatten();
     let partial = |run: &[(usize, usize)]| {
         if direct {
             // The run's groups are consecutive images.
@@ -284,7 +292,12 @@ fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
         let mut s = Scratch::default();
         let mut dw = vec![0.0f32; co * p];
         for (n, &(first, count)) in run.iter().enumerate() {
-            columns_into(&x[first * g.image()..][..count * g.image()], g, &mut s.cols);
+            columns_into(
+                &x[first * g.image()..][..count * g.image()],
+                g,
+                table.as_ref(),
+                &mut s.cols,
+            );
             let cols_t = MatRef::row_major(&s.cols, p, count * l).t();
             let dy_group = &dy[first * co * l..][..count * co * l];
             let dy_group = if count == 1 {
