@@ -100,20 +100,23 @@ impl Taps {
             }
         }
         let vectors = g.positions() / LANES;
-        let mut masks = Vec::with_capacity(vectors * taps);
-        for v in 0..vectors {
+        let mut masks = vec![0u16; vectors * taps];
+        // Position by position (row `y`, column `x`), no divisions.
+        let (mut y, mut x) = (0isize, 0isize);
+        for at in 0..g.positions() {
+            let (v, lane) = (at / LANES, at % LANES);
             for kh in 0..k {
+                let iy = y + kh - p;
                 for kw in 0..k {
-                    let mut mask = 0u16;
-                    for lane in 0..LANES {
-                        let at = (v * LANES + lane) as isize;
-                        let (iy, ix) = (at / w + kh - p, at % w + kw - p);
-                        if (0..h).contains(&iy) && (0..w).contains(&ix) {
-                            mask |= 1 << lane;
-                        }
+                    let ix = x + kw - p;
+                    if (0..h).contains(&iy) && (0..w).contains(&ix) {
+                        masks[v * taps + (kh * k + kw) as usize] |= 1 << lane;
                     }
-                    masks.push(mask);
                 }
+            }
+            x += 1;
+            if x == w {
+                (x, y) = (0, y + 1);
             }
         }
         Self {
@@ -163,9 +166,11 @@ impl PackedWeights {
         for (b, &(first, count)) in blocks.iter().enumerate() {
             let dst = &mut values[b * p * MAX_CHANNELS..][..p * MAX_CHANNELS];
             for r in 0..count {
-                for (k, &v) in w[(first + r) * p..][..p].iter().enumerate() {
-                    let (c, t) = (k / taps, k % taps);
-                    dst[(t * channels + c) * MAX_CHANNELS + r] = v;
+                let filter = &w[(first + r) * p..][..p];
+                for (c, tap_weights) in filter.chunks_exact(taps).enumerate() {
+                    for (t, &v) in tap_weights.iter().enumerate() {
+                        dst[(t * channels + c) * MAX_CHANNELS + r] = v;
+                    }
                 }
             }
         }
@@ -259,6 +264,8 @@ fn conv_forward_images(
         masks: w.taps.masks(v % per_image),
     };
     let total = images * per_image;
+    // Every vector once, not once per channel block.
+    let all: Vec<Vector> = (0..total).map(vector).collect();
     let Epilogue {
         scale,
         shift,
@@ -275,7 +282,7 @@ fn conv_forward_images(
             // Vectors past the end repeat the last one and are not stored.
             let valid = step.min(total - v);
             let vectors: [Vector; TILE_VECTORS] =
-                std::array::from_fn(|h| vector(v + h.min(valid - 1)));
+                std::array::from_fn(|h| all[v + h.min(valid - 1)]);
             let tile = Tile {
                 out: &mut *out,
                 starts: vectors.map(|p| (p.index * co + first) * l + p.at),
