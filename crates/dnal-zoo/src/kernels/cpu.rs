@@ -399,13 +399,10 @@ impl ConvGeometry {
 pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (co, ci, kk) = (g.out_channels, g.in_channels, g.kernel * g.kernel);
     assert_eq!(w.len(), co * ci * kk, "weights of the wrong size");
-    let mut out = Vec::with_capacity(w.len());
-    for i in 0..ci {
-        for o in 0..co {
-            out.extend(w[(o * ci + i) * kk..][..kk].iter().rev());
-        }
-    }
-    out
+    // One input channel (a row of `Co * k * k` values) per parallel plane.
+    super::planes::par_planes(w.len(), co * kk, |i| {
+        (0..co).flat_map(move |o| w[(o * ci + i) * kk..][..kk].iter().rev().copied())
+    })
 }
 
 /// Appends the column matrix of `images` (each `[C, H, W]`, side by side) to `cols`:
