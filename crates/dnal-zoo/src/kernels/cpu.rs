@@ -12,26 +12,48 @@ use rayon::prelude::*;
 pub fn channel_stats(x: &[f32], channels: usize, l: usize) -> (Vec<f32>, Vec<f32>) {
     let n = x.len() / (channels * l).max(1);
     let count = (n * l) as f64;
+    // Shifted sums (by each channel's first value) keep the variance exact when |mean| >> std.
+    let shifts: Vec<f32> = (0..channels)
+        .map(|c| if n * l > 0 { x[c * l] } else { 0.0 })
+        .collect();
+    let planes = plane_sums(x, channels, l, |_, c, plane| {
+        let shift = shifts[c];
+        lane_sums(plane, plane, plane, |v, _, _| {
+            let d = v - shift;
+            (d, d * d)
+        })
+    });
     (0..channels)
-        .into_par_iter()
         .map(|c| {
-            // Shifted sums (by the first value) keep the variance exact when |mean| >> std.
-            let shift = if n * l > 0 { f64::from(x[c * l]) } else { 0.0 };
-            let (mut s, mut q) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let plane = &x[(i * channels + c) * l..][..l];
-                let (ps, pq) = lane_sums(plane, plane, plane, |v, _, _| {
-                    let d = v - shift as f32;
-                    (d, d * d)
-                });
-                s += f64::from(ps);
-                q += f64::from(pq);
-            }
+            let (s, q) = channel_total(&planes, channels, c);
             let mean = s / count;
             let var = (q / count - mean * mean).max(0.0);
-            ((mean + shift) as f32, var as f32)
+            ((mean + f64::from(shifts[c])) as f32, var as f32)
         })
         .unzip()
+}
+
+/// `f(index, channel, plane)` of every image plane of `x` (`[N, C, L]`), in parallel over the
+/// planes in memory order (each task streams through contiguous memory), in plane order.
+fn plane_sums<F>(x: &[f32], channels: usize, l: usize, f: F) -> Vec<(f32, f32)>
+where
+    F: Fn(usize, usize, &[f32]) -> (f32, f32) + Sync,
+{
+    x.par_chunks(l.max(1))
+        .enumerate()
+        .map(|(p, plane)| f(p, p % channels.max(1), plane))
+        .collect()
+}
+
+/// Channel `c`'s plane sums added in f64, image by image (a fixed order).
+fn channel_total(planes: &[(f32, f32)], channels: usize, c: usize) -> (f64, f64) {
+    planes
+        .iter()
+        .skip(c)
+        .step_by(channels.max(1))
+        .fold((0.0, 0.0), |(s, q), &(a, b)| {
+            (s + f64::from(a), q + f64::from(b))
+        })
 }
 
 /// An activation that clamps to `[lo, hi]` (ReLU: `[0, inf]`, ReLU6: `[0, 6]`), applied with
@@ -208,13 +230,9 @@ pub fn through_clamp_grad_sums(
             lane_sums(xs, g, g, |xv, g, _| (g, g * (xv - m) * r))
         },
     );
-    let n = planes.len() / channels.max(1);
     let (sum_dy, sum_dy_xhat) = (0..channels)
         .map(|c| {
-            let (sd, sdx) = (0..n).fold((0.0f64, 0.0f64), |(sd, sdx), i| {
-                let (a, b) = planes[i * channels + c];
-                (sd + f64::from(a), sdx + f64::from(b))
-            });
+            let (sd, sdx) = channel_total(&planes, channels, c);
             (sd as f32, sdx as f32)
         })
         .unzip();
@@ -231,28 +249,24 @@ pub fn batch_norm_grad_sums(
     (mean, inv_std): (&[f32], &[f32]),
     clamp: ClampGrad,
 ) -> (Vec<f32>, Vec<f32>) {
-    let n = x.len() / (channels * l).max(1);
-    (0..channels)
-        .into_par_iter()
-        .map(|c| {
-            let (m, r) = (mean[c], inv_std[c]);
-            let (mut sd, mut sdx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let at = (i * channels + c) * l;
-                let (xs, gs) = (&x[at..at + l], &dy[at..at + l]);
-                let (a, b) = match clamp {
-                    None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
-                    Some(k) => {
-                        let (sm, sb) = (k.scale[c], k.shift[c]);
-                        lane_sums(xs, gs, gs, |xv, g, _| {
-                            let g = through_affine(g, xv, sm, sb, k.clamp);
-                            (g, g * (xv - m) * r)
-                        })
-                    }
-                };
-                sd += f64::from(a);
-                sdx += f64::from(b);
+    let l = l.max(1);
+    let planes = plane_sums(x, channels, l, |p, c, xs| {
+        let gs = &dy[p * l..][..xs.len()];
+        let (m, r) = (mean[c], inv_std[c]);
+        match clamp {
+            None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
+            Some(k) => {
+                let (sm, sb) = (k.scale[c], k.shift[c]);
+                lane_sums(xs, gs, gs, |xv, g, _| {
+                    let g = through_affine(g, xv, sm, sb, k.clamp);
+                    (g, g * (xv - m) * r)
+                })
             }
+        }
+    });
+    (0..channels)
+        .map(|c| {
+            let (sd, sdx) = channel_total(&planes, channels, c);
             (sd as f32, sdx as f32)
         })
         .unzip()
