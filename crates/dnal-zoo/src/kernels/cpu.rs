@@ -452,7 +452,7 @@ pub fn im2col_with(
 }
 
 /// Output maps of at most this many positions take a [`GatherTable`].
-const SMALL_MAP: usize = 64;
+const SMALL_MAP: usize = 16;
 
 /// For small output maps, whose column rows are too short for copies of runs, and for strided
 /// convolutions: the input position each output position reads through each tap
@@ -462,7 +462,7 @@ pub struct GatherTable(Vec<usize>);
 
 impl GatherTable {
     /// The table of `g`, or `None` when its rows are better copied in runs (stride 1, maps of
-    /// more than 64 positions).
+    /// more than 16 positions: copying runs of rows wins from 8x8 maps up).
     pub fn new(g: &ConvGeometry) -> Option<Self> {
         let [h, w] = g.in_hw;
         let [oh, ow] = g.out_hw();
