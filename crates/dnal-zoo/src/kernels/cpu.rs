@@ -41,8 +41,19 @@ where
 {
     x.par_chunks(l.max(1))
         .enumerate()
-        .map(|(p, plane)| f(p, p % channels.max(1), plane))
+        .map(|(p, plane)| widest_simd(|| f(p, p % channels.max(1), plane)))
         .collect()
+}
+
+/// `f()` compiled for the widest vector instructions this CPU has (AVX-512 or AVX2, chosen at
+/// run time; plain Rust code is otherwise built for the x86-64 baseline, SSE2), so that the
+/// loops inlined into it vectorize.
+#[inline(always)]
+pub(crate) fn widest_simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || f(),
+    )
 }
 
 /// Channel `c`'s plane sums added in f64, image by image (a fixed order).
@@ -335,6 +346,11 @@ pub struct Epilogue<'a> {
 impl Epilogue<'_> {
     /// Applies channel `ch`'s transform to `values`, which sit at offset `at` of the output.
     pub fn apply(&self, ch: usize, values: &mut [f32], at: usize) {
+        widest_simd(|| self.apply_here(ch, values, at));
+    }
+
+    #[inline(always)]
+    fn apply_here(&self, ch: usize, values: &mut [f32], at: usize) {
         let (m, b) = (self.scale[ch], self.shift[ch]);
         match self.residual {
             None => {
@@ -614,34 +630,41 @@ pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, V
         .zip(at.par_chunks_mut(POOL_PLANES * out_plane))
         .zip(x.par_chunks(POOL_PLANES * in_plane))
         .for_each(|((y, at), x)| {
-            for ((y, at), x) in y
-                .chunks_exact_mut(out_plane)
-                .zip(at.chunks_exact_mut(out_plane))
-                .zip(x.chunks_exact(in_plane))
-            {
-                for oy in 0..oh {
-                    let (top, bottom) =
-                        (&x[2 * oy * w..][..2 * ow], &x[(2 * oy + 1) * w..][..2 * ow]);
-                    let (y, at) = (&mut y[oy * ow..][..ow], &mut at[oy * ow..][..ow]);
-                    for (((y, at), t), b) in y
-                        .iter_mut()
-                        .zip(at.iter_mut())
-                        .zip(top.chunks_exact(2))
-                        .zip(bottom.chunks_exact(2))
-                    {
-                        // Selects, not branches, so that the loop vectorizes.
-                        let wins = |v: f32, m: f32| v > m || v.is_nan();
-                        let (m, k) = (t[0], 0u8);
-                        let (m, k) = if wins(t[1], m) { (t[1], 1) } else { (m, k) };
-                        let (m, k) = if wins(b[0], m) { (b[0], 2) } else { (m, k) };
-                        let (m, k) = if wins(b[1], m) { (b[1], 3) } else { (m, k) };
-                        *y = m;
-                        *at = k;
-                    }
-                }
-            }
+            widest_simd(|| max_pool2x2_planes(x, y, at, [h, w]));
         });
     (y, at)
+}
+
+/// [`max_pool2x2`] of consecutive planes.
+#[inline(always)]
+fn max_pool2x2_planes(x: &[f32], y: &mut [f32], at: &mut [u8], [h, w]: [usize; 2]) {
+    let (oh, ow) = (h / 2, w / 2);
+    let (out_plane, in_plane) = (oh * ow, h * w);
+    for ((y, at), x) in y
+        .chunks_exact_mut(out_plane)
+        .zip(at.chunks_exact_mut(out_plane))
+        .zip(x.chunks_exact(in_plane))
+    {
+        for oy in 0..oh {
+            let (top, bottom) = (&x[2 * oy * w..][..2 * ow], &x[(2 * oy + 1) * w..][..2 * ow]);
+            let (y, at) = (&mut y[oy * ow..][..ow], &mut at[oy * ow..][..ow]);
+            for (((y, at), t), b) in y
+                .iter_mut()
+                .zip(at.iter_mut())
+                .zip(top.chunks_exact(2))
+                .zip(bottom.chunks_exact(2))
+            {
+                // Selects, not branches, so that the loop vectorizes.
+                let wins = |v: f32, m: f32| v > m || v.is_nan();
+                let (m, k) = (t[0], 0u8);
+                let (m, k) = if wins(t[1], m) { (t[1], 1) } else { (m, k) };
+                let (m, k) = if wins(b[0], m) { (b[0], 2) } else { (m, k) };
+                let (m, k) = if wins(b[1], m) { (b[1], 3) } else { (m, k) };
+                *y = m;
+                *at = k;
+            }
+        }
+    }
 }
 
 /// The input gradient of [`max_pool2x2`]: each output's gradient `dy` goes to the input that

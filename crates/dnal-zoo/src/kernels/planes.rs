@@ -6,6 +6,22 @@
 #![allow(unsafe_code)]
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Writes `values` into `dst` (as many as fit), returning how many were written; compiled for
+/// the widest vector instructions this CPU has (AVX-512 or AVX2, chosen at run time), so that
+/// the iterator's arithmetic vectorizes.
+#[inline(always)]
+fn write_plane<I: Iterator<Item = f32>>(dst: &mut [MaybeUninit<f32>], values: I) -> usize {
+    super::cpu::widest_simd(|| {
+        let mut written = 0;
+        for (d, v) in dst.iter_mut().zip(values) {
+            d.write(v);
+            written += 1;
+        }
+        written
+    })
+}
 
 /// `len` values in planes of `l` (the last may be shorter), plane `i` being the first values
 /// of `plane(i)`, computed in parallel. Panics if an iterator yields fewer values than its
@@ -20,11 +36,7 @@ where
         .par_chunks_mut(l.max(1))
         .enumerate()
         .for_each(|(i, dst)| {
-            let mut written = 0;
-            for (d, v) in dst.iter_mut().zip(plane(i)) {
-                d.write(v);
-                written += 1;
-            }
+            let written = write_plane(dst, plane(i));
             assert_eq!(written, dst.len(), "plane {i} is short of values");
         });
     // SAFETY: every plane wrote all its values (a short one panicked above, so this line is
@@ -47,16 +59,12 @@ where
         .par_chunks_mut(l.max(1))
         .enumerate()
         .map(|(i, dst)| {
-            let mut written = 0;
-            for (d, v) in dst.iter_mut().zip(plane(i)) {
-                d.write(v);
-                written += 1;
-            }
+            let written = write_plane(dst, plane(i));
             assert_eq!(written, dst.len(), "plane {i} is short of values");
             // SAFETY: every value of `dst` was written just above (a short plane panicked).
             let values =
                 unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<f32>(), dst.len()) };
-            fold(i, values)
+            super::cpu::widest_simd(|| fold(i, values))
         })
         .collect();
     // SAFETY: as in `par_planes`: every plane wrote all its values.
