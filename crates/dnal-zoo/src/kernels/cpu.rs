@@ -16,13 +16,19 @@ pub fn channel_stats(x: &[f32], channels: usize, l: usize) -> (Vec<f32>, Vec<f32
     let shifts: Vec<f32> = (0..channels)
         .map(|c| if n * l > 0 { x[c * l] } else { 0.0 })
         .collect();
-    let planes = plane_sums(x, channels, l, |_, c, plane| {
-        let shift = shifts[c];
-        lane_sums(plane, plane, plane, |v, _, _| {
-            let d = v - shift;
-            (d, d * d)
-        })
-    });
+    let planes = plane_sums(
+        x,
+        channels,
+        l,
+        #[inline(always)]
+        |_, c, plane| {
+            let shift = shifts[c];
+            lane_sums(plane, plane, plane, |v, _, _| {
+                let d = v - shift;
+                (d, d * d)
+            })
+        },
+    );
     (0..channels)
         .map(|c| {
             let (s, q) = channel_total(&planes, channels, c);
@@ -41,20 +47,23 @@ where
 {
     x.par_chunks(l.max(1))
         .enumerate()
-        .map(|(p, plane)| widest_simd(|| f(p, p % channels.max(1), plane)))
+        .map(|(p, plane)| widest_simd!(f(p, p % channels.max(1), plane)))
         .collect()
 }
 
-/// `f()` compiled for the widest vector instructions this CPU has (AVX-512 or AVX2, chosen at
+/// `$body` compiled for the widest vector instructions this CPU has (AVX-512 or AVX2, chosen at
 /// run time; plain Rust code is otherwise built for the x86-64 baseline, SSE2), so that the
-/// loops inlined into it vectorize.
-#[inline(always)]
-pub(crate) fn widest_simd<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || f(),
-    )
+/// loops in it vectorize. The body sits in a closure that pulp's target-feature function
+/// inlines; closures it calls must be `#[inline(always)]` too, or they stay baseline code.
+macro_rules! widest_simd {
+    ($body:expr) => {
+        pulp::Arch::new().dispatch(
+            #[inline(always)]
+            || $body,
+        )
+    };
 }
+pub(crate) use widest_simd;
 
 /// Channel `c`'s plane sums added in f64, image by image (a fixed order).
 fn channel_total(planes: &[(f32, f32)], channels: usize, c: usize) -> (f64, f64) {
@@ -234,6 +243,7 @@ pub fn through_clamp_grad_sums(
                 .zip(&y[at])
                 .map(move |(&g, &y)| through(g, y, clamp))
         },
+        #[inline(always)]
         |plane, g| {
             let c = plane % channels;
             let (m, r) = (mean[c], inv_std[c]);
@@ -261,20 +271,26 @@ pub fn batch_norm_grad_sums(
     clamp: ClampGrad,
 ) -> (Vec<f32>, Vec<f32>) {
     let l = l.max(1);
-    let planes = plane_sums(x, channels, l, |p, c, xs| {
-        let gs = &dy[p * l..][..xs.len()];
-        let (m, r) = (mean[c], inv_std[c]);
-        match clamp {
-            None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
-            Some(k) => {
-                let (sm, sb) = (k.scale[c], k.shift[c]);
-                lane_sums(xs, gs, gs, |xv, g, _| {
-                    let g = through_affine(g, xv, sm, sb, k.clamp);
-                    (g, g * (xv - m) * r)
-                })
+    let planes = plane_sums(
+        x,
+        channels,
+        l,
+        #[inline(always)]
+        |p, c, xs| {
+            let gs = &dy[p * l..][..xs.len()];
+            let (m, r) = (mean[c], inv_std[c]);
+            match clamp {
+                None => lane_sums(xs, gs, gs, |xv, g, _| (g, g * (xv - m) * r)),
+                Some(k) => {
+                    let (sm, sb) = (k.scale[c], k.shift[c]);
+                    lane_sums(xs, gs, gs, |xv, g, _| {
+                        let g = through_affine(g, xv, sm, sb, k.clamp);
+                        (g, g * (xv - m) * r)
+                    })
+                }
             }
-        }
-    });
+        },
+    );
     (0..channels)
         .map(|c| {
             let (sd, sdx) = channel_total(&planes, channels, c);
@@ -346,7 +362,7 @@ pub struct Epilogue<'a> {
 impl Epilogue<'_> {
     /// Applies channel `ch`'s transform to `values`, which sit at offset `at` of the output.
     pub fn apply(&self, ch: usize, values: &mut [f32], at: usize) {
-        widest_simd(|| self.apply_here(ch, values, at));
+        widest_simd!(self.apply_here(ch, values, at));
     }
 
     #[inline(always)]
@@ -630,7 +646,7 @@ pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, V
         .zip(at.par_chunks_mut(POOL_PLANES * out_plane))
         .zip(x.par_chunks(POOL_PLANES * in_plane))
         .for_each(|((y, at), x)| {
-            widest_simd(|| max_pool2x2_planes(x, y, at, [h, w]));
+            widest_simd!(max_pool2x2_planes(x, y, at, [h, w]));
         });
     (y, at)
 }
