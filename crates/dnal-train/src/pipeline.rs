@@ -343,14 +343,18 @@ impl<'a, N: Network> Runner<'a, N> {
     fn fresh(&self) -> Result<N> {
         let _guard = init_lock();
         self.train_device.seed(self.cfg.seed);
-        Ok(N::build(&self.net_config, &self.train_device)?)
+        let model = N::build(&self.net_config, &self.train_device)?;
+        materialize(&model);
+        Ok(model)
     }
 
     fn load_model(&self, dir: &Path) -> Result<N> {
         // Building draws (then overwrites) random weights: under the lock, so that the draws
         // cannot land between another run's seeding and its initial weights.
         let _guard = init_lock();
-        Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
+        let model = dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?;
+        materialize(&model);
+        Ok(model)
     }
 
     /// Runs (or resumes) the whole pipeline.
@@ -687,8 +691,28 @@ fn progress_key(phase: Phase) -> u64 {
     }
 }
 
+/// Draws every parameter of `model` that is still lazy. burn initializes a parameter on its
+/// first use, so without this a network built under [`init_lock`] would draw its random
+/// weights later, outside the lock, where another thread's draws could interleave with them.
+pub fn materialize<M: Module>(model: &M) {
+    struct Draw;
+    impl burn::module::ModuleVisitor for Draw {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+        fn visit_int<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D, Int>>) {
+            let _ = param.val();
+        }
+        fn visit_bool<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D, Bool>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Draw);
+}
+
 /// The lock under which every network is built. The backend's random generator is
-/// process-wide, so a seeded run seeds and draws its initial weights while holding it, and
+/// process-wide, so a seeded run seeds and draws its initial weights while holding it (see
+/// [`materialize`]), and
 /// anything else in the process that builds a network (drawing weights it may then overwrite)
 /// holds it too; otherwise draws from another thread can land between a run's seeding and its
 /// initial weights, and seeded runs stop being reproducible.

@@ -1,33 +1,15 @@
-//! The whole pipeline on the bundled real MNIST digits: the pruning effect, resuming, a
-//! diverging run, and every preset.
+//! The whole pipeline on the bundled real MNIST digits: the pruning effect, a diverging run,
+//! and every preset (resuming exactly: `resume.rs`).
 
 use std::path::Path;
 
 use dnal_core::BackendKind;
 use dnal_train::pipeline::paths;
-use dnal_train::{Outcome, Report, RunOptions, TrainConfig, TrainError, recipes};
+use dnal_train::{Outcome, TrainError, recipes};
 
-fn demo(overrides: &[&str]) -> TrainConfig {
-    let sets: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    recipes::resolve(Some("mnist-demo"), None, &sets).unwrap()
-}
+mod common;
 
-fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        backend: BackendKind::Flex,
-        resume,
-        quiet: true,
-        stop_after_epochs: stop_after,
-    }
-}
-
-fn finished(outcome: Outcome) -> Report {
-    match outcome {
-        Outcome::Finished(r) => *r,
-        Outcome::Stopped => panic!("the run stopped early"),
-    }
-}
+use common::{demo, finished, opts};
 
 /// A reduced demo: 2,000 of the 4,000 training digits, batches of 32, 4 + 5 + 4 epochs, lambda
 /// 4e-2 (measured: 85 % fewer MACs, 0.3 points below the baseline's 96.0 %). DNAL must remove
@@ -120,59 +102,6 @@ fn reduced_demo_prunes_most_macs_and_keeps_accuracy() {
         dnal_zoo::Network::cost_model(&loaded).cost(None).macs,
         pruned.macs
     );
-}
-
-/// A run stopped after every epoch and resumed each time ends exactly where an uninterrupted
-/// run ends. Both run on one thread: flex's parallel sums add in an order that depends on
-/// thread scheduling, and the derivation (alpha > ~2e-4 at beta = 1e4) can turn such last-bit
-/// differences into other architectures; this test is about resuming, not about that.
-#[test]
-fn a_stopped_run_resumes_to_the_same_result() {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(stopped_run_resumes_to_the_same_result);
-}
-
-fn stopped_run_resumes_to_the_same_result() {
-    let cfg = demo(&[
-        "data.train_limit=300",
-        "data.test_limit=200",
-        "weights.epochs=2",
-        "arch.epochs=2",
-        "final.epochs=2",
-        "arch.penalty.lambda=5e-2",
-        "report.latency_runs=1",
-        "report.plots=false",
-    ]);
-    let straight = tempfile::tempdir().unwrap();
-    let a = finished(dnal_train::run(&cfg, &opts(straight.path(), false, None)).unwrap());
-
-    let stopped = tempfile::tempdir().unwrap();
-    let mut outcome = dnal_train::run(&cfg, &opts(stopped.path(), false, Some(1))).unwrap();
-    let mut resumes = 0;
-    while let Outcome::Stopped = outcome {
-        resumes += 1;
-        outcome = dnal_train::run(&cfg, &opts(stopped.path(), true, Some(1))).unwrap();
-    }
-    let b = finished(outcome);
-    assert_eq!(resumes, 5);
-    assert_eq!(a.pruned, b.pruned);
-    assert_eq!(a.baseline, b.baseline);
-    assert_eq!(a.layers, b.layers);
-    let history = |d: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(d.join(paths::METRICS))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("seconds");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(history(straight.path()), history(stopped.path()));
 }
 
 #[test]
