@@ -67,24 +67,31 @@ impl Default for Continuation {
 impl Continuation {
     /// Checks that the values make a valid schedule.
     pub fn validate(&self) -> Result<()> {
-        let bad = |message: String| {
+        let bad = |field: &str, message: String| {
             Err(Error::InvalidValue {
-                key: "continuation".into(),
+                key: format!("continuation.schedule.{field}"),
                 message,
             })
         };
-        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
-        match self.schedule {
-            Schedule::Geometric { start, end } if !finite_pos(start) || !finite_pos(end) => bad(
-                format!("geometric start and end must be finite and > 0 (got {start}, {end})"),
-            ),
-            Schedule::Linear { start, end } if !start.is_finite() || !end.is_finite() => bad(
-                format!("linear start and end must be finite (got {start}, {end})"),
-            ),
-            Schedule::Constant { value } if !value.is_finite() => {
-                bad(format!("constant value must be finite (got {value})"))
+        let check = |field: &str, v: f64, positive: bool| {
+            if !v.is_finite() {
+                bad(field, format!("{v} is not a finite number"))
+            } else if positive && v <= 0.0 {
+                bad(field, format!("{v} must be > 0 for a geometric schedule"))
+            } else {
+                Ok(())
             }
-            _ => Ok(()),
+        };
+        match self.schedule {
+            Schedule::Geometric { start, end } => {
+                check("start", start, true)?;
+                check("end", end, true)
+            }
+            Schedule::Linear { start, end } => {
+                check("start", start, false)?;
+                check("end", end, false)
+            }
+            Schedule::Constant { value } => check("value", value, false),
         }
     }
 

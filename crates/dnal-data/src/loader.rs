@@ -244,12 +244,19 @@ impl Loader {
 
     /// The batches of `epoch`, prepared in the background.
     pub fn epoch(&self, epoch: u64) -> Batches {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (the same batches [`Loader::epoch`] yields
+    /// after its first `first`), prepared in the background: an epoch resumed part-way.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Batches {
         let order = self.order(epoch);
         let b = self.config.batch_size;
         let mut chunks: Vec<Vec<usize>> = order.chunks(b).map(<[usize]>::to_vec).collect();
         if self.config.drop_last && chunks.len() > 1 && chunks.last().is_some_and(|c| c.len() < b) {
             chunks.pop();
         }
+        chunks.drain(..first.min(chunks.len()));
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
         let loader = self.clone();
         std::thread::spawn(move || {

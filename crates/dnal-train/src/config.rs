@@ -348,8 +348,29 @@ impl TrainConfig {
                 message,
             })
         };
-        if self.data.batch_size == 0 || self.data.eval_batch_size == 0 {
-            return bad("data.batch_size", "batch sizes must be at least 1".into());
+        for (key, value) in [
+            ("data.batch_size", self.data.batch_size),
+            ("data.eval_batch_size", self.data.eval_batch_size),
+            ("data.crop_size", self.data.crop_size),
+            ("report.latency_batch", self.report.latency_batch),
+            ("report.latency_runs", self.report.latency_runs),
+        ] {
+            if value == 0 {
+                return bad(key, "0 is not allowed; it must be at least 1".into());
+            }
+        }
+        // A limit of 0 would leave a stage without data (a run on no examples, a report on
+        // no test digits): leave the key out to use every example.
+        for (key, limit) in [
+            ("data.train_limit", self.data.train_limit),
+            ("data.test_limit", self.data.test_limit),
+        ] {
+            if limit == Some(0) {
+                return bad(
+                    key,
+                    "0 examples leaves a stage without data; give at least 1, or leave the key out to use every example".into(),
+                );
+            }
         }
         for (key, stage) in [("weights", &self.weights), ("final", &self.final_stage)] {
             if !(stage.lr.is_finite() && stage.lr > 0.0) {
@@ -367,13 +388,20 @@ impl TrainConfig {
                     format!("{} must be >= 0", stage.weight_decay),
                 );
             }
-            if let LrSchedule::Step { gamma, .. } = stage.schedule
-                && !(gamma > 0.0 && gamma <= 1.0)
-            {
-                return bad(
-                    &format!("{key}.schedule.gamma"),
-                    format!("{gamma} is outside (0, 1]"),
-                );
+            match stage.schedule {
+                LrSchedule::Step { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => {
+                    return bad(
+                        &format!("{key}.schedule.gamma"),
+                        format!("{gamma} is outside (0, 1]"),
+                    );
+                }
+                LrSchedule::Cosine { min_lr } if !(min_lr >= 0.0 && min_lr <= stage.lr) => {
+                    return bad(
+                        &format!("{key}.schedule.min_lr"),
+                        format!("{min_lr} is outside [0, {key}.lr = {}]", stage.lr),
+                    );
+                }
+                _ => {}
             }
         }
         if self.weights.epochs == 0 {
@@ -385,34 +413,39 @@ impl TrainConfig {
         if !(self.arch.lr.is_finite() && self.arch.lr > 0.0) {
             return bad("arch.lr", format!("{} must be > 0", self.arch.lr));
         }
+        if !(0.0..1.0).contains(&self.arch.momentum) {
+            return bad(
+                "arch.momentum",
+                format!("{} is outside [0, 1)", self.arch.momentum),
+            );
+        }
         if !(self.arch.threshold > 0.0 && self.arch.threshold < 1.0) {
             return bad(
                 "arch.threshold",
                 format!("{} is outside (0, 1)", self.arch.threshold),
             );
         }
-        if self.arch.penalty.lambda < 0.0 {
+        if !(self.arch.penalty.lambda >= 0.0 && self.arch.penalty.lambda.is_finite()) {
             return bad(
                 "arch.penalty.lambda",
-                format!(
-                    "{} is negative; lambda must be >= 0",
-                    self.arch.penalty.lambda
-                ),
+                format!("{} is not a finite number >= 0", self.arch.penalty.lambda),
             );
         }
-        self.arch.penalty.validate()?;
-        self.arch.continuation.validate()?;
+        // dnal-core names its keys relative to the penalty and the schedule.
+        let in_arch = |e: dnal_core::Error| match e {
+            dnal_core::Error::InvalidValue { key, message } => TrainError::InvalidValue {
+                key: format!("arch.{key}"),
+                message,
+            },
+            other => other.into(),
+        };
+        self.arch.penalty.validate().map_err(in_arch)?;
+        self.arch.continuation.validate().map_err(in_arch)?;
         let (lo, hi) = self.data.crop_scale;
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
             return bad(
                 "data.crop_scale",
                 format!("({lo}, {hi}) must satisfy 0 < min <= max <= 1"),
-            );
-        }
-        if self.report.latency_batch == 0 || self.report.latency_runs == 0 {
-            return bad(
-                "report.latency_batch",
-                "latency batch and runs must be at least 1".into(),
             );
         }
         Ok(())

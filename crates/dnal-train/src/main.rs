@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dnal_core::BackendKind;
-use dnal_train::pipeline::{Outcome, RunOptions};
+use dnal_train::pipeline::{Outcome, RunOptions, StopToken};
 use dnal_train::{checkpoint, recipes};
 
 #[derive(Parser)]
@@ -72,18 +72,37 @@ struct TrainArgs {
 #[global_allocator]
 static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
 
+/// Exit status of a run stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it).
+const STOPPED: u8 = 130;
+
 fn main() -> ExitCode {
     dnal_zoo::allocator::keep_freed_memory();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(STOPPED),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// The error and its causes on one line, each cause once: dnal's errors already print their
+/// I/O cause after the file name, so a cause whose text is already there is not repeated.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// Runs the command; `Ok(false)` when a run was stopped by a signal.
+fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Train(args) => train(args),
         Command::Download { dataset, dir, url } => {
@@ -101,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = dir.unwrap_or_else(dnal_train::data::default_data_dir);
             let folder = dnal_data::download(&archive, &dir)?;
             println!("{} is ready in {}", dataset, folder.display());
-            Ok(())
+            Ok(true)
         }
     }
 }
@@ -122,13 +141,32 @@ fn fresh_run_dir(name: &str) -> PathBuf {
         .expect("an unused name")
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+/// A token set by the first SIGINT/SIGTERM/SIGHUP: the run finishes its step, checkpoints
+/// and stops. A second signal exits at once; the last complete checkpoint stays intact (every
+/// checkpoint replaces the previous one only when complete).
+fn stop_on_signals() -> anyhow::Result<StopToken> {
+    let token = StopToken::new();
+    let handler = token.clone();
+    ctrlc::set_handler(move || {
+        if handler.request() {
+            eprintln!("\ndnal-train: second signal, exiting now; the last complete checkpoint is kept");
+            std::process::exit(STOPPED.into());
+        }
+        eprintln!(
+            "\ndnal-train: stopping after the current step and writing a checkpoint (signal again to exit at once)"
+        );
+    })
+    .context("could not install the SIGINT/SIGTERM handler")?;
+    Ok(token)
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<bool> {
     if args.list {
         println!("{:<32} description", "preset");
         for p in recipes::presets()? {
             println!("{:<32} {}", p.name, p.description);
         }
-        return Ok(());
+        return Ok(true);
     }
     let backend: BackendKind = args.backend.parse()?;
     let (cfg, out, resume) = match &args.resume {
@@ -145,7 +183,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     if args.dry_run {
         println!("{}", dnal_train::dry_run(&cfg)?);
-        return Ok(());
+        return Ok(true);
     }
     // A backend that is not compiled in is reported before any work.
     backend.device()?;
@@ -168,6 +206,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         resume,
         quiet: args.quiet,
         stop_after_epochs: None,
+        stop: Some(stop_on_signals()?),
     };
     match dnal_train::run(&cfg, &opts).with_context(|| format!("run {}", cfg.name))? {
         Outcome::Finished(report) => {
@@ -177,7 +216,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Outcome::Stopped => println!("stopped; resume with --resume {}", out.display()),
+        Outcome::Stopped => {
+            eprintln!(
+                "dnal-train: stopped with a checkpoint of the point reached; continue with\n  cargo xtask train --resume {}",
+                out.display()
+            );
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }

@@ -99,10 +99,7 @@ pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
 
 fn summary<N: Network>(cfg: &TrainConfig, net_cfg: &N::Config) -> Result<String> {
     let device = burn::tensor::Device::default();
-    let model = {
-        let _guard = crate::pipeline::init_lock();
-        N::build(net_cfg, &device)?
-    };
+    let model = N::build(net_cfg, &device)?;
     let cost = model.cost_model().cost(None);
     let mut s = format!(
         "# resolved config\n{}\n# network: {:?}\n",

@@ -1,9 +1,12 @@
 //! The DNAL pipeline as a sequence of phases over one network type, checkpointed after every
-//! epoch and at every phase change, so that a run stopped at any moment resumes to the same
-//! result.
+//! epoch, at every phase change and, when asked to stop (a [`StopToken`]: SIGINT or SIGTERM in
+//! the binary), after the current step, so that a run stopped at any moment resumes to the
+//! same result.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{ParamGroup, ParamId};
@@ -55,6 +58,12 @@ impl Phase {
     }
 }
 
+/// What an epoch came to: its end, or a stop part-way.
+enum EpochEnd<N> {
+    Done(N, EpochLog),
+    Stopped(N, PartialEpoch),
+}
+
 /// The phases of a run, in order.
 pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
     let extend = cfg.baseline == Baseline::Extended;
@@ -69,7 +78,8 @@ pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
     v
 }
 
-fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
+/// Epochs of `phase` in `cfg`.
+pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
     match phase {
         Phase::Weights | Phase::Joint => cfg.weights.epochs,
         Phase::Arch => cfg.arch.epochs,
@@ -134,6 +144,28 @@ pub struct EpochLog {
     pub seconds: f64,
 }
 
+/// An epoch stopped part-way: where it stopped and its running sums, so that a resumed run
+/// continues it with the next batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Batches (steps) done.
+    pub batches_done: usize,
+    /// Sum of the loss over the examples seen.
+    pub loss_sum: f64,
+    /// Sum of the penalty over the examples seen.
+    pub pen_sum: f64,
+    /// Training examples classified correctly.
+    pub correct: usize,
+    /// Training examples seen.
+    pub seen: usize,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// beta of the last step (searching phases).
+    pub beta: Option<f64>,
+    /// Seconds spent in the epoch so far.
+    pub seconds: f64,
+}
+
 /// Results of the run so far; saved in every checkpoint.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -163,6 +195,32 @@ pub struct Progress {
     pub gate_order: Vec<String>,
     /// Seconds spent so far.
     pub seconds: f64,
+    /// The current epoch, if the run was stopped in the middle of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// Asks a run to stop: the run finishes its current step, writes a checkpoint of that exact
+/// point and returns [`Outcome::Stopped`]. Clones share one flag (the binary sets it from its
+/// SIGINT/SIGTERM handler).
+#[derive(Clone, Debug, Default)]
+pub struct StopToken(Arc<AtomicBool>);
+
+impl StopToken {
+    /// A token not yet set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the run to stop; returns whether it had been asked already.
+    pub fn request(&self) -> bool {
+        self.0.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether a stop was asked for.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// Options of one invocation (not part of the recipe).
@@ -178,6 +236,14 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Stop (as a kill would) after this many epochs in this invocation; for tests.
     pub stop_after_epochs: Option<usize>,
+    /// Checked after every step: when set, the run checkpoints where it is and stops.
+    pub stop: Option<StopToken>,
+}
+
+impl RunOptions {
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(StopToken::requested)
+    }
 }
 
 /// How an invocation ended.
@@ -185,7 +251,8 @@ pub struct RunOptions {
 pub enum Outcome {
     /// The run is complete; here is its report.
     Finished(Box<Report>),
-    /// Stopped by `stop_after_epochs`; resume with `--resume`.
+    /// Stopped by `stop_after_epochs` or a [`StopToken`], with a checkpoint of the point
+    /// reached; resume with `--resume`.
     Stopped,
 }
 
@@ -340,21 +407,15 @@ impl<'a, N: Network> Runner<'a, N> {
         })
     }
 
+    /// The network with its initial weights, drawn from the run's own seeded generator (never
+    /// from burn's, which is shared by the whole process).
     fn fresh(&self) -> Result<N> {
-        let _guard = init_lock();
-        self.train_device.seed(self.cfg.seed);
         let model = N::build(&self.net_config, &self.train_device)?;
-        materialize(&model);
-        Ok(model)
+        Ok(dnal_zoo::init::seeded(model, self.cfg.seed))
     }
 
     fn load_model(&self, dir: &Path) -> Result<N> {
-        // Building draws (then overwrites) random weights: under the lock, so that the draws
-        // cannot land between another run's seeding and its initial weights.
-        let _guard = init_lock();
-        let model = dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?;
-        materialize(&model);
-        Ok(model)
+        Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
     }
 
     /// Runs (or resumes) the whole pipeline.
@@ -371,6 +432,16 @@ impl<'a, N: Network> Runner<'a, N> {
         let (mut progress, mut model, mut saved_optims) = if self.opts.resume {
             let (p, m, o) =
                 crate::checkpoint::load::<N>(&ckpt_dir, self.cfg, |d| self.load_model(d))?;
+            if let Some(arch) = &p.architecture {
+                // Built, never drawn (burn's parameters are lazy): only the gates are read.
+                let dense = N::build(&self.net_config, &self.device)?;
+                arch.check_matches(&dense).map_err(|e| TrainError::Checkpoint {
+                    path: ckpt_dir.join("progress.json"),
+                    message: format!(
+                        "its architecture does not fit the network: {e}; start the run again without --resume"
+                    ),
+                })?;
+            }
             (p, m, o)
         } else {
             (Progress::default(), None, None)
@@ -416,16 +487,46 @@ impl<'a, N: Network> Runner<'a, N> {
                     .opts
                     .stop_after_epochs
                     .is_some_and(|n| epochs_this_call >= n)
+                    || self.opts.stop_requested()
                 {
+                    // The last checkpoint is this very point.
                     return Ok(Outcome::Stopped);
                 }
                 let epoch = progress.epochs_done;
                 let t0 = Instant::now();
-                let (next, log) =
-                    self.epoch(phase, epoch, net, &mut optims, penalty.as_mut(), &ckpt_dir)?;
+                let resumed = progress.partial.take();
+                let before = resumed.as_ref().map_or(0.0, |p| p.seconds);
+                let end = self.epoch(
+                    phase,
+                    epoch,
+                    net,
+                    &mut optims,
+                    penalty.as_mut(),
+                    &ckpt_dir,
+                    resumed,
+                )?;
+                let (next, mut log) = match end {
+                    EpochEnd::Done(next, log) => (next, log),
+                    EpochEnd::Stopped(next, mut partial) => {
+                        partial.seconds = before + t0.elapsed().as_secs_f64();
+                        progress.seconds += t0.elapsed().as_secs_f64();
+                        progress.partial = Some(partial);
+                        let records = (
+                            optims.weights.as_ref().map(|o| o.to_record()),
+                            optims.alpha.as_ref().map(|o| o.to_record()),
+                        );
+                        crate::checkpoint::save(
+                            &ckpt_dir,
+                            self.cfg,
+                            &progress,
+                            Some(&next),
+                            Some(records),
+                        )?;
+                        return Ok(Outcome::Stopped);
+                    }
+                };
                 net = next;
-                let mut log = log;
-                log.seconds = t0.elapsed().as_secs_f64();
+                log.seconds = before + t0.elapsed().as_secs_f64();
                 if let Some(p) = penalty.as_ref() {
                     progress.lambda = Some(p.lambda());
                 }
@@ -510,6 +611,7 @@ impl<'a, N: Network> Runner<'a, N> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn epoch(
         &self,
         phase: Phase,
@@ -518,7 +620,8 @@ impl<'a, N: Network> Runner<'a, N> {
         optims: &mut Optimizers,
         mut penalty: Option<&mut SparsityPenalty>,
         ckpt_dir: &Path,
-    ) -> Result<(N, EpochLog)> {
+        resumed: Option<PartialEpoch>,
+    ) -> Result<EpochEnd<N>> {
         let cfg = self.cfg;
         let loader = &self.data.train;
         let iters = loader.len();
@@ -531,11 +634,24 @@ impl<'a, N: Network> Runner<'a, N> {
             iters as u64,
             &format!("{} {}/{}", phase.name(), epoch + 1, epochs),
         );
-        let (mut loss_sum, mut pen_sum, mut correct, mut seen) = (0f64, 0f64, 0usize, 0usize);
-        let (mut lr, mut beta) = (0.0, None);
+        let start = resumed.unwrap_or_default();
+        if start.batches_done > iters {
+            return Err(TrainError::Checkpoint {
+                path: ckpt_dir.to_path_buf(),
+                message: format!(
+                    "the stopped epoch had {} batches done, but an epoch has {iters}: the data changed since the run was stopped; resume with the same data",
+                    start.batches_done
+                ),
+            });
+        }
+        bar.inc(start.batches_done as u64);
+        let (mut loss_sum, mut pen_sum, mut correct, mut seen) =
+            (start.loss_sum, start.pen_sum, start.correct, start.seen);
+        let (mut lr, mut beta) = (start.lr, start.beta);
         // Each phase has its own stream of epochs for the data order and augmentation.
         let data_epoch = (progress_key(phase) << 32) | epoch as u64;
-        for (iter, batch) in loader.epoch(data_epoch).enumerate() {
+        let batches = loader.epoch_from(data_epoch, start.batches_done);
+        for (iter, batch) in (start.batches_done..).zip(batches) {
             let batch = batch?.to_device(&self.train_device);
             if phase.searches() {
                 let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
@@ -604,6 +720,20 @@ impl<'a, N: Network> Runner<'a, N> {
             seen += n;
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+            if self.opts.stop_requested() {
+                bar.abandon();
+                let partial = PartialEpoch {
+                    batches_done: iter + 1,
+                    loss_sum,
+                    pen_sum,
+                    correct,
+                    seen,
+                    lr,
+                    beta,
+                    seconds: 0.0,
+                };
+                return Ok(EpochEnd::Stopped(net, partial));
+            }
         }
         bar.finish_and_clear();
         let full_macs = net.cost_model().cost(None).macs;
@@ -641,7 +771,7 @@ impl<'a, N: Network> Runner<'a, N> {
             macs,
             seconds: 0.0,
         };
-        Ok((net, log))
+        Ok(EpochEnd::Done(net, log))
     }
 
     /// Evaluates, times and exports at the end of the run.
@@ -689,34 +819,4 @@ fn progress_key(phase: Phase) -> u64 {
         Phase::Final => 4,
         Phase::BaselineExtend => 5,
     }
-}
-
-/// Draws every parameter of `model` that is still lazy. burn initializes a parameter on its
-/// first use, so without this a network built under [`init_lock`] would draw its random
-/// weights later, outside the lock, where another thread's draws could interleave with them.
-pub fn materialize<M: Module>(model: &M) {
-    struct Draw;
-    impl burn::module::ModuleVisitor for Draw {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
-            let _ = param.val();
-        }
-        fn visit_int<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D, Int>>) {
-            let _ = param.val();
-        }
-        fn visit_bool<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D, Bool>>) {
-            let _ = param.val();
-        }
-    }
-    model.visit(&mut Draw);
-}
-
-/// The lock under which every network is built. The backend's random generator is
-/// process-wide, so a seeded run seeds and draws its initial weights while holding it (see
-/// [`materialize`]), and
-/// anything else in the process that builds a network (drawing weights it may then overwrite)
-/// holds it too; otherwise draws from another thread can land between a run's seeding and its
-/// initial weights, and seeded runs stop being reproducible.
-pub fn init_lock() -> std::sync::MutexGuard<'static, ()> {
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    INIT.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -134,3 +134,117 @@ fn a_killed_run_resumes_to_the_same_result() {
     };
     assert_eq!(report(&straight), report(&killed));
 }
+
+/// The arguments of a tiny run writing to `out`.
+fn tiny_run(out: &std::path::Path) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into(), "--quiet".into()];
+    for s in [
+        "data.train_limit=600",
+        "data.test_limit=200",
+        "data.batch_size=32",
+        "weights.epochs=2",
+        "arch.epochs=2",
+        "final.epochs=2",
+        "arch.penalty.lambda=5e-2",
+        "report.latency_runs=1",
+        "report.plots=false",
+    ] {
+        args.push("--set".into());
+        args.push(s.into());
+    }
+    args.push("--out".into());
+    args.push(out.display().to_string());
+    args
+}
+
+/// The run's report without timings.
+fn report_of(dir: &std::path::Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    for key in ["seconds", "latency_ms", "reduction"] {
+        v.as_object_mut().unwrap().remove(key);
+    }
+    v
+}
+
+/// Starts the binary on `args` and sends it `signals` SIGTERMs once its first epoch is
+/// checkpointed, after a further delay of `delay_ms` (so the signal lands at an arbitrary
+/// step); returns its exit status and standard error.
+fn signalled(
+    args: &[String],
+    out: &std::path::Path,
+    delay_ms: u64,
+    signals: usize,
+) -> (i32, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_dnal-train"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let progress = out.join("checkpoint").join("progress.json");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&progress).is_ok_and(|t| t.contains("\"stage\"")) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no epoch after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    for _ in 0..signals {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// SIGTERM at an arbitrary moment: the run finishes its step, checkpoints that exact point,
+/// prints the resume command and exits non-zero; `--resume` then ends exactly where an
+/// uninterrupted run ends. A second signal exits at once, and the last complete checkpoint
+/// still resumes to the same result.
+#[test]
+fn a_terminated_run_checkpoints_where_it_is_and_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let args = tiny_run(&straight);
+    let (ok, text) = dnal_train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    let expected = report_of(&straight);
+
+    // A delay that differs from run to run: the signal lands wherever it lands.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for (i, signals) in [(0usize, 1usize), (1, 2)] {
+        let dir = tmp.path().join(format!("signalled-{i}"));
+        let delay = (nanos >> (8 * i)) % 400;
+        let (code, stderr) = signalled(&tiny_run(&dir), &dir, delay, signals);
+        assert_eq!(code, 130, "exit status after {signals} signal(s): {stderr}");
+        if signals == 1 {
+            assert!(
+                stderr.contains(&format!("--resume {}", dir.display())),
+                "{stderr}"
+            );
+        } else {
+            assert!(stderr.contains("exiting now"), "{stderr}");
+        }
+        let (ok, text) = dnal_train(&["train", "--quiet", "--resume", dir.to_str().unwrap()]);
+        assert!(ok, "resume after {signals} signal(s), {delay} ms: {text}");
+        assert_eq!(
+            report_of(&dir),
+            expected,
+            "{signals} signal(s) {delay} ms after the first epoch"
+        );
+    }
+}

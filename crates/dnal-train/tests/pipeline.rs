@@ -1,5 +1,5 @@
 //! The whole pipeline on the bundled real MNIST digits: the pruning effect, a diverging run,
-//! and every preset (resuming exactly: `resume.rs`).
+//! resuming exactly, and every preset.
 
 use std::path::Path;
 
@@ -91,13 +91,10 @@ fn reduced_demo_prunes_most_macs_and_keeps_accuracy() {
     }
     let lines = std::fs::read_to_string(tmp.path().join(paths::METRICS)).unwrap();
     assert_eq!(lines.lines().count(), 13);
-    let loaded: dnal_zoo::PlainCnn = {
-        let _guard = dnal_train::pipeline::init_lock();
-        dnal_zoo::load(&tmp.path().join(paths::PRUNED), |c| {
-            <dnal_zoo::PlainCnn as dnal_zoo::Network>::build(c, &Default::default())
-        })
-        .unwrap()
-    };
+    let loaded: dnal_zoo::PlainCnn = dnal_zoo::load(&tmp.path().join(paths::PRUNED), |c| {
+        <dnal_zoo::PlainCnn as dnal_zoo::Network>::build(c, &Default::default())
+    })
+    .unwrap();
     assert_eq!(
         dnal_zoo::Network::cost_model(&loaded).cost(None).macs,
         pruned.macs
@@ -167,6 +164,65 @@ fn every_preset_parses_and_builds_its_network() {
         }
         let summary = dnal_train::dry_run(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.name));
         assert!(summary.contains("MACs"), "{summary}");
+    }
+}
+
+/// Every numeric setting, fed values outside its range: the error names that key.
+#[test]
+fn every_out_of_range_setting_is_named_in_its_error() {
+    let cases: &[(&str, &[&str])] = &[
+        ("data.batch_size", &["0"]),
+        ("data.eval_batch_size", &["0"]),
+        ("data.crop_size", &["0"]),
+        ("data.train_limit", &["0"]),
+        ("data.test_limit", &["0"]),
+        (
+            "data.crop_scale",
+            &["[0.0, 1.0]", "[0.5, 0.2]", "[0.1, 1.5]"],
+        ),
+        ("weights.epochs", &["0"]),
+        ("weights.lr", &["0", "-0.1", "nan", "inf"]),
+        ("weights.momentum", &["-0.1", "1", "nan"]),
+        ("weights.weight_decay", &["-1e-4", "nan"]),
+        ("final.lr", &["0", "-1"]),
+        ("final.momentum", &["1.5"]),
+        ("final.weight_decay", &["-1"]),
+        ("arch.epochs", &["0"]),
+        ("arch.lr", &["0", "-1", "inf"]),
+        ("arch.momentum", &["-0.5", "1"]),
+        ("arch.threshold", &["0", "1", "-0.2", "nan"]),
+        ("arch.penalty.lambda", &["-1", "nan", "inf"]),
+        ("arch.continuation.schedule.start", &["0", "-1", "inf"]),
+        ("arch.continuation.schedule.end", &["0", "nan"]),
+        ("report.latency_batch", &["0"]),
+        ("report.latency_runs", &["0"]),
+    ];
+    for (key, values) in cases {
+        for value in *values {
+            let set = vec![format!("{key}={value}")];
+            let msg = match recipes::resolve(Some("mnist-demo"), None, &set) {
+                Ok(_) => panic!("{key}={value} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(msg.contains(&format!("`{key}`")), "{key}={value}: {msg}");
+        }
+    }
+    // Schedules: the step factor and the cosine floor.
+    for (sets, key) in [
+        (
+            &["final.schedule={ kind = \"step\", milestones = [1], gamma = 0.0 }"][..],
+            "final.schedule.gamma",
+        ),
+        (
+            &["weights.schedule={ kind = \"cosine\", min_lr = 1.0 }"][..],
+            "weights.schedule.min_lr",
+        ),
+    ] {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let msg = recipes::resolve(Some("mnist-demo"), None, &sets)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(key), "{msg}");
     }
 }
 
@@ -317,4 +373,55 @@ fn tiny_supernet_on_an_image_folder_removes_candidates() {
         classes.lines().collect::<Vec<_>>(),
         ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
     );
+}
+
+/// A run stopped after every epoch and resumed each time ends exactly where an uninterrupted
+/// run ends (on one thread; see `concurrent.rs` for what holds with several).
+#[test]
+fn a_stopped_run_resumes_to_the_same_result() {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(stopped_run_resumes_to_the_same_result);
+}
+
+fn stopped_run_resumes_to_the_same_result() {
+    let cfg = demo(&[
+        "data.train_limit=300",
+        "data.test_limit=200",
+        "weights.epochs=2",
+        "arch.epochs=2",
+        "final.epochs=2",
+        "arch.penalty.lambda=5e-2",
+        "report.latency_runs=1",
+        "report.plots=false",
+    ]);
+    let straight = tempfile::tempdir().unwrap();
+    let a = finished(dnal_train::run(&cfg, &opts(straight.path(), false, None)).unwrap());
+
+    let stopped = tempfile::tempdir().unwrap();
+    let mut outcome = dnal_train::run(&cfg, &opts(stopped.path(), false, Some(1))).unwrap();
+    let mut resumes = 0;
+    while let Outcome::Stopped = outcome {
+        resumes += 1;
+        outcome = dnal_train::run(&cfg, &opts(stopped.path(), true, Some(1))).unwrap();
+    }
+    let b = finished(outcome);
+    assert_eq!(resumes, 5);
+    assert_eq!(a.pruned, b.pruned);
+    assert_eq!(a.baseline, b.baseline);
+    assert_eq!(a.layers, b.layers);
+    let history = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join(paths::METRICS))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(history(straight.path()), history(stopped.path()));
 }

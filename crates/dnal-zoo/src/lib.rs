@@ -12,6 +12,7 @@
 pub mod allocator;
 pub mod bottleneck;
 pub mod error;
+pub mod init;
 pub mod kernels;
 pub mod layers;
 pub mod mobilenet;

@@ -89,9 +89,20 @@ pub fn prune<N: Network>(model: N, arch: &Architecture) -> Result<N> {
     model.prune(arch)
 }
 
+/// Makes every BatchNorm's running statistics current. burn keeps a running state's last
+/// update aside (per thread) until something synchronises it, and a record is written from the
+/// synchronised value: without this, a network saved in the middle of an epoch would be saved
+/// with statistics one step old, and a run resumed from it would not end where an
+/// uninterrupted one does. `valid()` synchronises every running state it passes (the states
+/// are shared with `model`); its result is not needed.
+fn sync_running_stats<N: Network>(model: &N) {
+    let _ = model.valid();
+}
+
 /// Saves `model` into `dir`: `config.json` (its widths) and `model.bpk` (burnpack weights), each
 /// written to a temporary file and renamed.
 pub fn save<N: Network>(model: &N, dir: &Path) -> Result<()> {
+    sync_running_stats(model);
     let config = serde_json::to_string_pretty(model.config()).expect("configs serialise");
     write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
     let tmp = dir.join(format!(".{WEIGHTS_STEM}-{}.bpk.tmp", std::process::id()));
@@ -123,6 +134,7 @@ pub fn save_safetensors<N: Network>(model: &N, dir: &Path) -> Result<()> {
         path: path.clone(),
         message: format!("cannot write safetensors: {e}"),
     };
+    sync_running_stats(model);
     model.save_into(&mut store).map_err(|e| record_err(&e))?;
     std::fs::rename(&tmp, &path).map_err(|e| record_err(&e))?;
     Ok(())

@@ -18,6 +18,7 @@ pub fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
         resume,
         quiet: true,
         stop_after_epochs: stop_after,
+        stop: None,
     }
 }
 
