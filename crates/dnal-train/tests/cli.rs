@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn dnal_train(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dnal-train"))
         .args(args)
@@ -122,33 +124,18 @@ fn a_killed_run_resumes_to_the_same_result() {
     let (ok, text) = dnal_train(&["train", "--quiet", "--resume", killed.to_str().unwrap()]);
     assert!(ok, "{text}");
 
-    let report = |dir: &std::path::Path| -> serde_json::Value {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
-                .unwrap();
-        for key in ["seconds", "latency_ms"] {
-            v.as_object_mut().unwrap().remove(key);
-        }
-        v.as_object_mut().unwrap().remove("reduction");
-        v
-    };
-    assert_eq!(report(&straight), report(&killed));
+    assert_eq!(report_of(&straight), report_of(&killed));
 }
 
 /// The arguments of a tiny run writing to `out`.
 fn tiny_run(out: &std::path::Path) -> Vec<String> {
     let mut args: Vec<String> = vec!["train".into(), "--quiet".into()];
-    for s in [
-        "data.train_limit=600",
-        "data.test_limit=200",
-        "data.batch_size=32",
-        "weights.epochs=2",
-        "arch.epochs=2",
-        "final.epochs=2",
-        "arch.penalty.lambda=5e-2",
-        "report.latency_runs=1",
-        "report.plots=false",
-    ] {
+    // The tiny demo on twice the digits in smaller batches: more steps for a signal to land in.
+    let sets = common::TINY
+        .iter()
+        .map(|s| s.replace("train_limit=300", "train_limit=600"))
+        .chain(["data.batch_size=32".to_string()]);
+    for s in sets {
         args.push("--set".into());
         args.push(s.into());
     }

@@ -3,25 +3,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::*;
-use common::{demo, finished, opts};
-use dnal_train::pipeline::paths;
+use common::{demo, finished, history, opts};
 use dnal_train::{Report, TrainConfig, recipes};
 
 fn cfg() -> TrainConfig {
-    demo(&[
-        "data.train_limit=300",
-        "data.test_limit=200",
-        "weights.epochs=2",
-        "arch.epochs=2",
-        "final.epochs=2",
-        "arch.penalty.lambda=5e-2",
-        "report.latency_runs=1",
-        "report.plots=false",
-    ])
+    demo(common::TINY)
 }
 
 /// What a run ended with, without timings.
@@ -35,18 +24,6 @@ fn outcome(cfg: &TrainConfig) -> Ended {
         .unwrap()
         .install(|| finished(dnal_train::run(cfg, &opts(dir.path(), false, None)).unwrap()));
     (report, history(dir.path()))
-}
-
-fn history(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join(paths::METRICS))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
 }
 
 fn assert_same(a: &Ended, b: &Ended) {

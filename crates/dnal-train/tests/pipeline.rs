@@ -387,16 +387,7 @@ fn a_stopped_run_resumes_to_the_same_result() {
 }
 
 fn stopped_run_resumes_to_the_same_result() {
-    let cfg = demo(&[
-        "data.train_limit=300",
-        "data.test_limit=200",
-        "weights.epochs=2",
-        "arch.epochs=2",
-        "final.epochs=2",
-        "arch.penalty.lambda=5e-2",
-        "report.latency_runs=1",
-        "report.plots=false",
-    ]);
+    let cfg = demo(common::TINY);
     let straight = tempfile::tempdir().unwrap();
     let a = finished(dnal_train::run(&cfg, &opts(straight.path(), false, None)).unwrap());
 
@@ -412,16 +403,8 @@ fn stopped_run_resumes_to_the_same_result() {
     assert_eq!(a.pruned, b.pruned);
     assert_eq!(a.baseline, b.baseline);
     assert_eq!(a.layers, b.layers);
-    let history = |d: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(d.join(paths::METRICS))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("seconds");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(history(straight.path()), history(stopped.path()));
+    assert_eq!(
+        common::history(straight.path()),
+        common::history(stopped.path())
+    );
 }

@@ -16,7 +16,7 @@ impl ModuleVisitor for Values {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
         let dims = t.dims().to_vec();
-        let v = t.into_data().to_vec::<f32>().unwrap();
+        let v = t.into_data().try_to_vec::<f32>().unwrap();
         if D == 4 {
             self.weights.push((dims, v.clone()));
         }
