@@ -125,7 +125,9 @@ impl Architecture {
         Self::from_json(&text).map_err(|e| e.in_file(path))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the threshold and every gate's indices (done by [`Architecture::from_json`]; for
+    /// an architecture deserialised as part of another document).
+    pub fn validate(&self) -> Result<()> {
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
             return Err(Error::InvalidValue {
                 key: "threshold".into(),

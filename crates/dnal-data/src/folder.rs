@@ -124,7 +124,13 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Decodes an image file as 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<Image> {
     let bytes = std::fs::read(path).map_err(DataError::io(path))?;
-    let img = image::load_from_memory(&bytes)
+    decode_rgb_bytes(path, &bytes)
+}
+
+/// Decodes the bytes of an image file (JPEG or PNG) as 8-bit RGB; `path` only names the file
+/// in errors.
+pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<Image> {
+    let img = image::load_from_memory(bytes)
         .map_err(|e| DataError::format(path, format!("not a readable image: {e}")))?
         .into_rgb8();
     let (w, h) = img.dimensions();

@@ -435,7 +435,9 @@ impl<'a, N: Network> Runner<'a, N> {
             if let Some(arch) = &p.architecture {
                 // Built, never drawn (burn's parameters are lazy): only the gates are read.
                 let dense = N::build(&self.net_config, &self.device)?;
-                arch.check_matches(&dense).map_err(|e| TrainError::Checkpoint {
+                arch.validate()
+                    .and_then(|()| arch.check_matches(&dense))
+                    .map_err(|e| TrainError::Checkpoint {
                     path: ckpt_dir.join("progress.json"),
                     message: format!(
                         "its architecture does not fit the network: {e}; start the run again without --resume"

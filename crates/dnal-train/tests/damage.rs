@@ -133,6 +133,15 @@ fn every_kind_of_damage_is_a_clear_error() {
         })
     });
     expect(&msg, &["architecture does not fit", "no.such.gate"]);
+    let msg = resume_after(&run, "kept", &cfg, |d| {
+        edit_progress(d, |v| {
+            v["architecture"] = serde_json::json!({
+                "threshold": 0.5,
+                "gates": { "conv0": { "kind": "main", "width": 32, "kept": [40], "forced_open": false } }
+            })
+        })
+    });
+    expect(&msg, &["architecture does not fit", "conv0.kept"]);
 
     // The network's config with a wrong width.
     let msg = resume_after(&run, "width", &cfg, |d| {
