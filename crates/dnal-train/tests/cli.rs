@@ -137,7 +137,7 @@ fn tiny_run(out: &std::path::Path) -> Vec<String> {
         .chain(["data.batch_size=32".to_string()]);
     for s in sets {
         args.push("--set".into());
-        args.push(s.into());
+        args.push(s);
     }
     args.push("--out".into());
     args.push(out.display().to_string());
