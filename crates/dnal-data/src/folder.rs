@@ -130,7 +130,16 @@ pub fn decode_rgb(path: &Path) -> Result<Image> {
 /// Decodes the bytes of an image file (JPEG or PNG) as 8-bit RGB; `path` only names the file
 /// in errors.
 pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<Image> {
-    let img = image::load_from_memory(bytes)
+    // A decoder that panics on a malformed file (zune-jpeg 0.5.15 overflows an i32 on a
+    // crafted DC coefficient when overflow checks are on; found by fuzzing) is an error naming
+    // the file, not the end of the loader thread.
+    let decoded = std::panic::catch_unwind(|| image::load_from_memory(bytes)).map_err(|_| {
+        DataError::format(
+            path,
+            "the image decoder failed on this file (malformed data); re-encode or remove it",
+        )
+    })?;
+    let img = decoded
         .map_err(|e| DataError::format(path, format!("not a readable image: {e}")))?
         .into_rgb8();
     let (w, h) = img.dimensions();

@@ -314,3 +314,17 @@ fn image_folders_sort_classes_and_report_bad_images() {
         "{msg}"
     );
 }
+
+/// Inputs the fuzz targets found (`fuzz/README.md`), replayed: each gives an image or an error,
+/// never a panic.
+#[test]
+fn fuzz_findings_are_errors_not_panics() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    // A JPEG whose DC coefficient times its quantiser overflows i32 inside zune-jpeg.
+    let path = dir.join("image-dc-overflow.jpg");
+    let bytes = std::fs::read(&path).unwrap();
+    match dnal_data::folder::decode_rgb_bytes(&path, &bytes) {
+        Ok(img) => assert_eq!(img.pixels.len(), img.height * img.width * 3),
+        Err(e) => assert!(e.to_string().contains("image-dc-overflow.jpg"), "{e}"),
+    }
+}
