@@ -279,6 +279,16 @@ struct Optimizers {
     alpha: Option<ModuleOptimizer>,
 }
 
+impl Optimizers {
+    /// The optimiser states, for a checkpoint.
+    fn records(&self) -> crate::checkpoint::OptimRecords {
+        (
+            self.weights.as_ref().map(|o| o.to_record()),
+            self.alpha.as_ref().map(|o| o.to_record()),
+        )
+    }
+}
+
 fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
     let mut cfg = SgdConfig::new();
     if momentum > 0.0 {
@@ -513,16 +523,12 @@ impl<'a, N: Network> Runner<'a, N> {
                         partial.seconds = before + t0.elapsed().as_secs_f64();
                         progress.seconds += t0.elapsed().as_secs_f64();
                         progress.partial = Some(partial);
-                        let records = (
-                            optims.weights.as_ref().map(|o| o.to_record()),
-                            optims.alpha.as_ref().map(|o| o.to_record()),
-                        );
                         crate::checkpoint::save(
                             &ckpt_dir,
                             self.cfg,
                             &progress,
                             Some(&next),
-                            Some(records),
+                            Some(optims.records()),
                         )?;
                         return Ok(Outcome::Stopped);
                     }
@@ -538,11 +544,13 @@ impl<'a, N: Network> Runner<'a, N> {
                 progress.history.push(log);
                 progress.epochs_done += 1;
                 progress.seconds += t0.elapsed().as_secs_f64();
-                let records = (
-                    optims.weights.as_ref().map(|o| o.to_record()),
-                    optims.alpha.as_ref().map(|o| o.to_record()),
-                );
-                crate::checkpoint::save(&ckpt_dir, self.cfg, &progress, Some(&net), Some(records))?;
+                crate::checkpoint::save(
+                    &ckpt_dir,
+                    self.cfg,
+                    &progress,
+                    Some(&net),
+                    Some(optims.records()),
+                )?;
                 report::write_metrics(&out.join(paths::METRICS), &progress.history)?;
                 epochs_this_call += 1;
             }
