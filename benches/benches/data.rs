@@ -7,6 +7,8 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_data::{ImageFolder, ImageSet, Loader, LoaderConfig, Normalize, Source, Split, Transform};
 
+dnal_kernels::global_allocator!();
+
 fn cifar_like(n: usize) -> ImageSet {
     let pixels: Vec<u8> = (0..n * 3072).map(|i| (i * 31 % 251) as u8).collect();
     let labels = (0..n).map(|i| (i % 10) as u16).collect();

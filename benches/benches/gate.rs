@@ -6,6 +6,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use dnal_benches::cpu_backends;
 use dnal_core::{ChannelGateConfig, GateMode};
 
+dnal_kernels::global_allocator!();
+
 fn gate(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {

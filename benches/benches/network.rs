@@ -20,6 +20,8 @@ use dnal_core::GateMode;
 use dnal_core::{Architecture, BackendKind};
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
+dnal_kernels::global_allocator!();
+
 /// A network's name, a builder of fresh instances, and the architecture to prune it to.
 type NetCase = (
     &'static str,
@@ -98,7 +100,7 @@ fn train_step(c: &mut Criterion) {
                 &[true]
             };
             for &kernels in variants {
-                dnal_zoo::kernels::set_enabled(kernels);
+                dnal_kernels::set_enabled(kernels);
                 let suffix = if kernels { "" } else { "-burn-ops" };
                 for mode in [GateMode::Search, GateMode::Bypass] {
                     let mut net = build();
@@ -108,7 +110,7 @@ fn train_step(c: &mut Criterion) {
                     });
                 }
             }
-            dnal_zoo::kernels::set_enabled(true);
+            dnal_kernels::set_enabled(true);
             group.finish();
         }
     }

@@ -4,7 +4,8 @@
 //! Further arguments `CxS` choose the layers (channels x map side), e.g. `256x8 512x4`.
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use dnal_zoo::kernels;
+
+dnal_kernels::global_allocator!();
 
 fn main() {
     dnal_benches::keep_freed_memory();
@@ -36,16 +37,20 @@ fn main() {
                 .fold(f64::INFINITY, f64::min)
         };
         let fwd = time(&|| {
-            let _ = kernels::conv2d(x.clone(), w.clone(), 1, 1).into_data();
+            let _ = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1).into_data();
         });
         let dw = time(&|| {
             let w = w.clone().require_grad();
-            let grads = kernels::conv2d(x.clone(), w.clone(), 1, 1).sum().backward();
+            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1)
+                .sum()
+                .backward();
             let _ = w.grad(&grads).expect("weight gradient").into_data();
         });
         let both = time(&|| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-            let grads = kernels::conv2d(x.clone(), w.clone(), 1, 1).sum().backward();
+            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1)
+                .sum()
+                .backward();
             let _ = x.grad(&grads).expect("input gradient").into_data();
             let _ = w.grad(&grads).expect("weight gradient").into_data();
         });

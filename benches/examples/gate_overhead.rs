@@ -8,6 +8,8 @@ use burn::prelude::*;
 use dnal_core::{GateMode, GatedModel};
 use dnal_zoo::CifarResNetConfig;
 
+dnal_kernels::global_allocator!();
+
 fn main() {
     dnal_benches::keep_freed_memory();
     let per_mode: usize = std::env::args()

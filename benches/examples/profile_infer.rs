@@ -6,6 +6,8 @@ use burn::prelude::*;
 use dnal_core::Architecture;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
+dnal_kernels::global_allocator!();
+
 fn main() {
     dnal_benches::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();

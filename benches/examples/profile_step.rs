@@ -8,12 +8,14 @@ use burn::prelude::*;
 use dnal_core::GateMode;
 use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
 
+dnal_kernels::global_allocator!();
+
 fn main() {
     dnal_benches::keep_freed_memory();
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();
-    dnal_zoo::kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
+    dnal_kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
     if args.next().as_deref() == Some("vgg16") {
         run(
             PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),

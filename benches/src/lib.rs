@@ -3,14 +3,10 @@
 use burn::prelude::*;
 use dnal_core::BackendKind;
 
-// The benchmarks run with the allocator dnal's trainer uses (see `dnal_zoo::allocator`).
-#[global_allocator]
-static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
-
-/// Keeps freed memory for reuse, as the trainer does; every benchmark and example calls it
-/// first (which also links this crate, and with it the global allocator above, into them).
+/// Keeps freed memory for reuse, as the trainer does; every benchmark and example sets the
+/// trainer's allocator (`dnal_kernels::global_allocator!()`) and calls this first.
 pub fn keep_freed_memory() {
-    dnal_zoo::allocator::keep_freed_memory();
+    dnal_kernels::allocator::keep_freed_memory();
 }
 
 /// The CPU backends compiled into this build, with their devices.

@@ -69,14 +69,13 @@ struct TrainArgs {
     quiet: bool,
 }
 
-#[global_allocator]
-static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
+dnal_kernels::global_allocator!();
 
 /// Exit status of a run stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it).
 const STOPPED: u8 = 130;
 
 fn main() -> ExitCode {
-    dnal_zoo::allocator::keep_freed_memory();
+    dnal_kernels::allocator::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(STOPPED),

@@ -7,13 +7,13 @@
 //! their stream positions (index add), and a block whose bn3 gate closes completely is removed.
 //! The stem gate prunes the stem and the inputs of the first block's conv1 and shortcut.
 
-use crate::kernels::Activation;
 use burn::nn::PaddingConfig2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
+use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};

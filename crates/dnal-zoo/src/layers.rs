@@ -1,12 +1,12 @@
 //! The conv -> BN -> gate unit every gated network is built from, and the slicing that
 //! physically removes channels from it.
 
-use crate::kernels::{self, Activation};
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, PaddingConfig2d};
 use burn::prelude::*;
 use dnal_core::{ChannelGate, ChannelGateConfig, CostModel, GateKind, GateMode, Groups, Width};
+use dnal_kernels::Activation;
 
 /// Configuration of a [`ConvBnGate`].
 #[derive(Config, Debug)]
@@ -74,9 +74,9 @@ impl ConvBn {
         self.forward_act(x, Activation::Identity)
     }
 
-    /// `act(bn(conv(x)))`, the activation applied by the unit (see [`kernels::conv_bn`]).
+    /// `act(bn(conv(x)))`, the activation applied by the unit (see [`dnal_kernels::conv_bn`]).
     pub fn forward_act(&self, x: Tensor<4>, act: Activation) -> Tensor<4> {
-        kernels::conv_bn(&self.conv, &self.bn, None, act, x)
+        dnal_kernels::conv_bn(&self.conv, &self.bn, None, act, x)
     }
 
     /// Declares this conv and BN in `cost`, with the given widths.
@@ -149,7 +149,7 @@ pub struct ConvBnGate {
 
 impl ConvBnGate {
     /// `gate(bn(conv(x)))`, the gate folded into BatchNorm's affine transform, and for
-    /// inference on flex BatchNorm folded into the convolution (see [`kernels::conv_bn`]).
+    /// inference on flex BatchNorm folded into the convolution (see [`dnal_kernels::conv_bn`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.forward_act(x, Activation::Identity)
     }
@@ -157,14 +157,14 @@ impl ConvBnGate {
     /// `act(gate(bn(conv(x))))`, the activation applied by the unit: fused with BatchNorm (in
     /// training) or the convolution (in inference) on flex.
     pub fn forward_act(&self, x: Tensor<4>, act: Activation) -> Tensor<4> {
-        kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), act, x)
+        dnal_kernels::conv_bn(&self.conv, &self.bn, self.gate.factor(), act, x)
     }
 
     /// `act(gate(bn(conv(x))) + residual)`: a residual block's last unit, with the shortcut
     /// (shaped like the output) added before the activation, both fused on flex (see
-    /// [`kernels::conv_bn_add`]).
+    /// [`dnal_kernels::conv_bn_add`]).
     pub fn forward_add(&self, x: Tensor<4>, residual: Tensor<4>, act: Activation) -> Tensor<4> {
-        kernels::conv_bn_add(&self.conv, &self.bn, self.gate.factor(), act, x, residual)
+        dnal_kernels::conv_bn_add(&self.conv, &self.bn, self.gate.factor(), act, x, residual)
     }
 
     /// Output channels.

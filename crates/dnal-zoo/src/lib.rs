@@ -8,12 +8,9 @@
 //! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN) and CIFAR
 //! ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110).
 
-#[cfg(feature = "mimalloc")]
-pub mod allocator;
 pub mod bottleneck;
 pub mod error;
 pub mod init;
-pub mod kernels;
 pub mod layers;
 pub mod mobilenet;
 pub mod network;

@@ -11,11 +11,11 @@
 //! block whose projection gate closes is removed. ImageNet's dropout before the classifier is
 //! omitted (it has no parameters and no MACs).
 
-use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
+use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};

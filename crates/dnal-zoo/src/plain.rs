@@ -2,13 +2,13 @@
 //! VGG-16-BN for CIFAR and for ImageNet and the small MNIST CNN of the demo are presets of this
 //! one network.
 
-use crate::kernels::Activation;
 use burn::module::ParamGroup;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use dnal_core::{Architecture, ChannelGate, CostModel, GatedModel, Groups, LayerKind, Width};
+use dnal_kernels::Activation;
 
 use crate::error::{Result, ZooError};
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
@@ -195,7 +195,7 @@ impl PlainCnn {
         for (i, unit) in self.convs.iter().enumerate() {
             x = unit.forward_act(x, Activation::Relu);
             if self.config.pool_after.contains(&i) {
-                x = crate::kernels::max_pool2d(&self.pool, x);
+                x = dnal_kernels::max_pool2d(&self.pool, x);
             }
         }
         if self.config.global_pool {

@@ -10,13 +10,13 @@
 //! output gate closes completely is removed with both its convs. The pruned network is the same
 //! type, built from a config that records the kept stream positions.
 
-use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::s;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
+use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};

@@ -11,7 +11,6 @@
 //! output: [`Network::derive`] reopens the strongest projection channel of such a block if all
 //! of its candidates closed.
 
-use crate::kernels::Activation;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -19,6 +18,7 @@ use dnal_core::{
     Architecture, ChannelGate, CostModel, CostReport, GateKind, GatedModel, Width,
     derive_architecture,
 };
+use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};

@@ -2,7 +2,7 @@
 //! ResNet-56's three stages (batch 128):
 //!
 //! * `conv/flex/<shape>/{burn,dnal-gemm,dnal}`: a 3x3 stride-1 convolution, input and weight
-//!   gradients: burn's; dnal's with im2col and `gemm` only (`kernels::set_direct(false)`);
+//!   gradients: burn's; dnal's with im2col and `gemm` only (`dnal_kernels::set_direct(false)`);
 //!   dnal's default, which takes its direct AVX-512 kernels where they are faster (ResNet-56's
 //!   shapes) and `gemm` for wide layers (256 channels);
 //! * `bn-gate/flex/<shape>/burn-bn-then-gate`: burn's BatchNorm followed by the channel gate in
@@ -14,10 +14,12 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_core::{ChannelGateConfig, GateMode};
-use dnal_zoo::kernels::{self, Activation};
+use dnal_kernels::Activation;
+
+dnal_kernels::global_allocator!();
 
 fn batch_norm_gate(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_kernels::allocator::keep_freed_memory();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
@@ -32,7 +34,7 @@ fn batch_norm_gate(c: &mut Criterion) {
         let step = |folded: bool, act: Activation| {
             let x = x.clone().require_grad();
             let y = if folded {
-                kernels::batch_norm(&bn, gate.factor(), act, x.clone())
+                dnal_kernels::batch_norm(&bn, gate.factor(), act, x.clone())
             } else {
                 act.apply(gate.forward(bn.forward(x.clone())))
             };
@@ -56,7 +58,7 @@ fn batch_norm_gate(c: &mut Criterion) {
 }
 
 fn conv(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_kernels::allocator::keep_freed_memory();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8), (256, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
@@ -69,20 +71,20 @@ fn conv(c: &mut Criterion) {
             ("dnal-gemm", true, false),
             ("dnal", true, true),
         ] {
-            kernels::set_enabled(dnal);
-            kernels::set_direct(direct);
+            dnal_kernels::set_enabled(dnal);
+            dnal_kernels::set_direct(direct);
             group.bench_function(name, |b| {
                 b.iter(|| {
                     let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-                    let y = kernels::conv2d(x.clone(), w.clone(), 1, 1);
+                    let y = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1);
                     let grads = y.sum().backward();
                     let _ = x.grad(&grads).expect("input gradient").into_data();
                     let _ = w.grad(&grads).expect("weight gradient").into_data();
                 })
             });
         }
-        kernels::set_enabled(true);
-        kernels::set_direct(true);
+        dnal_kernels::set_enabled(true);
+        dnal_kernels::set_direct(true);
         group.finish();
     }
 }

@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 /// the iterator's arithmetic vectorizes.
 #[inline(always)]
 fn write_plane<I: Iterator<Item = f32>>(dst: &mut [MaybeUninit<f32>], values: I) -> usize {
-    super::cpu::widest_simd!({
+    crate::simd::widest_simd!({
         let mut written = 0;
         for (d, v) in dst.iter_mut().zip(values) {
             d.write(v);
@@ -64,7 +64,7 @@ where
             // SAFETY: every value of `dst` was written just above (a short plane panicked).
             let values =
                 unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<f32>(), dst.len()) };
-            super::cpu::widest_simd!(fold(i, values))
+            crate::simd::widest_simd!(fold(i, values))
         })
         .collect();
     // SAFETY: as in `par_planes`: every plane wrote all its values.

@@ -30,7 +30,7 @@
 //! only lanes whose position is inside the image slice it is given.
 #![allow(unsafe_code)]
 
-use super::cpu::{ConvGeometry, Epilogue};
+use crate::cpu::{ConvGeometry, Epilogue};
 
 /// Positions per vector.
 const LANES: usize = 16;
@@ -219,7 +219,7 @@ pub fn conv_forward(
         scale: &ones,
         shift: &zeros,
         residual: None,
-        clamp: super::cpu::Clamp::NONE,
+        clamp: crate::cpu::Clamp::NONE,
     });
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), n, "residual of the wrong size");

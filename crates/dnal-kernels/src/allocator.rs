@@ -6,16 +6,16 @@
 //! that is 10-15 % of a ResNet-56 step on flex. A binary avoids it with
 //!
 //! ```ignore
-//! #[global_allocator]
-//! static GLOBAL: dnal_zoo::allocator::MiMalloc = dnal_zoo::allocator::MiMalloc;
+//! dnal_kernels::global_allocator!();
 //!
 //! fn main() {
-//!     dnal_zoo::allocator::keep_freed_memory();
+//!     dnal_kernels::allocator::keep_freed_memory();
 //!     // ...
 //! }
 //! ```
 //!
-//! A library never picks the global allocator; that is the binary's choice.
+//! A library never picks the global allocator; that is the binary's choice, so the macro is
+//! invoked only in binaries (the trainer, the benchmarks and their examples).
 #![allow(unsafe_code)]
 
 pub use mimalloc::MiMalloc;
@@ -30,4 +30,14 @@ pub fn keep_freed_memory() {
     // SAFETY: `mi_option_set` only stores an option value; -1 ("never purge") is a documented
     // value of `mi_option_purge_delay`.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
+}
+
+/// Makes [`MiMalloc`] the global allocator of the binary that invokes it (at the crate's top
+/// level; never in a library).
+#[macro_export]
+macro_rules! global_allocator {
+    () => {
+        #[global_allocator]
+        static GLOBAL: $crate::allocator::MiMalloc = $crate::allocator::MiMalloc;
+    };
 }

@@ -32,6 +32,8 @@
 //! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide, [`set_direct`]`(false)`
 //! only the direct kernels (the benchmarks time all three).
 
+#[cfg(feature = "mimalloc")]
+pub mod allocator;
 pub mod cpu;
 #[cfg(feature = "flex")]
 mod direct;
@@ -40,6 +42,7 @@ mod flex;
 #[cfg(feature = "flex")]
 pub mod gemm;
 mod planes;
+mod simd;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;

@@ -9,8 +9,8 @@ use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 use common::{input, noise, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
-use dnal_zoo::kernels::cpu::Clamp;
-use dnal_zoo::kernels::{self, Activation, cpu};
+use dnal_kernels::cpu::Clamp;
+use dnal_kernels::{Activation, cpu};
 
 const ACTIVATIONS: [Activation; 3] = [Activation::Identity, Activation::Relu, Activation::Relu6];
 
@@ -52,7 +52,7 @@ fn conv_case(shape: [usize; 4], out_channels: usize, kernel: usize, stride: usiz
         let x = x.clone().detach().require_grad();
         let w = w.clone().detach().require_grad();
         let y = if fast {
-            kernels::conv2d(x.clone(), w.clone(), stride, padding)
+            dnal_kernels::conv2d(x.clone(), w.clone(), stride, padding)
         } else {
             burn::tensor::module::conv2d(
                 x.clone(),
@@ -117,7 +117,7 @@ fn conv_gradients_do_not_depend_on_the_thread_count() {
             .unwrap();
         pool.install(|| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-            let y = kernels::conv2d(x.clone(), w.clone(), 1, 1);
+            let y = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1);
             let grads = (y.clone() * y).sum().backward();
             (
                 x.grad(&grads).unwrap().into_data(),
@@ -207,7 +207,7 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32, act: Activation) {
         let g = gate(c, mode, &device);
         let x = x.clone().detach().require_grad();
         let y = if fast {
-            kernels::batch_norm(&bn, g.factor(), act, x.clone())
+            dnal_kernels::batch_norm(&bn, g.factor(), act, x.clone())
         } else {
             act.apply(g.forward(bn.forward(x.clone())))
         };
@@ -273,7 +273,7 @@ fn batch_norm_backward_masks_exactly_the_outputs_the_activation_let_through() {
     for act in [Activation::Relu, Activation::Relu6] {
         let a = vec1(noise(c, 42, 2.0, 4.0), &device).require_grad();
         let b = vec1(noise(c, 43, -1.0, 5.0), &device).require_grad();
-        let (y, _, _) = kernels::batch_norm_train(x.clone(), a, b.clone(), 1e-5, act);
+        let (y, _, _) = dnal_kernels::batch_norm_train(x.clone(), a, b.clone(), 1e-5, act);
         let grads = y.clone().sum().backward();
         let db = b.grad(&grads).expect("gradient of b").into_data();
         let Clamp { lo, hi } = act.clamp();
@@ -322,7 +322,7 @@ fn batch_norm_in_eval_matches_burn_then_gate() {
             let g = gate(c, mode, &device);
             assert_close(
                 &format!("bn eval {mode:?} {act:?}"),
-                kernels::batch_norm(&bn, g.factor(), act, x.clone()),
+                dnal_kernels::batch_norm(&bn, g.factor(), act, x.clone()),
                 act.apply(g.forward(bn.forward(x.clone()))),
                 1e-5,
             );
@@ -353,7 +353,7 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
                 let x = x.clone() * 3.0;
                 assert_close(
                     &format!("conv-bn eval {hw}x{hw} s{stride} {mode:?} {act:?}"),
-                    kernels::conv_bn(&conv, &bn, g.factor(), act, x.clone()),
+                    dnal_kernels::conv_bn(&conv, &bn, g.factor(), act, x.clone()),
                     act.apply(g.forward(bn.forward(conv.forward(x)))),
                     1e-5,
                 );
@@ -372,7 +372,7 @@ fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
         .alpha
         .map(|_| vec1(vec![1.0, -1.0, 0.5, -0.5], &device).require_grad());
     let x = input([2, c, 3, 3], 18, &device).require_grad();
-    let y = kernels::batch_norm(&bn, g.factor(), Activation::Relu, x.clone());
+    let y = dnal_kernels::batch_norm(&bn, g.factor(), Activation::Relu, x.clone());
     let grads = y.clone().sum().backward();
     for t in [
         y.inner().into_data(),
@@ -404,7 +404,7 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
         let shortcut = input([batch, c, hw, hw], 32, &device);
         for mode in [GateMode::Bypass, GateMode::Search] {
             let g = gate(c, mode, &device);
-            let fused = kernels::conv_bn_add(
+            let fused = dnal_kernels::conv_bn_add(
                 &conv_eval,
                 &bn,
                 g.factor(),
@@ -435,7 +435,7 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
                 shortcut.clone().detach().require_grad(),
             );
             let y = if fused {
-                kernels::conv_bn_add(
+                dnal_kernels::conv_bn_add(
                     &conv_train,
                     &bn,
                     g.factor(),
@@ -486,7 +486,7 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
         let run = |fast: bool| {
             let x = x.clone().detach().require_grad();
             let y = if fast {
-                kernels::max_pool2d(&pool, x.clone())
+                dnal_kernels::max_pool2d(&pool, x.clone())
             } else {
                 pool.forward(x.clone())
             };
@@ -502,7 +502,7 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
     let mut values = noise(16, 34, -1.0, 1.0);
     values[5] = f32::NAN;
     let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &Device::flex());
-    let y = vec1_of(kernels::max_pool2d(&pool, x));
+    let y = vec1_of(dnal_kernels::max_pool2d(&pool, x));
     assert!(
         y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()),
         "{y:?}"

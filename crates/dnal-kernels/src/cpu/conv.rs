@@ -1,0 +1,290 @@
+//! The host-memory halves of the convolution, on one image's `f32` slices in NCHW order:
+//! its geometry, im2col and col2im, the flipped kernel of its input gradient, and the
+//! epilogue applied as it writes its output.
+
+use super::clamp::Clamp;
+use crate::planes::par_planes;
+use crate::simd::widest_simd;
+
+/// Per-output-channel `clamp(v * scale + shift + residual)` (BatchNorm, a residual block's
+/// shortcut and an activation folded into the convolution for inference), applied as the
+/// convolution writes its output.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Per-channel factor.
+    pub scale: &'a [f32],
+    /// Per-channel offset.
+    pub shift: &'a [f32],
+    /// Values added before the clamp, laid out like the whole output (`None`: nothing).
+    pub residual: Option<&'a [f32]>,
+    /// The activation.
+    pub clamp: Clamp,
+}
+
+impl Epilogue<'_> {
+    /// Applies channel `ch`'s transform to `values`, which sit at offset `at` of the output.
+    pub fn apply(&self, ch: usize, values: &mut [f32], at: usize) {
+        widest_simd!(self.apply_here(ch, values, at));
+    }
+
+    #[inline(always)]
+    fn apply_here(&self, ch: usize, values: &mut [f32], at: usize) {
+        let (m, b) = (self.scale[ch], self.shift[ch]);
+        match self.residual {
+            None => {
+                for v in values.iter_mut() {
+                    *v = self.clamp.apply(*v * m + b);
+                }
+            }
+            Some(r) => {
+                let n = values.len();
+                for (v, &r) in values.iter_mut().zip(&r[at..at + n]) {
+                    *v = self.clamp.apply(*v * m + b + r);
+                }
+            }
+        }
+    }
+}
+
+/// The shape of one 2-D convolution: square kernel, equal stride and padding on both axes,
+/// no dilation, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Input height and width.
+    pub in_hw: [usize; 2],
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// Output height and width.
+    pub fn out_hw(&self) -> [usize; 2] {
+        let out = |i: usize| (i + 2 * self.padding - self.kernel) / self.stride + 1;
+        [out(self.in_hw[0]), out(self.in_hw[1])]
+    }
+
+    /// Rows of the column matrix: `in_channels * kernel^2`.
+    pub fn patch(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+
+    /// Output positions per image.
+    pub fn positions(&self) -> usize {
+        let [h, w] = self.out_hw();
+        h * w
+    }
+
+    /// Values in one input image.
+    pub fn image(&self) -> usize {
+        self.in_channels * self.in_hw[0] * self.in_hw[1]
+    }
+
+    /// Output positions `[lo, hi)` along an axis of `out` positions whose input index
+    /// `o * stride + k - padding` falls inside `0..size`.
+    pub(crate) fn valid(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+        // o * s + k - p <= size - 1  <=>  o <= (size - 1 + p - k) / s
+        let hi = if size + p > k {
+            ((size - 1 + p - k) / s + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// The kernel of the input gradient of a stride-1 convolution: `w` (`[Co, Ci, k, k]`) with its
+/// two channel axes swapped and both spatial axes reversed, `[Ci, Co, k, k]`.
+pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (co, ci, kk) = (g.out_channels, g.in_channels, g.kernel * g.kernel);
+    assert_eq!(w.len(), co * ci * kk, "weights of the wrong size");
+    // One input channel (a row of `Co * k * k` values) per parallel plane.
+    par_planes(w.len(), co * kk, |i| {
+        (0..co).flat_map(move |o| w[(o * ci + i) * kk..][..kk].iter().rev().copied())
+    })
+}
+
+/// Appends the column matrix of `images` (each `[C, H, W]`, side by side) to `cols`:
+/// `[C * k * k, images * OH * OW]`, row `(c, kh, kw)`, column `(image, oh, ow)`. Every value is
+/// written once (no zero fill first).
+pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
+    im2col_with(images, g, GatherTable::new(g).as_ref(), cols);
+}
+
+/// [`im2col`] with the geometry's [`GatherTable`] built beforehand (once per convolution, not
+/// once per group of images).
+pub fn im2col_with(
+    images: &[&[f32]],
+    g: &ConvGeometry,
+    table: Option<&GatherTable>,
+    cols: &mut Vec<f32>,
+) {
+    let [oh, ow] = g.out_hw();
+    cols.reserve(g.patch() * images.len() * oh * ow);
+    if let Some(table) = table {
+        return table.gather(images, g, cols);
+    }
+    for row in 0..g.patch() {
+        for x in images {
+            debug_assert_eq!(x.len(), g.image());
+            if [oh, ow] == g.in_hw {
+                append_row_same(x, g, row, cols);
+            } else {
+                append_row(x, g, row, cols);
+            }
+        }
+    }
+}
+
+/// Output maps of at most this many positions take a [`GatherTable`].
+const SMALL_MAP: usize = 16;
+
+/// For small output maps, whose column rows are too short for copies of runs, and for strided
+/// convolutions: the input position each output position reads through each tap
+/// (`[tap][output position]`, the plane size for padding), so that a row is one gather.
+#[derive(Debug, Clone)]
+pub struct GatherTable(Vec<usize>);
+
+impl GatherTable {
+    /// The table of `g`, or `None` when its rows are better copied in runs (stride 1, maps of
+    /// more than 16 positions: copying runs of rows wins from 8x8 maps up).
+    pub fn new(g: &ConvGeometry) -> Option<Self> {
+        let [h, w] = g.in_hw;
+        let [oh, ow] = g.out_hw();
+        if oh * ow > SMALL_MAP && g.stride == 1 {
+            return None;
+        }
+        let k = g.kernel;
+        let table = (0..k * k)
+            .flat_map(|t| {
+                let (kh, kw) = (t / k, t % k);
+                (0..oh).flat_map(move |oy| {
+                    (0..ow).map(move |ox| {
+                        let iy = (oy * g.stride + kh).checked_sub(g.padding);
+                        let ix = (ox * g.stride + kw).checked_sub(g.padding);
+                        match (iy, ix) {
+                            (Some(iy), Some(ix)) if iy < h && ix < w => iy * w + ix,
+                            _ => h * w,
+                        }
+                    })
+                })
+            })
+            .collect();
+        Some(Self(table))
+    }
+
+    fn gather(&self, images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
+        let [h, w] = g.in_hw;
+        let (taps, n, l) = (
+            g.kernel * g.kernel,
+            h * w,
+            self.0.len() / (g.kernel * g.kernel),
+        );
+        for row in 0..g.patch() {
+            let (c, t) = (row / taps, row % taps);
+            let reads = &self.0[t * l..][..l];
+            for x in images {
+                let plane = &x[c * n..][..n];
+                cols.extend(reads.iter().map(|&i| plane.get(i).copied().unwrap_or(0.0)));
+            }
+        }
+    }
+}
+
+/// Appends row `(c, kh, kw)` of one image's column matrix (`OH * OW` values) of a stride-1
+/// convolution: runs of input rows copied between zeros.
+fn append_row(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let k = g.kernel;
+    let c = row / (k * k);
+    let (kh, kw) = ((row / k) % k, row % k);
+    let (ylo, yhi) = g.valid(kh, h, oh);
+    let (xlo, xhi) = g.valid(kw, w, ow);
+    if xlo >= xhi {
+        cols.resize(cols.len() + oh * ow, 0.0);
+        return;
+    }
+    let plane = &x[c * h * w..(c + 1) * h * w];
+    cols.resize(cols.len() + ylo * ow, 0.0);
+    debug_assert_eq!(g.stride, 1, "strided convolutions take im2col_gather");
+    let ix0 = xlo + kw - g.padding;
+    for y in ylo..yhi {
+        let iy = y + kh - g.padding;
+        let irow = &plane[iy * w + ix0..(iy + 1) * w];
+        cols.resize(cols.len() + xlo, 0.0);
+        cols.extend_from_slice(&irow[..xhi - xlo]);
+        cols.resize(cols.len() + (ow - xhi), 0.0);
+    }
+    cols.resize(cols.len() + (oh - yhi) * ow, 0.0);
+}
+
+/// [`append_row`] for a stride-1 convolution whose output is as large as its input ("same"
+/// padding): the row is the input plane shifted by `(kh - p) * W + (kw - p)` in flattened
+/// order, so it is one copy, after which the few values that wrapped around a row edge are
+/// zeroed.
+fn append_row_same(x: &[f32], g: &ConvGeometry, row: usize, cols: &mut Vec<f32>) {
+    let [h, w] = g.in_hw;
+    let (k, n) = (g.kernel, h * w);
+    let c = row / (k * k);
+    let (kh, kw) = ((row / k) % k, row % k);
+    let plane = &x[c * n..(c + 1) * n];
+    let start = cols.len();
+    // Output position o reads input o + shift.
+    let shift = (kh * w + kw) as isize - (g.padding * w + g.padding) as isize;
+    let lo = (-shift).clamp(0, n as isize) as usize;
+    let hi = (n as isize - shift).clamp(0, n as isize) as usize;
+    cols.resize(start + lo, 0.0);
+    if lo < hi {
+        let from = (lo as isize + shift) as usize;
+        cols.extend_from_slice(&plane[from..from + (hi - lo)]);
+    }
+    cols.resize(start + n, 0.0);
+    let (xlo, xhi) = g.valid(kw, w, w);
+    if xlo > 0 || xhi < w {
+        for out_row in cols[start..start + n].chunks_mut(w) {
+            out_row[..xlo].fill(0.0);
+            out_row[xhi..].fill(0.0);
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: sums image `image`'s part of the column matrix `cols`
+/// (`[C * k * k, images * OH * OW]`, images side by side) into `dx` (`[C, H, W]`, overwritten).
+pub fn col2im(cols: &[f32], g: &ConvGeometry, images: usize, image: usize, dx: &mut [f32]) {
+    let [h, w] = g.in_hw;
+    let [oh, ow] = g.out_hw();
+    let (k, l) = (g.kernel, oh * ow);
+    debug_assert_eq!(dx.len(), g.image());
+    for (c, dst) in dx.chunks_mut(h * w).enumerate() {
+        dst.fill(0.0);
+        for kh in 0..k {
+            let (ylo, yhi) = g.valid(kh, h, oh);
+            for kw in 0..k {
+                let (xlo, xhi) = g.valid(kw, w, ow);
+                if xlo >= xhi {
+                    continue;
+                }
+                let src = &cols[(((c * k + kh) * k + kw) * images + image) * l..][..l];
+                let ix0 = xlo * g.stride + kw - g.padding;
+                for y in ylo..yhi {
+                    let iy = y * g.stride + kh - g.padding;
+                    let drow = &mut dst[iy * w..(iy + 1) * w];
+                    let srow = &src[y * ow + xlo..y * ow + xhi];
+                    for (d, s) in drow[ix0..].iter_mut().step_by(g.stride).zip(srow) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The convolution on flex tensors: im2col and one matrix product per image or group of small
+//! images, or the direct AVX-512 kernels; its weight and input gradients.
+
+use super::{f32s, tensor, vec_of};
+use crate::cpu::{self, Clamp, ConvGeometry, Epilogue};
+use crate::direct;
+use crate::gemm::{MatMut, MatRef, matmul};
+use burn::backend::flex::FlexTensor;
+use rayon::prelude::*;
+
+/// Groups of images whose weight-gradient contributions are summed in sequence.
+pub(super) const WEIGHT_GRAD_RUN: usize = 8;
+
+pub(super) fn geometry(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: usize,
+    padding: usize,
+) -> ConvGeometry {
+    let xs = x.layout().shape();
+    let ws = weight.layout().shape();
+    ConvGeometry {
+        in_channels: xs[1],
+        out_channels: ws[0],
+        in_hw: [xs[2], xs[3]],
+        kernel: ws[2],
+        stride,
+        padding,
+    }
+}
+
+/// Output positions a matrix product should see at least: images whose maps are smaller are
+/// processed in groups, side by side, so that the product stays efficient (a 4x4 map alone
+/// would give `gemm` 16 columns).
+pub(super) const GROUP_POSITIONS: usize = 256;
+
+/// Images per group for `g` (1 when a map alone has enough positions).
+pub(super) fn group_size(g: &ConvGeometry, batch: usize) -> usize {
+    GROUP_POSITIONS
+        .div_ceil(g.positions())
+        .clamp(1, batch.max(1))
+}
+
+/// Whether `gemm` itself should run its `m x k x n` products in parallel: when there are
+/// fewer groups of images than threads (batch 1 in inference), the groups alone would leave
+/// threads idle, and the products are large enough to share (flex's own threshold).
+pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
+    groups < rayon::current_num_threads() && m * k * n >= 192 * 192 * 192
+}
+
+/// Fewest groups of images (forward) or runs of groups (weight gradient) the AVX-512 kernels
+/// take: they spread whole groups over the threads, so fewer (small batches) are left to
+/// `gemm`, which splits a product itself. A constant, not the number of threads, so that the
+/// result does not depend on the number of threads.
+pub(super) const DIRECT_MIN_GROUPS: usize = 2;
+
+/// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
+pub(super) fn direct_path(groups: usize) -> bool {
+    crate::direct_enabled() && direct::available() && groups >= DIRECT_MIN_GROUPS
+}
+
+/// Per-thread buffers of the convolution, reused across the images a thread processes.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// Column matrix of a group of images.
+    cols: Vec<f32>,
+    /// A group's `[Co, n * L]` matrix (product or gathered output gradient).
+    wide: Vec<f32>,
+}
+
+/// Fills `cols` with the column matrix `[P, count * L]` of `images` (`table`: the geometry's
+/// gather table, built once per convolution).
+pub(super) fn columns_into(
+    images: &[f32],
+    g: &ConvGeometry,
+    table: Option<&cpu::GatherTable>,
+    cols: &mut Vec<f32>,
+) {
+    let images: Vec<&[f32]> = images.chunks(g.image()).collect();
+    cols.clear();
+    cpu::im2col_with(&images, g, table, cols);
+}
+
+/// Images `[count, C, L]` side by side as the matrix `[C, count * L]`, into `out`.
+pub(super) fn gather_group(images: &[f32], c: usize, l: usize, out: &mut Vec<f32>) {
+    let count = images.len() / (c * l);
+    out.clear();
+    out.reserve(c * count * l);
+    for ch in 0..c {
+        for i in 0..count {
+            out.extend_from_slice(&images[(i * c + ch) * l..][..l]);
+        }
+    }
+}
+
+/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]`, result `[N, Co, OH, OW]`.
+/// Groups of images in parallel: im2col into a per-thread buffer, then `W x cols`, written
+/// straight into the image's output (one image per group) or through the group's product.
+pub(super) fn conv_forward_slices(
+    x: &[f32],
+    w: &[f32],
+    g: &ConvGeometry,
+    epilogue: Option<Epilogue>,
+) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let batch = x.len() / g.image().max(1);
+    let per = group_size(g, batch);
+    let groups = batch.div_ceil(per);
+    if batch * co * l > 0 && direct_path(groups) && direct::takes_forward(g) {
+        let w = direct::PackedWeights::new(w, g);
+        return direct::conv_forward(x, &w, g, per, epilogue);
+    }
+    let mut out = vec![0.0f32; batch * co * l];
+    if out.is_empty() {
+        return out;
+    }
+    let parallel = parallel_products(groups, [co, p, per * l]);
+    let table = cpu::GatherTable::new(g);
+    let lhs = MatRef::row_major(w, co, p);
+    out.par_chunks_mut(per * co * l)
+        .zip(x.par_chunks(per * g.image()))
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (n, (dst, images))| {
+            // Offset of this group in the output (where a residual's values are).
+            let first = n * per * co * l;
+            let count = dst.len() / (co * l);
+            columns_into(images, g, table.as_ref(), &mut s.cols);
+            let cols = MatRef::row_major(&s.cols, p, count * l);
+            if count == 1 {
+                matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
+                if let Some(e) = epilogue {
+                    for (ch, plane) in dst.chunks_mut(l).enumerate() {
+                        e.apply(ch, plane, first + ch * l);
+                    }
+                }
+                return;
+            }
+            s.wide.resize(co * count * l, 0.0);
+            let wide = MatMut::row_major(&mut s.wide, co, count * l);
+            matmul(wide, lhs, cols, false, parallel);
+            for (at, plane) in dst.chunks_mut(l).enumerate() {
+                let (i, ch) = (at / co, at % co);
+                plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
+                if let Some(e) = epilogue {
+                    e.apply(ch, plane, first + at * l);
+                }
+            }
+        });
+    out
+}
+
+/// The forward pass on flex tensors.
+pub(super) fn conv_forward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    stride: usize,
+    padding: usize,
+    epilogue: Option<Epilogue>,
+) -> FlexTensor {
+    let x = f32s(&x);
+    let weight = f32s(&weight);
+    let g = geometry(&x, &weight, stride, padding);
+    let batch = x.layout().shape()[0];
+    let out = conv_forward_slices(x.storage::<f32>(), weight.storage::<f32>(), &g, epilogue);
+    let [oh, ow] = g.out_hw();
+    tensor(out, &[batch, g.out_channels, oh, ow])
+}
+
+/// The weight gradient `sum_i dy_i [Co, L] x cols_i^T [L, P]`, as `[Co * P]`. Runs of
+/// [`WEIGHT_GRAD_RUN`] groups are summed in parallel, each in sequence into its own buffer,
+/// and the runs then in sequence, so the result does not depend on the number of threads.
+pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let batch = x.len() / g.image().max(1);
+    let per = group_size(g, batch);
+    let groups: Vec<(usize, usize)> = (0..batch)
+        .step_by(per)
+        .map(|first| (first, per.min(batch - first)))
+        .collect();
+    let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
+    let direct = direct_path(runs) && direct::takes_weight_grad(g);
+    let parallel = parallel_products(runs, [co, per * l, p]);
+    let table = (!direct).then(|| cpu::GatherTable::new(g)).flatten();
+    let partial = |run: &[(usize, usize)]| {
+        if direct {
+            // The run's groups are consecutive images.
+            let first = run[0].0;
+            let images: usize = run.iter().map(|&(_, count)| count).sum();
+            return direct::conv_weight_grad_images(
+                &x[first * g.image()..][..images * g.image()],
+                &dy[first * co * l..][..images * co * l],
+                g,
+            );
+        }
+        let mut s = Scratch::default();
+        let mut dw = vec![0.0f32; co * p];
+        for (n, &(first, count)) in run.iter().enumerate() {
+            columns_into(
+                &x[first * g.image()..][..count * g.image()],
+                g,
+                table.as_ref(),
+                &mut s.cols,
+            );
+            let cols_t = MatRef::row_major(&s.cols, p, count * l).t();
+            let dy_group = &dy[first * co * l..][..count * co * l];
+            let dy_group = if count == 1 {
+                MatRef::row_major(dy_group, co, l)
+            } else {
+                gather_group(dy_group, co, l, &mut s.wide);
+                MatRef::row_major(&s.wide, co, count * l)
+            };
+            let dst = MatMut::row_major(&mut dw, co, p);
+            matmul(dst, dy_group, cols_t, n > 0, parallel);
+        }
+        dw
+    };
+    let sums: Vec<Vec<f32>> = groups.par_chunks(WEIGHT_GRAD_RUN).map(partial).collect();
+    let mut sums = sums.into_iter();
+    let mut dw = sums.next().unwrap_or_else(|| vec![0.0; co * p]);
+    for run in sums {
+        for (d, v) in dw.iter_mut().zip(&run) {
+            *d += v;
+        }
+    }
+    dw
+}
+
+/// The input gradient of a strided convolution: per group, `W^T [P, Co] x dy [Co, n * L]`,
+/// then col2im of each image's columns.
+pub(super) fn conv_input_grad_strided(
+    dy: &[f32],
+    w: &[f32],
+    g: &ConvGeometry,
+    batch: usize,
+) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let per = group_size(g, batch);
+    let parallel = parallel_products(batch.div_ceil(per), [p, co, per * l]);
+    let w_t = MatRef::row_major(w, co, p).t();
+    let mut dx = vec![0.0f32; batch * g.image()];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(per * g.image())
+        .zip(dy.par_chunks(per * co * l))
+        .for_each_init(Scratch::default, |s, (dst, dy)| {
+            let count = dst.len() / g.image();
+            let dy = if count == 1 {
+                MatRef::row_major(dy, co, l)
+            } else {
+                gather_group(dy, co, l, &mut s.wide);
+                MatRef::row_major(&s.wide, co, count * l)
+            };
+            s.cols.resize(p * count * l, 0.0);
+            matmul(
+                MatMut::row_major(&mut s.cols, p, count * l),
+                w_t,
+                dy,
+                false,
+                parallel,
+            );
+            for (i, image) in dst.chunks_mut(g.image()).enumerate() {
+                cpu::col2im(&s.cols, g, count, i, image);
+            }
+        });
+    dx
+}
+
+/// `(dx, dweight)`, each only when asked for.
+pub(super) fn conv_backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    g: ConvGeometry,
+    want_x: bool,
+    want_w: bool,
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let x = f32s(x);
+    let grad = f32s(grad);
+    let (xv, dy) = (x.storage::<f32>(), grad.storage::<f32>());
+    let batch = x.layout().shape()[0];
+    let dw = want_w.then(|| {
+        let dw = conv_weight_grad(xv, dy, &g);
+        tensor(dw, &[g.out_channels, g.in_channels, g.kernel, g.kernel])
+    });
+    let dx = want_x.then(|| {
+        if g.stride == 1 {
+            // The input gradient of a stride-1 convolution is the convolution of the output
+            // gradient with the transposed, flipped kernel and padding k - 1 - p.
+            let flipped = cpu::flip_transpose(f32s(weight).storage::<f32>(), &g);
+            let k = g.kernel;
+            let flipped = tensor(flipped, &[g.in_channels, g.out_channels, k, k]);
+            return conv_forward(grad.clone(), flipped, 1, k - 1 - g.padding, None);
+        }
+        let dx = conv_input_grad_strided(dy, f32s(weight).storage::<f32>(), &g, batch);
+        tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])
+    });
+    (dx, dw)
+}
+
+/// The inference convolution with BatchNorm, an optional residual and the clamp applied as
+/// its output is written.
+pub(super) fn conv_affine(
+    x: FlexTensor,
+    weight: FlexTensor,
+    (scale, shift): (FlexTensor, FlexTensor),
+    residual: Option<FlexTensor>,
+    stride: usize,
+    padding: usize,
+    clamp: Clamp,
+) -> FlexTensor {
+    let (scale, shift) = (vec_of(&scale), vec_of(&shift));
+    let residual = residual.map(|r| f32s(&r));
+    let epilogue = Epilogue {
+        scale: &scale,
+        shift: &shift,
+        residual: residual.as_ref().map(|r| r.storage::<f32>()),
+        clamp,
+    };
+    conv_forward(x, weight, stride, padding, Some(epilogue))
+}

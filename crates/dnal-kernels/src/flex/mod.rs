@@ -1,0 +1,118 @@
+//! dnal's operations as a burn backend extension on flex (burn 0.22's `extension` feature):
+//! the trait ([`DnalKernels`]), its flex implementation ([`forward`]-only passes), and its
+//! autodiff implementation with hand-written backward passes registered on burn's graph
+//! ([`backward`]). The passes themselves are in [`conv`] and [`norm`].
+
+mod backward;
+mod conv;
+mod forward;
+mod norm;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{ExtensionType, backend_extension};
+use burn::tensor::{DType, TensorData};
+
+/// A BatchNorm output with the batch statistics it used.
+#[derive(ExtensionType)]
+pub struct NormOutput<B: burn::backend::Backend> {
+    /// `(x - mean) * inv_std * a + b`.
+    pub output: FloatTensor<B>,
+    /// Per-channel batch mean.
+    pub mean: FloatTensor<B>,
+    /// Per-channel biased batch variance.
+    pub variance: FloatTensor<B>,
+}
+
+/// The operations dnal computes itself on flex.
+#[backend_extension(Flex, Autodiff)]
+pub trait DnalKernels: burn::backend::Backend {
+    /// 2-D convolution without bias (f32, square kernel, one group, no dilation), computed
+    /// image by image as im2col + one matrix product, forward and backward.
+    fn dnal_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// [`dnal_conv2d`](Self::dnal_conv2d) followed by a per-output-channel
+    /// `y * scale + shift`, clamped to `[lo, hi]` (BatchNorm and an activation folded into the
+    /// convolution for inference), applied while the output is written.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self>;
+
+    /// [`dnal_conv2d_affine`](Self::dnal_conv2d_affine) with `residual` (shaped like the
+    /// output: a residual block's shortcut) added before the clamp.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_conv2d_affine_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self>;
+
+    /// Batch-statistics BatchNorm with a per-channel affine transform `a`, `b` (the caller
+    /// folds gamma, beta and any gate into them), its output clamped to `[lo, hi]` (an
+    /// activation: ReLU is `[0, inf]`): two passes forward, two backward.
+    fn dnal_batch_norm_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
+    /// [`dnal_batch_norm_train`](Self::dnal_batch_norm_train) with `residual` (shaped like
+    /// `x`: a residual block's shortcut) added before the clamp; one more backward pass, for
+    /// the shortcut's gradient, when there is a clamp.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_batch_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
+    /// 2x2 max-pool with stride 2 (f32, `[N, C, H, W]`, an odd last row or column dropped),
+    /// its backward sending each output's gradient to the input that won the window.
+    fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+pub(super) fn f32s(t: &FlexTensor) -> FlexTensor {
+    let t = t.to_contiguous();
+    assert_eq!(t.dtype(), DType::F32, "dnal kernels take f32 tensors");
+    t
+}
+
+pub(super) fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+pub(super) fn per_channel(x: &FlexTensor) -> (usize, usize) {
+    let s = x.layout().shape();
+    let c = s[1];
+    (c, s.num_elements() / (s[0] * c).max(1))
+}
+
+pub(super) fn vec_of(t: &FlexTensor) -> Vec<f32> {
+    f32s(t).storage::<f32>().to_vec()
+}
