@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use dnal_train::checkpoint::{validate_progress, verify};
-use dnal_train::pipeline::Progress;
+use dnal_train::progress::Progress;
 use dnal_train::{TrainConfig, recipes};
 use libfuzzer_sys::fuzz_target;
 

@@ -57,17 +57,9 @@ impl Net {
 }
 
 impl GatedModel for Net {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        f("inputs", &self.inputs);
-        f("hidden", &self.hidden);
-    }
-
-    fn map_gates(self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        Self {
-            inputs: f("inputs", self.inputs),
-            hidden: f("hidden", self.hidden),
-            ..self
-        }
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        f("inputs", &mut self.inputs);
+        f("hidden", &mut self.hidden);
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CoreError, Result};
 use crate::gate::{GateKind, GateMode, GateState};
 use crate::gated::GatedModel;
 use crate::io::write_atomic;
@@ -102,7 +102,7 @@ impl Architecture {
 
     /// Parses JSON, checking every gate's indices.
     pub fn from_json(text: &str) -> Result<Self> {
-        let arch: Self = serde_json::from_str(text).map_err(|e| Error::Json {
+        let arch: Self = serde_json::from_str(text).map_err(|e| CoreError::Json {
             what: "architecture".into(),
             source: e,
         })?;
@@ -118,7 +118,7 @@ impl Architecture {
     /// Reads an architecture written by [`Architecture::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
@@ -129,7 +129,7 @@ impl Architecture {
     /// an architecture deserialised as part of another document).
     pub fn validate(&self) -> Result<()> {
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
-            return Err(Error::InvalidValue {
+            return Err(CoreError::InvalidValue {
                 key: "threshold".into(),
                 message: format!("{} is outside (0, 1)", self.threshold),
             });
@@ -138,7 +138,7 @@ impl Architecture {
             let sorted = g.kept.windows(2).all(|w| w[0] < w[1]);
             let in_range = g.kept.iter().all(|&c| c < g.width);
             if !sorted || !in_range {
-                return Err(Error::InvalidValue {
+                return Err(CoreError::InvalidValue {
                     key: format!("gates.{name}.kept"),
                     message: format!(
                         "must be strictly increasing channel indices below the width {}",
@@ -147,7 +147,7 @@ impl Architecture {
                 });
             }
             if g.kind == GateKind::Main && g.kept.is_empty() {
-                return Err(Error::InvalidValue {
+                return Err(CoreError::InvalidValue {
                     key: format!("gates.{name}.kept"),
                     message: "a main-path gate must keep at least one channel".into(),
                 });
@@ -184,7 +184,7 @@ impl Architecture {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::ArchitectureMismatch(problems.join("; ")))
+            Err(CoreError::ArchitectureMismatch(problems.join("; ")))
         }
     }
 
@@ -254,7 +254,7 @@ pub fn derive_from_states<'a>(
     threshold: f64,
 ) -> Result<Architecture> {
     if !(threshold > 0.0 && threshold < 1.0) {
-        return Err(Error::InvalidValue {
+        return Err(CoreError::InvalidValue {
             key: "threshold".into(),
             message: format!("{threshold} is outside (0, 1); the paper uses 0.9"),
         });
@@ -281,7 +281,7 @@ pub fn derive_from_states<'a>(
             forced_open,
         };
         if gates.insert(name.to_string(), arch).is_some() {
-            return Err(Error::ArchitectureMismatch(format!(
+            return Err(CoreError::ArchitectureMismatch(format!(
                 "two gates are named `{name}`"
             )));
         }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CoreError, Result};
 
 /// The backends dnal can run on, each behind the cargo feature of the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ impl BackendKind {
     pub fn device(self) -> Result<Device> {
         if !self.is_compiled() {
             let have: Vec<&str> = Self::compiled().iter().map(|b| b.name()).collect();
-            return Err(Error::Backend(format!(
+            return Err(CoreError::Backend(format!(
                 "backend `{name}` is not compiled into this build (compiled: {have}); rebuild with \
                  `--features {name}` (e.g. `cargo xtask train --backend {name}` does this)",
                 name = self.name(),
@@ -101,11 +101,11 @@ impl BackendKind {
         });
         match outcome {
             Ok(Ok(4.0)) => Ok(device),
-            Ok(Ok(v)) => Err(Error::Backend(format!(
+            Ok(Ok(v)) => Err(CoreError::Backend(format!(
                 "backend `{}` computed 1+1+1+1 = {v}; the device is not usable",
                 self.name()
             ))),
-            Ok(Err(e)) => Err(Error::Backend(format!(
+            Ok(Err(e)) => Err(CoreError::Backend(format!(
                 "backend `{}` failed: {e:?}",
                 self.name()
             ))),
@@ -115,7 +115,7 @@ impl BackendKind {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("unknown error");
-                Err(Error::Backend(format!(
+                Err(CoreError::Backend(format!(
                     "backend `{}` could not start: {msg}. {}",
                     self.name(),
                     self.hint()
@@ -165,13 +165,13 @@ impl fmt::Display for BackendKind {
 }
 
 impl FromStr for BackendKind {
-    type Err = Error;
+    type Err = CoreError;
 
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
             .find(|b| b.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| Error::InvalidValue {
+            .ok_or_else(|| CoreError::InvalidValue {
                 key: "backend".into(),
                 message: format!("unknown backend `{s}`; choose one of flex, ndarray, wgpu, cuda"),
             })

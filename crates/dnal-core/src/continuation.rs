@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CoreError, Result};
 
 /// The shape of a schedule from its first to its last step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -68,7 +68,7 @@ impl Continuation {
     /// Checks that the values make a valid schedule.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, message: String| {
-            Err(Error::InvalidValue {
+            Err(CoreError::InvalidValue {
                 key: format!("continuation.schedule.{field}"),
                 message,
             })

@@ -1,4 +1,4 @@
-//! The MACs/parameters cost model (dnal-method.md §5): multiply-accumulates of conv and linear
+//! The MACs/parameters cost model (`docs/METHOD.md` §5): multiply-accumulates of conv and linear
 //! layers over kept channels, parameters including the two BatchNorm parameters per channel.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::architecture::Architecture;
-use crate::error::{Error, Result};
+use crate::error::{CoreError, Result};
 
 /// A number of channels: fixed, or whatever a gate keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +186,7 @@ impl CostModel {
                 if let Width::Gate(g) = w
                     && !self.gates.contains_key(g)
                 {
-                    return Err(Error::UnknownGate {
+                    return Err(CoreError::UnknownGate {
                         layer: layer.name.clone(),
                         gate: g.clone(),
                     });

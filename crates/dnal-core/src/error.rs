@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-/// Result with [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Result with [`CoreError`].
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
 /// What can go wrong in dnal-core; each message names the thing and the fix.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum CoreError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -55,14 +55,30 @@ pub enum Error {
         path: PathBuf,
         /// The error.
         #[source]
-        source: Box<Error>,
+        source: Box<CoreError>,
     },
 }
 
-impl Error {
+impl CoreError {
+    /// A [`CoreError::Io`] for `path`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A [`CoreError::InvalidValue`] for the setting `key`.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        CoreError::InvalidValue {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
     /// Attaches the file this error came from.
     pub fn in_file(self, path: &Path) -> Self {
-        Error::InFile {
+        CoreError::InFile {
             path: path.to_path_buf(),
             source: Box::new(self),
         }

@@ -9,15 +9,26 @@ use crate::gate::{ChannelGate, GateMode, GateState};
 
 /// A network with named channel gates.
 ///
-/// Models implement the two traversals; every operation a trainer needs (set the mode or
-/// `beta`, reset `alpha`, list the alpha ParamIds, read the gates, apply an architecture) is
-/// provided on top of them, so it is written once for every model.
+/// Models implement one traversal, [`Self::for_each_gate`]; every operation a trainer needs
+/// (read the gates, set the mode or `beta`, reset `alpha`, list the alpha ParamIds, apply an
+/// architecture) is provided on top of it, so it is written once for every model.
 pub trait GatedModel: Module + Sized {
-    /// Calls `f` on every gate with its stable name (e.g. `stage1.block0.conv1`), in network order.
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate));
+    /// Calls `f` on every gate with its stable name (e.g. `stage1.block0.conv1`), in network
+    /// order; `f` may replace the gate.
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate));
 
-    /// Rebuilds the model with `f` applied to every gate, in the order of [`Self::visit_gates`].
-    fn map_gates(self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self;
+    /// Calls `f` on every gate with its name, in the order of [`Self::for_each_gate`].
+    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
+        // The walk takes `&mut`; a clone of a module shares its tensors, nothing is copied.
+        self.clone().for_each_gate(&mut |name, gate| f(name, gate));
+    }
+
+    /// Rebuilds the model with `f` applied to every gate, in the order of
+    /// [`Self::for_each_gate`].
+    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
+        self.for_each_gate(&mut |name, gate| *gate = f(name, gate.clone()));
+        self
+    }
 
     /// Names of all gates, in network order.
     fn gate_names(&self) -> Vec<String> {

@@ -28,7 +28,7 @@ pub use architecture::{
 pub use backend::BackendKind;
 pub use continuation::{Continuation, Granularity, Schedule};
 pub use cost::{CostModel, CostReport, Groups, LayerCost, LayerKind, LayerSpec, MacsTerm, Width};
-pub use error::{Error, Result};
+pub use error::{CoreError, Result};
 pub use gate::{ChannelGate, ChannelGateConfig, GateKind, GateMode, GateState, stable_sigmoid};
 pub use gated::GatedModel;
 pub use penalty::{MacsTarget, PenaltyConfig, Relaxation, SparsityPenalty, Weighting, soft_macs};

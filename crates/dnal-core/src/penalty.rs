@@ -11,7 +11,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::cost::{CostModel, Width};
-use crate::error::{Error, Result};
+use crate::error::{CoreError, Result};
 use crate::gate::ChannelGate;
 use crate::gated::GatedModel;
 
@@ -92,7 +92,7 @@ impl PenaltyConfig {
     /// Checks every value.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, message: String| {
-            Err(Error::InvalidValue {
+            Err(CoreError::InvalidValue {
                 key: key.into(),
                 message,
             })
@@ -151,7 +151,7 @@ impl SparsityPenalty {
         if !config.needs_cost_model() {
             return Ok(penalty);
         }
-        let cost = cost.ok_or_else(|| Error::InvalidValue {
+        let cost = cost.ok_or_else(|| CoreError::InvalidValue {
             key: "penalty".into(),
             message: "MACs weighting and a MACs `excess` target need the model's cost model".into(),
         })?;
@@ -160,7 +160,7 @@ impl SparsityPenalty {
         let channels: usize = cost.gates.values().sum();
         let total: f64 = marginal.iter().map(|(g, m)| m * cost.gates[g] as f64).sum();
         if channels == 0 || total <= 0.0 {
-            return Err(Error::InvalidValue {
+            return Err(CoreError::InvalidValue {
                 key: "penalty".into(),
                 message: "the cost model has no gated MACs to weight by".into(),
             });

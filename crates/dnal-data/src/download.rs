@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use md5::{Digest, Md5};
 
+use dnal_core::io::write_atomic_with;
+
 use crate::cifar::CifarKind;
 use crate::error::{DataError, Result};
 use crate::mnist::hex;
@@ -86,13 +88,7 @@ fn md5_of_file(path: &Path) -> Result<String> {
 }
 
 fn fetch(archive: &Archive, dest: &Path) -> Result<()> {
-    let part = temp_sibling(dest);
-    let result = fetch_to(archive, &part)
-        .and_then(|()| std::fs::rename(&part, dest).map_err(DataError::io(dest)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&part);
-    }
-    result
+    write_atomic_with(dest, |part| fetch_to(archive, part))
 }
 
 fn fetch_to(archive: &Archive, part: &Path) -> Result<()> {
@@ -181,30 +177,4 @@ fn extract(archive: &Path, dir: &Path, folder: &str) -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&tmp);
     result
-}
-
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.part{}", std::process::id()))
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(DataError::io(dir))?;
-    }
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(DataError::io(path))
 }

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use dnal_core::CoreError;
+
 /// Result with [`DataError`].
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
@@ -9,15 +11,10 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 /// and says what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or folder could not be read or written, or an option is out of range (the
+    /// variants dnal-core shares with every crate).
+    #[error(transparent)]
+    Core(#[from] CoreError),
     /// A file or folder that should be there is not.
     #[error("{path} not found: {hint}")]
     Missing {
@@ -56,23 +53,12 @@ pub enum DataError {
         /// What went wrong.
         message: String,
     },
-    /// A configuration value is out of range.
-    #[error("invalid value for `{key}`: {message}")]
-    InvalidValue {
-        /// The option.
-        key: String,
-        /// What is wrong and what is allowed.
-        message: String,
-    },
 }
 
 impl DataError {
-    /// An [`DataError::Io`] for `path`.
+    /// A [`CoreError::Io`] for `path`.
     pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
-        move |source| Self::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        move |source| Self::Core(CoreError::io(path)(source))
     }
 
     /// A [`DataError::Format`] for `path`.
@@ -83,11 +69,8 @@ impl DataError {
         }
     }
 
-    /// An [`DataError::InvalidValue`].
+    /// A [`CoreError::InvalidValue`] for the option `key`.
     pub fn invalid(key: &str, message: impl Into<String>) -> Self {
-        Self::InvalidValue {
-            key: key.to_string(),
-            message: message.into(),
-        }
+        Self::Core(CoreError::invalid(key, message))
     }
 }

@@ -107,7 +107,7 @@ impl ImageFolder {
     pub fn write_class_list(&self, path: &Path) -> Result<()> {
         let mut text = self.classes.join("\n");
         text.push('\n');
-        crate::download::write_atomic(path, text.as_bytes())
+        Ok(dnal_core::io::write_atomic(path, text.as_bytes())?)
     }
 }
 

@@ -409,11 +409,12 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
             macro_rules! dispatch {
                 ($($r:literal)*) => {
                     match rc {
-                        // SAFETY: the callers use the direct kernels only when `available()`;
-                        // `block` holds whole images, `rows` only offsets and taps of `g`
-                        // (and the null tap), and `masks` the lanes inside the image for each.
                         $($r => {
                             #[cfg(target_arch = "x86_64")]
+                            // SAFETY: the callers use the direct kernels only when
+                            // `available()`; `block` holds whole images, `rows` only offsets
+                            // and taps of `g` (and the null tap), and `masks` the lanes inside
+                            // the image for each.
                             unsafe { avx512::weight_grad::<$r>(block, sums) }
                         })*
                         _ => unreachable!("blocks of 1 to 6 channels"),

@@ -3,8 +3,8 @@
 //!
 //! Calling `gemm` directly instead of `Flex::float_matmul` lets the convolution write each
 //! image's product straight into its place in the output tensor, accumulate the weight
-//! gradient in place and reuse its buffers. This module is the only place in dnal with unsafe
-//! code: every view is checked to lie inside its slice when it is made, so the call is sound.
+//! gradient in place and reuse its buffers. The call into `gemm` is unsafe; every view is checked
+//! to lie inside its slice when it is made, so the call is sound.
 #![allow(unsafe_code)]
 
 /// A read-only `rows x cols` matrix: element `(i, j)` is `data[i * rs + j * cs]`.

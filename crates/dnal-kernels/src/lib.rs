@@ -1,8 +1,11 @@
-//! The convolution and the BatchNorm (with the channel gate folded in, and the unit's
-//! activation fused) that every conv -> BN (-> gate) (-> ReLU) unit of the zoo runs through.
+//! # dnal-kernels
+//!
+//! The convolution and the BatchNorm (with a channel gate folded in, and the unit's
+//! activation fused) that every conv -> BN (-> gate) (-> ReLU) unit of dnal's networks runs
+//! through. Depends on burn only; knows nothing of gates or networks beyond a per-channel factor.
 //!
 //! **The gate folded into BatchNorm**, on every backend: [`batch_norm`] takes the gate's
-//! per-channel factor `g` (see [`ChannelGate::factor`](dnal_core::ChannelGate::factor)) and
+//! per-channel factor `g` (dnal-core's `ChannelGate::factor`) and
 //! uses the affine transform `a = gamma * g`, `b = beta * g`, so the gate costs two `[C]`-sized
 //! multiplies instead of a pass over the activation forward and two backward. In evaluation
 //! the running statistics are folded too: `x * scale + shift`.

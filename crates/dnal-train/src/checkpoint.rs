@@ -6,17 +6,16 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::optim::OptimizerRecord;
 use dnal_zoo::Network;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::TrainConfig;
-use crate::error::{Result, TrainError};
-use crate::pipeline::{Phase, Progress, phase_epochs, phases};
+use burn::optim::OptimizerRecord;
 
-/// The optimiser states of the weights and of alpha.
-pub type OptimRecords = (Option<OptimizerRecord>, Option<OptimizerRecord>);
+use crate::error::{Result, TrainError};
+use crate::phase::{OptimRecords, Phase, phase_epochs, phases};
+use crate::progress::Progress;
 
 const PROGRESS: &str = "progress.json";
 const CONFIG: &str = "config.toml";

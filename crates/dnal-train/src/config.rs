@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
-use dnal_core::{Continuation, PenaltyConfig};
+use dnal_core::{Continuation, CoreError, PenaltyConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::registry::ModelName;
 
 /// How the weights and the architecture are optimised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,38 +20,6 @@ pub enum Mode {
     Joint,
     /// The unpruned baseline only: the weight stage and an evaluation.
     Dense,
-}
-
-/// The network to train.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelName {
-    /// The MNIST demo CNN: gated convs 32-32-64-64, global pool, linear.
-    MnistCnn,
-    /// VGG-16-BN for CIFAR (13 gated convs, classifier 512-512-classes).
-    Vgg16Cifar,
-    /// ResNet-20 for CIFAR (basic blocks, parameter-free shortcuts).
-    Resnet20Cifar,
-    /// ResNet-32 for CIFAR.
-    Resnet32Cifar,
-    /// ResNet-56 for CIFAR.
-    Resnet56Cifar,
-    /// ResNet-110 for CIFAR.
-    Resnet110Cifar,
-    /// MobileNetV2 for CIFAR (32x32).
-    Mobilenetv2Cifar,
-    /// MobileNetV2 for ImageNet (224x224).
-    Mobilenetv2Imagenet,
-    /// VGG-16-BN for ImageNet (224x224, flattened classifier 4096-4096-classes).
-    Vgg16Imagenet,
-    /// ResNet-50 for ImageNet (bottleneck blocks, projection shortcuts).
-    Resnet50Imagenet,
-    /// The ProxylessNAS supernet for ImageNet (6 candidate MBConv ops per block).
-    SupernetImagenet,
-    /// The supernet for 32x32 images (stem and first stage at stride 1; beyond the paper).
-    SupernetCifar,
-    /// A reduced supernet (stages 8-16, 2 blocks each, last conv 32) for small images and tests.
-    SupernetTiny,
 }
 
 /// The network section.
@@ -342,12 +311,8 @@ impl TrainConfig {
 
     /// Checks every value; each error names the key and the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, message: String| {
-            Err(TrainError::InvalidValue {
-                key: key.into(),
-                message,
-            })
-        };
+        let bad =
+            |key: &str, message: String| Err(TrainError::from(CoreError::invalid(key, message)));
         for (key, value) in [
             ("data.batch_size", self.data.batch_size),
             ("data.eval_batch_size", self.data.eval_batch_size),
@@ -432,12 +397,13 @@ impl TrainConfig {
             );
         }
         // dnal-core names its keys relative to the penalty and the schedule.
-        let in_arch = |e: dnal_core::Error| match e {
-            dnal_core::Error::InvalidValue { key, message } => TrainError::InvalidValue {
-                key: format!("arch.{key}"),
-                message,
-            },
-            other => other.into(),
+        let in_arch = |e: CoreError| -> TrainError {
+            match e {
+                CoreError::InvalidValue { key, message } => {
+                    CoreError::invalid(format!("arch.{key}"), message).into()
+                }
+                other => other.into(),
+            }
         };
         self.arch.penalty.validate().map_err(in_arch)?;
         self.arch.continuation.validate().map_err(in_arch)?;
@@ -457,12 +423,12 @@ impl TrainConfig {
 /// deserialised.
 pub fn apply_overrides(value: &mut toml::Value, overrides: &[String]) -> Result<()> {
     for item in overrides {
-        let (key, raw) = item
-            .split_once('=')
-            .ok_or_else(|| TrainError::InvalidValue {
-                key: item.clone(),
-                message: "an override is key=value, e.g. arch.penalty.lambda=1e-4".into(),
-            })?;
+        let (key, raw) = item.split_once('=').ok_or_else(|| {
+            TrainError::from(CoreError::invalid(
+                item.as_str(),
+                "an override is key=value, e.g. arch.penalty.lambda=1e-4",
+            ))
+        })?;
         let key = key.trim();
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
@@ -471,12 +437,12 @@ pub fn apply_overrides(value: &mut toml::Value, overrides: &[String]) -> Result<
         let mut node = &mut *value;
         let parts: Vec<&str> = key.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let table = node
-                .as_table_mut()
-                .ok_or_else(|| TrainError::InvalidValue {
-                    key: key.into(),
-                    message: format!("`{}` is not a table", parts[..i].join(".")),
-                })?;
+            let table = node.as_table_mut().ok_or_else(|| {
+                TrainError::from(CoreError::invalid(
+                    key,
+                    format!("`{}` is not a table", parts[..i].join(".")),
+                ))
+            })?;
             if i + 1 == parts.len() {
                 table.insert(part.to_string(), parsed.clone());
                 break;

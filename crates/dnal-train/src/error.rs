@@ -16,14 +16,6 @@ pub enum TrainError {
         /// The parser's message.
         message: String,
     },
-    /// A value is out of range.
-    #[error("invalid value for `{key}`: {message}")]
-    InvalidValue {
-        /// The key.
-        key: String,
-        /// What is wrong and what is allowed.
-        message: String,
-    },
     /// No preset of that name.
     #[error("unknown preset `{name}`; `cargo xtask train --list` shows them all{suggestion}")]
     UnknownPreset {
@@ -56,18 +48,10 @@ pub enum TrainError {
         /// What is wrong.
         message: String,
     },
-    /// A file could not be written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// From dnal-core.
+    /// From dnal-core: a file that could not be read or written, a value out of range, an
+    /// architecture that does not fit.
     #[error(transparent)]
-    Core(#[from] dnal_core::Error),
+    Core(#[from] dnal_core::CoreError),
     /// From dnal-zoo.
     #[error(transparent)]
     Zoo(#[from] dnal_zoo::ZooError),

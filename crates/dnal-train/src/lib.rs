@@ -20,12 +20,17 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod models;
+pub mod phase;
 pub mod pipeline;
+mod plots;
+pub mod progress;
 pub mod recipes;
+pub mod registry;
 pub mod report;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use models::{dry_run, run};
-pub use pipeline::{Outcome, Phase, RunOptions};
+pub use phase::Phase;
+pub use pipeline::{Outcome, RunOptions, StopToken};
 pub use report::Report;

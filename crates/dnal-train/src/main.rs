@@ -170,7 +170,7 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
     let backend: BackendKind = args.backend.parse()?;
     let (cfg, out, resume) = match &args.resume {
         Some(dir) => (
-            checkpoint::config(&dir.join(dnal_train::pipeline::paths::CHECKPOINT))?,
+            checkpoint::config(&dir.join(dnal_train::progress::paths::CHECKPOINT))?,
             dir.clone(),
             true,
         ),
@@ -186,7 +186,7 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
     }
     // A backend that is not compiled in is reported before any work.
     backend.device()?;
-    if !resume && out.join(dnal_train::pipeline::paths::CHECKPOINT).exists() {
+    if !resume && out.join(dnal_train::progress::paths::CHECKPOINT).exists() {
         anyhow::bail!(
             "{} already holds a run; resume it with `--resume {}`, or choose another --out",
             out.display(),

@@ -9,195 +9,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use burn::module::{ParamGroup, ParamId};
+use burn::module::ParamId;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
-use dnal_core::{Architecture, BackendKind, CostReport, GateMode, SparsityPenalty};
+use dnal_core::{BackendKind, SparsityPenalty};
 use dnal_zoo::Network;
-use serde::{Deserialize, Serialize};
 
-use crate::config::{ArchOptimizer, Baseline, LrSchedule, Mode, StageConfig, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::RunData;
 use crate::error::{Result, TrainError};
-use crate::eval::{Accuracy, evaluate, latency_ms};
+use crate::eval::{evaluate, latency_ms};
+use crate::phase::{
+    Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage, phases,
+    step_weights,
+};
+use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
 use crate::report::{self, Report};
-
-/// One phase of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Dense weights from scratch, gates in bypass (also the dense baseline of a joint run).
-    Weights,
-    /// Weights and alpha together from scratch (beyond the paper).
-    Joint,
-    /// Alpha only (and the classifier, if configured), weights frozen, beta rising.
-    Arch,
-    /// The pruned network trained from its inherited weights.
-    Final,
-    /// The dense weight-stage network trained on for the final stage's epochs.
-    BaselineExtend,
-}
-
-impl Phase {
-    /// The name in logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Weights => "weights",
-            Phase::Joint => "joint",
-            Phase::Arch => "arch",
-            Phase::Final => "final",
-            Phase::BaselineExtend => "baseline",
-        }
-    }
-
-    fn searches(self) -> bool {
-        matches!(self, Phase::Arch | Phase::Joint)
-    }
-}
 
 /// What an epoch came to: its end, or a stop part-way.
 enum EpochEnd<N> {
     Done(N, EpochLog),
     Stopped(N, PartialEpoch),
-}
-
-/// The phases of a run, in order.
-pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
-    let extend = cfg.baseline == Baseline::Extended;
-    let mut v = match cfg.mode {
-        Mode::Dense => return vec![Phase::Weights],
-        Mode::Decoupled => vec![Phase::Weights, Phase::Arch, Phase::Final],
-        Mode::Joint => vec![Phase::Joint, Phase::Final, Phase::Weights],
-    };
-    if extend {
-        v.push(Phase::BaselineExtend);
-    }
-    v
-}
-
-/// Epochs of `phase` in `cfg`.
-pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
-    match phase {
-        Phase::Weights | Phase::Joint => cfg.weights.epochs,
-        Phase::Arch => cfg.arch.epochs,
-        Phase::Final | Phase::BaselineExtend => cfg.final_stage.epochs,
-    }
-}
-
-fn phase_stage(cfg: &TrainConfig, phase: Phase) -> &StageConfig {
-    match phase {
-        Phase::Weights | Phase::Joint | Phase::Arch => &cfg.weights,
-        Phase::Final | Phase::BaselineExtend => &cfg.final_stage,
-    }
-}
-
-/// Learning rate at iteration `iter` of epoch `epoch` of a stage.
-pub fn learning_rate(stage: &StageConfig, epoch: usize, iter: usize, iters: usize) -> f64 {
-    match &stage.schedule {
-        LrSchedule::Constant => stage.lr,
-        LrSchedule::Cosine { min_lr } => {
-            let total = (stage.epochs * iters).max(1) as f64;
-            let t = (epoch * iters + iter) as f64 / total;
-            min_lr + (stage.lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-        }
-        LrSchedule::Step { milestones, gamma } => {
-            let drops = milestones.iter().filter(|&&m| m <= epoch).count();
-            stage.lr * gamma.powi(drops as i32)
-        }
-    }
-}
-
-/// One line of the training log (also one JSON line of `metrics.jsonl`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EpochLog {
-    /// Phase name.
-    pub stage: String,
-    /// Epoch within the phase.
-    pub epoch: usize,
-    /// Learning rate at the end of the epoch (alpha's in the architecture stage).
-    pub lr: f64,
-    /// beta at the end of the epoch (searching phases only).
-    pub beta: Option<f64>,
-    /// Mean training loss (cross-entropy + penalty).
-    pub loss: f64,
-    /// Mean penalty term.
-    pub penalty: f64,
-    /// lambda in force.
-    pub lambda: f64,
-    /// Training top-1, percent (on augmented batches).
-    pub train_top1: f64,
-    /// Test top-1, percent.
-    pub test_top1: f64,
-    /// Test loss.
-    pub test_loss: f64,
-    /// Open gate channels of the architecture derived now (all channels outside search).
-    pub open_gates: usize,
-    /// Open channels per gated layer (searching phases only).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub open_by_layer: BTreeMap<String, usize>,
-    /// MACs of the architecture derived now (of the network itself outside search).
-    pub macs: u64,
-    /// Seconds of this epoch.
-    pub seconds: f64,
-}
-
-/// An epoch stopped part-way: where it stopped and its running sums, so that a resumed run
-/// continues it with the next batch.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PartialEpoch {
-    /// Batches (steps) done.
-    pub batches_done: usize,
-    /// Sum of the loss over the examples seen.
-    pub loss_sum: f64,
-    /// Sum of the penalty over the examples seen.
-    pub pen_sum: f64,
-    /// Training examples classified correctly.
-    pub correct: usize,
-    /// Training examples seen.
-    pub seen: usize,
-    /// Learning rate of the last step.
-    pub lr: f64,
-    /// beta of the last step (searching phases).
-    pub beta: Option<f64>,
-    /// Seconds spent in the epoch so far.
-    pub seconds: f64,
-}
-
-/// Results of the run so far; saved in every checkpoint.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Progress {
-    /// Index of the current phase.
-    pub phase_index: usize,
-    /// Whether the current phase's entry step (fresh weights, alpha reset, ...) is done.
-    pub entered: bool,
-    /// Epochs completed in the current phase.
-    pub epochs_done: usize,
-    /// Every epoch so far.
-    pub history: Vec<EpochLog>,
-    /// lambda (it moves in the adaptive-target mode).
-    pub lambda: Option<f64>,
-    /// The dense network: accuracy and cost at the end of its weight stage.
-    pub dense: Option<(Accuracy, CostReport)>,
-    /// The extended baseline's accuracy.
-    pub baseline_extended: Option<Accuracy>,
-    /// The derived architecture.
-    pub architecture: Option<Architecture>,
-    /// Accuracy of the pruned network right after derivation.
-    pub derived: Option<Accuracy>,
-    /// The pruned network after the final stage.
-    pub pruned: Option<(Accuracy, CostReport)>,
-    /// Final alpha values (for the histogram).
-    pub final_alpha: Vec<f64>,
-    /// Gate names in network order.
-    pub gate_order: Vec<String>,
-    /// Seconds spent so far.
-    pub seconds: f64,
-    /// The current epoch, if the run was stopped in the middle of it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial: Option<PartialEpoch>,
 }
 
 /// Asks a run to stop: the run finishes its current step, writes a checkpoint of that exact
@@ -256,135 +89,8 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Sub-folders and files of the output folder.
-pub mod paths {
-    /// Checkpoint folder.
-    pub const CHECKPOINT: &str = "checkpoint";
-    /// The dense network (weight stage).
-    pub const DENSE: &str = "dense";
-    /// The pruned network after the final stage.
-    pub const PRUNED: &str = "pruned";
-    /// The extended baseline.
-    pub const BASELINE: &str = "baseline";
-    /// The derived architecture.
-    pub const ARCHITECTURE: &str = "architecture.json";
-    /// One JSON line per epoch.
-    pub const METRICS: &str = "metrics.jsonl";
-    /// The class names, one per line, in label order.
-    pub const CLASSES: &str = "classes.txt";
-}
-
-struct Optimizers {
-    weights: Option<ModuleOptimizer>,
-    alpha: Option<ModuleOptimizer>,
-}
-
-impl Optimizers {
-    /// The optimiser states, for a checkpoint.
-    fn records(&self) -> crate::checkpoint::OptimRecords {
-        (
-            self.weights.as_ref().map(|o| o.to_record()),
-            self.alpha.as_ref().map(|o| o.to_record()),
-        )
-    }
-}
-
-fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
-    let mut cfg = SgdConfig::new();
-    if momentum > 0.0 {
-        cfg = cfg.with_momentum(Some(
-            MomentumConfig::new()
-                .with_momentum(momentum)
-                .with_dampening(0.0),
-        ));
-    }
-    if weight_decay > 0.0 {
-        cfg = cfg.with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)));
-    }
-    cfg.init()
-}
-
-fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
-    let stage = phase_stage(cfg, phase);
-    let alpha = || match cfg.arch.optimizer {
-        ArchOptimizer::Sgd => sgd(cfg.arch.momentum, 0.0),
-        ArchOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),
-    };
-    match phase {
-        Phase::Arch => Optimizers {
-            weights: cfg
-                .arch
-                .train_classifier
-                .then(|| sgd(stage.momentum, stage.weight_decay)),
-            alpha: Some(alpha()),
-        },
-        Phase::Joint => Optimizers {
-            weights: Some(sgd(stage.momentum, stage.weight_decay)),
-            alpha: Some(alpha()),
-        },
-        _ => Optimizers {
-            weights: Some(sgd(stage.momentum, stage.weight_decay)),
-            alpha: None,
-        },
-    }
-}
-
-/// One step of the weight optimiser with every gradient left in `grads`.
-fn step_weights<N: Network>(
-    optims: &mut Optimizers,
-    lr: f64,
-    net: N,
-    grads: burn::tensor::Gradients,
-) -> N {
-    let g = GradientsParams::from_grads(grads, &net);
-    optims
-        .weights
-        .as_mut()
-        .expect("a weight optimiser in this phase")
-        .step(lr, net, g)
-}
-
-/// The frozen internals of the gates (mask and temperature), never trained.
-fn gate_internals() -> ParamGroup {
-    ParamGroup::from_regex(r"gate\.(mask|temperature)$").expect("a valid pattern")
-}
-
-/// Sets gate modes, trainability and BatchNorm behaviour for a phase. Applied on every
-/// (re)start of a phase, since modes and flags are not part of a checkpoint.
-fn configure<N: Network>(cfg: &TrainConfig, phase: Phase, model: N) -> N {
-    match phase {
-        Phase::Arch => {
-            let alpha = ParamGroup::from_ids(model.alpha_ids());
-            let classifier = model.classifier_group();
-            let frozen = if cfg.arch.update_bn_stats {
-                model.no_grad()
-            } else {
-                model.freeze()
-            };
-            let model = frozen.set_require_grad_group(alpha, true);
-            let model = if cfg.arch.train_classifier {
-                model.unfreeze_group(classifier)
-            } else {
-                model
-            };
-            model.with_gate_mode(GateMode::Search)
-        }
-        Phase::Joint => model
-            .unfreeze()
-            .set_require_grad_group(gate_internals(), false)
-            .with_gate_mode(GateMode::Search),
-        Phase::Weights | Phase::Final | Phase::BaselineExtend => model
-            .unfreeze()
-            .set_require_grad_group(gate_internals(), false)
-            .with_gate_mode(GateMode::Bypass),
-    }
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| dnal_core::CoreError::io(path)(source).into()
 }
 
 /// Everything a run needs besides the recipe.

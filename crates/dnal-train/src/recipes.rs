@@ -1,5 +1,5 @@
-//! The presets: one TOML recipe per model and data set (in `configs/`, compiled into the
-//! binary), a row of the paper's tables being a recipe plus its lambda.
+//! The presets: one TOML recipe per model and data set (in this crate's `configs/`, compiled
+//! into the binary), a row of the paper's tables being a recipe plus its lambda.
 
 use crate::config::{TrainConfig, apply_overrides};
 use crate::error::{Result, TrainError};
@@ -13,28 +13,8 @@ pub struct Recipe {
     pub text: &'static str,
 }
 
-macro_rules! recipes {
-    ($($name:literal),* $(,)?) => {
-        &[$(Recipe {
-            name: $name,
-            text: include_str!(concat!("../../../configs/", $name, ".toml")),
-        }),*]
-    };
-}
-
-/// Every recipe of `configs/`.
-pub const RECIPES: &[Recipe] = recipes![
-    "mnist-demo",
-    "vgg16-cifar10",
-    "resnet56-cifar10",
-    "resnet20-cifar10",
-    "mobilenetv2-cifar10",
-    "mobilenetv2-imagenet",
-    "resnet50-imagenet",
-    "vgg16-imagenet",
-    "proxyless-imagenet",
-    "proxyless-cifar10",
-];
+/// Every recipe of `configs/`, in name order (listed by `build.rs`).
+pub const RECIPES: &[Recipe] = include!(concat!(env!("OUT_DIR"), "/recipes.rs"));
 
 /// One runnable preset.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,10 +159,7 @@ pub fn resolve(
 ) -> Result<TrainConfig> {
     let (mut value, origin) = match (preset, file) {
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            let text = std::fs::read_to_string(path).map_err(dnal_core::CoreError::io(path))?;
             let table: toml::Table = toml::from_str(&text).map_err(|e| TrainError::Config {
                 origin: path.display().to_string(),
                 message: e.to_string(),

@@ -1,16 +1,15 @@
 //! What a run tells its user: a line and a JSON line per epoch, `report.json`, `report.md` and
 //! SVG plots.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use dnal_core::BackendKind;
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Baseline, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::pipeline::{EpochLog, Progress};
+use crate::plots;
+use crate::progress::{EpochLog, Progress};
 
 /// Accuracy and cost of one network.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -176,17 +175,24 @@ impl Report {
     /// Writes `report.json`, `report.md` and (if configured) the plots into `out`.
     pub fn write(&self, out: &Path, progress: &Progress) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("reports serialise");
-        write_atomic(&out.join("report.json"), json.as_bytes())?;
-        write_atomic(&out.join("report.md"), self.markdown().as_bytes())?;
+        dnal_core::io::write_atomic(&out.join("report.json"), json.as_bytes())?;
+        dnal_core::io::write_atomic(&out.join("report.md"), self.markdown().as_bytes())?;
         if self.config.report.plots {
-            plot_curves(&out.join("curves.svg"), &progress.history)?;
+            plots::plot_curves(&out.join("curves.svg"), &progress.history)?;
             if !self.layers.is_empty() {
-                plot_gates(&out.join("gates.svg"), &progress.history)?;
-                plot_alpha(&out.join("alpha.svg"), &progress.final_alpha)?;
-                plot_widths(&out.join("widths.svg"), &self.layers)?;
+                plots::plot_gates(&out.join("gates.svg"), &progress.history)?;
+                plots::plot_alpha(&out.join("alpha.svg"), &progress.final_alpha)?;
+                plots::plot_widths(
+                    &out.join("widths.svg"),
+                    &self
+                        .layers
+                        .iter()
+                        .map(|l| (l.before, l.after))
+                        .collect::<Vec<_>>(),
+                )?;
             }
             if let Some(grid) = &self.structure_grid {
-                plot_grid(&out.join("structure.svg"), grid)?;
+                plots::plot_grid(&out.join("structure.svg"), grid)?;
             }
         }
         Ok(())
@@ -315,253 +321,5 @@ pub fn write_metrics(path: &Path, history: &[EpochLog]) -> Result<()> {
         text += &serde_json::to_string(l).expect("logs serialise");
         text.push('\n');
     }
-    write_atomic(path, text.as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    dnal_core::io::write_atomic(path, bytes).map_err(TrainError::from)
-}
-
-fn plot_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> TrainError + '_ {
-    move |e| TrainError::Plot {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
-}
-
-/// A value of an epoch's log, for plotting.
-type Metric = fn(&EpochLog) -> f64;
-
-fn plot_curves(path: &Path, history: &[EpochLog]) -> Result<()> {
-    let err = plot_err(path);
-    let root = SVGBackend::new(path, (900, 700)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (top, bottom) = root.split_vertically(350);
-    let max_loss = history
-        .iter()
-        .map(|l| l.loss.max(l.test_loss))
-        .fold(0.1, f64::max);
-    let accuracy: [(&str, RGBColor, Metric); 2] = [
-        ("train", BLUE, |l| l.train_top1),
-        ("test", RED, |l| l.test_top1),
-    ];
-    let loss: [(&str, RGBColor, Metric); 2] = [
-        ("train (CE + penalty)", BLUE, |l| l.loss),
-        ("test CE", RED, |l| l.test_loss),
-    ];
-    epoch_chart(&top, "Accuracy (%)", 100.0, history, &accuracy).map_err(|e| err(&e))?;
-    epoch_chart(&bottom, "Loss", max_loss * 1.05, history, &loss).map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
-}
-
-/// Lines of per-epoch metrics over all stages, with a legend.
-fn epoch_chart(
-    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
-    caption: &str,
-    y_max: f64,
-    history: &[EpochLog],
-    series: &[(&str, RGBColor, Metric)],
-) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let n = history.len().max(2) as f64;
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(0f64..n, 0f64..y_max)?;
-    chart.configure_mesh().x_desc("epoch (all stages)").draw()?;
-    for &(label, color, f) in series {
-        chart
-            .draw_series(LineSeries::new(
-                history
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| (i as f64 + 1.0, f(l))),
-                color,
-            ))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
-}
-
-fn plot_gates(path: &Path, history: &[EpochLog]) -> Result<()> {
-    let err = plot_err(path);
-    let search: Vec<&EpochLog> = history
-        .iter()
-        .filter(|l| !l.open_by_layer.is_empty())
-        .collect();
-    let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    for (i, l) in search.iter().enumerate() {
-        for (name, &open) in &l.open_by_layer {
-            series
-                .entry(name.as_str())
-                .or_default()
-                .push((i as f64 + 1.0, open as f64));
-        }
-    }
-    let max = series.values().flatten().map(|p| p.1).fold(1.0, f64::max);
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Open gates per layer over the architecture epochs",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .right_y_label_area_size(10)
-        .build_cartesian_2d(0.5f64..(search.len().max(1) as f64 + 0.5), 0f64..max * 1.05)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("architecture epoch")
-        .y_desc("open channels")
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (i, (name, points)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(points, color))
-            .map_err(|e| err(&e))?
-            .label(name.to_string())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
-}
-
-fn plot_alpha(path: &Path, alpha: &[f64]) -> Result<()> {
-    let err = plot_err(path);
-    let lo = alpha.iter().cloned().fold(0.0, f64::min);
-    let hi = alpha.iter().cloned().fold(0.0, f64::max);
-    let bins = 40usize;
-    let width = ((hi - lo) / bins as f64).max(1e-6);
-    let mut counts = vec![0u32; bins];
-    for &a in alpha {
-        let b = (((a - lo) / width) as usize).min(bins - 1);
-        counts[b] += 1;
-    }
-    let top = counts.iter().copied().max().unwrap_or(1).max(1);
-    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Final alpha (kept: alpha > 0)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(lo..(lo + width * bins as f64), 0u32..top + top / 10 + 1)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("alpha")
-        .y_desc("channels")
-        .draw()
-        .map_err(|e| err(&e))?;
-    chart
-        .draw_series(counts.iter().enumerate().map(|(i, &c)| {
-            let x0 = lo + i as f64 * width;
-            let color = if x0 + width / 2.0 > 0.0 { GREEN } else { RED };
-            Rectangle::new([(x0, 0), (x0 + width, c)], color.mix(0.7).filled())
-        }))
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
-}
-
-fn plot_widths(path: &Path, layers: &[LayerWidths]) -> Result<()> {
-    let err = plot_err(path);
-    let max = layers.iter().map(|l| l.before).max().unwrap_or(1) as f64;
-    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Channels per gated layer: before (grey), after (blue)",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(0f64..layers.len() as f64, 0f64..max * 1.05)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("gated layer (in order)")
-        .y_desc("channels")
-        .draw()
-        .map_err(|e| err(&e))?;
-    chart
-        .draw_series(layers.iter().enumerate().map(|(i, l)| {
-            Rectangle::new(
-                [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, l.before as f64)],
-                BLACK.mix(0.2).filled(),
-            )
-        }))
-        .map_err(|e| err(&e))?;
-    chart
-        .draw_series(layers.iter().enumerate().map(|(i, l)| {
-            Rectangle::new(
-                [(i as f64 + 0.25, 0.0), (i as f64 + 0.75, l.after as f64)],
-                BLUE.mix(0.8).filled(),
-            )
-        }))
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
-}
-
-/// A heat grid of kept fractions: one row per block, one column per candidate; white = removed.
-fn plot_grid(path: &Path, grid: &dnal_zoo::StructureGrid) -> Result<()> {
-    let err = plot_err(path);
-    let (rows, cols) = (grid.rows.len().max(1), grid.columns.len().max(1));
-    let root =
-        SVGBackend::new(path, (120 + 90 * cols as u32, 80 + 22 * rows as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Output channels kept per block and candidate (white: removed)",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0..cols, 0..rows)
-        .map_err(|e| err(&e))?;
-    let columns = grid.columns.clone();
-    let row_names = grid.rows.clone();
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(cols)
-        .y_labels(rows)
-        .x_label_formatter(&|x| columns.get(*x).cloned().unwrap_or_default())
-        .y_label_formatter(&|y| {
-            let name: Option<&String> = rows.checked_sub(y + 1).and_then(|r| row_names.get(r));
-            name.map_or_else(String::new, |n| n.to_string())
-        })
-        .draw()
-        .map_err(|e| err(&e))?;
-    chart
-        .draw_series(grid.cells.iter().enumerate().flat_map(|(r, row)| {
-            row.iter().enumerate().map(move |(c, &v)| {
-                let y = rows - 1 - r;
-                let color = if v <= 0.0 {
-                    WHITE.mix(1.0)
-                } else {
-                    BLUE.mix(0.15 + 0.85 * v.min(1.0))
-                };
-                Rectangle::new([(c, y), (c + 1, y + 1)], color.filled())
-            })
-        }))
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+    Ok(dnal_core::io::write_atomic(path, text.as_bytes())?)
 }

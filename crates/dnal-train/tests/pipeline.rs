@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use dnal_core::BackendKind;
-use dnal_train::pipeline::paths;
+use dnal_train::progress::paths;
 use dnal_train::{Outcome, TrainError, recipes};
 
 mod common;
@@ -167,6 +167,41 @@ fn every_preset_parses_and_builds_its_network() {
     }
 }
 
+/// The registry and `configs/` agree: every recipe file names a registered model (it would not
+/// parse otherwise) and every registered model has a recipe.
+#[test]
+fn every_model_has_a_recipe_and_every_recipe_a_model() {
+    let recipe_models: Vec<_> = recipes::RECIPES
+        .iter()
+        .map(|r| {
+            let cfg = recipes::resolve(Some(r.name), None, &[])
+                .unwrap_or_else(|e| panic!("configs/{}.toml: {e}", r.name));
+            cfg.model.name
+        })
+        .collect();
+    let on_disk = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "toml")
+        })
+        .count();
+    assert_eq!(
+        recipes::RECIPES.len(),
+        on_disk,
+        "every recipe file is compiled in"
+    );
+    for model in dnal_train::registry::ModelName::ALL {
+        assert!(
+            recipe_models.contains(model),
+            "{model:?} is registered but no recipe in configs/ uses it"
+        );
+    }
+}
+
 /// Every numeric setting, fed values outside its range: the error names that key.
 #[test]
 fn every_out_of_range_setting_is_named_in_its_error() {
@@ -282,7 +317,7 @@ fn joint_mode_runs_end_to_end() {
         "report.plots=false",
     ]);
     assert_eq!(
-        dnal_train::pipeline::phases(&cfg),
+        dnal_train::phase::phases(&cfg),
         [
             dnal_train::Phase::Joint,
             dnal_train::Phase::Final,

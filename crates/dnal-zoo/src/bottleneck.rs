@@ -17,8 +17,9 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, add_into, covers};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
 use crate::network::Network;
+use crate::stream::{add_into, covers};
 
 /// Widths of one bottleneck block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,35 +248,16 @@ impl BottleneckResNet {
 }
 
 impl GatedModel for BottleneckResNet {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        f("stem", &self.stem.gate);
-        for (i, b) in self.blocks.iter().enumerate() {
-            if let Some(b) = &b.branch {
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        f("stem", &mut self.stem.gate);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if let Some(b) = &mut b.branch {
                 let [n1, n2, n3] = Self::names(i);
-                f(&n1, &b.conv1.gate);
-                f(&n2, &b.conv2.gate);
-                f(&n3, &b.conv3.gate);
+                f(&n1, &mut b.conv1.gate);
+                f(&n2, &mut b.conv2.gate);
+                f(&n3, &mut b.conv3.gate);
             }
         }
-    }
-
-    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        self.stem.gate = f("stem", self.stem.gate);
-        self.blocks = std::mem::take(&mut self.blocks)
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut block)| {
-                block.branch = block.branch.map(|mut b| {
-                    let [n1, n2, n3] = Self::names(i);
-                    b.conv1.gate = f(&n1, b.conv1.gate);
-                    b.conv2.gate = f(&n2, b.conv2.gate);
-                    b.conv3.gate = f(&n3, b.conv3.gate);
-                    b
-                });
-                block
-            })
-            .collect();
-        self
     }
 }
 

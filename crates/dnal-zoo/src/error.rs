@@ -13,7 +13,7 @@ pub enum ZooError {
     Config(String),
     /// An error from dnal-core (e.g. an architecture that does not fit the network).
     #[error(transparent)]
-    Core(#[from] dnal_core::Error),
+    Core(#[from] dnal_core::CoreError),
     /// A saved model that cannot be read into its config's network.
     #[error("{path}: {message}")]
     Record {

@@ -5,17 +5,23 @@
 //! [`dnal_core::GatedModel`] (so the trainer can drive its gates) and [`Network`] (config,
 //! cost model, physical pruning).
 //!
-//! Today: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and the MNIST demo CNN) and CIFAR
-//! ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110).
+//! The families: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and ImageNet, the MNIST demo CNN),
+//! CIFAR ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110), bottleneck ResNets
+//! ([`BottleneckResNet`]: ResNet-50), [`MobileNetV2`] (CIFAR and ImageNet) and the ProxylessNAS
+//! supernet ([`SuperNet`]). They share the gated unit ([`ConvBnGate`]), the MBConv unit
+//! ([`mbconv::MbConv`]) and the residual-stream code ([`stream`]); their convolutions and
+//! BatchNorms run through `dnal-kernels`.
 
 pub mod bottleneck;
 pub mod error;
 pub mod init;
 pub mod layers;
+pub mod mbconv;
 pub mod mobilenet;
 pub mod network;
 pub mod plain;
 pub mod resnet;
+pub mod stream;
 pub mod supernet;
 
 pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths};

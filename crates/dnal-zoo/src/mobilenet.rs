@@ -19,11 +19,10 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{
-    ConvBn, ConvBnGate, ConvBnGateConfig, add_into, indices, positions, prune_linear_inputs,
-    scatter,
-};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
+use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::Network;
+use crate::stream::{add_into, block_input, kept_positions, positions, scatter, union, widen};
 
 /// Widths of one inverted-residual block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,22 +216,23 @@ impl MobileNetV2Config {
         let layout = self.layout();
         let mut streams: Vec<Vec<usize>> = Vec::new();
         for (s, st) in self.stages.iter().enumerate() {
-            let mut present = vec![false; st.width];
+            let all: Vec<usize> = (0..st.width).collect();
+            let mut writers: Vec<&[usize]> = Vec::new();
             for (i, &(bs, first)) in layout.iter().enumerate() {
                 if bs != s {
                     continue;
                 }
                 match self.join(s, first) {
-                    Join::Conv => present.iter_mut().for_each(|p| *p = true),
+                    Join::Conv => writers.push(&all),
                     Join::Identity if first => {
-                        let prev = if s == 0 { &stem } else { &streams[s - 1] };
-                        prev.iter().for_each(|&c| present[c] = true);
+                        writers.push(if s == 0 { &stem } else { &streams[s - 1] });
                     }
                     _ => {}
                 }
-                self.blocks[i].out.iter().for_each(|&c| present[c] = true);
+                writers.push(&self.blocks[i].out);
             }
-            streams.push((0..st.width).filter(|&c| present[c]).collect());
+            let stream = union(st.width, writers);
+            streams.push(stream);
         }
         (stem, streams)
     }
@@ -302,31 +302,23 @@ impl MobileNetV2Config {
             .zip(&self.blocks)
             .map(|((s, first), b)| {
                 let st = &self.stages[s];
-                let input = match (first, s) {
-                    (true, 0) => stem_stream.len(),
-                    (true, _) => streams[s - 1].len(),
-                    (false, _) => streams[s].len(),
-                };
-                let stride = if first { st.stride } else { 1 };
+                let input = block_input((s, first), &stem_stream, &streams).len();
                 let join = self.join(s, first);
-                let branch = (!b.out.is_empty()).then(|| MbBranch {
-                    expand: (st.expansion != 1).then(|| {
-                        ConvBnGateConfig::new(input, b.expanded)
-                            .with_kernel(1)
-                            .init_ungated(device)
-                    }),
-                    depthwise: ConvBnGateConfig::new(b.expanded, b.expanded)
-                        .with_stride(stride)
-                        .with_depthwise(true)
-                        .init(device),
-                    project: ConvBnGateConfig::new(b.expanded, b.out.len())
-                        .with_kernel(1)
-                        .with_kind(if join == Join::Replace {
+                let branch = (!b.out.is_empty()).then(|| {
+                    MbConvConfig {
+                        input,
+                        expand: st.expansion != 1,
+                        expanded: b.expanded,
+                        kernel: 3,
+                        stride: if first { st.stride } else { 1 },
+                        out: b.out.len(),
+                        kind: if join == Join::Replace {
                             GateKind::Main
                         } else {
                             GateKind::Branch
-                        })
-                        .init(device),
+                        },
+                    }
+                    .init(device)
                 });
                 MbBlock {
                     branch,
@@ -352,23 +344,11 @@ impl MobileNetV2Config {
     }
 }
 
-/// The convolutions of an inverted-residual block's branch.
-#[derive(Module, Debug)]
-pub struct MbBranch {
-    /// 1x1 expansion conv + BN (absent when the expansion factor is 1); its width is the
-    /// depthwise gate's.
-    pub expand: Option<ConvBn>,
-    /// 3x3 depthwise conv + BN + gate.
-    pub depthwise: ConvBnGate,
-    /// 1x1 projection conv + BN + gate.
-    pub project: ConvBnGate,
-}
-
 /// One inverted-residual block.
 #[derive(Module, Debug)]
 pub struct MbBlock {
-    /// The branch (`None`: removed).
-    pub branch: Option<MbBranch>,
+    /// The branch, an MBConv unit with a 3x3 depthwise convolution (`None`: removed).
+    pub branch: Option<MbConv>,
     /// Conv shortcut (CIFAR variant, stride-1 width changes).
     pub shortcut: Option<ConvBn>,
 }
@@ -398,19 +378,15 @@ impl MobileNetV2 {
         for ((block, (s, first)), widths) in self.blocks.iter().zip(cfg.layout()).zip(&cfg.blocks) {
             let input = x.clone();
             let branch = block.branch.as_ref().map(|b| {
-                let h = match &b.expand {
-                    Some(e) => e.forward_act(input.clone(), Activation::Relu6),
-                    None => {
-                        let taps = positions(&stem_stream, &widths.taps);
-                        if taps.len() == stem_stream.len() {
-                            input.clone()
-                        } else {
-                            input.clone().select(1, indices(&taps, &input.device()))
-                        }
-                    }
-                };
-                b.project
-                    .forward(b.depthwise.forward_act(h, Activation::Relu6))
+                if b.expand.is_some() {
+                    return b.forward(input.clone());
+                }
+                let taps = positions(&stem_stream, &widths.taps);
+                b.forward(if taps.len() == stem_stream.len() {
+                    input.clone()
+                } else {
+                    input.clone().select(1, indices(&taps, &input.device()))
+                })
             });
             let pos = positions(&streams[s], &widths.out);
             x = match cfg.join(s, first) {
@@ -418,11 +394,7 @@ impl MobileNetV2 {
                 Join::Identity => {
                     let base = if first && s > 0 {
                         // The stream widens to this stage's union.
-                        scatter(
-                            streams[s].len(),
-                            &positions(&streams[s], &streams[s - 1]),
-                            input,
-                        )
+                        widen(input, &streams[s - 1], &streams[s])
                     } else {
                         input
                     };
@@ -451,33 +423,14 @@ impl MobileNetV2 {
 }
 
 impl GatedModel for MobileNetV2 {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        for (i, b) in self.blocks.iter().enumerate() {
-            if let Some(b) = &b.branch {
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if let Some(b) = &mut b.branch {
                 let (dw, proj) = Self::names(i);
-                f(&dw, &b.depthwise.gate);
-                f(&proj, &b.project.gate);
+                b.for_each_gate(&dw, &proj, f);
             }
         }
-        f("last", &self.last.gate);
-    }
-
-    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        self.blocks = std::mem::take(&mut self.blocks)
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut block)| {
-                block.branch = block.branch.map(|mut b| {
-                    let (dw, proj) = Self::names(i);
-                    b.depthwise.gate = f(&dw, b.depthwise.gate);
-                    b.project.gate = f(&proj, b.project.gate);
-                    b
-                });
-                block
-            })
-            .collect();
-        self.last.gate = f("last", self.last.gate);
-        self
+        f("last", &mut self.last.gate);
     }
 }
 
@@ -516,30 +469,15 @@ impl Network for MobileNetV2 {
             [side, side],
         );
         for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
-            let input = match (first, s) {
-                (true, 0) => stem_stream.len(),
-                (true, _) => streams[s - 1].len(),
-                (false, _) => streams[s].len(),
-            };
+            let input = block_input((s, first), &stem_stream, &streams).len();
             let in_side = side;
             if first && cfg.stages[s].stride > 1 {
                 side = side.div_ceil(cfg.stages[s].stride);
             }
             let (dw, proj) = Self::names(i);
             if let Some(b) = &block.branch {
-                if let Some(e) = &b.expand {
-                    e.add_cost(
-                        &mut cost,
-                        &format!("b{i}.expand"),
-                        Width::Fixed(input),
-                        Width::gate(&dw),
-                        [in_side, in_side],
-                    );
-                }
-                b.depthwise
-                    .add_cost(&mut cost, &dw, Width::gate(&dw), [side, side]);
-                b.project
-                    .add_cost(&mut cost, &proj, Width::gate(&dw), [side, side]);
+                let expand = format!("b{i}.expand");
+                b.add_cost(&mut cost, [&expand, &dw, &proj], input, [in_side, side]);
             }
             if let Some(sc) = &block.shortcut {
                 let w = cfg.stages[s].width;
@@ -572,40 +510,35 @@ impl Network for MobileNetV2 {
         let mut cfg = old.clone();
         let mut plans = Vec::with_capacity(old.blocks.len());
         for (i, b) in old.blocks.iter().enumerate() {
-            if b.out.is_empty() {
-                plans.push(None);
-                continue;
-            }
             let (dw, proj) = Self::names(i);
-            let (dw_keep, proj_keep) = (kept(&dw), kept(&proj));
-            cfg.blocks[i] = if proj_keep.is_empty() {
-                MbBlockWidths {
+            let plan = if b.out.is_empty() {
+                None
+            } else {
+                mbconv::kept(arch, &dw, &proj)
+            };
+            cfg.blocks[i] = match &plan {
+                None => MbBlockWidths {
                     expanded: 0,
                     taps: Vec::new(),
                     out: Vec::new(),
-                }
-            } else {
-                MbBlockWidths {
-                    expanded: dw_keep.len(),
+                },
+                Some(keep) => MbBlockWidths {
+                    expanded: keep.depthwise.len(),
                     taps: if b.taps.is_empty() {
                         Vec::new()
                     } else {
-                        dw_keep.iter().map(|&k| b.taps[k]).collect()
+                        keep.depthwise.iter().map(|&k| b.taps[k]).collect()
                     },
-                    out: proj_keep.iter().map(|&k| b.out[k]).collect(),
-                }
+                    out: keep.project.iter().map(|&k| b.out[k]).collect(),
+                },
             };
-            plans.push((!proj_keep.is_empty()).then_some((dw_keep, proj_keep)));
+            plans.push(plan);
         }
         let last_keep = kept("last");
         cfg.last_width = last_keep.len();
         cfg.validate()?;
         let (new_stem, streams) = cfg.streams();
-        let keep_stream: Vec<Vec<usize>> = streams
-            .iter()
-            .zip(&old_streams)
-            .map(|(new, old)| positions(old, new))
-            .collect();
+        let keep_stream = kept_positions(&old_streams, &streams);
         let stem_keep = positions(&old_stem, &new_stem);
         self.stem = self.stem.prune(None, &stem_keep);
         self.blocks = std::mem::take(&mut self.blocks)
@@ -613,21 +546,13 @@ impl Network for MobileNetV2 {
             .zip(plans)
             .zip(layout)
             .map(|((block, plan), (s, first))| {
-                let input: &[usize] = match (first, s) {
-                    (true, 0) => &stem_keep,
-                    (true, _) => &keep_stream[s - 1],
-                    (false, _) => &keep_stream[s],
-                };
+                let input = block_input((s, first), &stem_keep, &keep_stream);
                 let shortcut = block.shortcut.map(|sc| {
                     let all: Vec<usize> = (0..old.stages[s].width).collect();
                     sc.prune(Some(input), &all)
                 });
                 let branch = match (block.branch, plan) {
-                    (Some(b), Some((dw_keep, proj_keep))) => Some(MbBranch {
-                        expand: b.expand.map(|e| e.prune(Some(input), &dw_keep)),
-                        depthwise: b.depthwise.prune(None, &dw_keep),
-                        project: b.project.prune(Some(&dw_keep), &proj_keep),
-                    }),
+                    (Some(b), Some(keep)) => Some(b.prune(input, &keep)),
                     _ => None,
                 };
                 MbBlock { branch, shortcut }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::ParamGroup;
 use burn::prelude::*;
-use dnal_core::io::write_atomic;
+use dnal_core::io::{write_atomic, write_atomic_with};
 use dnal_core::{Architecture, CostModel, CostReport, GatedModel};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -105,39 +105,28 @@ pub fn save<N: Network>(model: &N, dir: &Path) -> Result<()> {
     sync_running_stats(model);
     let config = serde_json::to_string_pretty(model.config()).expect("configs serialise");
     write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
-    let tmp = dir.join(format!(".{WEIGHTS_STEM}-{}.bpk.tmp", std::process::id()));
-    let record_err = |path: PathBuf, e: &dyn std::fmt::Display| ZooError::Record {
-        path,
-        message: e.to_string(),
-    };
-    model
-        .clone()
-        .save_file(&tmp)
-        .map_err(|e| record_err(tmp.clone(), &e))?;
-    let final_path = weights_path(dir);
-    std::fs::rename(&tmp, &final_path).map_err(|e| record_err(final_path.clone(), &e))?;
-    Ok(())
+    let model = model.clone();
+    write_atomic_with(&weights_path(dir), |tmp| {
+        model.save_file(tmp).map_err(|e| ZooError::Record {
+            path: tmp.to_path_buf(),
+            message: e.to_string(),
+        })
+    })
 }
 
 /// Also writes the weights as `model.safetensors` into `dir` (keys are module paths such as
 /// `convs.0.conv.weight`), for tools outside burn; temporary file, then rename.
 pub fn save_safetensors<N: Network>(model: &N, dir: &Path) -> Result<()> {
     use burn::store::{ModuleSnapshot, SafetensorsStore};
-    std::fs::create_dir_all(dir).map_err(|e| ZooError::Record {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
     let path = dir.join(SAFETENSORS_FILE);
-    let tmp = dir.join(format!(".{SAFETENSORS_FILE}.tmp{}", std::process::id()));
-    let mut store = SafetensorsStore::from_file(&tmp).overwrite(true);
-    let record_err = |e: &dyn std::fmt::Display| ZooError::Record {
-        path: path.clone(),
-        message: format!("cannot write safetensors: {e}"),
-    };
     sync_running_stats(model);
-    model.save_into(&mut store).map_err(|e| record_err(&e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| record_err(&e))?;
-    Ok(())
+    write_atomic_with(&path, |tmp| {
+        let mut store = SafetensorsStore::from_file(tmp).overwrite(true);
+        model.save_into(&mut store).map_err(|e| ZooError::Record {
+            path: path.clone(),
+            message: format!("cannot write safetensors: {e}"),
+        })
+    })
 }
 
 /// Loads a model from `config.json` and `model.safetensors` (written by [`save_safetensors`]),

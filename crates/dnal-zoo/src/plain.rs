@@ -218,23 +218,10 @@ impl PlainCnn {
 }
 
 impl GatedModel for PlainCnn {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        for (i, unit) in self.convs.iter().enumerate() {
-            f(&Self::gate_name(i), &unit.gate);
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        for (i, unit) in self.convs.iter_mut().enumerate() {
+            f(&Self::gate_name(i), &mut unit.gate);
         }
-    }
-
-    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        self.convs = self
-            .convs
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut unit)| {
-                unit.gate = f(&Self::gate_name(i), unit.gate);
-                unit
-            })
-            .collect();
-        self
     }
 }
 

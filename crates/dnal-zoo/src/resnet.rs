@@ -20,10 +20,9 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{
-    ConvBnGate, ConvBnGateConfig, add_into, covers, positions, prune_linear_inputs, scatter,
-};
+use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::network::Network;
+use crate::stream::{add_into, block_input, covers, kept_positions, positions, union, widen};
 
 /// Widths of one residual block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,23 +137,17 @@ impl CifarResNetConfig {
     pub fn streams(&self) -> Vec<Vec<usize>> {
         let mut streams: Vec<Vec<usize>> = Vec::new();
         for (s, &w) in self.stage_widths.iter().enumerate() {
-            let mut present = vec![false; w];
-            if s == 0 {
-                for &c in &self.stem {
-                    present[c] = true;
-                }
+            // The stage's entry: the stem, or the previous stream zero-padded on both sides.
+            let entry: Vec<usize> = if s == 0 {
+                self.stem.clone()
             } else {
                 let pad = (w - self.stage_widths[s - 1]) / 2;
-                for &c in &streams[s - 1] {
-                    present[c + pad] = true;
-                }
-            }
-            for b in &self.blocks[s * self.blocks_per_stage..(s + 1) * self.blocks_per_stage] {
-                for &c in &b.out {
-                    present[c] = true;
-                }
-            }
-            streams.push((0..w).filter(|&c| present[c]).collect());
+                streams[s - 1].iter().map(|&c| c + pad).collect()
+            };
+            let blocks = &self.blocks[s * self.blocks_per_stage..(s + 1) * self.blocks_per_stage];
+            let writers =
+                std::iter::once(entry.as_slice()).chain(blocks.iter().map(|b| &b.out[..]));
+            streams.push(union(w, writers));
         }
         streams
     }
@@ -227,7 +220,7 @@ impl CifarResNet {
         let cfg = &self.config;
         let streams = cfg.streams();
         let stem = self.stem.forward_act(x, Activation::Relu);
-        let mut x = scatter(streams[0].len(), &positions(&streams[0], &cfg.stem), stem);
+        let mut x = widen(stem, &cfg.stem, &streams[0]);
         for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
             let s = i / cfg.blocks_per_stage;
             let input = x.clone();
@@ -236,7 +229,7 @@ impl CifarResNet {
                 let pad = (cfg.stage_widths[s] - cfg.stage_widths[s - 1]) / 2;
                 let moved: Vec<usize> = streams[s - 1].iter().map(|c| c + pad).collect();
                 let sub = x.slice(s![.., .., ..;2, ..;2]);
-                x = scatter(streams[s].len(), &positions(&streams[s], &moved), sub);
+                x = widen(sub, &moved, &streams[s]);
             }
             if let Some(b) = block {
                 let h = b.conv1.forward_act(input, Activation::Relu);
@@ -259,33 +252,16 @@ impl CifarResNet {
 }
 
 impl GatedModel for CifarResNet {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        f("stem", &self.stem.gate);
-        for (i, b) in self.blocks.iter().enumerate() {
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        f("stem", &mut self.stem.gate);
+        let per = self.config.blocks_per_stage;
+        for (i, b) in self.blocks.iter_mut().enumerate() {
             if let Some(b) = b {
-                let (inner, out) = Self::block_names(i, self.config.blocks_per_stage);
-                f(&inner, &b.conv1.gate);
-                f(&out, &b.conv2.gate);
+                let (inner, out) = Self::block_names(i, per);
+                f(&inner, &mut b.conv1.gate);
+                f(&out, &mut b.conv2.gate);
             }
         }
-    }
-
-    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        self.stem.gate = f("stem", self.stem.gate);
-        let per = self.config.blocks_per_stage;
-        self.blocks = std::mem::take(&mut self.blocks)
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| {
-                b.map(|mut b| {
-                    let (inner, out) = Self::block_names(i, per);
-                    b.conv1.gate = f(&inner, b.conv1.gate);
-                    b.conv2.gate = f(&out, b.conv2.gate);
-                    b
-                })
-            })
-            .collect();
-        self
     }
 }
 
@@ -378,11 +354,7 @@ impl Network for CifarResNet {
         cfg.validate()?;
         let streams = cfg.streams();
         // Which old stream channels each new stream keeps (as positions in the old stream).
-        let keep_stream: Vec<Vec<usize>> = streams
-            .iter()
-            .zip(&old_streams)
-            .map(|(new, old)| positions(old, new))
-            .collect();
+        let keep_stream = kept_positions(&old_streams, &streams);
         self.stem = self.stem.prune(None, &stem_keep);
         self.blocks = std::mem::take(&mut self.blocks)
             .into_iter()
@@ -390,12 +362,8 @@ impl Network for CifarResNet {
             .enumerate()
             .map(|(i, (block, plan))| {
                 let (b, (inner_keep, out_keep)) = (block?, plan?);
-                let s = i / old.blocks_per_stage;
-                let input = if s > 0 && i % old.blocks_per_stage == 0 {
-                    &keep_stream[s - 1]
-                } else {
-                    &keep_stream[s]
-                };
+                let at = (i / old.blocks_per_stage, i % old.blocks_per_stage == 0);
+                let input = block_input(at, &keep_stream[0], &keep_stream);
                 Some(Branch {
                     conv1: b.conv1.prune(Some(input), &inner_keep),
                     conv2: b.conv2.prune(Some(&inner_keep), &out_keep),

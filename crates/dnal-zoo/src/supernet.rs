@@ -1,4 +1,4 @@
-//! The ProxylessNAS-style stochastic supernet searched with channel gates (dnal-method.md §1,
+//! The ProxylessNAS-style stochastic supernet searched with channel gates (`docs/METHOD.md` §1,
 //! last item): every searchable block is a mixed edge of six candidate MBConv operations
 //! ({3x3, 5x5, 7x7} depthwise kernels x expansion {3, 6}) whose outputs are summed, plus an
 //! identity shortcut where the stride is 1 and the widths match. Each candidate has a gate after
@@ -22,13 +22,10 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
-use crate::layers::{
-    ConvBn, ConvBnGate, ConvBnGateConfig, add_into, positions, prune_linear_inputs,
-};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
+use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::Network;
-
-/// The depthwise and projection channels a surviving candidate keeps.
-type KeepPlan = (Vec<usize>, Vec<usize>);
+use crate::stream::{add_into, block_input, kept_positions, positions, union, widen};
 
 /// The six candidate operations: (depthwise kernel, expansion).
 pub const CANDIDATES: [(usize, usize); 6] = [(3, 3), (3, 6), (5, 3), (5, 6), (7, 3), (7, 6)];
@@ -190,6 +187,14 @@ impl SuperNetConfig {
         }
     }
 
+    /// The names of the depthwise and projection gates of candidate `c` of block `i`.
+    fn gate_names(&self, i: usize, c: &CandidateWidths) -> (String, String) {
+        let (s, _) = self.layout()[i];
+        let b = i - self.stage_blocks[..s].iter().sum::<usize>();
+        let p = format!("s{s}.b{b}.{}", c.name());
+        (format!("{p}.dw"), format!("{p}.proj"))
+    }
+
     /// Whether a block has an identity shortcut.
     fn residual(&self, s: usize, first: bool) -> bool {
         !first || (self.stage_strides[s] == 1 && self.in_width(s) == self.stage_widths[s])
@@ -200,24 +205,19 @@ impl SuperNetConfig {
     pub fn streams(&self) -> Vec<Vec<usize>> {
         let mut streams: Vec<Vec<usize>> = Vec::new();
         for (s, &w) in self.stage_widths.iter().enumerate() {
-            let mut present = vec![false; w];
+            let first_stream: Vec<usize> = (0..self.first_width).collect();
+            let mut writers: Vec<&[usize]> = Vec::new();
             for (cands, &(bs, first)) in self.blocks.iter().zip(&self.layout()) {
                 if bs != s {
                     continue;
                 }
                 if first && self.residual(s, true) {
-                    let prev: Vec<usize> = match s {
-                        0 => (0..self.first_width).collect(),
-                        _ => streams[s - 1].clone(),
-                    };
-                    prev.iter().for_each(|&c| present[c] = true);
+                    writers.push(block_input((s, true), &first_stream, &streams));
                 }
-                cands
-                    .iter()
-                    .flat_map(|c| &c.out)
-                    .for_each(|&c| present[c] = true);
+                writers.extend(cands.iter().map(|c| c.out.as_slice()));
             }
-            streams.push((0..w).filter(|&c| present[c]).collect());
+            let stream = union(w, writers);
+            streams.push(stream);
         }
         streams
     }
@@ -279,28 +279,23 @@ impl SuperNetConfig {
             .iter()
             .zip(self.layout())
             .map(|(cands, (s, first))| {
-                let input = match (first, s) {
-                    (true, 0) => self.first_width,
-                    (true, _) => streams[s - 1].len(),
-                    (false, _) => streams[s].len(),
-                };
+                let first_stream: Vec<usize> = (0..self.first_width).collect();
+                let input = block_input((s, first), &first_stream, &streams).len();
                 let stride = if first { self.stage_strides[s] } else { 1 };
                 let candidates = cands
                     .iter()
                     .map(|c| {
-                        (!c.out.is_empty()).then(|| Candidate {
-                            expand: ConvBnGateConfig::new(input, c.expanded)
-                                .with_kernel(1)
-                                .init_ungated(device),
-                            depthwise: ConvBnGateConfig::new(c.expanded, c.expanded)
-                                .with_kernel(c.kernel)
-                                .with_stride(stride)
-                                .with_depthwise(true)
-                                .init(device),
-                            project: ConvBnGateConfig::new(c.expanded, c.out.len())
-                                .with_kernel(1)
-                                .with_kind(GateKind::Branch)
-                                .init(device),
+                        (!c.out.is_empty()).then(|| {
+                            MbConvConfig {
+                                input,
+                                expand: true,
+                                expanded: c.expanded,
+                                kernel: c.kernel,
+                                stride,
+                                out: c.out.len(),
+                                kind: GateKind::Branch,
+                            }
+                            .init(device)
                         })
                     })
                     .collect();
@@ -333,22 +328,11 @@ pub struct FixedBlock {
     pub project: ConvBn,
 }
 
-/// One candidate MBConv operation.
-#[derive(Module, Debug)]
-pub struct Candidate {
-    /// 1x1 expansion conv + BN (its width is the depthwise gate's).
-    pub expand: ConvBn,
-    /// kxk depthwise conv + BN + gate.
-    pub depthwise: ConvBnGate,
-    /// 1x1 projection conv + BN + gate.
-    pub project: ConvBnGate,
-}
-
 /// A mixed edge: the sum of its candidates (`None`: removed).
 #[derive(Module, Debug)]
 pub struct MixedBlock {
-    /// The six candidates.
-    pub candidates: Vec<Option<Candidate>>,
+    /// The six candidates, MBConv units that always expand.
+    pub candidates: Vec<Option<MbConv>>,
 }
 
 /// The supernet with channel gates.
@@ -381,11 +365,7 @@ impl SuperNet {
             let input = x.clone();
             let mut out = if cfg.residual(s, first) {
                 if first && s > 0 {
-                    crate::layers::scatter(
-                        streams[s].len(),
-                        &positions(&streams[s], &streams[s - 1]),
-                        input.clone(),
-                    )
+                    widen(input.clone(), &streams[s - 1], &streams[s])
                 } else {
                     input.clone()
                 }
@@ -399,13 +379,8 @@ impl SuperNet {
             };
             for (cand, widths) in block.candidates.iter().zip(cands) {
                 if let Some(c) = cand {
-                    let h = c.expand.forward_act(input.clone(), Activation::Relu6);
-                    let h = c.depthwise.forward_act(h, Activation::Relu6);
-                    out = add_into(
-                        out,
-                        &positions(&streams[s], &widths.out),
-                        c.project.forward(h),
-                    );
+                    let pos = positions(&streams[s], &widths.out);
+                    out = add_into(out, &pos, c.forward(input.clone()));
                 }
             }
             x = out;
@@ -413,13 +388,6 @@ impl SuperNet {
         let x = self.last.forward_act(x, Activation::Relu6);
         let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
         self.classifier.forward(x)
-    }
-
-    fn names(&self, i: usize, c: &CandidateWidths) -> (String, String) {
-        let (s, _) = self.config.layout()[i];
-        let b = i - self.config.stage_blocks[..s].iter().sum::<usize>();
-        let p = format!("s{s}.b{b}.{}", c.name());
-        (format!("{p}.dw"), format!("{p}.proj"))
     }
 
     /// Per block, the candidates that survive with their expanded and output channels (a
@@ -455,44 +423,16 @@ impl SuperNet {
 }
 
 impl GatedModel for SuperNet {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        for (i, (block, cands)) in self.blocks.iter().zip(&self.config.blocks).enumerate() {
-            for (cand, widths) in block.candidates.iter().zip(cands) {
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (cand, widths) in block.candidates.iter_mut().zip(&self.config.blocks[i]) {
                 if let Some(c) = cand {
-                    let (dw, proj) = self.names(i, widths);
-                    f(&dw, &c.depthwise.gate);
-                    f(&proj, &c.project.gate);
+                    let (dw, proj) = self.config.gate_names(i, widths);
+                    c.for_each_gate(&dw, &proj, f);
                 }
             }
         }
-        f("last", &self.last.gate);
-    }
-
-    fn map_gates(mut self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        let blocks = std::mem::take(&mut self.blocks);
-        self.blocks = blocks
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut block)| {
-                let cands = self.config.blocks[i].clone();
-                block.candidates = block
-                    .candidates
-                    .into_iter()
-                    .zip(&cands)
-                    .map(|(cand, widths)| {
-                        cand.map(|mut c| {
-                            let (dw, proj) = self.names(i, widths);
-                            c.depthwise.gate = f(&dw, c.depthwise.gate);
-                            c.project.gate = f(&proj, c.project.gate);
-                            c
-                        })
-                    })
-                    .collect();
-                block
-            })
-            .collect();
-        self.last.gate = f("last", self.last.gate);
-        self
+        f("last", &mut self.last.gate);
     }
 }
 
@@ -582,30 +522,17 @@ impl Network for SuperNet {
             .zip(cfg.layout())
             .enumerate()
         {
-            let input = match (first, s) {
-                (true, 0) => cfg.first_width,
-                (true, _) => streams[s - 1].len(),
-                (false, _) => streams[s].len(),
-            };
+            let first_stream: Vec<usize> = (0..cfg.first_width).collect();
+            let input = block_input((s, first), &first_stream, &streams).len();
             let in_side = side;
             if first {
                 side = side.div_ceil(cfg.stage_strides[s]);
             }
             for (cand, widths) in block.candidates.iter().zip(cands) {
                 if let Some(c) = cand {
-                    let (dw, proj) = self.names(i, widths);
+                    let (dw, proj) = self.config.gate_names(i, widths);
                     let expand = dw.replace(".dw", ".expand");
-                    c.expand.add_cost(
-                        &mut cost,
-                        &expand,
-                        fixed(input),
-                        Width::gate(&dw),
-                        [in_side, in_side],
-                    );
-                    c.depthwise
-                        .add_cost(&mut cost, &dw, Width::gate(&dw), [side, side]);
-                    c.project
-                        .add_cost(&mut cost, &proj, Width::gate(&dw), [side, side]);
+                    c.add_cost(&mut cost, [&expand, &dw, &proj], input, [in_side, side]);
                 }
             }
         }
@@ -633,26 +560,25 @@ impl Network for SuperNet {
         let old_streams = old.streams();
         let layout = old.layout();
         let mut cfg = old.clone();
-        let mut plans: Vec<Vec<Option<KeepPlan>>> = Vec::new();
+        let mut plans: Vec<Vec<Option<mbconv::Kept>>> = Vec::new();
         for (i, cands) in old.blocks.iter().enumerate() {
             let mut block_plan = Vec::new();
             for (j, c) in cands.iter().enumerate() {
-                if c.out.is_empty() {
-                    block_plan.push(None);
-                    continue;
-                }
-                let (dw, proj) = self.names(i, c);
-                let (dw_keep, proj_keep) =
-                    (arch.gates[&dw].kept.clone(), arch.gates[&proj].kept.clone());
-                let w = &mut cfg.blocks[i][j];
-                if proj_keep.is_empty() {
-                    (w.expanded, w.out) = (0, Vec::new());
-                    block_plan.push(None);
+                let (dw, proj) = old.gate_names(i, c);
+                let plan = if c.out.is_empty() {
+                    None
                 } else {
-                    w.expanded = dw_keep.len();
-                    w.out = proj_keep.iter().map(|&k| c.out[k]).collect();
-                    block_plan.push(Some((dw_keep, proj_keep)));
-                }
+                    mbconv::kept(arch, &dw, &proj)
+                };
+                let w = &mut cfg.blocks[i][j];
+                (w.expanded, w.out) = match &plan {
+                    None => (0, Vec::new()),
+                    Some(keep) => (
+                        keep.depthwise.len(),
+                        keep.project.iter().map(|&k| c.out[k]).collect(),
+                    ),
+                };
+                block_plan.push(plan);
             }
             plans.push(block_plan);
         }
@@ -660,33 +586,21 @@ impl Network for SuperNet {
         cfg.last_width = last_keep.len();
         cfg.validate()?;
         let streams = cfg.streams();
-        let keep_stream: Vec<Vec<usize>> = streams
-            .iter()
-            .zip(&old_streams)
-            .map(|(new, old)| positions(old, new))
-            .collect();
+        let keep_stream = kept_positions(&old_streams, &streams);
         let all_first: Vec<usize> = (0..old.first_width).collect();
         self.blocks = std::mem::take(&mut self.blocks)
             .into_iter()
             .zip(plans)
             .zip(layout)
             .map(|((block, plan), (s, first))| {
-                let input: &[usize] = match (first, s) {
-                    (true, 0) => &all_first,
-                    (true, _) => &keep_stream[s - 1],
-                    (false, _) => &keep_stream[s],
-                };
+                let input = block_input((s, first), &all_first, &keep_stream);
                 MixedBlock {
                     candidates: block
                         .candidates
                         .into_iter()
                         .zip(plan)
                         .map(|(cand, p)| match (cand, p) {
-                            (Some(c), Some((dw_keep, proj_keep))) => Some(Candidate {
-                                expand: c.expand.prune(Some(input), &dw_keep),
-                                depthwise: c.depthwise.prune(None, &dw_keep),
-                                project: c.project.prune(Some(&dw_keep), &proj_keep),
-                            }),
+                            (Some(c), Some(keep)) => Some(c.prune(input, &keep)),
                             _ => None,
                         })
                         .collect(),
@@ -720,7 +634,7 @@ impl SuperNet {
             let live: Vec<String> = cands
                 .iter()
                 .filter(|c| !c.out.is_empty())
-                .map(|c| self.names(i, c).1)
+                .map(|c| self.config.gate_names(i, c).1)
                 .collect();
             if live
                 .iter()

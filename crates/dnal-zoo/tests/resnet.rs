@@ -163,7 +163,7 @@ fn scatter_places_runs_and_scattered_channels_alike() {
     let weights = common::input([2, 8, 4, 4], 8, &device);
     for pos in [vec![0, 1, 2], vec![2, 3, 4], vec![5, 6, 7], vec![1, 4, 6]] {
         let v = values.clone().require_grad();
-        let placed = dnal_zoo::layers::scatter(8, &pos, v.clone());
+        let placed = dnal_zoo::stream::scatter(8, &pos, v.clone());
         let expected = Tensor::<4>::zeros([2, 8, 4, 4], &device).select_assign(
             1,
             dnal_zoo::layers::indices(&pos, &device),

@@ -23,16 +23,9 @@ impl TwoGates {
 }
 
 impl GatedModel for TwoGates {
-    fn visit_gates(&self, f: &mut dyn FnMut(&str, &ChannelGate)) {
-        f("main", &self.main);
-        f("branch", &self.branch);
-    }
-
-    fn map_gates(self, f: &mut dyn FnMut(&str, ChannelGate) -> ChannelGate) -> Self {
-        Self {
-            main: f("main", self.main),
-            branch: f("branch", self.branch),
-        }
+    fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        f("main", &mut self.main);
+        f("branch", &mut self.branch);
     }
 }
 

@@ -20,7 +20,7 @@ pub const TINY: &[&str] = &[
 
 /// The epoch log of the run in `out` (`metrics.jsonl`) without timings.
 pub fn history(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join(dnal_train::pipeline::paths::METRICS))
+    std::fs::read_to_string(out.join(dnal_train::progress::paths::METRICS))
         .unwrap()
         .lines()
         .map(|l| {

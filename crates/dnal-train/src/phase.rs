@@ -1,0 +1,200 @@
+//! The phases of a run and their rules: which phases a mode runs, their epochs and learning
+//! rates, which parameters each trains (gate modes, frozen groups) and its optimisers.
+
+use burn::module::ParamGroup;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord, SgdConfig};
+use dnal_core::GateMode;
+use dnal_zoo::Network;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ArchOptimizer, Baseline, LrSchedule, Mode, StageConfig, TrainConfig};
+
+/// One phase of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Dense weights from scratch, gates in bypass (also the dense baseline of a joint run).
+    Weights,
+    /// Weights and alpha together from scratch (beyond the paper).
+    Joint,
+    /// Alpha only (and the classifier, if configured), weights frozen, beta rising.
+    Arch,
+    /// The pruned network trained from its inherited weights.
+    Final,
+    /// The dense weight-stage network trained on for the final stage's epochs.
+    BaselineExtend,
+}
+
+impl Phase {
+    /// The name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Weights => "weights",
+            Phase::Joint => "joint",
+            Phase::Arch => "arch",
+            Phase::Final => "final",
+            Phase::BaselineExtend => "baseline",
+        }
+    }
+
+    pub(crate) fn searches(self) -> bool {
+        matches!(self, Phase::Arch | Phase::Joint)
+    }
+}
+
+/// The phases of a run, in order.
+pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
+    let extend = cfg.baseline == Baseline::Extended;
+    let mut v = match cfg.mode {
+        Mode::Dense => return vec![Phase::Weights],
+        Mode::Decoupled => vec![Phase::Weights, Phase::Arch, Phase::Final],
+        Mode::Joint => vec![Phase::Joint, Phase::Final, Phase::Weights],
+    };
+    if extend {
+        v.push(Phase::BaselineExtend);
+    }
+    v
+}
+
+/// Epochs of `phase` in `cfg`.
+pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
+    match phase {
+        Phase::Weights | Phase::Joint => cfg.weights.epochs,
+        Phase::Arch => cfg.arch.epochs,
+        Phase::Final | Phase::BaselineExtend => cfg.final_stage.epochs,
+    }
+}
+
+pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> &StageConfig {
+    match phase {
+        Phase::Weights | Phase::Joint | Phase::Arch => &cfg.weights,
+        Phase::Final | Phase::BaselineExtend => &cfg.final_stage,
+    }
+}
+
+/// Learning rate at iteration `iter` of epoch `epoch` of a stage.
+pub fn learning_rate(stage: &StageConfig, epoch: usize, iter: usize, iters: usize) -> f64 {
+    match &stage.schedule {
+        LrSchedule::Constant => stage.lr,
+        LrSchedule::Cosine { min_lr } => {
+            let total = (stage.epochs * iters).max(1) as f64;
+            let t = (epoch * iters + iter) as f64 / total;
+            min_lr + (stage.lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+        LrSchedule::Step { milestones, gamma } => {
+            let drops = milestones.iter().filter(|&&m| m <= epoch).count();
+            stage.lr * gamma.powi(drops as i32)
+        }
+    }
+}
+
+/// The optimiser states of the weights and of alpha, as a checkpoint keeps them.
+pub type OptimRecords = (Option<OptimizerRecord>, Option<OptimizerRecord>);
+
+pub(crate) struct Optimizers {
+    pub(crate) weights: Option<ModuleOptimizer>,
+    pub(crate) alpha: Option<ModuleOptimizer>,
+}
+
+impl Optimizers {
+    /// The optimiser states, for a checkpoint.
+    pub(crate) fn records(&self) -> OptimRecords {
+        (
+            self.weights.as_ref().map(|o| o.to_record()),
+            self.alpha.as_ref().map(|o| o.to_record()),
+        )
+    }
+}
+
+fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
+    let mut cfg = SgdConfig::new();
+    if momentum > 0.0 {
+        cfg = cfg.with_momentum(Some(
+            MomentumConfig::new()
+                .with_momentum(momentum)
+                .with_dampening(0.0),
+        ));
+    }
+    if weight_decay > 0.0 {
+        cfg = cfg.with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)));
+    }
+    cfg.init()
+}
+
+pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
+    let stage = phase_stage(cfg, phase);
+    let alpha = || match cfg.arch.optimizer {
+        ArchOptimizer::Sgd => sgd(cfg.arch.momentum, 0.0),
+        ArchOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),
+    };
+    match phase {
+        Phase::Arch => Optimizers {
+            weights: cfg
+                .arch
+                .train_classifier
+                .then(|| sgd(stage.momentum, stage.weight_decay)),
+            alpha: Some(alpha()),
+        },
+        Phase::Joint => Optimizers {
+            weights: Some(sgd(stage.momentum, stage.weight_decay)),
+            alpha: Some(alpha()),
+        },
+        _ => Optimizers {
+            weights: Some(sgd(stage.momentum, stage.weight_decay)),
+            alpha: None,
+        },
+    }
+}
+
+/// One step of the weight optimiser with every gradient left in `grads`.
+pub(crate) fn step_weights<N: Network>(
+    optims: &mut Optimizers,
+    lr: f64,
+    net: N,
+    grads: burn::tensor::Gradients,
+) -> N {
+    let g = GradientsParams::from_grads(grads, &net);
+    optims
+        .weights
+        .as_mut()
+        .expect("a weight optimiser in this phase")
+        .step(lr, net, g)
+}
+
+/// The frozen internals of the gates (mask and temperature), never trained.
+pub(crate) fn gate_internals() -> ParamGroup {
+    ParamGroup::from_regex(r"gate\.(mask|temperature)$").expect("a valid pattern")
+}
+
+/// Sets gate modes, trainability and BatchNorm behaviour for a phase. Applied on every
+/// (re)start of a phase, since modes and flags are not part of a checkpoint.
+pub(crate) fn configure<N: Network>(cfg: &TrainConfig, phase: Phase, model: N) -> N {
+    match phase {
+        Phase::Arch => {
+            let alpha = ParamGroup::from_ids(model.alpha_ids());
+            let classifier = model.classifier_group();
+            let frozen = if cfg.arch.update_bn_stats {
+                model.no_grad()
+            } else {
+                model.freeze()
+            };
+            let model = frozen.set_require_grad_group(alpha, true);
+            let model = if cfg.arch.train_classifier {
+                model.unfreeze_group(classifier)
+            } else {
+                model
+            };
+            model.with_gate_mode(GateMode::Search)
+        }
+        Phase::Joint => model
+            .unfreeze()
+            .set_require_grad_group(gate_internals(), false)
+            .with_gate_mode(GateMode::Search),
+        Phase::Weights | Phase::Final | Phase::BaselineExtend => model
+            .unfreeze()
+            .set_require_grad_group(gate_internals(), false)
+            .with_gate_mode(GateMode::Bypass),
+    }
+}
