@@ -36,6 +36,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// A lambda sweep of a recipe: `--recipe NAME [--lambdas 1e-4,2e-4] [--seeds 0,1,2]
+    /// [--baselines uniform,magnitude] [--jobs N] [--out DIR] [--set key=value]`, or
+    /// `--report DIR` to rewrite a sweep's table and plot.
+    Sweep {
+        /// Arguments for `dnal-train sweep` (see `cargo xtask sweep --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Data sets: `cargo xtask data download cifar10 [--dir DIR] [--url MIRROR]`.
     Data {
         /// `download` followed by its arguments.
@@ -75,16 +83,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Train { args } => {
-            let backend = backend_of(&args)?;
-            let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
-            if backend != "flex" {
-                cmd.extend(["--features", backend]);
-            }
-            cmd.extend(["--", "train"]);
-            cmd.extend(args.iter().map(String::as_str));
-            cargo(&root, &cmd)
-        }
+        Task::Train { args } => trainer(&root, "train", &args),
+        Task::Sweep { args } => trainer(&root, "sweep", &args),
         Task::Data { args } => {
             match args.first().map(String::as_str) {
                 Some("download") => {}
@@ -156,4 +156,16 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
         std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
+}
+
+/// Builds the trainer with the backend's cargo feature and runs `dnal-train <command> <args>`.
+fn trainer(root: &Path, command: &str, args: &[String]) -> Result<()> {
+    let backend = backend_of(args)?;
+    let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
+    if backend != "flex" {
+        cmd.extend(["--features", backend]);
+    }
+    cmd.extend(["--", command]);
+    cmd.extend(args.iter().map(String::as_str));
+    cargo(root, &cmd)
 }

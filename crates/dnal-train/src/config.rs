@@ -20,6 +20,24 @@ pub enum Mode {
     Joint,
     /// The unpruned baseline only: the weight stage and an evaluation.
     Dense,
+    /// Beyond the paper, a comparison method: after the weight stage, keep the channels with
+    /// the largest |BatchNorm gamma| under one global threshold chosen to match
+    /// `compare.target_macs`, prune, and train on for the architecture and final stages' epochs.
+    Magnitude,
+    /// Beyond the paper, a comparison method: the network with every gated width scaled by one
+    /// factor, chosen to match `compare.target_macs`, trained from scratch for the weight,
+    /// architecture and final stages' epochs with the weight stage's schedule (the dense weight
+    /// stage runs first, as the baseline).
+    Uniform,
+}
+
+/// The comparison methods' settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    /// The MACs per image the `magnitude` and `uniform` modes aim at (a DNAL run's pruned MACs).
+    #[serde(default)]
+    pub target_macs: Option<u64>,
 }
 
 /// The network section.
@@ -272,6 +290,13 @@ pub struct TrainConfig {
     /// Report options.
     #[serde(default)]
     pub report: ReportConfig,
+    /// The comparison methods' settings (modes `magnitude` and `uniform`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub compare: CompareConfig,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_mode() -> Mode {
@@ -371,6 +396,14 @@ impl TrainConfig {
         }
         if self.weights.epochs == 0 {
             return bad("weights.epochs", "must be at least 1".into());
+        }
+        if matches!(self.mode, Mode::Magnitude | Mode::Uniform)
+            && self.compare.target_macs.is_none_or(|m| m == 0)
+        {
+            return bad(
+                "compare.target_macs",
+                "the magnitude and uniform modes need the MACs to match, e.g. --set compare.target_macs=3858432".into(),
+            );
         }
         if self.mode == Mode::Decoupled && self.arch.epochs == 0 {
             return bad("arch.epochs", "must be at least 1 in decoupled mode".into());

@@ -27,6 +27,7 @@ pub mod progress;
 pub mod recipes;
 pub mod registry;
 pub mod report;
+pub mod sweep;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};

@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run a preset or a config file (default: the offline MNIST demo).
     Train(TrainArgs),
+    /// Run every lambda of a recipe (and the comparison methods at the same MACs), then write
+    /// the sweep's table (`sweep.md`, `sweep.json`) and plot (`pareto.svg`).
+    Sweep(SweepArgs),
     /// Download a data set (CIFAR-10 or CIFAR-100) with its checksum checked.
     Download {
         /// `cifar10` or `cifar100`.
@@ -36,6 +39,40 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// The recipe (see `train --list`; a preset without its `-l<lambda>` suffix).
+    #[arg(long, required_unless_present = "report")]
+    recipe: Option<String>,
+    /// Lambdas, comma-separated (default: the recipe's `[presets] lambdas`).
+    #[arg(long, value_delimiter = ',')]
+    lambdas: Option<Vec<f64>>,
+    /// Seeds, comma-separated; every point runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Comparison methods at each DNAL point's MACs: uniform, magnitude (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    baselines: Vec<String>,
+    /// Runs at once (one process each).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Sweep folder (default: runs/sweep-<recipe>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config value in every run (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// flex, ndarray, wgpu or cuda (must be compiled in).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Only (re)write the report of the sweep in this folder from its finished runs.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["recipe", "lambdas", "baselines", "out", "set"])]
+    report: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +141,7 @@ fn message(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Train(args) => train(args),
+        Command::Sweep(args) => sweep(args),
         Command::Download { dataset, dir, url } => {
             let kind = match dataset.as_str() {
                 "cifar10" => dnal_data::CifarKind::Cifar10,
@@ -222,6 +260,52 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
             );
             return Ok(false);
         }
+    }
+    Ok(true)
+}
+
+fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
+    if let Some(dir) = &args.report {
+        let table = dnal_train::sweep::write_report(dir)?;
+        println!("{}", table.markdown());
+        return Ok(true);
+    }
+    let recipe = args.recipe.clone().expect("clap requires --recipe");
+    let backend: BackendKind = args.backend.parse()?;
+    backend.device()?;
+    let baselines = args
+        .baselines
+        .iter()
+        .map(|b| dnal_train::sweep::Method::parse(b))
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("sweep-{recipe}")));
+    let opts = dnal_train::sweep::SweepOptions {
+        recipe,
+        lambdas: args.lambdas.clone(),
+        seeds: args.seeds.clone(),
+        baselines,
+        jobs: args.jobs,
+        out: out.clone(),
+        sets: args.set.clone(),
+        backend: args.backend.clone(),
+        trainer: std::env::current_exe().context("cannot find the dnal-train executable")?,
+        quiet: args.quiet,
+    };
+    let (table, failed) = dnal_train::sweep::run(&opts)?;
+    println!("{}", table.markdown());
+    println!(
+        "Outputs in {}: sweep.md, sweep.json, pareto.svg, one folder per run",
+        out.display()
+    );
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} run(s) failed (the table holds the others):\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        );
     }
     Ok(true)
 }

@@ -51,6 +51,8 @@ pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
         Mode::Dense => return vec![Phase::Weights],
         Mode::Decoupled => vec![Phase::Weights, Phase::Arch, Phase::Final],
         Mode::Joint => vec![Phase::Joint, Phase::Final, Phase::Weights],
+        // The comparison methods choose their architecture when the weight stage ends.
+        Mode::Magnitude | Mode::Uniform => vec![Phase::Weights, Phase::Final],
     };
     if extend {
         v.push(Phase::BaselineExtend);
@@ -63,15 +65,27 @@ pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
     match phase {
         Phase::Weights | Phase::Joint => cfg.weights.epochs,
         Phase::Arch => cfg.arch.epochs,
-        Phase::Final | Phase::BaselineExtend => cfg.final_stage.epochs,
+        Phase::Final => match cfg.mode {
+            // As many epochs after the weight stage as DNAL's architecture and final stages.
+            Mode::Magnitude => cfg.arch.epochs + cfg.final_stage.epochs,
+            // From scratch: as many epochs as the whole DNAL run.
+            Mode::Uniform => cfg.weights.epochs + cfg.arch.epochs + cfg.final_stage.epochs,
+            _ => cfg.final_stage.epochs,
+        },
+        Phase::BaselineExtend => cfg.final_stage.epochs,
     }
 }
 
-pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> &StageConfig {
-    match phase {
-        Phase::Weights | Phase::Joint | Phase::Arch => &cfg.weights,
-        Phase::Final | Phase::BaselineExtend => &cfg.final_stage,
-    }
+/// The stage settings `phase` trains with, its epochs being the phase's.
+pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> StageConfig {
+    let from_scratch = phase == Phase::Final && cfg.mode == Mode::Uniform;
+    let mut stage = match phase {
+        Phase::Weights | Phase::Joint | Phase::Arch => cfg.weights.clone(),
+        Phase::Final if from_scratch => cfg.weights.clone(),
+        Phase::Final | Phase::BaselineExtend => cfg.final_stage.clone(),
+    };
+    stage.epochs = phase_epochs(cfg, phase);
+    stage
 }
 
 /// Learning rate at iteration `iter` of epoch `epoch` of a stage.
@@ -124,7 +138,7 @@ fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
 }
 
 pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
-    let stage = phase_stage(cfg, phase);
+    let stage = &phase_stage(cfg, phase);
     let alpha = || match cfg.arch.optimizer {
         ArchOptimizer::Sgd => sgd(cfg.arch.momentum, 0.0),
         ArchOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),

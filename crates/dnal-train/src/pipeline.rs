@@ -13,10 +13,10 @@ use burn::module::ParamId;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use dnal_core::{BackendKind, SparsityPenalty};
+use dnal_core::{Architecture, BackendKind, SparsityPenalty};
 use dnal_zoo::Network;
 
-use crate::config::TrainConfig;
+use crate::config::{Mode, TrainConfig};
 use crate::data::RunData;
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, latency_ms};
@@ -295,22 +295,29 @@ impl<'a, N: Network> Runner<'a, N> {
                 let acc = evaluate(&net, &self.data.test, &self.device)?;
                 progress.dense = Some((acc, net.cost_model().cost(None)));
                 dnal_zoo::save(&net, &out.join(paths::DENSE))?;
-                Ok(net)
+                let target = self.cfg.compare.target_macs.unwrap_or(0);
+                match self.cfg.mode {
+                    Mode::Magnitude => {
+                        let arch = dnal_zoo::compare::magnitude_architecture(&net, target)?;
+                        self.adopt(net, arch, progress)
+                    }
+                    Mode::Uniform => {
+                        let arch = dnal_zoo::compare::uniform_architecture(&net, target)?;
+                        // Built at its own widths and initialised afresh: trained from scratch.
+                        self.record(&arch, &net, progress)?;
+                        let config = net.prune(&arch)?.config().clone();
+                        let thin = N::build(&config, &self.train_device)?;
+                        let thin = dnal_zoo::init::seeded(thin, self.cfg.seed);
+                        let thin = configure(self.cfg, Phase::Final, thin);
+                        progress.derived = Some(evaluate(&thin, &self.data.test, &self.device)?);
+                        Ok(thin)
+                    }
+                    _ => Ok(net),
+                }
             }
             Phase::Arch | Phase::Joint => {
                 let arch = net.derive(self.cfg.arch.threshold)?;
-                arch.save(out.join(paths::ARCHITECTURE))?;
-                progress.final_alpha = net
-                    .gate_states()
-                    .into_iter()
-                    .flat_map(|(_, s)| s.alpha)
-                    .collect();
-                progress.gate_order = net.gate_names();
-                let pruned = net.prune(&arch)?;
-                let pruned = configure(self.cfg, Phase::Final, pruned);
-                progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);
-                progress.architecture = Some(arch);
-                Ok(pruned)
+                self.adopt(net, arch, progress)
             }
             Phase::Final => {
                 let acc = evaluate(&net, &self.data.test, &self.device)?;
@@ -327,6 +334,28 @@ impl<'a, N: Network> Runner<'a, N> {
         }
     }
 
+    /// Saves `arch` (derived from `net`) and what the report needs of it.
+    fn record(&self, arch: &Architecture, net: &N, progress: &mut Progress) -> Result<()> {
+        arch.save(self.opts.out.join(paths::ARCHITECTURE))?;
+        progress.final_alpha = net
+            .gate_states()
+            .into_iter()
+            .flat_map(|(_, s)| s.alpha)
+            .collect();
+        progress.gate_order = net.gate_names();
+        progress.architecture = Some(arch.clone());
+        Ok(())
+    }
+
+    /// `net` pruned to `arch`, which is recorded, ready for the final stage.
+    fn adopt(&self, net: N, arch: Architecture, progress: &mut Progress) -> Result<N> {
+        self.record(&arch, &net, progress)?;
+        let pruned = net.prune(&arch)?;
+        let pruned = configure(self.cfg, Phase::Final, pruned);
+        progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);
+        Ok(pruned)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn epoch(
         &self,
@@ -341,7 +370,7 @@ impl<'a, N: Network> Runner<'a, N> {
         let cfg = self.cfg;
         let loader = &self.data.train;
         let iters = loader.len();
-        let stage = phase_stage(cfg, phase);
+        let stage = &phase_stage(cfg, phase);
         let epochs = phase_epochs(cfg, phase);
         let alpha_ids: Vec<ParamId> = net.alpha_ids();
         let ce = CrossEntropyLossConfig::new().init(&self.train_device);

@@ -275,3 +275,138 @@ pub(crate) fn plot_grid(path: &Path, grid: &dnal_zoo::StructureGrid) -> Result<(
     }
     Ok(dnal_core::io::write_atomic(path, svg.as_bytes())?)
 }
+
+/// Top-1 against MACs (log scale) of a sweep: DNAL's points labelled with their lambda, the
+/// paper's published points where the recipe has them, the dense baseline, and the comparison
+/// methods.
+pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Result<()> {
+    use crate::sweep::Method;
+    let err = plot_err(path);
+    let paper_points: Vec<(f64, f64)> = table
+        .rows
+        .iter()
+        .filter_map(|r| r.paper.as_deref().and_then(parse_paper_row))
+        .collect();
+    let all_macs = table
+        .rows
+        .iter()
+        .map(|r| r.macs.mean)
+        .chain(paper_points.iter().map(|p| p.0))
+        .chain([table.baseline_macs as f64]);
+    let (lo, hi) = all_macs.fold((f64::MAX, 0f64), |(a, b), m| (a.min(m), b.max(m)));
+    let tops = table
+        .rows
+        .iter()
+        .map(|r| r.top1.mean)
+        .chain(paper_points.iter().map(|p| p.1))
+        .chain([table.baseline_top1.mean]);
+    let (ylo, yhi) = tops.fold((100f64, 0f64), |(a, b), t| (a.min(t), b.max(t)));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("{}: top-1 against MACs", table.recipe),
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(
+                ((lo * 0.8).max(1.0)..hi * 1.25).log_scale(),
+                (ylo - 2.0).max(0.0)..(yhi + 1.0).min(100.0),
+            )
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("MACs per image (log scale)")
+            .y_desc("top-1 %")
+            .x_label_formatter(&|v| crate::report::human(*v as u64))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let series = [
+            (Method::Dnal, "DNAL", BLUE),
+            (Method::Uniform, "uniform width", GREEN),
+            (Method::Magnitude, "BN magnitude", MAGENTA),
+        ];
+        for (method, label, color) in series {
+            let points: Vec<(f64, f64, f64)> = table
+                .rows
+                .iter()
+                .filter(|r| r.method == method)
+                .map(|r| (r.macs.mean, r.top1.mean, r.lambda))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let mut line: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1)).collect();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(1)))
+                .map_err(|e| err(&e))?
+                .label(label)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
+                )
+                .map_err(|e| err(&e))?;
+            if method == Method::Dnal {
+                chart
+                    .draw_series(points.iter().map(|p| {
+                        Text::new(
+                            format!("λ={}", crate::recipes::lambda_label(p.2)),
+                            (p.0, p.1 + 0.15),
+                            ("sans-serif", 12),
+                        )
+                    }))
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        if !paper_points.is_empty() {
+            chart
+                .draw_series(
+                    paper_points
+                        .iter()
+                        .map(|&p| TriangleMarker::new(p, 6, BLACK.filled())),
+                )
+                .map_err(|e| err(&e))?
+                .label("paper")
+                .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, BLACK.filled()));
+        }
+        let base = (table.baseline_macs as f64, table.baseline_top1.mean);
+        chart
+            .draw_series([Cross::new(base, 7, RED.stroke_width(2))])
+            .map_err(|e| err(&e))?
+            .label(format!("dense ({})", table.baseline_kind))
+            .legend(|(x, y)| Cross::new((x + 10, y), 6, RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(dnal_core::io::write_atomic(path, svg.as_bytes())?)
+}
+
+/// `(MACs, top-1)` of a published row such as `93.20 %, 36.94M, 0.25M` (none when the row has
+/// no MACs figure).
+fn parse_paper_row(row: &str) -> Option<(f64, f64)> {
+    let mut parts = row.split(',').map(str::trim);
+    let top1: f64 = parts.next()?.trim_end_matches('%').trim().parse().ok()?;
+    let m = parts.next()?;
+    let m = m.split_whitespace().next()?;
+    let (num, scale) = match m.chars().last()? {
+        'M' => (&m[..m.len() - 1], 1e6),
+        'G' => (&m[..m.len() - 1], 1e9),
+        'K' => (&m[..m.len() - 1], 1e3),
+        _ => (m, 1.0),
+    };
+    Some((num.parse::<f64>().ok()? * scale, top1))
+}

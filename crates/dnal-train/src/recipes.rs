@@ -65,6 +65,30 @@ fn split(recipe: &Recipe) -> Result<(toml::Table, PresetTable)> {
     Ok((table, presets))
 }
 
+/// The lambdas of recipe `name`'s `[presets]` and its published rows by lambda label (and
+/// `baseline`).
+pub fn lambdas_and_paper(
+    name: &str,
+) -> Result<(Vec<f64>, std::collections::BTreeMap<String, String>)> {
+    let recipe =
+        RECIPES
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| TrainError::UnknownPreset {
+                name: name.into(),
+                suggestion: format!(
+                    "; recipes: {}",
+                    RECIPES
+                        .iter()
+                        .map(|r| r.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+    let (_, p) = split(recipe)?;
+    Ok((p.lambdas, p.paper))
+}
+
 /// Every preset of every recipe.
 pub fn presets() -> Result<Vec<Preset>> {
     let mut out = Vec::new();

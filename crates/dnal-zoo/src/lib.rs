@@ -13,6 +13,7 @@
 //! BatchNorms run through `dnal-kernels`.
 
 pub mod bottleneck;
+pub mod compare;
 pub mod error;
 pub mod init;
 pub mod layers;

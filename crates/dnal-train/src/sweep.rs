@@ -1,0 +1,501 @@
+//! A lambda sweep: every lambda of a recipe (times every seed) as an ordinary run in its own
+//! folder, optionally the comparison methods at each DNAL point's MACs, then one table
+//! (`sweep.md`, `sweep.json`) and one trade-off plot (`pareto.svg`) of all of them.
+//!
+//! Runs are separate `dnal-train train` processes, `jobs` at a time. A finished run (its
+//! `report.json` exists) is not run again and a stopped one is resumed, so the same command
+//! continues an interrupted sweep. A failed run is reported and the others still are.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::progress::{EpochLog, paths};
+use crate::recipes::{lambda_label, lambdas_and_paper};
+use crate::report::Report;
+
+/// How the channels of a point were chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// DNAL.
+    Dnal,
+    /// Every gated width scaled by one factor, trained from scratch (mode `uniform`).
+    Uniform,
+    /// The largest |BatchNorm gamma| after the weight stage (mode `magnitude`).
+    Magnitude,
+}
+
+impl Method {
+    /// The name in tables, folders and `--baselines`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dnal => "dnal",
+            Method::Uniform => "uniform",
+            Method::Magnitude => "magnitude",
+        }
+    }
+
+    /// A comparison method by name.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "uniform" => Ok(Method::Uniform),
+            "magnitude" => Ok(Method::Magnitude),
+            other => Err(TrainError::from(dnal_core::CoreError::invalid(
+                "--baselines",
+                format!("`{other}` is not a comparison method; use uniform, magnitude or both"),
+            ))),
+        }
+    }
+}
+
+/// What to sweep.
+#[derive(Clone, Debug)]
+pub struct SweepOptions {
+    /// The recipe (a file stem of `configs/`).
+    pub recipe: String,
+    /// Lambdas (default: the recipe's `[presets] lambdas`).
+    pub lambdas: Option<Vec<f64>>,
+    /// Seeds; every point is run once per seed.
+    pub seeds: Vec<u64>,
+    /// Comparison methods run at each DNAL point's MACs.
+    pub baselines: Vec<Method>,
+    /// Runs at once.
+    pub jobs: usize,
+    /// The sweep folder.
+    pub out: PathBuf,
+    /// `key=value` overrides for every run.
+    pub sets: Vec<String>,
+    /// Backend name passed to every run.
+    pub backend: String,
+    /// The `dnal-train` executable that runs each point.
+    pub trainer: PathBuf,
+    /// No progress lines.
+    pub quiet: bool,
+}
+
+/// One run of the sweep.
+#[derive(Clone, Debug)]
+struct Point {
+    method: Method,
+    lambda: f64,
+    seed: u64,
+    dir: PathBuf,
+}
+
+impl Point {
+    fn folder(method: Method, lambda: f64, seed: u64) -> String {
+        let base = format!("l{}-s{seed}", lambda_label(lambda));
+        match method {
+            Method::Dnal => base,
+            m => format!("{base}-{}", m.name()),
+        }
+    }
+}
+
+/// Runs the sweep, then writes its report; returns the table and the runs that failed.
+pub fn run(opts: &SweepOptions) -> Result<(SweepTable, Vec<String>)> {
+    let (recipe_lambdas, _) = lambdas_and_paper(&opts.recipe)?;
+    let lambdas = opts.lambdas.clone().unwrap_or(recipe_lambdas);
+    if lambdas.is_empty() || opts.seeds.is_empty() {
+        return Err(TrainError::from(dnal_core::CoreError::invalid(
+            "--lambdas",
+            "nothing to run: give --lambdas (the recipe lists none) and at least one seed",
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(dnal_core::CoreError::io(&opts.out))?;
+    let dnal: Vec<Point> = lambdas
+        .iter()
+        .flat_map(|&lambda| {
+            opts.seeds.iter().map(move |&seed| Point {
+                method: Method::Dnal,
+                lambda,
+                seed,
+                dir: opts.out.join(Point::folder(Method::Dnal, lambda, seed)),
+            })
+        })
+        .collect();
+    let mut failed = execute(opts, &dnal, |_| Ok(Vec::new()));
+    if !opts.baselines.is_empty() {
+        let compare: Vec<Point> = dnal
+            .iter()
+            .filter(|p| p.dir.join("report.json").is_file())
+            .flat_map(|p| {
+                opts.baselines.iter().map(|&method| Point {
+                    method,
+                    dir: opts.out.join(Point::folder(method, p.lambda, p.seed)),
+                    ..p.clone()
+                })
+            })
+            .collect();
+        failed.extend(execute(opts, &compare, |point| {
+            let dnal_dir = opts
+                .out
+                .join(Point::folder(Method::Dnal, point.lambda, point.seed));
+            let report = read_report(&dnal_dir)?;
+            let macs = report
+                .pruned
+                .map(|p| p.macs)
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: dnal_dir.join("report.json"),
+                    message: "the DNAL run has no pruned network to match".into(),
+                })?;
+            Ok(vec![
+                format!("mode=\"{}\"", point.method.name()),
+                format!("compare.target_macs={macs}"),
+            ])
+        }));
+    }
+    let table = write_report(&opts.out)?;
+    Ok((table, failed))
+}
+
+/// Runs `points` (`jobs` at a time), each with the extra overrides `extra(point)`; returns a
+/// line per failed run.
+fn execute(
+    opts: &SweepOptions,
+    points: &[Point],
+    extra: impl Fn(&Point) -> Result<Vec<String>> + Sync,
+) -> Vec<String> {
+    let queue = Mutex::new(points.iter().collect::<VecDeque<_>>());
+    let failed = Mutex::new(Vec::new());
+    let total = points.len();
+    let done = Mutex::new(0usize);
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.max(1) {
+            s.spawn(|| {
+                loop {
+                    let Some(point) = queue.lock().expect("queue").pop_front() else {
+                        break;
+                    };
+                    let name = point.dir.file_name().unwrap_or_default().to_string_lossy();
+                    let result = extra(point).and_then(|sets| run_point(opts, point, &sets));
+                    let mut n = done.lock().expect("counter");
+                    *n += 1;
+                    match result {
+                        Ok(skipped) => {
+                            if !opts.quiet {
+                                let what = if skipped { "already done" } else { "done" };
+                                eprintln!("sweep: [{}/{total}] {name} {what}", *n);
+                            }
+                        }
+                        Err(e) => {
+                            let line = format!("{name}: {e}");
+                            eprintln!("sweep: [{}/{total}] {line}", *n);
+                            failed.lock().expect("failures").push(line);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    failed.into_inner().expect("failures")
+}
+
+/// Runs (or resumes) one point; `Ok(true)` when it had finished already.
+fn run_point(opts: &SweepOptions, point: &Point, extra: &[String]) -> Result<bool> {
+    if point.dir.join("report.json").is_file() {
+        return Ok(true);
+    }
+    let mut cmd = Command::new(&opts.trainer);
+    cmd.args(["train", "--quiet", "--backend", &opts.backend]);
+    if point.dir.join(paths::CHECKPOINT).is_dir() {
+        cmd.arg("--resume").arg(&point.dir);
+    } else {
+        cmd.args(["--preset", &opts.recipe]);
+        // The sweep's own settings last, so that they win over the caller's.
+        let mut sets = opts.sets.clone();
+        sets.push(format!("arch.penalty.lambda={:e}", point.lambda));
+        sets.push(format!("seed={}", point.seed));
+        sets.extend(extra.iter().cloned());
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.arg("--out").arg(&point.dir);
+    }
+    let log = opts.out.join(format!(
+        "{}.log",
+        point.dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let file = std::fs::File::create(&log).map_err(dnal_core::CoreError::io(&log))?;
+    let err = file.try_clone().map_err(dnal_core::CoreError::io(&log))?;
+    let status = cmd
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(err))
+        .status()
+        .map_err(dnal_core::CoreError::io(&opts.trainer))?;
+    if !status.success() {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        let last = tail
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(TrainError::Config {
+            origin: format!("run {}", point.dir.display()),
+            message: format!("exited with {status}: {last} (log: {})", log.display()),
+        });
+    }
+    Ok(false)
+}
+
+fn read_report(dir: &Path) -> Result<Report> {
+    let path = dir.join("report.json");
+    let text = std::fs::read_to_string(&path).map_err(dnal_core::CoreError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path,
+        message: format!("not a dnal report: {e}"),
+    })
+}
+
+/// A mean and a sample standard deviation (0 for one value).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation.
+    pub sd: f64,
+}
+
+impl Stat {
+    fn of(values: &[f64]) -> Self {
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let sd = if values.len() > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        Self { mean, sd }
+    }
+
+    fn show(&self, digits: usize) -> String {
+        if self.sd > 0.0 {
+            format!("{:.digits$} ± {:.digits$}", self.mean, self.sd)
+        } else {
+            format!("{:.digits$}", self.mean)
+        }
+    }
+}
+
+/// One row: a method at one lambda, over its seeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepRow {
+    /// How the channels were chosen.
+    pub method: Method,
+    /// The DNAL lambda (for a comparison method: of the DNAL point whose MACs it matches).
+    pub lambda: f64,
+    /// Seeds run.
+    pub seeds: Vec<u64>,
+    /// Top-1 after the last epoch, percent.
+    pub top1: Stat,
+    /// Best top-1 of any epoch of the last stage: chosen on the test set, so optimistic (the
+    /// authors' code reports this one).
+    pub best_top1: Stat,
+    /// Top-1 drop against the baseline, points.
+    pub top1_drop: Stat,
+    /// MACs per image.
+    pub macs: Stat,
+    /// MACs removed, percent.
+    pub macs_reduction_pct: Stat,
+    /// Parameters.
+    pub params: Stat,
+    /// Parameters removed, percent.
+    pub params_reduction_pct: Stat,
+    /// Dense latency, ms per batch.
+    pub dense_ms: Stat,
+    /// Pruned latency, ms per batch.
+    pub pruned_ms: Stat,
+    /// The paper's published row for this lambda, if the recipe has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paper: Option<String>,
+}
+
+/// The whole sweep (`sweep.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepTable {
+    /// The recipe.
+    pub recipe: String,
+    /// What the drops are measured against (`weight-stage` or `extended`), with its top-1 and
+    /// MACs.
+    pub baseline_kind: String,
+    /// The dense baseline's top-1 over the DNAL runs' seeds.
+    pub baseline_top1: Stat,
+    /// The dense baseline's MACs.
+    pub baseline_macs: u64,
+    /// The paper's baseline row, if the recipe has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paper_baseline: Option<String>,
+    /// Rows: DNAL by rising lambda, then each comparison method.
+    pub rows: Vec<SweepRow>,
+}
+
+/// The best test top-1 of the last stage of a run (from its `metrics.jsonl`).
+fn best_top1(dir: &Path, last: f64) -> f64 {
+    let Ok(text) = std::fs::read_to_string(dir.join(paths::METRICS)) else {
+        return last;
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<EpochLog>(l).ok())
+        .filter(|l| l.stage == "final")
+        .map(|l| l.test_top1)
+        .fold(last, f64::max)
+}
+
+/// A finished run of a sweep folder.
+struct Finished {
+    method: Method,
+    lambda: f64,
+    seed: u64,
+    dir: PathBuf,
+    report: Report,
+}
+
+/// Reads every finished run in `dir` and writes `sweep.json`, `sweep.md` and `pareto.svg`.
+pub fn write_report(dir: &Path) -> Result<SweepTable> {
+    let mut runs: Vec<Finished> = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(dnal_core::CoreError::io(dir))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("report.json").is_file())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        let report = read_report(&d)?;
+        let method = match report.config.mode {
+            crate::config::Mode::Magnitude => Method::Magnitude,
+            crate::config::Mode::Uniform => Method::Uniform,
+            _ => Method::Dnal,
+        };
+        // A comparison run carries the lambda of the DNAL point it was matched to.
+        let lambda = report.config.arch.penalty.lambda;
+        runs.push(Finished {
+            method,
+            lambda,
+            seed: report.config.seed,
+            dir: d,
+            report,
+        });
+    }
+    let Some(Finished { report: first, .. }) = runs.first() else {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "no finished run (no */report.json) in the sweep folder".into(),
+        });
+    };
+    let recipe = first.name.clone();
+    let (_, paper) = lambdas_and_paper(&recipe).unwrap_or_default();
+    let baseline_kind = first.baseline_kind.clone();
+    let dnal_bases: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.method == Method::Dnal)
+        .map(|r| r.report.baseline.top1)
+        .collect();
+    let baseline_macs = first.baseline.macs;
+    let mut groups: BTreeMap<(Method, String), Vec<&Finished>> = BTreeMap::new();
+    for r in &runs {
+        groups
+            .entry((r.method, format!("{:020.12}", r.lambda)))
+            .or_default()
+            .push(r);
+    }
+    let mut rows = Vec::new();
+    for ((method, _), group) in groups {
+        let pick = |f: &dyn Fn(&Report) -> Option<f64>| -> Stat {
+            Stat::of(
+                &group
+                    .iter()
+                    .filter_map(|r| f(&r.report))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let lambda = group[0].lambda;
+        rows.push(SweepRow {
+            method,
+            lambda,
+            seeds: group.iter().map(|r| r.seed).collect(),
+            top1: pick(&|r| r.pruned.as_ref().map(|p| p.top1)),
+            best_top1: Stat::of(
+                &group
+                    .iter()
+                    .filter_map(|r| r.report.pruned.as_ref().map(|p| best_top1(&r.dir, p.top1)))
+                    .collect::<Vec<_>>(),
+            ),
+            top1_drop: pick(&|r| r.reduction.as_ref().map(|x| x.top1_drop)),
+            macs: pick(&|r| r.pruned.as_ref().map(|p| p.macs as f64)),
+            macs_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.macs_pct)),
+            params: pick(&|r| r.pruned.as_ref().map(|p| p.params as f64)),
+            params_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.params_pct)),
+            dense_ms: pick(&|r| Some(r.latency_ms.dense)),
+            pruned_ms: pick(&|r| r.latency_ms.pruned),
+            paper: (method == Method::Dnal)
+                .then(|| paper.get(&lambda_label(lambda)).cloned())
+                .flatten(),
+        });
+    }
+    let table = SweepTable {
+        recipe,
+        baseline_kind,
+        baseline_top1: Stat::of(&dnal_bases),
+        baseline_macs,
+        paper_baseline: paper.get("baseline").cloned(),
+        rows,
+    };
+    let json = serde_json::to_string_pretty(&table).expect("tables serialise");
+    dnal_core::io::write_atomic(&dir.join("sweep.json"), json.as_bytes())?;
+    dnal_core::io::write_atomic(&dir.join("sweep.md"), table.markdown().as_bytes())?;
+    crate::plots::plot_pareto(&dir.join("pareto.svg"), &table)?;
+    Ok(table)
+}
+
+/// A MACs figure as 1.23M.
+fn macs(v: f64) -> String {
+    crate::report::human(v.round() as u64)
+}
+
+impl SweepTable {
+    /// The paper-style table.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("# Sweep of {}\n\n", self.recipe);
+        s += &format!(
+            "Baseline ({}): top-1 {} %, {} MACs{}. Drops are measured against it; mean ± sample \
+             standard deviation over the seeds listed.\n\n",
+            self.baseline_kind,
+            self.baseline_top1.show(2),
+            macs(self.baseline_macs as f64),
+            self.paper_baseline
+                .as_ref()
+                .map(|p| format!(" (paper: {p})"))
+                .unwrap_or_default()
+        );
+        s += "| method | lambda | seeds | top-1 % (last) | top-1 % (best, test-chosen) | drop (points) | MACs | MACs removed | params | params removed | latency dense / pruned (ms) | paper |\n";
+        s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} % | {} / {} | {} |\n",
+                r.method.name(),
+                lambda_label(r.lambda),
+                r.seeds.len(),
+                r.top1.show(2),
+                r.best_top1.show(2),
+                r.top1_drop.show(2),
+                macs(r.macs.mean),
+                r.macs_reduction_pct.show(1),
+                macs(r.params.mean),
+                r.params_reduction_pct.show(1),
+                r.dense_ms.show(1),
+                r.pruned_ms.show(1),
+                r.paper.as_deref().unwrap_or("-"),
+            );
+        }
+        s += "\nComparison methods (beyond the paper) run at the MACs of the DNAL point with the same \
+              lambda and seed, for the same total epochs: `uniform` scales every gated width by one \
+              factor and trains from scratch; `magnitude` keeps the largest |BatchNorm gamma| after \
+              the same weight stage and trains on.\n";
+        s
+    }
+}

@@ -1,0 +1,128 @@
+//! A reduced lambda sweep on the bundled digits (3 lambdas, both comparison methods, tiny
+//! runs): the table and plot are written, DNAL's MACs fall as lambda rises, the comparison
+//! methods land at their DNAL point's MACs, the table agrees with the runs' reports, a second
+//! invocation runs nothing again, and one failed run does not lose the others.
+
+mod common;
+
+use std::path::Path;
+
+use dnal_train::Report;
+use dnal_train::sweep::{self, Method, SweepOptions, SweepTable};
+
+fn options(out: &Path, lambdas: &[f64], baselines: Vec<Method>) -> SweepOptions {
+    SweepOptions {
+        recipe: "mnist-demo".into(),
+        lambdas: Some(lambdas.to_vec()),
+        seeds: vec![0],
+        baselines,
+        jobs: 2,
+        out: out.to_path_buf(),
+        sets: common::TINY.iter().map(|s| s.to_string()).collect(),
+        backend: "flex".into(),
+        trainer: env!("CARGO_BIN_EXE_dnal-train").into(),
+        quiet: true,
+    }
+}
+
+fn report(dir: &Path) -> Report {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let lambdas = [5e-3, 5e-2, 5e-1];
+    let opts = options(&out, &lambdas, vec![Method::Uniform, Method::Magnitude]);
+    let (table, failed) = sweep::run(&opts).unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    for file in ["sweep.md", "sweep.json", "pareto.svg"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let saved: SweepTable =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(saved, table);
+    assert_eq!(table.rows.len(), 9);
+    let dnal: Vec<_> = table
+        .rows
+        .iter()
+        .filter(|r| r.method == Method::Dnal)
+        .collect();
+    assert_eq!(
+        dnal.iter().map(|r| r.lambda).collect::<Vec<_>>(),
+        lambdas.to_vec()
+    );
+    for pair in dnal.windows(2) {
+        assert!(
+            pair[1].macs.mean < pair[0].macs.mean,
+            "MACs must fall as lambda rises: {} then {}",
+            pair[0].macs.mean,
+            pair[1].macs.mean
+        );
+    }
+    for row in &table.rows {
+        let folder = match row.method {
+            Method::Dnal => format!("l{}-s0", dnal_train::recipes::lambda_label(row.lambda)),
+            m => format!(
+                "l{}-s0-{}",
+                dnal_train::recipes::lambda_label(row.lambda),
+                m.name()
+            ),
+        };
+        let run = report(&out.join(&folder));
+        let pruned = run.pruned.as_ref().unwrap();
+        assert_eq!(
+            row.top1.mean, pruned.top1,
+            "{folder}: the table is the run's report"
+        );
+        assert_eq!(row.macs.mean, pruned.macs as f64, "{folder}");
+        if row.method != Method::Dnal {
+            let target = dnal
+                .iter()
+                .find(|d| d.lambda == row.lambda)
+                .unwrap()
+                .macs
+                .mean;
+            let off = (row.macs.mean - target).abs() / target;
+            assert!(
+                off < 0.1,
+                "{folder}: {} MACs against {target}",
+                row.macs.mean
+            );
+        }
+    }
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert_eq!(md.lines().filter(|l| l.starts_with("| dnal |")).count(), 3);
+    assert_eq!(
+        md.lines().filter(|l| l.starts_with("| uniform |")).count(),
+        3
+    );
+
+    // Everything is done: a second invocation runs nothing and gives the same table.
+    let stamp = |f: &str| {
+        std::fs::metadata(out.join(f).join("report.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = stamp("l5e-2-s0");
+    let (again, failed) = sweep::run(&opts).unwrap();
+    assert!(failed.is_empty());
+    assert_eq!(again, table);
+    assert_eq!(stamp("l5e-2-s0"), before);
+}
+
+#[test]
+fn a_failed_run_is_named_and_the_others_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    std::fs::create_dir_all(&out).unwrap();
+    // A file where the second run's folder should go: that run cannot start.
+    std::fs::write(out.join("l5e-1-s0"), "in the way").unwrap();
+    let (table, failed) = sweep::run(&options(&out, &[5e-3, 5e-1], Vec::new())).unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].starts_with("l5e-1-s0"), "{}", failed[0]);
+    assert_eq!(table.rows.len(), 1);
+    assert_eq!(table.rows[0].lambda, 5e-3);
+}
