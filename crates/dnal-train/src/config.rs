@@ -121,11 +121,15 @@ fn default_crop() -> usize {
 pub enum LrSchedule {
     /// Constant.
     Constant,
-    /// Cosine from `lr` to `min_lr` over the stage.
+    /// Cosine from `lr` to `min_lr` over `span` epochs (default: the stage's); a span longer
+    /// than the stage stops part-way down, as the released ImageNet scripts' weight stages do.
     Cosine {
         /// Final learning rate.
         #[serde(default)]
         min_lr: f64,
+        /// Epochs of the whole cosine.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        span: Option<usize>,
     },
     /// Multiply by `gamma` at each milestone epoch.
     Step {
@@ -196,10 +200,18 @@ pub struct ArchConfig {
     /// Keep a channel iff sigmoid(beta * alpha) > threshold.
     #[serde(default = "default_threshold")]
     pub threshold: f64,
-    /// Keep training the classifier (with the weight stage's optimiser settings) while alpha
-    /// is learned; the released code does.
+    /// Keep training the classifier (at `arch.lr`, with the weight stage's momentum) while
+    /// alpha is learned; the released code does.
     #[serde(default = "yes")]
     pub train_classifier: bool,
+    /// Weight decay of the classifier in this stage: 0 as in the released code, whose
+    /// architecture-stage optimiser has none.
+    #[serde(default)]
+    pub classifier_weight_decay: f64,
+    /// Build the stage's optimisers afresh at every epoch, so that momentum restarts each
+    /// epoch, as the released code does; `false` keeps one optimiser for the whole stage.
+    #[serde(default = "yes")]
+    pub momentum_restart: bool,
     /// Let BatchNorm update its running statistics (train mode); the released code does.
     #[serde(default = "yes")]
     pub update_bn_stats: bool,
@@ -385,7 +397,18 @@ impl TrainConfig {
                         format!("{gamma} is outside (0, 1]"),
                     );
                 }
-                LrSchedule::Cosine { min_lr } if !(min_lr >= 0.0 && min_lr <= stage.lr) => {
+                LrSchedule::Cosine {
+                    span: Some(span), ..
+                } if span < stage.epochs => {
+                    return bad(
+                        &format!("{key}.schedule.span"),
+                        format!(
+                            "{span} is shorter than the stage ({} epochs); the rate would rise again",
+                            stage.epochs
+                        ),
+                    );
+                }
+                LrSchedule::Cosine { min_lr, .. } if !(min_lr >= 0.0 && min_lr <= stage.lr) => {
                     return bad(
                         &format!("{key}.schedule.min_lr"),
                         format!("{min_lr} is outside [0, {key}.lr = {}]", stage.lr),
@@ -407,6 +430,14 @@ impl TrainConfig {
         }
         if self.mode == Mode::Decoupled && self.arch.epochs == 0 {
             return bad("arch.epochs", "must be at least 1 in decoupled mode".into());
+        }
+        if !(self.arch.classifier_weight_decay.is_finite()
+            && self.arch.classifier_weight_decay >= 0.0)
+        {
+            return bad(
+                "arch.classifier_weight_decay",
+                format!("{} must be >= 0", self.arch.classifier_weight_decay),
+            );
         }
         if !(self.arch.lr.is_finite() && self.arch.lr > 0.0) {
             return bad("arch.lr", format!("{} must be > 0", self.arch.lr));

@@ -84,7 +84,15 @@ pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> StageConfig {
         Phase::Final if from_scratch => cfg.weights.clone(),
         Phase::Final | Phase::BaselineExtend => cfg.final_stage.clone(),
     };
-    stage.epochs = phase_epochs(cfg, phase);
+    let epochs = phase_epochs(cfg, phase);
+    if let LrSchedule::Cosine {
+        span: Some(span), ..
+    } = &mut stage.schedule
+    {
+        // Stretched with the stage (the uniform baseline's from-scratch run is longer).
+        *span = (*span * epochs).div_ceil(stage.epochs.max(1)).max(epochs);
+    }
+    stage.epochs = epochs;
     stage
 }
 
@@ -92,8 +100,8 @@ pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> StageConfig {
 pub fn learning_rate(stage: &StageConfig, epoch: usize, iter: usize, iters: usize) -> f64 {
     match &stage.schedule {
         LrSchedule::Constant => stage.lr,
-        LrSchedule::Cosine { min_lr } => {
-            let total = (stage.epochs * iters).max(1) as f64;
+        LrSchedule::Cosine { min_lr, span } => {
+            let total = (span.unwrap_or(stage.epochs) * iters).max(1) as f64;
             let t = (epoch * iters + iter) as f64 / total;
             min_lr + (stage.lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
         }
@@ -148,7 +156,7 @@ pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
             weights: cfg
                 .arch
                 .train_classifier
-                .then(|| sgd(stage.momentum, stage.weight_decay)),
+                .then(|| sgd(stage.momentum, cfg.arch.classifier_weight_decay)),
             alpha: Some(alpha()),
         },
         Phase::Joint => Optimizers {

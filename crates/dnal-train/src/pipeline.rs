@@ -213,6 +213,10 @@ impl<'a, N: Network> Runner<'a, N> {
                 let epoch = progress.epochs_done;
                 let t0 = Instant::now();
                 let resumed = progress.partial.take();
+                if phase == Phase::Arch && self.cfg.arch.momentum_restart && resumed.is_none() {
+                    // A new epoch of the architecture stage starts with fresh optimisers.
+                    optims = optimizers(self.cfg, phase);
+                }
                 let before = resumed.as_ref().map_or(0.0, |p| p.seconds);
                 let end = self.epoch(
                     phase,

@@ -39,6 +39,10 @@ struct PresetTable {
     lambdas: Vec<f64>,
     #[serde(default)]
     baseline: bool,
+    /// Epochs of the `-baseline` preset's training (the paper's baseline schedule); default:
+    /// the weight stage's.
+    #[serde(default)]
+    baseline_epochs: Option<usize>,
     #[serde(default)]
     paper: std::collections::BTreeMap<String, String>,
 }
@@ -162,7 +166,7 @@ pub fn preset_value(name: &str) -> Result<toml::Value> {
         .iter()
         .find(|r| r.name == p.recipe)
         .expect("listed recipe");
-    let (table, _) = split(recipe)?;
+    let (table, presets) = split(recipe)?;
     let mut value = toml::Value::Table(table);
     let mut sets = vec![format!("name=\"{}\"", p.name)];
     if let Some(l) = p.lambda {
@@ -170,6 +174,18 @@ pub fn preset_value(name: &str) -> Result<toml::Value> {
     }
     if p.dense {
         sets.push("mode=\"dense\"".into());
+        if let Some(epochs) = presets.baseline_epochs {
+            sets.push(format!("weights.epochs={epochs}"));
+            // A cosine that the DNAL weight stage leaves part-way runs its whole course here.
+            let spans = value
+                .get("weights")
+                .and_then(|w| w.get("schedule"))
+                .and_then(|s| s.get("span"))
+                .is_some();
+            if spans {
+                sets.push(format!("weights.schedule.span={epochs}"));
+            }
+        }
     }
     apply_overrides(&mut value, &sets)?;
     Ok(value)

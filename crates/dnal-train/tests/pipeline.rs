@@ -9,7 +9,7 @@ use dnal_train::{Outcome, TrainError, recipes};
 
 mod common;
 
-use common::{demo, finished, opts};
+use common::{TINY, demo, finished, history, opts};
 
 /// A reduced demo: 2,000 of the 4,000 training digits, batches of 32, 4 + 5 + 4 epochs, lambda
 /// 4e-2 (measured: 85 % fewer MACs, 0.3 points below the baseline's 96.0 %). DNAL must remove
@@ -225,6 +225,7 @@ fn every_out_of_range_setting_is_named_in_its_error() {
         ("arch.epochs", &["0"]),
         ("arch.lr", &["0", "-1", "inf"]),
         ("arch.momentum", &["-0.5", "1"]),
+        ("arch.classifier_weight_decay", &["-1", "nan"]),
         ("arch.threshold", &["0", "1", "-0.2", "nan"]),
         ("arch.penalty.lambda", &["-1", "nan", "inf"]),
         ("arch.continuation.schedule.start", &["0", "-1", "inf"]),
@@ -442,4 +443,85 @@ fn stopped_run_resumes_to_the_same_result() {
         common::history(straight.path()),
         common::history(stopped.path())
     );
+}
+
+/// The history of a tiny run with `extra` settings, split at the architecture stage: the epochs
+/// before it and those of it.
+fn arch_history(extra: &[&str]) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets: Vec<&str> = TINY.iter().chain(extra).copied().collect();
+    let cfg = demo(&[&sets[..], &["final.epochs=1"]].concat());
+    finished(dnal_train::run(&cfg, &opts(tmp.path(), false, None)).unwrap());
+    let h = history(tmp.path());
+    let weights: Vec<_> = h
+        .iter()
+        .filter(|l| l["stage"] == "weights")
+        .cloned()
+        .collect();
+    let arch: Vec<_> = h.iter().filter(|l| l["stage"] == "arch").cloned().collect();
+    (weights, arch)
+}
+
+/// The released code's architecture stage is the default: the classifier trains without weight
+/// decay, and the optimisers restart every epoch (momentum from zero); both are one setting away.
+#[test]
+fn the_architecture_stage_follows_the_released_code_by_default() {
+    let cfg = demo(&[]);
+    assert_eq!(cfg.arch.classifier_weight_decay, 0.0);
+    assert!(cfg.arch.momentum_restart);
+    assert!(cfg.arch.train_classifier);
+
+    // A restart changes nothing in the first epoch, and everything after it.
+    let (w_restart, restart) = arch_history(&["arch.epochs=2"]);
+    let (w_kept, kept) = arch_history(&["arch.epochs=2", "arch.momentum_restart=false"]);
+    assert_eq!(w_restart, w_kept);
+    assert_eq!(
+        restart[0], kept[0],
+        "the first epoch starts from zero momentum either way"
+    );
+    assert_ne!(
+        restart[1]["loss"], kept[1]["loss"],
+        "the second epoch restarts momentum"
+    );
+
+    // The classifier's decay acts in the architecture stage only.
+    let (w_decay, decay) = arch_history(&["arch.epochs=2", "arch.classifier_weight_decay=0.05"]);
+    assert_eq!(w_decay, w_restart);
+    assert_ne!(decay[1]["loss"], restart[1]["loss"]);
+}
+
+/// The ImageNet recipes follow the released scripts' learning rates, and each `-baseline`
+/// preset trains for the paper's baseline epochs.
+#[test]
+fn recipes_follow_the_released_schedules_and_the_papers_baselines() {
+    use dnal_train::config::Mode;
+    use dnal_train::phase::learning_rate;
+    let cfg = |p: &str| recipes::resolve(Some(p), None, &[]).unwrap();
+    // The rate where the weight stage ends.
+    let end = |p: &str| {
+        let c = cfg(p);
+        learning_rate(&c.weights, c.weights.epochs, 0, 100)
+    };
+    assert!((end("mobilenetv2-imagenet") - 0.05).abs() < 1e-12);
+    assert!((end("proxyless-imagenet") - 0.0125).abs() < 1e-12);
+    assert_eq!(end("resnet50-imagenet"), 0.1);
+    assert_eq!(end("vgg16-imagenet"), 0.01);
+    assert_eq!(cfg("mobilenetv2-imagenet").final_stage.lr, 0.085);
+    assert_eq!(cfg("proxyless-imagenet").final_stage.lr, 0.042);
+    for (preset, epochs) in [
+        ("vgg16-cifar10-baseline", 200),
+        ("resnet56-cifar10-baseline", 200),
+        ("mobilenetv2-cifar10-baseline", 300),
+        ("vgg16-imagenet-baseline", 90),
+        ("resnet50-imagenet-baseline", 90),
+        ("mobilenetv2-imagenet-baseline", 120),
+        ("proxyless-imagenet-baseline", 150),
+    ] {
+        let c = cfg(preset);
+        assert_eq!(c.mode, Mode::Dense, "{preset}");
+        assert_eq!(c.weights.epochs, epochs, "{preset}");
+    }
+    // A baseline's cosine runs its whole course.
+    assert!(end("mobilenetv2-imagenet-baseline") < 1e-12);
+    assert!(end("proxyless-imagenet-baseline") < 1e-12);
 }
