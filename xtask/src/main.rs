@@ -2,6 +2,8 @@
 //!
 //! * `cargo xtask train [ARGS]`: the DNAL trainer (no argument: the offline MNIST demo), built
 //!   in release mode with the cargo feature of the backend chosen by `--backend`;
+//! * `cargo xtask sweep --recipe NAME [...]`: every lambda of a recipe (and the comparison methods
+//!   at equal MACs), then the sweep's table and plot;
 //! * `cargo xtask data download cifar10|cifar100`: fetch a data set with its checksum checked;
 //! * `cargo xtask test`: the whole test suite (what CI runs after fmt and clippy);
 //! * `cargo xtask demo`: the toy demo of the DNAL core (gates on a 32-input problem).
