@@ -323,7 +323,7 @@ pub struct SweepTable {
     /// What the drops are measured against (`weight-stage` or `extended`), with its top-1 and
     /// MACs.
     pub baseline_kind: String,
-    /// The dense baseline's top-1 over the DNAL runs' seeds.
+    /// The dense baseline's top-1 over the seeds of the DNAL runs (one value per seed).
     pub baseline_top1: Stat,
     /// The dense baseline's MACs.
     pub baseline_macs: u64,
@@ -390,11 +390,12 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
     let recipe = first.name.clone();
     let (_, paper) = lambdas_and_paper(&recipe).unwrap_or_default();
     let baseline_kind = first.baseline_kind.clone();
-    let dnal_bases: Vec<f64> = runs
-        .iter()
-        .filter(|r| r.method == Method::Dnal)
-        .map(|r| r.report.baseline.top1)
-        .collect();
+    // One dense network per seed (every lambda of a seed shares its weight stage).
+    let mut by_seed = BTreeMap::new();
+    for r in runs.iter().filter(|r| r.method == Method::Dnal) {
+        by_seed.entry(r.seed).or_insert(r.report.baseline.top1);
+    }
+    let dnal_bases: Vec<f64> = by_seed.into_values().collect();
     let baseline_macs = first.baseline.macs;
     let mut groups: BTreeMap<(Method, String), Vec<&Finished>> = BTreeMap::new();
     for r in &runs {
