@@ -303,25 +303,24 @@ impl<'a, N: Network> Runner<'a, N> {
                 match self.cfg.mode {
                     Mode::Magnitude => {
                         let arch = dnal_zoo::compare::magnitude_architecture(&net, target)?;
-                        self.adopt(net, arch, progress)
+                        let pruned = net.clone().prune(&arch)?;
+                        self.adopt(&net, arch, pruned, progress)
                     }
                     Mode::Uniform => {
                         let arch = dnal_zoo::compare::uniform_architecture(&net, target)?;
                         // Built at its own widths and initialised afresh: trained from scratch.
-                        self.record(&arch, &net, progress)?;
-                        let config = net.prune(&arch)?.config().clone();
+                        let config = net.clone().prune(&arch)?.config().clone();
                         let thin = N::build(&config, &self.train_device)?;
                         let thin = dnal_zoo::init::seeded(thin, self.cfg.seed);
-                        let thin = configure(self.cfg, Phase::Final, thin);
-                        progress.derived = Some(evaluate(&thin, &self.data.test, &self.device)?);
-                        Ok(thin)
+                        self.adopt(&net, arch, thin, progress)
                     }
                     _ => Ok(net),
                 }
             }
             Phase::Arch | Phase::Joint => {
                 let arch = net.derive(self.cfg.arch.threshold)?;
-                self.adopt(net, arch, progress)
+                let pruned = net.clone().prune(&arch)?;
+                self.adopt(&net, arch, pruned, progress)
             }
             Phase::Final => {
                 let acc = evaluate(&net, &self.data.test, &self.device)?;
@@ -338,23 +337,23 @@ impl<'a, N: Network> Runner<'a, N> {
         }
     }
 
-    /// Saves `arch` (derived from `net`) and what the report needs of it.
-    fn record(&self, arch: &Architecture, net: &N, progress: &mut Progress) -> Result<()> {
+    /// Records `arch`, chosen on `source`, with what the report needs of it, and readies
+    /// `pruned` (the network of that architecture) for the final stage.
+    fn adopt(
+        &self,
+        source: &N,
+        arch: Architecture,
+        pruned: N,
+        progress: &mut Progress,
+    ) -> Result<N> {
         arch.save(self.opts.out.join(paths::ARCHITECTURE))?;
-        progress.final_alpha = net
+        progress.final_alpha = source
             .gate_states()
             .into_iter()
             .flat_map(|(_, s)| s.alpha)
             .collect();
-        progress.gate_order = net.gate_names();
-        progress.architecture = Some(arch.clone());
-        Ok(())
-    }
-
-    /// `net` pruned to `arch`, which is recorded, ready for the final stage.
-    fn adopt(&self, net: N, arch: Architecture, progress: &mut Progress) -> Result<N> {
-        self.record(&arch, &net, progress)?;
-        let pruned = net.prune(&arch)?;
+        progress.gate_order = source.gate_names();
+        progress.architecture = Some(arch);
         let pruned = configure(self.cfg, Phase::Final, pruned);
         progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);
         Ok(pruned)
