@@ -353,6 +353,9 @@ impl<'a, N: Network> Runner<'a, N> {
             .flat_map(|(_, s)| s.alpha)
             .collect();
         progress.gate_order = source.gate_names();
+        progress.released_macs = source
+            .released_cost_model()
+            .map(|c| c.cost(Some(&arch)).macs);
         progress.architecture = Some(arch);
         let pruned = configure(self.cfg, Phase::Final, pruned);
         progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);

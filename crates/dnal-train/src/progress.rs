@@ -87,6 +87,10 @@ pub struct Progress {
     pub derived: Option<Accuracy>,
     /// The pruned network after the final stage.
     pub pruned: Option<(Accuracy, CostReport)>,
+    /// The pruned network's MACs as the authors' released code counts them, for the families
+    /// where that count differs (`dnal_zoo::Network::released_cost_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_macs: Option<u64>,
     /// Final alpha values (for the histogram).
     pub final_alpha: Vec<f64>,
     /// Gate names in network order.

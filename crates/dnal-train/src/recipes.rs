@@ -43,6 +43,10 @@ struct PresetTable {
     /// the weight stage's.
     #[serde(default)]
     baseline_epochs: Option<usize>,
+    /// The `-baseline` preset's learning-rate schedule (a `weights.schedule` table); default:
+    /// the weight stage's.
+    #[serde(default)]
+    baseline_schedule: Option<toml::Value>,
     #[serde(default)]
     paper: std::collections::BTreeMap<String, String>,
 }
@@ -188,6 +192,11 @@ pub fn preset_value(name: &str) -> Result<toml::Value> {
         }
     }
     apply_overrides(&mut value, &sets)?;
+    if let (true, Some(schedule)) = (p.dense, presets.baseline_schedule)
+        && let Some(weights) = value.get_mut("weights").and_then(|w| w.as_table_mut())
+    {
+        weights.insert("schedule".into(), schedule);
+    }
     Ok(value)
 }
 

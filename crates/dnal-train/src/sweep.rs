@@ -302,6 +302,10 @@ pub struct SweepRow {
     pub macs: Stat,
     /// MACs removed, percent.
     pub macs_reduction_pct: Stat,
+    /// MACs as the authors' released code counts them, where that differs (see
+    /// [`crate::report::NetSummary::macs_released`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macs_released: Option<Stat>,
     /// Parameters.
     pub params: Stat,
     /// Parameters removed, percent.
@@ -429,6 +433,10 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
             top1_drop: pick(&|r| r.reduction.as_ref().map(|x| x.top1_drop)),
             macs: pick(&|r| r.pruned.as_ref().map(|p| p.macs as f64)),
             macs_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.macs_pct)),
+            macs_released: group
+                .iter()
+                .all(|r| released(&r.report).is_some())
+                .then(|| pick(&|r| released(r).map(|m| m as f64))),
             params: pick(&|r| r.pruned.as_ref().map(|p| p.params as f64)),
             params_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.params_pct)),
             dense_ms: pick(&|r| Some(r.latency_ms.dense)),
@@ -451,6 +459,11 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
     dnal_core::io::write_atomic(&dir.join("sweep.md"), table.markdown().as_bytes())?;
     crate::plots::plot_pareto(&dir.join("pareto.svg"), &table)?;
     Ok(table)
+}
+
+/// The pruned network's MACs under the released code's count, if the run has that figure.
+fn released(report: &Report) -> Option<u64> {
+    report.pruned.as_ref().and_then(|p| p.macs_released)
 }
 
 /// A MACs figure as 1.23M.
@@ -491,6 +504,26 @@ impl SweepTable {
                 r.dense_ms.show(1),
                 r.pruned_ms.show(1),
                 r.paper.as_deref().unwrap_or("-"),
+            );
+        }
+        let counted: Vec<String> = self
+            .rows
+            .iter()
+            .filter_map(|r| {
+                r.macs_released.map(|m| {
+                    format!(
+                        "{} at lambda {}: {}",
+                        r.method.name(),
+                        lambda_label(r.lambda),
+                        macs(m.mean)
+                    )
+                })
+            })
+            .collect();
+        if !counted.is_empty() {
+            s += &format!(
+                "\nMACs as the released code counts them (a closed residual output also leaves the next conv's input; compare these with the paper's rows): {}.\n",
+                counted.join("; ")
             );
         }
         s += "\nComparison methods (beyond the paper) run at the MACs of the DNAL point with the same \

@@ -524,4 +524,56 @@ fn recipes_follow_the_released_schedules_and_the_papers_baselines() {
     // A baseline's cosine runs its whole course.
     assert!(end("mobilenetv2-imagenet-baseline") < 1e-12);
     assert!(end("proxyless-imagenet-baseline") < 1e-12);
+    // The ImageNet ResNet-50 / VGG-16 baselines step /10 at epochs 30 and 60 (torchvision's
+    // reference schedule); their DNAL weight stages stay constant.
+    for (preset, lr) in [
+        ("resnet50-imagenet-baseline", 0.1),
+        ("vgg16-imagenet-baseline", 0.01),
+    ] {
+        let c = cfg(preset);
+        let at = |epoch| learning_rate(&c.weights, epoch, 0, 100);
+        for (epoch, want) in [(29, lr), (30, lr * 0.1), (60, lr * 0.01)] {
+            assert!((at(epoch) - want).abs() < 1e-12, "{preset} epoch {epoch}");
+        }
+    }
+}
+
+/// A MobileNetV2 run reports, beside its exact MACs, the count of the released code (which
+/// also takes a closed residual output's channels from the next conv): never more than the
+/// exact count, and shown in the markdown report. The MNIST CNN has no such second figure.
+#[test]
+fn mobilenet_runs_report_the_released_count_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets = common::TINY.to_vec();
+    sets.extend([
+        "model.name=\"mobilenetv2-cifar\"",
+        "data.train_limit=64",
+        "data.test_limit=32",
+        "weights.epochs=1",
+        "arch.epochs=1",
+        "final.epochs=1",
+        "arch.penalty.lambda=2e-1",
+    ]);
+    let report = finished(dnal_train::run(&demo(&sets), &opts(tmp.path(), false, None)).unwrap());
+    let pruned = report.pruned.as_ref().unwrap();
+    let released = pruned
+        .macs_released
+        .expect("MobileNetV2 has a released count");
+    assert!(released <= pruned.macs, "{released} > {}", pruned.macs);
+    assert!(
+        report
+            .markdown()
+            .contains("Counted as the released code counts")
+    );
+    let json = std::fs::read_to_string(tmp.path().join("report.json")).unwrap();
+    assert!(json.contains("macs_released"));
+
+    let plain = finished(
+        dnal_train::run(
+            &demo(common::TINY),
+            &opts(&tmp.path().join("cnn"), false, None),
+        )
+        .unwrap(),
+    );
+    assert_eq!(plain.pruned.unwrap().macs_released, None);
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
-use crate::network::Network;
+use crate::network::{Counting, Network};
 use crate::stream::{add_into, covers};
 
 /// Widths of one bottleneck block.
@@ -242,6 +242,75 @@ impl BottleneckResNet {
         self.classifier.forward(x)
     }
 
+    /// The cost model, exact or as the released code counts (see
+    /// [`Network::released_cost_model`]).
+    fn costs(&self, counting: Counting) -> CostModel {
+        let cfg = &self.config;
+        let mut cost = CostModel::new();
+        let mut side = cfg.image_size.div_ceil(2);
+        self.stem.add_cost(
+            &mut cost,
+            "stem",
+            Width::Fixed(cfg.in_channels),
+            [side, side],
+        );
+        side = side.div_ceil(2);
+        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
+            let width = PLANES[s] * EXPANSION;
+            let stream = match (first, s) {
+                (true, 0) => Width::gate("stem"),
+                (true, _) => Width::Fixed(PLANES[s - 1] * EXPANSION),
+                (false, _) => Width::Fixed(width),
+            };
+            let input = match self.released_input(counting, i) {
+                Some(gate) => gate,
+                None => stream.clone(),
+            };
+            let in_side = side;
+            if first && s > 0 {
+                side = side.div_ceil(2);
+            }
+            if let Some(b) = &block.branch {
+                let [n1, n2, n3] = Self::names(i);
+                b.conv1
+                    .add_cost(&mut cost, &n1, input.clone(), [in_side, in_side]);
+                b.conv2
+                    .add_cost(&mut cost, &n2, Width::gate(&n1), [side, side]);
+                b.conv3
+                    .add_cost(&mut cost, &n3, Width::gate(&n2), [side, side]);
+            }
+            if let Some(sc) = &block.shortcut {
+                let sc_input = match counting {
+                    Counting::Exact => stream,
+                    Counting::Released => Width::Fixed(if s == 0 {
+                        cfg.stem
+                    } else {
+                        PLANES[s - 1] * EXPANSION
+                    }),
+                };
+                sc.add_cost(
+                    &mut cost,
+                    &format!("b{i}.shortcut"),
+                    sc_input,
+                    Width::Fixed(width),
+                    [side, side],
+                );
+            }
+        }
+        let features = self
+            .released_input(counting, self.blocks.len())
+            .unwrap_or(Width::Fixed(PLANES[3] * EXPANSION));
+        cost.linear("classifier", features, Width::Fixed(cfg.num_classes));
+        cost
+    }
+
+    /// Under the released count, what the layer after block `i - 1` reads: the channels that
+    /// block's bn3 gate keeps (if the block still has its branch).
+    fn released_input(&self, counting: Counting, i: usize) -> Option<Width> {
+        (counting == Counting::Released && i > 0 && self.blocks[i - 1].branch.is_some())
+            .then(|| Width::gate(Self::names(i - 1)[2].clone()))
+    }
+
     fn names(i: usize) -> [String; 3] {
         [1, 2, 3].map(|k| format!("b{i}.bn{k}"))
     }
@@ -280,52 +349,11 @@ impl Network for BottleneckResNet {
     /// or fixed, except that a closed bn3 gate removes its whole block (see
     /// [`Network::arch_cost`]).
     fn cost_model(&self) -> CostModel {
-        let cfg = &self.config;
-        let mut cost = CostModel::new();
-        let mut side = cfg.image_size.div_ceil(2);
-        self.stem.add_cost(
-            &mut cost,
-            "stem",
-            Width::Fixed(cfg.in_channels),
-            [side, side],
-        );
-        side = side.div_ceil(2);
-        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
-            let width = PLANES[s] * EXPANSION;
-            let input = match (first, s) {
-                (true, 0) => Width::gate("stem"),
-                (true, _) => Width::Fixed(PLANES[s - 1] * EXPANSION),
-                (false, _) => Width::Fixed(width),
-            };
-            let in_side = side;
-            if first && s > 0 {
-                side = side.div_ceil(2);
-            }
-            if let Some(b) = &block.branch {
-                let [n1, n2, n3] = Self::names(i);
-                b.conv1
-                    .add_cost(&mut cost, &n1, input.clone(), [in_side, in_side]);
-                b.conv2
-                    .add_cost(&mut cost, &n2, Width::gate(&n1), [side, side]);
-                b.conv3
-                    .add_cost(&mut cost, &n3, Width::gate(&n2), [side, side]);
-            }
-            if let Some(sc) = &block.shortcut {
-                sc.add_cost(
-                    &mut cost,
-                    &format!("b{i}.shortcut"),
-                    input,
-                    Width::Fixed(width),
-                    [side, side],
-                );
-            }
-        }
-        cost.linear(
-            "classifier",
-            Width::Fixed(PLANES[3] * EXPANSION),
-            Width::Fixed(cfg.num_classes),
-        );
-        cost
+        self.costs(Counting::Exact)
+    }
+
+    fn released_cost_model(&self) -> Option<CostModel> {
+        Some(self.costs(Counting::Released))
     }
 
     fn prune(mut self, arch: &Architecture) -> Result<Self> {

@@ -74,24 +74,18 @@ impl MbConv {
             .forward(self.depthwise.forward_act(h, Activation::Relu6))
     }
 
-    /// Adds the unit's layers to `cost`: the expansion (named `expand`) reading `input` fixed
+    /// Adds the unit's layers to `cost`: the expansion (named `expand`) reading `input`
     /// channels of `in_side` x `in_side` maps, the depthwise and projection layers (named after
     /// their gates `dw` and `proj`) on `side` x `side` maps.
     pub fn add_cost(
         &self,
         cost: &mut CostModel,
         [expand, dw, proj]: [&str; 3],
-        input: usize,
+        input: Width,
         [in_side, side]: [usize; 2],
     ) {
         if let Some(e) = &self.expand {
-            e.add_cost(
-                cost,
-                expand,
-                Width::Fixed(input),
-                Width::gate(dw),
-                [in_side, in_side],
-            );
+            e.add_cost(cost, expand, input, Width::gate(dw), [in_side, in_side]);
         }
         self.depthwise
             .add_cost(cost, dw, Width::gate(dw), [side, side]);

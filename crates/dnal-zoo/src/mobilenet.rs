@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, ZooError};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
-use crate::network::Network;
+use crate::network::{Counting, Network};
 use crate::stream::{add_into, block_input, kept_positions, positions, scatter, union, widen};
 
 /// Widths of one inverted-residual block.
@@ -417,6 +417,70 @@ impl MobileNetV2 {
         self.classifier.forward(x)
     }
 
+    /// The cost model, exact or as the released code counts (see
+    /// [`Network::released_cost_model`]).
+    fn costs(&self, counting: Counting) -> CostModel {
+        let cfg = &self.config;
+        let (stem_stream, streams) = cfg.streams();
+        let mut cost = CostModel::new();
+        let mut side = cfg.image_size.div_ceil(cfg.stem_stride);
+        let stem_out = if cfg.stem_follows_first_block() {
+            Width::gate(Self::names(0).0)
+        } else {
+            Width::Fixed(stem_stream.len())
+        };
+        self.stem.add_cost(
+            &mut cost,
+            "stem",
+            Width::Fixed(cfg.in_channels),
+            stem_out,
+            [side, side],
+        );
+        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
+            let input = block_input((s, first), &stem_stream, &streams).len();
+            let in_side = side;
+            if first && cfg.stages[s].stride > 1 {
+                side = side.div_ceil(cfg.stages[s].stride);
+            }
+            let (dw, proj) = Self::names(i);
+            if let Some(b) = &block.branch {
+                let expand = format!("b{i}.expand");
+                let read = self
+                    .released_input(counting, i)
+                    .unwrap_or(Width::Fixed(input));
+                b.add_cost(&mut cost, [&expand, &dw, &proj], read, [in_side, side]);
+            }
+            if let Some(sc) = &block.shortcut {
+                let w = cfg.stages[s].width;
+                sc.add_cost(
+                    &mut cost,
+                    &format!("b{i}.shortcut"),
+                    Width::Fixed(input),
+                    Width::Fixed(w),
+                    [side, side],
+                );
+            }
+        }
+        let last_in = streams.last().expect("validated").len();
+        let read = self
+            .released_input(counting, self.blocks.len())
+            .unwrap_or(Width::Fixed(last_in));
+        self.last.add_cost(&mut cost, "last", read, [side, side]);
+        cost.linear(
+            "classifier",
+            Width::gate("last"),
+            Width::Fixed(cfg.num_classes),
+        );
+        cost
+    }
+
+    /// Under the released count, what the layer after block `i - 1` reads: the channels that
+    /// block's projection gate keeps (if the block still has its branch).
+    fn released_input(&self, counting: Counting, i: usize) -> Option<Width> {
+        (counting == Counting::Released && i > 0 && self.blocks[i - 1].branch.is_some())
+            .then(|| Width::gate(Self::names(i - 1).1))
+    }
+
     fn names(i: usize) -> (String, String) {
         (format!("b{i}.dw"), format!("b{i}.proj"))
     }
@@ -452,53 +516,11 @@ impl Network for MobileNetV2 {
     /// Streams are unions of kept channels: the cost model treats them as fixed at their current
     /// width, and [`Network::arch_cost`] prices an architecture by pruning a copy.
     fn cost_model(&self) -> CostModel {
-        let cfg = &self.config;
-        let (stem_stream, streams) = cfg.streams();
-        let mut cost = CostModel::new();
-        let mut side = cfg.image_size.div_ceil(cfg.stem_stride);
-        let stem_out = if cfg.stem_follows_first_block() {
-            Width::gate(Self::names(0).0)
-        } else {
-            Width::Fixed(stem_stream.len())
-        };
-        self.stem.add_cost(
-            &mut cost,
-            "stem",
-            Width::Fixed(cfg.in_channels),
-            stem_out,
-            [side, side],
-        );
-        for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
-            let input = block_input((s, first), &stem_stream, &streams).len();
-            let in_side = side;
-            if first && cfg.stages[s].stride > 1 {
-                side = side.div_ceil(cfg.stages[s].stride);
-            }
-            let (dw, proj) = Self::names(i);
-            if let Some(b) = &block.branch {
-                let expand = format!("b{i}.expand");
-                b.add_cost(&mut cost, [&expand, &dw, &proj], input, [in_side, side]);
-            }
-            if let Some(sc) = &block.shortcut {
-                let w = cfg.stages[s].width;
-                sc.add_cost(
-                    &mut cost,
-                    &format!("b{i}.shortcut"),
-                    Width::Fixed(input),
-                    Width::Fixed(w),
-                    [side, side],
-                );
-            }
-        }
-        let last_in = streams.last().expect("validated").len();
-        self.last
-            .add_cost(&mut cost, "last", Width::Fixed(last_in), [side, side]);
-        cost.linear(
-            "classifier",
-            Width::gate("last"),
-            Width::Fixed(cfg.num_classes),
-        );
-        cost
+        self.costs(Counting::Exact)
+    }
+
+    fn released_cost_model(&self) -> Option<CostModel> {
+        Some(self.costs(Counting::Released))
     }
 
     fn prune(mut self, arch: &Architecture) -> Result<Self> {

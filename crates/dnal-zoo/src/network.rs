@@ -29,6 +29,15 @@ pub struct StructureGrid {
     pub cells: Vec<Vec<f64>>,
 }
 
+/// How a family's cost model counts (see [`Network::released_cost_model`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Counting {
+    /// What the pruned network computes.
+    Exact,
+    /// As the authors' released code counts a masked network.
+    Released,
+}
+
 /// A network of the zoo: an image classifier with channel gates.
 pub trait Network: GatedModel {
     /// The config of widths the network is built from.
@@ -52,6 +61,17 @@ pub trait Network: GatedModel {
 
     /// Its layers for MACs/params counting.
     fn cost_model(&self) -> CostModel;
+
+    /// Its layers counted as the authors' released code counts a masked network, where that
+    /// differs from [`Network::cost_model`] (`docs/FIDELITY.md`, residual outputs): a
+    /// convolution that follows a residual block reads only the channels the block's output gate
+    /// keeps, although the shortcut still carries the others, and an ungated shortcut
+    /// convolution counts in full. Price an architecture with `.cost(Some(arch))` on the gated
+    /// network, before pruning. `None` (the default): the released code counts like dnal, or
+    /// has no such network.
+    fn released_cost_model(&self) -> Option<CostModel> {
+        None
+    }
 
     /// Derives the architecture this network's gates describe (default:
     /// [`dnal_core::derive_architecture`]; a family with extra structural rules adds them).

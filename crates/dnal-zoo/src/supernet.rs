@@ -27,6 +27,9 @@ use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::Network;
 use crate::stream::{add_into, block_input, kept_positions, positions, union, widen};
 
+/// The gates of the fixed first block: its depthwise channels (and the stem's), its outputs.
+const FIRST_GATES: (&str, &str) = ("first.dw", "first.proj");
+
 /// The six candidate operations: (depthwise kernel, expansion).
 pub const CANDIDATES: [(usize, usize); 6] = [(3, 3), (3, 6), (5, 3), (5, 6), (7, 3), (7, 6)];
 
@@ -61,10 +64,14 @@ pub struct SuperNetConfig {
     pub num_classes: usize,
     /// Stride of the 3x3 stem (2 on ImageNet).
     pub stem_stride: usize,
-    /// Stem width (32).
+    /// Stem width (32): the depthwise channels of the fixed first block, which its depthwise
+    /// gate governs.
     pub stem_width: usize,
-    /// Output width of the fixed MBConv1 3x3 block (16).
+    /// Output width of the fixed MBConv1 3x3 block at full size (16).
     pub first_width: usize,
+    /// Positions (below `first_width`) of the fixed block's kept outputs: the entry of the
+    /// first stage.
+    pub first_out: Vec<usize>,
     /// Width of each searchable stage.
     pub stage_widths: Vec<usize>,
     /// Blocks of each searchable stage.
@@ -112,6 +119,7 @@ impl SuperNetConfig {
             stem_stride,
             stem_width: 32,
             first_width: 16,
+            first_out: (0..16).collect(),
             stage_widths,
             stage_blocks,
             stage_strides,
@@ -163,6 +171,7 @@ impl SuperNetConfig {
         cfg.in_channels = in_channels;
         cfg.stem_width = 8;
         cfg.first_width = 8;
+        cfg.first_out = (0..8).collect();
         // The first searchable block reads the fixed block's 8 channels.
         for c in &mut cfg.blocks[0] {
             c.expanded = 8 * c.expansion;
@@ -205,14 +214,13 @@ impl SuperNetConfig {
     pub fn streams(&self) -> Vec<Vec<usize>> {
         let mut streams: Vec<Vec<usize>> = Vec::new();
         for (s, &w) in self.stage_widths.iter().enumerate() {
-            let first_stream: Vec<usize> = (0..self.first_width).collect();
             let mut writers: Vec<&[usize]> = Vec::new();
             for (cands, &(bs, first)) in self.blocks.iter().zip(&self.layout()) {
                 if bs != s {
                     continue;
                 }
                 if first && self.residual(s, true) {
-                    writers.push(block_input((s, true), &first_stream, &streams));
+                    writers.push(block_input((s, true), &self.first_out, &streams));
                 }
                 writers.extend(cands.iter().map(|c| c.out.as_slice()));
             }
@@ -236,8 +244,17 @@ impl SuperNetConfig {
                 self.stage_blocks
             ));
         }
-        if self.last_width == 0 {
-            return bad("the last conv keeps at least one channel".into());
+        if self.last_width == 0 || self.stem_width == 0 {
+            return bad("the stem and the last conv keep at least one channel each".into());
+        }
+        if self.first_out.is_empty()
+            || self.first_out.iter().any(|&p| p >= self.first_width)
+            || !self.first_out.windows(2).all(|p| p[0] < p[1])
+        {
+            return bad(format!(
+                "the first block's output positions must be non-empty, increasing and below {}",
+                self.first_width
+            ));
         }
         for (i, (cands, (s, first))) in self.blocks.iter().zip(self.layout()).enumerate() {
             let w = self.stage_widths[s];
@@ -266,21 +283,22 @@ impl SuperNetConfig {
     pub fn init(&self, device: &Device) -> Result<SuperNet> {
         self.validate()?;
         let streams = self.streams();
-        let first_block = FixedBlock {
-            depthwise: ConvBnGateConfig::new(self.stem_width, self.stem_width)
-                .with_depthwise(true)
-                .init_ungated(device),
-            project: ConvBnGateConfig::new(self.stem_width, self.first_width)
-                .with_kernel(1)
-                .init_ungated(device),
-        };
+        let first_block = MbConvConfig {
+            input: self.stem_width,
+            expand: false,
+            expanded: self.stem_width,
+            kernel: 3,
+            stride: 1,
+            out: self.first_out.len(),
+            kind: GateKind::Main,
+        }
+        .init(device);
         let blocks = self
             .blocks
             .iter()
             .zip(self.layout())
             .map(|(cands, (s, first))| {
-                let first_stream: Vec<usize> = (0..self.first_width).collect();
-                let input = block_input((s, first), &first_stream, &streams).len();
+                let input = block_input((s, first), &self.first_out, &streams).len();
                 let stride = if first { self.stage_strides[s] } else { 1 };
                 let candidates = cands
                     .iter()
@@ -319,15 +337,6 @@ impl SuperNetConfig {
     }
 }
 
-/// The fixed MBConv1 3x3 block after the stem (ungated).
-#[derive(Module, Debug)]
-pub struct FixedBlock {
-    /// 3x3 depthwise conv + BN.
-    pub depthwise: ConvBn,
-    /// 1x1 projection + BN.
-    pub project: ConvBn,
-}
-
 /// A mixed edge: the sum of its candidates (`None`: removed).
 #[derive(Module, Debug)]
 pub struct MixedBlock {
@@ -340,8 +349,9 @@ pub struct MixedBlock {
 pub struct SuperNet {
     /// 3x3 stem conv + BN (ungated).
     pub stem: ConvBn,
-    /// The fixed first block.
-    pub first_block: FixedBlock,
+    /// The fixed first block: an MBConv without expansion whose depthwise gate also sets the
+    /// stem's width (gates `first.dw` and `first.proj`, as in the released code).
+    pub first_block: MbConv,
     /// The searchable blocks.
     pub blocks: Vec<MixedBlock>,
     /// Final 1x1 conv + BN + gate.
@@ -359,13 +369,13 @@ impl SuperNet {
         let cfg = &self.config;
         let streams = cfg.streams();
         let x = self.stem.forward_act(x, Activation::Relu6);
-        let x = self.first_block.depthwise.forward_act(x, Activation::Relu6);
-        let mut x = self.first_block.project.forward(x);
+        let mut x = self.first_block.forward(x);
         for ((block, cands), (s, first)) in self.blocks.iter().zip(&cfg.blocks).zip(cfg.layout()) {
             let input = x.clone();
             let mut out = if cfg.residual(s, first) {
-                if first && s > 0 {
-                    widen(input.clone(), &streams[s - 1], &streams[s])
+                if first {
+                    let entry = block_input((s, true), &cfg.first_out, &streams);
+                    widen(input.clone(), entry, &streams[s])
                 } else {
                     input.clone()
                 }
@@ -390,10 +400,16 @@ impl SuperNet {
         self.classifier.forward(x)
     }
 
-    /// Per block, the candidates that survive with their expanded and output channels (a
-    /// markdown table).
+    /// The fixed block's widths, then, per block, the candidates that survive with their
+    /// expanded and output channels (a markdown table).
     pub fn candidate_table(&self) -> String {
-        let mut s = String::from("| block |");
+        let cfg = &self.config;
+        let mut s = format!(
+            "Fixed first block (k3e1): {} -> {} of {} channels.\n\n| block |",
+            cfg.stem_width,
+            cfg.first_out.len(),
+            cfg.first_width
+        );
         for (k, e) in CANDIDATES {
             s += &format!(" k{k}e{e} |");
         }
@@ -424,6 +440,8 @@ impl SuperNet {
 
 impl GatedModel for SuperNet {
     fn for_each_gate(&mut self, f: &mut dyn FnMut(&str, &mut ChannelGate)) {
+        let (dw, proj) = FIRST_GATES;
+        self.first_block.for_each_gate(dw, proj, f);
         for (i, block) in self.blocks.iter_mut().enumerate() {
             for (cand, widths) in block.candidates.iter_mut().zip(&self.config.blocks[i]) {
                 if let Some(c) = cand {
@@ -494,25 +512,18 @@ impl Network for SuperNet {
         let mut cost = CostModel::new();
         let mut side = cfg.image_size.div_ceil(cfg.stem_stride);
         let fixed = |w: usize| Width::Fixed(w);
+        let (first_dw, first_proj) = FIRST_GATES;
         self.stem.add_cost(
             &mut cost,
             "stem",
             fixed(cfg.in_channels),
-            fixed(cfg.stem_width),
+            Width::gate(first_dw),
             [side, side],
         );
-        self.first_block.depthwise.add_cost(
+        self.first_block.add_cost(
             &mut cost,
-            "first.dw",
+            ["first.expand", first_dw, first_proj],
             fixed(cfg.stem_width),
-            fixed(cfg.stem_width),
-            [side, side],
-        );
-        self.first_block.project.add_cost(
-            &mut cost,
-            "first.proj",
-            fixed(cfg.stem_width),
-            fixed(cfg.first_width),
             [side, side],
         );
         for (i, ((block, cands), (s, first))) in self
@@ -522,8 +533,13 @@ impl Network for SuperNet {
             .zip(cfg.layout())
             .enumerate()
         {
-            let first_stream: Vec<usize> = (0..cfg.first_width).collect();
-            let input = block_input((s, first), &first_stream, &streams).len();
+            // The first stage's entry is the fixed block's gate unless a shortcut makes it a
+            // stream (then its width is fixed, like every stream's).
+            let input = if (s, first) == (0, true) && !cfg.residual(0, true) {
+                Width::gate(first_proj)
+            } else {
+                fixed(block_input((s, first), &cfg.first_out, &streams).len())
+            };
             let in_side = side;
             if first {
                 side = side.div_ceil(cfg.stage_strides[s]);
@@ -532,7 +548,12 @@ impl Network for SuperNet {
                 if let Some(c) = cand {
                     let (dw, proj) = self.config.gate_names(i, widths);
                     let expand = dw.replace(".dw", ".expand");
-                    c.add_cost(&mut cost, [&expand, &dw, &proj], input, [in_side, side]);
+                    c.add_cost(
+                        &mut cost,
+                        [&expand, &dw, &proj],
+                        input.clone(),
+                        [in_side, side],
+                    );
                 }
             }
         }
@@ -582,18 +603,30 @@ impl Network for SuperNet {
             }
             plans.push(block_plan);
         }
+        let (first_dw, first_proj) = FIRST_GATES;
+        let first_keep = mbconv::kept(arch, first_dw, first_proj).ok_or_else(|| {
+            ZooError::Config("the fixed first block must keep at least one output".into())
+        })?;
+        cfg.stem_width = first_keep.depthwise.len();
+        cfg.first_out = first_keep
+            .project
+            .iter()
+            .map(|&k| old.first_out[k])
+            .collect();
         let last_keep = arch.gates["last"].kept.clone();
         cfg.last_width = last_keep.len();
         cfg.validate()?;
         let streams = cfg.streams();
         let keep_stream = kept_positions(&old_streams, &streams);
-        let all_first: Vec<usize> = (0..old.first_width).collect();
+        self.stem = self.stem.prune(None, &first_keep.depthwise);
+        self.first_block = self.first_block.prune(&first_keep.depthwise, &first_keep);
+        let entry_keep = first_keep.project;
         self.blocks = std::mem::take(&mut self.blocks)
             .into_iter()
             .zip(plans)
             .zip(layout)
             .map(|((block, plan), (s, first))| {
-                let input = block_input((s, first), &all_first, &keep_stream);
+                let input = block_input((s, first), &entry_keep, &keep_stream);
                 MixedBlock {
                     candidates: block
                         .candidates

@@ -2,7 +2,7 @@
 //! expansion, stem, residual and conv shortcuts, removed blocks), parameters == cost model.
 
 use burn::prelude::*;
-use dnal_core::{GateKind, GatedModel};
+use dnal_core::{Architecture, GateKind, GatedModel};
 use dnal_zoo::*;
 
 mod common;
@@ -103,4 +103,25 @@ fn projection_gates_of_residual_blocks_are_branch_gates() {
     assert_eq!(kind("b2.proj"), GateKind::Branch); // second block of a stage: residual
     assert_eq!(kind("b1.dw"), GateKind::Main);
     assert_eq!(kind("last"), GateKind::Main);
+}
+
+/// Closing channels of a residual block's projection removes them from that projection only;
+/// the released code's count also drops them from the next block's expansion (and the last
+/// block's from the last 1x1 conv).
+#[test]
+fn the_released_count_drops_a_residual_outputs_channels_from_the_next_expansion() {
+    let model = MobileNetV2Config::imagenet(1000).init(&device()).unwrap();
+    let exact = model.cost_model();
+    let released = model
+        .released_cost_model()
+        .expect("MobileNetV2 has a released count");
+    assert_eq!(exact.cost(None), released.cost(None));
+    let full = exact.cost(None).macs;
+    let mut arch = Architecture::full(&model);
+    // Block 2 (the second 24-wide block, 56x56, 144 -> 24, residual) keeps 10 outputs; block 3
+    // expands 24 -> 144 at 56x56.
+    arch.gates.get_mut("b2.proj").unwrap().kept = (0..10).collect();
+    let proj = 14 * 144 * 56 * 56;
+    assert_eq!(full - model.arch_cost(&arch).unwrap().macs, proj);
+    assert_eq!(full - released.cost(Some(&arch)).macs, 2 * proj);
 }
