@@ -15,6 +15,7 @@
 //! Every epoch ends with a checkpoint; a run resumes from it to the same result.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -70,6 +70,17 @@ struct SweepArgs {
     /// Only (re)write the report of the sweep in this folder from its finished runs.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["recipe", "lambdas", "baselines", "out", "set"])]
     report: Option<PathBuf>,
+    /// Run only task I of the sweep (one run; DNAL runs first, then the comparison runs, in
+    /// the order `--emit` lists them) and write no table: how a cluster's array task runs.
+    #[arg(long, value_name = "I", conflicts_with_all = ["report", "emit"])]
+    task: Option<usize>,
+    /// Print the sweep's tasks for another runner instead of running them: `slurm` (a job-array
+    /// script) or `shell` (one command per line).
+    #[arg(long, value_name = "KIND")]
+    emit: Option<String>,
+    /// GPUs each Slurm task asks for (with `--emit slurm`; default 1 on cuda/wgpu, else 0).
+    #[arg(long, requires = "emit")]
+    gpus: Option<usize>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -272,7 +283,10 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
     }
     let recipe = args.recipe.clone().expect("clap requires --recipe");
     let backend: BackendKind = args.backend.parse()?;
-    backend.device()?;
+    if args.emit.is_none() {
+        // An emitted script runs elsewhere; the machine writing it needs no device.
+        backend.device()?;
+    }
     let baselines = args
         .baselines
         .iter()
@@ -282,6 +296,11 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("sweep-{recipe}")));
+    let out = if args.emit.is_some() {
+        dnal_train::cluster::absolute(&out)?
+    } else {
+        out
+    };
     let opts = dnal_train::sweep::SweepOptions {
         recipe,
         lambdas: args.lambdas.clone(),
@@ -294,6 +313,23 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
         trainer: std::env::current_exe().context("cannot find the dnal-train executable")?,
         quiet: args.quiet,
     };
+    if let Some(kind) = &args.emit {
+        let kind = dnal_train::cluster::Emit::parse(kind)?;
+        let gpus = args.gpus.unwrap_or(match backend {
+            BackendKind::Cuda | BackendKind::Wgpu => 1,
+            _ => 0,
+        });
+        print!("{}", dnal_train::cluster::emit(&opts, kind, gpus)?);
+        return Ok(true);
+    }
+    if let Some(index) = args.task {
+        // The run is a child process that gets the same signal (a terminal's Ctrl-C, a
+        // scheduler's signal to the job step) and stops at a checkpoint; this process waits
+        // for it and reports how it ended.
+        let _stop = stop_on_signals()?;
+        let ran = dnal_train::cluster::run_task(&opts, index)?;
+        return Ok(ran != dnal_train::sweep::Ran::Stopped);
+    }
     let (table, failed) = dnal_train::sweep::run(&opts)?;
     println!("{}", table.markdown());
     println!(

@@ -80,11 +80,11 @@ pub struct SweepOptions {
 
 /// One run of the sweep.
 #[derive(Clone, Debug)]
-struct Point {
-    method: Method,
-    lambda: f64,
-    seed: u64,
-    dir: PathBuf,
+pub(crate) struct Point {
+    pub(crate) method: Method,
+    pub(crate) lambda: f64,
+    pub(crate) seed: u64,
+    pub(crate) dir: PathBuf,
 }
 
 impl Point {
@@ -95,10 +95,32 @@ impl Point {
             m => format!("{base}-{}", m.name()),
         }
     }
+
+    /// The folder name.
+    pub(crate) fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
-/// Runs the sweep, then writes its report; returns the table and the runs that failed.
-pub fn run(opts: &SweepOptions) -> Result<(SweepTable, Vec<String>)> {
+/// How one run of the sweep ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// It had finished before (its `report.json` exists); nothing was run.
+    AlreadyDone,
+    /// It ran to its end.
+    Done,
+    /// A signal stopped it after a checkpoint; running it again continues it.
+    Stopped,
+}
+
+/// Every run of the sweep in a fixed order: the DNAL points (lambda by lambda, seed by seed),
+/// then, for each of them, every comparison method. The comparison runs need their DNAL run's
+/// report (they match its MACs).
+pub(crate) fn plan(opts: &SweepOptions) -> Result<(Vec<Point>, Vec<Point>)> {
     let (recipe_lambdas, _) = lambdas_and_paper(&opts.recipe)?;
     let lambdas = opts.lambdas.clone().unwrap_or(recipe_lambdas);
     if lambdas.is_empty() || opts.seeds.is_empty() {
@@ -107,60 +129,75 @@ pub fn run(opts: &SweepOptions) -> Result<(SweepTable, Vec<String>)> {
             "nothing to run: give --lambdas (the recipe lists none) and at least one seed",
         )));
     }
-    std::fs::create_dir_all(&opts.out).map_err(dnal_core::CoreError::io(&opts.out))?;
+    let point = |method, lambda, seed| Point {
+        method,
+        lambda,
+        seed,
+        dir: opts.out.join(Point::folder(method, lambda, seed)),
+    };
     let dnal: Vec<Point> = lambdas
         .iter()
-        .flat_map(|&lambda| {
-            opts.seeds.iter().map(move |&seed| Point {
-                method: Method::Dnal,
-                lambda,
-                seed,
-                dir: opts.out.join(Point::folder(Method::Dnal, lambda, seed)),
-            })
-        })
+        .flat_map(|&l| opts.seeds.iter().map(move |&s| point(Method::Dnal, l, s)))
         .collect();
-    let mut failed = execute(opts, &dnal, |_| Ok(Vec::new()));
-    if !opts.baselines.is_empty() {
-        let compare: Vec<Point> = dnal
-            .iter()
-            .filter(|p| p.dir.join("report.json").is_file())
-            .flat_map(|p| {
-                opts.baselines.iter().map(|&method| Point {
-                    method,
-                    dir: opts.out.join(Point::folder(method, p.lambda, p.seed)),
-                    ..p.clone()
-                })
-            })
-            .collect();
-        failed.extend(execute(opts, &compare, |point| {
-            let dnal_dir = opts
-                .out
-                .join(Point::folder(Method::Dnal, point.lambda, point.seed));
-            let report = read_report(&dnal_dir)?;
-            let macs = report
-                .pruned
-                .map(|p| p.macs)
-                .ok_or_else(|| TrainError::Checkpoint {
-                    path: dnal_dir.join("report.json"),
-                    message: "the DNAL run has no pruned network to match".into(),
-                })?;
-            Ok(vec![
-                format!("mode=\"{}\"", point.method.name()),
-                format!("compare.target_macs={macs}"),
-            ])
-        }));
-    }
+    let compare = dnal
+        .iter()
+        .flat_map(|p| opts.baselines.iter().map(|&m| point(m, p.lambda, p.seed)))
+        .collect();
+    Ok((dnal, compare))
+}
+
+/// Runs the sweep, then writes its report; returns the table and the runs that failed.
+pub fn run(opts: &SweepOptions) -> Result<(SweepTable, Vec<String>)> {
+    let (dnal, compare) = plan(opts)?;
+    std::fs::create_dir_all(&opts.out).map_err(dnal_core::CoreError::io(&opts.out))?;
+    let mut failed = execute(opts, &dnal);
+    let compare: Vec<Point> = compare
+        .into_iter()
+        .filter(|p| dnal_dir(opts, p).join("report.json").is_file())
+        .collect();
+    failed.extend(execute(opts, &compare));
     let table = write_report(&opts.out)?;
     Ok((table, failed))
 }
 
-/// Runs `points` (`jobs` at a time), each with the extra overrides `extra(point)`; returns a
-/// line per failed run.
-fn execute(
-    opts: &SweepOptions,
-    points: &[Point],
-    extra: impl Fn(&Point) -> Result<Vec<String>> + Sync,
-) -> Vec<String> {
+/// The DNAL run a point belongs to (itself, for a DNAL point).
+fn dnal_dir(opts: &SweepOptions, point: &Point) -> PathBuf {
+    opts.out
+        .join(Point::folder(Method::Dnal, point.lambda, point.seed))
+}
+
+/// The overrides that make `point` what it is beyond lambda and seed: for a comparison method,
+/// its mode and the MACs of its DNAL run.
+fn point_sets(opts: &SweepOptions, point: &Point) -> Result<Vec<String>> {
+    if point.method == Method::Dnal {
+        return Ok(Vec::new());
+    }
+    let dnal = dnal_dir(opts, point);
+    if !dnal.join("report.json").is_file() {
+        return Err(TrainError::Config {
+            origin: format!("run {}", point.dir.display()),
+            message: format!(
+                "it matches the MACs of the DNAL run {}, which has not finished: run that first",
+                dnal.display()
+            ),
+        });
+    }
+    let macs =
+        read_report(&dnal)?
+            .pruned
+            .map(|p| p.macs)
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: dnal.join("report.json"),
+                message: "the DNAL run has no pruned network to match".into(),
+            })?;
+    Ok(vec![
+        format!("mode=\"{}\"", point.method.name()),
+        format!("compare.target_macs={macs}"),
+    ])
+}
+
+/// Runs `points`, `jobs` at a time; returns a line per run that failed or was stopped.
+fn execute(opts: &SweepOptions, points: &[Point]) -> Vec<String> {
     let queue = Mutex::new(points.iter().collect::<VecDeque<_>>());
     let failed = Mutex::new(Vec::new());
     let total = points.len();
@@ -172,14 +209,25 @@ fn execute(
                     let Some(point) = queue.lock().expect("queue").pop_front() else {
                         break;
                     };
-                    let name = point.dir.file_name().unwrap_or_default().to_string_lossy();
-                    let result = extra(point).and_then(|sets| run_point(opts, point, &sets));
+                    let name = point.name();
+                    let result = run_point(opts, point);
                     let mut n = done.lock().expect("counter");
                     *n += 1;
                     match result {
-                        Ok(skipped) => {
+                        Ok(Ran::Stopped) => {
+                            let line = format!(
+                                "{name}: stopped by a signal; the same command continues it"
+                            );
+                            eprintln!("sweep: [{}/{total}] {line}", *n);
+                            failed.lock().expect("failures").push(line);
+                        }
+                        Ok(ran) => {
                             if !opts.quiet {
-                                let what = if skipped { "already done" } else { "done" };
+                                let what = if ran == Ran::AlreadyDone {
+                                    "already done"
+                                } else {
+                                    "done"
+                                };
                                 eprintln!("sweep: [{}/{total}] {name} {what}", *n);
                             }
                         }
@@ -196,11 +244,15 @@ fn execute(
     failed.into_inner().expect("failures")
 }
 
-/// Runs (or resumes) one point; `Ok(true)` when it had finished already.
-fn run_point(opts: &SweepOptions, point: &Point, extra: &[String]) -> Result<bool> {
+/// Exit status of a `dnal-train` run stopped by a signal (it wrote a checkpoint first).
+const STOPPED_STATUS: i32 = 130;
+
+/// Runs (or resumes) one point.
+pub(crate) fn run_point(opts: &SweepOptions, point: &Point) -> Result<Ran> {
     if point.dir.join("report.json").is_file() {
-        return Ok(true);
+        return Ok(Ran::AlreadyDone);
     }
+    let extra = point_sets(opts, point)?;
     let mut cmd = Command::new(&opts.trainer);
     cmd.args(["train", "--quiet", "--backend", &opts.backend]);
     if point.dir.join(paths::CHECKPOINT).is_dir() {
@@ -228,6 +280,9 @@ fn run_point(opts: &SweepOptions, point: &Point, extra: &[String]) -> Result<boo
         .stderr(Stdio::from(err))
         .status()
         .map_err(dnal_core::CoreError::io(&opts.trainer))?;
+    if status.code() == Some(STOPPED_STATUS) {
+        return Ok(Ran::Stopped);
+    }
     if !status.success() {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
         let last = tail
@@ -240,7 +295,7 @@ fn run_point(opts: &SweepOptions, point: &Point, extra: &[String]) -> Result<boo
             message: format!("exited with {status}: {last} (log: {})", log.display()),
         });
     }
-    Ok(false)
+    Ok(Ran::Done)
 }
 
 fn read_report(dir: &Path) -> Result<Report> {

@@ -126,3 +126,74 @@ fn a_failed_run_is_named_and_the_others_are_reported() {
     assert_eq!(table.rows.len(), 1);
     assert_eq!(table.rows[0].lambda, 5e-3);
 }
+
+/// `--emit`: a Slurm array script that bash accepts, whose array covers the DNAL tasks and
+/// whose second submission covers the comparison tasks; a shell list with every task once.
+/// Two of its commands run by hand make the same run folders the sweep makes: the sweep then
+/// finds them finished.
+#[test]
+fn an_emitted_sweep_runs_task_by_task_into_the_sweeps_folders() {
+    use dnal_train::cluster::{self, Emit};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let opts = options(&out, &[5e-3, 5e-1], vec![Method::Uniform]);
+
+    let script = cluster::emit(&opts, Emit::Slurm, 2).unwrap();
+    let path = tmp.path().join("sweep.sbatch");
+    std::fs::write(&path, &script).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(check.success(), "bash -n rejects:\n{script}");
+    assert!(script.contains("#SBATCH --array=0-1\n"), "{script}");
+    assert!(script.contains("--array=2-3 \"$0\""), "{script}");
+    assert!(script.contains("#SBATCH --gres=gpu:2\n"), "{script}");
+    assert!(
+        script.contains("--task \"$SLURM_ARRAY_TASK_ID\""),
+        "{script}"
+    );
+
+    let list = cluster::emit(&opts, Emit::Shell, 0).unwrap();
+    let commands: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(commands.len(), 4, "{list}");
+    for (i, c) in commands.iter().enumerate() {
+        assert!(c.ends_with(&format!("--task {i}")), "{c}");
+    }
+    // A comparison task before its DNAL run: a clear error, nothing run.
+    let err = cluster::run_task(&opts, 2).unwrap_err().to_string();
+    assert!(err.contains("has not finished"), "{err}");
+    let err = cluster::run_task(&opts, 4).unwrap_err().to_string();
+    assert!(err.contains("past the last task"), "{err}");
+
+    // Task 0 (DNAL at 5e-3) and task 2 (uniform at its MACs), as the emitted lines.
+    for i in [0, 2] {
+        let status = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(commands[i])
+            .status()
+            .unwrap();
+        assert!(status.success(), "task {i}: {}", commands[i]);
+    }
+    let dnal = out.join("l5e-3-s0");
+    let uniform = out.join("l5e-3-s0-uniform");
+    let stamp = |d: &Path| {
+        std::fs::metadata(d.join("report.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = [stamp(&dnal), stamp(&uniform)];
+    let target = report(&dnal).pruned.unwrap().macs as f64;
+    let matched = report(&uniform).pruned.unwrap().macs as f64;
+    assert!(
+        (matched - target).abs() / target < 0.1,
+        "{matched} vs {target}"
+    );
+    // The sweep itself (one lambda) finds both runs done.
+    let (table, failed) = sweep::run(&options(&out, &[5e-3], vec![Method::Uniform])).unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(table.rows.len(), 2);
+    assert_eq!([stamp(&dnal), stamp(&uniform)], before);
+}
