@@ -4,6 +4,7 @@
 //!   in release mode with the cargo feature of the backend chosen by `--backend`;
 //! * `cargo xtask sweep --recipe NAME [...]`: every lambda of a recipe (and the comparison methods
 //!   at equal MACs), then the sweep's table and plot;
+//! * `cargo xtask export RUN_DIR [...]`: a run's pruned (or dense) network as an ONNX model;
 //! * `cargo xtask data download cifar10|cifar100`: fetch a data set with its checksum checked;
 //! * `cargo xtask test`: the whole test suite (what CI runs after fmt and clippy);
 //! * `cargo xtask demo`: the toy demo of the DNAL core (gates on a 32-input problem).
@@ -43,6 +44,13 @@ enum Task {
     /// `--report DIR` to rewrite a sweep's table and plot.
     Sweep {
         /// Arguments for `dnal-train sweep` (see `cargo xtask sweep --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A run's network as ONNX: `cargo xtask export RUN_DIR [--which pruned|dense] [--out FILE]
+    /// [--opset N]`.
+    Export {
+        /// Arguments for `dnal-train export`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -87,6 +95,7 @@ fn main() -> Result<()> {
         }
         Task::Train { args } => trainer(&root, "train", &args),
         Task::Sweep { args } => trainer(&root, "sweep", &args),
+        Task::Export { args } => trainer(&root, "export", &args),
         Task::Data { args } => {
             match args.first().map(String::as_str) {
                 Some("download") => {}

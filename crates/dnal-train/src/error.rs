@@ -58,6 +58,9 @@ pub enum TrainError {
     /// From dnal-data.
     #[error(transparent)]
     Data(#[from] dnal_data::DataError),
+    /// From dnal-onnx: a network that cannot be exported.
+    #[error(transparent)]
+    Onnx(#[from] dnal_onnx::OnnxError),
     /// A plot could not be drawn.
     #[error("plot {path}: {message}")]
     Plot {

@@ -28,6 +28,21 @@ enum Command {
     /// Run every lambda of a recipe (and the comparison methods at the same MACs), then write
     /// the sweep's table (`sweep.md`, `sweep.json`) and plot (`pareto.svg`).
     Sweep(SweepArgs),
+    /// Write a run's network as an ONNX model (BatchNorm and gates folded; input `images`
+    /// `[batch, C, H, W]`, output `logits`; class names and the run's config as metadata).
+    Export {
+        /// The run folder.
+        run: PathBuf,
+        /// `pruned` (after the final stage) or `dense` (after the weight stage).
+        #[arg(long, default_value = "pruned")]
+        which: String,
+        /// Output file (default: RUN/<which>.onnx).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// ONNX opset (11 to 21).
+        #[arg(long, default_value_t = dnal_onnx::DEFAULT_OPSET)]
+        opset: i64,
+    },
     /// Download a data set (CIFAR-10 or CIFAR-100) with its checksum checked.
     Download {
         /// `cifar10` or `cifar100`.
@@ -153,6 +168,17 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Train(args) => train(args),
         Command::Sweep(args) => sweep(args),
+        Command::Export {
+            run,
+            which,
+            out,
+            opset,
+        } => {
+            let which = dnal_train::export::Which::parse(&which)?;
+            let path = dnal_train::export::export_run(&run, which, out.as_deref(), opset)?;
+            println!("wrote {}", path.display());
+            Ok(true)
+        }
         Command::Download { dataset, dir, url } => {
             let kind = match dataset.as_str() {
                 "cifar10" => dnal_data::CifarKind::Cifar10,

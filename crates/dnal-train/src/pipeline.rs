@@ -20,6 +20,7 @@ use crate::config::{Mode, TrainConfig};
 use crate::data::RunData;
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, latency_ms};
+use crate::export::Which;
 use crate::phase::{
     Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage, phases,
     step_weights,
@@ -327,6 +328,11 @@ impl<'a, N: Network> Runner<'a, N> {
                 progress.pruned = Some((acc, net.cost_model().cost(None)));
                 dnal_zoo::save(&net, &out.join(paths::PRUNED))?;
                 dnal_zoo::save_safetensors(&net, &out.join(paths::PRUNED))?;
+                // The weights are saved: an export that fails loses nothing, and
+                // `dnal-train export` can write it again.
+                if let Err(e) = crate::export::write(&net, out, self.cfg, Which::Pruned) {
+                    eprintln!("warning: pruned.onnx not written: {e}");
+                }
                 Ok(net)
             }
             Phase::BaselineExtend => {

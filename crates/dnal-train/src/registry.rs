@@ -22,6 +22,15 @@ pub struct ImageShape {
     pub classes: usize,
 }
 
+/// Code that runs on the network type a recipe names, with no config of its own (a saved
+/// network brings its config; see [`ModelName::with_type`]).
+pub trait WithType {
+    /// What it returns.
+    type Output;
+    /// Runs on the network type `N`.
+    fn run<N: Network>(self) -> Result<Self::Output>;
+}
+
 /// Code that runs on the network type a recipe names (see [`ModelName::with`]).
 pub trait WithNetwork {
     /// What it returns.
@@ -52,6 +61,13 @@ macro_rules! registry {
                         (config.in_channels, config.image_size) = (shape.channels, shape.size);
                         f.run::<$ty>(config)
                     })*
+                }
+            }
+
+            /// Runs `f` on this model's network type.
+            pub fn with_type<F: WithType>(self, f: F) -> Result<F::Output> {
+                match self {
+                    $(ModelName::$name => f.run::<$ty>(),)*
                 }
             }
         }

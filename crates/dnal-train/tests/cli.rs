@@ -56,6 +56,13 @@ fn errors_exit_non_zero_with_a_message() {
     assert!(!ok && text.contains("no checkpoint"), "{text}");
     let (ok, text) = dnal_train(&["download", "imagenet"]);
     assert!(!ok && text.contains("cifar10 and cifar100"), "{text}");
+    let empty = tmp.path().to_str().unwrap();
+    let (ok, text) = dnal_train(&["export", empty]);
+    assert!(!ok && text.contains("not a run folder"), "{text}");
+    let (ok, text) = dnal_train(&["export", empty, "--which", "best"]);
+    assert!(!ok && text.contains("pruned or dense"), "{text}");
+    let (ok, text) = dnal_train(&["export", empty, "--opset", "7"]);
+    assert!(!ok && text.contains("opset 7"), "{text}");
 }
 
 /// The binary is killed (SIGKILL) in the middle of a tiny run, after its first checkpoint;
@@ -125,6 +132,24 @@ fn a_killed_run_resumes_to_the_same_result() {
     assert!(ok, "{text}");
 
     assert_eq!(report_of(&straight), report_of(&killed));
+    exports_the_dense_network(&straight);
+}
+
+/// `export` writes a finished run's dense network where it is told (the pruned one is already
+/// there, written by the run).
+fn exports_the_dense_network(run: &std::path::Path) {
+    assert!(run.join("pruned.onnx").is_file());
+    let out = run.join("exported-dense.onnx");
+    let (ok, text) = dnal_train(&[
+        "export",
+        run.to_str().unwrap(),
+        "--which",
+        "dense",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("wrote"), "{text}");
+    assert!(std::fs::metadata(&out).unwrap().len() > 1000);
 }
 
 /// The arguments of a tiny run writing to `out`.

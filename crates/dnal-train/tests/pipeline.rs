@@ -67,6 +67,7 @@ fn reduced_demo_prunes_most_macs_and_keeps_accuracy() {
         "pruned/model.bpk",
         "pruned/config.json",
         "pruned/model.safetensors",
+        "pruned.onnx",
     ] {
         assert!(tmp.path().join(f).is_file(), "{f} missing");
     }
@@ -99,6 +100,61 @@ fn reduced_demo_prunes_most_macs_and_keeps_accuracy() {
         dnal_zoo::Network::cost_model(&loaded).cost(None).macs,
         pruned.macs
     );
+
+    // The ONNX file, run by tract, classifies the 1,000 test digits as the report says.
+    let top1 = onnx_top1(&tmp.path().join("pruned.onnx"));
+    assert!(
+        (top1 - pruned.top1).abs() <= 0.2,
+        "pruned.onnx in tract: {top1:.1} %, the report: {:.1} %",
+        pruned.top1
+    );
+}
+
+/// Top-1 of an exported MNIST network on the bundled test digits, run by tract.
+fn onnx_top1(path: &Path) -> f64 {
+    use tract_onnx::prelude::{
+        Framework, InferenceModelExt, IntoRunnable, IntoTValue, tract_ndarray, tvec,
+    };
+    let test = dnal_data::bundled_mnist(dnal_data::Split::Test).unwrap();
+    let n = test.len();
+    let norm = dnal_data::Normalize::mnist();
+    let mut x = vec![0f32; n * 784];
+    for (i, chunk) in x.chunks_mut(784).enumerate() {
+        norm.write_planar(&test.example(i).image, chunk);
+    }
+    let model = tract_onnx::onnx()
+        .model_for_path(path)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let input = tract_ndarray::Array4::from_shape_vec((n, 1, 28, 28), x).unwrap();
+    let out = model
+        .run(tvec!(
+            tract_onnx::prelude::Tensor::from(input).into_tvalue()
+        ))
+        .unwrap();
+    let logits: Vec<f32> = out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
+    let correct = logits
+        .chunks(10)
+        .zip(test.labels())
+        .filter(|(row, label)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            best == *label
+        })
+        .count();
+    100.0 * correct as f64 / n as f64
 }
 
 #[test]

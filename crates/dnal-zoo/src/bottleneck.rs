@@ -17,6 +17,7 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
+use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
 use crate::network::{Counting, Network};
 use crate::stream::{add_into, covers};
@@ -343,6 +344,64 @@ impl Network for BottleneckResNet {
 
     fn config(&self) -> &BottleneckResNetConfig {
         &self.config
+    }
+
+    fn inference_graph(&self) -> Result<Graph> {
+        let cfg = &self.config;
+        let mut g = Graph::new(
+            [cfg.in_channels, cfg.image_size, cfg.image_size],
+            cfg.num_classes,
+        );
+        let stem = g.conv_bn_gate("stem", 0, &self.stem, Activation::Relu, None)?;
+        let mut x = g.max_pool("pool", stem, &self.pool)?;
+        for (i, ((block, widths), (s, _))) in self
+            .blocks
+            .iter()
+            .zip(&cfg.blocks)
+            .zip(cfg.layout())
+            .enumerate()
+        {
+            let name = format!("blocks.{i}");
+            let base = match &block.shortcut {
+                Some(sc) => g.conv_bn(&format!("{name}.shortcut"), x, sc, Activation::Identity)?,
+                None => x,
+            };
+            x = match &block.branch {
+                Some(b) => {
+                    let h = g.conv_bn_gate(
+                        &format!("{name}.conv1"),
+                        x,
+                        &b.conv1,
+                        Activation::Relu,
+                        None,
+                    )?;
+                    let h = g.conv_bn_gate(
+                        &format!("{name}.conv2"),
+                        h,
+                        &b.conv2,
+                        Activation::Relu,
+                        None,
+                    )?;
+                    let place = Place {
+                        width: PLANES[s] * EXPANSION,
+                        positions: &widths.out,
+                    };
+                    let y = g.conv_bn_gate(
+                        &format!("{name}.conv3"),
+                        h,
+                        &b.conv3,
+                        Activation::Identity,
+                        Some(place),
+                    )?;
+                    let sum = g.add(&name, base, y);
+                    g.act(&name, sum, Activation::Relu)
+                }
+                None => g.act(&name, base, Activation::Relu),
+            };
+        }
+        let x = g.pool_flatten(x);
+        g.linear("classifier", x, &self.classifier, None)?;
+        Ok(g)
     }
 
     /// Exact under any architecture: the streams stay at full width, so every width is a gate's

@@ -8,13 +8,14 @@
 //! The families: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and ImageNet, the MNIST demo CNN),
 //! CIFAR ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110), bottleneck ResNets
 //! ([`BottleneckResNet`]: ResNet-50), [`MobileNetV2`] (CIFAR and ImageNet) and the ProxylessNAS
-//! supernet ([`SuperNet`]). They share the gated unit ([`ConvBnGate`]), the MBConv unit
+//! supernet ([`SuperNet`]).supernet ([`SuperNet`]). They share the gated unit ([`ConvBnGate`]), the MBConv unit
 //! ([`mbconv::MbConv`]) and the residual-stream code ([`stream`]); their convolutions and
 //! BatchNorms run through `dnal-kernels`.
 
 pub mod bottleneck;
 pub mod compare;
 pub mod error;
+pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod mbconv;
@@ -27,6 +28,7 @@ pub mod supernet;
 
 pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths};
 pub use error::{Result, ZooError};
+pub use graph::{ConvSpec, Graph, Node, Op, Place, Value};
 pub use layers::{ConvBnGate, ConvBnGateConfig};
 pub use mobilenet::{MbBlockWidths, MbStage, MobileNetV2, MobileNetV2Config};
 pub use network::{

@@ -7,6 +7,8 @@ use burn::prelude::*;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, Width};
 use dnal_kernels::Activation;
 
+use crate::error::Result;
+use crate::graph::{Graph, Place, Value};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
 
 /// The shape of an [`MbConv`].
@@ -102,6 +104,35 @@ impl MbConv {
     ) {
         f(dw, &mut self.depthwise.gate);
         f(proj, &mut self.project.gate);
+    }
+
+    /// Adds the unit to `g` (nodes named `{name}.expand`, `.depthwise`, `.project`), its output
+    /// placed into a stream if `place` says so.
+    pub fn graph(
+        &self,
+        g: &mut Graph,
+        name: &str,
+        x: Value,
+        place: Option<Place>,
+    ) -> Result<Value> {
+        let h = match &self.expand {
+            Some(e) => g.conv_bn(&format!("{name}.expand"), x, e, Activation::Relu6)?,
+            None => x,
+        };
+        let h = g.conv_bn_gate(
+            &format!("{name}.depthwise"),
+            h,
+            &self.depthwise,
+            Activation::Relu6,
+            None,
+        )?;
+        g.conv_bn_gate(
+            &format!("{name}.project"),
+            h,
+            &self.project,
+            Activation::Identity,
+            place,
+        )
     }
 
     /// The unit reading the input channels `input`, with the depthwise channels and outputs of

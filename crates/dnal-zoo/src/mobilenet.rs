@@ -19,6 +19,7 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
+use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::{Counting, Network};
@@ -511,6 +512,73 @@ impl Network for MobileNetV2 {
 
     fn config(&self) -> &MobileNetV2Config {
         &self.config
+    }
+
+    fn inference_graph(&self) -> Result<Graph> {
+        let cfg = &self.config;
+        let (stem_stream, streams) = cfg.streams();
+        let mut g = Graph::new(
+            [cfg.in_channels, cfg.image_size, cfg.image_size],
+            cfg.num_classes,
+        );
+        let mut x = g.conv_bn("stem", 0, &self.stem, Activation::Relu6)?;
+        for (i, ((block, (s, first)), widths)) in self
+            .blocks
+            .iter()
+            .zip(cfg.layout())
+            .zip(&cfg.blocks)
+            .enumerate()
+        {
+            let name = format!("blocks.{i}");
+            let input = x;
+            let pos = positions(&streams[s], &widths.out);
+            let place = Place {
+                width: streams[s].len(),
+                positions: &pos,
+            };
+            let branch = match &block.branch {
+                Some(b) => {
+                    let read = if b.expand.is_some() {
+                        input
+                    } else {
+                        g.narrow(&format!("{name}.taps"), input, &stem_stream, &widths.taps)
+                    };
+                    Some(b.graph(&mut g, &format!("{name}.branch"), read, Some(place))?)
+                }
+                None => None,
+            };
+            x = match cfg.join(s, first) {
+                Join::Replace => branch.ok_or_else(|| {
+                    ZooError::Config(format!("block {i} has no shortcut and no branch"))
+                })?,
+                Join::Identity => {
+                    let base = if first && s > 0 {
+                        g.widen(&name, input, &streams[s - 1], &streams[s], 1)
+                    } else {
+                        input
+                    };
+                    match branch {
+                        Some(o) => g.add(&name, base, o),
+                        None => base,
+                    }
+                }
+                Join::Conv => {
+                    let sc = block.shortcut.as_ref().ok_or_else(|| {
+                        ZooError::Config(format!("block {i} has no shortcut conv"))
+                    })?;
+                    let sc =
+                        g.conv_bn(&format!("{name}.shortcut"), input, sc, Activation::Identity)?;
+                    match branch {
+                        Some(o) => g.add(&name, sc, o),
+                        None => sc,
+                    }
+                }
+            };
+        }
+        let x = g.conv_bn_gate("last", x, &self.last, Activation::Relu6, None)?;
+        let x = g.pool_flatten(x);
+        g.linear("classifier", x, &self.classifier, None)?;
+        Ok(g)
     }
 
     /// Streams are unions of kept channels: the cost model treats them as fixed at their current

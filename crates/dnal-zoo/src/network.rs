@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Result, ZooError};
+use crate::graph::Graph;
 
 /// File names inside a saved-model folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -72,6 +73,10 @@ pub trait Network: GatedModel {
     fn released_cost_model(&self) -> Option<CostModel> {
         None
     }
+
+    /// The eval-mode computation as a graph of plain operations, BatchNorm and gates folded
+    /// (for export; `dnal-onnx` writes it as ONNX).
+    fn inference_graph(&self) -> Result<Graph>;
 
     /// Derives the architecture this network's gates describe (default:
     /// [`dnal_core::derive_architecture`]; a family with extra structural rules adds them).

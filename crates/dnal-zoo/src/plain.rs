@@ -11,6 +11,7 @@ use dnal_core::{Architecture, ChannelGate, CostModel, GatedModel, Groups, LayerK
 use dnal_kernels::Activation;
 
 use crate::error::{Result, ZooError};
+use crate::graph::Graph;
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::network::Network;
 
@@ -242,6 +243,34 @@ impl Network for PlainCnn {
 
     fn config(&self) -> &PlainCnnConfig {
         &self.config
+    }
+
+    fn inference_graph(&self) -> Result<Graph> {
+        let cfg = &self.config;
+        let mut g = Graph::new(
+            [cfg.in_channels, cfg.image_size, cfg.image_size],
+            cfg.num_classes,
+        );
+        let mut x = 0;
+        for (i, unit) in self.convs.iter().enumerate() {
+            let name = format!("convs.{i}");
+            x = g.conv_bn_gate(&name, x, unit, Activation::Relu, None)?;
+            if cfg.pool_after.contains(&i) {
+                x = g.max_pool(&name, x, &self.pool)?;
+            }
+        }
+        x = if cfg.global_pool {
+            g.pool_flatten(x)
+        } else {
+            g.flatten(x)
+        };
+        for (i, h) in self.hidden.iter().enumerate() {
+            let name = format!("hidden.{i}");
+            x = g.linear(&name, x, &h.linear, h.bn.as_ref())?;
+            x = g.act(&name, x, Activation::Relu);
+        }
+        g.linear("classifier", x, &self.classifier, None)?;
+        Ok(g)
     }
 
     fn cost_model(&self) -> CostModel {

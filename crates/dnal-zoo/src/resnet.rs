@@ -20,6 +20,7 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
+use crate::graph::{Graph, Place};
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::network::Network;
 use crate::stream::{add_into, block_input, covers, kept_positions, positions, union, widen};
@@ -278,6 +279,53 @@ impl Network for CifarResNet {
 
     fn config(&self) -> &CifarResNetConfig {
         &self.config
+    }
+
+    fn inference_graph(&self) -> Result<Graph> {
+        let cfg = &self.config;
+        let streams = cfg.streams();
+        let mut g = Graph::new(
+            [cfg.in_channels, cfg.image_size, cfg.image_size],
+            cfg.num_classes,
+        );
+        let stem = g.conv_bn_gate("stem", 0, &self.stem, Activation::Relu, None)?;
+        let mut x = g.widen("stem", stem, &cfg.stem, &streams[0], 1);
+        for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
+            let s = i / cfg.blocks_per_stage;
+            let name = format!("blocks.{i}");
+            let input = x;
+            if s > 0 && i % cfg.blocks_per_stage == 0 {
+                let pad = (cfg.stage_widths[s] - cfg.stage_widths[s - 1]) / 2;
+                let moved: Vec<usize> = streams[s - 1].iter().map(|c| c + pad).collect();
+                x = g.widen(&format!("{name}.shortcut"), x, &moved, &streams[s], 2);
+            }
+            if let Some(b) = block {
+                let h = g.conv_bn_gate(
+                    &format!("{name}.conv1"),
+                    input,
+                    &b.conv1,
+                    Activation::Relu,
+                    None,
+                )?;
+                let pos = positions(&streams[s], &widths.out);
+                let place = Place {
+                    width: streams[s].len(),
+                    positions: &pos,
+                };
+                let y = g.conv_bn_gate(
+                    &format!("{name}.conv2"),
+                    h,
+                    &b.conv2,
+                    Activation::Identity,
+                    Some(place),
+                )?;
+                let sum = g.add(&name, x, y);
+                x = g.act(&name, sum, Activation::Relu);
+            }
+        }
+        let x = g.pool_flatten(x);
+        g.linear("classifier", x, &self.classifier, None)?;
+        Ok(g)
     }
 
     /// Stream widths are the unions of kept channels, which a product of gate widths cannot

@@ -22,6 +22,7 @@ use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
+use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::Network;
@@ -467,6 +468,57 @@ impl Network for SuperNet {
 
     fn config(&self) -> &SuperNetConfig {
         &self.config
+    }
+
+    fn inference_graph(&self) -> Result<Graph> {
+        let cfg = &self.config;
+        let streams = cfg.streams();
+        let mut g = Graph::new(
+            [cfg.in_channels, cfg.image_size, cfg.image_size],
+            cfg.num_classes,
+        );
+        let x = g.conv_bn("stem", 0, &self.stem, Activation::Relu6)?;
+        let mut x = self.first_block.graph(&mut g, "first_block", x, None)?;
+        for (i, ((block, cands), (s, first))) in self
+            .blocks
+            .iter()
+            .zip(&cfg.blocks)
+            .zip(cfg.layout())
+            .enumerate()
+        {
+            let name = format!("blocks.{i}");
+            let input = x;
+            let mut out = cfg.residual(s, first).then(|| {
+                if first {
+                    let entry = block_input((s, true), &cfg.first_out, &streams);
+                    g.widen(&name, input, entry, &streams[s], 1)
+                } else {
+                    input
+                }
+            });
+            for (j, (cand, widths)) in block.candidates.iter().zip(cands).enumerate() {
+                if let Some(c) = cand {
+                    let pos = positions(&streams[s], &widths.out);
+                    let place = Place {
+                        width: streams[s].len(),
+                        positions: &pos,
+                    };
+                    let cname = format!("{name}.candidates.{j}");
+                    let y = c.graph(&mut g, &cname, input, Some(place))?;
+                    out = Some(match out {
+                        Some(o) => g.add(&cname, o, y),
+                        None => y,
+                    });
+                }
+            }
+            x = out.ok_or_else(|| {
+                ZooError::Config(format!("block {i} has no shortcut and keeps no candidate"))
+            })?;
+        }
+        let x = g.conv_bn_gate("last", x, &self.last, Activation::Relu6, None)?;
+        let x = g.pool_flatten(x);
+        g.linear("classifier", x, &self.classifier, None)?;
+        Ok(g)
     }
 
     fn describe(&self) -> Option<String> {
