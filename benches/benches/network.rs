@@ -10,6 +10,10 @@
 //!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, VGG-16: 1.90x; see
 //!   `examples/write_architectures.rs`). `benches/reference/pytorch_reference.py` times the
 //!   same networks and widths in PyTorch.
+//! * `inference-rounded/<backend>/<net>/round-<k>/batch-<n>`: eval-mode forward of ResNet-56
+//!   and MobileNetV2 (CIFAR) pruned to an irregular searched-like architecture
+//!   (`dnal_benches::searched_states`), its widths rounded up to multiples of `k`
+//!   (`arch.round_to`; 1: as derived).
 
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
@@ -18,7 +22,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_benches::cpu_backends;
 use dnal_core::GateMode;
 use dnal_core::{Architecture, BackendKind};
-use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
+use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
 
@@ -146,5 +150,54 @@ fn inference(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, inference, train_step);
+fn inference_rounded(c: &mut Criterion) {
+    dnal_benches::keep_freed_memory();
+    let device = Device::flex();
+    let nets: Vec<(&str, Box<dyn BenchNet>, Vec<(String, dnal_core::GateState)>)> = {
+        let resnet = CifarResNetConfig::new(56, 10)
+            .unwrap()
+            .init(&device)
+            .unwrap();
+        let mobilenet = MobileNetV2Config::cifar(10).init(&device).unwrap();
+        let (rs, ms) = (
+            dnal_benches::searched_states(&resnet, 1),
+            dnal_benches::searched_states(&mobilenet, 2),
+        );
+        vec![
+            ("resnet56", Box::new(resnet), rs),
+            ("mobilenetv2", Box::new(mobilenet), ms),
+        ]
+    };
+    for (name, dense, states) in nets {
+        let derived = dnal_core::derive_from_states(
+            states.iter().map(|(n, s)| (n.as_str(), s)),
+            dnal_core::DEFAULT_THRESHOLD,
+        )
+        .unwrap();
+        let mut group = c.benchmark_group(format!("inference-rounded/flex/{name}"));
+        group.sample_size(10);
+        for k in [1, 8, 16] {
+            let mut arch = derived.clone();
+            let added = arch
+                .round_widths(states.iter().map(|(n, s)| (n.as_str(), s)), k)
+                .unwrap();
+            let (pruned, fewer) = dense.pruned(&arch);
+            eprintln!("{name} round-{k}: {added} channels added, {fewer:.2}x fewer MACs");
+            for batch in [1, 64] {
+                let x = Tensor::<4>::random(
+                    [batch, 3, 32, 32],
+                    burn::tensor::Distribution::Default,
+                    &device,
+                );
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_function(format!("round-{k}/batch-{batch}"), |b| {
+                    b.iter(|| pruned.infer(x.clone()))
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, inference, inference_rounded, train_step);
 criterion_main!(benches);

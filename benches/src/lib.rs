@@ -44,3 +44,30 @@ pub fn cifar_batch(batch: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>)
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
     (x, y)
 }
+
+/// Gate states like a searched network's: every gate keeps a different fraction (15 to 60 %)
+/// of its channels, at irregular widths, with alphas that rank the closed channels. A fixed
+/// pseudo-random draw from `seed`. Derive them with `dnal_core::derive_from_states`, round
+/// them with `Architecture::round_widths`.
+pub fn searched_states<M: dnal_core::GatedModel>(
+    model: &M,
+    seed: u64,
+) -> Vec<(String, dnal_core::GateState)> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    model
+        .gate_states()
+        .into_iter()
+        .map(|(name, mut state)| {
+            let closed = 0.4 + 0.45 * next();
+            state.alpha = state.alpha.iter().map(|_| next() - closed).collect();
+            state.temperature = 1e4;
+            (name, state)
+        })
+        .collect()
+}

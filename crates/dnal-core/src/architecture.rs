@@ -65,6 +65,46 @@ pub struct Architecture {
 }
 
 impl Architecture {
+    /// Rounds every gate's kept count up to a multiple of `multiple` (never past the gate's
+    /// width) with its strongest closed channels: largest `alpha` in `states`, the lower index
+    /// first on a tie, channels that no longer exist never. A gate that keeps nothing stays
+    /// closed. Hardware runs such widths better (vector lanes, tensor-core tiles); the paper
+    /// does not round (`multiple = 1`). Returns the channels added back.
+    pub fn round_widths<'a>(
+        &mut self,
+        states: impl IntoIterator<Item = (&'a str, &'a GateState)>,
+        multiple: usize,
+    ) -> Result<usize> {
+        if multiple == 0 {
+            return Err(CoreError::invalid(
+                "arch.round_to",
+                "0 is not a width multiple; use 1 (no rounding), 8 or 16",
+            ));
+        }
+        let mut added = 0;
+        for (name, state) in states {
+            let gate = self.gates.get_mut(name).ok_or_else(|| {
+                CoreError::ArchitectureMismatch(format!("the architecture has no gate `{name}`"))
+            })?;
+            let n = gate.kept.len();
+            let target = n.div_ceil(multiple) * multiple;
+            let available = state.mask.iter().filter(|&&m| m).count();
+            let target = target.min(gate.width).min(available.max(n));
+            if n == 0 || target <= n {
+                continue;
+            }
+            let mut closed: Vec<usize> = (0..gate.width)
+                .filter(|c| state.mask.get(*c).copied().unwrap_or(false))
+                .filter(|c| gate.kept.binary_search(c).is_err())
+                .collect();
+            closed.sort_by(|&a, &b| state.alpha[b].total_cmp(&state.alpha[a]).then(a.cmp(&b)));
+            gate.kept.extend(closed.into_iter().take(target - n));
+            gate.kept.sort_unstable();
+            added += gate.kept.len() - n;
+        }
+        Ok(added)
+    }
+
     /// The architecture that keeps every channel of `model`.
     pub fn full<M: GatedModel>(model: &M) -> Self {
         let mut gates = BTreeMap::new();

@@ -357,3 +357,39 @@ fn backend_names_and_missing_backends() {
         assert!(err.contains("--features cuda"), "{err}");
     }
 }
+
+/// `round_widths`: a gate's kept count goes up to the next multiple with its strongest closed
+/// channels, never past its width or into removed channels; a closed gate stays closed.
+#[test]
+fn rounding_adds_the_strongest_closed_channels_up_to_a_multiple() {
+    let alpha = [0.5, -0.1, -0.9, 0.4, -0.05, -0.3, 0.2, -0.2, -0.6, -0.7];
+    let a = state(GateKind::Main, &alpha, 1e4);
+    let mut narrow = state(GateKind::Main, &[0.3, -0.2, -0.1], 1e4);
+    narrow.mask[1] = false;
+    let closed = state(GateKind::Branch, &[-0.3, -0.2, -0.1, -0.4], 1e4);
+    let states = [("a", &a), ("narrow", &narrow), ("closed", &closed)];
+    let derived = derive_from_states(states, 0.9).unwrap();
+    assert_eq!(derived.gates["a"].kept, vec![0, 3, 6]);
+
+    let mut four = derived.clone();
+    let added = four.round_widths(states, 4).unwrap();
+    // Channel 4 (alpha -0.05) is the strongest closed one.
+    assert_eq!(four.gates["a"].kept, vec![0, 3, 4, 6]);
+    // `narrow` keeps 1 of 3, one of which is removed: it can only reach 2.
+    assert_eq!(four.gates["narrow"].kept, vec![0, 2]);
+    assert!(four.gates["closed"].kept.is_empty());
+    assert_eq!(added, 2);
+
+    let mut eight = derived.clone();
+    eight.round_widths(states, 8).unwrap();
+    assert_eq!(eight.gates["a"].kept, vec![0, 1, 3, 4, 5, 6, 7, 8]);
+    let mut same = derived.clone();
+    assert_eq!(same.round_widths(states, 1).unwrap(), 0);
+    assert_eq!(same, derived);
+    let err = derived
+        .clone()
+        .round_widths(states, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("arch.round_to"), "{err}");
+}

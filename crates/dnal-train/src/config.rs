@@ -200,6 +200,11 @@ pub struct ArchConfig {
     /// Keep a channel iff sigmoid(beta * alpha) > threshold.
     #[serde(default = "default_threshold")]
     pub threshold: f64,
+    /// After thresholding, round every gate's kept count up to a multiple of this with its
+    /// strongest closed channels (1: no rounding, the paper; 8 or 16 suit SIMD lanes and
+    /// tensor cores).
+    #[serde(default = "one")]
+    pub round_to: usize,
     /// Keep training the classifier (at `arch.lr`, with the weight stage's momentum) while
     /// alpha is learned; the released code does.
     #[serde(default = "yes")]
@@ -222,6 +227,9 @@ fn default_arch_optimizer() -> ArchOptimizer {
 }
 fn default_arch_lr() -> f64 {
     0.01
+}
+fn one() -> usize {
+    1
 }
 fn default_threshold() -> f64 {
     dnal_core::DEFAULT_THRESHOLD
@@ -452,6 +460,12 @@ impl TrainConfig {
             return bad(
                 "arch.threshold",
                 format!("{} is outside (0, 1)", self.arch.threshold),
+            );
+        }
+        if self.arch.round_to == 0 {
+            return bad(
+                "arch.round_to",
+                "0 is not a width multiple; use 1 (no rounding), 8 or 16".to_string(),
             );
         }
         if !(self.arch.penalty.lambda >= 0.0 && self.arch.penalty.lambda.is_finite()) {

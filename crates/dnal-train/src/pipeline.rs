@@ -319,7 +319,15 @@ impl<'a, N: Network> Runner<'a, N> {
                 }
             }
             Phase::Arch | Phase::Joint => {
-                let arch = net.derive(self.cfg.arch.threshold)?;
+                let mut arch = net.derive(self.cfg.arch.threshold)?;
+                if self.cfg.arch.round_to > 1 {
+                    let states = net.gate_states();
+                    let added = arch.round_widths(
+                        states.iter().map(|(n, s)| (n.as_str(), s)),
+                        self.cfg.arch.round_to,
+                    )?;
+                    progress.rounding_added = Some(added);
+                }
                 let pruned = net.clone().prune(&arch)?;
                 self.adopt(&net, arch, pruned, progress)
             }

@@ -83,6 +83,9 @@ pub struct Progress {
     pub baseline_extended: Option<Accuracy>,
     /// The derived architecture.
     pub architecture: Option<Architecture>,
+    /// Channels that `arch.round_to` added back after thresholding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounding_added: Option<usize>,
     /// Accuracy of the pruned network right after derivation.
     pub derived: Option<Accuracy>,
     /// The pruned network after the final stage.

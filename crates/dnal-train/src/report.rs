@@ -83,6 +83,9 @@ pub struct Report {
     pub pruned: Option<NetSummary>,
     /// Top-1 of the pruned network right after derivation, before the final stage.
     pub derived_top1: Option<f64>,
+    /// Channels that `arch.round_to` added back after thresholding (absent without rounding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounding_added: Option<usize>,
     /// Reductions (absent for dense runs).
     pub reduction: Option<Reduction>,
     /// Inference latency.
@@ -164,6 +167,7 @@ impl Report {
             },
             pruned,
             derived_top1: progress.derived.map(|a| a.top1),
+            rounding_added: progress.rounding_added,
             reduction,
             latency_ms: Latency {
                 dense: dense_ms,
@@ -247,6 +251,12 @@ impl Report {
                     "Counted as the released code counts (a closed residual output also leaves the next conv's input): {} MACs, -{:.1} %.\n",
                     human(m),
                     100.0 * (1.0 - m as f64 / b.macs.max(1) as f64)
+                );
+            }
+            if let Some(n) = self.rounding_added {
+                s += &format!(
+                    "Widths rounded up to multiples of {} (arch.round_to): {n} channels added back after thresholding.\n",
+                    self.config.arch.round_to
                 );
             }
             if let Some(d) = self.derived_top1 {

@@ -283,6 +283,7 @@ fn every_out_of_range_setting_is_named_in_its_error() {
         ("arch.momentum", &["-0.5", "1"]),
         ("arch.classifier_weight_decay", &["-1", "nan"]),
         ("arch.threshold", &["0", "1", "-0.2", "nan"]),
+        ("arch.round_to", &["0"]),
         ("arch.penalty.lambda", &["-1", "nan", "inf"]),
         ("arch.continuation.schedule.start", &["0", "-1", "inf"]),
         ("arch.continuation.schedule.end", &["0", "nan"]),
@@ -632,4 +633,31 @@ fn mobilenet_runs_report_the_released_count_too() {
         .unwrap(),
     );
     assert_eq!(plain.pruned.unwrap().macs_released, None);
+}
+
+/// `arch.round_to = 8`: every derived width is a multiple of 8, the full width, or 0 (a closed
+/// gate stays closed), and the report says how many channels were added back.
+#[test]
+fn rounded_widths_are_multiples_of_round_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets = TINY.to_vec();
+    sets.push("arch.round_to=8");
+    let report = finished(dnal_train::run(&demo(&sets), &opts(tmp.path(), false, None)).unwrap());
+    for l in &report.layers {
+        assert!(
+            l.after % 8 == 0 || l.after == l.before,
+            "{}: {} of {}",
+            l.name,
+            l.after,
+            l.before
+        );
+    }
+    let added = report.rounding_added.expect("rounding reported");
+    assert!(report.markdown().contains("multiples of 8"));
+    let plain = finished(
+        dnal_train::run(&demo(TINY), &opts(&tmp.path().join("plain"), false, None)).unwrap(),
+    );
+    let kept = |r: &dnal_train::Report| r.layers.iter().map(|l| l.after).sum::<usize>();
+    assert_eq!(kept(&report), kept(&plain) + added);
+    assert_eq!(plain.rounding_added, None);
 }
