@@ -150,10 +150,17 @@ fn inference(c: &mut Criterion) {
     }
 }
 
+/// A network's name, the network, and searched-like gate states to derive its widths from.
+type RoundedCase = (
+    &'static str,
+    Box<dyn BenchNet>,
+    Vec<(String, dnal_core::GateState)>,
+);
+
 fn inference_rounded(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
     let device = Device::flex();
-    let nets: Vec<(&str, Box<dyn BenchNet>, Vec<(String, dnal_core::GateState)>)> = {
+    let nets: Vec<RoundedCase> = {
         let resnet = CifarResNetConfig::new(56, 10)
             .unwrap()
             .init(&device)

@@ -348,10 +348,7 @@ impl Network for BottleneckResNet {
 
     fn inference_graph(&self) -> Result<Graph> {
         let cfg = &self.config;
-        let mut g = Graph::new(
-            [cfg.in_channels, cfg.image_size, cfg.image_size],
-            cfg.num_classes,
-        );
+        let mut g = Graph::new(cfg.in_channels, cfg.image_size, cfg.num_classes);
         let stem = g.conv_bn_gate("stem", 0, &self.stem, Activation::Relu, None)?;
         let mut x = g.max_pool("pool", stem, &self.pool)?;
         for (i, ((block, widths), (s, _))) in self

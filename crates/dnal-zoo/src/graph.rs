@@ -111,10 +111,11 @@ pub struct Place<'a> {
 }
 
 impl Graph {
-    /// An empty graph for images `[C, H, W]`.
-    pub fn new(input: [usize; 3], classes: usize) -> Self {
+    /// An empty graph for square images of `channels` x `size` x `size`, with `classes`
+    /// logits.
+    pub fn new(channels: usize, size: usize, classes: usize) -> Self {
         Self {
-            input,
+            input: [channels, size, size],
             nodes: Vec::new(),
             classes,
         }

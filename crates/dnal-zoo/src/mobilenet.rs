@@ -517,10 +517,7 @@ impl Network for MobileNetV2 {
     fn inference_graph(&self) -> Result<Graph> {
         let cfg = &self.config;
         let (stem_stream, streams) = cfg.streams();
-        let mut g = Graph::new(
-            [cfg.in_channels, cfg.image_size, cfg.image_size],
-            cfg.num_classes,
-        );
+        let mut g = Graph::new(cfg.in_channels, cfg.image_size, cfg.num_classes);
         let mut x = g.conv_bn("stem", 0, &self.stem, Activation::Relu6)?;
         for (i, ((block, (s, first)), widths)) in self
             .blocks

@@ -247,10 +247,7 @@ impl Network for PlainCnn {
 
     fn inference_graph(&self) -> Result<Graph> {
         let cfg = &self.config;
-        let mut g = Graph::new(
-            [cfg.in_channels, cfg.image_size, cfg.image_size],
-            cfg.num_classes,
-        );
+        let mut g = Graph::new(cfg.in_channels, cfg.image_size, cfg.num_classes);
         let mut x = 0;
         for (i, unit) in self.convs.iter().enumerate() {
             let name = format!("convs.{i}");

@@ -284,10 +284,7 @@ impl Network for CifarResNet {
     fn inference_graph(&self) -> Result<Graph> {
         let cfg = &self.config;
         let streams = cfg.streams();
-        let mut g = Graph::new(
-            [cfg.in_channels, cfg.image_size, cfg.image_size],
-            cfg.num_classes,
-        );
+        let mut g = Graph::new(cfg.in_channels, cfg.image_size, cfg.num_classes);
         let stem = g.conv_bn_gate("stem", 0, &self.stem, Activation::Relu, None)?;
         let mut x = g.widen("stem", stem, &cfg.stem, &streams[0], 1);
         for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {

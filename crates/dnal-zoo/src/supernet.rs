@@ -473,10 +473,7 @@ impl Network for SuperNet {
     fn inference_graph(&self) -> Result<Graph> {
         let cfg = &self.config;
         let streams = cfg.streams();
-        let mut g = Graph::new(
-            [cfg.in_channels, cfg.image_size, cfg.image_size],
-            cfg.num_classes,
-        );
+        let mut g = Graph::new(cfg.in_channels, cfg.image_size, cfg.num_classes);
         let x = g.conv_bn("stem", 0, &self.stem, Activation::Relu6)?;
         let mut x = self.first_block.graph(&mut g, "first_block", x, None)?;
         for (i, ((block, cands), (s, first))) in self
