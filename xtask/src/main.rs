@@ -5,6 +5,7 @@
 //! * `cargo xtask sweep --recipe NAME [...]`: every lambda of a recipe (and the comparison methods
 //!   at equal MACs), then the sweep's table and plot;
 //! * `cargo xtask export RUN_DIR [...]`: a run's pruned (or dense) network as an ONNX model;
+//! * `cargo xtask predict RUN_DIR IMAGES...`: classify image files with a run's network;
 //! * `cargo xtask data download cifar10|cifar100`: fetch a data set with its checksum checked;
 //! * `cargo xtask test`: the whole test suite (what CI runs after fmt and clippy);
 //! * `cargo xtask demo`: the toy demo of the DNAL core (gates on a 32-input problem).
@@ -44,6 +45,13 @@ enum Task {
     /// `--report DIR` to rewrite a sweep's table and plot.
     Sweep {
         /// Arguments for `dnal-train sweep` (see `cargo xtask sweep --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Classify images with a run's network: `cargo xtask predict RUN_DIR IMAGE_OR_FOLDER...
+    /// [--which pruned|dense] [--top 5] [--json]`.
+    Predict {
+        /// Arguments for `dnal-train predict`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -96,6 +104,7 @@ fn main() -> Result<()> {
         Task::Train { args } => trainer(&root, "train", &args),
         Task::Sweep { args } => trainer(&root, "sweep", &args),
         Task::Export { args } => trainer(&root, "export", &args),
+        Task::Predict { args } => trainer(&root, "predict", &args),
         Task::Data { args } => {
             match args.first().map(String::as_str) {
                 Some("download") => {}

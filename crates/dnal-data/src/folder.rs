@@ -130,6 +130,18 @@ pub fn decode_rgb(path: &Path) -> Result<Image> {
 /// Decodes the bytes of an image file (JPEG or PNG) as 8-bit RGB; `path` only names the file
 /// in errors.
 pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<Image> {
+    decode_bytes(path, bytes, 3)
+}
+
+/// Decodes an image file as 8-bit grey (`channels` 1) or RGB (3).
+pub fn decode(path: &Path, channels: usize) -> Result<Image> {
+    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    decode_bytes(path, &bytes, channels)
+}
+
+/// Decodes the bytes of an image file as 8-bit grey (`channels` 1) or RGB (3); `path` only
+/// names the file in errors.
+pub fn decode_bytes(path: &Path, bytes: &[u8], channels: usize) -> Result<Image> {
     // A decoder that panics on a malformed file (zune-jpeg 0.5.15 overflows an i32 on a
     // crafted DC coefficient when overflow checks are on; found by fuzzing) is an error naming
     // the file, not the end of the loader thread.
@@ -139,11 +151,16 @@ pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<Image> {
             "the image decoder failed on this file (malformed data); re-encode or remove it",
         )
     })?;
-    let img = decoded
-        .map_err(|e| DataError::format(path, format!("not a readable image: {e}")))?
-        .into_rgb8();
-    let (w, h) = img.dimensions();
-    Ok(Image::new(h as usize, w as usize, 3, img.into_raw()))
+    let img = decoded.map_err(|e| DataError::format(path, format!("not a readable image: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    match channels {
+        1 => Ok(Image::new(h, w, 1, img.into_luma8().into_raw())),
+        3 => Ok(Image::new(h, w, 3, img.into_rgb8().into_raw())),
+        c => Err(DataError::format(
+            path,
+            format!("{c} channels asked for; images decode to 1 (grey) or 3 (RGB)"),
+        )),
+    }
 }
 
 impl Source for ImageFolder {

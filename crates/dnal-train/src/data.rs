@@ -55,6 +55,45 @@ pub fn shape_of(cfg: &DataConfig, num_classes: Option<usize>) -> Result<(usize, 
     })
 }
 
+/// How a run's evaluation turns a decoded image into the network's input (and how
+/// `dnal-train predict` does).
+pub struct Eval {
+    /// Channels the images decode to (1: grey, 3: RGB).
+    pub channels: usize,
+    /// Side of the square input.
+    pub size: usize,
+    /// Resizing and cropping (none for the fixed-size data sets).
+    pub transform: Transform,
+    /// Per-channel normalisation.
+    pub normalize: Normalize,
+}
+
+/// The evaluation preprocessing of the data set `cfg` names.
+pub fn eval_preprocessing(cfg: &DataConfig) -> Eval {
+    let (channels, size, transform, normalize) = match cfg.dataset {
+        DatasetName::Mnist5k | DatasetName::Mnist | DatasetName::FashionMnist => {
+            (1, 28, Transform::Identity, Normalize::mnist())
+        }
+        DatasetName::Cifar10 => (3, 32, Transform::Identity, Normalize::cifar10()),
+        DatasetName::Cifar100 => (3, 32, Transform::Identity, Normalize::cifar100()),
+        DatasetName::ImageFolder => (
+            3,
+            cfg.crop_size,
+            Transform::ResizeCenterCrop {
+                resize: cfg.crop_size * 8 / 7,
+                crop: cfg.crop_size,
+            },
+            Normalize::imagenet(),
+        ),
+    };
+    Eval {
+        channels,
+        size,
+        transform,
+        normalize,
+    }
+}
+
 /// Opens the data set and builds both loaders.
 pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
     let data_dir = || cfg.path.clone().unwrap_or_else(default_data_dir);
@@ -71,7 +110,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
             Arc::new(limit(test, cfg.test_limit)),
         )
     };
-    let (train, test, normalize, train_tf, test_tf, size) = match cfg.dataset {
+    let (train, test, train_tf) = match cfg.dataset {
         DatasetName::Mnist5k => {
             let (train, test) = match &cfg.path {
                 Some(p) => (
@@ -84,14 +123,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
                 ),
             };
             let (a, b) = in_memory(train, test);
-            (
-                a,
-                b,
-                Normalize::mnist(),
-                Transform::Identity,
-                Transform::Identity,
-                28,
-            )
+            (a, b, Transform::Identity)
         }
         DatasetName::Mnist | DatasetName::FashionMnist => {
             let kind = if cfg.dataset == DatasetName::Mnist {
@@ -104,20 +136,13 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
                 dnal_data::load_idx(kind, &dir, Split::Train)?,
                 dnal_data::load_idx(kind, &dir, Split::Test)?,
             );
-            (
-                a,
-                b,
-                Normalize::mnist(),
-                Transform::Identity,
-                Transform::Identity,
-                28,
-            )
+            (a, b, Transform::Identity)
         }
         DatasetName::Cifar10 | DatasetName::Cifar100 => {
-            let (kind, normalize) = if cfg.dataset == DatasetName::Cifar10 {
-                (CifarKind::Cifar10, Normalize::cifar10())
+            let kind = if cfg.dataset == DatasetName::Cifar10 {
+                CifarKind::Cifar10
             } else {
-                (CifarKind::Cifar100, Normalize::cifar100())
+                CifarKind::Cifar100
             };
             let dir = data_dir();
             let (a, b) = in_memory(
@@ -129,7 +154,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
             } else {
                 Transform::Identity
             };
-            (a, b, normalize, aug, Transform::Identity, 32)
+            (a, b, aug)
         }
         DatasetName::ImageFolder => {
             let root = cfg.path.clone().ok_or_else(|| DataError::invalid(
@@ -159,20 +184,19 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
                     crop: size,
                 }
             };
-            let test_tf = Transform::ResizeCenterCrop {
-                resize: size * 8 / 7,
-                crop: size,
-            };
             (
                 Arc::new(train) as Arc<dyn Source>,
                 Arc::new(test) as Arc<dyn Source>,
-                Normalize::imagenet(),
                 train_tf,
-                test_tf,
-                size,
             )
         }
     };
+    let Eval {
+        transform: test_tf,
+        normalize,
+        size,
+        ..
+    } = eval_preprocessing(cfg);
     let channels = train.channels();
     let classes = train.classes().to_vec();
     Ok(RunData {

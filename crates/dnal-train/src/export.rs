@@ -96,7 +96,7 @@ fn options(run: &Path, cfg: &TrainConfig, which: Which, opset: i64) -> dnal_onnx
 }
 
 /// The config of the run in `run`: its report's, or, for an unfinished run, its checkpoint's.
-fn run_config(run: &Path) -> Result<TrainConfig> {
+pub(crate) fn run_config(run: &Path) -> Result<TrainConfig> {
     let report = run.join("report.json");
     if report.is_file() {
         let text = std::fs::read_to_string(&report).map_err(dnal_core::CoreError::io(&report))?;

@@ -25,6 +25,7 @@ pub mod models;
 pub mod phase;
 pub mod pipeline;
 mod plots;
+pub mod predict;
 pub mod progress;
 pub mod recipes;
 pub mod registry;

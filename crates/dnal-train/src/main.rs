@@ -43,7 +43,25 @@ enum Command {
         #[arg(long, default_value_t = dnal_onnx::DEFAULT_OPSET)]
         opset: i64,
     },
-    /// Download a data set (CIFAR-10 or CIFAR-100) with its checksum checked.
+    /// Classify image files with a run's network, preprocessed as the run's evaluation did
+    /// (grey or RGB, resize and centre crop, normalisation); prints the top classes.
+    Predict {
+        /// The run folder.
+        run: PathBuf,
+        /// Image files (PNG, JPEG) or folders of them.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// `pruned` or `dense`.
+        #[arg(long, default_value = "pruned")]
+        which: String,
+        /// Classes per image.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// One JSON document (predictions and errors) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+
     Download {
         /// `cifar10` or `cifar100`.
         dataset: String,
@@ -168,6 +186,44 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Train(args) => train(args),
         Command::Sweep(args) => sweep(args),
+        Command::Predict {
+            run,
+            images,
+            which,
+            top,
+            json,
+        } => {
+            let opts = dnal_train::predict::PredictOptions {
+                which: dnal_train::export::Which::parse(&which)?,
+                top,
+                quiet: json,
+            };
+            let (predictions, errors) = dnal_train::predict::predict(&run, &images, &opts)?;
+            if json {
+                let doc = serde_json::json!({ "predictions": predictions, "errors": errors });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                for p in &predictions {
+                    let guesses: Vec<String> = p
+                        .top
+                        .iter()
+                        .map(|g| format!("{} {:.1} %", g.class, 100.0 * g.probability))
+                        .collect();
+                    println!("{}: {}", p.file.display(), guesses.join(", "));
+                }
+                for e in &errors {
+                    eprintln!("error: {e}");
+                }
+            }
+            if !errors.is_empty() {
+                anyhow::bail!(
+                    "{} of {} inputs could not be classified",
+                    errors.len(),
+                    errors.len() + predictions.len()
+                );
+            }
+            Ok(true)
+        }
         Command::Export {
             run,
             which,

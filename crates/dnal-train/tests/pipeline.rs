@@ -661,3 +661,58 @@ fn rounded_widths_are_multiples_of_round_to() {
     assert_eq!(kept(&report), kept(&plain) + added);
     assert_eq!(plain.rounding_added, None);
 }
+
+/// `predict` on PNG files written from the test digits a run was evaluated on classifies them
+/// as the run's report says; an unreadable file is named and the others are still classified.
+#[test]
+fn predict_classifies_png_digits_as_the_report_says() {
+    use dnal_train::export::Which;
+    use dnal_train::predict::{PredictOptions, predict};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let report = finished(dnal_train::run(&demo(TINY), &opts(&run, false, None)).unwrap());
+    // TINY evaluates on 200 test digits: the first 20 of each class.
+    let test = dnal_data::bundled_mnist(dnal_data::Split::Test)
+        .unwrap()
+        .balanced_head(20);
+    let pngs = tmp.path().join("digits");
+    std::fs::create_dir(&pngs).unwrap();
+    for i in 0..test.len() {
+        let e = test.example(i);
+        image::GrayImage::from_raw(28, 28, e.image.pixels)
+            .unwrap()
+            .save(pngs.join(format!("{i:03}-{}.png", e.label)))
+            .unwrap();
+    }
+    std::fs::write(pngs.join("zzz-broken.png"), b"not a png").unwrap();
+    let opts = PredictOptions {
+        which: Which::Pruned,
+        top: 3,
+        quiet: true,
+    };
+    let (predictions, errors) =
+        predict(&run, &[pngs, tmp.path().join("missing.png")], &opts).unwrap();
+    assert_eq!(predictions.len(), 200);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("missing.png"), "{errors:?}");
+    assert!(errors[1].contains("zzz-broken.png"), "{errors:?}");
+    let mut correct = 0;
+    for p in &predictions {
+        let name = p.file.file_stem().unwrap().to_string_lossy().into_owned();
+        let label: usize = name.split('-').nth(1).unwrap().parse().unwrap();
+        assert_eq!(p.top.len(), 3);
+        assert!(
+            p.top
+                .windows(2)
+                .all(|w| w[0].probability >= w[1].probability)
+        );
+        assert_eq!(p.top[0].class, p.top[0].index.to_string());
+        correct += usize::from(p.top[0].index == label);
+    }
+    let top1 = 100.0 * correct as f64 / 200.0;
+    let reported = report.pruned.unwrap().top1;
+    assert!(
+        (top1 - reported).abs() <= 0.5,
+        "predict: {top1} %, the report: {reported} %"
+    );
+}
