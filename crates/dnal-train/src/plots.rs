@@ -314,7 +314,9 @@ pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Resu
             .x_label_area_size(45)
             .y_label_area_size(55)
             .build_cartesian_2d(
-                ((lo * 0.8).max(1.0)..hi * 1.25).log_scale(),
+                ((lo * 0.8).max(1.0)..hi * 1.25)
+                    .log_scale()
+                    .with_key_points(one_two_five((lo * 0.8).max(1.0), hi * 1.25)),
                 (ylo - 2.0).max(0.0)..(yhi + 1.0).min(100.0),
             )
             .map_err(|e| err(&e))?;
@@ -409,4 +411,21 @@ fn parse_paper_row(row: &str) -> Option<(f64, f64)> {
         _ => (m, 1.0),
     };
     Some((num.parse::<f64>().ok()? * scale, top1))
+}
+
+/// The values 1, 2 and 5 times a power of ten within `[lo, hi]`: tick marks that label a log
+/// axis spanning less than a decade as well as one spanning many.
+fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powi(lo.max(1.0).log10().floor() as i32);
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * decade;
+            if (lo..=hi).contains(&v) {
+                ticks.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
 }
