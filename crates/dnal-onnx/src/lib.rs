@@ -3,7 +3,7 @@
 //! Writes a network of the zoo (dense or pruned) as an ONNX model that runs in onnxruntime,
 //! TensorRT, OpenVINO or tract. The network's [`dnal_zoo::Network::inference_graph`] gives its
 //! eval-mode computation with BatchNorm and the gates folded into the convolutions, so the model
-//! uses nine standard operators: `Conv`, `Relu`, `Clip` (ReLU6), `MaxPool`,
+//! uses eight standard operators: `Conv`, `Relu`, `Clip` (ReLU6), `MaxPool`,
 //! `GlobalAveragePool`, `Flatten`, `Add`, `Gemm`, and nothing else.
 //!
 //! The model has one input, `images` (`[batch, C, H, W]`, float32, the batch dynamic, normalised
