@@ -132,11 +132,7 @@ fn inference(c: &mut Criterion) {
             ));
             group.sample_size(10);
             for batch in [1, 64] {
-                let x = Tensor::<4>::random(
-                    [batch, 3, 32, 32],
-                    burn::tensor::Distribution::Default,
-                    &device,
-                );
+                let (x, _) = dnal_benches::cifar_batch(batch, &device);
                 group.throughput(Throughput::Elements(batch as u64));
                 group.bench_function(format!("dense/batch-{batch}"), |b| {
                     b.iter(|| dense.infer(x.clone()))
@@ -191,11 +187,7 @@ fn inference_rounded(c: &mut Criterion) {
             let (pruned, fewer) = dense.pruned(&arch);
             eprintln!("{name} round-{k}: {added} channels added, {fewer:.2}x fewer MACs");
             for batch in [1, 64] {
-                let x = Tensor::<4>::random(
-                    [batch, 3, 32, 32],
-                    burn::tensor::Distribution::Default,
-                    &device,
-                );
+                let (x, _) = dnal_benches::cifar_batch(batch, &device);
                 group.throughput(Throughput::Elements(batch as u64));
                 group.bench_function(format!("round-{k}/batch-{batch}"), |b| {
                     b.iter(|| pruned.infer(x.clone()))

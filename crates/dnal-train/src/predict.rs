@@ -67,39 +67,24 @@ pub fn predict(
     let classes: Vec<String> = std::fs::read_to_string(run.join(paths::CLASSES))
         .map(|t| t.lines().map(str::to_string).collect())
         .unwrap_or_default();
-    let (files, mut errors) = expand(inputs);
-    let plane = eval.channels * eval.size * eval.size;
-    let mut images = Vec::with_capacity(files.len() * plane);
-    let mut read = Vec::with_capacity(files.len());
-    for file in files {
-        match preprocess(&file, &eval, &mut images) {
-            Ok(()) => read.push(file),
-            Err(e) => errors.push(format!("{}: {e}", file.display())),
-        }
-    }
+    let (files, errors) = expand(inputs);
     let batch = cfg.data.eval_batch_size.max(1);
     let bar = crate::report::progress_bar(
-        opts.quiet || read.len() <= batch,
-        read.len() as u64,
+        opts.quiet || files.len() <= batch,
+        files.len() as u64,
         "predict",
     );
-    let logits = cfg.model.name.with_type(Forward {
+    let (predictions, errors) = cfg.model.name.with_type(Forward {
         dir: &dir,
-        images: &images,
-        shape: [eval.channels, eval.size, eval.size],
+        files: &files,
+        eval: &eval,
         batch,
+        top: opts.top,
+        classes: &classes,
         bar: &bar,
+        errors,
     })?;
     bar.finish_and_clear();
-    let width = logits.len() / read.len().max(1);
-    let predictions = read
-        .into_iter()
-        .zip(logits.chunks(width.max(1)))
-        .map(|(file, row)| Prediction {
-            file,
-            top: top_k(row, opts.top, &classes),
-        })
-        .collect();
     Ok((predictions, errors))
 }
 
@@ -175,28 +160,44 @@ fn top_k(logits: &[f32], k: usize, classes: &[String]) -> Vec<Guess> {
         .collect()
 }
 
+/// Loads the network, then reads, preprocesses and classifies the files one batch at a time
+/// (a folder of any size needs one batch of images in memory).
 struct Forward<'a> {
     dir: &'a Path,
-    images: &'a [f32],
-    shape: [usize; 3],
+    files: &'a [PathBuf],
+    eval: &'a Eval,
     batch: usize,
+    top: usize,
+    classes: &'a [String],
     bar: &'a indicatif::ProgressBar,
+    errors: Vec<String>,
 }
 
 impl WithType for Forward<'_> {
-    type Output = Vec<f32>;
+    type Output = (Vec<Prediction>, Vec<String>);
 
-    fn run<N: Network>(self) -> Result<Vec<f32>> {
+    fn run<N: Network>(mut self) -> Result<Self::Output> {
         let device = Device::default();
         let net: N = dnal_zoo::load(self.dir, |c| N::build(c, &device))?;
         let net = net.valid();
-        let plane: usize = self.shape.iter().product();
-        let mut logits = Vec::new();
-        for chunk in self.images.chunks(self.batch * plane) {
-            let n = chunk.len() / plane;
-            let [c, h, w] = self.shape;
-            let x = Tensor::<4>::from_data(TensorData::new(chunk.to_vec(), [n, c, h, w]), &device);
-            let y: Vec<f32> = net
+        let shape = [self.eval.channels, self.eval.size, self.eval.size];
+        let mut predictions = Vec::with_capacity(self.files.len());
+        for chunk in self.files.chunks(self.batch) {
+            let mut images = Vec::new();
+            let mut read = Vec::with_capacity(chunk.len());
+            for file in chunk {
+                match preprocess(file, self.eval, &mut images) {
+                    Ok(()) => read.push(file.clone()),
+                    Err(e) => self.errors.push(format!("{}: {e}", file.display())),
+                }
+            }
+            self.bar.inc(chunk.len() as u64);
+            if read.is_empty() {
+                continue;
+            }
+            let [c, h, w] = shape;
+            let x = Tensor::<4>::from_data(TensorData::new(images, [read.len(), c, h, w]), &device);
+            let logits: Vec<f32> = net
                 .forward(x)
                 .into_data()
                 .convert::<f32>()
@@ -205,9 +206,16 @@ impl WithType for Forward<'_> {
                     path: self.dir.to_path_buf(),
                     message: format!("the network's output is unreadable: {e:?}"),
                 })?;
-            logits.extend(y);
-            self.bar.inc(n as u64);
+            let width = logits.len() / read.len();
+            predictions.extend(
+                read.into_iter()
+                    .zip(logits.chunks(width))
+                    .map(|(file, row)| Prediction {
+                        file,
+                        top: top_k(row, self.top, self.classes),
+                    }),
+            );
         }
-        Ok(logits)
+        Ok((predictions, self.errors))
     }
 }

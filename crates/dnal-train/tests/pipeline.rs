@@ -670,7 +670,10 @@ fn predict_classifies_png_digits_as_the_report_says() {
     use dnal_train::predict::{PredictOptions, predict};
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let report = finished(dnal_train::run(&demo(TINY), &opts(&run, false, None)).unwrap());
+    // Batches of 64: predict reads the 201 files in four batches.
+    let mut sets = TINY.to_vec();
+    sets.push("data.eval_batch_size=64");
+    let report = finished(dnal_train::run(&demo(&sets), &opts(&run, false, None)).unwrap());
     // TINY evaluates on 200 test digits: the first 20 of each class.
     let test = dnal_data::bundled_mnist(dnal_data::Split::Test)
         .unwrap()
