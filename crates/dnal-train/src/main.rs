@@ -342,7 +342,7 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
         Outcome::Finished(report) => {
             println!("{}", report.markdown());
             println!(
-                "Outputs in {}: report.json, report.md, plots (*.svg), pruned/ (burnpack, config, safetensors), architecture.json",
+                "Outputs in {}: report.json, report.md, plots (*.svg), pruned/ (burnpack, config, safetensors), pruned.onnx, architecture.json",
                 out.display()
             );
         }
