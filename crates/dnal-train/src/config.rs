@@ -161,6 +161,38 @@ pub struct StageConfig {
     pub weight_decay: f64,
     /// Schedule.
     pub schedule: LrSchedule,
+    /// Weights to start from (the weight stage only): a PyTorch checkpoint (`.pth`, `.pt`), a
+    /// safetensors file or a dnal run's `model.bpk`. With them, `epochs = 0` skips the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// How the names in `init` become dnal's: `torchvision` (torchvision's VGG-16-BN,
+    /// ResNet-50 and MobileNetV2 names; the default, except for `.bpk` files), `dnal` (a run's
+    /// `model.bpk` or `model.safetensors`; the default for `.bpk`), or the path of a
+    /// key-mapping file (`.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_keys: Option<String>,
+    /// Tensors of the network (regular expressions over dnal's paths) that keep their initial
+    /// values instead, e.g. `['^classifier\.']` for a new number of classes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_exclude: Vec<String>,
+}
+
+impl StageConfig {
+    /// How the names of `init` are mapped.
+    pub fn init_key_map(&self) -> Result<dnal_zoo::KeyMap> {
+        let burnpack = self
+            .init
+            .as_ref()
+            .is_some_and(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("bpk")));
+        Ok(match self.init_keys.as_deref() {
+            None if burnpack => dnal_zoo::KeyMap::Dnal,
+            None | Some("torchvision") => dnal_zoo::KeyMap::Torchvision,
+            Some("dnal") => dnal_zoo::KeyMap::Dnal,
+            Some(file) => {
+                dnal_zoo::KeyMap::Rules(dnal_zoo::KeyRules::from_file(std::path::Path::new(file))?)
+            }
+        })
+    }
 }
 
 fn default_momentum() -> f64 {
@@ -425,8 +457,35 @@ impl TrainConfig {
                 _ => {}
             }
         }
-        if self.weights.epochs == 0 {
-            return bad("weights.epochs", "must be at least 1".into());
+        if self.weights.epochs == 0 && self.weights.init.is_none() {
+            return bad(
+                "weights.epochs",
+                "must be at least 1 (0 skips the stage only when weights.init names weights to start from)".into(),
+            );
+        }
+        let fin = &self.final_stage;
+        if fin.init.is_some() || fin.init_keys.is_some() || !fin.init_exclude.is_empty() {
+            return bad(
+                "final.init",
+                "only the weight stage starts from a weights file; use weights.init".into(),
+            );
+        }
+        if let Some(keys) = self.weights.init_keys.as_deref()
+            && !matches!(keys, "torchvision" | "dnal")
+            && !keys.ends_with(".toml")
+        {
+            return bad(
+                "weights.init_keys",
+                format!("{keys:?} is neither torchvision, dnal nor a key-mapping file (.toml)"),
+            );
+        }
+        for p in &self.weights.init_exclude {
+            if let Err(e) = regex::Regex::new(p) {
+                return bad(
+                    "weights.init_exclude",
+                    format!("`{p}` is not a pattern: {e}"),
+                );
+            }
         }
         if matches!(self.mode, Mode::Magnitude | Mode::Uniform)
             && self.compare.target_macs.is_none_or(|m| m == 0)

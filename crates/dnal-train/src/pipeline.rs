@@ -126,9 +126,21 @@ impl<'a, N: Network> Runner<'a, N> {
 
     /// The network with its initial weights, drawn from the run's own seeded generator (never
     /// from burn's, which is shared by the whole process).
+    ///
+    /// With `weights.init`, the file's weights replace them (except what `init_exclude` keeps).
     fn fresh(&self) -> Result<N> {
         let model = N::build(&self.net_config, &self.train_device)?;
-        Ok(dnal_zoo::init::seeded(model, self.cfg.seed))
+        let model = dnal_zoo::init::seeded(model, self.cfg.seed);
+        let stage = &self.cfg.weights;
+        let Some(path) = &stage.init else {
+            return Ok(model);
+        };
+        let (model, loaded) =
+            dnal_zoo::load_pretrained(model, path, &stage.init_key_map()?, &stage.init_exclude)?;
+        if !self.opts.quiet {
+            eprintln!("weights from {}: {loaded}", path.display());
+        }
+        Ok(model)
     }
 
     fn load_model(&self, dir: &Path) -> Result<N> {

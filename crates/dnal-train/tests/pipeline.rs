@@ -328,6 +328,11 @@ fn bad_configs_are_rejected_before_any_work() {
             .to_string()
     };
     assert!(err(&["arch.penalty.lambda=-1"]).contains("arch.penalty.lambda"));
+    assert!(err(&["final.init=w.pth"]).contains("`final.init`"));
+    assert!(err(&["weights.init=w.pth", "weights.init_keys=timm"]).contains("`weights.init_keys`"));
+    assert!(err(&["weights.init=w.pth", "weights.init_exclude=['(']"]).contains("init_exclude"));
+    // Zero weight epochs only with weights to start from.
+    assert!(err(&["weights.epochs=0"]).contains("weights.init"));
     assert!(err(&["arch.threshold=1"]).contains("arch.threshold"));
     assert!(err(&["weights.lr=0"]).contains("weights.lr"));
     assert!(err(&["nonsense=1"]).contains("unknown field `nonsense`"));
@@ -717,5 +722,60 @@ fn predict_classifies_png_digits_as_the_report_says() {
     assert!(
         (top1 - reported).abs() <= 0.5,
         "predict: {top1} %, the report: {reported} %"
+    );
+}
+
+/// A run that starts from another run's dense weights (`weights.init`, the `.bpk` a run
+/// writes) with `weights.epochs = 0` skips the weight stage and evaluates the same dense
+/// network; a file that does not fit stops the run with the tensors named.
+#[test]
+fn a_run_starts_from_saved_weights_and_skips_the_weight_stage() {
+    let first = tempfile::tempdir().unwrap();
+    let small = ["data.train_limit=600", "data.test_limit=200"];
+    let cfg = demo(&[
+        small[0],
+        small[1],
+        "data.batch_size=32",
+        "mode=\"dense\"",
+        "weights.epochs=3",
+    ]);
+    let dense = finished(dnal_train::run(&cfg, &opts(first.path(), false, None)).unwrap());
+    let weights = first.path().join(paths::DENSE).join("model.bpk");
+
+    let second = tempfile::tempdir().unwrap();
+    let init = format!("weights.init={}", weights.display());
+    let cfg = demo(&[
+        small[0],
+        small[1],
+        &init,
+        "weights.epochs=0",
+        "arch.epochs=1",
+        "final.epochs=1",
+    ]);
+    let report = finished(dnal_train::run(&cfg, &opts(second.path(), false, None)).unwrap());
+    assert_eq!(report.baseline.top1, dense.baseline.top1);
+    // Trained, not at chance (10 %).
+    assert!(report.baseline.top1 > 30.0, "{}", report.baseline.top1);
+    let phases: Vec<String> = history(second.path())
+        .iter()
+        .map(|h| h["stage"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(phases, ["arch", "final"]);
+
+    // Weights of another network: refused, naming the file and a tensor.
+    let third = tempfile::tempdir().unwrap();
+    let cfg = demo(&[
+        small[0],
+        small[1],
+        &init,
+        "weights.epochs=0",
+        "model.name=\"resnet20-cifar\"",
+    ]);
+    let msg = dnal_train::run(&cfg, &opts(third.path(), false, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("model.bpk") && msg.contains("do not fit"),
+        "{msg}"
     );
 }

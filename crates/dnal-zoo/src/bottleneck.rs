@@ -20,6 +20,7 @@ use crate::error::{Result, ZooError};
 use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
 use crate::network::{Counting, Network};
+use crate::pretrained::{KeyRules, Rename};
 use crate::stream::{add_into, covers};
 
 /// Widths of one bottleneck block.
@@ -44,8 +45,12 @@ pub struct BottleneckResNetConfig {
     pub num_classes: usize,
     /// Blocks per stage ([3, 4, 6, 3] for ResNet-50).
     pub layers: Vec<usize>,
-    /// Channels kept by the stem gate (64 at full width).
+    /// Channels kept by the stem gate (`planes[0]` at full width).
     pub stem: usize,
+    /// Planes of each stage (the inner width of its blocks; the stream is 4x wider):
+    /// `[64, 128, 256, 512]` in ResNet-50/101/152.
+    #[serde(default = "default_planes")]
+    pub planes: [usize; 4],
     /// Every block, stage by stage.
     pub blocks: Vec<BottleneckWidths>,
 }
@@ -53,17 +58,32 @@ pub struct BottleneckResNetConfig {
 const PLANES: [usize; 4] = [64, 128, 256, 512];
 const EXPANSION: usize = 4;
 
+fn default_planes() -> [usize; 4] {
+    PLANES
+}
+
 impl BottleneckResNetConfig {
     /// A full-width bottleneck ResNet with `layers` blocks per stage.
     pub fn new(layers: Vec<usize>, num_classes: usize) -> Result<Self> {
+        Self::with_planes(layers, PLANES, num_classes)
+    }
+
+    /// A full-width bottleneck ResNet with `layers` blocks per stage of `planes` planes (the
+    /// stem is `planes[0]` wide), as torchvision's `ResNet` builds it with other widths.
+    pub fn with_planes(layers: Vec<usize>, planes: [usize; 4], num_classes: usize) -> Result<Self> {
         if layers.len() != 4 || layers.contains(&0) {
             return Err(ZooError::Config(format!(
                 "a bottleneck ResNet has 4 stages of at least one block, not {layers:?}"
             )));
         }
+        if planes.contains(&0) {
+            return Err(ZooError::Config(format!(
+                "every stage needs at least one plane, not {planes:?}"
+            )));
+        }
         let blocks = layers
             .iter()
-            .zip(PLANES)
+            .zip(planes)
             .flat_map(|(&n, p)| {
                 std::iter::repeat_n(
                     BottleneckWidths {
@@ -80,7 +100,8 @@ impl BottleneckResNetConfig {
             image_size: 224,
             num_classes,
             layers,
-            stem: 64,
+            stem: planes[0],
+            planes,
             blocks,
         })
     }
@@ -88,6 +109,11 @@ impl BottleneckResNetConfig {
     /// ResNet-50: 4.09G MACs, 25.55M parameters.
     pub fn resnet50(num_classes: usize) -> Self {
         Self::new(vec![3, 4, 6, 3], num_classes).expect("a valid layout")
+    }
+
+    /// Full width of stage `s`'s stream.
+    fn stream_width(&self, s: usize) -> usize {
+        self.planes[s] * EXPANSION
     }
 
     /// (stage, first block of the stage) of every block.
@@ -109,11 +135,20 @@ impl BottleneckResNetConfig {
                 self.layers
             ));
         }
-        if self.stem == 0 {
-            return bad("the stem keeps at least one channel".into());
+        if self.planes.contains(&0) {
+            return bad(format!(
+                "every stage needs at least one plane, not {:?}",
+                self.planes
+            ));
+        }
+        if self.stem == 0 || self.stem > self.planes[0] {
+            return bad(format!(
+                "the stem keeps 1 to {} channels, not {}",
+                self.planes[0], self.stem
+            ));
         }
         for (i, (b, (s, _))) in self.blocks.iter().zip(self.layout()).enumerate() {
-            let w = PLANES[s] * EXPANSION;
+            let w = self.stream_width(s);
             if b.out.iter().any(|&c| c >= w) || !b.out.windows(2).all(|p| p[0] < p[1]) {
                 return bad(format!(
                     "block {i}: output positions must be increasing and below {w}"
@@ -134,10 +169,10 @@ impl BottleneckResNetConfig {
             .into_iter()
             .zip(&self.blocks)
             .map(|((s, first), b)| {
-                let width = PLANES[s] * EXPANSION;
+                let width = self.stream_width(s);
                 let input = match (first, s) {
                     (true, 0) => self.stem,
-                    (true, _) => PLANES[s - 1] * EXPANSION,
+                    (true, _) => self.stream_width(s - 1),
                     (false, _) => width,
                 };
                 let stride = if first && s > 0 { 2 } else { 1 };
@@ -174,7 +209,7 @@ impl BottleneckResNetConfig {
                 .init(),
             blocks,
             gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
-            classifier: LinearConfig::new(PLANES[3] * EXPANSION, self.num_classes).init(device),
+            classifier: LinearConfig::new(self.stream_width(3), self.num_classes).init(device),
             config: self.clone(),
         })
     }
@@ -257,10 +292,10 @@ impl BottleneckResNet {
         );
         side = side.div_ceil(2);
         for (i, (block, (s, first))) in self.blocks.iter().zip(cfg.layout()).enumerate() {
-            let width = PLANES[s] * EXPANSION;
+            let width = cfg.stream_width(s);
             let stream = match (first, s) {
                 (true, 0) => Width::gate("stem"),
-                (true, _) => Width::Fixed(PLANES[s - 1] * EXPANSION),
+                (true, _) => Width::Fixed(cfg.stream_width(s - 1)),
                 (false, _) => Width::Fixed(width),
             };
             let input = match self.released_input(counting, i) {
@@ -286,7 +321,7 @@ impl BottleneckResNet {
                     Counting::Released => Width::Fixed(if s == 0 {
                         cfg.stem
                     } else {
-                        PLANES[s - 1] * EXPANSION
+                        cfg.stream_width(s - 1)
                     }),
                 };
                 sc.add_cost(
@@ -300,7 +335,7 @@ impl BottleneckResNet {
         }
         let features = self
             .released_input(counting, self.blocks.len())
-            .unwrap_or(Width::Fixed(PLANES[3] * EXPANSION));
+            .unwrap_or(Width::Fixed(cfg.stream_width(3)));
         cost.linear("classifier", features, Width::Fixed(cfg.num_classes));
         cost
     }
@@ -380,7 +415,7 @@ impl Network for BottleneckResNet {
                         None,
                     )?;
                     let place = Place {
-                        width: PLANES[s] * EXPANSION,
+                        width: cfg.stream_width(s),
                         positions: &widths.out,
                     };
                     let y = g.conv_bn_gate(
@@ -399,6 +434,45 @@ impl Network for BottleneckResNet {
         let x = g.pool_flatten(x);
         g.linear("classifier", x, &self.classifier, None)?;
         Ok(g)
+    }
+
+    /// torchvision's ResNet: `conv1`/`bn1` the stem, `layer{s}.{j}.conv{k}`/`bn{k}` block j of
+    /// stage s, `layer{s}.0.downsample.{0,1}` its projection shortcut, `fc` the classifier.
+    fn torchvision_keys(&self) -> Option<KeyRules> {
+        let mut rename = vec![
+            Rename::prefix("conv1", "stem.conv"),
+            Rename::prefix("bn1", "stem.bn"),
+            Rename::prefix("fc", "classifier"),
+        ];
+        let mut j = 0;
+        for (i, (s, first)) in self.config.layout().into_iter().enumerate() {
+            j = if first { 0 } else { j + 1 };
+            let torch = format!("layer{}.{j}", s + 1);
+            for k in 1..=3 {
+                let ours = format!("blocks.{i}.branch.conv{k}");
+                rename.push(Rename::prefix(
+                    &format!("{torch}.conv{k}"),
+                    &format!("{ours}.conv"),
+                ));
+                rename.push(Rename::prefix(
+                    &format!("{torch}.bn{k}"),
+                    &format!("{ours}.bn"),
+                ));
+            }
+            let sc = format!("blocks.{i}.shortcut");
+            rename.push(Rename::prefix(
+                &format!("{torch}.downsample.0"),
+                &format!("{sc}.conv"),
+            ));
+            rename.push(Rename::prefix(
+                &format!("{torch}.downsample.1"),
+                &format!("{sc}.bn"),
+            ));
+        }
+        Some(KeyRules {
+            rename,
+            ..KeyRules::default()
+        })
     }
 
     /// Exact under any architecture: the streams stay at full width, so every width is a gate's
@@ -450,7 +524,7 @@ impl Network for BottleneckResNet {
             .zip(old.layout())
             .map(|((block, plan), (s, first))| {
                 let input = (first && s == 0).then_some(stem_keep.as_slice());
-                let width = PLANES[s] * EXPANSION;
+                let width = old.stream_width(s);
                 let all: Vec<usize> = (0..width).collect();
                 Bottleneck {
                     shortcut: block.shortcut.map(|sc| sc.prune(input, &all)),

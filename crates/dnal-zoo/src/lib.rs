@@ -8,7 +8,7 @@
 //! The families: plain CNNs ([`PlainCnn`]: VGG-16 for CIFAR and ImageNet, the MNIST demo CNN),
 //! CIFAR ResNets ([`CifarResNet`]: ResNet-20/32/44/56/110), bottleneck ResNets
 //! ([`BottleneckResNet`]: ResNet-50), [`MobileNetV2`] (CIFAR and ImageNet) and the ProxylessNAS
-//! supernet ([`SuperNet`]).supernet ([`SuperNet`]). They share the gated unit ([`ConvBnGate`]), the MBConv unit
+//! supernet ([`SuperNet`]). They share the gated unit ([`ConvBnGate`]), the MBConv unit
 //! ([`mbconv::MbConv`]) and the residual-stream code ([`stream`]); their convolutions and
 //! BatchNorms run through `dnal-kernels`.
 
@@ -22,6 +22,7 @@ pub mod mbconv;
 pub mod mobilenet;
 pub mod network;
 pub mod plain;
+pub mod pretrained;
 pub mod resnet;
 pub mod stream;
 pub mod supernet;
@@ -35,5 +36,6 @@ pub use network::{
     Network, StructureGrid, counted_params, load, load_safetensors, prune, save, save_safetensors,
 };
 pub use plain::{PlainCnn, PlainCnnConfig};
+pub use pretrained::{Base, KeyMap, KeyMapper, KeyRules, Layout, Loaded, Rename, load_pretrained};
 pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};
 pub use supernet::{CandidateWidths, SuperNet, SuperNetConfig};

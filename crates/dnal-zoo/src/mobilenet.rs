@@ -23,6 +23,7 @@ use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::{Counting, Network};
+use crate::pretrained::{KeyRules, Rename};
 use crate::stream::{add_into, block_input, kept_positions, positions, scatter, union, widen};
 
 /// Widths of one inverted-residual block.
@@ -95,6 +96,44 @@ impl MobileNetV2Config {
         stages: &[[usize; 4]],
         conv_shortcuts: bool,
     ) -> Self {
+        Self::full_width(
+            num_classes,
+            image_size,
+            stem_stride,
+            [32, 1280],
+            stages,
+            conv_shortcuts,
+        )
+    }
+
+    /// The ImageNet variant (stem stride 2, no conv shortcuts) at other widths: a stem of
+    /// `stem_width` channels, stages given as torchvision's `[t, c, n, s]` rows with `c` already
+    /// the channel count, and a last 1x1 conv of `last_width` channels.
+    pub fn imagenet_widths(
+        num_classes: usize,
+        image_size: usize,
+        stem_width: usize,
+        stages: &[[usize; 4]],
+        last_width: usize,
+    ) -> Self {
+        Self::full_width(
+            num_classes,
+            image_size,
+            2,
+            [stem_width, last_width],
+            stages,
+            false,
+        )
+    }
+
+    fn full_width(
+        num_classes: usize,
+        image_size: usize,
+        stem_stride: usize,
+        [stem_width, last_width]: [usize; 2],
+        stages: &[[usize; 4]],
+        conv_shortcuts: bool,
+    ) -> Self {
         let stages: Vec<MbStage> = stages
             .iter()
             .map(|&[expansion, width, blocks, stride]| MbStage {
@@ -104,7 +143,7 @@ impl MobileNetV2Config {
                 stride,
             })
             .collect();
-        let mut in_w = 32;
+        let mut in_w = stem_width;
         let mut blocks = Vec::new();
         for st in &stages {
             for _ in 0..st.blocks {
@@ -125,10 +164,10 @@ impl MobileNetV2Config {
             image_size,
             num_classes,
             stem_stride,
-            stem_width: 32,
+            stem_width,
             stages,
             conv_shortcuts,
-            last_width: 1280,
+            last_width,
             blocks,
         }
     }
@@ -580,6 +619,50 @@ impl Network for MobileNetV2 {
 
     /// Streams are unions of kept channels: the cost model treats them as fixed at their current
     /// width, and [`Network::arch_cost`] prices an architecture by pruning a copy.
+    /// torchvision's MobileNetV2: `features.0` the stem, `features.{b+1}.conv` block b (its
+    /// expansion, depthwise and projection units in order), the next feature the last 1x1 conv,
+    /// `classifier.1` the classifier. The CIFAR variant's conv shortcuts have no counterpart.
+    fn torchvision_keys(&self) -> Option<KeyRules> {
+        let cfg = &self.config;
+        if cfg.conv_shortcuts {
+            return None;
+        }
+        let unit = |torch: String, ours: String| {
+            [
+                Rename::prefix(&format!("{torch}.0"), &format!("{ours}.conv")),
+                Rename::prefix(&format!("{torch}.1"), &format!("{ours}.bn")),
+            ]
+        };
+        let mut rename: Vec<Rename> = unit("features.0".into(), "stem".into()).into();
+        for (b, (s, _)) in cfg.layout().into_iter().enumerate() {
+            let torch = format!("features.{}.conv", b + 1);
+            let ours = format!("blocks.{b}.branch");
+            let mut k = 0;
+            if cfg.stages[s].expansion != 1 {
+                rename.extend(unit(format!("{torch}.0"), format!("{ours}.expand")));
+                k = 1;
+            }
+            rename.extend(unit(format!("{torch}.{k}"), format!("{ours}.depthwise")));
+            rename.push(Rename::prefix(
+                &format!("{torch}.{}", k + 1),
+                &format!("{ours}.project.conv"),
+            ));
+            rename.push(Rename::prefix(
+                &format!("{torch}.{}", k + 2),
+                &format!("{ours}.project.bn"),
+            ));
+        }
+        rename.extend(unit(
+            format!("features.{}", cfg.blocks.len() + 1),
+            "last".into(),
+        ));
+        rename.push(Rename::prefix("classifier.1", "classifier"));
+        Some(KeyRules {
+            rename,
+            ..KeyRules::default()
+        })
+    }
+
     fn cost_model(&self) -> CostModel {
         self.costs(Counting::Exact)
     }

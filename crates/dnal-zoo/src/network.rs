@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Result, ZooError};
 use crate::graph::Graph;
+use crate::pretrained::KeyRules;
 
 /// File names inside a saved-model folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -77,6 +78,13 @@ pub trait Network: GatedModel {
     /// The eval-mode computation as a graph of plain operations, BatchNorm and gates folded
     /// (for export; `dnal-onnx` writes it as ONNX).
     fn inference_graph(&self) -> Result<Graph>;
+
+    /// How torchvision's state-dict keys for this family become this network's module paths
+    /// (VGG-16-BN, ResNet-50, MobileNetV2; see [`crate::pretrained`]); `None` where torchvision
+    /// has no such network.
+    fn torchvision_keys(&self) -> Option<KeyRules> {
+        None
+    }
 
     /// Derives the architecture this network's gates describe (default:
     /// [`dnal_core::derive_architecture`]; a family with extra structural rules adds them).

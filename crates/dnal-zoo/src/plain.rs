@@ -14,6 +14,7 @@ use crate::error::{Result, ZooError};
 use crate::graph::Graph;
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::network::Network;
+use crate::pretrained::{KeyRules, Rename};
 
 /// Configuration of a [`PlainCnn`]: the width of every gated conv is in `widths`, so a pruned
 /// network is described by the same config with smaller widths.
@@ -268,6 +269,43 @@ impl Network for PlainCnn {
         }
         g.linear("classifier", x, &self.classifier, None)?;
         Ok(g)
+    }
+
+    /// torchvision's VGG: `features.k` holds conv, BN, ReLU at three indices and a max-pool at
+    /// one; `classifier.3i` is the i-th linear layer (a ReLU and a dropout follow each hidden
+    /// one). Plain CNNs with BatchNorm in the classifier or a global pool have no counterpart.
+    fn torchvision_keys(&self) -> Option<KeyRules> {
+        let cfg = &self.config;
+        if cfg.global_pool || (cfg.hidden_bn && !cfg.hidden.is_empty()) {
+            return None;
+        }
+        let mut rename = Vec::new();
+        let mut k = 0;
+        for i in 0..cfg.widths.len() {
+            rename.push(Rename::prefix(
+                &format!("features.{k}"),
+                &format!("convs.{i}.conv"),
+            ));
+            rename.push(Rename::prefix(
+                &format!("features.{}", k + 1),
+                &format!("convs.{i}.bn"),
+            ));
+            k += if cfg.pool_after.contains(&i) { 4 } else { 3 };
+        }
+        for i in 0..cfg.hidden.len() {
+            rename.push(Rename::prefix(
+                &format!("classifier.{}", 3 * i),
+                &format!("hidden.{i}.linear"),
+            ));
+        }
+        rename.push(Rename::prefix(
+            &format!("classifier.{}", 3 * cfg.hidden.len()),
+            "classifier",
+        ));
+        Some(KeyRules {
+            rename,
+            ..KeyRules::default()
+        })
     }
 
     fn cost_model(&self) -> CostModel {
