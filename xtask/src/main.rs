@@ -62,6 +62,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Time a training step: `cargo xtask bench-step [--model resnet56-cifar] [--batch 128]
+    /// [--size 32] [--backend flex|wgpu|cuda] [--search] [--json]`.
+    BenchStep {
+        /// Arguments for `dnal-train bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Data sets: `cargo xtask data download cifar10 [--dir DIR] [--url MIRROR]`.
     Data {
         /// `download` followed by its arguments.
@@ -85,6 +92,8 @@ fn main() -> Result<()> {
             if no_wgpu {
                 println!("xtask: wgpu tests skipped (--no-wgpu)");
             } else {
+                // One build of burn with wgpu for both crates' `wgpu` tests (the gate and the
+                // whole pipeline); it is also the trainer's `--backend wgpu` build.
                 cargo(
                     &root,
                     &[
@@ -92,8 +101,10 @@ fn main() -> Result<()> {
                         "--release",
                         "-p",
                         "dnal-core",
+                        "-p",
+                        "dnal-train",
                         "--features",
-                        "wgpu",
+                        "dnal-core/wgpu,dnal-train/wgpu",
                         "--test",
                         "wgpu",
                     ],
@@ -105,6 +116,7 @@ fn main() -> Result<()> {
         Task::Sweep { args } => trainer(&root, "sweep", &args),
         Task::Export { args } => trainer(&root, "export", &args),
         Task::Predict { args } => trainer(&root, "predict", &args),
+        Task::BenchStep { args } => trainer(&root, "bench", &args),
         Task::Data { args } => {
             match args.first().map(String::as_str) {
                 Some("download") => {}

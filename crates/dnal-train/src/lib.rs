@@ -3,7 +3,7 @@
 //! The DNAL pipeline end to end (`docs/ARCHITECTURE.md` explains the design):
 //!
 //! 1. weight stage: gates in bypass, SGD (momentum, dampening 0, weight decay, cosine or step
-//!    learning rate), from scratch;
+//!    learning rate), from scratch or from pretrained weights (`weights.init`);
 //! 2. architecture stage: conv and BN weights frozen, alpha reset to 0 and trained with its own
 //!    optimiser on cross-entropy + sparsity penalty while beta follows the continuation schedule;
 //! 3. derivation and physical pruning;
@@ -14,6 +14,7 @@
 //!
 //! Every epoch ends with a checkpoint; a run resumes from it to the same result.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod recipes;
 pub mod registry;
 pub mod report;
 pub mod sweep;
+mod tally;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};

@@ -43,6 +43,40 @@ enum Command {
         #[arg(long, default_value_t = dnal_onnx::DEFAULT_OPSET)]
         opset: i64,
     },
+    /// Time one training step of a network on a backend, on random images (no data set):
+    /// forward, cross-entropy, backward, SGD; the median and fastest of the timed steps.
+    Bench {
+        /// The network (a `[model] name`, e.g. resnet56-cifar, resnet50-imagenet).
+        #[arg(long, default_value = "resnet56-cifar")]
+        model: String,
+        /// Images per step.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Image side.
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Image channels.
+        #[arg(long, default_value_t = 3)]
+        channels: usize,
+        /// Classes.
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Untimed steps first (on a GPU: kernel compilation and autotuning).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Gates searching (as in the architecture stage) instead of bypassed.
+        #[arg(long)]
+        search: bool,
+        /// flex, ndarray, wgpu or cuda (must be compiled in).
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// One JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Classify image files with a run's network, preprocessed as the run's evaluation did
     /// (grey or RGB, resize and centre crop, normalisation); prints the top classes.
     Predict {
@@ -186,6 +220,50 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Train(args) => train(args),
         Command::Sweep(args) => sweep(args),
+        Command::Bench {
+            model,
+            batch,
+            size,
+            channels,
+            classes,
+            warmup,
+            steps,
+            search,
+            backend,
+            json,
+        } => {
+            let bench = dnal_train::bench::StepBench {
+                model: dnal_train::registry::ModelName::parse(&model)?,
+                batch,
+                shape: dnal_train::registry::ImageShape {
+                    channels,
+                    size,
+                    classes,
+                },
+                warmup,
+                steps,
+                search,
+                backend: backend.parse()?,
+            };
+            let t = dnal_train::bench::bench_step(&bench)?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                println!(
+                    "{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps)",
+                    t.model,
+                    t.backend,
+                    t.batch,
+                    t.size,
+                    t.size,
+                    t.gates,
+                    t.median_ms,
+                    t.min_ms,
+                    t.steps
+                );
+            }
+            Ok(true)
+        }
         Command::Predict {
             run,
             images,

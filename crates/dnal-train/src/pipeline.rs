@@ -27,6 +27,7 @@ use crate::phase::{
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
 use crate::report::{self, Report};
+use crate::tally::{NonFinite, Tally};
 
 /// What an epoch came to: its end, or a stop part-way.
 enum EpochEnd<N> {
@@ -422,8 +423,17 @@ impl<'a, N: Network> Runner<'a, N> {
             });
         }
         bar.inc(start.batches_done as u64);
-        let (mut loss_sum, mut pen_sum, mut correct, mut seen) =
-            (start.loss_sum, start.pen_sum, start.correct, start.seen);
+        let mut tally = Tally::resume(&start);
+        let diverged = |e: NonFinite| {
+            bar.abandon();
+            TrainError::NonFinite {
+                stage: phase.name().into(),
+                epoch,
+                iteration: e.iteration,
+                value: e.value,
+                checkpoint: ckpt_dir.to_path_buf(),
+            }
+        };
         let (mut lr, mut beta) = (start.lr, start.beta);
         // Each phase has its own stream of epochs for the data order and augmentation.
         let data_epoch = (progress_key(phase) << 32) | epoch as u64;
@@ -438,29 +448,13 @@ impl<'a, N: Network> Runner<'a, N> {
             let logits = net.forward(batch.images);
             let n = logits.dims()[0];
             let pred = logits.clone().argmax(1).reshape([n]);
-            let hits: i64 = pred
-                .equal(batch.labels.clone())
-                .int()
-                .sum()
-                .into_scalar::<i64>();
+            let hits = pred.equal(batch.labels.clone()).int().sum();
             let mut loss = ce.forward(logits, batch.labels);
-            let mut pen_value = 0.0;
-            if let Some(p) = penalty.as_deref() {
-                let pen = p.loss(&net);
-                pen_value = pen.clone().into_scalar::<f32>() as f64;
-                loss = loss + pen;
+            let pen = penalty.as_deref().map(|p| p.loss(&net));
+            if let Some(pen) = &pen {
+                loss = loss + pen.clone();
             }
-            let loss_value = loss.clone().into_scalar::<f32>();
-            if !loss_value.is_finite() {
-                bar.abandon();
-                return Err(TrainError::NonFinite {
-                    stage: phase.name().into(),
-                    epoch,
-                    iteration: iter,
-                    value: loss_value,
-                    checkpoint: ckpt_dir.to_path_buf(),
-                });
-            }
+            tally.push(iter, n, loss.clone(), pen, hits);
             let mut grads = loss.backward();
             match phase {
                 Phase::Arch => {
@@ -491,20 +485,23 @@ impl<'a, N: Network> Runner<'a, N> {
                     net = step_weights(optims, lr, net, grads);
                 }
             }
-            loss_sum += loss_value as f64 * n as f64;
-            pen_sum += pen_value * n as f64;
-            correct += hits as usize;
-            seen += n;
             bar.inc(1);
-            bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
-            if self.opts.stop_requested() {
+            let stop = self.opts.stop_requested();
+            if tally.due() || stop {
+                tally.read_back().map_err(diverged)?;
+                bar.set_message(format!(
+                    "loss {:.4}",
+                    tally.loss_sum / tally.seen.max(1) as f64
+                ));
+            }
+            if stop {
                 bar.abandon();
                 let partial = PartialEpoch {
                     batches_done: iter + 1,
-                    loss_sum,
-                    pen_sum,
-                    correct,
-                    seen,
+                    loss_sum: tally.loss_sum,
+                    pen_sum: tally.pen_sum,
+                    correct: tally.correct,
+                    seen: tally.seen,
                     lr,
                     beta,
                     seconds: 0.0,
@@ -512,7 +509,15 @@ impl<'a, N: Network> Runner<'a, N> {
                 return Ok(EpochEnd::Stopped(net, partial));
             }
         }
+        tally.read_back().map_err(diverged)?;
         bar.finish_and_clear();
+        let Tally {
+            loss_sum,
+            pen_sum,
+            correct,
+            seen,
+            ..
+        } = tally;
         let full_macs = net.cost_model().cost(None).macs;
         // The architecture derived now: its MACs move lambda in the adaptive-target mode and go
         // into the log. Derived and priced once per epoch.

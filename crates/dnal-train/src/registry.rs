@@ -64,6 +64,25 @@ macro_rules! registry {
                 }
             }
 
+            /// The name a recipe gives it (`[model] name`).
+            pub fn name(self) -> String {
+                serde_json::to_value(self)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .expect("a unit variant serialises as its name")
+            }
+
+            /// The model called `name`, or an error listing every name.
+            pub fn parse(name: &str) -> Result<Self> {
+                serde_json::from_value(serde_json::Value::String(name.into())).map_err(|_| {
+                    let all: Vec<String> = Self::ALL.iter().map(|m| m.name()).collect();
+                    TrainError::from(dnal_core::CoreError::invalid(
+                        "model",
+                        format!("`{name}` is not a network; one of {}", all.join(", ")),
+                    ))
+                })
+            }
+
             /// Runs `f` on this model's network type.
             pub fn with_type<F: WithType>(self, f: F) -> Result<F::Output> {
                 match self {

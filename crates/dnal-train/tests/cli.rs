@@ -260,3 +260,44 @@ fn a_terminated_run_checkpoints_where_it_is_and_resumes_to_the_same_result() {
         );
     }
 }
+
+#[test]
+fn bench_times_a_training_step_and_names_bad_input() {
+    let (ok, out) = dnal_train(&[
+        "bench",
+        "--model",
+        "mnist-cnn",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+        "--batch",
+        "8",
+        "--warmup",
+        "1",
+        "--steps",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let t: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(t["model"], "mnist-cnn");
+    assert_eq!(t["backend"], "flex");
+    assert_eq!(t["steps"], 3);
+    let (median, min) = (
+        t["median_ms"].as_f64().unwrap(),
+        t["min_ms"].as_f64().unwrap(),
+    );
+    assert!(min > 0.0 && min <= median, "{t}");
+    let (ok, out) = dnal_train(&["bench", "--model", "resnet-9000"]);
+    assert!(
+        !ok && out.contains("resnet-9000") && out.contains("resnet56-cifar"),
+        "{out}"
+    );
+    let (ok, out) = dnal_train(&["bench", "--model", "mnist-cnn", "--steps", "0"]);
+    assert!(!ok && out.contains("--steps"), "{out}");
+}

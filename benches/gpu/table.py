@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Prints the Markdown table of benches/gpu/run.sh from its JSON lines: one row per network,
+the median step of each backend, and dnal's time over PyTorch eager's.
+
+Usage: python3 benches/gpu/table.py steps.jsonl
+"""
+
+import json
+import sys
+
+
+def main():
+    rows, backends = {}, []
+    for line in open(sys.argv[1]):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        rows.setdefault((r["model"], r["batch"], r["size"]), {})[r["backend"]] = r
+        if r["backend"] not in backends:
+            backends.append(r["backend"])
+    torch = next((b for b in backends if b.startswith("pytorch")), None)
+    head = ["network", "batch"] + [f"{b} median ms" for b in backends]
+    head += [f"{b} / {torch}" for b in backends if torch and b != torch]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for (model, batch, size), by in rows.items():
+        cells = [model, f"{batch} x {size}²"]
+        for b in backends:
+            r = by.get(b)
+            cells.append("failed" if r is None or "median_ms" not in r else f"{r['median_ms']:.1f}")
+        for b in backends:
+            if not torch or b == torch:
+                continue
+            ok = all(x in by and "median_ms" in by[x] for x in (b, torch))
+            cells.append(f"{by[b]['median_ms'] / by[torch]['median_ms']:.2f}x" if ok else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

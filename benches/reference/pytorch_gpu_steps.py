@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""PyTorch eager's training step on the networks `dnal-train bench` times, for the GPU table of
+benches/gpu/run.sh: one JSON line per network, in the fields `dnal-train bench --json` prints.
+
+The step is the same: forward, cross-entropy, backward, SGD (lr 0.01, momentum 0.9, weight
+decay 5e-4) on random images, gates bypassed (plain networks), median and fastest of the timed
+steps after untimed warm-up steps.
+
+* resnet56-cifar, vgg16-cifar: the networks of pytorch_reference.py (dnal's layouts);
+* mobilenetv2-cifar: torchvision's MobileNetV2 with dnal's CIFAR strides (stem and second stage
+  at stride 1); dnal's CIFAR variant also has conv shortcuts on stride-1 width changes (three
+  1x1 convs, about 1 % of its MACs) that torchvision's lacks;
+* resnet50-imagenet: torchvision's resnet50, 224x224, 1000 classes.
+
+Usage: python3 benches/reference/pytorch_gpu_steps.py [--device cuda] [--steps 10] [--warmup 3]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_reference import CifarResNet, Vgg16Cifar, set_search  # noqa: E402
+
+
+def mobilenetv2_cifar():
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2],
+               [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    model = torchvision.models.MobileNetV2(num_classes=10, inverted_residual_setting=setting)
+    model.features[0][0].stride = (1, 1)
+    return model
+
+
+NETWORKS = [
+    ("resnet56-cifar", lambda: CifarResNet(), 128, 32, 10),
+    ("vgg16-cifar", lambda: Vgg16Cifar(), 128, 32, 10),
+    ("mobilenetv2-cifar", mobilenetv2_cifar, 128, 32, 10),
+    ("resnet50-imagenet", lambda: torchvision.models.resnet50(), 64, 224, 1000),
+]
+
+
+def time_steps(model, device, batch, size, classes, warmup, steps):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(batch, 3, size, size, device=device) * 4 - 2
+    y = torch.randint(0, classes, (batch,), device=device)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--only", help="comma-separated network names")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    only = set(args.only.split(",")) if args.only else None
+    for name, build, batch, size, classes in NETWORKS:
+        if only and name not in only:
+            continue
+        model = build().to(device)
+        set_search(model, False)
+        ms = time_steps(model, device, batch, size, classes, args.warmup, args.steps)
+        print(json.dumps({
+            "model": name, "backend": f"pytorch-{device.type}", "batch": batch, "size": size,
+            "gates": "bypass", "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
+            "torch": torch.__version__,
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+//! `dnal-train bench`: the time of one training step of a registered network on a backend,
+//! with no data set: what the weight stage does per batch (forward, cross-entropy, backward,
+//! an SGD step with momentum and weight decay), on random images, with the gates bypassed (the
+//! weight stage) or searching (the architecture stage's forward and backward, all weights
+//! updated). Prints the median and the fastest of the timed steps.
+
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use dnal_core::{BackendKind, GateMode};
+use dnal_zoo::Network;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::error::{Result, TrainError};
+use crate::registry::{ImageShape, ModelName, WithNetwork};
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct StepBench {
+    /// The network.
+    pub model: ModelName,
+    /// Images, channels, side and classes.
+    pub batch: usize,
+    /// Image shape.
+    pub shape: ImageShape,
+    /// Untimed steps first (kernel compilation and autotuning on a GPU).
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Gates bypassed (the weight stage) or searching.
+    pub search: bool,
+    /// The backend.
+    pub backend: BackendKind,
+}
+
+/// Timings of [`bench_step`].
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTimes {
+    /// The network (its registry name).
+    pub model: String,
+    /// The backend.
+    pub backend: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Image side.
+    pub size: usize,
+    /// `bypass` or `search`.
+    pub gates: String,
+    /// Median step, milliseconds.
+    pub median_ms: f64,
+    /// Fastest step, milliseconds.
+    pub min_ms: f64,
+    /// Timed steps.
+    pub steps: usize,
+}
+
+/// Times `bench`'s training step.
+pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
+    if bench.steps == 0 || bench.batch == 0 {
+        return Err(TrainError::from(dnal_core::CoreError::invalid(
+            "bench",
+            "--steps and --batch must be at least 1",
+        )));
+    }
+    let device = bench.backend.probe()?;
+    let ms = bench.model.with(bench.shape, Timed(bench, device))?;
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(StepTimes {
+        model: bench.model.name(),
+        backend: bench.backend.name().into(),
+        batch: bench.batch,
+        size: bench.shape.size,
+        gates: if bench.search { "search" } else { "bypass" }.into(),
+        median_ms: sorted[sorted.len() / 2],
+        min_ms: sorted[0],
+        steps: sorted.len(),
+    })
+}
+
+struct Timed<'a>(&'a StepBench, Device);
+
+impl WithNetwork for Timed<'_> {
+    type Output = Vec<f64>;
+
+    fn run<N: Network>(self, config: N::Config) -> Result<Vec<f64>> {
+        let Timed(b, device) = self;
+        let device = device.autodiff();
+        let mut net = dnal_zoo::init::seeded(N::build(&config, &device)?, 0);
+        if b.search {
+            net = net.with_gate_mode(GateMode::Search).with_temperature(100.0);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let s = b.shape;
+        let pixels: Vec<f32> = (0..b.batch * s.channels * s.size * s.size)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let labels: Vec<i64> = (0..b.batch)
+            .map(|_| rng.random_range(0..s.classes as i64))
+            .collect();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(pixels, [b.batch, s.channels, s.size, s.size]),
+            &device,
+        );
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b.batch]), &device);
+        let ce = CrossEntropyLossConfig::new().init(&device);
+        // The paper's CIFAR weight stage: momentum 0.9 (dampening 0), weight decay 5e-4.
+        let mut sgd = SgdConfig::new()
+            .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+            .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+            .init();
+        let mut times = Vec::with_capacity(b.steps);
+        for i in 0..b.warmup + b.steps {
+            let t = Instant::now();
+            let loss = ce.forward(net.forward(x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = sgd.step(0.01, net, grads);
+            device
+                .sync()
+                .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))?;
+            if i >= b.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(times)
+    }
+}
