@@ -4,9 +4,13 @@
 # on dnal's cuda and wgpu backends and in PyTorch eager on the same card, a short `dnal-train
 # train` run on CIFAR-shaped data in the official binary format, and one table.
 #
-# Build here (x86-64) and carry the binary and this folder:
+# Build (x86-64) and carry the binary and this folder:
 #   cargo build --release -p dnal-train --features cuda,wgpu
 #   cp $CARGO_TARGET_DIR/release/dnal-train .
+# The cuda feature needs internet access once at build time: burn's CUDA backend (cubecl-cuda
+# 0.11) depends on cubecl-llvm, whose build script downloads an LLVM bundle (tracel-llvm) into
+# ~/.local/share/tracel/. Where only package registries are reachable, build with
+# `--features wgpu` and the cuda rows fail with a message naming the feature.
 # Needs on the GPU machine: the NVIDIA driver, CUDA's NVRTC (burn's cuda backend compiles its
 # kernels at run time), the Vulkan loader (libvulkan1) for wgpu, and python3 with torch and
 # torchvision for the reference.
