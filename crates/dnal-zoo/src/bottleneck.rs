@@ -439,34 +439,23 @@ impl Network for BottleneckResNet {
     /// torchvision's ResNet: `conv1`/`bn1` the stem, `layer{s}.{j}.conv{k}`/`bn{k}` block j of
     /// stage s, `layer{s}.0.downsample.{0,1}` its projection shortcut, `fc` the classifier.
     fn torchvision_keys(&self) -> Option<KeyRules> {
-        let mut rename = vec![
-            Rename::prefix("conv1", "stem.conv"),
-            Rename::prefix("bn1", "stem.bn"),
-            Rename::prefix("fc", "classifier"),
-        ];
+        let mut rename: Vec<Rename> = Rename::conv_bn("conv1", "bn1", "stem").into();
+        rename.push(Rename::prefix("fc", "classifier"));
         let mut j = 0;
         for (i, (s, first)) in self.config.layout().into_iter().enumerate() {
             j = if first { 0 } else { j + 1 };
             let torch = format!("layer{}.{j}", s + 1);
             for k in 1..=3 {
-                let ours = format!("blocks.{i}.branch.conv{k}");
-                rename.push(Rename::prefix(
+                rename.extend(Rename::conv_bn(
                     &format!("{torch}.conv{k}"),
-                    &format!("{ours}.conv"),
-                ));
-                rename.push(Rename::prefix(
                     &format!("{torch}.bn{k}"),
-                    &format!("{ours}.bn"),
+                    &format!("blocks.{i}.branch.conv{k}"),
                 ));
             }
-            let sc = format!("blocks.{i}.shortcut");
-            rename.push(Rename::prefix(
+            rename.extend(Rename::conv_bn(
                 &format!("{torch}.downsample.0"),
-                &format!("{sc}.conv"),
-            ));
-            rename.push(Rename::prefix(
                 &format!("{torch}.downsample.1"),
-                &format!("{sc}.bn"),
+                &format!("blocks.{i}.shortcut"),
             ));
         }
         Some(KeyRules {

@@ -627,11 +627,9 @@ impl Network for MobileNetV2 {
         if cfg.conv_shortcuts {
             return None;
         }
+        // torchvision's Conv2dNormActivation: `.0` the conv, `.1` the BN.
         let unit = |torch: String, ours: String| {
-            [
-                Rename::prefix(&format!("{torch}.0"), &format!("{ours}.conv")),
-                Rename::prefix(&format!("{torch}.1"), &format!("{ours}.bn")),
-            ]
+            Rename::conv_bn(&format!("{torch}.0"), &format!("{torch}.1"), &ours)
         };
         let mut rename: Vec<Rename> = unit("features.0".into(), "stem".into()).into();
         for (b, (s, _)) in cfg.layout().into_iter().enumerate() {
@@ -643,13 +641,10 @@ impl Network for MobileNetV2 {
                 k = 1;
             }
             rename.extend(unit(format!("{torch}.{k}"), format!("{ours}.depthwise")));
-            rename.push(Rename::prefix(
+            rename.extend(Rename::conv_bn(
                 &format!("{torch}.{}", k + 1),
-                &format!("{ours}.project.conv"),
-            ));
-            rename.push(Rename::prefix(
                 &format!("{torch}.{}", k + 2),
-                &format!("{ours}.project.bn"),
+                &format!("{ours}.project"),
             ));
         }
         rename.extend(unit(

@@ -282,13 +282,10 @@ impl Network for PlainCnn {
         let mut rename = Vec::new();
         let mut k = 0;
         for i in 0..cfg.widths.len() {
-            rename.push(Rename::prefix(
+            rename.extend(Rename::conv_bn(
                 &format!("features.{k}"),
-                &format!("convs.{i}.conv"),
-            ));
-            rename.push(Rename::prefix(
                 &format!("features.{}", k + 1),
-                &format!("convs.{i}.bn"),
+                &format!("convs.{i}"),
             ));
             k += if cfg.pool_after.contains(&i) { 4 } else { 3 };
         }

@@ -120,6 +120,17 @@ impl Rename {
     }
 }
 
+impl Rename {
+    /// The two rules of a conv -> BN unit: the source's conv and BN prefixes into dnal's
+    /// `{ours}.conv` and `{ours}.bn`.
+    pub fn conv_bn(conv: &str, bn: &str, ours: &str) -> [Self; 2] {
+        [
+            Self::prefix(conv, &format!("{ours}.conv")),
+            Self::prefix(bn, &format!("{ours}.bn")),
+        ]
+    }
+}
+
 impl KeyRules {
     /// Reads a mapping file.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -275,8 +286,7 @@ pub fn load_pretrained<N: Network>(
         tensors.push(tensor);
     }
 
-    let mut tensors = fold_conv_biases(tensors).map_err(|e| record(path, e))?;
-    tensors.retain(|t| !t.name.is_empty());
+    let tensors = fold_conv_biases(tensors).map_err(|e| record(path, e))?;
 
     let adapter: Option<Box<dyn ModuleAdapter>> = match rules.layout {
         Layout::Pytorch => Some(Box::new(PyTorchToBurnAdapter)),
@@ -372,8 +382,8 @@ fn check(
     }
 }
 
-/// Adds each `P.conv.bias` into `P.bn.running_mean` (subtracted) and empties its name, for
-/// dnal's bias-free convolutions.
+/// Subtracts each `P.conv.bias` from `P.bn.running_mean` and drops the bias, for dnal's
+/// bias-free convolutions.
 fn fold_conv_biases(mut tensors: Vec<PackTensor>) -> std::result::Result<Vec<PackTensor>, String> {
     let index: BTreeMap<String, usize> = tensors
         .iter()
@@ -418,6 +428,7 @@ fn fold_conv_biases(mut tensors: Vec<PackTensor>) -> std::result::Result<Vec<Pac
         );
         tensors[b].name.clear();
     }
+    tensors.retain(|t| !t.name.is_empty());
     Ok(tensors)
 }
 
