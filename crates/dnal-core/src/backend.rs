@@ -72,28 +72,98 @@ impl BackendKind {
                 },
             )));
         }
-        Ok(self.make_device())
+        Ok(self.make_device(None))
     }
 
-    #[allow(unreachable_code, deprecated)]
-    fn make_device(self) -> Device {
+    /// Device `index` of this backend (`None`: its default device), without autodiff.
+    pub fn device_at(self, index: Option<usize>) -> Result<Device> {
+        let default = self.device()?;
+        Ok(match index {
+            None => default,
+            Some(_) => self.make_device(index),
+        })
+    }
+
+    #[allow(unreachable_code, deprecated, unused_variables)]
+    fn make_device(self, index: Option<usize>) -> Device {
         match self {
             #[cfg(feature = "flex")]
             BackendKind::Flex => Device::flex(),
             #[cfg(feature = "ndarray")]
             BackendKind::Ndarray => Device::ndarray(),
             #[cfg(feature = "wgpu")]
-            BackendKind::Wgpu => Device::wgpu(wgpu_device_kind()),
+            BackendKind::Wgpu => Device::wgpu(wgpu_device_kind(index)),
             #[cfg(feature = "cuda")]
-            BackendKind::Cuda => Device::cuda(0),
+            BackendKind::Cuda => Device::cuda(index.unwrap_or(0)),
             _ => unreachable!("checked by is_compiled"),
         }
+    }
+
+    /// Whether the backend has one device only (the CPU backends): an index other than 0 is
+    /// an error there, while naming its device several times still gives several replicas.
+    fn single_device(self) -> bool {
+        matches!(self, BackendKind::Flex | BackendKind::Ndarray)
+    }
+
+    /// The devices of a data-parallel run, one per replica, from a list like `cuda:0,cuda:1`,
+    /// `0,1` or `flex,flex`: each entry is `[backend][:index]` or a bare index, and names this
+    /// backend. `None` is the backend's default device. A device may be named more than once
+    /// (replicas sharing it); CPU backends have device 0 only.
+    pub fn parse_devices(self, spec: &str) -> Result<Vec<Option<usize>>> {
+        let bad = |message: String| CoreError::InvalidValue {
+            key: "devices".into(),
+            message,
+        };
+        let mut out = Vec::new();
+        for entry in spec.split(',').map(str::trim) {
+            let (name, index) = match entry.split_once(':') {
+                Some((name, index)) => (Some(name), Some(index)),
+                None if !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit()) => {
+                    (None, Some(entry))
+                }
+                None => (Some(entry), None),
+            };
+            if let Some(name) = name {
+                let named: BackendKind = name.parse().map_err(|_| {
+                    bad(format!(
+                        "`{entry}` is not a device; write `{backend}:INDEX` or `INDEX`, e.g. `{backend}:0,{backend}:1`",
+                        backend = self.name()
+                    ))
+                })?;
+                if named != self {
+                    return Err(bad(format!(
+                        "`{entry}` is a {named} device but the run uses the {self} backend; add `--backend {named}`"
+                    )));
+                }
+            }
+            let index = index
+                .map(|i| {
+                    i.parse::<usize>().map_err(|_| {
+                        bad(format!(
+                            "`{entry}`: the device index `{i}` is not a non-negative integer"
+                        ))
+                    })
+                })
+                .transpose()?;
+            if self.single_device() && index.is_some_and(|i| i > 0) {
+                return Err(bad(format!(
+                    "`{entry}`: the {self} backend has one device, 0; name it several times                      (`{self},{self}`) for several replicas on it"
+                )));
+            }
+            out.push(index);
+        }
+        Ok(out)
     }
 
     /// Like [`BackendKind::device`], then runs a tiny computation on it, so that a missing GPU
     /// adapter or driver is reported here as an error instead of failing later.
     pub fn probe(self) -> Result<Device> {
-        let device = self.device()?;
+        self.probe_at(None)
+    }
+
+    /// [`BackendKind::probe`] for device `index` of the backend (`None`: its default device).
+    pub fn probe_at(self, index: Option<usize>) -> Result<Device> {
+        let device = self.device_at(index)?;
         let check = device.clone();
         let outcome = std::panic::catch_unwind(move || {
             let t = Tensor::<1>::ones([4], &check).sum();
@@ -139,12 +209,15 @@ impl BackendKind {
     }
 }
 
-/// `DNAL_WGPU_DEVICE=cpu` selects a software (CPU) adapter; anything else the best available.
+/// `DNAL_WGPU_DEVICE=cpu` selects a software (CPU) adapter; otherwise discrete GPU `index`, or
+/// the best adapter available when no index is given.
 #[cfg(feature = "wgpu")]
-fn wgpu_device_kind() -> burn::tensor::DeviceKind {
-    match std::env::var("DNAL_WGPU_DEVICE").as_deref() {
-        Ok("cpu") => burn::tensor::DeviceKind::Cpu,
-        _ => burn::tensor::DeviceKind::DefaultDevice,
+fn wgpu_device_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
+    use burn::tensor::DeviceKind;
+    match (std::env::var("DNAL_WGPU_DEVICE").as_deref(), index) {
+        (Ok("cpu"), _) => DeviceKind::Cpu,
+        (_, Some(i)) => DeviceKind::DiscreteGpu(i),
+        (_, None) => DeviceKind::DefaultDevice,
     }
 }
 
@@ -175,5 +248,36 @@ impl FromStr for BackendKind {
                 key: "backend".into(),
                 message: format!("unknown backend `{s}`; choose one of flex, ndarray, wgpu, cuda"),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_name_indices_of_the_backend() {
+        let cuda = BackendKind::Cuda;
+        assert_eq!(
+            cuda.parse_devices("cuda:0,cuda:1").unwrap(),
+            vec![Some(0), Some(1)]
+        );
+        assert_eq!(cuda.parse_devices("0, 3").unwrap(), vec![Some(0), Some(3)]);
+        assert_eq!(cuda.parse_devices("cuda").unwrap(), vec![None]);
+        let flex = BackendKind::Flex;
+        assert_eq!(
+            flex.parse_devices("flex,flex:0").unwrap(),
+            vec![None, Some(0)]
+        );
+    }
+
+    #[test]
+    fn bad_device_lists_say_what_to_write() {
+        let err = |b: BackendKind, s: &str| b.parse_devices(s).unwrap_err().to_string();
+        assert!(err(BackendKind::Flex, "cuda:0").contains("--backend cuda"));
+        assert!(err(BackendKind::Flex, "flex:1").contains("one device"));
+        assert!(err(BackendKind::Cuda, "gpu0").contains("`cuda:INDEX`"));
+        assert!(err(BackendKind::Cuda, "cuda:x").contains("`x`"));
+        assert!(err(BackendKind::Cuda, "0,,1").contains("is not a device"));
     }
 }

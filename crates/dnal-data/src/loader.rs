@@ -88,6 +88,29 @@ impl HostBatch {
         self.labels.is_empty()
     }
 
+    /// The batch cut into `parts` consecutive shares, in order, whose sizes differ by at most
+    /// one (the first `len % parts` shares have one image more); with fewer images than parts,
+    /// the last shares are empty.
+    pub fn split(&self, parts: usize) -> Vec<HostBatch> {
+        let parts = parts.max(1);
+        let [n, c, h, w] = self.shape;
+        let per = c * h * w;
+        let (base, extra) = (n / parts, n % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|p| {
+                let len = base + usize::from(p < extra);
+                let range = start..start + len;
+                start += len;
+                HostBatch {
+                    images: self.images[range.start * per..range.end * per].to_vec(),
+                    shape: [len, c, h, w],
+                    labels: self.labels[range].to_vec(),
+                }
+            })
+            .collect()
+    }
+
     /// Copies the batch to `device`.
     pub fn to_device(&self, device: &Device) -> Batch {
         let n = self.labels.len();

@@ -210,3 +210,31 @@ fn burn_data_loader_with_workers_gives_the_loader_images() {
         "{sum} vs {ours_sum}"
     );
 }
+
+#[test]
+fn a_batch_splits_into_ordered_shares_of_near_equal_size() {
+    let per = 2 * 3 * 3;
+    let batch = dnal_data::HostBatch {
+        images: (0..7 * per).map(|v| v as f32).collect(),
+        shape: [7, 2, 3, 3],
+        labels: (0..7).collect(),
+    };
+    let shares = batch.split(3);
+    let sizes: Vec<usize> = shares.iter().map(|s| s.len()).collect();
+    assert_eq!(sizes, [3, 2, 2]);
+    for s in &shares {
+        assert_eq!(s.shape, [s.len(), 2, 3, 3]);
+        assert_eq!(s.images.len(), s.len() * per);
+    }
+    // Concatenated in order, the shares are the batch.
+    let images: Vec<f32> = shares.iter().flat_map(|s| s.images.clone()).collect();
+    let labels: Vec<i64> = shares.iter().flat_map(|s| s.labels.clone()).collect();
+    assert_eq!(
+        (images, labels),
+        (batch.images.clone(), batch.labels.clone())
+    );
+    // More parts than images: the last shares are empty.
+    let sizes: Vec<usize> = batch.split(9).iter().map(|s| s.len()).collect();
+    assert_eq!(sizes, [1, 1, 1, 1, 1, 1, 1, 0, 0]);
+    assert_eq!(batch.split(1)[0], batch);
+}

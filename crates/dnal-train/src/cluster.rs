@@ -61,7 +61,20 @@ pub fn emit(opts: &SweepOptions, kind: Emit, gpus: usize) -> Result<String> {
     let (first, total) = (dnal.len(), dnal.len() + compare.len());
     let trainer = quote(&opts.trainer.to_string_lossy())?;
     let out = quote(&opts.out.to_string_lossy())?;
-    let args = task_args(opts, &dnal)?;
+    // A Slurm task with several GPUs sees them as devices 0..gpus and trains on all of them.
+    let gpu_backend = matches!(
+        opts.backend.parse(),
+        Ok(dnal_core::BackendKind::Cuda | dnal_core::BackendKind::Wgpu)
+    );
+    let devices = opts.devices.clone().or_else(|| {
+        (kind == Emit::Slurm && gpus > 1 && gpu_backend).then(|| {
+            (0..gpus)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    });
+    let args = task_args(opts, &dnal, devices.as_deref())?;
     let task = |index: &str| format!("{args} --task {index}");
     let mut s = String::new();
     match kind {
@@ -156,7 +169,7 @@ exit "$status"
 
 /// The `sweep` arguments that name this sweep's task list (shell-quoted, without `--task`);
 /// `dnal` is its DNAL points.
-fn task_args(opts: &SweepOptions, dnal: &[sweep::Point]) -> Result<String> {
+fn task_args(opts: &SweepOptions, dnal: &[sweep::Point], devices: Option<&str>) -> Result<String> {
     let mut lambdas: Vec<String> = dnal.iter().map(|p| format!("{:e}", p.lambda)).collect();
     lambdas.dedup();
     let seeds: Vec<String> = opts.seeds.iter().map(|s| s.to_string()).collect();
@@ -174,6 +187,9 @@ fn task_args(opts: &SweepOptions, dnal: &[sweep::Point]) -> Result<String> {
         quote(&opts.out.to_string_lossy())?,
         "--quiet".into(),
     ];
+    if let Some(devices) = devices {
+        args.extend(["--devices".into(), quote(devices)?]);
+    }
     if !opts.baselines.is_empty() {
         let names: Vec<&str> = opts.baselines.iter().map(|m| m.name()).collect();
         args.extend(["--baselines".into(), names.join(",")]);

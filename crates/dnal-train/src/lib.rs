@@ -30,6 +30,7 @@ pub mod predict;
 pub mod progress;
 pub mod recipes;
 pub mod registry;
+mod replicas;
 pub mod report;
 pub mod sweep;
 mod tally;

@@ -146,8 +146,12 @@ struct SweepArgs {
     #[arg(long, value_name = "KIND")]
     emit: Option<String>,
     /// GPUs each Slurm task asks for (with `--emit slurm`; default 1 on cuda/wgpu, else 0).
+    /// With more than one, each run trains data-parallel on all of them.
     #[arg(long, requires = "emit")]
     gpus: Option<usize>,
+    /// Devices each run trains on data-parallel, as `train --devices`.
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -170,6 +174,11 @@ struct TrainArgs {
     /// Output folder (default: runs/<preset name>, or runs/<preset name>-2, ... if taken).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Train data-parallel on these devices of the backend, one replica each, e.g.
+    /// `cuda:0,cuda:1` or `0,1` (a device may repeat: `flex,flex`). The batch size stays the
+    /// global batch. May differ between a run and its resumption.
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
     /// Resume the run in this output folder from its last checkpoint.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config", "set", "out"])]
     resume: Option<PathBuf>,
@@ -395,6 +404,10 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
     }
     // A backend that is not compiled in is reported before any work.
     backend.device()?;
+    let devices = match &args.devices {
+        Some(list) => backend.parse_devices(list)?,
+        None => Vec::new(),
+    };
     if !resume && out.join(dnal_train::progress::paths::CHECKPOINT).exists() {
         anyhow::bail!(
             "{} already holds a run; resume it with `--resume {}`, or choose another --out",
@@ -402,15 +415,18 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
             out.display()
         );
     }
-    eprintln!(
-        "dnal-train: {} on {} -> {}",
-        cfg.name,
-        backend.name(),
-        out.display()
-    );
+    let on = match devices.len() {
+        0 | 1 => backend.name().to_string(),
+        n => format!(
+            "{n} replicas ({})",
+            args.devices.as_deref().unwrap_or_default()
+        ),
+    };
+    eprintln!("dnal-train: {} on {on} -> {}", cfg.name, out.display());
     let opts = RunOptions {
         out: out.clone(),
         backend,
+        devices,
         resume,
         quiet: args.quiet,
         stop_after_epochs: None,
@@ -461,6 +477,9 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
     } else {
         out
     };
+    if let Some(list) = &args.devices {
+        backend.parse_devices(list)?;
+    }
     let opts = dnal_train::sweep::SweepOptions {
         recipe,
         lambdas: args.lambdas.clone(),
@@ -470,6 +489,7 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
         out: out.clone(),
         sets: args.set.clone(),
         backend: args.backend.clone(),
+        devices: args.devices.clone(),
         trainer: std::env::current_exe().context("cannot find the dnal-train executable")?,
         quiet: args.quiet,
     };

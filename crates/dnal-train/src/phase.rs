@@ -170,14 +170,13 @@ pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
     }
 }
 
-/// One step of the weight optimiser with every gradient left in `grads`.
+/// One step of the weight optimiser with the gradients `g`.
 pub(crate) fn step_weights<N: Network>(
     optims: &mut Optimizers,
     lr: f64,
     net: N,
-    grads: burn::tensor::Gradients,
+    g: GradientsParams,
 ) -> N {
-    let g = GradientsParams::from_grads(grads, &net);
     optims
         .weights
         .as_mut()

@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::ParamId;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use dnal_core::{Architecture, BackendKind, SparsityPenalty};
 use dnal_zoo::Network;
@@ -26,6 +24,7 @@ use crate::phase::{
     step_weights,
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
+use crate::replicas::{Replicas, StepSpec};
 use crate::report::{self, Report};
 use crate::tally::{NonFinite, Tally};
 
@@ -65,6 +64,9 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Backend.
     pub backend: BackendKind,
+    /// The backend's devices to train on data-parallel, one replica each (a device may repeat;
+    /// `None` is the backend's default device). Empty: one replica on the default device.
+    pub devices: Vec<Option<usize>>,
     /// Continue from `out/checkpoint`.
     pub resume: bool,
     /// No progress bars or per-epoch lines on stderr.
@@ -103,6 +105,7 @@ pub struct Runner<'a, N: Network> {
     opts: &'a RunOptions,
     device: Device,
     train_device: Device,
+    replicas: Replicas,
 }
 
 impl<'a, N: Network> Runner<'a, N> {
@@ -113,8 +116,17 @@ impl<'a, N: Network> Runner<'a, N> {
         data: &'a RunData,
         opts: &'a RunOptions,
     ) -> Result<Self> {
-        let device = opts.backend.probe()?;
-        let train_device = device.clone().autodiff();
+        let indices = if opts.devices.is_empty() {
+            vec![None]
+        } else {
+            opts.devices.clone()
+        };
+        let devices = indices
+            .iter()
+            .map(|&i| Ok(opts.backend.probe_at(i)?.autodiff()))
+            .collect::<Result<Vec<Device>>>()?;
+        let train_device = devices[0].clone();
+        let device = train_device.clone().inner();
         Ok(Self {
             cfg,
             net_config,
@@ -122,6 +134,7 @@ impl<'a, N: Network> Runner<'a, N> {
             opts,
             device,
             train_device,
+            replicas: Replicas::new(devices),
         })
     }
 
@@ -406,7 +419,6 @@ impl<'a, N: Network> Runner<'a, N> {
         let stage = &phase_stage(cfg, phase);
         let epochs = phase_epochs(cfg, phase);
         let alpha_ids: Vec<ParamId> = net.alpha_ids();
-        let ce = CrossEntropyLossConfig::new().init(&self.train_device);
         let bar = report::progress_bar(
             self.opts.quiet,
             iters as u64,
@@ -439,50 +451,36 @@ impl<'a, N: Network> Runner<'a, N> {
         let data_epoch = (progress_key(phase) << 32) | epoch as u64;
         let batches = loader.epoch_from(data_epoch, start.batches_done);
         for (iter, batch) in (start.batches_done..).zip(batches) {
-            let batch = batch?.to_device(&self.train_device);
+            let batch = batch?;
             if phase.searches() {
                 let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
                 net = net.with_temperature(b);
                 beta = Some(b);
             }
-            let logits = net.forward(batch.images);
-            let n = logits.dims()[0];
-            let pred = logits.clone().argmax(1).reshape([n]);
-            let hits = pred.equal(batch.labels.clone()).int().sum();
-            let mut loss = ce.forward(logits, batch.labels);
-            let pen = penalty.as_deref().map(|p| p.loss(&net));
-            if let Some(pen) = &pen {
-                loss = loss + pen.clone();
+            let spec = StepSpec {
+                penalty: penalty.as_deref(),
+                alpha_ids: phase.searches().then_some(&alpha_ids[..]),
+            };
+            let out = self.replicas.step(&mut net, &batch, &spec);
+            tally.push(iter, out.n, out.loss, out.penalty, out.hits);
+            if let Some(g_alpha) = out.alpha {
+                net =
+                    optims
+                        .alpha
+                        .as_mut()
+                        .expect("alpha optimiser")
+                        .step(cfg.arch.lr, net, g_alpha);
             }
-            tally.push(iter, n, loss.clone(), pen, hits);
-            let mut grads = loss.backward();
             match phase {
                 Phase::Arch => {
                     lr = cfg.arch.lr;
-                    let g_alpha = GradientsParams::from_params(&mut grads, &net, &alpha_ids);
-                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
-                        cfg.arch.lr,
-                        net,
-                        g_alpha,
-                    );
                     if let Some(o) = optims.weights.as_mut() {
-                        let g = GradientsParams::from_grads(grads, &net);
-                        net = o.step(cfg.arch.lr, net, g);
+                        net = o.step(cfg.arch.lr, net, out.rest);
                     }
-                }
-                Phase::Joint => {
-                    lr = learning_rate(stage, epoch, iter, iters);
-                    let g_alpha = GradientsParams::from_params(&mut grads, &net, &alpha_ids);
-                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
-                        cfg.arch.lr,
-                        net,
-                        g_alpha,
-                    );
-                    net = step_weights(optims, lr, net, grads);
                 }
                 _ => {
                     lr = learning_rate(stage, epoch, iter, iters);
-                    net = step_weights(optims, lr, net, grads);
+                    net = step_weights(optims, lr, net, out.rest);
                 }
             }
             bar.inc(1);

@@ -72,6 +72,8 @@ pub struct SweepOptions {
     pub sets: Vec<String>,
     /// Backend name passed to every run.
     pub backend: String,
+    /// Devices each run trains on data-parallel (`--devices`), if more than the default one.
+    pub devices: Option<String>,
     /// The `dnal-train` executable that runs each point.
     pub trainer: PathBuf,
     /// No progress lines.
@@ -255,6 +257,9 @@ pub(crate) fn run_point(opts: &SweepOptions, point: &Point) -> Result<Ran> {
     let extra = point_sets(opts, point)?;
     let mut cmd = Command::new(&opts.trainer);
     cmd.args(["train", "--quiet", "--backend", &opts.backend]);
+    if let Some(devices) = &opts.devices {
+        cmd.args(["--devices", devices]);
+    }
     if point.dir.join(paths::CHECKPOINT).is_dir() {
         cmd.arg("--resume").arg(&point.dir);
     } else {

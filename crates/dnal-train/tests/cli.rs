@@ -49,6 +49,10 @@ fn errors_exit_non_zero_with_a_message() {
     assert!(!ok && text.contains("unknown preset `nope`"), "{text}");
     let (ok, text) = dnal_train(&["train", "--backend", "cuda"]);
     assert!(!ok && text.contains("--features cuda"), "{text}");
+    let (ok, text) = dnal_train(&["train", "--devices", "cuda:0,cuda:1"]);
+    assert!(!ok && text.contains("add `--backend cuda`"), "{text}");
+    let (ok, text) = dnal_train(&["train", "--devices", "flex:1"]);
+    assert!(!ok && text.contains("one device"), "{text}");
     let (ok, text) = dnal_train(&["train", "--set", "arch.threshold=2"]);
     assert!(!ok && text.contains("arch.threshold"), "{text}");
     let tmp = tempfile::tempdir().unwrap();
@@ -300,4 +304,16 @@ fn bench_times_a_training_step_and_names_bad_input() {
     );
     let (ok, out) = dnal_train(&["bench", "--model", "mnist-cnn", "--steps", "0"]);
     assert!(!ok && out.contains("--steps"), "{out}");
+}
+
+#[test]
+fn devices_train_data_parallel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args = tiny_run(&out);
+    args.extend(["--devices".to_string(), "flex,flex".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = dnal_train(&args);
+    assert!(ok && text.contains("on 2 replicas (flex,flex)"), "{text}");
+    assert!(report_of(&out)["pruned"]["macs"].as_u64().unwrap() > 0);
 }

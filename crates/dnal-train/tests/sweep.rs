@@ -20,6 +20,7 @@ fn options(out: &Path, lambdas: &[f64], baselines: Vec<Method>) -> SweepOptions 
         out: out.to_path_buf(),
         sets: common::TINY.iter().map(|s| s.to_string()).collect(),
         backend: "flex".into(),
+        devices: None,
         trainer: env!("CARGO_BIN_EXE_dnal-train").into(),
         quiet: true,
     }
@@ -150,6 +151,12 @@ fn an_emitted_sweep_runs_task_by_task_into_the_sweeps_folders() {
     assert!(script.contains("#SBATCH --array=0-1\n"), "{script}");
     assert!(script.contains("--array=2-3 \"$0\""), "{script}");
     assert!(script.contains("#SBATCH --gres=gpu:2\n"), "{script}");
+    assert!(!script.contains("--devices"), "{script}");
+    // On a GPU backend, a task's GPUs all train its run.
+    let mut cuda = opts.clone();
+    cuda.backend = "cuda".into();
+    let on_cuda = cluster::emit(&cuda, Emit::Slurm, 2).unwrap();
+    assert!(on_cuda.contains(" --devices '0,1' "), "{on_cuda}");
     assert!(
         script.contains("--task \"$SLURM_ARRAY_TASK_ID\""),
         "{script}"

@@ -40,6 +40,7 @@ pub fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
         backend: BackendKind::Flex,
+        devices: Vec::new(),
         resume,
         quiet: true,
         stop_after_epochs: stop_after,
