@@ -1,6 +1,8 @@
 //! The data pipeline: augmented CIFAR batches (pad-crop-flip + normalise) of 128, and ImageNet
-//! JPEG decoding + RandomResizedCrop(224) for batches of 8 generated 500x375 JPEGs, on 1 and 2
-//! threads. Throughput is reported in images per second.
+//! batches of 8 (read, JPEG decode, RandomResizedCrop(224), flip, normalise) of photo-like
+//! 500x375 JPEGs (`dnal_benches::photo_jpegs`), on 1 and 2 threads. Throughput is reported in
+//! images per second; `benches/reference/pillow_loader.py` times Pillow's loader on the same
+//! files.
 
 use std::sync::Arc;
 
@@ -59,12 +61,7 @@ fn imagenet(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let class = dir.path().join("train").join("n01440764");
     std::fs::create_dir_all(&class).unwrap();
-    for i in 0..8u32 {
-        let img = image::RgbImage::from_fn(500, 375, |x, y| {
-            image::Rgb([(x * 7 + i) as u8, (y * 3) as u8, ((x + y) / 4) as u8])
-        });
-        img.save(class.join(format!("{i}.JPEG"))).unwrap();
-    }
+    dnal_benches::photo_jpegs(&class, 8, 1);
     let folder = ImageFolder::open(dir.path(), Split::Train).unwrap();
     let loader = Loader::new(
         Arc::new(folder),
@@ -74,7 +71,7 @@ fn imagenet(c: &mut Criterion) {
     )
     .unwrap();
     let idx: Vec<usize> = (0..8).collect();
-    let mut group = c.benchmark_group("data/imagenet-decode-rrc224-batch-8");
+    let mut group = c.benchmark_group("data/imagenet-photo-jpeg-rrc224-batch-8");
     group.throughput(Throughput::Elements(8));
     group.sample_size(20);
     for threads in [1, 2] {

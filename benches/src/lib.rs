@@ -71,3 +71,81 @@ pub fn searched_states<M: dnal_core::GatedModel>(
         })
         .collect()
 }
+
+/// Writes `n` photo-like RGB JPEGs of ImageNet's typical size (500x375, quality 90) into `dir`
+/// as `0.JPEG`, `1.JPEG`, ... and returns their paths. Each image is fractal value noise (octaves
+/// of random lattices, amplitude halving with frequency, so its spectrum falls off like a
+/// photograph's) in three correlated colour channels, with a few hard-edged shapes and
+/// sensor-like noise; a fixed draw from `seed`. Such images encode to about 70 KB, like photos
+/// (smooth gradients encode to far less and decode faster).
+pub fn photo_jpegs(dir: &std::path::Path, n: usize, seed: u64) -> Vec<std::path::PathBuf> {
+    let (w, h) = (500usize, 375usize);
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f32 / (1u64 << 53) as f32
+    };
+    (0..n)
+        .map(|i| {
+            let mut plane = vec![[0f32; 3]; w * h];
+            let mut amp = 1.0f32;
+            for cell in [96usize, 48, 24, 12, 6, 3, 2] {
+                let (gw, gh) = (w / cell + 2, h / cell + 2);
+                let lattice: Vec<[f32; 3]> = (0..gw * gh)
+                    .map(|_| {
+                        let v = next() - 0.5;
+                        [v + 0.3 * (next() - 0.5), v, v + 0.3 * (next() - 0.5)]
+                    })
+                    .collect();
+                for y in 0..h {
+                    let (fy, ty) = (y / cell, (y % cell) as f32 / cell as f32);
+                    for x in 0..w {
+                        let (fx, tx) = (x / cell, (x % cell) as f32 / cell as f32);
+                        let at = |gx: usize, gy: usize| lattice[gy * gw + gx];
+                        let (a, b) = (at(fx, fy), at(fx + 1, fy));
+                        let (c, d) = (at(fx, fy + 1), at(fx + 1, fy + 1));
+                        for k in 0..3 {
+                            let top = a[k] + (b[k] - a[k]) * tx;
+                            let bottom = c[k] + (d[k] - c[k]) * tx;
+                            plane[y * w + x][k] += amp * (top + (bottom - top) * ty);
+                        }
+                    }
+                }
+                amp *= 0.7;
+            }
+            for _ in 0..6 {
+                let (cx, cy, r) = (next() * w as f32, next() * h as f32, 10.0 + next() * 60.0);
+                let shade = [next() - 0.5, next() - 0.5, next() - 0.5];
+                for y in 0..h {
+                    for x in 0..w {
+                        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                        if dx * dx + dy * dy < r * r {
+                            for k in 0..3 {
+                                plane[y * w + x][k] += shade[k];
+                            }
+                        }
+                    }
+                }
+            }
+            let mut pixels = Vec::with_capacity(w * h * 3);
+            for p in &plane {
+                for v in p {
+                    let noise = (next() - 0.5) * 0.1;
+                    pixels.push(((0.5 + 0.6 * (v + noise)) * 255.0).clamp(0.0, 255.0) as u8);
+                }
+            }
+            let path = dir.join(format!("{i}.JPEG"));
+            let file = std::fs::File::create(&path).expect("a writable folder");
+            let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(
+                std::io::BufWriter::new(file),
+                90,
+            );
+            encoder
+                .encode(&pixels, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+                .expect("an encodable image");
+            path
+        })
+        .collect()
+}
