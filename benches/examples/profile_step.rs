@@ -1,12 +1,12 @@
-//! Runs a few training steps of gated ResNet-56 (or VGG-16: second argument `vgg16`), batch
-//! 128, for a profiler:
+//! Runs a few training steps of gated ResNet-56 (or VGG-16 / MobileNetV2-CIFAR: second argument
+//! `vgg16` / `mobilenetv2`), batch 128, for a profiler:
 //! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
 //! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` uses burn's own
 //! convolution and BatchNorm instead of dnal's, `DNAL_GATES=bypass` turns the gates off.
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use dnal_core::GateMode;
-use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
+use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
 
@@ -16,9 +16,16 @@ fn main() {
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();
     dnal_kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
-    if args.next().as_deref() == Some("vgg16") {
+    let which = args.next();
+    if which.as_deref() == Some("vgg16") {
         run(
             PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
+            steps,
+            &device,
+        );
+    } else if which.as_deref() == Some("mobilenetv2") {
+        run(
+            MobileNetV2Config::cifar(10).init(&device).unwrap(),
             steps,
             &device,
         );

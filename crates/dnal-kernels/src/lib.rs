@@ -158,12 +158,67 @@ fn fast_conv_shape(conv: &Conv2d) -> Option<(usize, usize)> {
     fits.then_some((sh, pad))
 }
 
-/// `conv.forward(x)`, through [`conv2d`] when the layer fits dnal's convolution.
+/// `(stride, padding)` when `conv` fits dnal's depthwise convolution: one group per channel
+/// (weight `[C, 1, k, k]`), no bias, no dilation, square kernel, equal strides, symmetric
+/// padding smaller than the kernel.
+fn depthwise_shape(conv: &Conv2d) -> Option<(usize, usize)> {
+    let [co, per_group, kh, kw] = conv.weight.dims();
+    let [sh, sw] = conv.stride;
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let fits = conv.groups > 1
+        && conv.groups == co
+        && per_group == 1
+        && conv.bias.is_none()
+        && conv.dilation == [1, 1]
+        && kh == kw
+        && sh == sw
+        && pad < kh;
+    fits.then_some((sh, pad))
+}
+
+/// `conv.forward(x)`, through [`conv2d`] or [`depthwise_conv2d`] when the layer fits one of
+/// dnal's convolutions.
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    match fast_conv_shape(conv) {
-        Some((stride, padding)) => conv2d(x, conv.weight.val(), stride, padding),
-        None => conv.forward(x),
+    if let Some((stride, padding)) = fast_conv_shape(conv) {
+        conv2d(x, conv.weight.val(), stride, padding)
+    } else if let Some((stride, padding)) = depthwise_shape(conv) {
+        depthwise_conv2d(x, conv.weight.val(), stride, padding)
+    } else {
+        conv.forward(x)
     }
+}
+
+/// Depthwise convolution without bias: `weight` `[C, 1, k, k]` (one filter per channel of `x`
+/// `[N, C, H, W]`), `stride` and `padding` on both axes. On flex (f32) dnal's plane-by-plane
+/// kernels, forward and backward; elsewhere burn's grouped conv2d.
+pub fn depthwise_conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if takes_fast_path(&x) && weight.dtype() == DType::F32 {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_depthwise_conv2d(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            stride,
+            padding,
+        ));
+    }
+    let groups = weight.dims()[0];
+    burn_conv2d(
+        x,
+        weight,
+        None,
+        ConvOptions::new([stride; 2], [padding; 2], [1; 2], groups),
+    )
 }
 
 /// 2-D convolution without bias: square kernel, `stride` and `padding` on both axes, one

@@ -45,6 +45,33 @@ where
     out
 }
 
+/// `len` values in planes of `l` (the last may be shorter), computed in parallel by
+/// `plane(i, values)`, which finds plane `i` zeroed: each plane is zeroed just before its
+/// kernel runs, while it is in cache, rather than the whole buffer in a pass of its own.
+pub fn par_planes_zeroed<F>(len: usize, l: usize, plane: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(l.max(1))
+        .enumerate()
+        .for_each(|(i, dst)| {
+            for d in dst.iter_mut() {
+                d.write(0.0);
+            }
+            // SAFETY: every value of `dst` was written just above.
+            let values = unsafe {
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len())
+            };
+            plane(i, values);
+        });
+    // SAFETY: every plane was zeroed above before its kernel ran, so all `len` values are
+    // initialised.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`par_planes`], and for each plane `fold(i, values)` of its values right after they are
 /// written (while they are in cache), in plane order.
 pub fn par_planes_fold<I, F, T, G>(len: usize, l: usize, plane: F, fold: G) -> (Vec<f32>, Vec<T>)

@@ -105,6 +105,83 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([4, 7, 16, 16], 34, 3, 1, 1);
 }
 
+/// The depthwise convolution against burn's grouped conv2d: value and both gradients of
+/// `sum(out * probe)`.
+fn depthwise_case(shape: [usize; 4], kernel: usize, stride: usize, padding: usize) {
+    let device = train_device();
+    let [_, c, _, _] = shape;
+    let x = input(shape, 4, &device);
+    let w = input([c, 1, kernel, kernel], 5, &device);
+    let run = |fast: bool| {
+        let x = x.clone().detach().require_grad();
+        let w = w.clone().detach().require_grad();
+        let y = if fast {
+            dnal_kernels::depthwise_conv2d(x.clone(), w.clone(), stride, padding)
+        } else {
+            burn::tensor::module::conv2d(
+                x.clone(),
+                w.clone(),
+                None,
+                ConvOptions::new([stride; 2], [padding; 2], [1; 2], c),
+            )
+        };
+        let probe = input(y.dims(), 6, &device);
+        let grads = (y.clone() * probe).sum().backward();
+        (
+            y.inner(),
+            x.grad(&grads).expect("input gradient"),
+            w.grad(&grads).expect("weight gradient"),
+        )
+    };
+    let (y, dx, dw) = run(true);
+    let (ry, rdx, rdw) = run(false);
+    let case = format!("{shape:?} k{kernel} s{stride} p{padding}");
+    assert_close(&format!("depthwise {case} output"), y, ry, 1e-5);
+    assert_close(&format!("depthwise {case} input grad"), dx, rdx, 1e-5);
+    assert_close(&format!("depthwise {case} weight grad"), dw, rdw, 1e-5);
+}
+
+#[test]
+fn depthwise_matches_burn_in_value_and_gradient() {
+    // MobileNetV2's 3x3 at CIFAR sizes (rows longer than the 16 summing lanes, and shorter),
+    // its stride-2 blocks, the supernet's 5x5 and 7x7, no padding, odd and tiny maps.
+    depthwise_case([3, 5, 32, 32], 3, 1, 1);
+    depthwise_case([4, 6, 4, 4], 3, 1, 1);
+    depthwise_case([2, 7, 16, 16], 3, 2, 1);
+    depthwise_case([2, 3, 9, 7], 3, 2, 1);
+    depthwise_case([2, 4, 14, 14], 5, 1, 2);
+    depthwise_case([2, 4, 15, 13], 7, 2, 3);
+    depthwise_case([3, 2, 6, 6], 3, 1, 0);
+    depthwise_case([2, 3, 2, 2], 3, 1, 1);
+    depthwise_case([1, 2, 1, 1], 3, 2, 1);
+}
+
+#[test]
+fn depthwise_gradients_do_not_depend_on_the_thread_count() {
+    let device = train_device();
+    let x = input([19, 24, 12, 12], 23, &device);
+    let w = input([24, 1, 3, 3], 24, &device);
+    let grads_with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let y = dnal_kernels::depthwise_conv2d(x.clone(), w.clone(), 1, 1);
+            let grads = (y.clone() * y).sum().backward();
+            (
+                x.grad(&grads).unwrap().into_data(),
+                w.grad(&grads).unwrap().into_data(),
+            )
+        })
+    };
+    let one = grads_with(1);
+    let three = grads_with(3);
+    assert_eq!(one.0, three.0, "input gradient");
+    assert_eq!(one.1, three.1, "weight gradient");
+}
+
 #[test]
 fn conv_gradients_do_not_depend_on_the_thread_count() {
     let device = train_device();

@@ -4,8 +4,8 @@
 use super::conv::{conv_backward, conv_forward, geometry};
 use super::forward::max_pool_forward;
 use super::norm::{NormState, norm_forward, norm_grads};
-use super::{DnalKernels, NormOutput, f32s, tensor};
-use crate::cpu::{self, Clamp, ConvGeometry};
+use super::{DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, tensor};
+use crate::cpu::{self, Clamp, ConvGeometry, DepthwiseGeometry};
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -32,6 +32,30 @@ impl Backward<Flex, 2> for ConvBackward {
         }
         if let (Some(node), Some(dw)) = (node_w, dw) {
             grads.register::<Flex>(node.id, dw);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DepthwiseBackward;
+
+impl Backward<Flex, 2> for DepthwiseBackward {
+    type State = (FlexTensor, FlexTensor, DepthwiseGeometry);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = f32s(&grads.consume::<Flex>(&ops.node));
+        let (x, weight, g) = ops.state;
+        let dy = grad.storage::<f32>();
+        if let Some(node) = node_x {
+            let w = f32s(&weight);
+            let dx = cpu::depthwise_input_grad(dy, w.storage::<f32>(), &g);
+            grads.register::<Flex>(node.id, tensor(dx, &x.layout().shape()[..]));
+        }
+        if let Some(node) = node_w {
+            let x = f32s(&x);
+            let dw = cpu::depthwise_weight_grad(x.storage::<f32>(), dy, &g);
+            grads.register::<Flex>(node.id, tensor(dw, &weight.layout().shape()[..]));
         }
     }
 }
@@ -177,6 +201,31 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 padding,
                 None,
             )),
+        }
+    }
+
+    fn dnal_depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        match DepthwiseBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                let g = depthwise_geometry(&x, &weight, stride, padding);
+                let out = depthwise_forward(x.clone(), weight.clone(), &g);
+                prep.finish((x, weight, g), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                let g = depthwise_geometry(&x, &weight, stride, padding);
+                prep.finish(depthwise_forward(x, weight, &g))
+            }
         }
     }
 

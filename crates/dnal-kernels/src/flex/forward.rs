@@ -17,6 +17,16 @@ impl DnalKernels for Flex {
         max_pool_forward(&x).0
     }
 
+    fn dnal_depthwise_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let g = super::depthwise_geometry(&x, &weight, stride, padding);
+        super::depthwise_forward(x, weight, &g)
+    }
+
     fn dnal_conv2d_affine(
         x: FlexTensor,
         weight: FlexTensor,

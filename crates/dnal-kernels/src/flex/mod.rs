@@ -92,9 +92,56 @@ pub trait DnalKernels: burn::backend::Backend {
         hi: f32,
     ) -> NormOutput<Self>;
 
+    /// Depthwise convolution without bias (f32, `weight` `[C, 1, k, k]`, one group per channel,
+    /// square kernel, no dilation), plane by plane, forward and backward.
+    fn dnal_depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
     /// 2x2 max-pool with stride 2 (f32, `[N, C, H, W]`, an odd last row or column dropped),
     /// its backward sending each output's gradient to the input that won the window.
     fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The geometry of a depthwise convolution of `x` `[N, C, H, W]` by `weight` `[C, 1, k, k]`.
+pub(super) fn depthwise_geometry(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: usize,
+    padding: usize,
+) -> crate::cpu::DepthwiseGeometry {
+    let xs = x.layout().shape();
+    let ws = weight.layout().shape();
+    assert!(
+        xs.num_dims() == 4 && ws.num_dims() == 4 && ws[0] == xs[1] && ws[1] == 1 && ws[2] == ws[3],
+        "a depthwise convolution of [N, C, H, W] by [C, 1, k, k]"
+    );
+    crate::cpu::DepthwiseGeometry {
+        channels: xs[1],
+        in_hw: [xs[2], xs[3]],
+        kernel: ws[2],
+        stride,
+        padding,
+    }
+}
+
+/// The depthwise forward pass on flex tensors: flex's own grouped convolution, which measured
+/// faster than a plane-by-plane kernel of dnal's (`docs/PERFORMANCE.md`); the backward passes
+/// are dnal's.
+pub(super) fn depthwise_forward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    g: &crate::cpu::DepthwiseGeometry,
+) -> FlexTensor {
+    use burn::backend::Flex;
+    use burn::backend::ops::ModuleOps;
+    use burn::tensor::ops::ConvOptions;
+    let (s, p) = (g.stride, g.padding);
+    let options = ConvOptions::new([s; 2], [p; 2], [1; 2], g.channels);
+    <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options)
 }
 
 pub(super) fn f32s(t: &FlexTensor) -> FlexTensor {
