@@ -139,45 +139,30 @@ impl Activation {
     }
 }
 
-/// `(stride, padding)` when `conv` fits dnal's convolution: one group, no bias, no dilation,
-/// square kernel, equal strides, symmetric padding smaller than the kernel.
-fn fast_conv_shape(conv: &Conv2d) -> Option<(usize, usize)> {
-    let [kh, kw] = conv.kernel_size;
+/// `(stride, padding)` of a convolution without bias or dilation, with a square kernel, equal
+/// strides and symmetric padding smaller than the kernel: the shapes dnal's convolutions take.
+fn square_shape(conv: &Conv2d) -> Option<(usize, usize)> {
+    let [_, _, kh, kw] = conv.weight.dims();
     let [sh, sw] = conv.stride;
     let pad = match conv.padding {
         PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
         PaddingConfig2d::Valid => 0,
         _ => return None,
     };
-    let fits = conv.groups == 1
-        && conv.bias.is_none()
-        && conv.dilation == [1, 1]
-        && kh == kw
-        && sh == sw
-        && pad < kh;
+    let fits = conv.bias.is_none() && conv.dilation == [1, 1] && kh == kw && sh == sw && pad < kh;
     fits.then_some((sh, pad))
 }
 
+/// `(stride, padding)` when `conv` fits dnal's convolution: one group and [`square_shape`].
+fn fast_conv_shape(conv: &Conv2d) -> Option<(usize, usize)> {
+    square_shape(conv).filter(|_| conv.groups == 1)
+}
+
 /// `(stride, padding)` when `conv` fits dnal's depthwise convolution: one group per channel
-/// (weight `[C, 1, k, k]`), no bias, no dilation, square kernel, equal strides, symmetric
-/// padding smaller than the kernel.
+/// (weight `[C, 1, k, k]`) and [`square_shape`].
 fn depthwise_shape(conv: &Conv2d) -> Option<(usize, usize)> {
-    let [co, per_group, kh, kw] = conv.weight.dims();
-    let [sh, sw] = conv.stride;
-    let pad = match conv.padding {
-        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
-        PaddingConfig2d::Valid => 0,
-        _ => return None,
-    };
-    let fits = conv.groups > 1
-        && conv.groups == co
-        && per_group == 1
-        && conv.bias.is_none()
-        && conv.dilation == [1, 1]
-        && kh == kw
-        && sh == sw
-        && pad < kh;
-    fits.then_some((sh, pad))
+    let [co, per_group, _, _] = conv.weight.dims();
+    square_shape(conv).filter(|_| conv.groups > 1 && conv.groups == co && per_group == 1)
 }
 
 /// `conv.forward(x)`, through [`conv2d`] or [`depthwise_conv2d`] when the layer fits one of
