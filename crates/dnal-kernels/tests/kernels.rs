@@ -35,7 +35,34 @@ fn assert_close<const D: usize>(what: &str, actual: Tensor<D>, expected: Tensor<
     );
 }
 
-/// Forward value and the gradients of `sum(out * probe)` with respect to input and weight.
+/// `dnal`'s convolution against burn's `reference` on `x` and `w`: the value and the gradients
+/// of `sum(out * probe)` with respect to input and weight.
+fn compare_conv(
+    case: &str,
+    x: Tensor<4>,
+    w: Tensor<4>,
+    dnal: impl Fn(Tensor<4>, Tensor<4>) -> Tensor<4>,
+    reference: impl Fn(Tensor<4>, Tensor<4>) -> Tensor<4>,
+) {
+    let run = |conv: &dyn Fn(Tensor<4>, Tensor<4>) -> Tensor<4>| {
+        let x = x.clone().detach().require_grad();
+        let w = w.clone().detach().require_grad();
+        let y = conv(x.clone(), w.clone());
+        let probe = input(y.dims(), 3, &y.device());
+        let grads = (y.clone() * probe).sum().backward();
+        (
+            y.inner(),
+            x.grad(&grads).expect("input gradient"),
+            w.grad(&grads).expect("weight gradient"),
+        )
+    };
+    let (y, dx, dw) = run(&dnal);
+    let (ry, rdx, rdw) = run(&reference);
+    assert_close(&format!("{case} output"), y, ry, 1e-5);
+    assert_close(&format!("{case} input grad"), dx, rdx, 1e-5);
+    assert_close(&format!("{case} weight grad"), dw, rdw, 1e-5);
+}
+
 fn conv_case(shape: [usize; 4], out_channels: usize, kernel: usize, stride: usize, padding: usize) {
     let device = train_device();
     let [_, c, _, _] = shape;
@@ -48,33 +75,16 @@ fn conv_case(shape: [usize; 4], out_channels: usize, kernel: usize, stride: usiz
         ),
         &device,
     );
-    let run = |fast: bool| {
-        let x = x.clone().detach().require_grad();
-        let w = w.clone().detach().require_grad();
-        let y = if fast {
-            dnal_kernels::conv2d(x.clone(), w.clone(), stride, padding)
-        } else {
-            burn::tensor::module::conv2d(
-                x.clone(),
-                w.clone(),
-                None,
-                ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1),
-            )
-        };
-        let probe = input(y.dims(), 3, &device);
-        let grads = (y.clone() * probe).sum().backward();
-        (
-            y.inner(),
-            x.grad(&grads).expect("input gradient"),
-            w.grad(&grads).expect("weight gradient"),
-        )
-    };
-    let (y, dx, dw) = run(true);
-    let (ry, rdx, rdw) = run(false);
-    let case = format!("{shape:?} -> {out_channels}, k{kernel} s{stride} p{padding}");
-    assert_close(&format!("conv {case} output"), y, ry, 1e-5);
-    assert_close(&format!("conv {case} input grad"), dx, rdx, 1e-5);
-    assert_close(&format!("conv {case} weight grad"), dw, rdw, 1e-5);
+    compare_conv(
+        &format!("conv {shape:?} -> {out_channels}, k{kernel} s{stride} p{padding}"),
+        x,
+        w,
+        |x, w| dnal_kernels::conv2d(x, w, stride, padding),
+        |x, w| {
+            let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1);
+            burn::tensor::module::conv2d(x, w, None, options)
+        },
+    );
 }
 
 #[test]
@@ -105,40 +115,20 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([4, 7, 16, 16], 34, 3, 1, 1);
 }
 
-/// The depthwise convolution against burn's grouped conv2d: value and both gradients of
-/// `sum(out * probe)`.
+/// The depthwise convolution against burn's grouped conv2d.
 fn depthwise_case(shape: [usize; 4], kernel: usize, stride: usize, padding: usize) {
     let device = train_device();
     let [_, c, _, _] = shape;
-    let x = input(shape, 4, &device);
-    let w = input([c, 1, kernel, kernel], 5, &device);
-    let run = |fast: bool| {
-        let x = x.clone().detach().require_grad();
-        let w = w.clone().detach().require_grad();
-        let y = if fast {
-            dnal_kernels::depthwise_conv2d(x.clone(), w.clone(), stride, padding)
-        } else {
-            burn::tensor::module::conv2d(
-                x.clone(),
-                w.clone(),
-                None,
-                ConvOptions::new([stride; 2], [padding; 2], [1; 2], c),
-            )
-        };
-        let probe = input(y.dims(), 6, &device);
-        let grads = (y.clone() * probe).sum().backward();
-        (
-            y.inner(),
-            x.grad(&grads).expect("input gradient"),
-            w.grad(&grads).expect("weight gradient"),
-        )
-    };
-    let (y, dx, dw) = run(true);
-    let (ry, rdx, rdw) = run(false);
-    let case = format!("{shape:?} k{kernel} s{stride} p{padding}");
-    assert_close(&format!("depthwise {case} output"), y, ry, 1e-5);
-    assert_close(&format!("depthwise {case} input grad"), dx, rdx, 1e-5);
-    assert_close(&format!("depthwise {case} weight grad"), dw, rdw, 1e-5);
+    compare_conv(
+        &format!("depthwise {shape:?} k{kernel} s{stride} p{padding}"),
+        input(shape, 4, &device),
+        input([c, 1, kernel, kernel], 5, &device),
+        |x, w| dnal_kernels::depthwise_conv2d(x, w, stride, padding),
+        |x, w| {
+            let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], c);
+            burn::tensor::module::conv2d(x, w, None, options)
+        },
+    );
 }
 
 #[test]
