@@ -113,6 +113,9 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([6, 5, 8, 8], 9, 5, 1, 2);
     conv_case([5, 4, 16, 16], 8, 1, 1, 0);
     conv_case([4, 7, 16, 16], 34, 3, 1, 1);
+    // One image: the direct kernels take it when `gemm` would not split its product.
+    conv_case([1, 16, 8, 8], 16, 3, 1, 1);
+    conv_case([1, 5, 16, 16], 9, 5, 1, 2);
 }
 
 /// The depthwise convolution against burn's grouped conv2d.
@@ -399,7 +402,8 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
     let bn = eval_batch_norm(c, &device);
     // 9x9 maps take im2col and gemm; 16x16 maps of a batch of 9 the direct kernels, with the
     // epilogue applied in the micro-kernel.
-    for (stride, padding, hw, batch) in [(1, 1, 9, 3), (2, 1, 9, 3), (1, 1, 16, 9)] {
+    // (1, 1, 16, 1): one image, which the direct kernels take when its product is small.
+    for (stride, padding, hw, batch) in [(1, 1, 9, 3), (2, 1, 9, 3), (1, 1, 16, 9), (1, 1, 16, 1)] {
         let conv = burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
             .with_stride([stride; 2])
             .with_padding(burn::nn::PaddingConfig2d::Explicit(

@@ -106,7 +106,11 @@ pub(super) fn conv_forward_slices(
     let batch = x.len() / g.image().max(1);
     let per = group_size(g, batch);
     let groups = batch.div_ceil(per);
-    if batch * co * l > 0 && direct_path(groups) && direct::takes_forward(g) {
+    let parallel = parallel_products(groups, [co, p, per * l]);
+    // One group (batch 1) whose product `gemm` would not split either: the direct kernels on
+    // one thread beat im2col + `gemm` on one thread (no column matrix to build).
+    let direct = direct_path(groups) || (groups == 1 && !parallel && direct_path(2));
+    if batch * co * l > 0 && direct && direct::takes_forward(g) {
         let w = direct::PackedWeights::new(w, g);
         return direct::conv_forward(x, &w, g, per, epilogue);
     }
@@ -114,7 +118,6 @@ pub(super) fn conv_forward_slices(
     if out.is_empty() {
         return out;
     }
-    let parallel = parallel_products(groups, [co, p, per * l]);
     let table = cpu::GatherTable::new(g);
     let lhs = MatRef::row_major(w, co, p);
     out.par_chunks_mut(per * co * l)
