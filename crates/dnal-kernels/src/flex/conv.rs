@@ -50,7 +50,8 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
 
 /// Fewest groups of images (forward) or runs of groups (weight gradient) the AVX-512 kernels
 /// take: they spread whole groups over the threads, so fewer (small batches) are left to
-/// `gemm`, which splits a product itself. A constant, not the number of threads, so that the
+/// `gemm`, which splits a product itself (except a forward product too small for `gemm` to
+/// split, which the kernels take on one thread; `conv_forward_slices`). A constant, not the number of threads, so that the
 /// result does not depend on the number of threads.
 pub(super) const DIRECT_MIN_GROUPS: usize = 2;
 
