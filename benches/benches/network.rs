@@ -7,9 +7,9 @@
 //!   convolution and BatchNorm turned off (burn's own; the gate still folded into BatchNorm).
 //! * `inference/<backend>/<net>-<r>x-fewer-macs/<dense|pruned>/batch-<n>`: eval-mode forward of
 //!   the dense network and of the network pruned to the fixed architecture checked in under
-//!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, VGG-16: 1.90x; see
-//!   `examples/write_architectures.rs`). `benches/reference/pytorch_reference.py` times the
-//!   same networks and widths in PyTorch.
+//!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, a thin ResNet-56: 7.23x, VGG-16:
+//!   1.90x; see `examples/write_architectures.rs`). `benches/reference/pytorch_reference.py`
+//!   times the same networks and widths in PyTorch (the thin one not yet).
 //! * `inference-rounded/<backend>/<net>/round-<k>/batch-<n>`: eval-mode forward of ResNet-56
 //!   and MobileNetV2 (CIFAR) pruned to an irregular searched-like architecture
 //!   (`dnal_benches::searched_states`), its widths rounded up to multiples of `k`
@@ -35,6 +35,7 @@ type NetCase = (
 
 fn nets(device: &Device) -> Vec<NetCase> {
     let d = device.clone();
+    let d1 = device.clone();
     let d2 = device.clone();
     vec![
         (
@@ -44,6 +45,15 @@ fn nets(device: &Device) -> Vec<NetCase> {
                     as Box<dyn BenchNet>
             }),
             include_str!("../architectures/resnet56-cifar10.json"),
+        ),
+        (
+            // 7.2x fewer MACs, 6 channels per block in the first stage: a high-lambda result.
+            "resnet56-thin",
+            Box::new(move || {
+                Box::new(CifarResNetConfig::new(56, 10).unwrap().init(&d1).unwrap())
+                    as Box<dyn BenchNet>
+            }),
+            include_str!("../architectures/resnet56-thin-cifar10.json"),
         ),
         (
             "vgg16",

@@ -1,10 +1,11 @@
 //! Writes the fixed architectures the inference benchmark and the PyTorch reference time:
 //! `cargo run --release -p dnal-benches --example write_architectures` rewrites
-//! `benches/architectures/{resnet56,vgg16}-cifar10.json`.
+//! `benches/architectures/{resnet56,resnet56-thin,vgg16}-cifar10.json`.
 //!
 //! Each keeps the first `ceil(r * width)` channels of every gate, with the one keep ratio `r`
 //! whose MACs reduction is closest to the paper's lambda = 1e-4 rows (ResNet-56: 3.4x fewer
-//! MACs, VGG-16: 1.9x). They are synthetic (no CIFAR training runs on this project's CI
+//! MACs, VGG-16: 1.9x), or, for the thin ResNet-56, to the 7.25x of a high-lambda run (single
+//! digit widths in the first stage). They are synthetic (no CIFAR training runs on this project's CI
 //! machines); a derived architecture from a real run can replace either file.
 
 use burn::prelude::*;
@@ -41,6 +42,7 @@ fn main() {
         .init(&device)
         .unwrap();
     write(&resnet, 3.4, &dir.join("resnet56-cifar10.json"));
+    write(&resnet, 7.25, &dir.join("resnet56-thin-cifar10.json"));
     let vgg = PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap();
     write(&vgg, 1.9, &dir.join("vgg16-cifar10.json"));
 }
