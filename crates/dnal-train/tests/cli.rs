@@ -253,7 +253,12 @@ fn a_terminated_run_checkpoints_where_it_is_and_resumes_to_the_same_result() {
                 "{stderr}"
             );
         } else {
-            assert!(stderr.contains("exiting now"), "{stderr}");
+            // The second signal exits at once; a step short enough to end (and the run to stop
+            // at its checkpoint) before the second signal lands is the first case again.
+            assert!(
+                stderr.contains("exiting now") || stderr.contains("stopped with a checkpoint"),
+                "{stderr}"
+            );
         }
         let (ok, text) = dnal_train(&["train", "--quiet", "--resume", dir.to_str().unwrap()]);
         assert!(ok, "resume after {signals} signal(s), {delay} ms: {text}");

@@ -57,7 +57,16 @@ pub fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
 /// Whether `pos` (positions in a stream of `width` channels) is every channel in order, so
 /// that adding into the stream is a plain add.
 pub fn covers(pos: &[usize], width: usize) -> bool {
-    pos.len() == width && pos.iter().enumerate().all(|(i, &p)| i == p)
+    pos.len() == width && (pos.is_empty() || run_start(pos) == Some(0))
+}
+
+/// The first position of `pos` when it is one run of consecutive channels.
+fn run_start(pos: &[usize]) -> Option<usize> {
+    let &first = pos.first()?;
+    pos.iter()
+        .enumerate()
+        .all(|(i, &p)| p == first + i)
+        .then_some(first)
 }
 
 /// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): a plain
@@ -70,9 +79,7 @@ pub fn add_into(into: Tensor<4>, pos: &[usize], values: Tensor<4>) -> Tensor<4> 
     if pos.len() == c {
         return into + values;
     }
-    if let Some(&first) = pos.first()
-        && pos.iter().enumerate().all(|(i, &p)| p == first + i)
-    {
+    if let Some(first) = run_start(pos) {
         let end = first + pos.len();
         let run = into.clone().slice([0..n, first..end, 0..h, 0..w]) + values;
         let mut parts = Vec::with_capacity(3);
@@ -103,9 +110,7 @@ pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
         return values;
     }
     let device = values.device();
-    if let Some(&first) = pos.first()
-        && pos.iter().enumerate().all(|(i, &p)| p == first + i)
-    {
+    if let Some(first) = run_start(pos) {
         let after = width - first - c;
         let mut parts = Vec::with_capacity(3);
         if first > 0 {
