@@ -55,9 +55,14 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
 /// result does not depend on the number of threads.
 pub(super) const DIRECT_MIN_GROUPS: usize = 2;
 
+/// Whether the AVX-512 kernels may run: turned on, and the CPU has them.
+pub(super) fn direct_usable() -> bool {
+    crate::direct_enabled() && direct::available()
+}
+
 /// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
 pub(super) fn direct_path(groups: usize) -> bool {
-    crate::direct_enabled() && direct::available() && groups >= DIRECT_MIN_GROUPS
+    direct_usable() && groups >= DIRECT_MIN_GROUPS
 }
 
 /// Per-thread buffers of the convolution, reused across the images a thread processes.
@@ -110,7 +115,7 @@ pub(super) fn conv_forward_slices(
     let parallel = parallel_products(groups, [co, p, per * l]);
     // One group (batch 1) whose product `gemm` would not split either: the direct kernels on
     // one thread beat im2col + `gemm` on one thread (no column matrix to build).
-    let direct = direct_path(groups) || (groups == 1 && !parallel && direct_path(2));
+    let direct = direct_path(groups) || (groups == 1 && !parallel && direct_usable());
     if batch * co * l > 0 && direct && direct::takes_forward(g) {
         let w = direct::PackedWeights::new(w, g);
         return direct::conv_forward(x, &w, g, per, epilogue);
