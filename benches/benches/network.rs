@@ -8,8 +8,9 @@
 //! * `inference/<backend>/<net>-<r>x-fewer-macs/<dense|pruned>/batch-<n>`: eval-mode forward of
 //!   the dense network and of the network pruned to the fixed architecture checked in under
 //!   `benches/architectures/` (ResNet-56: 3.39x fewer MACs, a thin ResNet-56: 7.23x, VGG-16:
-//!   1.90x; see `examples/write_architectures.rs`). `benches/reference/pytorch_reference.py`
-//!   times the same networks and widths in PyTorch (the thin one not yet).
+//!   1.90x, MobileNetV2: 2.50x, see `examples/write_architectures.rs`; the MNIST demo's CNN:
+//!   4.28x, the architecture `cargo xtask train` derives). `benches/reference/pytorch_reference.py`
+//!   times the same networks and widths in PyTorch.
 //! * `inference-rounded/<backend>/<net>/round-<k>/batch-<n>`: eval-mode forward of ResNet-56
 //!   and MobileNetV2 (CIFAR) pruned to an irregular searched-like architecture
 //!   (`dnal_benches::searched_states`), its widths rounded up to multiples of `k`
@@ -26,41 +27,69 @@ use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
 
-/// A network's name, a builder of fresh instances, and the architecture to prune it to.
-type NetCase = (
-    &'static str,
-    Box<dyn Fn() -> Box<dyn BenchNet>>,
-    &'static str,
-);
+/// A network of the benchmark: its name, a builder of fresh instances, the architecture to
+/// prune it to, the shape of one input image, and whether the training step is timed too.
+struct NetCase {
+    name: &'static str,
+    build: Box<dyn Fn() -> Box<dyn BenchNet>>,
+    arch: &'static str,
+    image: [usize; 3],
+    train: bool,
+}
 
 fn nets(device: &Device) -> Vec<NetCase> {
-    let d = device.clone();
-    let d1 = device.clone();
-    let d2 = device.clone();
+    let case = |name, build: fn(&Device) -> Box<dyn BenchNet>, arch, image, train| {
+        let d = device.clone();
+        NetCase {
+            name,
+            build: Box::new(move || build(&d)),
+            arch,
+            image,
+            train,
+        }
+    };
+    let resnet56 = |d: &Device| -> Box<dyn BenchNet> {
+        Box::new(CifarResNetConfig::new(56, 10).unwrap().init(d).unwrap())
+    };
+    const CIFAR: [usize; 3] = [3, 32, 32];
     vec![
-        (
+        case(
             "resnet56",
-            Box::new(move || {
-                Box::new(CifarResNetConfig::new(56, 10).unwrap().init(&d).unwrap())
-                    as Box<dyn BenchNet>
-            }),
+            resnet56,
             include_str!("../architectures/resnet56-cifar10.json"),
+            CIFAR,
+            true,
         ),
-        (
-            // 7.2x fewer MACs, 6 channels per block in the first stage: a high-lambda result.
+        // 7.2x fewer MACs, 6 channels per block in the first stage: a high-lambda result.
+        case(
             "resnet56-thin",
-            Box::new(move || {
-                Box::new(CifarResNetConfig::new(56, 10).unwrap().init(&d1).unwrap())
-                    as Box<dyn BenchNet>
-            }),
+            resnet56,
             include_str!("../architectures/resnet56-thin-cifar10.json"),
+            CIFAR,
+            false,
         ),
-        (
+        case(
             "vgg16",
-            Box::new(move || {
-                Box::new(PlainCnnConfig::vgg16_cifar(10).init(&d2).unwrap()) as Box<dyn BenchNet>
-            }),
+            |d| Box::new(PlainCnnConfig::vgg16_cifar(10).init(d).unwrap()),
             include_str!("../architectures/vgg16-cifar10.json"),
+            CIFAR,
+            true,
+        ),
+        // The training step is `profile_step mobilenetv2` (one step takes seconds).
+        case(
+            "mobilenetv2",
+            |d| Box::new(MobileNetV2Config::cifar(10).init(d).unwrap()),
+            include_str!("../architectures/mobilenetv2-cifar10.json"),
+            CIFAR,
+            false,
+        ),
+        // The architecture `cargo xtask train` derives on the bundled digits.
+        case(
+            "mnist-cnn",
+            |d| Box::new(PlainCnnConfig::mnist_cnn().init(d).unwrap()),
+            include_str!("../architectures/mnist-cnn.json"),
+            [1, 28, 28],
+            false,
         ),
     ]
 }
@@ -102,7 +131,7 @@ fn train_step(c: &mut Criterion) {
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
         let (x, y) = dnal_benches::cifar_batch(128, &device);
-        for (name, build, _) in nets(&device) {
+        for NetCase { name, build, .. } in nets(&device).into_iter().filter(|n| n.train) {
             let mut group = c.benchmark_group(format!("train-step/{backend}/{name}"));
             group.sample_size(10);
             group.throughput(Throughput::Elements(128));
@@ -133,7 +162,14 @@ fn train_step(c: &mut Criterion) {
 fn inference(c: &mut Criterion) {
     dnal_benches::keep_freed_memory();
     for (backend, device) in cpu_backends() {
-        for (name, build, arch) in nets(&device) {
+        for NetCase {
+            name,
+            build,
+            arch,
+            image,
+            ..
+        } in nets(&device)
+        {
             let arch = Architecture::from_json(arch).expect("a checked-in architecture");
             let dense = build();
             let (pruned, achieved) = dense.pruned(&arch);
@@ -142,7 +178,7 @@ fn inference(c: &mut Criterion) {
             ));
             group.sample_size(10);
             for batch in [1, 64] {
-                let (x, _) = dnal_benches::cifar_batch(batch, &device);
+                let x = dnal_benches::image_batch(batch, image, &device);
                 group.throughput(Throughput::Elements(batch as u64));
                 group.bench_function(format!("dense/batch-{batch}"), |b| {
                     b.iter(|| dense.infer(x.clone()))

@@ -1,10 +1,10 @@
-//! Runs eval-mode forwards of ResNet-56 or VGG-16, dense or pruned to the architecture checked in
-//! under `benches/architectures/`, for a profiler:
-//! `profile_infer [resnet56|vgg16] [dense|pruned] [batch] [iterations]` (defaults: resnet56
-//! pruned 64 20). Prints the time of each forward.
+//! Runs eval-mode forwards of a benchmarked network, dense or pruned to the architecture checked
+//! in under `benches/architectures/`, for a profiler:
+//! `profile_infer [resnet56|resnet56-thin|vgg16|mobilenetv2|mnist-cnn] [dense|pruned] [batch]
+//! [iterations]` (defaults: resnet56 pruned 64 20). Prints the time of each forward.
 use burn::prelude::*;
 use dnal_core::Architecture;
-use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
+use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
 
@@ -15,49 +15,62 @@ fn main() {
     let pruned = arg(1, "pruned") == "pruned";
     let batch: usize = arg(2, "64").parse().expect("batch: a number");
     let iterations: usize = arg(3, "20").parse().expect("iterations: a number");
-    let device = Device::flex();
+    let d = Device::flex();
+    let cifar = [3, 32, 32];
+    let resnet56 = || CifarResNetConfig::new(56, 10).unwrap().init(&d).unwrap();
+    let run = |arch, image| Run {
+        pruned,
+        batch,
+        iterations,
+        image,
+        arch,
+    };
     match arg(0, "resnet56").as_str() {
-        "vgg16" => run(
-            PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
-            include_str!("../architectures/vgg16-cifar10.json"),
-            pruned,
-            batch,
-            iterations,
-            &device,
-        ),
-        _ => run(
-            CifarResNetConfig::new(56, 10)
-                .unwrap()
-                .init(&device)
-                .unwrap(),
+        "resnet56" => run(
             include_str!("../architectures/resnet56-cifar10.json"),
-            pruned,
-            batch,
-            iterations,
-            &device,
-        ),
+            cifar,
+        )
+        .go(resnet56(), &d),
+        "resnet56-thin" => run(
+            include_str!("../architectures/resnet56-thin-cifar10.json"),
+            cifar,
+        )
+        .go(resnet56(), &d),
+        "vgg16" => run(include_str!("../architectures/vgg16-cifar10.json"), cifar)
+            .go(PlainCnnConfig::vgg16_cifar(10).init(&d).unwrap(), &d),
+        "mobilenetv2" => run(
+            include_str!("../architectures/mobilenetv2-cifar10.json"),
+            cifar,
+        )
+        .go(MobileNetV2Config::cifar(10).init(&d).unwrap(), &d),
+        "mnist-cnn" => run(include_str!("../architectures/mnist-cnn.json"), [1, 28, 28])
+            .go(PlainCnnConfig::mnist_cnn().init(&d).unwrap(), &d),
+        other => panic!("unknown network {other}"),
     }
 }
 
-fn run<N: Network>(
-    net: N,
-    arch: &str,
+struct Run {
     pruned: bool,
     batch: usize,
     iterations: usize,
-    device: &Device,
-) {
-    let net = if pruned {
-        let arch = Architecture::from_json(arch).expect("a checked-in architecture");
-        net.prune(&arch).unwrap()
-    } else {
-        net
-    };
-    let net = net.valid();
-    let (x, _) = dnal_benches::cifar_batch(batch, device);
-    for _ in 0..iterations {
-        let t = std::time::Instant::now();
-        let _ = net.forward(x.clone()).into_data();
-        println!("forward {:?}", t.elapsed());
+    image: [usize; 3],
+    arch: &'static str,
+}
+
+impl Run {
+    fn go<N: Network>(&self, net: N, device: &Device) {
+        let net = if self.pruned {
+            let arch = Architecture::from_json(self.arch).expect("a checked-in architecture");
+            net.prune(&arch).unwrap()
+        } else {
+            net
+        };
+        let net = net.valid();
+        let x = dnal_benches::image_batch(self.batch, self.image, device);
+        for _ in 0..self.iterations {
+            let t = std::time::Instant::now();
+            let _ = net.forward(x.clone()).into_data();
+            println!("forward {:?}", t.elapsed());
+        }
     }
 }

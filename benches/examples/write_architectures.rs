@@ -1,16 +1,18 @@
 //! Writes the fixed architectures the inference benchmark and the PyTorch reference time:
 //! `cargo run --release -p dnal-benches --example write_architectures` rewrites
-//! `benches/architectures/{resnet56,resnet56-thin,vgg16}-cifar10.json`.
+//! `benches/architectures/{resnet56,resnet56-thin,vgg16,mobilenetv2}-cifar10.json`.
 //!
 //! Each keeps the first `ceil(r * width)` channels of every gate, with the one keep ratio `r`
 //! whose MACs reduction is closest to the paper's lambda = 1e-4 rows (ResNet-56: 3.4x fewer
-//! MACs, VGG-16: 1.9x), or, for the thin ResNet-56, to the 7.25x of a high-lambda run (single
-//! digit widths in the first stage). They are synthetic (no CIFAR training runs on this project's CI
-//! machines); a derived architecture from a real run can replace either file.
+//! MACs, VGG-16: 1.9x, MobileNetV2: 2.5x), or, for the thin ResNet-56, to the 7.25x of a
+//! high-lambda run (single digit widths in the first stage). They are synthetic (no CIFAR
+//! training runs on this project's CI machines); a derived architecture from a real run can
+//! replace any of them. `mnist-cnn.json` is not written here: it is the architecture that
+//! `cargo xtask train` derives on the bundled digits (`runs/mnist-demo/architecture.json`).
 
 use burn::prelude::*;
 use dnal_benches::uniform_architecture;
-use dnal_zoo::{CifarResNetConfig, Network, PlainCnnConfig};
+use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 use std::path::Path;
 
 fn write<N: Network>(net: &N, target: f64, path: &Path) {
@@ -45,4 +47,6 @@ fn main() {
     write(&resnet, 7.25, &dir.join("resnet56-thin-cifar10.json"));
     let vgg = PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap();
     write(&vgg, 1.9, &dir.join("vgg16-cifar10.json"));
+    let mobilenet = MobileNetV2Config::cifar(10).init(&device).unwrap();
+    write(&mobilenet, 2.49, &dir.join("mobilenetv2-cifar10.json"));
 }

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_reference import CifarResNet, Vgg16Cifar, set_search  # noqa: E402
+from pytorch_reference import CifarResNet, set_search, vgg16_cifar  # noqa: E402
 
 
 def mobilenetv2_cifar():
@@ -40,7 +40,7 @@ def mobilenetv2_cifar():
 
 NETWORKS = [
     ("resnet56-cifar", lambda: CifarResNet(), 128, 32, 10),
-    ("vgg16-cifar", lambda: Vgg16Cifar(), 128, 32, 10),
+    ("vgg16-cifar", vgg16_cifar, 128, 32, 10),
     ("mobilenetv2-cifar", mobilenetv2_cifar, 128, 32, 10),
     ("resnet50-imagenet", lambda: torchvision.models.resnet50(), 64, 224, 1000),
 ]

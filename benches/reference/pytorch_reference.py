@@ -9,7 +9,10 @@ computes them):
 
 * train step: forward + cross-entropy + backward + SGD with momentum, batch 128, 3x32x32, gates
   in search mode and bypassed (the plain network);
-* inference: eval-mode forward of the dense and the pruned network, batch 1 and 64.
+* inference: eval-mode forward of the dense and the pruned network, batch 1 and 64, for the
+  networks of the benchmark's inference group: ResNet-56 (and a thin one), VGG-16, MobileNetV2
+  for CIFAR and the MNIST demo's CNN (1x28x28 images). The training step is timed for the first
+  three (MobileNetV2's is in pytorch_gpu_steps.py).
 
 Usage (CPU, as many threads as burn uses):
     python3 benches/reference/pytorch_reference.py --threads 2
@@ -48,9 +51,9 @@ class Gate(nn.Module):
 
 
 class ConvBnGate(nn.Module):
-    def __init__(self, cin, cout, stride=1):
+    def __init__(self, cin, cout, stride=1, kernel=3, groups=1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.gate = Gate(cout)
 
@@ -143,36 +146,158 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class Vgg16Cifar(nn.Module):
-    """VGG-16-BN for CIFAR: 13 gated convs, max-pool after convs 1, 3, 6, 9, 12, a 512-unit
-    BatchNorm hidden layer, the classifier."""
+class PlainCnn(nn.Module):
+    """dnal's plain CNN: gated 3x3 convs with ReLU, 2x2 max-pools after some, then a global
+    average pool or a flatten, optional hidden layers (linear, BN, ReLU), the classifier."""
 
-    WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
-    POOL_AFTER = {1, 3, 6, 9, 12}
-
-    def __init__(self, arch=None, num_classes=10):
+    def __init__(self, widths, pool_after, arch=None, in_channels=3, global_pool=False,
+                 hidden=(), num_classes=10):
         super().__init__()
-        layers, cin = [], 3
-        for i, w in enumerate(self.WIDTHS):
+        layers, cin = [], in_channels
+        for i, w in enumerate(widths):
             cout = len(kept(arch, f"conv{i}", w))
             layers.append(ConvBnGate(cin, cout))
             cin = cout
         self.convs = nn.ModuleList(layers)
-        self.hidden = nn.Linear(cin, 512)
-        self.hidden_bn = nn.BatchNorm1d(512)
-        self.fc = nn.Linear(512, num_classes)
+        self.pool_after, self.global_pool = set(pool_after), global_pool
+        self.hidden = nn.ModuleList()
+        for h in hidden:
+            self.hidden.append(nn.Sequential(nn.Linear(cin, h), nn.BatchNorm1d(h), nn.ReLU()))
+            cin = h
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         for i, unit in enumerate(self.convs):
             x = F.relu(unit(x))
-            if i in self.POOL_AFTER:
+            if i in self.pool_after:
                 x = F.max_pool2d(x, 2)
-        x = F.relu(self.hidden_bn(self.hidden(torch.flatten(x, 1))))
+        if self.global_pool:
+            x = F.adaptive_avg_pool2d(x, 1)
+        x = torch.flatten(x, 1)
+        for h in self.hidden:
+            x = h(x)
         return self.fc(x)
 
 
-def macs(model, device):
-    """Multiply-accumulates of one 3x32x32 image (convs and linear layers)."""
+def vgg16_cifar(arch=None):
+    """VGG-16-BN for CIFAR: 13 gated convs, max-pool after convs 1, 3, 6, 9, 12, a 512-unit
+    BatchNorm hidden layer, the classifier."""
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    return PlainCnn(widths, [1, 3, 6, 9, 12], arch, hidden=[512])
+
+
+def mnist_cnn(arch=None):
+    """The MNIST demo's CNN: gated convs 32-32 (pool) 64-64 (pool), global average pool."""
+    return PlainCnn([32, 32, 64, 64], [1, 3], arch, in_channels=1, global_pool=True)
+
+
+class MobileNetV2Cifar(nn.Module):
+    """dnal's MobileNetV2 for CIFAR (stem and second stage at stride 1, a 1x1 conv + BN shortcut
+    on the stride-1 blocks that change the width), gates after every depthwise BN and every
+    projection BN and after the last 1x1 conv. With `arch`, pruned as dnal prunes it: each
+    stage's stream is the union of what writes into it, a block adds its kept outputs into
+    their stream positions, a block whose projection keeps nothing is removed."""
+
+    STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+              (6, 160, 3, 2), (6, 320, 1, 1)]
+    STEM, LAST = 32, 1280
+
+    def __init__(self, arch=None, num_classes=10):
+        super().__init__()
+        layout = [(s, b == 0) for s, st in enumerate(self.STAGES) for b in range(st[2])]
+        in_width = [self.STEM] + [st[1] for st in self.STAGES[:-1]]
+
+        def join(s, first):
+            _, width, _, stride = self.STAGES[s]
+            if not first or (stride == 1 and in_width[s] == width):
+                return "identity"
+            return "conv" if stride == 1 else "replace"
+
+        full_in = self.STEM
+        blocks = []  # (expanded channels, output channels) kept, as indices of the full block
+        for i, (s, _) in enumerate(layout):
+            t, width = self.STAGES[s][:2]
+            out = kept(arch, f"b{i}.proj", width)
+            dw = kept(arch, f"b{i}.dw", full_in * t)
+            blocks.append((dw, out) if out else None)
+            full_in = width
+        # The CIFAR layout's first block has a conv shortcut, so the stem keeps its 32 channels.
+        assert join(0, True) != "replace"
+        stem = list(range(self.STEM))
+        streams = []
+        for s, (_, width, _, _) in enumerate(self.STAGES):
+            present = set()
+            for i, (bs, first) in enumerate(layout):
+                if bs != s:
+                    continue
+                j = join(s, first)
+                if j == "conv":
+                    present |= set(range(width))
+                elif j == "identity" and first:
+                    present |= set(stem if s == 0 else streams[s - 1])
+                if blocks[i]:
+                    present |= set(blocks[i][1])
+            streams.append(sorted(present))
+        self.layout, self.joins = layout, [join(s, f) for s, f in layout]
+        self.streams = streams
+        self.stem = nn.Sequential(nn.Conv2d(3, len(stem), 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(len(stem)))
+        self.branches, self.shortcuts = nn.ModuleList(), nn.ModuleList()
+        self.taps, self.out_pos, self.widen_pos = [], [], []
+        for i, (s, first) in enumerate(layout):
+            t, width, _, stride = self.STAGES[s]
+            source = stem if s == 0 and first else streams[s - 1] if first else streams[s]
+            cin = len(source)
+            self.widen_pos.append(positions(streams[s], streams[s - 1])
+                                  if first and s > 0 and self.joins[i] == "identity" else None)
+            self.shortcuts.append(nn.Sequential(nn.Conv2d(cin, width, 1, bias=False),
+                                                nn.BatchNorm2d(width))
+                                  if self.joins[i] == "conv" else nn.Identity())
+            if blocks[i] is None:
+                self.branches.append(nn.Identity())
+                self.taps.append(None)
+                self.out_pos.append(None)
+                continue
+            dw, out = blocks[i]
+            layers = []
+            if t != 1:
+                layers += [nn.Conv2d(cin, len(dw), 1, bias=False), nn.BatchNorm2d(len(dw)),
+                           nn.ReLU6()]
+                self.taps.append(None)
+            else:
+                self.taps.append(positions(source, dw) if len(dw) != cin else None)
+            layers += [ConvBnGate(len(dw), len(dw), stride if first else 1, groups=len(dw)),
+                       nn.ReLU6(), ConvBnGate(len(dw), len(out), kernel=1)]
+            self.branches.append(nn.Sequential(*layers))
+            self.out_pos.append(positions(streams[s], out))
+        self.last = ConvBnGate(len(streams[-1]), len(kept(arch, "last", self.LAST)), kernel=1)
+        self.fc = nn.Linear(self.last.conv.out_channels, num_classes)
+
+    def forward(self, x):
+        x = F.relu6(self.stem(x))
+        for i, (s, first) in enumerate(self.layout):
+            inp = x
+            out = None
+            if self.out_pos[i] is not None:
+                taps = self.taps[i]
+                out = self.branches[i](inp if taps is None else inp.index_select(1, taps.to(x.device)))
+            width = len(self.streams[s])
+            if self.joins[i] == "replace":
+                x = scatter(width, self.out_pos[i], out)
+                continue
+            if self.joins[i] == "conv":
+                base = self.shortcuts[i](inp)
+            elif self.widen_pos[i] is not None:
+                base = scatter(width, self.widen_pos[i], inp)
+            else:
+                base = inp
+            x = base if out is None else add_into(base, self.out_pos[i], out)
+        x = F.relu6(self.last(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def macs(model, device, image=(3, 32, 32)):
+    """Multiply-accumulates of one image (convs and linear layers)."""
     total = [0]
 
     def conv_hook(m, _inp, out):
@@ -185,7 +310,7 @@ def macs(model, device):
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32, device=device))
+        model(torch.zeros(1, *image, device=device))
     for h in hooks:
         h.remove()
     return total[0]
@@ -229,9 +354,9 @@ def train_step_seconds(model, device, batch, reps):
     return median_seconds(step, device, 2, reps)
 
 
-def inference_seconds(model, device, batch, reps):
+def inference_seconds(model, device, batch, reps, image=(3, 32, 32)):
     model.eval()
-    x = torch.rand(batch, 3, 32, 32, device=device)
+    x = torch.rand(batch, *image, device=device)
 
     def run():
         with torch.inference_mode():
@@ -240,26 +365,39 @@ def inference_seconds(model, device, batch, reps):
     return median_seconds(run, device, 3, reps)
 
 
+CIFAR = (3, 32, 32)
+# name: (builder, architecture under benches/architectures/, input image, training step timed)
+NETWORKS = {
+    "resnet56": (CifarResNet, "resnet56-cifar10.json", CIFAR, True),
+    "resnet56-thin": (CifarResNet, "resnet56-thin-cifar10.json", CIFAR, False),
+    "vgg16": (vgg16_cifar, "vgg16-cifar10.json", CIFAR, True),
+    "mobilenetv2": (MobileNetV2Cifar, "mobilenetv2-cifar10.json", CIFAR, False),
+    "mnist-cnn": (mnist_cnn, "mnist-cnn.json", (1, 28, 28), False),
+}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median)")
     p.add_argument("--only", choices=["train", "inference"], help="run one half only")
+    p.add_argument("--nets", help="comma-separated networks to run (default: all of " + ", ".join(NETWORKS) + ")")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
-    nets = {"resnet56": CifarResNet, "vgg16": Vgg16Cifar}
     results = {}
-    for name, build in nets.items():
-        with open(os.path.join(ARCHITECTURES, f"{name}-cifar10.json")) as f:
+    for name, (build, arch_file, image, trains) in NETWORKS.items():
+        if args.nets and name not in args.nets.split(","):
+            continue
+        with open(os.path.join(ARCHITECTURES, arch_file)) as f:
             arch = json.load(f)
         dense = build().to(device)
-        r = results[name] = {"dense_macs": macs(dense, device)}
-        if args.only != "inference":
+        r = results[name] = {"dense_macs": macs(dense, device, image)}
+        if args.only != "inference" and trains:
             for mode in ["search", "bypass"]:
                 set_search(dense, mode == "search")
                 s = train_step_seconds(dense, device, 128, args.reps)
@@ -268,17 +406,18 @@ def main():
             set_search(dense, False)
         if args.only != "train":
             pruned = build(arch).to(device)
-            r["pruned_macs"] = macs(pruned, device)
+            r["pruned_macs"] = macs(pruned, device, image)
             print(f"{name}: {r['dense_macs'] / 1e6:.2f}M MACs dense, {r['pruned_macs'] / 1e6:.2f}M pruned "
                   f"({r['dense_macs'] / r['pruned_macs']:.2f}x fewer)")
             for batch in [1, 64]:
                 for label, model in [("dense", dense), ("pruned", pruned)]:
-                    s = inference_seconds(model, device, batch, max(args.reps, 10))
+                    s = inference_seconds(model, device, batch, max(args.reps, 10), image)
                     r[f"infer_{label}_b{batch}_s"] = s
                     print(f"{name} inference {label} batch {batch}: {s * 1e3:.2f} ms")
     print()
-    print("| network | train search | train bypass | gate overhead | batch-64 dense / pruned | speed-up / MACs ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| network | train search | train bypass | gate overhead | batch 1 dense / pruned "
+          "| batch 64 dense / pruned | speed-up / MACs reduction at 1, 64 |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         cells = [name]
         if "train_search_s" in r:
@@ -288,12 +427,15 @@ def main():
         else:
             cells += ["-", "-", "-"]
         if "infer_dense_b64_s" in r:
-            speed = r["infer_dense_b64_s"] / r["infer_pruned_b64_s"]
-            ratio = r["dense_macs"] / r["pruned_macs"]
-            cells += [f"{r['infer_dense_b64_s'] * 1e3:.1f} / {r['infer_pruned_b64_s'] * 1e3:.1f} ms",
-                      f"{speed:.2f}x / {ratio:.2f}x = {speed / ratio:.2f}"]
+            reduction = r["dense_macs"] / r["pruned_macs"]
+            ratios = []
+            for batch in [1, 64]:
+                dense_s, pruned_s = r[f"infer_dense_b{batch}_s"], r[f"infer_pruned_b{batch}_s"]
+                cells.append(f"{dense_s * 1e3:.2f} / {pruned_s * 1e3:.2f} ms")
+                ratios.append(f"{dense_s / pruned_s / reduction:.2f}")
+            cells.append(f"{reduction:.2f}x fewer: " + ", ".join(ratios))
         else:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:

@@ -35,14 +35,20 @@ pub fn uniform_architecture<M: dnal_core::GatedModel>(
 /// A training batch of CIFAR shapes: `batch` random images `[batch, 3, 32, 32]` and labels
 /// cycling through 10 classes.
 pub fn cifar_batch(batch: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
-    let x = Tensor::<4>::random(
-        [batch, 3, 32, 32],
-        burn::tensor::Distribution::Default,
-        device,
-    );
+    let x = image_batch(batch, [3, 32, 32], device);
     let labels = (0..batch as i64).map(|i| i % 10).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
     (x, y)
+}
+
+/// `batch` random images of shape `image` (`[channels, height, width]`).
+pub fn image_batch(batch: usize, image: [usize; 3], device: &Device) -> Tensor<4> {
+    let [c, h, w] = image;
+    Tensor::<4>::random(
+        [batch, c, h, w],
+        burn::tensor::Distribution::Default,
+        device,
+    )
 }
 
 /// Gate states like a searched network's: every gate keeps a different fraction (15 to 60 %)
