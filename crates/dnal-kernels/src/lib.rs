@@ -298,6 +298,29 @@ fn conv_bn_residual(
         && takes_fast_path(&x)
         && conv.weight.dtype() == DType::F32
         && a.dtype() == DType::F32
+        && residual.is_none()
+        && let Some((stride, padding)) = depthwise_shape(conv)
+    {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        let (scale, shift) = running_affine(bn, a, b, &x.device());
+        let Clamp { lo, hi } = act.clamp();
+        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_depthwise_conv2d_affine(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            stride,
+            padding,
+            lo,
+            hi,
+        ));
+    }
+    #[cfg(feature = "flex")]
+    if !x.device().is_autodiff()
+        && takes_fast_path(&x)
+        && conv.weight.dtype() == DType::F32
+        && a.dtype() == DType::F32
         && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
         && let Some((stride, padding)) = fast_conv_shape(conv)
     {

@@ -429,6 +429,51 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
 }
 
 #[test]
+fn depthwise_conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
+    let device = Device::flex();
+    let c = 5;
+    let bn = eval_batch_norm(c, &device);
+    // Maps from 1x1 to 32x32 (odd and non-square sides), strides 1 and 2, kernels 3 to 7,
+    // paddings 0 to 3: the phase planes, the flat runs across rows and the dropped columns.
+    let cases = [
+        (3, 1, 1, [32, 32], 2),
+        (3, 2, 1, [32, 32], 2),
+        (3, 1, 1, [4, 4], 3),
+        (3, 2, 1, [4, 4], 1),
+        (3, 2, 1, [9, 7], 2),
+        (3, 1, 0, [6, 5], 2),
+        (5, 1, 2, [14, 14], 1),
+        (7, 2, 3, [15, 13], 2),
+        (3, 1, 1, [1, 1], 2),
+        (3, 2, 1, [1, 1], 1),
+    ];
+    for (kernel, stride, padding, [h, w], batch) in cases {
+        let conv = burn::nn::conv::Conv2dConfig::new([c, c], [kernel, kernel])
+            .with_stride([stride; 2])
+            .with_groups(c)
+            .with_padding(burn::nn::PaddingConfig2d::Explicit(
+                padding, padding, padding, padding,
+            ))
+            .with_bias(false)
+            .init(&device);
+        let x = input([batch, c, h, w], 23, &device) * 3.0;
+        for mode in [GateMode::Bypass, GateMode::Search, GateMode::Masked] {
+            for act in ACTIVATIONS {
+                let g = gate(c, mode, &device);
+                assert_close(
+                    &format!(
+                        "depthwise conv-bn eval k{kernel} s{stride} p{padding} {h}x{w} {mode:?} {act:?}"
+                    ),
+                    dnal_kernels::conv_bn(&conv, &bn, g.factor(), act, x.clone()),
+                    act.apply(g.forward(bn.forward(conv.forward(x.clone())))),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
     let device = train_device();
     let c = 4;

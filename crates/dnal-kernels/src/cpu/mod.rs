@@ -1,6 +1,6 @@
 //! The host-memory halves of the kernels, on plain `f32` slices in NCHW order: the
 //! convolution's im2col, col2im and epilogue ([`conv`]), the depthwise convolution's
-//! backward passes ([`depthwise`]), BatchNorm's passes with the activation
+//! inference forward and backward passes ([`depthwise`]), BatchNorm's passes with the activation
 //! and a residual fused ([`norm`]), the max-pool ([`pool`]). No unsafe code; the matrix
 //! products and the direct convolution kernels are in the flex-only modules.
 
@@ -12,7 +12,9 @@ pub mod pool;
 
 pub use clamp::{Clamp, ClampGrad, ClampOf};
 pub use conv::{ConvGeometry, Epilogue, GatherTable, col2im, flip_transpose, im2col, im2col_with};
-pub use depthwise::{DepthwiseGeometry, depthwise_input_grad, depthwise_weight_grad};
+pub use depthwise::{
+    DepthwiseGeometry, depthwise_forward_affine, depthwise_input_grad, depthwise_weight_grad,
+};
 pub use norm::{
     batch_norm_grad_sums, batch_norm_input_grad, channel_stats, normalize, through_clamp_grad_sums,
 };

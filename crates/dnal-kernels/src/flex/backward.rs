@@ -160,6 +160,24 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
     }
 
     /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
+    fn dnal_depthwise_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self> {
+        let y = Self::dnal_depthwise_conv2d(x, weight, stride, padding);
+        let c = shift.shape().num_elements();
+        let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
+        let y = Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift));
+        clamp_tensor::<C>(y, Clamp { lo, hi })
+    }
+
+    /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
     fn dnal_conv2d_affine_add(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

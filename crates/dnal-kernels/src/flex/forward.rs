@@ -27,6 +27,32 @@ impl DnalKernels for Flex {
         super::depthwise_forward(x, weight, &g)
     }
 
+    fn dnal_depthwise_conv2d_affine(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FlexTensor {
+        let g = super::depthwise_geometry(&x, &weight, stride, padding);
+        let (x, weight) = (f32s(&x), f32s(&weight));
+        let (scale, shift) = (super::vec_of(&scale), super::vec_of(&shift));
+        let [n, _, _, _] = x.layout().shape().dims();
+        let [oh, ow] = g.out_hw();
+        let y = cpu::depthwise_forward_affine(
+            x.storage::<f32>(),
+            weight.storage::<f32>(),
+            &scale,
+            &shift,
+            Clamp { lo, hi },
+            &g,
+        );
+        tensor(y, &[n, g.channels, oh, ow])
+    }
+
     fn dnal_conv2d_affine(
         x: FlexTensor,
         weight: FlexTensor,

@@ -101,6 +101,21 @@ pub trait DnalKernels: burn::backend::Backend {
         padding: usize,
     ) -> FloatTensor<Self>;
 
+    /// [`dnal_depthwise_conv2d`](Self::dnal_depthwise_conv2d) followed by a per-channel
+    /// `y * scale + shift`, clamped to `[lo, hi]` (BatchNorm and an activation folded in for
+    /// inference), in one pass over each plane.
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_depthwise_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self>;
+
     /// 2x2 max-pool with stride 2 (f32, `[N, C, H, W]`, an odd last row or column dropped),
     /// its backward sending each output's gradient to the input that won the window.
     fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -128,20 +143,26 @@ pub(super) fn depthwise_geometry(
     }
 }
 
-/// The depthwise forward pass on flex tensors: flex's own grouped convolution, which measured
-/// faster than a plane-by-plane kernel of dnal's (`docs/PERFORMANCE.md`); the backward passes
-/// are dnal's.
+/// The depthwise forward pass on flex tensors: dnal's plane kernel with the identity affine
+/// transform and no clamp (`x * 1 + 0` is exact), which is also the inference forward's.
 pub(super) fn depthwise_forward(
     x: FlexTensor,
     weight: FlexTensor,
     g: &crate::cpu::DepthwiseGeometry,
 ) -> FlexTensor {
-    use burn::backend::Flex;
-    use burn::backend::ops::ModuleOps;
-    use burn::tensor::ops::ConvOptions;
-    let (s, p) = (g.stride, g.padding);
-    let options = ConvOptions::new([s; 2], [p; 2], [1; 2], g.channels);
-    <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options)
+    let (x, weight) = (f32s(&x), f32s(&weight));
+    let n = x.layout().shape()[0];
+    let [oh, ow] = g.out_hw();
+    let (ones, zeros) = (vec![1.0; g.channels], vec![0.0; g.channels]);
+    let y = crate::cpu::depthwise_forward_affine(
+        x.storage::<f32>(),
+        weight.storage::<f32>(),
+        &ones,
+        &zeros,
+        crate::cpu::Clamp::NONE,
+        g,
+    );
+    tensor(y, &[n, g.channels, oh, ow])
 }
 
 pub(super) fn f32s(t: &FlexTensor) -> FlexTensor {
