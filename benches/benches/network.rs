@@ -97,7 +97,11 @@ fn nets(device: &Device) -> Vec<NetCase> {
 /// What the benchmark does with a network, object-safe.
 trait BenchNet {
     fn train_step(&mut self, mode: GateMode, x: Tensor<4>, y: Tensor<1, Int>);
+    /// The eval-mode forward of a network already in eval mode (see `valid`).
     fn infer(&self, x: Tensor<4>);
+    /// The network in eval mode, made once, as inference code does (`latency_ms`, `predict`).
+    fn valid(&self) -> Box<dyn BenchNet>;
+    /// The network pruned to `arch`, in eval mode, and its MACs reduction.
     fn pruned(&self, arch: &Architecture) -> (Box<dyn BenchNet>, f64);
 }
 
@@ -115,14 +119,18 @@ impl<N: Network + 'static> BenchNet for N {
     }
 
     fn infer(&self, x: Tensor<4>) {
-        let _ = self.valid().forward(x).into_data();
+        let _ = self.forward(x).into_data();
+    }
+
+    fn valid(&self) -> Box<dyn BenchNet> {
+        Box::new(Module::valid(self))
     }
 
     fn pruned(&self, arch: &Architecture) -> (Box<dyn BenchNet>, f64) {
         let full = self.cost_model().cost(None).macs as f64;
         let pruned = self.clone().prune(arch).unwrap();
         let achieved = full / pruned.cost_model().cost(None).macs as f64;
-        (Box::new(pruned), achieved)
+        (Box::new(pruned.valid()), achieved)
     }
 }
 
@@ -173,6 +181,7 @@ fn inference(c: &mut Criterion) {
             let arch = Architecture::from_json(arch).expect("a checked-in architecture");
             let dense = build();
             let (pruned, achieved) = dense.pruned(&arch);
+            let dense = dense.valid();
             let mut group = c.benchmark_group(format!(
                 "inference/{backend}/{name}-{achieved:.2}x-fewer-macs"
             ));
