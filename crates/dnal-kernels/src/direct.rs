@@ -246,20 +246,26 @@ pub fn conv_forward(
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), n, "residual of the wrong size");
     }
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .zip(x.par_chunks(per.max(1) * image_len))
-        .enumerate()
-        .for_each(|(i, (dst, images))| {
-            // The group's part of the residual, laid out like `dst`.
-            let epilogue = Epilogue {
-                residual: epilogue
-                    .residual
-                    .map(|r| &r[i * chunk..i * chunk + dst.len()]),
-                ..epilogue
-            };
-            conv_forward_images(images, w, g, epilogue, dst)
-        });
+    let each = |(i, (dst, images)): (usize, (&mut [std::mem::MaybeUninit<f32>], &[f32]))| {
+        // The group's part of the residual, laid out like `dst`.
+        let epilogue = Epilogue {
+            residual: epilogue
+                .residual
+                .map(|r| &r[i * chunk..i * chunk + dst.len()]),
+            ..epilogue
+        };
+        conv_forward_images(images, w, g, epilogue, dst)
+    };
+    let dst = &mut out.spare_capacity_mut()[..n];
+    if n <= chunk {
+        // One group (batch 1): on this thread, without a hand-off to rayon's pool.
+        each((0, (dst, x)));
+    } else {
+        dst.par_chunks_mut(chunk)
+            .zip(x.par_chunks(per.max(1) * image_len))
+            .enumerate()
+            .for_each(each);
+    }
     // SAFETY: `conv_forward_images` wrote every element of every chunk: each image's every
     // vector of positions, for every channel block, and the blocks cover all channels.
     unsafe { out.set_len(n) };

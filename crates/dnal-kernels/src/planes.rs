@@ -23,8 +23,14 @@ fn write_plane<I: Iterator<Item = f32>>(dst: &mut [MaybeUninit<f32>], values: I)
     })
 }
 
+/// Below this many values a pass runs on the calling thread. Handing work to rayon's pool from
+/// outside it wakes a sleeping worker and puts the caller to sleep until the work is done,
+/// which costs more than a small pass (at batch 1 those hand-offs took half of the pruned
+/// MNIST CNN's forward).
+pub const SERIAL_BELOW: usize = 1 << 14;
+
 /// `len` values in planes of `l` (the last may be shorter), plane `i` being the first values
-/// of `plane(i)`, computed in parallel. Panics if an iterator yields fewer values than its
+/// of `plane(i)`, computed in parallel (on this thread below [`SERIAL_BELOW`] values). Panics if an iterator yields fewer values than its
 /// plane holds.
 pub fn par_planes<I, F>(len: usize, l: usize, plane: F) -> Vec<f32>
 where
@@ -32,40 +38,45 @@ where
     F: Fn(usize) -> I + Sync,
 {
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(l.max(1))
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let written = write_plane(dst, plane(i));
-            assert_eq!(written, dst.len(), "plane {i} is short of values");
-        });
+    let each = |(i, dst): (usize, &mut [MaybeUninit<f32>])| {
+        let written = write_plane(dst, plane(i));
+        assert_eq!(written, dst.len(), "plane {i} is short of values");
+    };
+    let dst = &mut out.spare_capacity_mut()[..len];
+    if len < SERIAL_BELOW {
+        dst.chunks_mut(l.max(1)).enumerate().for_each(each);
+    } else {
+        dst.par_chunks_mut(l.max(1)).enumerate().for_each(each);
+    }
     // SAFETY: every plane wrote all its values (a short one panicked above, so this line is
     // reached only when all `len` values are initialised).
     unsafe { out.set_len(len) };
     out
 }
 
-/// `len` values in planes of `l` (the last may be shorter), computed in parallel by
-/// `plane(i, values)`, which finds plane `i` zeroed: each plane is zeroed just before its
+/// `len` values in planes of `l` (the last may be shorter), computed in parallel (on this thread
+/// below [`SERIAL_BELOW`] values) by `plane(i, values)`, which finds plane `i` zeroed: each plane is zeroed just before its
 /// kernel runs, while it is in cache, rather than the whole buffer in a pass of its own.
 pub fn par_planes_zeroed<F>(len: usize, l: usize, plane: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(l.max(1))
-        .enumerate()
-        .for_each(|(i, dst)| {
-            for d in dst.iter_mut() {
-                d.write(0.0);
-            }
-            // SAFETY: every value of `dst` was written just above.
-            let values = unsafe {
-                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len())
-            };
-            plane(i, values);
-        });
+    let each = |(i, dst): (usize, &mut [MaybeUninit<f32>])| {
+        for d in dst.iter_mut() {
+            d.write(0.0);
+        }
+        // SAFETY: every value of `dst` was written just above.
+        let values =
+            unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
+        plane(i, values);
+    };
+    let dst = &mut out.spare_capacity_mut()[..len];
+    if len < SERIAL_BELOW {
+        dst.chunks_mut(l.max(1)).enumerate().for_each(each);
+    } else {
+        dst.par_chunks_mut(l.max(1)).enumerate().for_each(each);
+    }
     // SAFETY: every plane was zeroed above before its kernel ran, so all `len` values are
     // initialised.
     unsafe { out.set_len(len) };

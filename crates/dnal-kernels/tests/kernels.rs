@@ -139,6 +139,8 @@ fn depthwise_matches_burn_in_value_and_gradient() {
     // MobileNetV2's 3x3 at CIFAR sizes (rows longer than the 16 summing lanes, and shorter),
     // its stride-2 blocks, the supernet's 5x5 and 7x7, no padding, odd and tiny maps.
     depthwise_case([3, 5, 32, 32], 3, 1, 1);
+    // More outputs than `planes::SERIAL_BELOW`: planes in parallel.
+    depthwise_case([4, 6, 32, 32], 3, 1, 1);
     depthwise_case([4, 6, 4, 4], 3, 1, 1);
     depthwise_case([2, 7, 16, 16], 3, 2, 1);
     depthwise_case([2, 3, 9, 7], 3, 2, 1);
@@ -580,13 +582,21 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
 }
 
 /// dnal's 2x2 max-pool against burn's: values and input gradients, bitwise, on even and odd
-/// maps, with ties (a ReLU's zeros: the first input of the window wins) and a NaN.
+/// maps, with ties (a ReLU's zeros: the first input of the window wins) and a NaN; small maps
+/// pooled on the calling thread, a large batch in parallel.
 #[test]
 fn max_pool_matches_burn_with_ties_and_odd_maps() {
     use burn::nn::pool::MaxPool2dConfig;
     let device = train_device();
     let pool = MaxPool2dConfig::new([2, 2]).init();
-    for (shape, seed) in [([3, 5, 8, 8], 31), ([2, 3, 7, 9], 32), ([40, 2, 4, 6], 33)] {
+    // The last shape has more outputs than `planes::SERIAL_BELOW`: the parallel path.
+    let shapes = [
+        ([3, 5, 8, 8], 31),
+        ([2, 3, 7, 9], 32),
+        ([40, 2, 4, 6], 33),
+        ([8, 16, 32, 33], 34),
+    ];
+    for (shape, seed) in shapes {
         // Half the values are zero (after a ReLU), so many windows tie.
         let x = burn::tensor::activation::relu(input(shape, seed, &device));
         let probe = input(

@@ -1,6 +1,6 @@
 //! The 2x2, stride-2 max-pool of a VGG, forward and backward.
 
-use crate::planes::par_planes;
+use crate::planes::{SERIAL_BELOW, par_planes};
 use crate::simd::widest_simd;
 use rayon::prelude::*;
 
@@ -17,6 +17,10 @@ pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, V
     let mut y = vec![0.0f32; planes * out_plane];
     let mut at = vec![0u8; planes * out_plane];
     if out_plane == 0 {
+        return (y, at);
+    }
+    if y.len() < SERIAL_BELOW {
+        widest_simd!(max_pool2x2_planes(x, &mut y, &mut at, [h, w]));
         return (y, at);
     }
     y.par_chunks_mut(POOL_PLANES * out_plane)

@@ -126,35 +126,42 @@ pub(super) fn conv_forward_slices(
     }
     let table = cpu::GatherTable::new(g);
     let lhs = MatRef::row_major(w, co, p);
-    out.par_chunks_mut(per * co * l)
-        .zip(x.par_chunks(per * g.image()))
-        .enumerate()
-        .for_each_init(Scratch::default, |s, (n, (dst, images))| {
-            // Offset of this group in the output (where a residual's values are).
-            let first = n * per * co * l;
-            let count = dst.len() / (co * l);
-            columns_into(images, g, table.as_ref(), &mut s.cols);
-            let cols = MatRef::row_major(&s.cols, p, count * l);
-            if count == 1 {
-                matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
-                if let Some(e) = epilogue {
-                    for (ch, plane) in dst.chunks_mut(l).enumerate() {
-                        e.apply(ch, plane, first + ch * l);
-                    }
-                }
-                return;
-            }
-            s.wide.resize(co * count * l, 0.0);
-            let wide = MatMut::row_major(&mut s.wide, co, count * l);
-            matmul(wide, lhs, cols, false, parallel);
-            for (at, plane) in dst.chunks_mut(l).enumerate() {
-                let (i, ch) = (at / co, at % co);
-                plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
-                if let Some(e) = epilogue {
-                    e.apply(ch, plane, first + at * l);
+    let each = |s: &mut Scratch, (n, (dst, images)): (usize, (&mut [f32], &[f32]))| {
+        // Offset of this group in the output (where a residual's values are).
+        let first = n * per * co * l;
+        let count = dst.len() / (co * l);
+        columns_into(images, g, table.as_ref(), &mut s.cols);
+        let cols = MatRef::row_major(&s.cols, p, count * l);
+        if count == 1 {
+            matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
+            if let Some(e) = epilogue {
+                for (ch, plane) in dst.chunks_mut(l).enumerate() {
+                    e.apply(ch, plane, first + ch * l);
                 }
             }
-        });
+            return;
+        }
+        s.wide.resize(co * count * l, 0.0);
+        let wide = MatMut::row_major(&mut s.wide, co, count * l);
+        matmul(wide, lhs, cols, false, parallel);
+        for (at, plane) in dst.chunks_mut(l).enumerate() {
+            let (i, ch) = (at / co, at % co);
+            plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
+            if let Some(e) = epilogue {
+                e.apply(ch, plane, first + at * l);
+            }
+        }
+    };
+    if groups == 1 {
+        // One group: on this thread (`gemm` splits a large product itself), without a
+        // hand-off to rayon's pool.
+        each(&mut Scratch::default(), (0, (&mut out, x)));
+    } else {
+        out.par_chunks_mut(per * co * l)
+            .zip(x.par_chunks(per * g.image()))
+            .enumerate()
+            .for_each_init(Scratch::default, each);
+    }
     out
 }
 
