@@ -133,9 +133,18 @@ impl DepthwiseGeometry {
     }
 }
 
+/// The forward's per-thread scratch: the phase planes, then the flat outputs, and the geometry
+/// the phase planes were laid out for. Every plane of one geometry writes the same positions
+/// (the input's), so the padding stays zero from one plane to the next and the buffer is
+/// zeroed only when the geometry changes.
+#[derive(Default)]
+struct Scratch {
+    values: Vec<f32>,
+    geometry: Option<DepthwiseGeometry>,
+}
+
 thread_local! {
-    /// The forward's per-thread scratch: the phase planes, then the flat outputs.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// `clamp(conv(x, w) * scale + shift)` per channel, in inference: `x` `[N, C, H, W]`, `w`
@@ -157,9 +166,16 @@ pub fn depthwise_forward_affine(
         let c = i % g.channels;
         let (x, w) = (&x[i * ip..(i + 1) * ip], &w[c * kk..(c + 1) * kk]);
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.resize(phases * layout.len + layout.flat, 0.0);
-            let (planes, flat) = scratch.split_at_mut(phases * layout.len);
+            // The channel count does not change the layout of one plane.
+            let same = DepthwiseGeometry { channels: 0, ..*g };
+            if scratch.geometry != Some(same) {
+                scratch.values.clear();
+                scratch
+                    .values
+                    .resize(phases * layout.len + layout.flat, 0.0);
+                scratch.geometry = Some(same);
+            }
+            let (planes, flat) = scratch.values.split_at_mut(phases * layout.len);
             fill_phases(x, g, &layout, planes);
             forward_flat_widest(planes, w, (scale[c], shift[c]), clamp, &layout, flat);
             let [oh, ow] = g.out_hw();
@@ -182,10 +198,20 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
             planes[start..start + w].copy_from_slice(row);
             continue;
         }
-        for (ix, &v) in row.iter().enumerate() {
-            let px = ix + p;
-            let phase = (py % s) * s + px % s;
-            planes[phase * layout.len + (py / s) * layout.pitch + px / s] = v;
+        // Phase column `b` holds the inputs `ix` with `(ix + p) % s == b`, from column
+        // `(first + p) / s` on.
+        for b in 0..s {
+            let first = (b + s - p % s) % s;
+            if first >= w {
+                continue;
+            }
+            let start = ((py % s) * s + b) * layout.len + (py / s) * layout.pitch + (first + p) / s;
+            for (d, &v) in planes[start..]
+                .iter_mut()
+                .zip(row[first..].iter().step_by(s))
+            {
+                *d = v;
+            }
         }
     }
 }
