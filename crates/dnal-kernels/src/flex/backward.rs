@@ -153,10 +153,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         hi: f32,
     ) -> FloatTensor<Self> {
         let y = Self::dnal_conv2d(x, weight, stride, padding);
-        let c = shift.shape().num_elements();
-        let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
-        let y = Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift));
-        clamp_tensor::<C>(y, Clamp { lo, hi })
+        affine_clamp::<C>(y, scale, shift, Clamp { lo, hi })
     }
 
     /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
@@ -171,10 +168,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         hi: f32,
     ) -> FloatTensor<Self> {
         let y = Self::dnal_depthwise_conv2d(x, weight, stride, padding);
-        let c = shift.shape().num_elements();
-        let per_channel = |t| Self::float_reshape(t, [1, c, 1, 1].into());
-        let y = Self::float_add(Self::float_mul(y, per_channel(scale)), per_channel(shift));
-        clamp_tensor::<C>(y, Clamp { lo, hi })
+        affine_clamp::<C>(y, scale, shift, Clamp { lo, hi })
     }
 
     /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
@@ -307,6 +301,20 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
 }
 
 /// `y` clamped with differentiable operations (unchanged without a clamp).
+/// `clamp(y * scale + shift)` per channel of `y` (`[N, C, H, W]`), in differentiable operations.
+fn affine_clamp<C: CheckpointStrategy>(
+    y: FloatTensor<Autodiff<Flex, C>>,
+    scale: FloatTensor<Autodiff<Flex, C>>,
+    shift: FloatTensor<Autodiff<Flex, C>>,
+    clamp: Clamp,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    type B<C> = Autodiff<Flex, C>;
+    let c = shift.shape().num_elements();
+    let per_channel = |t| B::<C>::float_reshape(t, [1, c, 1, 1].into());
+    let y = B::<C>::float_add(B::<C>::float_mul(y, per_channel(scale)), per_channel(shift));
+    clamp_tensor::<C>(y, clamp)
+}
+
 fn clamp_tensor<C: CheckpointStrategy>(
     y: FloatTensor<Autodiff<Flex, C>>,
     clamp: Clamp,
