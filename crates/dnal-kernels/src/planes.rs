@@ -29,6 +29,23 @@ fn write_plane<I: Iterator<Item = f32>>(dst: &mut [MaybeUninit<f32>], values: I)
 /// MNIST CNN's forward).
 pub const SERIAL_BELOW: usize = 1 << 14;
 
+/// `each(i, plane)` for the planes of `l` values of `dst` (the last may be shorter), in
+/// parallel, or on this thread below [`SERIAL_BELOW`] values; the results in plane order.
+fn map_planes<T, F>(dst: &mut [MaybeUninit<f32>], l: usize, each: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn((usize, &mut [MaybeUninit<f32>])) -> T + Sync,
+{
+    if dst.len() < SERIAL_BELOW {
+        dst.chunks_mut(l.max(1)).enumerate().map(&each).collect()
+    } else {
+        dst.par_chunks_mut(l.max(1))
+            .enumerate()
+            .map(&each)
+            .collect()
+    }
+}
+
 /// `len` values in planes of `l` (the last may be shorter), plane `i` being the first values
 /// of `plane(i)`, computed in parallel (on this thread below [`SERIAL_BELOW`] values). Panics if an iterator yields fewer values than its
 /// plane holds.
@@ -42,12 +59,7 @@ where
         let written = write_plane(dst, plane(i));
         assert_eq!(written, dst.len(), "plane {i} is short of values");
     };
-    let dst = &mut out.spare_capacity_mut()[..len];
-    if len < SERIAL_BELOW {
-        dst.chunks_mut(l.max(1)).enumerate().for_each(each);
-    } else {
-        dst.par_chunks_mut(l.max(1)).enumerate().for_each(each);
-    }
+    map_planes(&mut out.spare_capacity_mut()[..len], l, each);
     // SAFETY: every plane wrote all its values (a short one panicked above, so this line is
     // reached only when all `len` values are initialised).
     unsafe { out.set_len(len) };
@@ -71,12 +83,7 @@ where
             unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
         plane(i, values);
     };
-    let dst = &mut out.spare_capacity_mut()[..len];
-    if len < SERIAL_BELOW {
-        dst.chunks_mut(l.max(1)).enumerate().for_each(each);
-    } else {
-        dst.par_chunks_mut(l.max(1)).enumerate().for_each(each);
-    }
+    map_planes(&mut out.spare_capacity_mut()[..len], l, each);
     // SAFETY: every plane was zeroed above before its kernel ran, so all `len` values are
     // initialised.
     unsafe { out.set_len(len) };
@@ -84,7 +91,8 @@ where
 }
 
 /// [`par_planes`], and for each plane `fold(i, values)` of its values right after they are
-/// written (while they are in cache), in plane order.
+/// written (while they are in cache), in plane order (on this thread below [`SERIAL_BELOW`]
+/// values, like the others).
 pub fn par_planes_fold<I, F, T, G>(len: usize, l: usize, plane: F, fold: G) -> (Vec<f32>, Vec<T>)
 where
     I: Iterator<Item = f32>,
@@ -93,18 +101,13 @@ where
     G: Fn(usize, &[f32]) -> T + Sync,
 {
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let folds = out.spare_capacity_mut()[..len]
-        .par_chunks_mut(l.max(1))
-        .enumerate()
-        .map(|(i, dst)| {
-            let written = write_plane(dst, plane(i));
-            assert_eq!(written, dst.len(), "plane {i} is short of values");
-            // SAFETY: every value of `dst` was written just above (a short plane panicked).
-            let values =
-                unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<f32>(), dst.len()) };
-            crate::simd::widest_simd!(fold(i, values))
-        })
-        .collect();
+    let folds = map_planes(&mut out.spare_capacity_mut()[..len], l, |(i, dst)| {
+        let written = write_plane(dst, plane(i));
+        assert_eq!(written, dst.len(), "plane {i} is short of values");
+        // SAFETY: every value of `dst` was written just above (a short plane panicked).
+        let values = unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<f32>(), dst.len()) };
+        crate::simd::widest_simd!(fold(i, values))
+    });
     // SAFETY: as in `par_planes`: every plane wrote all its values.
     unsafe { out.set_len(len) };
     (out, folds)

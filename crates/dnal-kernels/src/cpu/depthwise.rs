@@ -216,8 +216,8 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
     }
 }
 
-/// [`forward_flat`], in AVX-512 where the CPU has it. (Written with intrinsics: through
-/// `widest_simd!` this loop stayed scalar SSE code, and compiled for AVX-512 it stayed scalar.)
+/// [`forward_flat`], in AVX-512 where the CPU has it. (Written with intrinsics: the plain loop,
+/// compiled for AVX-512, stayed scalar.)
 fn forward_flat_widest(
     planes: &[f32],
     w: &[f32],

@@ -230,13 +230,13 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
             OpsKind::Tracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
                 let g = depthwise_geometry(&x, &weight, stride, padding);
-                let out = depthwise_forward(x.clone(), weight.clone(), &g);
+                let out = depthwise_forward(x.clone(), weight.clone(), &g, None, Clamp::NONE);
                 prep.finish((x, weight, g), out)
             }
             OpsKind::UnTracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
                 let g = depthwise_geometry(&x, &weight, stride, padding);
-                prep.finish(depthwise_forward(x, weight, &g))
+                prep.finish(depthwise_forward(x, weight, &g, None, Clamp::NONE))
             }
         }
     }

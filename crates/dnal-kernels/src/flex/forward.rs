@@ -24,7 +24,7 @@ impl DnalKernels for Flex {
         padding: usize,
     ) -> FlexTensor {
         let g = super::depthwise_geometry(&x, &weight, stride, padding);
-        super::depthwise_forward(x, weight, &g)
+        super::depthwise_forward(x, weight, &g, None, Clamp::NONE)
     }
 
     fn dnal_depthwise_conv2d_affine(
@@ -38,19 +38,8 @@ impl DnalKernels for Flex {
         hi: f32,
     ) -> FlexTensor {
         let g = super::depthwise_geometry(&x, &weight, stride, padding);
-        let (x, weight) = (f32s(&x), f32s(&weight));
         let (scale, shift) = (super::vec_of(&scale), super::vec_of(&shift));
-        let [n, _, _, _] = x.layout().shape().dims();
-        let [oh, ow] = g.out_hw();
-        let y = cpu::depthwise_forward_affine(
-            x.storage::<f32>(),
-            weight.storage::<f32>(),
-            &scale,
-            &shift,
-            Clamp { lo, hi },
-            &g,
-        );
-        tensor(y, &[n, g.channels, oh, ow])
+        super::depthwise_forward(x, weight, &g, Some((&scale, &shift)), Clamp { lo, hi })
     }
 
     fn dnal_conv2d_affine(

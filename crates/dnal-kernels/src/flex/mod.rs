@@ -143,23 +143,27 @@ pub(super) fn depthwise_geometry(
     }
 }
 
-/// The depthwise forward pass on flex tensors: dnal's plane kernel with the identity affine
-/// transform and no clamp (`x * 1 + 0` is exact), which is also the inference forward's.
+/// The depthwise forward pass on flex tensors, dnal's plane kernel: with `affine`
+/// (`(scale, shift)` per channel) and `clamp` applied as each output is stored (inference), or
+/// without (the identity transform: `x * 1 + 0` is exact) for training.
 pub(super) fn depthwise_forward(
     x: FlexTensor,
     weight: FlexTensor,
     g: &crate::cpu::DepthwiseGeometry,
+    affine: Option<(&[f32], &[f32])>,
+    clamp: crate::cpu::Clamp,
 ) -> FlexTensor {
     let (x, weight) = (f32s(&x), f32s(&weight));
     let n = x.layout().shape()[0];
     let [oh, ow] = g.out_hw();
-    let (ones, zeros) = (vec![1.0; g.channels], vec![0.0; g.channels]);
+    let identity = (vec![1.0; g.channels], vec![0.0; g.channels]);
+    let (scale, shift) = affine.unwrap_or((&identity.0, &identity.1));
     let y = crate::cpu::depthwise_forward_affine(
         x.storage::<f32>(),
         weight.storage::<f32>(),
-        &ones,
-        &zeros,
-        crate::cpu::Clamp::NONE,
+        scale,
+        shift,
+        clamp,
         g,
     );
     tensor(y, &[n, g.channels, oh, ow])
