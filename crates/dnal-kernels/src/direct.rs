@@ -7,8 +7,10 @@
 //! vector of 16 consecutive output positions (flattened `oy * W + ox`), patch row
 //! `(c, kh, kw)` is the 16 consecutive input values at the same flattened position shifted by
 //! `(kh - p) * W + (kw - p)`, with the lanes whose input falls outside the image masked off
-//! (a masked load reads nothing there and yields zero). That needs `H * W` to be a multiple of
-//! 16 (32x32 down to 4x4 maps).
+//! (a masked load reads nothing there and yields zero). The forward kernel takes any map: an
+//! image's last vector may be partial (14x14 maps have 196 positions, 12 vectors and 4
+//! lanes), and its lanes past the image are neither read nor stored. The weight-gradient
+//! kernel needs `H * W` to be a multiple of 16 (32x32 down to 4x4 maps).
 //!
 //! * Forward, `Y [Co, L] = W [Co, P] x X_shifted [P, L]`: up to 8 output channels x 2 vectors
 //!   of positions in 16 accumulators (up to 6 x 4 in 24 for narrow blocks), one broadcast
@@ -56,21 +58,27 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether the direct kernels compute convolution `g`: stride 1, output as large as the input,
-/// and maps of a whole number of vectors.
+/// Whether the forward kernel computes convolution `g`: stride 1, output as large as the
+/// input.
+pub fn supports_forward(g: &ConvGeometry) -> bool {
+    g.stride == 1 && g.out_hw() == g.in_hw && g.positions() > 0 && g.patch() > 0
+}
+
+/// Whether the weight-gradient kernel computes convolution `g`: as the forward, on maps of a
+/// whole number of vectors.
 pub fn supports(g: &ConvGeometry) -> bool {
-    g.stride == 1
-        && g.out_hw() == g.in_hw
-        && g.positions().is_multiple_of(LANES)
-        && g.positions() > 0
-        && g.patch() > 0
+    supports_forward(g) && g.positions().is_multiple_of(LANES)
 }
 
 /// Whether the forward kernel should compute `g`: it beats `gemm` up to 128 filters and
 /// loses by 3-14 % at 256 and 512, where `gemm`'s larger tiles reuse more (measured with
-/// batch 128, 3x3 convolutions, on a 2-core AVX-512 machine).
+/// batch 128, 3x3 convolutions, on a 2-core AVX-512 machine). With a partial last vector it
+/// still beats im2col and `gemm` while at least half of an image's lanes are positions (3x3
+/// maps: 9 of 16 lanes, 1.2-1.5x faster; 14x14 and 7x7 up to 64 filters: 1.3-2x; 128
+/// filters on 7x7: 5-10 % slower), and loses by 2-4x on 2x2 and 1x1 maps.
 pub fn takes_forward(g: &ConvGeometry) -> bool {
-    supports(g) && g.out_channels <= 128
+    let lanes = g.positions().div_ceil(LANES) * LANES;
+    supports_forward(g) && g.out_channels <= 128 && 2 * g.positions() >= lanes
 }
 
 /// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
@@ -81,13 +89,17 @@ pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
-/// (kw - p)` and, for each vector of an image, the mask of lanes whose input is inside it.
+/// (kw - p)` and, for each vector of an image, the mask of lanes whose input is inside it
+/// (none past the image's last position).
 struct Taps {
     /// `k * k` offsets.
     offsets: Vec<isize>,
     /// `[vector][tap]` lane masks.
     masks: Vec<u16>,
     taps: usize,
+    /// The lanes of each vector that are positions of the image (all but in a partial last
+    /// vector).
+    lanes: Vec<u16>,
 }
 
 impl Taps {
@@ -101,12 +113,14 @@ impl Taps {
                 offsets.push((kh - p) * w + (kw - p));
             }
         }
-        let vectors = g.positions() / LANES;
+        let vectors = g.positions().div_ceil(LANES);
         let mut masks = vec![0u16; vectors * taps];
+        let mut lanes = vec![0u16; vectors];
         // Position by position (row `y`, column `x`), no divisions.
         let (mut y, mut x) = (0isize, 0isize);
         for at in 0..g.positions() {
             let (v, lane) = (at / LANES, at % LANES);
+            lanes[v] |= 1 << lane;
             for kh in 0..k {
                 let iy = y + kh - p;
                 for kw in 0..k {
@@ -125,6 +139,7 @@ impl Taps {
             offsets,
             masks,
             taps,
+            lanes,
         }
     }
 
@@ -177,9 +192,12 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs `w` (`[Co, P]`, row-major) for geometry `g` (which [`supports`] accepts).
+    /// Packs `w` (`[Co, P]`, row-major) for geometry `g` (which [`supports_forward`] accepts).
     pub fn new(w: &[f32], g: &ConvGeometry) -> Self {
-        assert!(supports(g), "not a convolution the direct kernels compute");
+        assert!(
+            supports_forward(g),
+            "not a convolution the direct kernels compute"
+        );
         let p = g.patch();
         assert_eq!(w.len(), g.out_channels * p, "weights of the wrong size");
         let blocks = channel_blocks(g.out_channels, MAX_CHANNELS);
@@ -209,17 +227,19 @@ impl PackedWeights {
     }
 }
 
-/// One vector of output positions: its image's input, its image's index in the batch and
-/// where it starts in the image.
+/// One vector of output positions: its image's input, its image's index in the batch, where
+/// it starts in the image, its taps' lane masks and its lanes inside the image.
 #[derive(Clone, Copy)]
 struct Vector<'a> {
     image: &'a [f32],
     index: usize,
     at: usize,
     masks: &'a [u16],
+    lanes: u16,
 }
 
-/// The forward convolution of a batch (`x`, `[N, Ci, H, W]`, `g` accepted by [`supports`]),
+/// The forward convolution of a batch (`x`, `[N, Ci, H, W]`, `g` accepted by
+/// [`supports_forward`]),
 /// `per` images per parallel task, with the epilogue applied in the micro-kernel. The output
 /// (`[N, Co, H, W]`) is written once, without being zeroed first.
 pub fn conv_forward(
@@ -284,12 +304,13 @@ fn conv_forward_images(
     let image_len = g.image();
     let images = x.len() / image_len;
     assert_eq!(out.len(), images * co * l, "output of the wrong size");
-    let per_image = l / LANES;
+    let per_image = l.div_ceil(LANES);
     let vector = |v: usize| Vector {
         image: &x[(v / per_image) * image_len..][..image_len],
         index: v / per_image,
         at: (v % per_image) * LANES,
         masks: w.taps.masks(v % per_image),
+        lanes: w.taps.lanes[v % per_image],
     };
     let total = images * per_image;
     // Every vector once, not once per channel block.
@@ -314,6 +335,7 @@ fn conv_forward_images(
             let tile = Tile {
                 out: &mut *out,
                 starts: vectors.map(|p| (p.index * co + first) * l + p.at),
+                lanes: vectors.map(|p| p.lanes),
                 stride: l,
                 count,
                 vectors: step,
@@ -328,12 +350,14 @@ fn conv_forward_images(
     }
 }
 
-/// Where a forward micro-kernel writes: channel `r < count` of vector `h < valid` goes to
-/// `out[starts[h] + r * stride..][..16]`, as `clamp(v * scale[r] + shift[r] + residual[same
-/// place])`; the kernel computes `vectors` (2 or 4) vectors.
+/// Where a forward micro-kernel writes: lane `j` of channel `r < count` of vector `h < valid`
+/// goes to `out[starts[h] + r * stride + j]`, as `clamp(v * scale[r] + shift[r] +
+/// residual[same place])`, for the lanes on in `lanes[h]` (the first few, or all 16); the
+/// kernel computes `vectors` (2 or 4) vectors.
 struct Tile<'a> {
     out: &'a mut [std::mem::MaybeUninit<f32>],
     starts: [usize; TILE_VECTORS],
+    lanes: [u16; TILE_VECTORS],
     stride: usize,
     count: usize,
     vectors: usize,
@@ -359,8 +383,11 @@ fn forward_tile(
     assert!(tile.valid >= 1 && tile.valid <= tile.vectors);
     assert!(tile.scale.len() == tile.count && tile.shift.len() == tile.count);
     assert!(tile.residual.is_none_or(|r| r.len() == tile.out.len()));
-    for start in tile.starts {
-        assert!(start + (tile.count - 1) * tile.stride + LANES <= tile.out.len());
+    for (start, lanes) in tile.starts.iter().zip(tile.lanes) {
+        // The lanes on are the first ones, so the last one on bounds the store.
+        assert!(lanes.trailing_ones() + lanes.leading_zeros() == 16);
+        let width = lanes.trailing_ones() as usize;
+        assert!(start + (tile.count - 1) * tile.stride + width <= tile.out.len());
     }
     macro_rules! dispatch {
         ($(($r:literal, $v:literal))*) => {
@@ -559,15 +586,17 @@ mod avx512 {
             // max/min return their second operand when it is NaN, so NaN passes through.
             for (h, &start) in tile.starts.iter().enumerate().take(tile.valid) {
                 let at = start + r * tile.stride;
+                let lanes: __mmask16 = tile.lanes[h];
                 let mut v = _mm512_fmadd_ps(a[h], m, b);
                 if let Some(res) = tile.residual {
-                    // SAFETY: `residual` is as long as `out` (contract), and `at + 16` is
-                    // inside `out`.
-                    v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(res.as_ptr().add(at)) });
+                    // SAFETY: `residual` is as long as `out` (contract), and the lanes on
+                    // from `at` are inside `out`.
+                    let r = unsafe { _mm512_maskz_loadu_ps(lanes, res.as_ptr().add(at)) };
+                    v = _mm512_add_ps(v, r);
                 }
                 let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-                // SAFETY: inside `tile.out` (contract).
-                unsafe { _mm512_storeu_ps(out.add(at), v) };
+                // SAFETY: the lanes on from `at` are inside `tile.out` (contract).
+                unsafe { _mm512_mask_storeu_ps(out.add(at), lanes, v) };
             }
         }
     }

@@ -20,9 +20,9 @@
 //!   BatchNorm, which flex uses, makes about ten passes with copies for the channel-first
 //!   reductions. Other backends use burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
-//!   engines. Stride-1 "same" convolutions whose maps hold a multiple of 16 positions take
-//!   direct AVX-512 micro-kernels where the CPU has them and they are faster (`direct.rs`:
-//!   no column matrix; the input is read through shifted, masked vector loads). The rest is
+//!   engines. Stride-1 "same" convolutions take direct AVX-512 micro-kernels where the CPU
+//!   has them and they are faster (`direct.rs`: no column matrix; the input is read through
+//!   shifted, masked vector loads). The rest is
 //!   im2col into a buffer that stays in cache and one matrix product per image or group of
 //!   small images (`gemm.rs`, the `gemm` crate flex itself uses), whose `[Co, OH * OW]` result
 //!   is already the image's NCHW output. The weight gradient is summed in a fixed order so that

@@ -104,15 +104,20 @@ fn conv_matches_burn_on_a_larger_batch() {
 }
 
 /// Shapes that take the direct AVX-512 kernels where the CPU has them (stride 1, "same"
-/// padding, maps of a multiple of 16 positions, batches of several groups): odd filter counts
-/// (channel blocks 6 + 6 + 5), odd patch sizes, 4x4 maps whose vectors span images, an odd
-/// number of vectors, 1x1 and 5x5 kernels.
+/// padding, batches of several groups): odd filter counts (channel blocks 6 + 6 + 5), odd
+/// patch sizes, 4x4 maps whose vectors span images, an odd number of vectors, 1x1 and 5x5
+/// kernels, and maps whose last vector is partial (14x14: 12 vectors and 4 lanes; 13x13:
+/// 10 and 9), whose forward takes the kernels and weight gradient `gemm`.
 #[test]
 fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([41, 3, 4, 4], 17, 3, 1, 1);
     conv_case([6, 5, 8, 8], 9, 5, 1, 2);
     conv_case([5, 4, 16, 16], 8, 1, 1, 0);
     conv_case([4, 7, 16, 16], 34, 3, 1, 1);
+    conv_case([5, 6, 14, 14], 17, 3, 1, 1);
+    conv_case([4, 3, 13, 13], 7, 5, 1, 2);
+    conv_case([3, 5, 14, 14], 9, 1, 1, 0);
+    conv_case([1, 7, 14, 14], 35, 3, 1, 1);
     // One image: the direct kernels take it when `gemm` would not split its product.
     conv_case([1, 16, 8, 8], 16, 3, 1, 1);
     conv_case([1, 5, 16, 16], 9, 5, 1, 2);
@@ -402,10 +407,19 @@ fn conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
     let device = Device::flex();
     let c = 6;
     let bn = eval_batch_norm(c, &device);
-    // 9x9 maps take im2col and gemm; 16x16 maps of a batch of 9 the direct kernels, with the
-    // epilogue applied in the micro-kernel.
+    // Strided convolutions and 2x2 maps take im2col and gemm; 16x16 maps of a batch of 9 the
+    // direct kernels, with the epilogue applied in the micro-kernel; 14x14 and 9x9 maps the
+    // direct kernels with a partial last vector.
     // (1, 1, 16, 1): one image, which the direct kernels take when its product is small.
-    for (stride, padding, hw, batch) in [(1, 1, 9, 3), (2, 1, 9, 3), (1, 1, 16, 9), (1, 1, 16, 1)] {
+    for (stride, padding, hw, batch) in [
+        (1, 1, 9, 3),
+        (2, 1, 9, 3),
+        (1, 1, 2, 3),
+        (1, 1, 16, 9),
+        (1, 1, 16, 1),
+        (1, 1, 14, 5),
+        (1, 1, 14, 1),
+    ] {
         let conv = burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
             .with_stride([stride; 2])
             .with_padding(burn::nn::PaddingConfig2d::Explicit(
@@ -502,8 +516,9 @@ fn a_gate_at_beta_alpha_of_1e5_stays_finite_through_the_folded_norm() {
 #[test]
 fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
     let c = 8;
-    // 16x16 maps, batch 9: the direct kernels where the CPU has them; 9x9: im2col and gemm.
-    for (hw, batch) in [(16, 9), (9, 3)] {
+    // 16x16 maps, batch 9: the direct kernels where the CPU has them; 14x14 the same with a
+    // partial last vector (and gemm for the weight gradient); 2x2: im2col and gemm.
+    for (hw, batch) in [(16, 9), (14, 5), (2, 6)] {
         let conv = |device: &Device| {
             burn::nn::conv::Conv2dConfig::new([4, c], [3, 3])
                 .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1))
