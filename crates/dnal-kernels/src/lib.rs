@@ -37,6 +37,7 @@
 
 #[cfg(feature = "mimalloc")]
 pub mod allocator;
+pub mod channels;
 pub mod cpu;
 #[cfg(feature = "flex")]
 mod direct;
@@ -229,6 +230,16 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
     )
 }
 
+/// The global average pool of `x` (`[N, C, H, W]`), as `[N, C]`: the mean of each plane.
+///
+/// One reduction over the last axis of the `[N, C, H * W]` view. burn's adaptive average pool
+/// to 1x1 computes the same, but on flex hands every call to rayon's pool, and at batch 1
+/// waiting for a worker to wake took a fifth of a thin pruned ResNet-56's forward.
+pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
+}
+
 /// `pool.forward(x)`; on flex (f32) a 2x2, stride-2 max-pool without padding or dilation (a
 /// VGG's) is dnal's own, forward and backward (one pass each; burn's generic pooling costs
 /// several times as much).
@@ -266,7 +277,7 @@ pub fn conv_bn(
     act: Activation,
     x: Tensor<4>,
 ) -> Tensor<4> {
-    conv_bn_residual(conv, bn, factor, act, x, None)
+    conv_bn_residual(conv, bn, factor, act, x, Residual::None)
 }
 
 /// `act(batch_norm(bn, factor, conv(x)) + residual)`: the last unit of a residual block, with
@@ -281,7 +292,48 @@ pub fn conv_bn_add(
     x: Tensor<4>,
     residual: Tensor<4>,
 ) -> Tensor<4> {
-    conv_bn_residual(conv, bn, factor, act, x, Some(residual))
+    conv_bn_residual(conv, bn, factor, act, x, Residual::Whole(residual))
+}
+
+/// `act(stream + scatter(batch_norm(bn, factor, conv(x))))`: the last unit of a pruned residual
+/// block, whose output channels are added into the channels `pos` of the residual stream
+/// (`[N, C, H, W]`, [`channels::add_into`]), every channel of the sum then going through the
+/// activation. [`conv_bn_add`] when `pos` is the whole stream in order; in inference on flex,
+/// the convolution as in [`conv_bn`] and then one pass over the stream, instead of the slices,
+/// concatenation or index add and the activation's pass.
+pub fn conv_bn_add_into(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    act: Activation,
+    x: Tensor<4>,
+    stream: Tensor<4>,
+    pos: &[usize],
+) -> Tensor<4> {
+    let residual = if channels::covers(pos, stream.dims()[1]) {
+        Residual::Whole(stream)
+    } else {
+        Residual::Into(stream, pos)
+    };
+    conv_bn_residual(conv, bn, factor, act, x, residual)
+}
+
+/// What a conv -> BN unit adds to its output before the activation.
+enum Residual<'a> {
+    None,
+    /// A tensor shaped like the output.
+    Whole(Tensor<4>),
+    /// A stream into whose channels (the positions) the output is added.
+    Into(Tensor<4>, &'a [usize]),
+}
+
+impl Residual<'_> {
+    fn tensor(&self) -> Option<&Tensor<4>> {
+        match self {
+            Self::None => None,
+            Self::Whole(r) | Self::Into(r, _) => Some(r),
+        }
+    }
 }
 
 fn conv_bn_residual(
@@ -290,64 +342,106 @@ fn conv_bn_residual(
     factor: Option<Tensor<1>>,
     act: Activation,
     x: Tensor<4>,
-    residual: Option<Tensor<4>>,
+    residual: Residual,
 ) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if !x.device().is_autodiff()
+        && takes_fast_path(&x)
+        && conv.weight.dtype() == DType::F32
+        && residual.tensor().is_none_or(|r| r.dtype() == DType::F32)
+    {
+        use burn::backend::Dispatch;
+        use flex::DnalKernels;
+        // Depthwise (without a residual) or a plain convolution dnal computes.
+        let depthwise = matches!(residual, Residual::None)
+            .then(|| depthwise_shape(conv))
+            .flatten();
+        let shape = depthwise
+            .map(|s| (true, s))
+            .or_else(|| fast_conv_shape(conv).map(|s| (false, s)));
+        if let Some((depthwise, (stride, padding))) = shape
+            && let Some((scale, shift)) = folded_running_affine(bn, factor.clone(), &x.device())
+        {
+            let Clamp { lo, hi } = act.clamp();
+            let (x, w) = (x.into_dispatch(), conv.weight.val().into_dispatch());
+            let (scale, shift) = (scale.into_dispatch(), shift.into_dispatch());
+            return Tensor::from_dispatch(match residual {
+                Residual::None if depthwise => {
+                    <Dispatch as DnalKernels>::dnal_depthwise_conv2d_affine(
+                        x, w, scale, shift, stride, padding, lo, hi,
+                    )
+                }
+                Residual::None => <Dispatch as DnalKernels>::dnal_conv2d_affine(
+                    x, w, scale, shift, stride, padding, lo, hi,
+                ),
+                Residual::Into(s, pos) => <Dispatch as DnalKernels>::dnal_conv2d_affine_add_into(
+                    x,
+                    w,
+                    scale,
+                    shift,
+                    s.into_dispatch(),
+                    pos.to_vec(),
+                    stride,
+                    padding,
+                    lo,
+                    hi,
+                ),
+                Residual::Whole(r) => <Dispatch as DnalKernels>::dnal_conv2d_affine_add(
+                    x,
+                    w,
+                    scale,
+                    shift,
+                    r.into_dispatch(),
+                    stride,
+                    padding,
+                    lo,
+                    hi,
+                ),
+            });
+        }
+    }
     let (a, b) = affine(bn, factor);
-    #[cfg(feature = "flex")]
-    if !x.device().is_autodiff()
-        && takes_fast_path(&x)
-        && conv.weight.dtype() == DType::F32
-        && a.dtype() == DType::F32
-        && residual.is_none()
-        && let Some((stride, padding)) = depthwise_shape(conv)
-    {
-        use burn::backend::Dispatch;
-        use flex::DnalKernels;
-        let (scale, shift) = running_affine(bn, a, b, &x.device());
-        let Clamp { lo, hi } = act.clamp();
-        return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_depthwise_conv2d_affine(
-            x.into_dispatch(),
-            conv.weight.val().into_dispatch(),
-            scale.into_dispatch(),
-            shift.into_dispatch(),
-            stride,
-            padding,
-            lo,
-            hi,
-        ));
+    let y = conv_forward(conv, x);
+    match residual {
+        Residual::None => batch_norm_affine(bn, a, b, act, y, None),
+        Residual::Whole(r) => batch_norm_affine(bn, a, b, act, y, Some(r)),
+        Residual::Into(s, pos) => {
+            let y = batch_norm_affine(bn, a, b, Activation::Identity, y, None);
+            act.apply(channels::add_into(s, pos, y))
+        }
     }
-    #[cfg(feature = "flex")]
-    if !x.device().is_autodiff()
-        && takes_fast_path(&x)
-        && conv.weight.dtype() == DType::F32
-        && a.dtype() == DType::F32
-        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
-        && let Some((stride, padding)) = fast_conv_shape(conv)
+}
+
+/// `(scale, shift)` of BatchNorm's inference transform with `factor` folded in, the running
+/// statistics folded by one flex operation; `None` where BatchNorm's tensors are not all f32.
+#[cfg(feature = "flex")]
+fn folded_running_affine(
+    bn: &BatchNorm,
+    factor: Option<Tensor<1>>,
+    device: &Device,
+) -> Option<(Tensor<1>, Tensor<1>)> {
+    use burn::backend::Dispatch;
+    use flex::DnalKernels;
+    let (a, b) = affine(bn, factor);
+    let mean = bn.running_mean.value().to_device(device);
+    let var = bn.running_var.value().to_device(device);
+    if [&a, &b, &mean, &var]
+        .iter()
+        .any(|t| t.dtype() != DType::F32)
     {
-        use burn::backend::Dispatch;
-        use flex::DnalKernels;
-        let (scale, shift) = running_affine(bn, a, b, &x.device());
-        let Clamp { lo, hi } = act.clamp();
-        let (x, w) = (x.into_dispatch(), conv.weight.val().into_dispatch());
-        let (scale, shift) = (scale.into_dispatch(), shift.into_dispatch());
-        return Tensor::from_dispatch(match residual {
-            None => <Dispatch as DnalKernels>::dnal_conv2d_affine(
-                x, w, scale, shift, stride, padding, lo, hi,
-            ),
-            Some(r) => <Dispatch as DnalKernels>::dnal_conv2d_affine_add(
-                x,
-                w,
-                scale,
-                shift,
-                r.into_dispatch(),
-                stride,
-                padding,
-                lo,
-                hi,
-            ),
-        });
+        return None;
     }
-    batch_norm_affine(bn, a, b, act, conv_forward(conv, x), residual)
+    let out = <Dispatch as DnalKernels>::dnal_fold_batch_norm(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        mean.into_dispatch(),
+        var.into_dispatch(),
+        bn.epsilon,
+    );
+    Some((
+        Tensor::from_dispatch(out.scale),
+        Tensor::from_dispatch(out.shift),
+    ))
 }
 
 /// `act(bn(x) * factor)`: BatchNorm followed by a per-channel `factor` (a channel gate's,

@@ -596,6 +596,146 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
     }
 }
 
+/// A pruned residual block's last unit added into some channels of a wider stream,
+/// `act(stream + scatter(gate(bn(conv(x)))))`, against burn's operations one by one (an index
+/// add): in inference on flex (the fused pass) and in training (values and the gradients of the
+/// input, the stream and gamma), for a run of channels, scattered channels and the whole stream.
+#[test]
+fn conv_bn_add_into_matches_burn_then_the_index_add_then_relu() {
+    let (ci, width, hw) = (3, 8, 8);
+    let reference = |conv: &burn::nn::conv::Conv2d,
+                     bn: &burn::nn::BatchNorm,
+                     g: &dnal_core::ChannelGate,
+                     act: Activation,
+                     x: Tensor<4>,
+                     stream: Tensor<4>,
+                     pos: &[usize]| {
+        let y = g.forward(bn.forward(conv.forward(x)));
+        let at = dnal_kernels::channels::indices(pos, &y.device());
+        act.apply(stream.select_assign(1, at, y, burn::tensor::IndexingUpdateOp::Add))
+    };
+    for pos in [vec![2, 3, 4], vec![0, 3, 5, 6], (0..width).collect()] {
+        let k = pos.len();
+        let conv = |device: &Device| {
+            burn::nn::conv::Conv2dConfig::new([ci, k], [3, 3])
+                .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        // Inference, batch 1 and 5 (the direct kernels where the CPU has them).
+        let device = Device::flex();
+        let (conv_eval, bn) = (conv(&device), eval_batch_norm(k, &device));
+        for batch in [1, 5] {
+            let x = input([batch, ci, hw, hw], 41, &device);
+            let stream = input([batch, width, hw, hw], 42, &device);
+            for (mode, act) in [
+                (GateMode::Bypass, Activation::Relu),
+                (GateMode::Search, Activation::Relu6),
+                (GateMode::Masked, Activation::Identity),
+            ] {
+                let g = gate(k, mode, &device);
+                let fused = dnal_kernels::conv_bn_add_into(
+                    &conv_eval,
+                    &bn,
+                    g.factor(),
+                    act,
+                    x.clone() * 3.0,
+                    stream.clone(),
+                    &pos,
+                );
+                let expected = reference(
+                    &conv_eval,
+                    &bn,
+                    &g,
+                    act,
+                    x.clone() * 3.0,
+                    stream.clone(),
+                    &pos,
+                );
+                assert_close(
+                    &format!("conv-bn-add-into eval {pos:?} batch {batch} {mode:?} {act:?}"),
+                    fused,
+                    expected,
+                    1e-5,
+                );
+            }
+        }
+        // Training.
+        let device = train_device();
+        let conv_train = conv(&device);
+        let x = input([4, ci, hw, hw], 43, &device);
+        let stream = input([4, width, hw, hw], 44, &device);
+        let probe = input([4, width, hw, hw], 45, &device);
+        let run = |fused: bool| {
+            let bn = BatchNormConfig::new(k).init(&device);
+            let g = gate(k, GateMode::Search, &device);
+            let (x, s) = (
+                x.clone().detach().require_grad(),
+                stream.clone().detach().require_grad(),
+            );
+            let y = if fused {
+                let f = g.factor();
+                dnal_kernels::conv_bn_add_into(
+                    &conv_train,
+                    &bn,
+                    f,
+                    Activation::Relu,
+                    x.clone(),
+                    s.clone(),
+                    &pos,
+                )
+            } else {
+                reference(
+                    &conv_train,
+                    &bn,
+                    &g,
+                    Activation::Relu,
+                    x.clone(),
+                    s.clone(),
+                    &pos,
+                )
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                s.grad(&grads).unwrap(),
+                bn.gamma.grad(&grads).unwrap(),
+            )
+        };
+        let (f, b) = (run(true), run(false));
+        let what = format!("conv-bn-add-into train {pos:?}");
+        assert_close(&format!("{what} output"), f.0, b.0, 1e-4);
+        assert_close(&format!("{what} input grad"), f.1, b.1, 1e-3);
+        assert_close(&format!("{what} stream grad"), f.2, b.2, 1e-5);
+        assert_close(&format!("{what} gamma grad"), f.3, b.3, 1e-4);
+    }
+}
+
+/// The global average pool against burn's adaptive average pool to 1x1: values and input
+/// gradients.
+#[test]
+fn global_avg_pool_matches_burn_adaptive_avg_pool() {
+    let device = train_device();
+    for shape in [[1, 5, 8, 8], [3, 4, 7, 7], [2, 3, 1, 1]] {
+        let x = input(shape, 51, &device);
+        let run = |ours: bool| {
+            let x = x.clone().detach().require_grad();
+            let y: Tensor<2> = if ours {
+                dnal_kernels::global_avg_pool(x.clone())
+            } else {
+                burn::tensor::module::adaptive_avg_pool2d(x.clone(), [1, 1]).flatten(1, 3)
+            };
+            let probe = input([shape[0], shape[1], 1, 1], 52, &device).flatten(1, 3);
+            let grads = (y.clone() * probe).sum().backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let (ours, burn) = (run(true), run(false));
+        assert_close(&format!("global pool {shape:?}"), ours.0, burn.0, 1e-6);
+        assert_close(&format!("global pool grad {shape:?}"), ours.1, burn.1, 1e-7);
+    }
+}
+
 /// dnal's 2x2 max-pool against burn's: values and input gradients, bitwise, on even and odd
 /// maps, with ties (a ReLU's zeros: the first input of the window wins) and a NaN; small maps
 /// pooled on the calling thread, a large batch in parallel.

@@ -8,7 +8,7 @@
 //! The stem gate prunes the stem and the inputs of the first block's conv1 and shortcut.
 
 use burn::nn::PaddingConfig2d;
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -21,7 +21,6 @@ use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig};
 use crate::network::{Counting, Network};
 use crate::pretrained::{KeyRules, Rename};
-use crate::stream::{add_into, covers};
 
 /// Widths of one bottleneck block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,7 +207,6 @@ impl BottleneckResNetConfig {
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init(),
             blocks,
-            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             classifier: LinearConfig::new(self.stream_width(3), self.num_classes).init(device),
             config: self.clone(),
         })
@@ -243,7 +241,6 @@ pub struct BottleneckResNet {
     pool: MaxPool2d,
     /// The blocks.
     pub blocks: Vec<Bottleneck>,
-    gap: AdaptiveAvgPool2d,
     /// Final linear layer.
     pub classifier: Linear,
     #[module(skip)]
@@ -265,16 +262,13 @@ impl BottleneckResNet {
                 Some(b) => {
                     let h = b.conv1.forward_act(x, Activation::Relu);
                     let h = b.conv2.forward_act(h, Activation::Relu);
-                    if covers(&widths.out, base.dims()[1]) {
-                        b.conv3.forward_add(h, base, Activation::Relu)
-                    } else {
-                        relu(add_into(base, &widths.out, b.conv3.forward(h)))
-                    }
+                    b.conv3
+                        .forward_add_into(h, base, &widths.out, Activation::Relu)
                 }
                 None => relu(base),
             };
         }
-        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        let x = dnal_kernels::global_avg_pool(x);
         self.classifier.forward(x)
     }
 

@@ -167,6 +167,19 @@ impl ConvBnGate {
         dnal_kernels::conv_bn_add(&self.conv, &self.bn, self.gate.factor(), act, x, residual)
     }
 
+    /// `act(stream + scatter(unit(x)))`: the unit's output added into the channels `pos` of a
+    /// residual stream (every channel of the sum through `act`; `dnal_kernels::conv_bn_add_into`).
+    pub fn forward_add_into(
+        &self,
+        x: Tensor<4>,
+        stream: Tensor<4>,
+        pos: &[usize],
+        act: Activation,
+    ) -> Tensor<4> {
+        let factor = self.gate.factor();
+        dnal_kernels::conv_bn_add_into(&self.conv, &self.bn, factor, act, x, stream, pos)
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.conv.weight.dims()[0]
@@ -201,11 +214,7 @@ impl ConvBnGate {
     }
 }
 
-/// Index tensor of `keep`.
-pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
-    let v: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
-    Tensor::from_data(TensorData::new(v, [keep.len()]), device)
-}
+pub use dnal_kernels::channels::indices;
 
 /// Replaces a parameter's tensor by a slice of it, keeping its id and trainability; the slice
 /// is a new leaf, not a node of the old tensor's autodiff graph.

@@ -11,7 +11,6 @@
 //! block whose projection gate closes is removed. ImageNet's dropout before the classifier is
 //! omitted (it has no parameters and no MACs).
 
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
@@ -377,7 +376,6 @@ impl MobileNetV2Config {
             last: ConvBnGateConfig::new(last_in, self.last_width)
                 .with_kernel(1)
                 .init(device),
-            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             classifier: LinearConfig::new(self.last_width, self.num_classes).init(device),
             config: self.clone(),
         })
@@ -402,7 +400,6 @@ pub struct MobileNetV2 {
     pub blocks: Vec<MbBlock>,
     /// Final 1x1 conv + BN + gate.
     pub last: ConvBnGate,
-    gap: AdaptiveAvgPool2d,
     /// Final linear layer.
     pub classifier: Linear,
     #[module(skip)]
@@ -453,7 +450,7 @@ impl MobileNetV2 {
             };
         }
         let x = self.last.forward_act(x, Activation::Relu6);
-        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        let x = dnal_kernels::global_avg_pool(x);
         self.classifier.forward(x)
     }
 

@@ -3,7 +3,7 @@
 //! one network.
 
 use burn::module::ParamGroup;
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -157,7 +157,6 @@ impl PlainCnnConfig {
         Ok(PlainCnn {
             convs,
             pool: MaxPool2dConfig::new([2, 2]).init(),
-            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             hidden,
             classifier: LinearConfig::new(features, self.num_classes).init(device),
             config: self.clone(),
@@ -181,7 +180,6 @@ pub struct PlainCnn {
     /// The gated conv units.
     pub convs: Vec<ConvBnGate>,
     pool: MaxPool2d,
-    gap: AdaptiveAvgPool2d,
     /// Hidden classifier layers.
     pub hidden: Vec<Hidden>,
     /// Final linear layer.
@@ -200,10 +198,11 @@ impl PlainCnn {
                 x = dnal_kernels::max_pool2d(&self.pool, x);
             }
         }
-        if self.config.global_pool {
-            x = self.gap.forward(x);
-        }
-        let mut x: Tensor<2> = x.flatten(1, 3);
+        let mut x: Tensor<2> = if self.config.global_pool {
+            dnal_kernels::global_avg_pool(x)
+        } else {
+            x.flatten(1, 3)
+        };
         for h in &self.hidden {
             let y = h.linear.forward(x);
             x = relu(match &h.bn {

@@ -10,10 +10,8 @@
 //! output gate closes completely is removed with both its convs. The pruned network is the same
 //! type, built from a config that records the kept stream positions.
 
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use burn::tensor::s;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use dnal_kernels::Activation;
@@ -23,7 +21,7 @@ use crate::error::{Result, ZooError};
 use crate::graph::{Graph, Place};
 use crate::layers::{ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::network::Network;
-use crate::stream::{add_into, block_input, covers, kept_positions, positions, union, widen};
+use crate::stream::{block_input, kept_positions, positions, union, widen};
 
 /// Widths of one residual block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +183,6 @@ impl CifarResNetConfig {
         Ok(CifarResNet {
             stem,
             blocks,
-            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             classifier: LinearConfig::new(last, self.num_classes).init(device),
             config: self.clone(),
         })
@@ -208,7 +205,6 @@ pub struct CifarResNet {
     pub stem: ConvBnGate,
     /// Residual branches (`None`: a removed block).
     pub blocks: Vec<Option<Branch>>,
-    gap: AdaptiveAvgPool2d,
     /// Final linear layer.
     pub classifier: Linear,
     #[module(skip)]
@@ -235,14 +231,10 @@ impl CifarResNet {
             if let Some(b) = block {
                 let h = b.conv1.forward_act(input, Activation::Relu);
                 let pos = positions(&streams[s], &widths.out);
-                x = if covers(&pos, streams[s].len()) {
-                    b.conv2.forward_add(h, x, Activation::Relu)
-                } else {
-                    relu(add_into(x, &pos, b.conv2.forward(h)))
-                };
+                x = b.conv2.forward_add_into(h, x, &pos, Activation::Relu);
             }
         }
-        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        let x = dnal_kernels::global_avg_pool(x);
         self.classifier.forward(x)
     }
 

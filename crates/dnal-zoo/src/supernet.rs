@@ -11,7 +11,6 @@
 //! output: [`Network::derive`] reopens the strongest projection channel of such a block if all
 //! of its candidates closed.
 
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use dnal_core::{
@@ -331,7 +330,6 @@ impl SuperNetConfig {
             last: ConvBnGateConfig::new(last_in, self.last_width)
                 .with_kernel(1)
                 .init(device),
-            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             classifier: LinearConfig::new(self.last_width, self.num_classes).init(device),
             config: self.clone(),
         })
@@ -357,7 +355,6 @@ pub struct SuperNet {
     pub blocks: Vec<MixedBlock>,
     /// Final 1x1 conv + BN + gate.
     pub last: ConvBnGate,
-    gap: AdaptiveAvgPool2d,
     /// Final linear layer.
     pub classifier: Linear,
     #[module(skip)]
@@ -397,7 +394,7 @@ impl SuperNet {
             x = out;
         }
         let x = self.last.forward_act(x, Activation::Relu6);
-        let x: Tensor<2> = self.gap.forward(x).flatten(1, 3);
+        let x = dnal_kernels::global_avg_pool(x);
         self.classifier.forward(x)
     }
 

@@ -48,7 +48,7 @@ impl Epilogue<'_> {
 
 /// The shape of one 2-D convolution: square kernel, equal stride and padding on both axes,
 /// no dilation, one group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvGeometry {
     /// Input channels.
     pub in_channels: usize,

@@ -4,7 +4,7 @@
 use super::conv::{conv_backward, conv_forward, geometry};
 use super::forward::max_pool_forward;
 use super::norm::{NormState, norm_forward, norm_grads};
-use super::{DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, tensor};
+use super::{Affine, DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, tensor};
 use crate::cpu::{self, Clamp, ConvGeometry, DepthwiseGeometry};
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -12,9 +12,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Flex};
+use burn::tensor::{IndexingUpdateOp, TensorData};
 
 #[derive(Debug)]
 struct ConvBackward;
@@ -141,6 +142,23 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         }
     }
 
+    /// Composed of differentiable operations, one by one.
+    fn dnal_fold_batch_norm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> Affine<Self> {
+        let inv_std = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
+            var,
+            epsilon.into(),
+        )));
+        let scale = Self::float_mul(a, inv_std);
+        let shift = Self::float_sub(b, Self::float_mul(mean, scale.clone()));
+        Affine { scale, shift }
+    }
+
     /// Composed of differentiable operations: the convolution, the affine transform, the clamp.
     fn dnal_conv2d_affine(
         x: FloatTensor<Self>,
@@ -169,6 +187,30 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let y = Self::dnal_depthwise_conv2d(x, weight, stride, padding);
         affine_clamp::<C>(y, scale, shift, Clamp { lo, hi })
+    }
+
+    /// Composed of differentiable operations: the convolution and affine transform, an index
+    /// add, the clamp.
+    fn dnal_conv2d_affine_add_into(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        channels: Vec<usize>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FloatTensor<Self> {
+        let none = Clamp::NONE;
+        let y =
+            Self::dnal_conv2d_affine(x, weight, scale, shift, stride, padding, none.lo, none.hi);
+        let device = stream.device();
+        let at: Vec<i64> = channels.iter().map(|&c| c as i64).collect();
+        let at = Self::int_from_data(TensorData::new(at, [channels.len()]), &device);
+        let sum = Self::float_select_assign(stream, 1, at, y, IndexingUpdateOp::Add);
+        clamp_tensor::<C>(sum, Clamp { lo, hi })
     }
 
     /// Composed of differentiable operations, as [`Self::dnal_conv2d_affine`].
@@ -300,7 +342,6 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
     }
 }
 
-/// `y` clamped with differentiable operations (unchanged without a clamp).
 /// `clamp(y * scale + shift)` per channel of `y` (`[N, C, H, W]`), in differentiable operations.
 fn affine_clamp<C: CheckpointStrategy>(
     y: FloatTensor<Autodiff<Flex, C>>,
@@ -315,6 +356,7 @@ fn affine_clamp<C: CheckpointStrategy>(
     clamp_tensor::<C>(y, clamp)
 }
 
+/// `y` clamped with differentiable operations (unchanged without a clamp).
 fn clamp_tensor<C: CheckpointStrategy>(
     y: FloatTensor<Autodiff<Flex, C>>,
     clamp: Clamp,

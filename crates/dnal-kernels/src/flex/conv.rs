@@ -117,6 +117,13 @@ pub(super) fn conv_forward_slices(
     // one thread beat im2col + `gemm` on one thread (no column matrix to build).
     let direct = direct_path(groups) || (groups == 1 && !parallel && direct_usable());
     if batch * co * l > 0 && direct && direct::takes_forward(g) {
+        // One group (batch 1, inference): the packing would cost as much as a thin layer's
+        // convolution, so it is kept between calls. Larger batches amortise it, and training
+        // changes the weights every step.
+        if groups == 1 {
+            let w = direct::PackedWeights::shared(w, g);
+            return direct::conv_forward(x, &w, g, per, epilogue);
+        }
         let w = direct::PackedWeights::new(w, g);
         return direct::conv_forward(x, &w, g, per, epilogue);
     }
@@ -312,6 +319,46 @@ pub(super) fn conv_backward(
         tensor(dx, &[batch, g.in_channels, g.in_hw[0], g.in_hw[1]])
     });
     (dx, dw)
+}
+
+/// `clamp(stream + y)` with `y` (`[N, k, H, W]`) added into the channels `channels` of `stream`
+/// (`[N, C, H, W]`), plane by plane.
+pub(super) fn conv_affine_add_into(
+    y: &FlexTensor,
+    stream: &FlexTensor,
+    channels: &[usize],
+    clamp: Clamp,
+) -> FlexTensor {
+    let (y, stream) = (f32s(y), f32s(stream));
+    let shape = stream.layout().shape().to_vec();
+    let [n, c, h, w]: [usize; 4] = shape[..].try_into().expect("a stream [N, C, H, W]");
+    let k = channels.len();
+    assert_eq!(
+        y.layout().shape()[..],
+        [n, k, h, w],
+        "one output channel per stream channel it is added into"
+    );
+    // The output channel added into each stream channel, if any.
+    let mut source = vec![None; c];
+    for (r, &ch) in channels.iter().enumerate() {
+        assert!(
+            ch < c && source[ch].is_none(),
+            "channels inside the stream, once each"
+        );
+        source[ch] = Some(r);
+    }
+    let (yv, sv) = (y.storage::<f32>(), stream.storage::<f32>());
+    let l = h * w;
+    let out = crate::planes::par_planes(n * c * l, l, |i| {
+        let (image, ch) = (i / c.max(1), i % c.max(1));
+        let plane = &sv[i * l..][..l];
+        let added = source[ch].map(|r| &yv[(image * k + r) * l..][..l]);
+        plane
+            .iter()
+            .enumerate()
+            .map(move |(j, &v)| clamp.apply(added.map_or(v, |a| v + a[j])))
+    });
+    tensor(out, &shape)
 }
 
 /// The inference convolution with BatchNorm, an optional residual and the clamp applied as

@@ -1,9 +1,9 @@
 //! [`DnalKernels`] on flex itself: the forward passes only (inference, or an untracked
 //! autodiff operation).
 
-use super::conv::{conv_affine, conv_forward};
+use super::conv::{conv_affine, conv_affine_add_into, conv_forward};
 use super::norm::norm_forward;
-use super::{DnalKernels, NormOutput, f32s, tensor};
+use super::{Affine, DnalKernels, NormOutput, f32s, tensor};
 use crate::cpu::{self, Clamp};
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -15,6 +15,33 @@ impl DnalKernels for Flex {
 
     fn dnal_max_pool2x2(x: FlexTensor) -> FlexTensor {
         max_pool_forward(&x).0
+    }
+
+    fn dnal_fold_batch_norm(
+        a: FlexTensor,
+        b: FlexTensor,
+        mean: FlexTensor,
+        var: FlexTensor,
+        epsilon: f64,
+    ) -> Affine<Flex> {
+        let parts = [a, b, mean, var].map(|t| f32s(&t));
+        let [a, b, mean, var] = parts.each_ref().map(|t| t.storage::<f32>());
+        let c = a.len();
+        assert!(
+            [b, mean, var].iter().all(|t| t.len() == c),
+            "BatchNorm parameters of different lengths"
+        );
+        let eps = epsilon as f32;
+        let (mut scale, mut shift) = (Vec::with_capacity(c), Vec::with_capacity(c));
+        for i in 0..c {
+            let s = a[i] * (1.0 / (var[i] + eps).sqrt());
+            scale.push(s);
+            shift.push(b[i] - mean[i] * s);
+        }
+        Affine {
+            scale: tensor(scale, &[c]),
+            shift: tensor(shift, &[c]),
+        }
     }
 
     fn dnal_depthwise_conv2d(
@@ -84,6 +111,30 @@ impl DnalKernels for Flex {
             padding,
             clamp,
         )
+    }
+
+    fn dnal_conv2d_affine_add_into(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        stream: FlexTensor,
+        channels: Vec<usize>,
+        stride: usize,
+        padding: usize,
+        lo: f32,
+        hi: f32,
+    ) -> FlexTensor {
+        let y = conv_affine(
+            x,
+            weight,
+            (scale, shift),
+            None,
+            stride,
+            padding,
+            Clamp::NONE,
+        );
+        conv_affine_add_into(&y, &stream, &channels, Clamp { lo, hi })
     }
 
     fn dnal_batch_norm_train(
