@@ -47,8 +47,8 @@ where
 }
 
 /// `len` values in planes of `l` (the last may be shorter), plane `i` being the first values
-/// of `plane(i)`, computed in parallel (on this thread below [`SERIAL_BELOW`] values). Panics if an iterator yields fewer values than its
-/// plane holds.
+/// of `plane(i)`, computed in parallel (on this thread below [`SERIAL_BELOW`] values). Panics
+/// if an iterator yields fewer values than its plane holds.
 pub fn par_planes<I, F>(len: usize, l: usize, plane: F) -> Vec<f32>
 where
     I: Iterator<Item = f32>,
@@ -67,8 +67,9 @@ where
 }
 
 /// `len` values in planes of `l` (the last may be shorter), computed in parallel (on this thread
-/// below [`SERIAL_BELOW`] values) by `plane(i, values)`, which finds plane `i` zeroed: each plane is zeroed just before its
-/// kernel runs, while it is in cache, rather than the whole buffer in a pass of its own.
+/// below [`SERIAL_BELOW`] values) by `plane(i, values)`, which finds plane `i` zeroed: each
+/// plane is zeroed just before its kernel runs, while it is in cache, rather than the whole
+/// buffer in a pass of its own.
 pub fn par_planes_zeroed<F>(len: usize, l: usize, plane: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync,

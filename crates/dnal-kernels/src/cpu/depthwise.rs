@@ -8,9 +8,9 @@
 //! 4x4 or 8x8 map the vector lanes span several rows instead of idling past the row's end. The
 //! columns past each output row's end are computed and dropped.
 //!
-//! The backward passes are written as row operations: an input-gradient row gains `w * (output-gradient row)`
-//! for each filter tap, and a weight-gradient tap is a sum of row dot products, so the inner
-//! loops run over contiguous slices (with stride 1) and vectorize. Each value is summed in one
+//! The backward passes are written as row operations: an input-gradient row gains
+//! `w * (output-gradient row)` for each filter tap, and a weight-gradient tap is a sum of row
+//! dot products, so the inner loops run over contiguous slices (with stride 1) and vectorize. Each value is summed in one
 //! fixed order (taps row by row; images in order for the weight gradient), whatever the number
 //! of threads.
 
