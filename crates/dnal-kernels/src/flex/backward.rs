@@ -203,9 +203,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         lo: f32,
         hi: f32,
     ) -> FloatTensor<Self> {
-        let none = Clamp::NONE;
-        let y =
-            Self::dnal_conv2d_affine(x, weight, scale, shift, stride, padding, none.lo, none.hi);
+        let y = unclamped_conv_affine::<C>(x, weight, [scale, shift], stride, padding);
         let device = stream.device();
         let at: Vec<i64> = channels.iter().map(|&c| c as i64).collect();
         let at = Self::int_from_data(TensorData::new(at, [channels.len()]), &device);
@@ -225,9 +223,7 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
         lo: f32,
         hi: f32,
     ) -> FloatTensor<Self> {
-        let none = Clamp::NONE;
-        let y =
-            Self::dnal_conv2d_affine(x, weight, scale, shift, stride, padding, none.lo, none.hi);
+        let y = unclamped_conv_affine::<C>(x, weight, [scale, shift], stride, padding);
         clamp_tensor::<C>(Self::float_add(y, residual), Clamp { lo, hi })
     }
 
@@ -340,6 +336,18 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
             }
         }
     }
+}
+
+/// The convolution with the per-channel affine transform and no clamp, tracked.
+fn unclamped_conv_affine<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    weight: FloatTensor<Autodiff<Flex, C>>,
+    [scale, shift]: [FloatTensor<Autodiff<Flex, C>>; 2],
+    stride: usize,
+    padding: usize,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let Clamp { lo, hi } = Clamp::NONE;
+    Autodiff::<Flex, C>::dnal_conv2d_affine(x, weight, scale, shift, stride, padding, lo, hi)
 }
 
 /// `clamp(y * scale + shift)` per channel of `y` (`[N, C, H, W]`), in differentiable operations.
