@@ -68,12 +68,23 @@ impl MbConv {
     /// `project(relu6(depthwise(relu6(expand(x)))))`; without an expansion, `x` holds the
     /// depthwise channels.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.project.forward(self.hidden(x))
+    }
+
+    /// `stream + scatter(unit(x))`: the unit's output added into the channels `pos` of a
+    /// residual stream, the add fused with the projection (`ConvBnGate::forward_add_into`).
+    pub fn forward_add_into(&self, x: Tensor<4>, stream: Tensor<4>, pos: &[usize]) -> Tensor<4> {
+        self.project
+            .forward_add_into(self.hidden(x), stream, pos, Activation::Identity)
+    }
+
+    /// The depthwise layer's output, the projection's input.
+    fn hidden(&self, x: Tensor<4>) -> Tensor<4> {
         let h = match &self.expand {
             Some(e) => e.forward_act(x, Activation::Relu6),
             None => x,
         };
-        self.project
-            .forward(self.depthwise.forward_act(h, Activation::Relu6))
+        self.depthwise.forward_act(h, Activation::Relu6)
     }
 
     /// Adds the unit's layers to `cost`: the expansion (named `expand`) reading `input`

@@ -23,7 +23,7 @@ use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::{Counting, Network};
 use crate::pretrained::{KeyRules, Rename};
-use crate::stream::{add_into, block_input, kept_positions, positions, scatter, union, widen};
+use crate::stream::{block_input, kept_positions, positions, scatter, union, widen};
 
 /// Widths of one inverted-residual block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,20 +414,24 @@ impl MobileNetV2 {
         let mut x = self.stem.forward_act(x, Activation::Relu6);
         for ((block, (s, first)), widths) in self.blocks.iter().zip(cfg.layout()).zip(&cfg.blocks) {
             let input = x.clone();
+            // The branch and what it reads.
             let branch = block.branch.as_ref().map(|b| {
                 if b.expand.is_some() {
-                    return b.forward(input.clone());
+                    return (b, input.clone());
                 }
                 let taps = positions(&stem_stream, &widths.taps);
-                b.forward(if taps.len() == stem_stream.len() {
-                    input.clone()
+                if taps.len() == stem_stream.len() {
+                    (b, input.clone())
                 } else {
-                    input.clone().select(1, indices(&taps, &input.device()))
-                })
+                    (b, input.clone().select(1, indices(&taps, &input.device())))
+                }
             });
             let pos = positions(&streams[s], &widths.out);
             x = match cfg.join(s, first) {
-                Join::Replace => scatter(streams[s].len(), &pos, branch.expect("validated")),
+                Join::Replace => {
+                    let (b, h) = branch.expect("validated");
+                    scatter(streams[s].len(), &pos, b.forward(h))
+                }
                 Join::Identity => {
                     let base = if first && s > 0 {
                         // The stream widens to this stage's union.
@@ -436,14 +440,14 @@ impl MobileNetV2 {
                         input
                     };
                     match branch {
-                        Some(o) => add_into(base, &pos, o),
+                        Some((b, h)) => b.forward_add_into(h, base, &pos),
                         None => base,
                     }
                 }
                 Join::Conv => {
                     let sc = block.shortcut.as_ref().expect("conv join").forward(input);
                     match branch {
-                        Some(o) => add_into(sc, &pos, o),
+                        Some((b, h)) => b.forward_add_into(h, sc, &pos),
                         None => sc,
                     }
                 }

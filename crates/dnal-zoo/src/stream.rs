@@ -5,8 +5,7 @@
 
 use burn::prelude::*;
 
-pub use dnal_kernels::channels::add_into;
-use dnal_kernels::channels::run_start;
+use dnal_kernels::channels::{add_into, run_start};
 
 /// The union of `writers` (channel lists) within a stream of `width` channels, sorted.
 pub fn union<'a>(width: usize, writers: impl IntoIterator<Item = &'a [usize]>) -> Vec<usize> {

@@ -25,7 +25,7 @@ use crate::graph::{Graph, Place};
 use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::Network;
-use crate::stream::{add_into, block_input, kept_positions, positions, union, widen};
+use crate::stream::{block_input, kept_positions, positions, union, widen};
 
 /// The gates of the fixed first block: its depthwise channels (and the stem's), its outputs.
 const FIRST_GATES: (&str, &str) = ("first.dw", "first.proj");
@@ -388,7 +388,7 @@ impl SuperNet {
             for (cand, widths) in block.candidates.iter().zip(cands) {
                 if let Some(c) = cand {
                     let pos = positions(&streams[s], &widths.out);
-                    out = add_into(out, &pos, c.forward(input.clone()));
+                    out = c.forward_add_into(input.clone(), out, &pos);
                 }
             }
             x = out;
