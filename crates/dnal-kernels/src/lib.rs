@@ -22,15 +22,16 @@
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
 //!   engines. Stride-1 "same" convolutions take direct AVX-512 micro-kernels where the CPU
 //!   has them and they are faster (`direct.rs`: no column matrix; the input is read through
-//!   shifted, masked vector loads). The rest is
-//!   im2col into a buffer that stays in cache and one matrix product per image or group of
-//!   small images (`gemm.rs`, the `gemm` crate flex itself uses), whose `[Co, OH * OW]` result
-//!   is already the image's NCHW output. The weight gradient is summed in a fixed order so that
-//!   it does not depend on the number of threads; the input gradient of a stride-1 convolution
-//!   is the convolution of the output gradient with the flipped, transposed kernel, and of a
-//!   strided one col2im of `W^T x grad_i`. Other backends, and other convolutions, use burn's.
+//!   shifted, masked vector loads). The rest is im2col into a buffer that stays in cache and
+//!   one matrix product per image or group of small images (`gemm.rs`, the `gemm` crate flex
+//!   itself uses), whose `[Co, OH * OW]` result is already the image's NCHW output. The weight
+//!   gradient is summed in a fixed order so that it does not depend on the number of threads;
+//!   the input gradient of a stride-1 convolution is the convolution of the output gradient
+//!   with the flipped, transposed kernel, and of a strided one col2im of `W^T x grad_i`. Other
+//!   backends, and other convolutions, use burn's.
 //! * [`conv_bn`] in inference: BatchNorm, the gate and the activation applied as the
-//!   convolution writes its output.
+//!   convolution writes its output; [`conv_bn_add`] and [`conv_bn_add_into`] with a residual,
+//!   the latter added into some channels of a wider residual stream in one pass.
 //!
 //! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide, [`set_direct`]`(false)`
 //! only the direct kernels (the benchmarks time all three).
