@@ -354,7 +354,7 @@ pub(super) fn conv_affine_add_into(
     let (yv, sv) = (y.storage::<f32>(), stream.storage::<f32>());
     let l = h * w;
     let out = crate::planes::par_planes(n * c * l, l, |i| {
-        let (image, ch) = (i / c.max(1), i % c.max(1));
+        let (image, ch) = (i / c, i % c);
         let plane = &sv[i * l..][..l];
         let added = source[ch].map(|r| &yv[(image * k + r) * l..][..l]);
         plane
