@@ -189,6 +189,7 @@ pub struct PackedWeights {
     blocks: Vec<(usize, usize)>,
     patch: usize,
     taps: Arc<Taps>,
+    geometry: ConvGeometry,
 }
 
 impl PackedWeights {
@@ -219,6 +220,7 @@ impl PackedWeights {
             blocks,
             patch: p,
             taps: Taps::shared(g),
+            geometry: *g,
         }
     }
 
@@ -279,15 +281,22 @@ impl PackedWeights {
     }
 }
 
-/// One vector of output positions: its image's input, its image's index in the batch, where
-/// it starts in the image, its taps' lane masks and its lanes inside the image.
+/// What one forward kernel call computes: channels `first..first + R` of the output of the
+/// whole images `x` (`[n, Ci, H, W]`, `channels` input channels of `l` positions), with the
+/// taps of their geometry, the block's epilogue (`scale`, `shift` of its channels, `residual`
+/// laid out like the whole output, clamp `bounds`), into an output of `co` channels.
 #[derive(Clone, Copy)]
-struct Vector<'a> {
-    image: &'a [f32],
-    index: usize,
-    at: usize,
-    masks: &'a [u16],
-    lanes: u16,
+struct ForwardBlock<'a> {
+    x: &'a [f32],
+    taps: &'a Taps,
+    channels: usize,
+    l: usize,
+    co: usize,
+    first: usize,
+    scale: &'a [f32],
+    shift: &'a [f32],
+    residual: Option<&'a [f32]>,
+    bounds: (f32, f32),
 }
 
 /// The forward convolution of a batch (`x`, `[N, Ci, H, W]`, `g` accepted by
@@ -345,6 +354,11 @@ pub fn conv_forward(
 }
 
 /// [`conv_forward`] of consecutive images into `out` (`[n, Co, H, W]`), every element written.
+///
+/// Channel blocks outside, so that a block's weights stay in cache while the images' vectors
+/// stream past them (wide layers have megabytes of weights); one kernel call per block walks
+/// every vector of every image, so a call's fixed cost is paid once per block, not once per
+/// tile (on a 1-channel input a tile is only 9 steps of arithmetic).
 fn conv_forward_images(
     x: &[f32],
     w: &PackedWeights,
@@ -352,111 +366,51 @@ fn conv_forward_images(
     epilogue: Epilogue,
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
+    assert_eq!(&w.geometry, g, "weights packed for another convolution");
     let (l, co) = (g.positions(), g.out_channels);
-    let image_len = g.image();
-    let images = x.len() / image_len;
-    assert_eq!(out.len(), images * co * l, "output of the wrong size");
-    let per_image = l.div_ceil(LANES);
-    let vector = |v: usize| Vector {
-        image: &x[(v / per_image) * image_len..][..image_len],
-        index: v / per_image,
-        at: (v % per_image) * LANES,
-        masks: w.taps.masks(v % per_image),
-        lanes: w.taps.lanes[v % per_image],
-    };
-    let total = images * per_image;
-    // Every vector once, not once per channel block.
-    let all: Vec<Vector> = (0..total).map(vector).collect();
+    assert!(x.len().is_multiple_of(g.image()), "input of whole images");
+    assert_eq!(
+        out.len(),
+        x.len() / g.image() * co * l,
+        "output of the wrong size"
+    );
     let Epilogue {
         scale,
         shift,
         residual,
         clamp,
     } = epilogue;
-    // Channel blocks outside, so that a block's weights stay in cache while the images'
-    // vectors stream past them (wide layers have megabytes of weights).
     for (b, &(first, count)) in w.blocks.iter().enumerate() {
+        let block = ForwardBlock {
+            x,
+            taps: &w.taps,
+            channels: g.in_channels,
+            l,
+            co,
+            first,
+            scale: &scale[first..first + count],
+            shift: &shift[first..first + count],
+            residual,
+            bounds: (clamp.lo, clamp.hi),
+        };
         // Narrow blocks take four vectors per step, so that each broadcast weight feeds four
         // FMAs (the accumulators still fit the 32 vector registers).
-        let step = if count <= 6 { 4 } else { 2 };
-        for v in (0..total).step_by(step) {
-            // Vectors past the end repeat the last one and are not stored.
-            let valid = step.min(total - v);
-            let vectors: [Vector; TILE_VECTORS] =
-                std::array::from_fn(|h| all[v + h.min(valid - 1)]);
-            let tile = Tile {
-                out: &mut *out,
-                starts: vectors.map(|p| (p.index * co + first) * l + p.at),
-                lanes: vectors.map(|p| p.lanes),
-                stride: l,
-                count,
-                vectors: step,
-                valid,
-                scale: &scale[first..first + count],
-                shift: &shift[first..first + count],
-                residual,
-                bounds: (clamp.lo, clamp.hi),
+        macro_rules! dispatch {
+            ($(($r:literal, $v:literal))*) => {
+                match count {
+                    $($r => {
+                        // SAFETY: the callers use the direct kernels only when `available()`;
+                        // `block` is as `forward` requires (it checks the sizes), with the
+                        // taps of `g` (the weights were packed for `g`).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe { avx512::forward::<$r, $v>(w.block(b), block, &mut *out) }
+                    })*
+                    _ => unreachable!("blocks of 1 to {MAX_CHANNELS} channels"),
+                }
             };
-            forward_tile(w.block(b), &w.taps.offsets, l, vectors, tile);
         }
+        dispatch!((1, 4)(2, 4)(3, 4)(4, 4)(5, 4)(6, 4)(7, 2)(8, 2));
     }
-}
-
-/// Where a forward micro-kernel writes: lane `j` of channel `r < count` of vector `h < valid`
-/// goes to `out[starts[h] + r * stride + j]`, as `clamp(v * scale[r] + shift[r] +
-/// residual[same place])`, for the lanes on in `lanes[h]` (the first few, or all 16); the
-/// kernel computes `vectors` (2 or 4) vectors.
-struct Tile<'a> {
-    out: &'a mut [std::mem::MaybeUninit<f32>],
-    starts: [usize; TILE_VECTORS],
-    lanes: [u16; TILE_VECTORS],
-    stride: usize,
-    count: usize,
-    vectors: usize,
-    valid: usize,
-    scale: &'a [f32],
-    shift: &'a [f32],
-    residual: Option<&'a [f32]>,
-    bounds: (f32, f32),
-}
-
-/// Computes one tile (up to 8 channels x 2, or up to 6 channels x 4 vectors of positions) and
-/// writes it.
-fn forward_tile(
-    w: &[f32],
-    offsets: &[isize],
-    l: usize,
-    vectors: [Vector; TILE_VECTORS],
-    tile: Tile,
-) {
-    let channels = vectors[0].image.len() / l;
-    assert!(w.len() >= channels * offsets.len() * MAX_CHANNELS);
-    assert!(vectors.iter().all(|p| p.masks.len() == offsets.len()));
-    assert!(tile.valid >= 1 && tile.valid <= tile.vectors);
-    assert!(tile.scale.len() == tile.count && tile.shift.len() == tile.count);
-    assert!(tile.residual.is_none_or(|r| r.len() == tile.out.len()));
-    for (start, lanes) in tile.starts.iter().zip(tile.lanes) {
-        // The lanes on are the first ones, so the last one on bounds the store.
-        assert!(lanes.trailing_ones() + lanes.leading_zeros() == 16);
-        let width = lanes.trailing_ones() as usize;
-        assert!(start + (tile.count - 1) * tile.stride + width <= tile.out.len());
-    }
-    macro_rules! dispatch {
-        ($(($r:literal, $v:literal))*) => {
-            match (tile.count, tile.vectors) {
-                $(($r, $v) => {
-                    // SAFETY: the callers use the direct kernels only when `available()`; every
-                    // unmasked lane of tap t at position at + lane reads input position
-                    // at + lane + offsets[t] of channel c, inside the image (`Taps::new`); the
-                    // stores are inside `tile.out` (asserted above).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe { avx512::forward::<$r, $v>(w, offsets, l, channels, vectors, tile) }
-                })*
-                _ => unreachable!("tiles of 1 to 6 channels x 4 vectors or 7 to 8 x 2"),
-            }
-        };
-    }
-    dispatch!((1, 4)(2, 4)(3, 4)(4, 4)(5, 4)(6, 4)(7, 2)(8, 2));
 }
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
@@ -581,74 +535,126 @@ struct DwBlock<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{DW_ROWS, DwBlock, LANES, MAX_CHANNELS, TILE_SUMS, TILE_VECTORS, Tile, Vector};
+    use super::{DW_ROWS, DwBlock, ForwardBlock, LANES, MAX_CHANNELS, TILE_SUMS, TILE_VECTORS};
     use std::arch::x86_64::*;
 
-    /// Channels `r < R` of a tile of `V` vectors: the sum over patch rows `k = (c, t)` of
-    /// `w[k][r]` times each vector's shifted input, through the epilogue, stored where `tile`
-    /// says.
+    /// Channels `first + r`, `r < R`, of every vector of positions of `block`'s images, `V`
+    /// vectors at a time: the sum over patch rows `k = (c, t)` of `w[k][r]` times each
+    /// vector's shifted input, through the epilogue, stored into `out` (`[n, co, l]`). A last
+    /// step with fewer than `V` vectors left repeats the last one and stores it once.
     ///
     /// # Safety
-    /// AVX-512F must be available; `w` holds `channels * offsets.len() * MAX_CHANNELS`
-    /// values; each vector's masks say which lanes of each tap are inside its image; every
-    /// store of `tile` is inside `tile.out`.
+    /// AVX-512F must be available; `block.taps` are the taps of the images' geometry (their
+    /// masks say which lanes of each tap are inside the image); `w` holds
+    /// `channels * taps * MAX_CHANNELS` values (the sizes are checked).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn forward<const R: usize, const V: usize>(
         w: &[f32],
-        offsets: &[isize],
-        l: usize,
-        channels: usize,
-        vectors: [Vector; TILE_VECTORS],
-        tile: Tile,
+        block: ForwardBlock,
+        out: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        let taps = offsets.len();
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        // Taps outside, channels inside: a tap's lane masks stay in mask registers and the
-        // channel loop is one index step for the inputs and one for the weights.
-        for t in 0..taps {
-            let masks: [__mmask16; V] = std::array::from_fn(|h| vectors[h].masks[t]);
-            let starts: [*const f32; V] = std::array::from_fn(|h| {
-                let p = &vectors[h];
-                p.image
-                    .as_ptr()
-                    .wrapping_add(p.at)
-                    .wrapping_offset(offsets[t])
-            });
-            let wt = w[t * channels * MAX_CHANNELS..][..channels * MAX_CHANNELS].as_ptr();
-            for c in 0..channels {
-                let xs: [__m512; V] = std::array::from_fn(|h| {
-                    // SAFETY: contract (lanes on are inside the image, `Taps::new`).
-                    unsafe { _mm512_maskz_loadu_ps(masks[h], starts[h].wrapping_add(c * l)) }
-                });
-                // SAFETY: `wt` holds `channels * MAX_CHANNELS` values and `R <= MAX_CHANNELS`.
-                let wk = unsafe { wt.add(c * MAX_CHANNELS) };
-                for (r, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: as above.
-                    let s = _mm512_set1_ps(unsafe { *wk.add(r) });
-                    for (ah, xh) in a.iter_mut().zip(&xs) {
-                        *ah = _mm512_fmadd_ps(s, *xh, *ah);
+        let ForwardBlock {
+            x,
+            taps,
+            channels,
+            l,
+            co,
+            first,
+            scale,
+            shift,
+            residual,
+            bounds,
+        } = block;
+        let (offsets, ntaps, per_image) = (&taps.offsets, taps.taps, taps.lanes.len());
+        let image_len = channels * l;
+        let images = x.len() / image_len;
+        let total = images * per_image;
+        assert!(R <= MAX_CHANNELS && V <= TILE_VECTORS);
+        assert!(per_image == l.div_ceil(LANES) && offsets.len() == ntaps);
+        assert!(taps.masks.len() == per_image * ntaps);
+        assert!(x.len() == images * image_len && out.len() == images * co * l);
+        assert!(first + R <= co && scale.len() == R && shift.len() == R);
+        assert!(residual.is_none_or(|r| r.len() == out.len()));
+        assert!(w.len() >= channels * ntaps * MAX_CHANNELS);
+        assert!(taps.lanes.iter().enumerate().all(|(v, &lanes)| {
+            // The lanes on are the first ones and end inside the image.
+            let width = lanes.trailing_ones() as usize;
+            lanes.trailing_ones() + lanes.leading_zeros() == 16 && v * LANES + width <= l
+        }));
+        let (lo, hi) = (_mm512_set1_ps(bounds.0), _mm512_set1_ps(bounds.1));
+        let dst = out.as_mut_ptr().cast::<f32>();
+        // The next vector: its image and its index in the image.
+        let (mut image, mut vector) = (0usize, 0usize);
+        for v0 in (0..total).step_by(V) {
+            let valid = V.min(total - v0);
+            let mut at = [(0usize, 0usize); V];
+            for (h, slot) in at.iter_mut().enumerate() {
+                *slot = (image, vector);
+                if h + 1 < valid {
+                    vector += 1;
+                    if vector == per_image {
+                        (image, vector) = (image + 1, 0);
                     }
                 }
             }
-        }
-        let (lo, hi) = (_mm512_set1_ps(tile.bounds.0), _mm512_set1_ps(tile.bounds.1));
-        let out = tile.out.as_mut_ptr().cast::<f32>();
-        for (r, a) in acc.iter().enumerate() {
-            let (m, b) = (_mm512_set1_ps(tile.scale[r]), _mm512_set1_ps(tile.shift[r]));
-            // max/min return their second operand when it is NaN, so NaN passes through.
-            for (h, &start) in tile.starts.iter().enumerate().take(tile.valid) {
-                let at = start + r * tile.stride;
-                let lanes: __mmask16 = tile.lanes[h];
-                let mut v = _mm512_fmadd_ps(a[h], m, b);
-                if let Some(res) = tile.residual {
-                    // SAFETY: `residual` is as long as `out` (contract), and the lanes on
-                    // from `at` are inside `out`.
-                    let r = unsafe { _mm512_maskz_loadu_ps(lanes, res.as_ptr().add(at)) };
-                    v = _mm512_add_ps(v, r);
+            vector += 1;
+            if vector == per_image {
+                (image, vector) = (image + 1, 0);
+            }
+            let inputs: [*const f32; V] = std::array::from_fn(|h| {
+                let (i, v) = at[h];
+                x.as_ptr().wrapping_add(i * image_len + v * LANES)
+            });
+            let mask_rows: [*const u16; V] =
+                std::array::from_fn(|h| taps.masks[at[h].1 * ntaps..][..ntaps].as_ptr());
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            // Taps outside, channels inside: a tap's lane masks stay in mask registers and the
+            // channel loop is one index step for the inputs and one for the weights.
+            for (t, &offset) in offsets.iter().enumerate() {
+                // SAFETY: each row holds `ntaps` masks and `t < ntaps`.
+                let masks: [__mmask16; V] =
+                    std::array::from_fn(|h| unsafe { *mask_rows[h].add(t) });
+                let starts: [*const f32; V] =
+                    std::array::from_fn(|h| inputs[h].wrapping_offset(offset));
+                // Tap t's weights, `channels * MAX_CHANNELS` values; a pointer, so that the tap
+                // loop cannot panic (a bounds check in it kept the accumulators in memory,
+                // stored at every tap).
+                let wt = w.as_ptr().wrapping_add(t * channels * MAX_CHANNELS);
+                for c in 0..channels {
+                    let xs: [__m512; V] = std::array::from_fn(|h| {
+                        // SAFETY: contract (lanes on are inside the image, `Taps::new`).
+                        unsafe { _mm512_maskz_loadu_ps(masks[h], starts[h].wrapping_add(c * l)) }
+                    });
+                    // SAFETY: `w` holds `ntaps * channels * MAX_CHANNELS` values (checked), and
+                    // `R <= MAX_CHANNELS`.
+                    let wk = unsafe { wt.add(c * MAX_CHANNELS) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        let s = _mm512_set1_ps(unsafe { *wk.add(r) });
+                        for (ah, xh) in a.iter_mut().zip(&xs) {
+                            *ah = _mm512_fmadd_ps(s, *xh, *ah);
+                        }
+                    }
                 }
-                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-                // SAFETY: the lanes on from `at` are inside `tile.out` (contract).
-                unsafe { _mm512_mask_storeu_ps(out.add(at), lanes, v) };
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let (m, b) = (_mm512_set1_ps(scale[r]), _mm512_set1_ps(shift[r]));
+                // max/min return their second operand when it is NaN, so NaN passes through.
+                for (h, &(i, v)) in at.iter().enumerate().take(valid) {
+                    let start = ((i * co + first + r) * l) + v * LANES;
+                    let lanes: __mmask16 = taps.lanes[v];
+                    let mut y = _mm512_fmadd_ps(a[h], m, b);
+                    if let Some(res) = residual {
+                        // SAFETY: `residual` is as long as `out`, and the lanes on from
+                        // `start` are inside channel `first + r < co` of image `i < images`
+                        // (checked above).
+                        let r = unsafe { _mm512_maskz_loadu_ps(lanes, res.as_ptr().add(start)) };
+                        y = _mm512_add_ps(y, r);
+                    }
+                    let y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+                    // SAFETY: as for the residual.
+                    unsafe { _mm512_mask_storeu_ps(dst.add(start), lanes, y) };
+                }
             }
         }
     }

@@ -736,9 +736,10 @@ fn global_avg_pool_matches_burn_adaptive_avg_pool() {
     }
 }
 
-/// dnal's 2x2 max-pool against burn's: values and input gradients, bitwise, on even and odd
-/// maps, with ties (a ReLU's zeros: the first input of the window wins) and a NaN; small maps
-/// pooled on the calling thread, a large batch in parallel.
+/// dnal's 2x2 max-pool against burn's: values and input gradients (training) and values
+/// (inference, which computes no winners), bitwise, on even and odd maps, rows of fewer and
+/// more than 16 outputs, with ties (a ReLU's zeros: the first input of the window wins) and a
+/// NaN; small maps pooled on the calling thread, a large batch in parallel.
 #[test]
 fn max_pool_matches_burn_with_ties_and_odd_maps() {
     use burn::nn::pool::MaxPool2dConfig;
@@ -750,6 +751,9 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
         ([2, 3, 7, 9], 32),
         ([40, 2, 4, 6], 33),
         ([8, 16, 32, 33], 34),
+        ([3, 4, 28, 28], 35),
+        ([2, 3, 14, 15], 36),
+        ([64, 8, 70, 66], 37),
     ];
     for (shape, seed) in shapes {
         // Half the values are zero (after a ReLU), so many windows tie.
@@ -773,16 +777,28 @@ fn max_pool_matches_burn_with_ties_and_odd_maps() {
         let (fast, reference) = (run(true), run(false));
         assert_eq!(fast.0, reference.0, "{shape:?}: pooled values");
         assert_eq!(fast.1, reference.1, "{shape:?}: input gradient");
+        let inference = vec1_of(dnal_kernels::max_pool2d(&pool, x.clone().inner()));
+        assert_eq!(
+            inference, reference.0,
+            "{shape:?}: pooled values in inference"
+        );
     }
     // A NaN wins its window, as in burn.
     let mut values = noise(16, 34, -1.0, 1.0);
     values[5] = f32::NAN;
     let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &Device::flex());
-    let y = vec1_of(dnal_kernels::max_pool2d(&pool, x));
-    assert!(
-        y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()),
-        "{y:?}"
-    );
+    for y in [
+        vec1_of(dnal_kernels::max_pool2d(&pool, x.clone())),
+        vec1_of(dnal_kernels::max_pool2d(
+            &pool,
+            x.clone().to_device(&train_device()),
+        )),
+    ] {
+        assert!(
+            y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()),
+            "{y:?}"
+        );
+    }
 }
 
 fn vec1_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -18,4 +18,4 @@ pub use depthwise::{
 pub use norm::{
     batch_norm_grad_sums, batch_norm_input_grad, channel_stats, normalize, through_clamp_grad_sums,
 };
-pub use pool::{max_pool2x2, max_pool2x2_backward};
+pub use pool::{max_pool2x2, max_pool2x2_backward, max_pool2x2_values};

@@ -1,4 +1,5 @@
 //! The 2x2, stride-2 max-pool of a VGG, forward and backward.
+#![allow(unsafe_code)]
 
 use crate::planes::{SERIAL_BELOW, par_planes};
 use crate::simd::widest_simd;
@@ -11,28 +12,72 @@ const POOL_PLANES: usize = 16;
 /// dropped, as burn's floor mode does): the output `[planes, h / 2, w / 2]` and, for each
 /// output, which of its window's four inputs won (`2 * dy + dx`). The first maximum in row
 /// order wins, and a NaN wins over any number (the last NaN), as in burn and PyTorch.
-pub fn max_pool2x2(x: &[f32], planes: usize, [h, w]: [usize; 2]) -> (Vec<f32>, Vec<u8>) {
+pub fn max_pool2x2(x: &[f32], planes: usize, hw: [usize; 2]) -> (Vec<f32>, Vec<u8>) {
+    pool(x, planes, hw, true)
+}
+
+/// The values of [`max_pool2x2`] alone, for inference.
+pub fn max_pool2x2_values(x: &[f32], planes: usize, hw: [usize; 2]) -> Vec<f32> {
+    pool(x, planes, hw, false).0
+}
+
+/// [`max_pool2x2`], with the winners only if `winners` (else an empty vector).
+fn pool(x: &[f32], planes: usize, [h, w]: [usize; 2], winners: bool) -> (Vec<f32>, Vec<u8>) {
     let (oh, ow) = (h / 2, w / 2);
     let (out_plane, in_plane) = (oh * ow, h * w);
+    assert_eq!(
+        x.len(),
+        planes * in_plane,
+        "max-pool input of the wrong size"
+    );
     let mut y = vec![0.0f32; planes * out_plane];
-    let mut at = vec![0u8; planes * out_plane];
+    let mut at = vec![0u8; if winners { planes * out_plane } else { 0 }];
     if out_plane == 0 {
         return (y, at);
     }
     if y.len() < SERIAL_BELOW {
-        widest_simd!(max_pool2x2_planes(x, &mut y, &mut at, [h, w]));
+        pool_planes(x, &mut y, &mut at, [h, w]);
         return (y, at);
     }
-    y.par_chunks_mut(POOL_PLANES * out_plane)
-        .zip(at.par_chunks_mut(POOL_PLANES * out_plane))
-        .zip(x.par_chunks(POOL_PLANES * in_plane))
-        .for_each(|((y, at), x)| {
-            widest_simd!(max_pool2x2_planes(x, y, at, [h, w]));
-        });
+    let (ys, xs) = (
+        y.par_chunks_mut(POOL_PLANES * out_plane),
+        x.par_chunks(POOL_PLANES * in_plane),
+    );
+    if winners {
+        ys.zip(xs)
+            .zip(at.par_chunks_mut(POOL_PLANES * out_plane))
+            .for_each(|((y, x), at)| pool_planes(x, y, at, [h, w]));
+    } else {
+        ys.zip(xs)
+            .for_each(|(y, x)| pool_planes(x, y, &mut [], [h, w]));
+    }
     (y, at)
 }
 
-/// [`max_pool2x2`] of consecutive planes.
+/// [`max_pool2x2`] of consecutive planes, on AVX-512 where the CPU has it; `at` empty: the
+/// values alone.
+fn pool_planes(x: &[f32], y: &mut [f32], at: &mut [u8], hw: [usize; 2]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::direct::available() {
+        // SAFETY: AVX-512F is available; the function checks the sizes.
+        unsafe {
+            if at.is_empty() {
+                avx512::max_pool2x2_planes::<false>(x, y, at, hw)
+            } else {
+                avx512::max_pool2x2_planes::<true>(x, y, at, hw)
+            }
+        };
+        return;
+    }
+    if at.is_empty() {
+        let mut winners = vec![0u8; y.len()];
+        widest_simd!(max_pool2x2_planes(x, y, &mut winners, hw));
+    } else {
+        widest_simd!(max_pool2x2_planes(x, y, at, hw));
+    }
+}
+
+/// [`max_pool2x2`] of consecutive planes, in scalar code the compiler may vectorize.
 #[inline(always)]
 fn max_pool2x2_planes(x: &[f32], y: &mut [f32], at: &mut [u8], [h, w]: [usize; 2]) {
     let (oh, ow) = (h / 2, w / 2);
@@ -93,4 +138,83 @@ pub fn max_pool2x2_backward(dy: &[f32], at: &[u8], planes: usize, [h, w]: [usize
                 .chain(std::iter::repeat_n(0.0, w - 2 * g.len()))
         })
     })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::max_pool2x2`] of consecutive planes, 16 outputs of a row at a time (the
+    /// window's four inputs split into even and odd columns by a permute), with the same
+    /// rule (the first maximum in row order wins, a NaN wins over any number) as the scalar
+    /// code; the winners go to `at` only if `WINNERS`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available (the sizes are checked).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn max_pool2x2_planes<const WINNERS: bool>(
+        x: &[f32],
+        y: &mut [f32],
+        at: &mut [u8],
+        [h, w]: [usize; 2],
+    ) {
+        let (oh, ow) = (h / 2, w / 2);
+        let (out_plane, in_plane) = (oh * ow, h * w);
+        let planes = y.len() / out_plane;
+        assert!(y.len() == planes * out_plane && x.len() == planes * in_plane);
+        assert!(!WINNERS || at.len() == y.len());
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // `v` wins over `m`: larger, or NaN.
+        let wins = |v: __m512, m: __m512| {
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, m) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+        };
+        let first_lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+        for p in 0..planes {
+            for oy in 0..oh {
+                let top = x[p * in_plane + 2 * oy * w..][..2 * ow].as_ptr();
+                let bottom = x[p * in_plane + (2 * oy + 1) * w..][..2 * ow].as_ptr();
+                let out = p * out_plane + oy * ow;
+                for ox in (0..ow).step_by(16) {
+                    let n = (ow - ox).min(16);
+                    // The 2n inputs of a row: the first 16 and the rest.
+                    let (lo, hi) = (first_lanes(2 * n), first_lanes((2 * n).saturating_sub(16)));
+                    // SAFETY: the lanes on are among the 2 * ow inputs of the rows.
+                    let [t, b] = [top, bottom].map(|row| unsafe {
+                        let row = row.add(2 * ox);
+                        let (a, z) = (
+                            _mm512_maskz_loadu_ps(lo, row),
+                            _mm512_maskz_loadu_ps(hi, row.add(16)),
+                        );
+                        (
+                            _mm512_permutex2var_ps(a, even, z),
+                            _mm512_permutex2var_ps(a, odd, z),
+                        )
+                    });
+                    let (mut m, mut k) = (t.0, _mm512_setzero_si512());
+                    for (i, v) in [t.1, b.0, b.1].into_iter().enumerate() {
+                        let on = wins(v, m);
+                        m = _mm512_mask_mov_ps(m, on, v);
+                        if WINNERS {
+                            k = _mm512_mask_mov_epi32(k, on, _mm512_set1_epi32(i as i32 + 1));
+                        }
+                    }
+                    let store = first_lanes(n);
+                    assert!(out + ox + n <= y.len());
+                    // SAFETY: the lanes on are the n outputs from `out + ox`, inside `y`.
+                    unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr().add(out + ox), store, m) };
+                    if WINNERS {
+                        // SAFETY: `at` is as long as `y`.
+                        unsafe {
+                            _mm512_mask_cvtepi32_storeu_epi8(
+                                at.as_mut_ptr().add(out + ox).cast(),
+                                store,
+                                k,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
 }

@@ -135,10 +135,10 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (y, at, shape) = max_pool_forward(&x.into_primitive());
+                let (y, at, shape) = max_pool_forward(&x.into_primitive(), true);
                 prep.finish((std::sync::Arc::new(at), shape), y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(max_pool_forward(&x.into_primitive()).0),
+            OpsKind::UnTracked(prep) => prep.finish(max_pool_forward(&x.into_primitive(), false).0),
         }
     }
 

@@ -14,7 +14,7 @@ impl DnalKernels for Flex {
     }
 
     fn dnal_max_pool2x2(x: FlexTensor) -> FlexTensor {
-        max_pool_forward(&x).0
+        max_pool_forward(&x, false).0
     }
 
     fn dnal_fold_batch_norm(
@@ -161,12 +161,18 @@ impl DnalKernels for Flex {
     }
 }
 
-/// The pooled output, which input won each window, and the input's shape `[N, C, H, W]`.
-pub(super) fn max_pool_forward(x: &FlexTensor) -> (FlexTensor, Vec<u8>, [usize; 4]) {
+/// The pooled output, which input won each window (if `winners`, else nothing), and the
+/// input's shape `[N, C, H, W]`.
+pub(super) fn max_pool_forward(x: &FlexTensor, winners: bool) -> (FlexTensor, Vec<u8>, [usize; 4]) {
     let x = f32s(x);
     let [n, c, h, w]: [usize; 4] = x.layout().shape()[..]
         .try_into()
         .expect("max-pool of a rank-4 tensor");
-    let (y, at) = cpu::max_pool2x2(x.storage::<f32>(), n * c, [h, w]);
+    let values = x.storage::<f32>();
+    let (y, at) = if winners {
+        cpu::max_pool2x2(values, n * c, [h, w])
+    } else {
+        (cpu::max_pool2x2_values(values, n * c, [h, w]), Vec::new())
+    };
     (tensor(y, &[n, c, h / 2, w / 2]), at, [n, c, h, w])
 }
