@@ -91,15 +91,15 @@ pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
 /// (kw - p)` and, for each vector of an image, the mask of lanes whose input is inside it
 /// (none past the image's last position).
-struct Taps {
+pub(crate) struct Taps {
     /// `k * k` offsets.
-    offsets: Vec<isize>,
+    pub(crate) offsets: Vec<isize>,
     /// `[vector][tap]` lane masks.
-    masks: Vec<u16>,
-    taps: usize,
+    pub(crate) masks: Vec<u16>,
+    pub(crate) taps: usize,
     /// The lanes of each vector that are positions of the image (all but in a partial last
     /// vector).
-    lanes: Vec<u16>,
+    pub(crate) lanes: Vec<u16>,
 }
 
 impl Taps {
@@ -146,7 +146,7 @@ impl Taps {
     /// The taps of `g`'s map size, kernel and padding, built once per process: at batch 1 building
     /// them (a pass over every position and tap) took a quarter of a thin pruned ResNet-56's
     /// forward.
-    fn shared(g: &ConvGeometry) -> Arc<Self> {
+    pub(crate) fn shared(g: &ConvGeometry) -> Arc<Self> {
         type Key = ([usize; 2], usize, usize, usize);
         static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Taps>>>> = OnceLock::new();
         let key = (g.in_hw, g.kernel, g.padding, g.stride);

@@ -44,7 +44,7 @@ impl Clamp {
 }
 
 /// The clamp a BatchNorm applied to its affine output `x * scale + shift` (per channel, as
-/// [`normalize`] computes it without a residual): its backward passes recompute the clamp's
+/// [`normalize`](super::normalize) computes it without a residual): its backward passes recompute the clamp's
 /// gradient mask from `x` with the same arithmetic, bit for bit, instead of reading the output.
 #[derive(Debug, Clone, Copy)]
 pub struct ClampOf<'a> {

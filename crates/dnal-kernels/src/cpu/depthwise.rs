@@ -2,10 +2,14 @@
 //! order, plane by plane: the inference forward with BatchNorm's affine transform and the
 //! activation fused ([`depthwise_forward_affine`]), the input gradient and the weight gradient.
 //!
-//! The forward copies each input plane, zero-padded, into a scratch buffer split into the
-//! stride's phases (for stride 2: even and odd rows and columns), so that every filter tap reads
-//! a contiguous run, and computes the outputs as one flat run over the padded row pitch: on a
-//! 4x4 or 8x8 map the vector lanes span several rows instead of idling past the row's end. The
+//! With stride 1 and an output as large as the input (MobileNetV2's 3x3 with padding 1) the
+//! forward reads each input plane directly on AVX-512: a vector of 16 consecutive output
+//! positions (flattened, so that on small maps it spans several rows) sums each tap's input
+//! shifted by the tap's flattened offset, with the lanes whose input falls outside the plane
+//! masked off, as dnal's direct convolution does. Otherwise it copies each input plane,
+//! zero-padded, into a scratch buffer split into the stride's phases (for stride 2: even and
+//! odd rows and columns, split by a permute on AVX-512), so that every filter tap reads a
+//! contiguous run, and computes the outputs as one flat run over the padded row pitch; the
 //! columns past each output row's end are computed and dropped.
 //!
 //! The backward passes are written as row operations: an input-gradient row gains
@@ -160,6 +164,29 @@ pub fn depthwise_forward_affine(
 ) -> Vec<f32> {
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = x.len() / ip.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if g.stride == 1 && g.out_hw() == g.in_hw && ip > 0 && crate::direct::available() {
+        // Stride 1, output as large as the input: every tap reads the plane itself, shifted,
+        // with the lanes outside it masked off, so there is nothing to copy first.
+        let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
+            in_channels: 1,
+            out_channels: 1,
+            in_hw: g.in_hw,
+            kernel: g.kernel,
+            stride: 1,
+            padding: g.padding,
+        });
+        return par_planes_zeroed(planes * op, op, |i, out| {
+            let c = i % g.channels;
+            let (x, w) = (&x[i * ip..(i + 1) * ip], &w[c * kk..(c + 1) * kk]);
+            // SAFETY: the CPU has AVX-512F (checked above); `taps` are those of the plane's
+            // geometry.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::forward_same(x, w, (scale[c], shift[c]), clamp, &taps, out)
+            };
+        });
+    }
     let layout = g.phase_planes();
     let phases = g.stride * g.stride;
     par_planes_zeroed(planes * op, op, |i, out| {
@@ -196,6 +223,30 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
         if s == 1 {
             let start = py * layout.pitch + p;
             planes[start..start + w].copy_from_slice(row);
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if s == 2 && w >= 2 && crate::direct::available() {
+            // Even inputs `ix = 2j` go to phase column `p % 2` at column `j + p / 2`, odd
+            // ones to phase column `(p + 1) % 2` at column `j + (p + 1) / 2`.
+            let at = |b: usize, column: usize| {
+                ((py % s) * s + b) * layout.len + (py / s) * layout.pitch + column
+            };
+            let (even, odd) = (at(p % 2, p / 2), at((p + 1) % 2, p.div_ceil(2)));
+            let (ne, no) = (w.div_ceil(2), w / 2);
+            // The two runs lie in different phase planes, so they do not overlap.
+            let (even, odd) = if even < odd {
+                let (a, b) = planes.split_at_mut(odd);
+                (&mut a[even..even + ne], &mut b[..no])
+            } else {
+                let (a, b) = planes.split_at_mut(even);
+                (&mut b[..ne], &mut a[odd..odd + no])
+            };
+            // SAFETY: the CPU has AVX-512F (checked above); the function checks the sizes.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::split_columns(row, even, odd)
+            };
             continue;
         }
         // Phase column `b` holds the inputs `ix` with `(ix + p) % s == b`, from column
@@ -243,7 +294,139 @@ fn forward_flat_widest(
 mod avx512 {
     use super::RUN;
     use crate::cpu::Clamp;
+    use crate::direct::Taps;
     use std::arch::x86_64::*;
+
+    /// One plane of a stride-1 convolution whose output is as large as its input, read
+    /// straight from the plane `x`: each vector of 16 output positions sums its taps' shifted
+    /// inputs in tap order (lanes outside the plane masked off, reading zero), then the affine
+    /// transform and the clamp, stored on the plane's lanes. Four vectors at a time, then one.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and `taps` must be those of `x`'s map (`Taps::new`: every
+    /// lane on in a tap's mask reads inside the plane, and the lanes on in a vector's store
+    /// mask are positions of the plane); the sizes are checked.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_same(
+        x: &[f32],
+        w: &[f32],
+        affine: (f32, f32),
+        clamp: Clamp,
+        taps: &Taps,
+        out: &mut [f32],
+    ) {
+        let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
+        assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
+        assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
+        let whole = vectors / 4 * 4;
+        // SAFETY: as checked above, for the vectors `0..whole` and `whole..vectors`.
+        unsafe {
+            same_vectors::<4>(x, w, affine, clamp, taps, out, 0..whole);
+            same_vectors::<1>(x, w, affine, clamp, taps, out, whole..vectors);
+        }
+    }
+
+    /// [`forward_same`] of the vectors `range`, `N` at a time (`range` holds a multiple of
+    /// `N`), the `N` sums in registers.
+    ///
+    /// # Safety
+    /// As [`forward_same`], whose checks it relies on.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn same_vectors<const N: usize>(
+        x: &[f32],
+        w: &[f32],
+        (scale, shift): (f32, f32),
+        clamp: Clamp,
+        taps: &Taps,
+        out: &mut [f32],
+        range: std::ops::Range<usize>,
+    ) {
+        let k = taps.taps;
+        let (src, dst, masks) = (x.as_ptr(), out.as_mut_ptr(), taps.masks.as_ptr());
+        let (scale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
+        let (lo, hi) = (_mm512_set1_ps(clamp.lo), _mm512_set1_ps(clamp.hi));
+        // max(lo, v) then min(hi, .) return v's NaN (the second operand), as Clamp::apply does.
+        let finish =
+            |acc: __m512| _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmadd_ps(acc, scale, shift)));
+        for v in range.step_by(N) {
+            let mut acc = [_mm512_setzero_ps(); N];
+            for (t, (&offset, &wv)) in taps.offsets.iter().zip(w).enumerate() {
+                let wv = _mm512_set1_ps(wv);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: vector v + r < vectors, so its mask of tap t < k is inside
+                    // `taps.masks`, and the lanes on in it read inside the plane.
+                    let x = unsafe {
+                        let mask = *masks.add((v + r) * k + t);
+                        let at = src.wrapping_add((v + r) * RUN).wrapping_offset(offset);
+                        _mm512_maskz_loadu_ps(mask, at)
+                    };
+                    *a = _mm512_fmadd_ps(wv, x, *a);
+                }
+            }
+            for (r, a) in acc.into_iter().enumerate() {
+                // SAFETY: the lanes on are the plane's positions from (v + r) * RUN (contract),
+                // inside `out`, which is as long as the plane.
+                unsafe {
+                    _mm512_mask_storeu_ps(dst.add((v + r) * RUN), taps.lanes[v + r], finish(a))
+                };
+            }
+        }
+    }
+
+    /// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 32
+    /// inputs at a time.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the sizes are checked.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+        let w = row.len();
+        assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
+        let pick = |first: i32| {
+            _mm512_setr_epi32(
+                first,
+                first + 2,
+                first + 4,
+                first + 6,
+                first + 8,
+                first + 10,
+                first + 12,
+                first + 14,
+                first + 16,
+                first + 18,
+                first + 20,
+                first + 22,
+                first + 24,
+                first + 26,
+                first + 28,
+                first + 30,
+            )
+        };
+        let (evens, odds) = (pick(0), pick(1));
+        let first_lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+        for j in (0..even.len()).step_by(16) {
+            let left = w - 2 * j;
+            // SAFETY: the lanes on are among the `left` values of `row` from 2j.
+            let (lo, hi) = unsafe {
+                let src = row.as_ptr().add(2 * j);
+                (
+                    _mm512_maskz_loadu_ps(first_lanes(left), src),
+                    _mm512_maskz_loadu_ps(first_lanes(left.saturating_sub(16)), src.add(16)),
+                )
+            };
+            let (ne, no) = (
+                (even.len() - j).min(16),
+                odd.len().saturating_sub(j).min(16),
+            );
+            // SAFETY: `ne` values from j are inside `even`, `no` inside `odd`.
+            unsafe {
+                let e = _mm512_permutex2var_ps(lo, evens, hi);
+                _mm512_mask_storeu_ps(even.as_mut_ptr().add(j), first_lanes(ne), e);
+                let o = _mm512_permutex2var_ps(lo, odds, hi);
+                _mm512_mask_storeu_ps(odd.as_mut_ptr().add(j), first_lanes(no), o);
+            }
+        }
+    }
 
     /// Runs of the flat outputs four at a time (four independent sums of the taps), then one
     /// at a time.
