@@ -48,6 +48,14 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
     groups < rayon::current_num_threads() && m * k * n >= 192 * 192 * 192
 }
 
+/// Fewest multiply-adds of a forward product that `gemm` splits over the threads (one group
+/// of images, batch 1). Below it the split costs more than it saves: in the VGG-16 for CIFAR
+/// at batch 1 (products of 9-38M multiply-adds on 2x2 to 32x32 maps, weights streamed from
+/// memory), splitting them slowed the forward, dense 11.4 -> 12.8 ms and pruned (1.90x fewer
+/// MACs) 5.6 -> 7.7 ms (medians of eight alternating rounds, 2-core AVX-512 machine). Products
+/// of ImageNet networks at batch 1 reach 10^8 to 10^9 and are split.
+pub(super) const FORWARD_SPLIT_MACS: usize = 1 << 27;
+
 /// Fewest groups of images (forward) or runs of groups (weight gradient) the AVX-512 kernels
 /// take: they spread whole groups over the threads, so fewer (small batches) are left to
 /// `gemm`, which splits a product itself (except a forward product too small to be worth
@@ -112,14 +120,12 @@ pub(super) fn conv_forward_slices(
     let batch = x.len() / g.image().max(1);
     let per = group_size(g, batch);
     let groups = batch.div_ceil(per);
-    let parallel = parallel_products(groups, [co, p, per * l]);
-    // One group (batch 1) whose product `gemm` would not split, or would split but is under
-    // twice its threshold: the direct kernels on one thread beat im2col + `gemm` on one thread
-    // (no column matrix to build), and near the threshold also `gemm` on two, whose hand-off
-    // to the pool costs more than the half it saves (the dense MNIST CNN's 7.2M-MAC layers at
-    // batch 1: forward 0.79 -> 0.46 ms).
-    let small = co * p * per * l < 2 * 192 * 192 * 192;
-    let direct = direct_path(groups) || (groups == 1 && small && direct_usable());
+    // `gemm` splits a forward product only from [`FORWARD_SPLIT_MACS`] on.
+    let parallel =
+        parallel_products(groups, [co, p, per * l]) && co * p * per * l >= FORWARD_SPLIT_MACS;
+    // One group (batch 1) whose product `gemm` does not split: the direct kernels on one
+    // thread beat im2col + `gemm` on one thread (no column matrix to build).
+    let direct = direct_path(groups) || (groups == 1 && !parallel && direct_usable());
     if batch * co * l > 0 && direct && direct::takes_forward(g) {
         // One group (batch 1, inference): the packing would cost as much as a thin layer's
         // convolution, so it is kept between calls. Larger batches amortise it, and training
