@@ -1,7 +1,8 @@
 //! Times dnal's flex convolution by part on the 3x3 layers of CIFAR networks, batch 128:
 //! the forward, and forward + backward for the weight gradient alone and for both gradients.
 //! Prints the fastest of `reps` (first argument, default 10) runs of each, in ms and GFLOP/s.
-//! Further arguments `CxS` choose the layers (channels x map side), e.g. `256x8 512x4`.
+//! Further arguments choose the layers, `CxS` (C channels in and out, map side S) or `CIxCOxS`,
+//! e.g. `256x8 13x18x28`, and `batch=N` the batch size.
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
@@ -11,22 +12,35 @@ fn main() {
     dnal_benches::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(10);
-    let mut layers: Vec<(usize, usize)> = args
+    let batch: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("batch=")?.parse().ok())
+        .unwrap_or(128);
+    let mut layers: Vec<(usize, usize, usize)> = args
         .iter()
         .skip(1)
         .filter_map(|a| {
-            let (c, s) = a.split_once('x')?;
-            Some((c.parse().ok()?, s.parse().ok()?))
+            let v: Vec<usize> = a
+                .split('x')
+                .map(|n| n.parse().ok())
+                .collect::<Option<_>>()?;
+            match v[..] {
+                [c, s] => Some((c, c, s)),
+                [ci, co, s] => Some((ci, co, s)),
+                _ => None,
+            }
         })
         .collect();
     if layers.is_empty() {
-        layers = vec![(9, 32), (16, 32), (17, 16), (32, 16), (34, 8), (64, 8)];
+        layers = [(9, 32), (16, 32), (17, 16), (32, 16), (34, 8), (64, 8)]
+            .map(|(c, s)| (c, c, s))
+            .to_vec();
     }
     let device = Device::flex().autodiff();
-    for (channels, hw) in layers {
-        let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
-        let w = Tensor::<4>::random([channels, channels, 3, 3], Distribution::Default, &device);
-        let flop = 2.0 * (128 * channels * channels * 9 * hw * hw) as f64;
+    for (ci, co, hw) in layers {
+        let x = Tensor::<4>::random([batch, ci, hw, hw], Distribution::Default, &device);
+        let w = Tensor::<4>::random([co, ci, 3, 3], Distribution::Default, &device);
+        let flop = 2.0 * (batch * ci * co * 9 * hw * hw) as f64;
         let time = |f: &dyn Fn()| {
             (0..reps)
                 .map(|_| {
@@ -55,7 +69,7 @@ fn main() {
             let _ = w.grad(&grads).expect("weight gradient").into_data();
         });
         println!(
-            "{channels:>3}x{hw:>2}x{hw:<2} forward {:6.2} ms ({:3.0} GFLOP/s)  +dW {:6.2} ms  +dW+dx {:6.2} ms  (backward {:3.0} GFLOP/s)",
+            "{ci:>3}x{co:>3}x{hw:>2}x{hw:<2} forward {:6.2} ms ({:3.0} GFLOP/s)  +dW {:6.2} ms  +dW+dx {:6.2} ms  (backward {:3.0} GFLOP/s)",
             fwd * 1e3,
             flop / fwd / 1e9,
             dw * 1e3,
