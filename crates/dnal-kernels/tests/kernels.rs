@@ -153,6 +153,8 @@ fn depthwise_matches_burn_in_value_and_gradient() {
     // Stride 1 on maps that are not whole vectors of 16 positions.
     depthwise_case([2, 3, 7, 9], 3, 1, 1);
     depthwise_case([1, 5, 13, 11], 3, 1, 1);
+    depthwise_case([1, 3, 9, 11], 7, 1, 3);
+    depthwise_case([2, 3, 10, 9], 5, 2, 2);
     depthwise_case([2, 4, 15, 13], 7, 2, 3);
     depthwise_case([3, 2, 6, 6], 3, 1, 0);
     depthwise_case([2, 3, 2, 2], 3, 1, 1);
