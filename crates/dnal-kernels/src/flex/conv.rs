@@ -362,11 +362,14 @@ pub(super) fn conv_affine_add_into(
     let out = crate::planes::par_planes(n * c * l, l, |i| {
         let (image, ch) = (i / c, i % c);
         let plane = &sv[i * l..][..l];
+        // Zipped (the plane itself where nothing is added, unread), so that the pass has no
+        // bounds check per value and vectorizes.
         let added = source[ch].map(|r| &yv[(image * k + r) * l..][..l]);
+        let add = added.is_some();
         plane
             .iter()
-            .enumerate()
-            .map(move |(j, &v)| clamp.apply(added.map_or(v, |a| v + a[j])))
+            .zip(added.unwrap_or(plane))
+            .map(move |(&v, &a)| clamp.apply(if add { v + a } else { v }))
     });
     tensor(out, &shape)
 }
