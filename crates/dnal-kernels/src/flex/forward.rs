@@ -24,8 +24,9 @@ impl DnalKernels for Flex {
         var: FlexTensor,
         epsilon: f64,
     ) -> Affine<Flex> {
-        let parts = [a, b, mean, var].map(|t| f32s(&t));
-        let [a, b, mean, var] = parts.each_ref().map(|t| t.storage::<f32>());
+        let parts = [a, b, mean, var];
+        let parts = parts.each_ref().map(super::vec_of);
+        let [a, b, mean, var] = parts.each_ref().map(|t| &t[..]);
         let c = a.len();
         assert!(
             [b, mean, var].iter().all(|t| t.len() == c),

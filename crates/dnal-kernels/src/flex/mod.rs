@@ -224,6 +224,13 @@ pub(super) fn per_channel(x: &FlexTensor) -> (usize, usize) {
     (c, s.num_elements() / (s[0] * c).max(1))
 }
 
-pub(super) fn vec_of(t: &FlexTensor) -> Vec<f32> {
-    f32s(t).storage::<f32>().to_vec()
+/// The values of an f32 tensor in row-major order: borrowed when they are stored so (no clone
+/// of the tensor, whose layout is a few hundred bytes to copy: at batch 1 such clones were a
+/// visible part of a thin network's forward), copied otherwise.
+pub(super) fn vec_of(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    assert_eq!(t.dtype(), DType::F32, "dnal kernels take f32 tensors");
+    match t.as_slice::<f32>() {
+        Some(values) => std::borrow::Cow::Borrowed(values),
+        None => std::borrow::Cow::Owned(f32s(t).storage::<f32>().to_vec()),
+    }
 }

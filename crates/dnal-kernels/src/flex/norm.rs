@@ -86,7 +86,7 @@ pub(super) fn norm_grads(
     let (xv, gv) = (x.storage::<f32>(), grad.storage::<f32>());
     let (a, mean, var) = (vec_of(&a), vec_of(&mean), vec_of(&var));
     let r = inv_std(&var, epsilon);
-    let stats = (mean.as_slice(), r.as_slice());
+    let stats = (&mean[..], r.as_slice());
     let (scale, shift) = norm_affine(&a, &vec_of(&b), &mean, &var, epsilon);
     let (through, (sum_dy, sum_dy_xhat), mask) = match output {
         Some(y) if !clamp.is_none() => {
