@@ -226,15 +226,27 @@ impl PackedWeights {
 
     /// The packing of `w` for `g`, kept from an earlier call on the same weights: at batch 1
     /// the packing (a scatter over every weight) took a tenth of a thin pruned ResNet-56's
-    /// forward. Entries are found by the weights' address and geometry and used only when the
-    /// weights they were packed from are bitwise equal to `w`, so a freed buffer whose address
-    /// is reused, or weights changed in place, are packed again.
-    pub fn shared(w: &[f32], g: &ConvGeometry) -> Arc<Self> {
+    /// forward.
+    ///
+    /// `owner` is the shared storage `w` lies in, which nobody writes while another reference
+    /// to it exists (copy-on-write: flex's tensor storage, whose writers copy it unless they
+    /// hold the only reference). An entry holds a reference to its owner, so while it is
+    /// cached the storage can neither be freed (its address reused) nor written in place: the
+    /// same address, length, geometry and owner mean the same values, found without comparing
+    /// them (the comparison had been a fifth of the lookup's cost at batch 1). Storage written
+    /// through another handle than a copy-on-write one must not be passed.
+    pub(crate) fn shared<T: Send + Sync + 'static>(
+        owner: &Arc<T>,
+        w: &[f32],
+        g: &ConvGeometry,
+    ) -> Arc<Self> {
         type Key = (usize, usize, ConvGeometry);
-        /// Values (weights and their packing) the cache holds at most before it starts over.
+        /// Values (weights held and their packing) the cache holds at most before it starts
+        /// over.
         const CAPACITY: usize = 16 << 20;
         struct Entry {
-            source: Vec<f32>,
+            owner: Arc<dyn std::any::Any + Send + Sync>,
+            held: usize,
             packed: Arc<PackedWeights>,
         }
         #[derive(Default)]
@@ -243,20 +255,16 @@ impl PackedWeights {
             values: usize,
         }
         static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-        // Bitwise, as bytes (`memcmp`).
-        let bytes = |v: &[f32]| -> &[u8] {
-            // SAFETY: the bytes of initialised f32 values, of the same lifetime; any byte
-            // pattern is a valid u8.
-            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) }
+        let same_owner = |held: &Arc<dyn std::any::Any + Send + Sync>| {
+            Arc::as_ptr(held).cast::<u8>() == Arc::as_ptr(owner).cast::<u8>()
         };
-        let same = |a: &[f32], b: &[f32]| bytes(a) == bytes(b);
         let key = (w.as_ptr() as usize, w.len(), *g);
         let mut cache = CACHE
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(entry) = cache.entries.get(&key)
-            && same(&entry.source, w)
+            && same_owner(&entry.owner)
         {
             return entry.packed.clone();
         }
@@ -266,11 +274,12 @@ impl PackedWeights {
             *cache = Cache::default();
         }
         let entry = Entry {
-            source: w.to_vec(),
+            owner: owner.clone(),
+            held: w.len(),
             packed: packed.clone(),
         };
         if let Some(old) = cache.entries.insert(key, entry) {
-            cache.values -= old.source.len() + old.packed.values.len();
+            cache.values -= old.held + old.packed.values.len();
         }
         cache.values += size;
         packed
@@ -743,27 +752,32 @@ mod tests {
         }
     }
 
-    /// The cache returns the earlier packing only for bitwise equal weights: weights changed in
-    /// place (same address) are packed again, and so are equal weights under another geometry.
+    /// The cache returns the earlier packing for the same storage: while an entry holds it,
+    /// copy-on-write storage cannot change in place (a writer gets a copy, at another address,
+    /// which is packed again), nor be freed; equal values in other storage, or under another
+    /// geometry, are packed again.
     #[test]
-    fn shared_packing_follows_the_weights_not_their_address() {
+    fn shared_packing_follows_the_storage() {
         let g = geometry(3, 5);
-        let mut w: Vec<f32> = (0..g.out_channels * g.patch()).map(|i| i as f32).collect();
-        let first = PackedWeights::shared(&w, &g);
-        assert!(Arc::ptr_eq(&first, &PackedWeights::shared(&w, &g)));
+        let mut w: Arc<Vec<f32>> =
+            Arc::new((0..g.out_channels * g.patch()).map(|i| i as f32).collect());
+        let first = PackedWeights::shared(&w, &w, &g);
+        assert!(Arc::ptr_eq(&first, &PackedWeights::shared(&w, &w, &g)));
         assert_eq!(first.values, PackedWeights::new(&w, &g).values);
-        w[7] = -1.0;
-        let changed = PackedWeights::shared(&w, &g);
+        // The cache's reference makes the storage shared: writing it copies it first.
+        assert!(Arc::get_mut(&mut w).is_none());
+        Arc::make_mut(&mut w)[7] = -1.0;
+        let changed = PackedWeights::shared(&w, &w, &g);
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.values, PackedWeights::new(&w, &g).values);
-        // -0.0 == 0.0 as floats, not as bits.
-        w[7] = 0.0;
-        let zero = PackedWeights::shared(&w, &g);
-        w[7] = -0.0;
-        assert!(!Arc::ptr_eq(&zero, &PackedWeights::shared(&w, &g)));
+        // Equal values in other storage.
+        let copy = Arc::new(w.to_vec());
+        let again = PackedWeights::shared(&copy, &copy, &g);
+        assert!(!Arc::ptr_eq(&changed, &again));
+        assert_eq!(again.values, changed.values);
         // The same values read as 15 filters of 1 channel.
         let other = geometry(1, 15);
-        let repacked = PackedWeights::shared(&w, &other);
+        let repacked = PackedWeights::shared(&w, &w, &other);
         assert_eq!(repacked.values, PackedWeights::new(&w, &other).values);
     }
 }

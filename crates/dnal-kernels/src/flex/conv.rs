@@ -7,6 +7,7 @@ use crate::direct;
 use crate::gemm::{MatMut, MatRef, matmul};
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Groups of images whose weight-gradient contributions are summed in sequence.
 pub(super) const WEIGHT_GRAD_RUN: usize = 8;
@@ -107,12 +108,13 @@ pub(super) fn gather_group(images: &[f32], c: usize, l: usize, out: &mut Vec<f32
     }
 }
 
-/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]`, result `[N, Co, OH, OW]`.
+/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]` (in the copy-on-write storage
+/// `owner`, which the packed-weights cache of batch-1 calls holds), result `[N, Co, OH, OW]`.
 /// Groups of images in parallel: im2col into a per-thread buffer, then `W x cols`, written
 /// straight into the image's output (one image per group) or through the group's product.
-pub(super) fn conv_forward_slices(
+pub(super) fn conv_forward_slices<T: Send + Sync + 'static>(
     x: &[f32],
-    w: &[f32],
+    (w, owner): (&[f32], &Arc<T>),
     g: &ConvGeometry,
     epilogue: Option<Epilogue>,
 ) -> Vec<f32> {
@@ -131,7 +133,7 @@ pub(super) fn conv_forward_slices(
         // convolution, so it is kept between calls. Larger batches amortise it, and training
         // changes the weights every step.
         if groups == 1 {
-            let w = direct::PackedWeights::shared(w, g);
+            let w = direct::PackedWeights::shared(owner, w, g);
             return direct::conv_forward(x, &w, g, per, epilogue);
         }
         let w = direct::PackedWeights::new(w, g);
@@ -194,7 +196,10 @@ pub(super) fn conv_forward(
     let weight = f32s(&weight);
     let g = geometry(&x, &weight, stride, padding);
     let batch = x.layout().shape()[0];
-    let out = conv_forward_slices(x.storage::<f32>(), weight.storage::<f32>(), &g, epilogue);
+    // The weights' storage, copy-on-write, for the packed-weights cache.
+    let owner = weight.data_arc();
+    let w = (weight.storage::<f32>(), &owner);
+    let out = conv_forward_slices(x.storage::<f32>(), w, &g, epilogue);
     let [oh, ow] = g.out_hw();
     tensor(out, &[batch, g.out_channels, oh, ow])
 }
