@@ -32,8 +32,9 @@
 //! only lanes whose position is inside the image slice it is given.
 #![allow(unsafe_code)]
 
-use crate::cpu::{ConvGeometry, Epilogue};
-use std::collections::HashMap;
+use crate::cpu::{ConvGeometry, Epilogue, GeometryKey};
+use crate::memo::Memo;
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Positions per vector.
@@ -147,20 +148,8 @@ impl Taps {
     /// them (a pass over every position and tap) took a quarter of a thin pruned ResNet-56's
     /// forward.
     pub(crate) fn shared(g: &ConvGeometry) -> Arc<Self> {
-        type Key = ([usize; 2], usize, usize, usize);
-        static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Taps>>>> = OnceLock::new();
-        let key = (g.in_hw, g.kernel, g.padding, g.stride);
-        let mut cache = CACHE
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cache.len() > 256 {
-            cache.clear();
-        }
-        cache
-            .entry(key)
-            .or_insert_with(|| Arc::new(Self::new(g)))
-            .clone()
+        static TAPS: Memo<GeometryKey, Taps> = Memo::new();
+        TAPS.get(g.key(), || Self::new(g))
     }
 
     fn masks(&self, vector: usize) -> &[u16] {
@@ -251,7 +240,7 @@ impl PackedWeights {
         }
         #[derive(Default)]
         struct Cache {
-            entries: HashMap<Key, Entry>,
+            entries: FxHashMap<Key, Entry>,
             values: usize,
         }
         static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();

@@ -46,6 +46,7 @@ mod direct;
 mod flex;
 #[cfg(feature = "flex")]
 pub mod gemm;
+mod memo;
 mod planes;
 mod simd;
 

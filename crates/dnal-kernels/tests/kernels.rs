@@ -660,6 +660,23 @@ fn conv_bn_add_into_matches_burn_then_the_index_add_then_relu() {
                 assert_close(
                     &format!("conv-bn-add-into eval {pos:?} batch {batch} {mode:?} {act:?}"),
                     fused,
+                    expected.clone(),
+                    1e-5,
+                );
+                // A stream nothing else holds is added into in place: the same values.
+                let unique = input([batch, width, hw, hw], 42, &device);
+                let in_place = dnal_kernels::conv_bn_add_into(
+                    &conv_eval,
+                    &bn,
+                    g.factor(),
+                    act,
+                    x.clone() * 3.0,
+                    unique,
+                    &pos,
+                );
+                assert_close(
+                    &format!("conv-bn-add-into in place {pos:?} batch {batch} {mode:?} {act:?}"),
+                    in_place,
                     expected,
                     1e-5,
                 );

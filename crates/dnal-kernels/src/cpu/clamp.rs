@@ -23,8 +23,9 @@ impl Clamp {
         self == Self::NONE
     }
 
-    /// `v` clamped to `[lo, hi]`.
-    #[inline]
+    /// `v` clamped to `[lo, hi]`. Always inlined, so that it vectorizes inside
+    /// `widest_simd!` bodies.
+    #[inline(always)]
     pub fn apply(self, v: f32) -> f32 {
         if v < self.lo {
             self.lo

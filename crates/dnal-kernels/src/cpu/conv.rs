@@ -3,8 +3,10 @@
 //! epilogue applied as it writes its output.
 
 use super::clamp::Clamp;
+use crate::memo::Memo;
 use crate::planes::par_planes;
 use crate::simd::widest_simd;
+use std::sync::Arc;
 
 /// Per-output-channel `clamp(v * scale + shift + residual)` (BatchNorm, a residual block's
 /// shortcut and an activation folded into the convolution for inference), applied as the
@@ -29,17 +31,19 @@ impl Epilogue<'_> {
 
     #[inline(always)]
     fn apply_here(&self, ch: usize, values: &mut [f32], at: usize) {
-        let (m, b) = (self.scale[ch], self.shift[ch]);
+        // Everything the loops read besides the values, as values: read through `self` in the
+        // loop (the stores could alias it), the clamp compiled to a gather of its bounds.
+        let (m, b, clamp) = (self.scale[ch], self.shift[ch], self.clamp);
         match self.residual {
             None => {
                 for v in values.iter_mut() {
-                    *v = self.clamp.apply(*v * m + b);
+                    *v = clamp.apply(*v * m + b);
                 }
             }
             Some(r) => {
                 let n = values.len();
                 for (v, &r) in values.iter_mut().zip(&r[at..at + n]) {
-                    *v = self.clamp.apply(*v * m + b + r);
+                    *v = clamp.apply(*v * m + b + r);
                 }
             }
         }
@@ -64,7 +68,16 @@ pub struct ConvGeometry {
     pub padding: usize,
 }
 
+/// What a convolution's spatial layout depends on: input map, kernel, padding, stride (not
+/// the channels).
+pub type GeometryKey = ([usize; 2], usize, usize, usize);
+
 impl ConvGeometry {
+    /// The spatial part of this geometry, which its taps and gather table depend on.
+    pub fn key(&self) -> GeometryKey {
+        (self.in_hw, self.kernel, self.padding, self.stride)
+    }
+
     /// Output height and width.
     pub fn out_hw(&self) -> [usize; 2] {
         let out = |i: usize| (i + 2 * self.padding - self.kernel) / self.stride + 1;
@@ -117,7 +130,7 @@ pub fn flip_transpose(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
 /// `[C * k * k, images * OH * OW]`, row `(c, kh, kw)`, column `(image, oh, ow)`. Every value is
 /// written once (no zero fill first).
 pub fn im2col(images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
-    im2col_with(images, g, GatherTable::new(g).as_ref(), cols);
+    im2col_with(images, g, GatherTable::shared(g).as_deref(), cols);
 }
 
 /// [`im2col`] with the geometry's [`GatherTable`] built beforehand (once per convolution, not
@@ -156,30 +169,39 @@ pub struct GatherTable(Vec<usize>);
 
 impl GatherTable {
     /// The table of `g`, or `None` when its rows are better copied in runs (stride 1, maps of
-    /// more than 16 positions: copying runs of rows wins from 8x8 maps up).
-    pub fn new(g: &ConvGeometry) -> Option<Self> {
-        let [h, w] = g.in_hw;
+    /// more than 16 positions: copying runs of rows wins from 8x8 maps up). Built once per
+    /// process and geometry: at batch 1 building it took as long as the gather.
+    pub fn shared(g: &ConvGeometry) -> Option<Arc<Self>> {
+        static TABLES: Memo<GeometryKey, GatherTable> = Memo::new();
         let [oh, ow] = g.out_hw();
         if oh * ow > SMALL_MAP && g.stride == 1 {
             return None;
         }
+        Some(TABLES.get(g.key(), || Self::new(g)))
+    }
+
+    fn new(g: &ConvGeometry) -> Self {
+        let [h, w] = g.in_hw;
+        let [oh, ow] = g.out_hw();
         let k = g.kernel;
-        let table = (0..k * k)
-            .flat_map(|t| {
-                let (kh, kw) = (t / k, t % k);
-                (0..oh).flat_map(move |oy| {
-                    (0..ow).map(move |ox| {
-                        let iy = (oy * g.stride + kh).checked_sub(g.padding);
-                        let ix = (ox * g.stride + kw).checked_sub(g.padding);
-                        match (iy, ix) {
-                            (Some(iy), Some(ix)) if iy < h && ix < w => iy * w + ix,
-                            _ => h * w,
-                        }
-                    })
-                })
-            })
-            .collect();
-        Some(Self(table))
+        let mut table = Vec::with_capacity(k * k * oh * ow);
+        for (kh, kw) in (0..k).flat_map(|kh| (0..k).map(move |kw| (kh, kw))) {
+            for oy in 0..oh {
+                let iy = (oy * g.stride + kh)
+                    .checked_sub(g.padding)
+                    .filter(|&iy| iy < h);
+                table.extend((0..ow).map(|ox| {
+                    let ix = (ox * g.stride + kw)
+                        .checked_sub(g.padding)
+                        .filter(|&ix| ix < w);
+                    match (iy, ix) {
+                        (Some(iy), Some(ix)) => iy * w + ix,
+                        _ => h * w,
+                    }
+                }));
+            }
+        }
+        Self(table)
     }
 
     fn gather(&self, images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {

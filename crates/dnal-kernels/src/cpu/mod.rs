@@ -11,7 +11,9 @@ pub mod norm;
 pub mod pool;
 
 pub use clamp::{Clamp, ClampGrad, ClampOf};
-pub use conv::{ConvGeometry, Epilogue, GatherTable, col2im, flip_transpose, im2col, im2col_with};
+pub use conv::{
+    ConvGeometry, Epilogue, GatherTable, GeometryKey, col2im, flip_transpose, im2col, im2col_with,
+};
 pub use depthwise::{
     DepthwiseGeometry, depthwise_forward_affine, depthwise_input_grad, depthwise_weight_grad,
 };

@@ -69,6 +69,33 @@ pub(super) fn direct_usable() -> bool {
     crate::direct_enabled() && direct::available()
 }
 
+impl Scratch {
+    /// Buffers larger than this many values are not kept between calls.
+    const KEPT: usize = 1 << 21;
+
+    /// `f` with this thread's kept buffers: at batch 1 a fresh column matrix for each strided
+    /// layer (a new allocation, often fresh pages) cost about as much as its product.
+    fn with_kept<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+        thread_local! {
+            static KEPT: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+        }
+        KEPT.with(|kept| {
+            // A call nested in another's `f` (none today) gets buffers of its own.
+            let Ok(mut s) = kept.try_borrow_mut() else {
+                return f(&mut Scratch::default());
+            };
+            let out = f(&mut s);
+            let s = &mut *s;
+            for buffer in [&mut s.cols, &mut s.wide] {
+                if buffer.capacity() > Self::KEPT {
+                    *buffer = Vec::new();
+                }
+            }
+            out
+        })
+    }
+}
+
 /// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
 pub(super) fn direct_path(groups: usize) -> bool {
     direct_usable() && groups >= DIRECT_MIN_GROUPS
@@ -143,13 +170,13 @@ pub(super) fn conv_forward_slices<T: Send + Sync + 'static>(
     if out.is_empty() {
         return out;
     }
-    let table = cpu::GatherTable::new(g);
+    let table = cpu::GatherTable::shared(g);
     let lhs = MatRef::row_major(w, co, p);
     let each = |s: &mut Scratch, (n, (dst, images)): (usize, (&mut [f32], &[f32]))| {
         // Offset of this group in the output (where a residual's values are).
         let first = n * per * co * l;
         let count = dst.len() / (co * l);
-        columns_into(images, g, table.as_ref(), &mut s.cols);
+        columns_into(images, g, table.as_deref(), &mut s.cols);
         let cols = MatRef::row_major(&s.cols, p, count * l);
         if count == 1 {
             matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
@@ -174,7 +201,7 @@ pub(super) fn conv_forward_slices<T: Send + Sync + 'static>(
     if groups == 1 {
         // One group: on this thread (`gemm` splits a large product itself), without a
         // hand-off to rayon's pool.
-        each(&mut Scratch::default(), (0, (&mut out, x)));
+        Scratch::with_kept(|s| each(s, (0, (&mut out, x))));
     } else {
         out.par_chunks_mut(per * co * l)
             .zip(x.par_chunks(per * g.image()))
@@ -218,7 +245,7 @@ pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
     let direct = direct_path(runs) && direct::takes_weight_grad(g);
     let parallel = parallel_products(runs, [co, per * l, p]);
-    let table = (!direct).then(|| cpu::GatherTable::new(g)).flatten();
+    let table = (!direct).then(|| cpu::GatherTable::shared(g)).flatten();
     let partial = |run: &[(usize, usize)]| {
         if direct {
             // The run's groups are consecutive images.
@@ -236,7 +263,7 @@ pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
             columns_into(
                 &x[first * g.image()..][..count * g.image()],
                 g,
-                table.as_ref(),
+                table.as_deref(),
                 &mut s.cols,
             );
             let cols_t = MatRef::row_major(&s.cols, p, count * l).t();
@@ -337,14 +364,15 @@ pub(super) fn conv_backward(
 }
 
 /// `clamp(stream + y)` with `y` (`[N, k, H, W]`) added into the channels `channels` of `stream`
-/// (`[N, C, H, W]`), plane by plane.
+/// (`[N, C, H, W]`), plane by plane: in the stream's own storage when nothing else holds it (a
+/// residual network's stream, passed on from block to block), into a new tensor otherwise.
 pub(super) fn conv_affine_add_into(
     y: &FlexTensor,
-    stream: &FlexTensor,
+    mut stream: FlexTensor,
     channels: &[usize],
     clamp: Clamp,
 ) -> FlexTensor {
-    let (y, stream) = (f32s(y), f32s(stream));
+    let y = f32s(y);
     let shape = stream.layout().shape().to_vec();
     let [n, c, h, w]: [usize; 4] = shape[..].try_into().expect("a stream [N, C, H, W]");
     let k = channels.len();
@@ -362,14 +390,50 @@ pub(super) fn conv_affine_add_into(
         );
         source[ch] = Some(r);
     }
-    let (yv, sv) = (y.storage::<f32>(), stream.storage::<f32>());
+    let yv = y.storage::<f32>();
     let l = h * w;
-    let out = crate::planes::par_planes(n * c * l, l, |i| {
+    let added = |i: usize| {
         let (image, ch) = (i / c, i % c);
+        source[ch].map(|r| &yv[(image * k + r) * l..][..l])
+    };
+    let in_place = stream.dtype() == burn::tensor::DType::F32 && stream.is_unique();
+    if let (true, Some((start, end))) = (in_place, stream.layout().contiguous_offsets())
+        && let Some(values) = stream.try_storage_mut::<f32>()
+    {
+        // The bounds are copied before each loop: read through the closure's captures in the
+        // loop (the stores into the plane could alias them), the clamp compiled to a gather.
+        let add_plane = |(i, plane): (usize, &mut [f32])| match added(i) {
+            Some(a) => crate::simd::widest_simd!({
+                let bounds = clamp;
+                for (v, &a) in plane.iter_mut().zip(a) {
+                    *v = bounds.apply(*v + a);
+                }
+            }),
+            None => crate::simd::widest_simd!({
+                let bounds = clamp;
+                for v in plane.iter_mut() {
+                    *v = bounds.apply(*v);
+                }
+            }),
+        };
+        let values = &mut values[start..end];
+        if values.len() < crate::planes::SERIAL_BELOW {
+            values.chunks_mut(l.max(1)).enumerate().for_each(add_plane);
+        } else {
+            values
+                .par_chunks_mut(l.max(1))
+                .enumerate()
+                .for_each(add_plane);
+        }
+        return stream;
+    }
+    let stream = f32s(&stream);
+    let sv = stream.storage::<f32>();
+    let out = crate::planes::par_planes(n * c * l, l, |i| {
         let plane = &sv[i * l..][..l];
         // Zipped (the plane itself where nothing is added, unread), so that the pass has no
         // bounds check per value and vectorizes.
-        let added = source[ch].map(|r| &yv[(image * k + r) * l..][..l]);
+        let added = added(i);
         let add = added.is_some();
         plane
             .iter()

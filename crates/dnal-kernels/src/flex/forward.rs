@@ -24,25 +24,7 @@ impl DnalKernels for Flex {
         var: FlexTensor,
         epsilon: f64,
     ) -> Affine<Flex> {
-        let parts = [a, b, mean, var];
-        let parts = parts.each_ref().map(super::vec_of);
-        let [a, b, mean, var] = parts.each_ref().map(|t| &t[..]);
-        let c = a.len();
-        assert!(
-            [b, mean, var].iter().all(|t| t.len() == c),
-            "BatchNorm parameters of different lengths"
-        );
-        let eps = epsilon as f32;
-        let (mut scale, mut shift) = (Vec::with_capacity(c), Vec::with_capacity(c));
-        for i in 0..c {
-            let s = a[i] * (1.0 / (var[i] + eps).sqrt());
-            scale.push(s);
-            shift.push(b[i] - mean[i] * s);
-        }
-        Affine {
-            scale: tensor(scale, &[c]),
-            shift: tensor(shift, &[c]),
-        }
+        super::fold::fold_batch_norm(a, b, mean, var, epsilon)
     }
 
     fn dnal_depthwise_conv2d(
@@ -135,7 +117,7 @@ impl DnalKernels for Flex {
             padding,
             Clamp::NONE,
         );
-        conv_affine_add_into(&y, &stream, &channels, Clamp { lo, hi })
+        conv_affine_add_into(&y, stream, &channels, Clamp { lo, hi })
     }
 
     fn dnal_batch_norm_train(

@@ -5,6 +5,7 @@
 
 mod backward;
 mod conv;
+mod fold;
 mod forward;
 mod norm;
 
