@@ -2,26 +2,31 @@
 # Pruned speed-up over MACs reduction from alternating runs, which cancel this kind of
 # machine's drift better than one criterion run: for each network and batch, ROUNDS rounds of
 # one dense and one pruned run of examples/profile_infer, each the median of its forwards after
-# a warm-up; prints the per-round ratios and their median.
+# a warm-up (STAT=min: their minimum, the time of a forward nothing else disturbed); prints the
+# per-round ratios and their median.
 #
 # cargo build --release -p dnal-benches --examples
-# benches/scripts/alternate_infer.sh [ROUNDS] [NETWORK...]
+# [STAT=median|min] benches/scripts/alternate_infer.sh [ROUNDS] [NETWORK...]
 set -euo pipefail
 target="${CARGO_TARGET_DIR:-target}"
 bin="$target/release/examples/profile_infer"
 rounds="${1:-5}"
+stat="${STAT:-median}"
+case "$stat" in median | min) ;; *) echo "STAT must be median or min, not '$stat'" >&2; exit 2 ;; esac
 shift || true
 nets=("$@")
 [ ${#nets[@]} -gt 0 ] || nets=(mnist-cnn resnet56 resnet56-thin vgg16 mobilenetv2)
 declare -A reduction=([mnist-cnn]=4.29 [resnet56]=3.39 [resnet56-thin]=7.23 [vgg16]=1.90 [mobilenetv2]=2.50)
 
-# Median forward time in ms of `profile_infer NET KIND BATCH N`, the first half dropped.
-median_ms() {
+# Median (or minimum) forward time in ms of `profile_infer NET KIND BATCH N`, the first half
+# dropped.
+time_ms() {
     "$bin" "$1" "$2" "$3" "$4" | tail -n $(($4 / 2)) | awk '{
         v = $2
         if (v ~ /µs$/) { sub("µs", "", v); v /= 1000 } else if (v ~ /ms$/) { sub("ms", "", v) }
         else if (v ~ /s$/) { sub("s", "", v); v *= 1000 }
-        print v }' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
+        print v }' | sort -n | awk -v stat="$stat" '{ a[NR] = $1 }
+        END { print (stat == "min") ? a[1] : a[int((NR + 1) / 2)] }'
 }
 
 for net in "${nets[@]}"; do
@@ -29,8 +34,8 @@ for net in "${nets[@]}"; do
         if [ "$batch" = 1 ]; then n=200; else n=12; fi
         ratios=()
         for _ in $(seq "$rounds"); do
-            dense=$(median_ms "$net" dense "$batch" "$n")
-            pruned=$(median_ms "$net" pruned "$batch" "$n")
+            dense=$(time_ms "$net" dense "$batch" "$n")
+            pruned=$(time_ms "$net" pruned "$batch" "$n")
             ratios+=("$(awk -v d="$dense" -v p="$pruned" -v r="${reduction[$net]}" \
                 'BEGIN { printf "%.2f", d / p / r }')")
         done
