@@ -10,14 +10,22 @@ use burn::tensor::Bytes;
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Folds kept at most before the cache starts over. A network has one per BatchNorm; the
-/// bound is for a process that evaluates many networks (a trainer, every epoch).
-const CAPACITY: usize = 4096;
+/// Values (inputs held and folds kept) the cache holds at most before it starts over. A
+/// network has one fold per BatchNorm; the bound is for a process that evaluates many
+/// networks, or one network after every epoch of training.
+const CAPACITY: usize = 1 << 22;
 
 /// Where one input's values lie: their address and length.
 type Place = (usize, usize);
 /// The four inputs' places and epsilon's bits.
 type Key = ([Place; 4], u64);
+
+#[derive(Default)]
+struct Cache {
+    entries: FxHashMap<Key, Entry>,
+    /// Values the entries hold.
+    values: usize,
+}
 
 struct Entry {
     /// The four inputs' storages, held so that they cannot be freed (their addresses reused)
@@ -39,7 +47,7 @@ pub(super) fn fold_batch_norm(
     var: FlexTensor,
     epsilon: f64,
 ) -> Affine<Flex> {
-    static CACHE: OnceLock<Mutex<FxHashMap<Key, Entry>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let inputs = [&a, &b, &mean, &var];
     let mut places = [(0, 0); 4];
     for (place, t) in places.iter_mut().zip(inputs) {
@@ -53,17 +61,20 @@ pub(super) fn fold_batch_norm(
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(entry) = cache.get(&key) {
+    if let Some(entry) = cache.entries.get(&key) {
         return Affine {
             scale: entry.scale.clone(),
             shift: entry.shift.clone(),
         };
     }
     let folded = fold(inputs, epsilon);
-    if cache.len() >= CAPACITY {
-        cache.clear();
+    // The inputs' values and the two folds.
+    let size = places.iter().map(|&(_, len)| len).sum::<usize>() + 2 * places[0].1;
+    if cache.values + size > CAPACITY {
+        *cache = Cache::default();
     }
-    cache.insert(
+    cache.values += size;
+    cache.entries.insert(
         key,
         Entry {
             _held: inputs.map(FlexTensor::data_arc),
