@@ -31,10 +31,11 @@ pub const SERIAL_BELOW: usize = 1 << 14;
 
 /// `each(i, plane)` for the planes of `l` values of `dst` (the last may be shorter), in
 /// parallel, or on this thread below [`SERIAL_BELOW`] values; the results in plane order.
-fn map_planes<T, F>(dst: &mut [MaybeUninit<f32>], l: usize, each: F) -> Vec<T>
+fn map_planes<E, T, F>(dst: &mut [E], l: usize, each: F) -> Vec<T>
 where
+    E: Send,
     T: Send,
-    F: Fn((usize, &mut [MaybeUninit<f32>])) -> T + Sync,
+    F: Fn((usize, &mut [E])) -> T + Sync,
 {
     if dst.len() < SERIAL_BELOW {
         dst.chunks_mut(l.max(1)).enumerate().map(&each).collect()
@@ -64,6 +65,15 @@ where
     // reached only when all `len` values are initialised).
     unsafe { out.set_len(len) };
     out
+}
+
+/// `each(i, plane)` for the planes of `l` values of `values` (the last may be shorter),
+/// rewriting them in place, in parallel (on this thread below [`SERIAL_BELOW`] values).
+pub fn each_plane_mut<F>(values: &mut [f32], l: usize, each: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    map_planes(values, l, |(i, plane)| each(i, plane));
 }
 
 /// `len` values in planes of `l` (the last may be shorter), computed in parallel (on this thread

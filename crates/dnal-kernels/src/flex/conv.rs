@@ -364,11 +364,11 @@ pub(super) fn conv_backward(
 }
 
 /// `clamp(stream + y)` with `y` (`[N, k, H, W]`) added into the channels `channels` of `stream`
-/// (`[N, C, H, W]`), plane by plane: in the stream's own storage when nothing else holds it (a
-/// residual network's stream, passed on from block to block), into a new tensor otherwise.
+/// (`[N, C, H, W]`), plane by plane, in the stream's own storage when nothing else holds it (a
+/// residual network's stream, passed on from block to block), else in a copy.
 pub(super) fn conv_affine_add_into(
     y: &FlexTensor,
-    mut stream: FlexTensor,
+    stream: FlexTensor,
     channels: &[usize],
     clamp: Clamp,
 ) -> FlexTensor {
@@ -392,17 +392,15 @@ pub(super) fn conv_affine_add_into(
     }
     let yv = y.storage::<f32>();
     let l = h * w;
-    let added = |i: usize| {
+    let mut stream = owned_f32s(stream);
+    let values = stream
+        .try_storage_mut::<f32>()
+        .expect("a tensor nothing else holds");
+    // The bounds are copied before each loop: read through the closure's captures in the loop
+    // (the stores into the plane could alias them), the clamp compiled to a gather.
+    crate::planes::each_plane_mut(&mut values[..n * c * l], l, |i, plane| {
         let (image, ch) = (i / c, i % c);
-        source[ch].map(|r| &yv[(image * k + r) * l..][..l])
-    };
-    let in_place = stream.dtype() == burn::tensor::DType::F32 && stream.is_unique();
-    if let (true, Some((start, end))) = (in_place, stream.layout().contiguous_offsets())
-        && let Some(values) = stream.try_storage_mut::<f32>()
-    {
-        // The bounds are copied before each loop: read through the closure's captures in the
-        // loop (the stores into the plane could alias them), the clamp compiled to a gather.
-        let add_plane = |(i, plane): (usize, &mut [f32])| match added(i) {
+        match source[ch].map(|r| &yv[(image * k + r) * l..][..l]) {
             Some(a) => crate::simd::widest_simd!({
                 let bounds = clamp;
                 for (v, &a) in plane.iter_mut().zip(a) {
@@ -415,32 +413,20 @@ pub(super) fn conv_affine_add_into(
                     *v = bounds.apply(*v);
                 }
             }),
-        };
-        let values = &mut values[start..end];
-        if values.len() < crate::planes::SERIAL_BELOW {
-            values.chunks_mut(l.max(1)).enumerate().for_each(add_plane);
-        } else {
-            values
-                .par_chunks_mut(l.max(1))
-                .enumerate()
-                .for_each(add_plane);
         }
-        return stream;
-    }
-    let stream = f32s(&stream);
-    let sv = stream.storage::<f32>();
-    let out = crate::planes::par_planes(n * c * l, l, |i| {
-        let plane = &sv[i * l..][..l];
-        // Zipped (the plane itself where nothing is added, unread), so that the pass has no
-        // bounds check per value and vectorizes.
-        let added = added(i);
-        let add = added.is_some();
-        plane
-            .iter()
-            .zip(added.unwrap_or(plane))
-            .map(move |(&v, &a)| clamp.apply(if add { v + a } else { v }))
     });
-    tensor(out, &shape)
+    stream
+}
+
+/// `t` as a contiguous f32 tensor whose storage, starting at its first value, nothing else
+/// holds: `t` itself when it is one, otherwise a copy of its values.
+fn owned_f32s(t: FlexTensor) -> FlexTensor {
+    let own = t.is_unique() && t.layout().contiguous_offsets().is_some_and(|(s, _)| s == 0);
+    if own && t.dtype() == burn::tensor::DType::F32 {
+        return t;
+    }
+    let t = f32s(&t);
+    tensor(vec_of(&t).into_owned(), t.layout().shape())
 }
 
 /// The inference convolution with BatchNorm, an optional residual and the clamp applied as
