@@ -11,6 +11,9 @@
 //!   1.90x, MobileNetV2: 2.50x, see `examples/write_architectures.rs`; the MNIST demo's CNN:
 //!   4.28x, the architecture `cargo xtask train` derives). `benches/reference/pytorch_reference.py`
 //!   times the same networks and widths in PyTorch.
+//!   `frozen-dense` and `frozen-pruned` (flex only) time the same networks frozen for
+//!   inference (`dnal_zoo::FrozenNetwork`: BatchNorm folded, weights packed once, no burn
+//!   tensors), as `dnal-train predict` runs them.
 //! * `inference-rounded/<backend>/<net>/round-<k>/batch-<n>`: eval-mode forward of ResNet-56
 //!   and MobileNetV2 (CIFAR) pruned to an irregular searched-like architecture
 //!   (`dnal_benches::searched_states`), its widths rounded up to multiples of `k`
@@ -23,7 +26,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dnal_benches::cpu_backends;
 use dnal_core::GateMode;
 use dnal_core::{Architecture, BackendKind};
-use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
+use dnal_zoo::{CifarResNetConfig, FrozenNetwork, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
 
@@ -103,6 +106,8 @@ trait BenchNet {
     fn valid(&self) -> Box<dyn BenchNet>;
     /// The network pruned to `arch`, in eval mode, and its MACs reduction.
     fn pruned(&self, arch: &Architecture) -> (Box<dyn BenchNet>, f64);
+    /// The network frozen for inference.
+    fn frozen(&self) -> FrozenNetwork;
 }
 
 impl<N: Network + 'static> BenchNet for N {
@@ -131,6 +136,10 @@ impl<N: Network + 'static> BenchNet for N {
         let pruned = self.clone().prune(arch).unwrap();
         let achieved = full / pruned.cost_model().cost(None).macs as f64;
         (Box::new(pruned.valid()), achieved)
+    }
+
+    fn frozen(&self) -> FrozenNetwork {
+        FrozenNetwork::new(self).unwrap()
     }
 }
 
@@ -195,6 +204,16 @@ fn inference(c: &mut Criterion) {
                 group.bench_function(format!("pruned/batch-{batch}"), |b| {
                     b.iter(|| pruned.infer(x.clone()))
                 });
+                if backend != BackendKind::Flex {
+                    continue;
+                }
+                let values: Vec<f32> = x.into_data().try_to_vec().unwrap();
+                for (kind, net) in [("dense", &dense), ("pruned", &pruned)] {
+                    let frozen = net.frozen();
+                    group.bench_function(format!("frozen-{kind}/batch-{batch}"), |b| {
+                        b.iter(|| frozen.forward(&values).unwrap())
+                    });
+                }
             }
             group.finish();
         }

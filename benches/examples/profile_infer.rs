@@ -1,7 +1,9 @@
 //! Runs eval-mode forwards of a benchmarked network, dense or pruned to the architecture checked
 //! in under `benches/architectures/`, for a profiler:
 //! `profile_infer [resnet56|resnet56-thin|vgg16|mobilenetv2|mnist-cnn] [dense|pruned] [batch]
-//! [iterations]` (defaults: resnet56 pruned 64 20). Prints the time of each forward.
+//! [iterations] [burn|frozen]` (defaults: resnet56 pruned 64 20 burn). `frozen` runs the
+//! network frozen for inference (`dnal_zoo::FrozenNetwork`) instead of burn's forward. Prints
+//! the time of each forward.
 use burn::prelude::*;
 use dnal_core::Architecture;
 use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
@@ -15,6 +17,11 @@ fn main() {
     let pruned = arg(1, "pruned") == "pruned";
     let batch: usize = arg(2, "64").parse().expect("batch: a number");
     let iterations: usize = arg(3, "20").parse().expect("iterations: a number");
+    let frozen = match arg(4, "burn").as_str() {
+        "burn" => false,
+        "frozen" => true,
+        other => panic!("engine: burn or frozen, not {other}"),
+    };
     let d = Device::flex();
     let cifar = [3, 32, 32];
     let resnet56 = || CifarResNetConfig::new(56, 10).unwrap().init(&d).unwrap();
@@ -24,6 +31,7 @@ fn main() {
         iterations,
         image,
         arch,
+        frozen,
     };
     match arg(0, "resnet56").as_str() {
         "resnet56" => run(
@@ -55,6 +63,7 @@ struct Run {
     iterations: usize,
     image: [usize; 3],
     arch: &'static str,
+    frozen: bool,
 }
 
 impl Run {
@@ -67,6 +76,16 @@ impl Run {
         };
         let net = net.valid();
         let x = dnal_benches::image_batch(self.batch, self.image, device);
+        if self.frozen {
+            let frozen = dnal_zoo::FrozenNetwork::new(&net).unwrap();
+            let x: Vec<f32> = x.into_data().try_to_vec().unwrap();
+            for _ in 0..self.iterations {
+                let t = std::time::Instant::now();
+                std::hint::black_box(frozen.forward(&x).unwrap());
+                println!("forward {:?}", t.elapsed());
+            }
+            return;
+        }
         for _ in 0..self.iterations {
             let t = std::time::Instant::now();
             let _ = net.forward(x.clone()).into_data();

@@ -3,25 +3,28 @@
 # machine's drift better than one criterion run: for each network and batch, ROUNDS rounds of
 # one dense and one pruned run of examples/profile_infer, each the median of its forwards after
 # a warm-up (STAT=min: their minimum, the time of a forward nothing else disturbed); prints the
-# per-round ratios and their median.
+# per-round ratios and their median. ENGINE=frozen times the networks frozen for inference
+# (`dnal_zoo::FrozenNetwork`) instead of burn's forward.
 #
 # cargo build --release -p dnal-benches --examples
-# [STAT=median|min] benches/scripts/alternate_infer.sh [ROUNDS] [NETWORK...]
+# [STAT=median|min] [ENGINE=burn|frozen] benches/scripts/alternate_infer.sh [ROUNDS] [NETWORK...]
 set -euo pipefail
 target="${CARGO_TARGET_DIR:-target}"
 bin="$target/release/examples/profile_infer"
 rounds="${1:-5}"
 stat="${STAT:-median}"
 case "$stat" in median | min) ;; *) echo "STAT must be median or min, not '$stat'" >&2; exit 2 ;; esac
+engine="${ENGINE:-burn}"
+case "$engine" in burn | frozen) ;; *) echo "ENGINE must be burn or frozen, not '$engine'" >&2; exit 2 ;; esac
 shift || true
 nets=("$@")
 [ ${#nets[@]} -gt 0 ] || nets=(mnist-cnn resnet56 resnet56-thin vgg16 mobilenetv2)
 declare -A reduction=([mnist-cnn]=4.29 [resnet56]=3.39 [resnet56-thin]=7.23 [vgg16]=1.90 [mobilenetv2]=2.50)
 
-# Median (or minimum) forward time in ms of `profile_infer NET KIND BATCH N`, the first half
+# Median (or minimum) forward time in ms of `profile_infer NET KIND BATCH N ENGINE`, the first half
 # dropped.
 time_ms() {
-    "$bin" "$1" "$2" "$3" "$4" | tail -n $(($4 / 2)) | awk '{
+    "$bin" "$1" "$2" "$3" "$4" "$engine" | tail -n $(($4 / 2)) | awk '{
         v = $2
         if (v ~ /µs$/) { sub("µs", "", v); v /= 1000 } else if (v ~ /ms$/) { sub("ms", "", v) }
         else if (v ~ /s$/) { sub("s", "", v); v *= 1000 }
@@ -40,6 +43,6 @@ for net in "${nets[@]}"; do
                 'BEGIN { printf "%.2f", d / p / r }')")
         done
         median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-        echo "$net batch $batch (${reduction[$net]}x fewer MACs): ${ratios[*]} -> median $median"
+        echo "$engine $net batch $batch (${reduction[$net]}x fewer MACs): ${ratios[*]} -> median $median"
     done
 done

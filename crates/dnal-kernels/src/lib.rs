@@ -45,6 +45,8 @@ mod direct;
 #[cfg(feature = "flex")]
 mod flex;
 #[cfg(feature = "flex")]
+pub mod frozen;
+#[cfg(feature = "flex")]
 pub mod gemm;
 mod memo;
 mod planes;
@@ -54,7 +56,6 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
-#[cfg(feature = "flex")]
 use burn::tensor::DType;
 use burn::tensor::activation::{relu, relu6};
 use burn::tensor::module::conv2d as burn_conv2d;
@@ -91,16 +92,23 @@ pub fn direct_enabled() -> bool {
 /// Whether `x` takes the flex operation: it is on, `x` is f32 and lives on flex (with or
 /// without autodiff).
 pub fn takes_fast_path<const D: usize>(x: &Tensor<D>) -> bool {
+    enabled() && x.dtype() == DType::F32 && flex_device(x.device())
+}
+
+/// Whether `device` is flex (with or without autodiff).
+pub fn is_flex(device: &Device) -> bool {
+    flex_device(device.clone())
+}
+
+fn flex_device(device: Device) -> bool {
     #[cfg(feature = "flex")]
     {
         use burn::backend::DispatchDevice;
-        enabled()
-            && x.dtype() == DType::F32
-            && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+        matches!(device.inner().as_dispatch(), DispatchDevice::Flex(_))
     }
     #[cfg(not(feature = "flex"))]
     {
-        let _ = x;
+        let _ = device;
         false
     }
 }

@@ -59,25 +59,26 @@ pub fn evaluate<N: Network>(model: &N, loader: &Loader, device: &Device) -> Resu
 }
 
 /// Median wall time in milliseconds of a forward pass of a `[batch, C, H, W]` input (after two
-/// warm-up passes), in eval mode on `device`; the result is read back to the host each time, so
-/// asynchronous backends are timed to completion.
+/// warm-up passes), as inference runs it on `device` ([`dnal_zoo::Inference`]: frozen on
+/// flex); the result is read back to the host each time, so asynchronous backends are timed to
+/// completion.
 pub fn latency_ms<N: Network>(
     model: &N,
     [batch, c, h, w]: [usize; 4],
     runs: usize,
     device: &Device,
-) -> f64 {
-    let model = model.valid();
+) -> Result<f64> {
+    let model = dnal_zoo::Inference::new(model, device)?;
     let x = Tensor::<4>::zeros([batch, c, h, w], device).add_scalar(0.5);
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + 2 {
         let start = Instant::now();
-        let out = model.forward(x.clone());
+        let out = model.forward(x.clone())?;
         let _ = out.into_data();
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    Ok(times[times.len() / 2])
 }

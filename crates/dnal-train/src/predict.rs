@@ -179,7 +179,7 @@ impl WithType for Forward<'_> {
     fn run<N: Network>(mut self) -> Result<Self::Output> {
         let device = Device::default();
         let net: N = dnal_zoo::load(self.dir, |c| N::build(c, &device))?;
-        let net = net.valid();
+        let net = dnal_zoo::Inference::new(&net, &device)?;
         let shape = [self.eval.channels, self.eval.size, self.eval.size];
         let mut predictions = Vec::with_capacity(self.files.len());
         for chunk in self.files.chunks(self.batch) {
@@ -198,7 +198,7 @@ impl WithType for Forward<'_> {
             let [c, h, w] = shape;
             let x = Tensor::<4>::from_data(TensorData::new(images, [read.len(), c, h, w]), &device);
             let logits: Vec<f32> = net
-                .forward(x)
+                .forward(x)?
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec()

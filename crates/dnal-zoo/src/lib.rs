@@ -15,7 +15,10 @@
 pub mod bottleneck;
 pub mod compare;
 pub mod error;
+#[cfg(feature = "flex")]
+pub mod frozen;
 pub mod graph;
+pub mod inference;
 pub mod init;
 pub mod layers;
 pub mod mbconv;
@@ -29,7 +32,10 @@ pub mod supernet;
 
 pub use bottleneck::{BottleneckResNet, BottleneckResNetConfig, BottleneckWidths};
 pub use error::{Result, ZooError};
+#[cfg(feature = "flex")]
+pub use frozen::FrozenNetwork;
 pub use graph::{ConvSpec, Graph, Node, Op, Place, Value};
+pub use inference::Inference;
 pub use layers::{ConvBnGate, ConvBnGateConfig};
 pub use mobilenet::{MbBlockWidths, MbStage, MobileNetV2, MobileNetV2Config};
 pub use network::{

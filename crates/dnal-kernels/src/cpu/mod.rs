@@ -1,7 +1,7 @@
 //! The host-memory halves of the kernels, on plain `f32` slices in NCHW order: the
 //! convolution's im2col, col2im and epilogue ([`conv`]), the depthwise convolution's
 //! inference forward and backward passes ([`depthwise`]), BatchNorm's passes with the activation
-//! and a residual fused ([`norm`]), the max-pool ([`pool`]). No unsafe code; the matrix
+//! and a residual fused ([`norm`]), the pools ([`pool`]), a residual stream's channel passes ([`stream`]). No unsafe code; the matrix
 //! products and the direct convolution kernels are in the flex-only modules.
 
 pub mod clamp;
@@ -9,6 +9,7 @@ pub mod conv;
 pub mod depthwise;
 pub mod norm;
 pub mod pool;
+pub mod stream;
 
 pub use clamp::{Clamp, ClampGrad, ClampOf};
 pub use conv::{
@@ -20,4 +21,7 @@ pub use depthwise::{
 pub use norm::{
     batch_norm_grad_sums, batch_norm_input_grad, channel_stats, normalize, through_clamp_grad_sums,
 };
-pub use pool::{max_pool2x2, max_pool2x2_backward, max_pool2x2_values};
+pub use pool::{
+    global_avg_pool_values, max_pool_values, max_pool2x2, max_pool2x2_backward, max_pool2x2_values,
+};
+pub use stream::{StreamSources, add_into_channels, select_channels};

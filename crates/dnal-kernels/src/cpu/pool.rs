@@ -109,6 +109,60 @@ fn max_pool2x2_planes(x: &[f32], y: &mut [f32], at: &mut [u8], [h, w]: [usize; 2
     }
 }
 
+/// Max pooling of `planes` maps of `h x w` with a `kernel x kernel` window, `stride` and
+/// zero-free `padding` (padded positions never win), floor mode: `[planes, OH, OW]`. The
+/// 2x2, stride-2, unpadded pool goes to [`max_pool2x2_values`]; other windows (a ResNet-50's
+/// 3x3 stem pool) are computed here, window by window. A NaN wins, as in burn and PyTorch.
+pub fn max_pool_values(
+    x: &[f32],
+    planes: usize,
+    [h, w]: [usize; 2],
+    [kernel, stride, padding]: [usize; 3],
+) -> Vec<f32> {
+    if [kernel, stride, padding] == [2, 2, 0] {
+        return max_pool2x2_values(x, planes, [h, w]);
+    }
+    assert!(
+        kernel > 0 && stride > 0,
+        "a window and a stride of at least 1"
+    );
+    let out = |n: usize| (n + 2 * padding).saturating_sub(kernel) / stride + 1;
+    let (oh, ow) = (out(h), out(w));
+    assert_eq!(x.len(), planes * h * w, "max-pool input of the wrong size");
+    // The input rows or columns `lo..hi` of output `o`'s window.
+    let span = |o: usize, n: usize| {
+        let first = (o * stride) as isize - padding as isize;
+        let lo = first.max(0) as usize;
+        let hi = ((first + kernel as isize).max(0) as usize).min(n);
+        (lo, hi)
+    };
+    par_planes(planes * oh * ow, (oh * ow).max(1), move |p| {
+        let plane = &x[p * h * w..][..h * w];
+        (0..oh * ow).map(move |o| {
+            let ((y0, y1), (x0, x1)) = (span(o / ow, h), span(o % ow, w));
+            let mut m = f32::NEG_INFINITY;
+            for r in y0..y1 {
+                for &v in &plane[r * w + x0..r * w + x1] {
+                    if v > m || v.is_nan() {
+                        m = v;
+                    }
+                }
+            }
+            m
+        })
+    })
+}
+
+/// The mean of each of `planes` maps of `l` values (global average pooling): `[planes]`,
+/// each summed in order.
+pub fn global_avg_pool_values(x: &[f32], planes: usize, l: usize) -> Vec<f32> {
+    assert_eq!(x.len(), planes * l, "pool input of the wrong size");
+    x.chunks(l.max(1))
+        .take(planes)
+        .map(|plane| plane.iter().sum::<f32>() / l as f32)
+        .collect()
+}
+
 /// The input gradient of [`max_pool2x2`]: each output's gradient `dy` goes to the input that
 /// won its window (`at`), zero elsewhere.
 pub fn max_pool2x2_backward(dy: &[f32], at: &[u8], planes: usize, [h, w]: [usize; 2]) -> Vec<f32> {

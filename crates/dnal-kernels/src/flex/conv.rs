@@ -135,13 +135,23 @@ pub(super) fn gather_group(images: &[f32], c: usize, l: usize, out: &mut Vec<f32
     }
 }
 
-/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]` (in the copy-on-write storage
-/// `owner`, which the packed-weights cache of batch-1 calls holds), result `[N, Co, OH, OW]`.
+/// Where the direct kernels' packing of a convolution's weights comes from.
+pub(crate) enum Packing<'a, T> {
+    /// Packed for this call, except at batch 1, where the packing is kept between calls on the
+    /// same copy-on-write storage (the weights' `owner`; see
+    /// [`direct::PackedWeights::shared`]).
+    Owner(&'a Arc<T>),
+    /// Packed once by the caller, for weights that never change (`None` where the direct
+    /// kernels do not take the geometry).
+    Ready(Option<&'a direct::PackedWeights>),
+}
+
+/// The forward pass on slices: `x` `[N, Ci, H, W]`, `w` `[Co, P]`, result `[N, Co, OH, OW]`.
 /// Groups of images in parallel: im2col into a per-thread buffer, then `W x cols`, written
 /// straight into the image's output (one image per group) or through the group's product.
-pub(super) fn conv_forward_slices<T: Send + Sync + 'static>(
+pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
     x: &[f32],
-    (w, owner): (&[f32], &Arc<T>),
+    (w, packing): (&[f32], Packing<T>),
     g: &ConvGeometry,
     epilogue: Option<Epilogue>,
 ) -> Vec<f32> {
@@ -156,15 +166,21 @@ pub(super) fn conv_forward_slices<T: Send + Sync + 'static>(
     // thread beat im2col + `gemm` on one thread (no column matrix to build).
     let direct = direct_path(groups) || (groups == 1 && !parallel && direct_usable());
     if batch * co * l > 0 && direct && direct::takes_forward(g) {
-        // One group (batch 1, inference): the packing would cost as much as a thin layer's
-        // convolution, so it is kept between calls. Larger batches amortise it, and training
-        // changes the weights every step.
-        if groups == 1 {
-            let w = direct::PackedWeights::shared(owner, w, g);
-            return direct::conv_forward(x, &w, g, per, epilogue);
+        match packing {
+            Packing::Ready(Some(w)) => return direct::conv_forward(x, w, g, per, epilogue),
+            Packing::Ready(None) => {}
+            // One group (batch 1, inference): the packing would cost as much as a thin layer's
+            // convolution, so it is kept between calls. Larger batches amortise it, and
+            // training changes the weights every step.
+            Packing::Owner(owner) if groups == 1 => {
+                let w = direct::PackedWeights::shared(owner, w, g);
+                return direct::conv_forward(x, &w, g, per, epilogue);
+            }
+            Packing::Owner(_) => {
+                let w = direct::PackedWeights::new(w, g);
+                return direct::conv_forward(x, &w, g, per, epilogue);
+            }
         }
-        let w = direct::PackedWeights::new(w, g);
-        return direct::conv_forward(x, &w, g, per, epilogue);
     }
     let mut out = vec![0.0f32; batch * co * l];
     if out.is_empty() {
@@ -225,7 +241,7 @@ pub(super) fn conv_forward(
     let batch = x.layout().shape()[0];
     // The weights' storage, copy-on-write, for the packed-weights cache.
     let owner = weight.data_arc();
-    let w = (weight.storage::<f32>(), &owner);
+    let w = (weight.storage::<f32>(), Packing::Owner(&owner));
     let out = conv_forward_slices(x.storage::<f32>(), w, &g, epilogue);
     let [oh, ow] = g.out_hw();
     tensor(out, &[batch, g.out_channels, oh, ow])
@@ -381,40 +397,18 @@ pub(super) fn conv_affine_add_into(
         [n, k, h, w],
         "one output channel per stream channel it is added into"
     );
-    // The output channel added into each stream channel, if any.
-    let mut source = vec![None; c];
-    for (r, &ch) in channels.iter().enumerate() {
-        assert!(
-            ch < c && source[ch].is_none(),
-            "channels inside the stream, once each"
-        );
-        source[ch] = Some(r);
-    }
-    let yv = y.storage::<f32>();
-    let l = h * w;
+    let source = cpu::StreamSources::new(channels, c);
     let mut stream = owned_f32s(stream);
     let values = stream
         .try_storage_mut::<f32>()
         .expect("a tensor nothing else holds");
-    // The bounds are copied before each loop: read through the closure's captures in the loop
-    // (the stores into the plane could alias them), the clamp compiled to a gather.
-    crate::planes::each_plane_mut(&mut values[..n * c * l], l, |i, plane| {
-        let (image, ch) = (i / c, i % c);
-        match source[ch].map(|r| &yv[(image * k + r) * l..][..l]) {
-            Some(a) => crate::simd::widest_simd!({
-                let bounds = clamp;
-                for (v, &a) in plane.iter_mut().zip(a) {
-                    *v = bounds.apply(*v + a);
-                }
-            }),
-            None => crate::simd::widest_simd!({
-                let bounds = clamp;
-                for v in plane.iter_mut() {
-                    *v = bounds.apply(*v);
-                }
-            }),
-        }
-    });
+    cpu::add_into_channels(
+        &mut values[..n * c * h * w],
+        [c, h * w],
+        y.storage::<f32>(),
+        &source,
+        clamp,
+    );
     stream
 }
 

@@ -4,7 +4,7 @@
 //! ([`backward`]). The passes themselves are in [`conv`] and [`norm`].
 
 mod backward;
-mod conv;
+pub(crate) mod conv;
 mod fold;
 mod forward;
 mod norm;

@@ -1,6 +1,8 @@
 //! Helpers shared by the zoo's tests.
 #![allow(dead_code)]
 
+pub mod random;
+
 use burn::module::RunningState;
 use burn::prelude::*;
 use dnal_core::{Architecture, GateKind, GatedModel};
