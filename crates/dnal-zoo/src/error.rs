@@ -11,6 +11,9 @@ pub enum ZooError {
     /// A network config that cannot be built.
     #[error("invalid network config: {0}")]
     Config(String),
+    /// Images a network cannot take (wrong size or shape).
+    #[error("invalid input: {0}")]
+    Input(String),
     /// An error from dnal-core (e.g. an architecture that does not fit the network).
     #[error(transparent)]
     Core(#[from] dnal_core::CoreError),

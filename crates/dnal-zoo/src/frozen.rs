@@ -124,8 +124,9 @@ impl FrozenNetwork {
     pub fn forward(&self, images: &[f32]) -> Result<Vec<f32>> {
         let image: usize = self.input.iter().product();
         if images.is_empty() || !images.len().is_multiple_of(image) {
-            return Err(ZooError::Config(format!(
-                "{} input values are not a whole, non-zero number of {:?} images",
+            return Err(ZooError::Input(format!(
+                "{} values are not a whole, non-zero number of {:?} images; pass [N, C, H, W] \
+                 row-major",
                 images.len(),
                 self.input
             )));
@@ -151,7 +152,7 @@ impl FrozenNetwork {
     pub fn forward_tensor(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         let [n, c, h, w] = images.dims();
         if [c, h, w] != self.input {
-            return Err(ZooError::Config(format!(
+            return Err(ZooError::Input(format!(
                 "images of {:?}, but the network takes {:?}",
                 [c, h, w],
                 self.input
@@ -162,7 +163,7 @@ impl FrozenNetwork {
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .map_err(|e| ZooError::Config(format!("reading the images: {e:?}")))?;
+            .map_err(|e| ZooError::Input(format!("images that are not numbers: {e:?}")))?;
         let logits = self.forward(&data)?;
         Ok(Tensor::from_data(
             TensorData::new(logits, [n, self.classes]),

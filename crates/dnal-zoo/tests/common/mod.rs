@@ -1,7 +1,7 @@
 //! Helpers shared by the zoo's tests.
 #![allow(dead_code)]
 
-pub mod random;
+pub mod families;
 
 use burn::module::RunningState;
 use burn::prelude::*;
