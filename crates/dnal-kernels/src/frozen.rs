@@ -30,29 +30,20 @@ enum Engine {
 }
 
 impl FrozenConv {
-    /// The convolution of weights `[out, in / groups, k, k]` (`shape`, row-major) and one bias
-    /// per output channel, with `[stride, padding, groups]`, on images of `in_chw`. One group
-    /// or one filter per channel (depthwise); anything else is an error that says what.
-    pub fn new(
-        weight: Vec<f32>,
-        bias: Vec<f32>,
+    /// `[C, OH, OW]` of the convolution of weights `shape` (`[out, in / groups, k, k]`) with
+    /// `[stride, padding, groups]` on images of `in_chw`, or why `FrozenConv` cannot run it:
+    /// one group or one filter per channel (depthwise), square kernels, a window that fits.
+    pub fn out_chw_of(
         shape: [usize; 4],
         [stride, padding, groups]: [usize; 3],
         in_chw: [usize; 3],
-    ) -> Result<Self, String> {
+    ) -> Result<[usize; 3], String> {
         let [out, per_group, kh, kw] = shape;
         let [c, h, w] = in_chw;
-        if kh != kw || stride == 0 {
+        if kh != kw || kh == 0 || stride == 0 {
             return Err(format!(
                 "a {kh}x{kw} kernel with stride {stride}: only square kernels and strides of at \
                  least 1"
-            ));
-        }
-        if weight.len() != shape.iter().product::<usize>() || bias.len() != out {
-            return Err(format!(
-                "{} weights and {} biases for a {shape:?} convolution",
-                weight.len(),
-                bias.len()
             ));
         }
         if per_group * groups != c {
@@ -60,48 +51,77 @@ impl FrozenConv {
                 "{groups} group(s) of {per_group} input channel(s) on an input of {c} channels"
             ));
         }
-        let engine = if groups == 1 {
-            let geometry = ConvGeometry {
-                in_channels: c,
-                out_channels: out,
-                in_hw: [h, w],
-                kernel: kh,
-                stride,
-                padding,
-            };
-            let packed = (direct::available() && direct::takes_forward(&geometry))
-                .then(|| PackedWeights::new(&weight, &geometry));
-            Engine::Dense { geometry, packed }
-        } else if per_group == 1 && out == groups {
-            Engine::Depthwise(DepthwiseGeometry {
-                channels: c,
-                in_hw: [h, w],
-                kernel: kh,
-                stride,
-                padding,
-            })
-        } else {
+        if groups != 1 && (per_group != 1 || out != groups) {
             return Err(format!(
                 "{groups} groups of {per_group} channels: only one group or one filter per \
                  channel (depthwise) are supported"
             ));
-        };
-        let [oh, ow] = match &engine {
-            Engine::Dense { geometry, .. } => geometry.out_hw(),
-            Engine::Depthwise(g) => g.out_hw(),
-        };
+        }
         if h + 2 * padding < kh || w + 2 * padding < kw {
             return Err(format!(
                 "a {kh}x{kw} kernel on {h}x{w} images padded by {padding}"
             ));
         }
+        let [oh, ow] = Self::geometry(out, [stride, padding], in_chw, kh).out_hw();
+        Ok([out, oh, ow])
+    }
+
+    fn geometry(
+        out: usize,
+        [stride, padding]: [usize; 2],
+        [c, h, w]: [usize; 3],
+        kernel: usize,
+    ) -> ConvGeometry {
+        ConvGeometry {
+            in_channels: c,
+            out_channels: out,
+            in_hw: [h, w],
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    /// The convolution of weights `[out, in / groups, k, k]` (`shape`, row-major) and one bias
+    /// per output channel, with `[stride, padding, groups]`, on images of `in_chw`; an error
+    /// says what does not fit ([`FrozenConv::out_chw_of`]).
+    pub fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        shape: [usize; 4],
+        [stride, padding, groups]: [usize; 3],
+        in_chw: [usize; 3],
+    ) -> Result<Self, String> {
+        let out_chw = Self::out_chw_of(shape, [stride, padding, groups], in_chw)?;
+        let [out, _, kernel, _] = shape;
+        if weight.len() != shape.iter().product::<usize>() || bias.len() != out {
+            return Err(format!(
+                "{} weights and {} biases for a {shape:?} convolution",
+                weight.len(),
+                bias.len()
+            ));
+        }
+        let geometry = Self::geometry(out, [stride, padding], in_chw, kernel);
+        let engine = if groups == 1 {
+            let packed = (direct::available() && direct::takes_forward(&geometry))
+                .then(|| PackedWeights::new(&weight, &geometry));
+            Engine::Dense { geometry, packed }
+        } else {
+            Engine::Depthwise(DepthwiseGeometry {
+                channels: in_chw[0],
+                in_hw: geometry.in_hw,
+                kernel,
+                stride,
+                padding,
+            })
+        };
         Ok(Self {
             engine,
             weight,
             ones: vec![1.0; out],
             bias,
             in_chw,
-            out_chw: [out, oh, ow],
+            out_chw,
         })
     }
 

@@ -511,37 +511,35 @@ impl<'g> Lowering<'g> {
     fn conv(&mut self, i: usize, input: Value, spec: &ConvSpec) -> Result<(Kind, Value, Shape)> {
         let v = i + 1;
         let chw = self.map(i, input)?;
-        let [out, per_in, kh, kw] = spec.shape;
+        let [width, per_in, kh, kw] = spec.shape;
         let name = self.name(i).to_string();
+        let error = |e: String| ZooError::Config(format!("graph node {name}: {e}"));
+        let params = [spec.stride, spec.padding, spec.groups];
+        let shape = Shape::Map(FrozenConv::out_chw_of(spec.shape, params, chw).map_err(error)?);
         let frozen = |w: Vec<f32>, b: Vec<f32>, rows: usize| {
-            FrozenConv::new(
-                w,
-                b,
-                [rows, per_in, kh, kw],
-                [spec.stride, spec.padding, spec.groups],
-                chw,
-            )
-            .map_err(|e| ZooError::Config(format!("graph node {name}: {e}")))
+            FrozenConv::new(w, b, [rows, per_in, kh, kw], params, chw).map_err(error)
         };
-        let whole = frozen(spec.weight.clone(), spec.bias.clone(), out)?;
-        let shape = Shape::Map(whole.out_chw());
-        match classify(spec) {
+        let kept = match classify(spec) {
             // A copy keeps its activation as a step of its own (no family clamps one).
-            ConvClass::Select(sources) => Ok((
-                Kind::Select {
+            ConvClass::Select(sources) => {
+                let stride = spec.stride;
+                let select = Kind::Select {
                     input,
                     sources,
-                    stride: spec.stride,
-                },
-                v,
-                shape,
-            )),
-            ConvClass::Sparse(kept) => {
-                let (stream, after_add) = match self.fuse_add(v) {
-                    Some((other, sum)) => (Some(other), sum),
-                    None => (None, v),
+                    stride,
                 };
-                let (clamp, out) = self.fuse_act(after_add);
+                return Ok((select, v, shape));
+            }
+            ConvClass::Sparse(kept) => Some(kept),
+            ConvClass::Dense => None,
+        };
+        let (other, after_add) = match self.fuse_add(v) {
+            Some((other, sum)) => (Some(other), sum),
+            None => (None, v),
+        };
+        let (clamp, out) = self.fuse_act(after_add);
+        let kind = match kept {
+            Some(kept) => {
                 let filter = per_in * kh * kw;
                 let weight: Vec<f32> = kept
                     .iter()
@@ -552,37 +550,22 @@ impl<'g> Lowering<'g> {
                     0 => None,
                     k => Some(frozen(weight, bias, k)?),
                 };
-                let kind = Kind::Into {
+                Kind::Into {
                     input,
                     conv,
-                    stream,
-                    sources: StreamSources::new(&kept, out_channels(shape)),
+                    stream: other,
+                    sources: StreamSources::new(&kept, width),
                     clamp,
-                };
-                Ok((kind, out, shape))
+                }
             }
-            ConvClass::Dense => {
-                let (residual, after_add) = match self.fuse_add(v) {
-                    Some((other, sum)) => (Some(other), sum),
-                    None => (None, v),
-                };
-                let (clamp, out) = self.fuse_act(after_add);
-                let kind = Kind::Conv {
-                    input,
-                    conv: whole,
-                    residual,
-                    clamp,
-                };
-                Ok((kind, out, shape))
-            }
-        }
-    }
-}
-
-fn out_channels(shape: Shape) -> usize {
-    match shape {
-        Shape::Map([c, _, _]) => c,
-        Shape::Flat(f) => f,
+            None => Kind::Conv {
+                input,
+                conv: frozen(spec.weight.clone(), spec.bias.clone(), width)?,
+                residual: other,
+                clamp,
+            },
+        };
+        Ok((kind, out, shape))
     }
 }
 
