@@ -7,10 +7,10 @@
 # Build (x86-64) and carry the binary and this folder:
 #   cargo build --release -p dnal-train --features cuda,wgpu
 #   cp $CARGO_TARGET_DIR/release/dnal-train .
-# The cuda feature needs internet access once at build time: burn's CUDA backend (cubecl-cuda
-# 0.11) depends on cubecl-llvm, whose build script downloads an LLVM bundle (tracel-llvm) into
-# ~/.local/share/tracel/. Where only package registries are reachable, build with
-# `--features wgpu` and the cuda rows fail with a message naming the feature.
+# The cuda feature's build wants an LLVM (burn's CUDA backend links cubecl-llvm), which it
+# downloads from GitHub into ~/.local/share/tracel/; where only package registries are reachable,
+# run benches/gpu/llvm-from-pypi.sh first. Stripped (`strip dnal-train`) the binary is about
+# 190 MB.
 # Needs on the GPU machine: the NVIDIA driver, CUDA's NVRTC (burn's cuda backend compiles its
 # kernels at run time), the Vulkan loader (libvulkan1) for wgpu, and python3 with torch and
 # torchvision for the reference.

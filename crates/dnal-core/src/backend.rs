@@ -163,6 +163,10 @@ impl BackendKind {
 
     /// [`BackendKind::probe`] for device `index` of the backend (`None`: its default device).
     pub fn probe_at(self, index: Option<usize>) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        if self == BackendKind::Cuda {
+            cuda_driver_present()?;
+        }
         let device = self.device_at(index)?;
         let check = device.clone();
         let outcome = std::panic::catch_unwind(move || {
@@ -206,6 +210,33 @@ impl BackendKind {
             }
             _ => "",
         }
+    }
+}
+
+/// The NVIDIA driver's library, opened here first: burn's cuda backend opens it on a device
+/// thread, where its absence is a panic that the probe would only see as a lost tensor.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn cuda_driver_present() -> Result<()> {
+    const NAMES: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    // SAFETY: the driver's library runs only its own initialisers when loaded, as it does when
+    // burn's backend loads it.
+    let found = NAMES
+        .iter()
+        .any(|&name| unsafe { libloading::Library::new(name) }.is_ok());
+    if found {
+        Ok(())
+    } else {
+        Err(CoreError::Backend(format!(
+            "backend `cuda` could not start: the NVIDIA driver's library ({}) was not found. \
+             Install the NVIDIA driver (or add the folder holding it to LD_LIBRARY_PATH), \
+             or use `--backend flex`",
+            NAMES.join(" or ")
+        )))
     }
 }
 
@@ -269,6 +300,19 @@ mod tests {
             flex.parse_devices("flex,flex:0").unwrap(),
             vec![None, Some(0)]
         );
+    }
+
+    /// Where the NVIDIA driver is missing, the probe names it instead of starting burn's cuda
+    /// backend (which panics on a device thread); where it is present, there is nothing to check.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_its_driver_is_an_error_naming_the_driver() {
+        if cuda_driver_present().is_ok() {
+            return;
+        }
+        let err = BackendKind::Cuda.probe().unwrap_err().to_string();
+        assert!(err.contains("libcuda.so.1"), "{err}");
+        assert!(err.contains("--backend flex"), "{err}");
     }
 
     #[test]
