@@ -9,36 +9,22 @@
 # cargo build --release -p dnal-benches --examples
 # [STAT=median|min] [ENGINE=burn|frozen] benches/scripts/alternate_infer.sh [ROUNDS] [NETWORK...]
 set -euo pipefail
-target="${CARGO_TARGET_DIR:-target}"
-bin="$target/release/examples/profile_infer"
 rounds="${1:-5}"
-stat="${STAT:-median}"
-case "$stat" in median | min) ;; *) echo "STAT must be median or min, not '$stat'" >&2; exit 2 ;; esac
 engine="${ENGINE:-burn}"
 case "$engine" in burn | frozen) ;; *) echo "ENGINE must be burn or frozen, not '$engine'" >&2; exit 2 ;; esac
+source "$(dirname "$0")/forward_ms.sh"
 shift || true
 nets=("$@")
 [ ${#nets[@]} -gt 0 ] || nets=(mnist-cnn resnet56 resnet56-thin vgg16 mobilenetv2)
 declare -A reduction=([mnist-cnn]=4.29 [resnet56]=3.39 [resnet56-thin]=7.23 [vgg16]=1.90 [mobilenetv2]=2.50)
-
-# Median (or minimum) forward time in ms of `profile_infer NET KIND BATCH N ENGINE`, the first half
-# dropped.
-time_ms() {
-    "$bin" "$1" "$2" "$3" "$4" "$engine" | tail -n $(($4 / 2)) | awk '{
-        v = $2
-        if (v ~ /µs$/) { sub("µs", "", v); v /= 1000 } else if (v ~ /ms$/) { sub("ms", "", v) }
-        else if (v ~ /s$/) { sub("s", "", v); v *= 1000 }
-        print v }' | sort -n | awk -v stat="$stat" '{ a[NR] = $1 }
-        END { print (stat == "min") ? a[1] : a[int((NR + 1) / 2)] }'
-}
 
 for net in "${nets[@]}"; do
     for batch in 1 64; do
         if [ "$batch" = 1 ]; then n=200; else n=12; fi
         ratios=()
         for _ in $(seq "$rounds"); do
-            dense=$(time_ms "$net" dense "$batch" "$n")
-            pruned=$(time_ms "$net" pruned "$batch" "$n")
+            dense=$(forward_ms "$net" dense "$batch" "$n" "$engine")
+            pruned=$(forward_ms "$net" pruned "$batch" "$n" "$engine")
             ratios+=("$(awk -v d="$dense" -v p="$pruned" -v r="${reduction[$net]}" \
                 'BEGIN { printf "%.2f", d / p / r }')")
         done
