@@ -11,7 +11,8 @@
 # the NVPTX back end. This script downloads both, unpacks them into that folder and checks what
 # the build will ask of it.
 #
-# Usage: benches/gpu/llvm-from-pypi.sh        (then: cargo build --release -p dnal-train --features cuda,wgpu)
+# Usage: benches/gpu/llvm-from-pypi.sh
+# then:  cargo build --release -p dnal-train --features cuda,wgpu
 # Needs: python3 with pip, unzip, and libzstd-dev and zlib1g-dev for the link (llvm-config
 # --system-libs names -lz and -lzstd).
 set -euo pipefail
