@@ -11,9 +11,9 @@
 # downloads from GitHub into ~/.local/share/tracel/; where only package registries are reachable,
 # run benches/gpu/llvm-from-pypi.sh first. Stripped (`strip dnal-train`) the binary is about
 # 190 MB.
-# Needs on the GPU machine: the NVIDIA driver, CUDA's NVRTC (burn's cuda backend compiles its
-# kernels at run time), the Vulkan loader (libvulkan1) for wgpu, and python3 with torch and
-# torchvision for the reference.
+# Needs on the GPU machine: the NVIDIA driver (burn's cuda backend compiles its kernels to PTX
+# with the LLVM linked into the binary, and the driver loads them), the Vulkan loader
+# (libvulkan1) for wgpu, and python3 with torch and torchvision for the reference.
 #
 # Usage: benches/gpu/run.sh [DNAL_TRAIN_BINARY] ; figures go to ${OUT:-gpu-results}/.
 set -uo pipefail
