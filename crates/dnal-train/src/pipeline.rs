@@ -575,15 +575,17 @@ impl<'a, N: Network> Runner<'a, N> {
             runs,
             &self.device,
         )?;
-        let pruned_ms = match pruned.clone() {
-            Some(p) => Some(latency_ms(
-                &configure(self.cfg, Phase::Final, p),
-                input,
-                runs,
-                &self.device,
-            )?),
-            None => None,
-        };
+        let pruned_ms = pruned
+            .clone()
+            .map(|p| {
+                latency_ms(
+                    &configure(self.cfg, Phase::Final, p),
+                    input,
+                    runs,
+                    &self.device,
+                )
+            })
+            .transpose()?;
         let mut report = Report::new(self.cfg, progress, dense_ms, pruned_ms, self.opts.backend)?;
         report.structure = pruned.as_ref().and_then(|p| p.describe());
         report.structure_grid = pruned.as_ref().and_then(|p| p.structure_grid());
