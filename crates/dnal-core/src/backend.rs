@@ -147,7 +147,8 @@ impl BackendKind {
                 .transpose()?;
             if self.single_device() && index.is_some_and(|i| i > 0) {
                 return Err(bad(format!(
-                    "`{entry}`: the {self} backend has one device, 0; name it several times                      (`{self},{self}`) for several replicas on it"
+                    "`{entry}`: the {self} backend has one device, 0; name it several times \
+                     (`{self},{self}`) for several replicas on it"
                 )));
             }
             out.push(index);
@@ -198,6 +199,29 @@ impl BackendKind {
         }
     }
 
+    /// Whether this backend is compiled in and starts here, probing it when it is; the time
+    /// the probe took includes starting the device (on a GPU: its runtime and first kernel).
+    pub fn status(self) -> BackendStatus {
+        let (state, detail, seconds) = if !self.is_compiled() {
+            let hint = format!("rebuild with `--features {}`", self.name());
+            (BackendState::NotCompiled, hint, None)
+        } else {
+            let start = std::time::Instant::now();
+            let probed = self.probe();
+            let seconds = Some(start.elapsed().as_secs_f64());
+            match probed {
+                Ok(device) => (BackendState::Usable, describe(&device), seconds),
+                Err(e) => (BackendState::Unusable, e.to_string(), seconds),
+            }
+        };
+        BackendStatus {
+            backend: self,
+            state,
+            detail,
+            probe_seconds: seconds,
+        }
+    }
+
     fn hint(self) -> &'static str {
         match self {
             BackendKind::Wgpu => {
@@ -205,10 +229,56 @@ impl BackendKind {
                  `apt-get install mesa-vulkan-drivers` gives a software one), or use `--backend flex`"
             }
             BackendKind::Cuda => {
-                "No CUDA device was found: check the NVIDIA driver and CUDA toolkit (libnvrtc), \
-                 or use `--backend flex`"
+                "No CUDA device was found: check the NVIDIA driver (`nvidia-smi` should list \
+                 the card), or use `--backend flex`"
             }
             _ => "",
+        }
+    }
+}
+
+/// The device as its runtime names it (a GPU's part name and what its kernels are compiled
+/// for), else burn's debug form.
+fn describe(device: &Device) -> String {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if let Some(id) = device.identity() {
+        return format!("{} ({})", id.name, id.fingerprint);
+    }
+    format!("{device:?}")
+}
+
+/// What [`BackendKind::status`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// The backend.
+    pub backend: BackendKind,
+    /// Compiled in, and whether it started.
+    pub state: BackendState,
+    /// The device when usable, the error when not, the cargo feature when not compiled in.
+    pub detail: String,
+    /// How long the probe took (absent when not compiled in).
+    pub probe_seconds: Option<f64>,
+}
+
+/// Whether a backend can run here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Compiled in, and a tiny computation on its default device gave the right answer.
+    Usable,
+    /// Compiled in, but it did not start (no driver, no adapter) or computed wrongly.
+    Unusable,
+    /// Not in this build.
+    NotCompiled,
+}
+
+impl BackendState {
+    /// `usable`, `unusable` or `not compiled`.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendState::Usable => "usable",
+            BackendState::Unusable => "unusable",
+            BackendState::NotCompiled => "not compiled",
         }
     }
 }
@@ -316,10 +386,33 @@ mod tests {
     }
 
     #[test]
+    fn status_probes_compiled_backends_and_names_the_feature_of_the_others() {
+        for b in BackendKind::ALL {
+            let s = b.status();
+            if b.is_compiled() {
+                assert!(s.probe_seconds.is_some(), "{s:?}");
+                assert_ne!(s.state, BackendState::NotCompiled, "{s:?}");
+            } else {
+                assert_eq!(s.state, BackendState::NotCompiled, "{s:?}");
+                assert!(
+                    s.detail.contains(&format!("--features {}", b.name())),
+                    "{s:?}"
+                );
+            }
+        }
+        #[cfg(feature = "flex")]
+        assert_eq!(BackendKind::Flex.status().state, BackendState::Usable);
+    }
+
+    #[test]
     fn bad_device_lists_say_what_to_write() {
         let err = |b: BackendKind, s: &str| b.parse_devices(s).unwrap_err().to_string();
         assert!(err(BackendKind::Flex, "cuda:0").contains("--backend cuda"));
-        assert!(err(BackendKind::Flex, "flex:1").contains("one device"));
+        let one = err(BackendKind::Flex, "flex:1");
+        assert!(
+            one.contains("one device, 0; name it several times (`flex,flex`)"),
+            "{one}"
+        );
         assert!(err(BackendKind::Cuda, "gpu0").contains("`cuda:INDEX`"));
         assert!(err(BackendKind::Cuda, "cuda:x").contains("`x`"));
         assert!(err(BackendKind::Cuda, "0,,1").contains("is not a device"));

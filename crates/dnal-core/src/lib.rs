@@ -25,7 +25,7 @@ pub mod penalty;
 pub use architecture::{
     Architecture, DEFAULT_THRESHOLD, GateArchitecture, derive_architecture, derive_from_states,
 };
-pub use backend::BackendKind;
+pub use backend::{BackendKind, BackendState, BackendStatus};
 pub use continuation::{Continuation, Granularity, Schedule};
 pub use cost::{CostModel, CostReport, Groups, LayerCost, LayerKind, LayerSpec, MacsTerm, Width};
 pub use error::{CoreError, Result};

@@ -77,6 +77,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Which backends this build contains and whether each starts here (runs a tiny
+    /// computation on each compiled backend's default device).
+    Backends {
+        /// One JSON line per backend instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Classify image files with a run's network, preprocessed as the run's evaluation did
     /// (grey or RGB, resize and centre crop, normalisation); prints the top classes.
     Predict {
@@ -96,6 +103,7 @@ enum Command {
         json: bool,
     },
 
+    /// Download CIFAR-10 or CIFAR-100 (checked against the archive's MD5) and unpack it.
     Download {
         /// `cifar10` or `cifar100`.
         dataset: String,
@@ -270,6 +278,26 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.min_ms,
                     t.steps
                 );
+            }
+            Ok(true)
+        }
+        Command::Backends { json } => {
+            for kind in BackendKind::ALL {
+                let s = kind.status();
+                if json {
+                    println!("{}", serde_json::to_string(&s)?);
+                } else {
+                    let took = s
+                        .probe_seconds
+                        .map(|t| format!(" ({t:.2} s)"))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<8} {:<13} {}{took}",
+                        kind.name(),
+                        s.state.label(),
+                        s.detail
+                    );
+                }
             }
             Ok(true)
         }

@@ -271,6 +271,39 @@ fn a_terminated_run_checkpoints_where_it_is_and_resumes_to_the_same_result() {
 }
 
 #[test]
+fn backends_lists_every_backend_and_whether_it_starts() {
+    let (ok, text) = dnal_train(&["backends", "--json"]);
+    assert!(ok, "{text}");
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["flex", "ndarray", "wgpu", "cuda"], "{text}");
+    assert_eq!(rows[0]["state"], "usable", "{text}");
+    assert!(rows[0]["probe_seconds"].as_f64().is_some(), "{text}");
+    // The binary is built with the test run's features; cuda is never among CI's.
+    if rows[3]["state"] == "not_compiled" {
+        assert!(
+            rows[3]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("--features cuda"),
+            "{text}"
+        );
+    }
+    let (ok, text) = dnal_train(&["backends"]);
+    assert!(
+        ok && text.lines().next().unwrap().starts_with("flex     usable"),
+        "{text}"
+    );
+}
+
+#[test]
 fn bench_times_a_training_step_and_names_bad_input() {
     let (ok, out) = dnal_train(&[
         "bench",
