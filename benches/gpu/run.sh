@@ -6,54 +6,130 @@
 #
 # Build (x86-64) and carry the binary and this folder:
 #   cargo build --release -p dnal-train --features cuda,wgpu
-#   cp $CARGO_TARGET_DIR/release/dnal-train .
+#   benches/gpu/pack.sh    # stripped + compressed binary and the Vulkan loader, in .gpu/
 # The cuda feature's build wants an LLVM (burn's CUDA backend links cubecl-llvm), which it
 # downloads from GitHub into ~/.local/share/tracel/; where only package registries are reachable,
-# run benches/gpu/llvm-from-pypi.sh first. Stripped (`strip dnal-train`) the binary is about
-# 190 MB.
+# run benches/gpu/llvm-from-pypi.sh first. On the GPU machine, benches/gpu/device.sh unpacks
+# .gpu/ and runs this script.
 # Needs on the GPU machine: the NVIDIA driver (burn's cuda backend compiles its kernels to PTX
 # with the LLVM linked into the binary, and the driver loads them), the Vulkan loader
 # (libvulkan1) for wgpu, and python3 with torch and torchvision for the reference.
 #
-# Usage: benches/gpu/run.sh [DNAL_TRAIN_BINARY] ; figures go to ${OUT:-gpu-results}/.
+# Usage: benches/gpu/run.sh [DNAL_TRAIN_BINARY]; figures go to ${OUT:-gpu-results}/.
+# The whole script keeps within BUDGET_S seconds (default 540): the parts run in order of
+# importance (dnal on cuda, PyTorch, the training run, dnal on wgpu), each under its own cap and
+# what is left of the budget; a part with under 20 s left is recorded as skipped.
+# Also settable: BACKENDS (default "cuda wgpu"), NETS (default all four), REF_DEVICE (PyTorch's
+# device, default cuda; "none" skips it), TRAIN_BACKEND (default cuda; "none" skips the run),
+# TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
+# 10000 and 2000).
+# With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-./dnal-train}
 OUT=${OUT:-gpu-results}
+BUDGET_S=${BUDGET_S:-540}
+BACKENDS=${BACKENDS:-cuda wgpu}
+NETS=${NETS:-resnet56-cifar vgg16-cifar mobilenetv2-cifar resnet50-imagenet}
+REF_DEVICE=${REF_DEVICE:-cuda}
+TRAIN_BACKEND=${TRAIN_BACKEND:-cuda}
+TRAIN_IMAGES=${TRAIN_IMAGES:-10000}
+TEST_IMAGES=${TEST_IMAGES:-2000}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
+deadline=$(( $(date +%s) + BUDGET_S ))
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+# Seconds a part may take: its cap, or what is left of the budget; 0 when under 20 s are left.
+allowance() {
+    local left=$(( deadline - $(date +%s) ))
+    (( left < 20 )) && { echo 0; return; }
+    echo $(( left < $1 ? left : $1 ))
+}
 
-NETS=("resnet56-cifar 128 32 10" "vgg16-cifar 128 32 10" "mobilenetv2-cifar 128 32 10"
-      "resnet50-imagenet 64 224 1000")
-for backend in cuda wgpu; do
-    for net in "${NETS[@]}"; do
-        read -r model batch size classes <<< "$net"
-        echo "dnal $backend $model" >&2
-        if ! timeout 300 "$BIN" bench --backend "$backend" --model "$model" --batch "$batch" \
-                --size "$size" --classes "$classes" --warmup 3 --steps 10 --json \
-                >> "$OUT/steps.jsonl" 2> "$OUT/$backend-$model.err"; then
-            echo "  failed: $(tail -n 3 "$OUT/$backend-$model.err")" >&2
+# The network's batch, image side and classes.
+shape_of() {
+    case $1 in
+        resnet50-imagenet) echo "64 224 1000" ;;
+        *) echo "128 32 10" ;;
+    esac
+}
+
+# A table row for a step that gave no figure: `failed`, `timeout` or `skipped`.
+no_figure() {
+    local batch size classes
+    read -r batch size classes <<< "$(shape_of "$2")"
+    printf '{"model":"%s","backend":"%s","batch":%s,"size":%s,"error":"%s"}\n' \
+        "$2" "$1" "$batch" "$size" "$3" >> "$OUT/steps.jsonl"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+    || echo "no NVIDIA GPU visible (nvidia-smi failed)"; } | tee "$OUT/card.txt"
+"$BIN" backends 2>/dev/null | tee "$OUT/backends.txt"
+
+dnal_steps() {
+    local backend=$1 model batch size classes cap
+    for model in $NETS; do
+        read -r batch size classes <<< "$(shape_of "$model")"
+        cap=$(allowance 120)
+        if (( cap == 0 )); then
+            no_figure "$backend" "$model" skipped
+            continue
         fi
+        echo "dnal $backend $model (up to $cap s)" >&2
+        timeout "$cap" "$BIN" bench --backend "$backend" --model "$model" --batch "$batch" \
+            --size "$size" --classes "$classes" --warmup 3 --steps 10 --json \
+            >> "$OUT/steps.jsonl" 2> "$OUT/$backend-$model.err"
+        case $? in
+            0) ;;
+            124) no_figure "$backend" "$model" timeout; echo "  timed out after $cap s" >&2 ;;
+            *) no_figure "$backend" "$model" failed
+               echo "  failed: $(tail -n 3 "$OUT/$backend-$model.err")" >&2 ;;
+        esac
     done
-done
+}
 
-echo "pytorch eager" >&2
-timeout 600 python3 benches/reference/pytorch_gpu_steps.py --device cuda >> "$OUT/steps.jsonl" \
-    || echo "  pytorch reference failed" >&2
+reference() {
+    [[ $REF_DEVICE == none ]] && return
+    local cap; cap=$(allowance 180)
+    if (( cap == 0 )); then
+        for model in $NETS; do no_figure "pytorch-$REF_DEVICE" "$model" skipped; done
+        return
+    fi
+    echo "pytorch eager on $REF_DEVICE (up to $cap s)" >&2
+    timeout "$cap" python3 benches/reference/pytorch_gpu_steps.py --device "$REF_DEVICE" \
+        --only "$(tr ' ' ',' <<< "$NETS")" >> "$OUT/steps.jsonl" 2> "$OUT/pytorch.err" \
+        || echo "  pytorch reference failed or timed out: $(tail -n 3 "$OUT/pytorch.err")" >&2
+}
 
-echo "short training run (cuda, CIFAR-shaped random data)" >&2
-python3 benches/gpu/make_cifar_bin.py "$OUT/cifar" --per-batch 2000 >&2
-start=$(date +%s)
-timeout 900 "$BIN" train --preset resnet56-cifar10-l1e-4 --backend cuda --quiet \
-    --set data.path="$OUT/cifar" --set weights.epochs=1 --set arch.epochs=1 \
-    --set final.epochs=1 --out "$OUT/run" > "$OUT/train.log" 2>&1
-status=$?
-echo "train: exit $status after $(( $(date +%s) - start )) s (10,000 images, 1 + 1 + 1 epochs; $OUT/train.log)" \
-    | tee "$OUT/train.txt"
+training_run() {
+    [[ $TRAIN_BACKEND == none ]] && return
+    local cap; cap=$(allowance 240)
+    if (( cap == 0 )); then
+        echo "train: skipped (budget)" | tee "$OUT/train.txt"
+        return
+    fi
+    echo "short training run ($TRAIN_BACKEND, CIFAR-shaped random data, up to $cap s)" >&2
+    [[ -f $OUT/cifar/cifar-10-batches-bin/test_batch.bin ]] \
+        || python3 benches/gpu/make_cifar_bin.py "$OUT/cifar" >&2
+    rm -rf "$OUT/run"
+    local start status; start=$(date +%s)
+    timeout "$cap" "$BIN" train --preset resnet56-cifar10-l1e-4 --backend "$TRAIN_BACKEND" \
+        --quiet --set data.path="$OUT/cifar" --set weights.epochs=1 --set arch.epochs=1 \
+        --set final.epochs=1 --set data.train_limit="$TRAIN_IMAGES" \
+        --set data.test_limit="$TEST_IMAGES" --out "$OUT/run" > "$OUT/train.log" 2>&1
+    status=$?
+    echo "train on $TRAIN_BACKEND: exit $status after $(( $(date +%s) - start )) s ($TRAIN_IMAGES training images, $TEST_IMAGES test images, 1 + 1 + 1 epochs; $OUT/train.log)" \
+        | tee "$OUT/train.txt"
+}
+
+read -r -a backend_list <<< "$BACKENDS"
+for b in "${backend_list[@]:0:1}"; do dnal_steps "$b"; done
+reference
+training_run
+for b in "${backend_list[@]:1}"; do dnal_steps "$b"; done
 
 echo
 cat "$OUT/card.txt"
-python3 benches/gpu/table.py "$OUT/steps.jsonl"
-cat "$OUT/train.txt"
+python3 benches/gpu/table.py "$OUT/steps.jsonl" | tee "$OUT/table.md"
+[[ -f $OUT/train.txt ]] && cat "$OUT/train.txt"
+exit 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints the Markdown table of benches/gpu/run.sh from its JSON lines: one row per network,
-the median step of each backend, and dnal's time over PyTorch eager's.
+the median step of each backend (or why there is none: failed, timeout, skipped), and dnal's
+time over PyTorch eager's.
 
 Usage: python3 benches/gpu/table.py steps.jsonl
 """
@@ -28,7 +29,12 @@ def main():
         cells = [model, f"{batch} x {size}²"]
         for b in backends:
             r = by.get(b)
-            cells.append("failed" if r is None or "median_ms" not in r else f"{r['median_ms']:.1f}")
+            if r is None:
+                cells.append("not run")
+            elif "median_ms" in r:
+                cells.append(f"{r['median_ms']:.1f}")
+            else:
+                cells.append(r.get("error", "failed"))
         for b in backends:
             if not torch or b == torch:
                 continue

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root with the .gpu/ folder of benches/gpu/pack.sh:
+# installs the Vulkan loader where the machine has none, unpacks the binary, runs
+# benches/gpu/run.sh, and gathers its table, JSON lines and logs in ${OUT:-gpu-out}/ (the
+# training data and checkpoints stay out of it).
+#
+# Usage: benches/gpu/device.sh ; BUDGET_S, BACKENDS, NETS, REF_DEVICE, TRAIN_BACKEND as run.sh.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RESULTS=${OUT:-gpu-out}
+WORK=${WORK:-/tmp/dnal-gpu}
+mkdir -p "$RESULTS" "$WORK"
+
+if ! ldconfig -p | grep -q 'libvulkan.so.1 '; then
+    for f in .gpu/*.deb; do [[ -e $f ]] && dpkg -x "$f" /; done
+    ldconfig
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[[ -z ${VK_DRIVER_FILES:-} && -f $icd ]] && export VK_DRIVER_FILES=$icd
+
+bin=$WORK/dnal-train
+if ! xz -dc .gpu/dnal-train.xz > "$bin" 2>/dev/null; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        .gpu/dnal-train.xz "$bin" || { echo "device.sh: cannot unpack .gpu/dnal-train.xz" >&2; exit 1; }
+fi
+chmod +x "$bin"
+
+OUT=$WORK/results benches/gpu/run.sh "$bin" 2>&1 | tee "$RESULTS/run.log"
+cp "$WORK/results/table.md" "$WORK/results/steps.jsonl" "$RESULTS/" 2>/dev/null
+tar -czf "$RESULTS/logs.tar.gz" -C "$WORK/results" --exclude=cifar --exclude=run \
+    . 2>/dev/null
+[[ -d $WORK/results/run ]] && tar -czf "$RESULTS/train-run.tar.gz" -C "$WORK/results/run" \
+    --exclude='*.bpk' --exclude='*.onnx' --exclude='*.safetensors' . 2>/dev/null
+ls -l "$RESULTS"
