@@ -69,6 +69,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Which backends start on this machine: builds the trainer with the named backends'
+    /// cargo features (`cargo xtask backends wgpu cuda`; flex is always in) and runs
+    /// `dnal-train backends`.
+    Backends {
+        /// Backends to build in besides flex: ndarray, wgpu, cuda.
+        features: Vec<String>,
+        /// One JSON line per backend.
+        #[arg(long)]
+        json: bool,
+    },
     /// Data sets: `cargo xtask data download cifar10 [--dir DIR] [--url MIRROR]`.
     Data {
         /// `download` followed by its arguments.
@@ -117,6 +127,25 @@ fn main() -> Result<()> {
         Task::Export { args } => trainer(&root, "export", &args),
         Task::Predict { args } => trainer(&root, "predict", &args),
         Task::BenchStep { args } => trainer(&root, "bench", &args),
+        Task::Backends { features, json } => {
+            for f in &features {
+                if !["ndarray", "wgpu", "cuda"].contains(&f.as_str()) {
+                    bail!(
+                        "unknown backend `{f}`: name ndarray, wgpu or cuda (flex is always built)"
+                    );
+                }
+            }
+            let features = features.join(",");
+            let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
+            if !features.is_empty() {
+                cmd.extend(["--features", &features]);
+            }
+            cmd.extend(["--", "backends"]);
+            if json {
+                cmd.push("--json");
+            }
+            cargo(&root, &cmd)
+        }
         Task::Data { args } => {
             match args.first().map(String::as_str) {
                 Some("download") => {}
