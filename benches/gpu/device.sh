@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 RESULTS=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/dnal-gpu}
 mkdir -p "$RESULTS" "$WORK"
+cat .gpu/BUILD 2>/dev/null | tee "$RESULTS/build.txt"
 
 if ! ldconfig -p | grep -q 'libvulkan.so.1 '; then
     for f in .gpu/*.deb; do [[ -e $f ]] && dpkg -x "$f" /; done

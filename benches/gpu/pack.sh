@@ -26,6 +26,12 @@ fi
 
 mkdir -p "$DEST.tmp"
 trap 'rm -rf "$DEST.tmp"' EXIT
+# What the binary was built from, for the results to name (device.sh prints it).
+{
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "binary built $(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')"
+    "$BIN" backends 2>/dev/null | awk '$2 != "not" {print "backend " $1}'
+} > "$DEST.tmp/BUILD"
 strip -o "$DEST.tmp/dnal-train" "$BIN"
 xz -6 -T2 "$DEST.tmp/dnal-train"
 
