@@ -238,11 +238,14 @@ impl BackendKind {
 }
 
 /// The device as its runtime names it (a GPU's part name and what its kernels are compiled
-/// for), else burn's debug form.
+/// for) and the backend stack serving it (on wgpu: which shader compiler, `wgpu<spirv>` or
+/// `wgpu<wgsl>`), else burn's debug form.
 fn describe(device: &Device) -> String {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if let Some(id) = device.identity() {
-        return format!("{} ({})", id.name, id.fingerprint);
+        use burn::backend::{Backend, Dispatch};
+        let stack = <Dispatch as Backend>::name(device.as_dispatch());
+        return format!("{} ({}; {stack})", id.name, id.fingerprint);
     }
     format!("{device:?}")
 }
