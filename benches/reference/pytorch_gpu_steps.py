@@ -12,6 +12,11 @@ steps after untimed warm-up steps.
   1x1 convs, about 1 % of its MACs) that torchvision's lacks;
 * resnet50-imagenet: torchvision's resnet50, 224x224, 1000 classes.
 
+On cuda, cuDNN's autotuner is on (`torch.backends.cudnn.benchmark`, as torchvision's training
+references set it; dnal's cuda and wgpu backends autotune too); `--no-cudnn-benchmark` turns it
+off. PyTorch's precision defaults are kept: convolutions may use TF32 on Ampere and later,
+matrix products do not; each JSON line records both settings.
+
 Usage: python3 benches/reference/pytorch_gpu_steps.py [--device cuda] [--steps 10] [--warmup 3]
 """
 
@@ -70,8 +75,11 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", help="comma-separated network names")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave cuDNN's autotuner off (PyTorch's default)")
     args = p.parse_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     torch.manual_seed(0)
     only = set(args.only.split(",")) if args.only else None
     for name, build, batch, size, classes in NETWORKS:
@@ -84,6 +92,9 @@ def main():
             "model": name, "backend": f"pytorch-{device.type}", "batch": batch, "size": size,
             "gates": "bypass", "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
             "torch": torch.__version__,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "conv_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
         }), flush=True)
 
 
