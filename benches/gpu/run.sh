@@ -18,7 +18,8 @@
 # Usage: benches/gpu/run.sh [DNAL_TRAIN_BINARY]; figures go to ${OUT:-gpu-results}/.
 # The whole script keeps within BUDGET_S seconds (default 540): the parts run in order of
 # importance (dnal on cuda, PyTorch, the training run, dnal on wgpu), each under its own cap and
-# what is left of the budget; a part with under 20 s left is recorded as skipped.
+# what is left of the budget; a part with under 20 s left is recorded as skipped, and so are a
+# backend's other networks once one of them times out.
 # Also settable: BACKENDS (default "cuda wgpu"), NETS (default all four), REF_DEVICE (PyTorch's
 # device, default cuda; "none" skips it), TRAIN_BACKEND (default cuda; "none" skips the run),
 # TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
@@ -66,12 +67,15 @@ no_figure() {
     || echo "no NVIDIA GPU visible (nvidia-smi failed)"; } | tee "$OUT/card.txt"
 "$BIN" backends 2>/dev/null | tee "$OUT/backends.txt"
 
+# After a network times out on a backend, the rest of that backend's networks are skipped:
+# a step that slow means compilation or autotuning is stuck, and the budget is worth more to
+# the parts after it.
 dnal_steps() {
-    local backend=$1 model batch size classes cap
+    local backend=$1 model batch size classes cap stuck=0
     for model in $NETS; do
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance 120)
-        if (( cap == 0 )); then
+        if (( cap == 0 || stuck )); then
             no_figure "$backend" "$model" skipped
             continue
         fi
@@ -81,7 +85,8 @@ dnal_steps() {
             >> "$OUT/steps.jsonl" 2> "$OUT/$backend-$model.err"
         case $? in
             0) ;;
-            124) no_figure "$backend" "$model" timeout; echo "  timed out after $cap s" >&2 ;;
+            124) no_figure "$backend" "$model" timeout; stuck=1
+                 echo "  timed out after $cap s; skipping $backend's other networks" >&2 ;;
             *) no_figure "$backend" "$model" failed
                echo "  failed: $(tail -n 3 "$OUT/$backend-$model.err")" >&2 ;;
         esac
