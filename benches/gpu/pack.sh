@@ -26,9 +26,10 @@ fi
 
 mkdir -p "$DEST.tmp"
 trap 'rm -rf "$DEST.tmp"' EXIT
-# What the binary was built from, for the results to name (device.sh prints it).
+# The checkout at packing time and the binary's date and backends, for the results to name
+# (device.sh prints it).
 {
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "packed at commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "binary built $(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')"
     "$BIN" backends 2>/dev/null | awk '$2 != "not" {print "backend " $1}'
 } > "$DEST.tmp/BUILD"
