@@ -128,23 +128,17 @@ fn main() -> Result<()> {
         Task::Predict { args } => trainer(&root, "predict", &args),
         Task::BenchStep { args } => trainer(&root, "bench", &args),
         Task::Backends { features, json } => {
+            let mut names = Vec::new();
             for f in &features {
-                if !["ndarray", "wgpu", "cuda"].contains(&f.as_str()) {
-                    bail!(
+                match backend_named(f) {
+                    Ok(name) if name != "flex" => names.push(name),
+                    _ => bail!(
                         "unknown backend `{f}`: name ndarray, wgpu or cuda (flex is always built)"
-                    );
+                    ),
                 }
             }
-            let features = features.join(",");
-            let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
-            if !features.is_empty() {
-                cmd.extend(["--features", &features]);
-            }
-            cmd.extend(["--", "backends"]);
-            if json {
-                cmd.push("--json");
-            }
-            cargo(&root, &cmd)
+            let args = if json { vec!["--json".into()] } else { vec![] };
+            run_trainer(&root, &names, "backends", &args)
         }
         Task::Data { args } => {
             match args.first().map(String::as_str) {
@@ -153,9 +147,7 @@ fn main() -> Result<()> {
                     "usage: cargo xtask data download cifar10|cifar100 [--dir DIR] [--url MIRROR]"
                 ),
             }
-            let mut cmd = vec!["run", "--release", "-p", "dnal-train", "--"];
-            cmd.extend(args.iter().map(String::as_str));
-            cargo(&root, &cmd)
+            run_trainer(&root, &[], "download", &args[1..])
         }
         Task::Demo => cargo(
             &root,
@@ -182,12 +174,17 @@ fn backend_of(args: &[String]) -> Result<&'static str> {
             name = args.get(i + 1).cloned();
         }
     }
-    match name.as_deref().unwrap_or("flex") {
-        "flex" => Ok("flex"),
-        "ndarray" => Ok("ndarray"),
-        "wgpu" => Ok("wgpu"),
-        "cuda" => Ok("cuda"),
-        other => bail!("unknown backend `{other}`: use flex, ndarray, wgpu or cuda"),
+    backend_named(name.as_deref().unwrap_or("flex"))
+}
+
+/// The trainer's backends, each also its cargo feature.
+const BACKENDS: [&str; 4] = ["flex", "ndarray", "wgpu", "cuda"];
+
+/// `name` as one of [`BACKENDS`], or an error listing them.
+fn backend_named(name: &str) -> Result<&'static str> {
+    match BACKENDS.into_iter().find(|b| *b == name) {
+        Some(b) => Ok(b),
+        None => bail!("unknown backend `{name}`: use flex, ndarray, wgpu or cuda"),
     }
 }
 
@@ -221,10 +218,20 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 /// Builds the trainer with the backend's cargo feature and runs `dnal-train <command> <args>`.
 fn trainer(root: &Path, command: &str, args: &[String]) -> Result<()> {
-    let backend = backend_of(args)?;
+    let features = match backend_of(args)? {
+        "flex" => vec![],
+        backend => vec![backend],
+    };
+    run_trainer(root, &features, command, args)
+}
+
+/// Builds the trainer with these cargo features besides its default (flex) and runs
+/// `dnal-train <command> <args>`.
+fn run_trainer(root: &Path, features: &[&str], command: &str, args: &[String]) -> Result<()> {
+    let features = features.join(",");
     let mut cmd = vec!["run", "--release", "-p", "dnal-train"];
-    if backend != "flex" {
-        cmd.extend(["--features", backend]);
+    if !features.is_empty() {
+        cmd.extend(["--features", &features]);
     }
     cmd.extend(["--", command]);
     cmd.extend(args.iter().map(String::as_str));
