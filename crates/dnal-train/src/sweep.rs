@@ -340,6 +340,12 @@ impl Stat {
             format!("{:.digits$}", self.mean)
         }
     }
+
+    /// As [`Stat::show`], with the mean's sign always written.
+    fn show_signed(&self, digits: usize) -> String {
+        let sign = if self.mean >= 0.0 { "+" } else { "" };
+        format!("{sign}{}", self.show(digits))
+    }
 }
 
 /// One row: a method at one lambda, over its seeds.
@@ -358,6 +364,12 @@ pub struct SweepRow {
     pub best_top1: Stat,
     /// Top-1 drop against the baseline, points.
     pub top1_drop: Stat,
+    /// A comparison method's top-1 minus DNAL's at the same lambda and seed, points (positive:
+    /// the comparison method is more accurate), over the seeds; absent on DNAL rows and where
+    /// some seed's DNAL run is missing. Pairing by seed removes the spread that the seeds'
+    /// shared data order and weight stage put into both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_dnal: Option<Stat>,
     /// MACs per image.
     pub macs: Stat,
     /// MACs removed, percent.
@@ -468,8 +480,16 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
             .or_default()
             .push(r);
     }
+    let dnal_top1: BTreeMap<(String, u64), f64> = runs
+        .iter()
+        .filter(|r| r.method == Method::Dnal)
+        .filter_map(|r| {
+            let top1 = r.report.pruned.as_ref()?.top1;
+            Some(((format!("{:020.12}", r.lambda), r.seed), top1))
+        })
+        .collect();
     let mut rows = Vec::new();
-    for ((method, _), group) in groups {
+    for ((method, key), group) in groups {
         let pick = |f: &dyn Fn(&Report) -> Option<f64>| -> Stat {
             Stat::of(
                 &group
@@ -491,6 +511,15 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
                     .collect::<Vec<_>>(),
             ),
             top1_drop: pick(&|r| r.reduction.as_ref().map(|x| x.top1_drop)),
+            vs_dnal: (method != Method::Dnal)
+                .then(|| {
+                    let ours: Vec<(u64, Option<f64>)> = group
+                        .iter()
+                        .map(|r| (r.seed, r.report.pruned.as_ref().map(|p| p.top1)))
+                        .collect();
+                    paired_difference(&ours, |seed| dnal_top1.get(&(key.clone(), seed)).copied())
+                })
+                .flatten(),
             macs: pick(&|r| r.pruned.as_ref().map(|p| p.macs as f64)),
             macs_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.macs_pct)),
             macs_released: group
@@ -521,6 +550,18 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
     Ok(table)
 }
 
+/// `ours - theirs(seed)` over the seeds of `ours`, or `None` unless every seed has both values.
+fn paired_difference(
+    ours: &[(u64, Option<f64>)],
+    theirs: impl Fn(u64) -> Option<f64>,
+) -> Option<Stat> {
+    let diffs: Option<Vec<f64>> = ours
+        .iter()
+        .map(|&(seed, top1)| Some(top1? - theirs(seed)?))
+        .collect();
+    diffs.filter(|d| !d.is_empty()).map(|d| Stat::of(&d))
+}
+
 /// The pruned network's MACs under the released code's count, if the run has that figure.
 fn released(report: &Report) -> Option<u64> {
     report.pruned.as_ref().and_then(|p| p.macs_released)
@@ -546,17 +587,20 @@ impl SweepTable {
                 .map(|p| format!(" (paper: {p})"))
                 .unwrap_or_default()
         );
-        s += "| method | lambda | seeds | top-1 % (last) | top-1 % (best, test-chosen) | drop (points) | MACs | MACs removed | params | params removed | latency dense / pruned (ms) | paper |\n";
-        s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        s += "| method | lambda | seeds | top-1 % (last) | top-1 % (best, test-chosen) | drop (points) | vs dnal, same seed (points) | MACs | MACs removed | params | params removed | latency dense / pruned (ms) | paper |\n";
+        s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} % | {} / {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} % | {} / {} | {} |\n",
                 r.method.name(),
                 lambda_label(r.lambda),
                 r.seeds.len(),
                 r.top1.show(2),
                 r.best_top1.show(2),
                 r.top1_drop.show(2),
+                r.vs_dnal
+                    .map(|d| d.show_signed(2))
+                    .unwrap_or_else(|| "-".into()),
                 macs(r.macs.mean),
                 r.macs_reduction_pct.show(1),
                 macs(r.params.mean),
@@ -589,7 +633,38 @@ impl SweepTable {
         s += "\nComparison methods (beyond the paper) run at the MACs of the DNAL point with the same \
               lambda and seed, for the same total epochs: `uniform` scales every gated width by one \
               factor and trains from scratch; `magnitude` keeps the largest |BatchNorm gamma| after \
-              the same weight stage and trains on.\n";
+              the same weight stage and trains on. `vs dnal` is a comparison run's top-1 minus that \
+              DNAL run's, seed by seed (positive: the comparison method is more accurate).\n";
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_paired_difference_is_taken_seed_by_seed() {
+        let dnal = |seed| {
+            [(0, 97.0), (1, 98.0), (2, 96.5)]
+                .iter()
+                .find(|(s, _)| *s == seed)
+                .map(|p| p.1)
+        };
+        // Seed by seed the differences are +0.5, +0.5, +0.5: no spread, although the methods'
+        // own top-1s spread by a point.
+        let ours = [(0, Some(97.5)), (1, Some(98.5)), (2, Some(97.0))];
+        let d = paired_difference(&ours, dnal).unwrap();
+        assert!((d.mean - 0.5).abs() < 1e-9 && d.sd < 1e-9, "{d:?}");
+        // Seeds in another order pair the same way.
+        let d = paired_difference(&[(2, Some(96.0)), (0, Some(97.0))], dnal).unwrap();
+        assert!((d.mean + 0.25).abs() < 1e-9, "{d:?}");
+        // A seed without its DNAL run, or a run without a pruned top-1: no figure.
+        assert_eq!(
+            paired_difference(&[(0, Some(97.0)), (7, Some(97.0))], dnal),
+            None
+        );
+        assert_eq!(paired_difference(&[(0, None)], dnal), None);
+        assert_eq!(paired_difference(&[], dnal), None);
     }
 }

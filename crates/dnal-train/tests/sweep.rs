@@ -78,6 +78,9 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
             "{folder}: the table is the run's report"
         );
         assert_eq!(row.macs.mean, pruned.macs as f64, "{folder}");
+        if row.method == Method::Dnal {
+            assert_eq!(row.vs_dnal, None, "{folder}");
+        }
         if row.method != Method::Dnal {
             let target = dnal
                 .iter()
@@ -85,6 +88,20 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
                 .unwrap()
                 .macs
                 .mean;
+            let dnal_top1 = dnal
+                .iter()
+                .find(|d| d.lambda == row.lambda)
+                .unwrap()
+                .top1
+                .mean;
+            let vs = row
+                .vs_dnal
+                .expect("a comparison row is paired with its DNAL run");
+            assert!(
+                (vs.mean - (pruned.top1 - dnal_top1)).abs() < 1e-9,
+                "{folder}: {vs:?} against {} - {dnal_top1}",
+                pruned.top1
+            );
             let off = (row.macs.mean - target).abs() / target;
             assert!(
                 off < 0.1,
