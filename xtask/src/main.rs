@@ -41,7 +41,7 @@ enum Task {
         args: Vec<String>,
     },
     /// A lambda sweep of a recipe: `--recipe NAME [--lambdas 1e-4,2e-4] [--seeds 0,1,2]
-    /// [--baselines uniform,magnitude] [--jobs N] [--out DIR] [--set key=value]`, or
+    /// [--baselines uniform,magnitude,scratch] [--jobs N] [--out DIR] [--set key=value]`, or
     /// `--report DIR` to rewrite a sweep's table and plot.
     Sweep {
         /// Arguments for `dnal-train sweep` (see `cargo xtask sweep --help`).

@@ -29,6 +29,10 @@ pub enum Mode {
     /// architecture and final stages' epochs with the weight stage's schedule (the dense weight
     /// stage runs first, as the baseline).
     Uniform,
+    /// Beyond the paper, a control: the architecture of `compare.architecture` (a DNAL run's
+    /// `architecture.json`) built at its widths and trained from scratch exactly as `uniform`
+    /// trains its network, so that learned widths and uniform ones meet with the same training.
+    Scratch,
 }
 
 /// The comparison methods' settings.
@@ -38,6 +42,9 @@ pub struct CompareConfig {
     /// The MACs per image the `magnitude` and `uniform` modes aim at (a DNAL run's pruned MACs).
     #[serde(default)]
     pub target_macs: Option<u64>,
+    /// The architecture the `scratch` mode trains (a DNAL run's `architecture.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<PathBuf>,
 }
 
 /// The network section.
@@ -342,7 +349,7 @@ pub struct TrainConfig {
     /// Report options.
     #[serde(default)]
     pub report: ReportConfig,
-    /// The comparison methods' settings (modes `magnitude` and `uniform`).
+    /// The comparison methods' settings (modes `magnitude`, `uniform` and `scratch`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub compare: CompareConfig,
 }
@@ -493,6 +500,12 @@ impl TrainConfig {
             return bad(
                 "compare.target_macs",
                 "the magnitude and uniform modes need the MACs to match, e.g. --set compare.target_macs=3858432".into(),
+            );
+        }
+        if self.mode == Mode::Scratch && self.compare.architecture.is_none() {
+            return bad(
+                "compare.architecture",
+                "the scratch mode needs the architecture to train, e.g. --set compare.architecture=\"runs/mnist-demo/architecture.json\"".into(),
             );
         }
         if self.mode == Mode::Decoupled && self.arch.epochs == 0 {

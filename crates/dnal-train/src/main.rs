@@ -127,7 +127,7 @@ struct SweepArgs {
     /// Seeds, comma-separated; every point runs once per seed.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     seeds: Vec<u64>,
-    /// Comparison methods at each DNAL point's MACs: uniform, magnitude (comma-separated).
+    /// Comparison methods at each DNAL point's MACs: uniform, magnitude, scratch (comma-separated).
     #[arg(long, value_delimiter = ',')]
     baselines: Vec<String>,
     /// Runs at once (one process each).

@@ -52,7 +52,7 @@ pub fn phases(cfg: &TrainConfig) -> Vec<Phase> {
         Mode::Decoupled => vec![Phase::Weights, Phase::Arch, Phase::Final],
         Mode::Joint => vec![Phase::Joint, Phase::Final, Phase::Weights],
         // The comparison methods choose their architecture when the weight stage ends.
-        Mode::Magnitude | Mode::Uniform => vec![Phase::Weights, Phase::Final],
+        Mode::Magnitude | Mode::Uniform | Mode::Scratch => vec![Phase::Weights, Phase::Final],
     };
     if extend {
         v.push(Phase::BaselineExtend);
@@ -69,7 +69,9 @@ pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
             // As many epochs after the weight stage as DNAL's architecture and final stages.
             Mode::Magnitude => cfg.arch.epochs + cfg.final_stage.epochs,
             // From scratch: as many epochs as the whole DNAL run.
-            Mode::Uniform => cfg.weights.epochs + cfg.arch.epochs + cfg.final_stage.epochs,
+            Mode::Uniform | Mode::Scratch => {
+                cfg.weights.epochs + cfg.arch.epochs + cfg.final_stage.epochs
+            }
             _ => cfg.final_stage.epochs,
         },
         Phase::BaselineExtend => cfg.final_stage.epochs,
@@ -78,7 +80,7 @@ pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
 
 /// The stage settings `phase` trains with, its epochs being the phase's.
 pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> StageConfig {
-    let from_scratch = phase == Phase::Final && cfg.mode == Mode::Uniform;
+    let from_scratch = phase == Phase::Final && matches!(cfg.mode, Mode::Uniform | Mode::Scratch);
     let mut stage = match phase {
         Phase::Weights | Phase::Joint | Phase::Arch => cfg.weights.clone(),
         Phase::Final if from_scratch => cfg.weights.clone(),

@@ -161,8 +161,34 @@ impl<'a, N: Network> Runner<'a, N> {
         Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
     }
 
+    /// The architecture the `scratch` mode trains, read and checked against the network.
+    fn scratch_architecture(&self) -> Result<Architecture> {
+        let path = self
+            .cfg
+            .compare
+            .architecture
+            .as_deref()
+            .unwrap_or(Path::new(""));
+        let wrong = |message: String| TrainError::Config {
+            origin: "compare.architecture".into(),
+            message: format!(
+                "{message}; give the architecture.json of a finished run of this network"
+            ),
+        };
+        let arch = Architecture::load(path).map_err(|e| wrong(e.to_string()))?;
+        // Built, never drawn (burn's parameters are lazy): only the gates are read.
+        let dense = N::build(&self.net_config, &self.device)?;
+        arch.check_matches(&dense)
+            .map_err(|e| wrong(format!("{} does not fit the network: {e}", path.display())))?;
+        Ok(arch)
+    }
+
     /// Runs (or resumes) the whole pipeline.
     pub fn run(&self) -> Result<Outcome> {
+        if self.cfg.mode == Mode::Scratch {
+            // Before the weight stage, not after it.
+            self.scratch_architecture()?;
+        }
         let out = &self.opts.out;
         std::fs::create_dir_all(out).map_err(io_err(out))?;
         // The class list: line i is the name of class i (for an image folder, its i-th
@@ -333,8 +359,12 @@ impl<'a, N: Network> Runner<'a, N> {
                         let pruned = net.clone().prune(&arch)?;
                         self.adopt(&net, arch, pruned, progress)
                     }
-                    Mode::Uniform => {
-                        let arch = dnal_zoo::compare::uniform_architecture(&net, target)?;
+                    Mode::Uniform | Mode::Scratch => {
+                        let arch = if self.cfg.mode == Mode::Scratch {
+                            self.scratch_architecture()?
+                        } else {
+                            dnal_zoo::compare::uniform_architecture(&net, target)?
+                        };
                         // Built at its own widths and initialised afresh: trained from scratch.
                         let config = net.clone().prune(&arch)?.config().clone();
                         let thin = N::build(&config, &self.train_device)?;

@@ -331,6 +331,11 @@ pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Resu
             (Method::Dnal, "DNAL", BLUE),
             (Method::Uniform, "uniform width", GREEN),
             (Method::Magnitude, "BN magnitude", MAGENTA),
+            (
+                Method::Scratch,
+                "DNAL widths, from scratch",
+                RGBColor(230, 140, 0),
+            ),
         ];
         for (method, label, color) in series {
             let points: Vec<(f64, f64, f64)> = table

@@ -28,6 +28,9 @@ pub enum Method {
     Uniform,
     /// The largest |BatchNorm gamma| after the weight stage (mode `magnitude`).
     Magnitude,
+    /// The DNAL run's own architecture trained from scratch as `uniform` trains its network
+    /// (mode `scratch`): what the learned widths are worth without DNAL's training.
+    Scratch,
 }
 
 impl Method {
@@ -37,6 +40,7 @@ impl Method {
             Method::Dnal => "dnal",
             Method::Uniform => "uniform",
             Method::Magnitude => "magnitude",
+            Method::Scratch => "scratch",
         }
     }
 
@@ -45,9 +49,13 @@ impl Method {
         match name {
             "uniform" => Ok(Method::Uniform),
             "magnitude" => Ok(Method::Magnitude),
+            "scratch" => Ok(Method::Scratch),
             other => Err(TrainError::from(dnal_core::CoreError::invalid(
                 "--baselines",
-                format!("`{other}` is not a comparison method; use uniform, magnitude or both"),
+                format!(
+                    "`{other}` is not a comparison method; use uniform, magnitude, scratch or a \
+                     comma-separated list of them"
+                ),
             ))),
         }
     }
@@ -179,10 +187,17 @@ fn point_sets(opts: &SweepOptions, point: &Point) -> Result<Vec<String>> {
         return Err(TrainError::Config {
             origin: format!("run {}", point.dir.display()),
             message: format!(
-                "it matches the MACs of the DNAL run {}, which has not finished: run that first",
+                "it is compared with the DNAL run {}, which has not finished: run that first",
                 dnal.display()
             ),
         });
+    }
+    if point.method == Method::Scratch {
+        let arch = dnal.join(paths::ARCHITECTURE).display().to_string();
+        return Ok(vec![
+            format!("mode=\"{}\"", point.method.name()),
+            format!("compare.architecture={}", toml::Value::String(arch)),
+        ]);
     }
     let macs =
         read_report(&dnal)?
@@ -445,6 +460,7 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
         let method = match report.config.mode {
             crate::config::Mode::Magnitude => Method::Magnitude,
             crate::config::Mode::Uniform => Method::Uniform,
+            crate::config::Mode::Scratch => Method::Scratch,
             _ => Method::Dnal,
         };
         // A comparison run carries the lambda of the DNAL point it was matched to.
@@ -633,7 +649,8 @@ impl SweepTable {
         s += "\nComparison methods (beyond the paper) run at the MACs of the DNAL point with the same \
               lambda and seed, for the same total epochs: `uniform` scales every gated width by one \
               factor and trains from scratch; `magnitude` keeps the largest |BatchNorm gamma| after \
-              the same weight stage and trains on. `vs dnal` is a comparison run's top-1 minus that \
+              the same weight stage and trains on; `scratch` trains the DNAL run's own architecture from \
+              scratch as `uniform` trains its network. `vs dnal` is a comparison run's top-1 minus that \
               DNAL run's, seed by seed (positive: the comparison method is more accurate).\n";
         s
     }

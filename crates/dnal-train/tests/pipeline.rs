@@ -334,6 +334,7 @@ fn bad_configs_are_rejected_before_any_work() {
     // Zero weight epochs only with weights to start from.
     assert!(err(&["weights.epochs=0"]).contains("weights.init"));
     assert!(err(&["arch.threshold=1"]).contains("arch.threshold"));
+    assert!(err(&["mode=\"scratch\""]).contains("compare.architecture"));
     assert!(err(&["weights.lr=0"]).contains("weights.lr"));
     assert!(err(&["nonsense=1"]).contains("unknown field `nonsense`"));
     assert!(err(&["data.dataset=\"svhn\""]).contains("unknown variant"));
@@ -352,6 +353,57 @@ fn bad_configs_are_rejected_before_any_work() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("--features cuda"), "{msg}");
+}
+
+/// The scratch mode checks its architecture before any training: a missing file, and one of
+/// another network, are named with the setting to fix.
+#[test]
+fn a_scratch_run_rejects_a_missing_or_foreign_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |arch: &std::path::Path| {
+        let cfg = demo(&[
+            "mode=\"scratch\"",
+            &format!("compare.architecture={:?}", arch.display().to_string()),
+        ]);
+        let out = tmp.path().join("out");
+        let msg = dnal_train::run(&cfg, &opts(&out, false, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !out.join("metrics.jsonl").exists(),
+            "no epoch may run before the check"
+        );
+        msg
+    };
+    let missing = tmp.path().join("nowhere.json");
+    let msg = run(&missing);
+    assert!(
+        msg.contains("compare.architecture") && msg.contains("nowhere.json"),
+        "{msg}"
+    );
+    // The demo CNN's gates are conv0..conv3 of widths 32, 32, 64, 64.
+    let foreign = tmp.path().join("foreign.json");
+    let gate =
+        |w: usize| format!(r#"{{"kind":"main","width":{w},"kept":[0],"forced_open":false}}"#);
+    std::fs::write(
+        &foreign,
+        format!(
+            r#"{{"threshold":0.9,"gates":{{"conv0":{},"conv1":{},"conv2":{},"stage9":{}}}}}"#,
+            gate(32),
+            gate(16),
+            gate(64),
+            gate(64)
+        ),
+    )
+    .unwrap();
+    let msg = run(&foreign);
+    assert!(
+        msg.contains("compare.architecture")
+            && msg.contains("does not fit")
+            && msg.contains("conv1")
+            && msg.contains("conv3"),
+        "{msg}"
+    );
 }
 
 #[test]

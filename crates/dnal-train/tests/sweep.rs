@@ -35,7 +35,11 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sweep");
     let lambdas = [5e-3, 5e-2, 5e-1];
-    let opts = options(&out, &lambdas, vec![Method::Uniform, Method::Magnitude]);
+    let opts = options(
+        &out,
+        &lambdas,
+        vec![Method::Uniform, Method::Magnitude, Method::Scratch],
+    );
     let (table, failed) = sweep::run(&opts).unwrap();
     assert!(failed.is_empty(), "{failed:?}");
     for file in ["sweep.md", "sweep.json", "pareto.svg"] {
@@ -44,7 +48,7 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
     let saved: SweepTable =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
     assert_eq!(saved, table);
-    assert_eq!(table.rows.len(), 9);
+    assert_eq!(table.rows.len(), 12);
     let dnal: Vec<_> = table
         .rows
         .iter()
@@ -102,6 +106,30 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
                 "{folder}: {vs:?} against {} - {dnal_top1}",
                 pruned.top1
             );
+            if row.method == Method::Scratch {
+                // The DNAL run's own architecture, rebuilt: the same MACs to the unit.
+                assert_eq!(row.macs.mean, target, "{folder}");
+                let arch = |dir: &str| -> serde_json::Value {
+                    let path = out.join(dir).join("architecture.json");
+                    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+                };
+                let dnal_folder = format!("l{}-s0", dnal_train::recipes::lambda_label(row.lambda));
+                assert_eq!(arch(&folder), arch(&dnal_folder), "{folder}");
+            }
+            if matches!(row.method, Method::Uniform | Method::Scratch) {
+                // From scratch, for as many epochs as the whole DNAL run.
+                let c = &run.config;
+                let finals = std::fs::read_to_string(out.join(&folder).join("metrics.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains("\"stage\":\"final\""))
+                    .count();
+                assert_eq!(
+                    finals,
+                    c.weights.epochs + c.arch.epochs + c.final_stage.epochs,
+                    "{folder}"
+                );
+            }
             let off = (row.macs.mean - target).abs() / target;
             assert!(
                 off < 0.1,
