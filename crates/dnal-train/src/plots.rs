@@ -276,26 +276,42 @@ pub(crate) fn plot_grid(path: &Path, grid: &dnal_zoo::StructureGrid) -> Result<(
     Ok(dnal_core::io::write_atomic(path, svg.as_bytes())?)
 }
 
+/// How far below the dense baseline's top-1 a sweep row counts as collapsed, in points.
+const COLLAPSED_POINTS: f64 = 15.0;
+
+/// The rows the trade-off plot draws: those within [`COLLAPSED_POINTS`] of the dense top-1,
+/// so that one collapsed lambda does not squeeze every working point into the top of the
+/// axis; all of them if every row collapsed.
+fn pareto_rows(table: &crate::sweep::SweepTable) -> Vec<&crate::sweep::SweepRow> {
+    let floor = table.baseline_top1.mean - COLLAPSED_POINTS;
+    let working: Vec<_> = table.rows.iter().filter(|r| r.top1.mean >= floor).collect();
+    if working.is_empty() {
+        table.rows.iter().collect()
+    } else {
+        working
+    }
+}
+
 /// Top-1 against MACs (log scale) of a sweep: DNAL's points labelled with their lambda, the
 /// paper's published points where the recipe has them, the dense baseline, and the comparison
-/// methods.
+/// methods. Collapsed rows ([`pareto_rows`]) are left out and counted in a note.
 pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Result<()> {
     use crate::sweep::Method;
     let err = plot_err(path);
+    let rows = pareto_rows(table);
+    let left_out = table.rows.len() - rows.len();
     let paper_points: Vec<(f64, f64)> = table
         .rows
         .iter()
         .filter_map(|r| r.paper.as_deref().and_then(parse_paper_row))
         .collect();
-    let all_macs = table
-        .rows
+    let all_macs = rows
         .iter()
         .map(|r| r.macs.mean)
         .chain(paper_points.iter().map(|p| p.0))
         .chain([table.baseline_macs as f64]);
     let (lo, hi) = all_macs.fold((f64::MAX, 0f64), |(a, b), m| (a.min(m), b.max(m)));
-    let tops = table
-        .rows
+    let tops = rows
         .iter()
         .map(|r| r.top1.mean)
         .chain(paper_points.iter().map(|p| p.1))
@@ -305,7 +321,9 @@ pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Resu
     {
         let root = SVGBackend::with_string(&mut svg, (900, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
+        // A line under the chart for the note on left-out rows.
+        let (area, foot) = root.split_vertically(if left_out > 0 { 578 } else { 600 });
+        let mut chart = ChartBuilder::on(&area)
             .caption(
                 format!("{}: top-1 against MACs", table.recipe),
                 ("sans-serif", 20),
@@ -338,8 +356,7 @@ pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Resu
             ),
         ];
         for (method, label, color) in series {
-            let points: Vec<(f64, f64, f64)> = table
-                .rows
+            let points: Vec<(f64, f64, f64)> = rows
                 .iter()
                 .filter(|r| r.method == method)
                 .map(|r| (r.macs.mean, r.top1.mean, r.lambda))
@@ -397,6 +414,14 @@ pub(crate) fn plot_pareto(path: &Path, table: &crate::sweep::SweepTable) -> Resu
             .position(SeriesLabelPosition::LowerRight)
             .draw()
             .map_err(|e| err(&e))?;
+        if left_out > 0 {
+            let note = format!(
+                "not drawn: {left_out} collapsed row(s), more than {COLLAPSED_POINTS} points below \
+                 the dense top-1 (sweep.md lists them)"
+            );
+            foot.draw(&Text::new(note, (70, 2), ("sans-serif", 12)))
+                .map_err(|e| err(&e))?;
+        }
         root.present().map_err(|e| err(&e))?;
     }
     Ok(dnal_core::io::write_atomic(path, svg.as_bytes())?)
@@ -433,4 +458,75 @@ fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
         decade *= 10.0;
     }
     ticks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::{Method, Stat, SweepRow, SweepTable};
+
+    fn row(method: Method, lambda: f64, top1: f64, macs: f64) -> SweepRow {
+        let stat = |mean| Stat { mean, sd: 0.0 };
+        SweepRow {
+            method,
+            lambda,
+            seeds: vec![0],
+            top1: stat(top1),
+            best_top1: stat(top1),
+            top1_drop: stat(97.0 - top1),
+            vs_dnal: None,
+            macs: stat(macs),
+            macs_reduction_pct: stat(0.0),
+            macs_released: None,
+            params: stat(0.0),
+            params_reduction_pct: stat(0.0),
+            dense_ms: stat(1.0),
+            pruned_ms: stat(1.0),
+            paper: None,
+        }
+    }
+
+    fn table(rows: Vec<SweepRow>) -> SweepTable {
+        SweepTable {
+            recipe: "mnist-demo".into(),
+            baseline_kind: "weight-stage".into(),
+            baseline_top1: Stat {
+                mean: 97.0,
+                sd: 0.0,
+            },
+            baseline_macs: 18_000_000,
+            paper_baseline: None,
+            rows,
+        }
+    }
+
+    #[test]
+    fn collapsed_rows_are_left_out_of_the_trade_off_plot() {
+        let t = table(vec![
+            row(Method::Dnal, 1e-2, 97.5, 9e6),
+            row(Method::Dnal, 4e-2, 96.0, 2e6),
+            row(Method::Dnal, 5e-2, 25.7, 1.8e4),
+            row(Method::Uniform, 5e-2, 82.5, 1.8e4),
+        ]);
+        let kept: Vec<f64> = pareto_rows(&t).iter().map(|r| r.top1.mean).collect();
+        // 82.5 is 14.5 points below the dense 97.0: kept; 25.7 is not.
+        assert_eq!(kept, vec![97.5, 96.0, 82.5]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pareto.svg");
+        plot_pareto(&path, &t).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.contains("not drawn: 1 collapsed row"),
+            "the note is missing"
+        );
+        // Nothing but collapsed rows: all of them are drawn, without a note.
+        let t = table(vec![row(Method::Dnal, 5e-2, 25.7, 1.8e4)]);
+        assert_eq!(pareto_rows(&t).len(), 1);
+        plot_pareto(&path, &t).unwrap();
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("not drawn")
+        );
+    }
 }
