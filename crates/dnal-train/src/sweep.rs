@@ -492,7 +492,7 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
     let mut groups: BTreeMap<(Method, String), Vec<&Finished>> = BTreeMap::new();
     for r in &runs {
         groups
-            .entry((r.method, format!("{:020.12}", r.lambda)))
+            .entry((r.method, lambda_key(r.lambda)))
             .or_default()
             .push(r);
     }
@@ -501,7 +501,7 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
         .filter(|r| r.method == Method::Dnal)
         .filter_map(|r| {
             let top1 = r.report.pruned.as_ref()?.top1;
-            Some(((format!("{:020.12}", r.lambda), r.seed), top1))
+            Some(((lambda_key(r.lambda), r.seed), top1))
         })
         .collect();
     let mut rows = Vec::new();
@@ -564,6 +564,11 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
     dnal_core::io::write_atomic(&dir.join("sweep.md"), table.markdown().as_bytes())?;
     crate::plots::plot_pareto(&dir.join("pareto.svg"), &table)?;
     Ok(table)
+}
+
+/// A lambda as a map key that sorts as the number does.
+fn lambda_key(lambda: f64) -> String {
+    format!("{lambda:020.12}")
 }
 
 /// `ours - theirs(seed)` over the seeds of `ours`, or `None` unless every seed has both values.
