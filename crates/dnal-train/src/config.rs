@@ -35,6 +35,14 @@ pub enum Mode {
     Scratch,
 }
 
+impl Mode {
+    /// Whether the final phase trains a newly built network from scratch, for as many epochs
+    /// as the whole DNAL run and with the weight stage's schedule.
+    pub(crate) fn trains_from_scratch(self) -> bool {
+        matches!(self, Mode::Uniform | Mode::Scratch)
+    }
+}
+
 /// The comparison methods' settings.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

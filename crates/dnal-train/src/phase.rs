@@ -69,7 +69,7 @@ pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
             // As many epochs after the weight stage as DNAL's architecture and final stages.
             Mode::Magnitude => cfg.arch.epochs + cfg.final_stage.epochs,
             // From scratch: as many epochs as the whole DNAL run.
-            Mode::Uniform | Mode::Scratch => {
+            m if m.trains_from_scratch() => {
                 cfg.weights.epochs + cfg.arch.epochs + cfg.final_stage.epochs
             }
             _ => cfg.final_stage.epochs,
@@ -80,7 +80,7 @@ pub fn phase_epochs(cfg: &TrainConfig, phase: Phase) -> usize {
 
 /// The stage settings `phase` trains with, its epochs being the phase's.
 pub(crate) fn phase_stage(cfg: &TrainConfig, phase: Phase) -> StageConfig {
-    let from_scratch = phase == Phase::Final && matches!(cfg.mode, Mode::Uniform | Mode::Scratch);
+    let from_scratch = phase == Phase::Final && cfg.mode.trains_from_scratch();
     let mut stage = match phase {
         Phase::Weights | Phase::Joint | Phase::Arch => cfg.weights.clone(),
         Phase::Final if from_scratch => cfg.weights.clone(),
