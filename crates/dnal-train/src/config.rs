@@ -267,6 +267,14 @@ pub struct ArchConfig {
     /// Let BatchNorm update its running statistics (train mode); the released code does.
     #[serde(default = "yes")]
     pub update_bn_stats: bool,
+    /// Training batches run forward (train mode, no gradients) through the network that
+    /// derivation leaves (and the one `magnitude` pruning leaves), before it is evaluated and
+    /// trained on, so that its BatchNorm statistics are its own and not those of the gates'
+    /// last settings in the architecture stage; 0: none, as in the released code. Only the
+    /// evaluations before the final stage change: training normalises with each batch's own
+    /// statistics, and the batches come from a data stream of their own.
+    #[serde(default = "default_bn_recalibration")]
+    pub bn_recalibration_batches: usize,
 }
 
 fn default_arch_optimizer() -> ArchOptimizer {
@@ -277,6 +285,9 @@ fn default_arch_lr() -> f64 {
 }
 fn one() -> usize {
     1
+}
+fn default_bn_recalibration() -> usize {
+    100
 }
 fn default_threshold() -> f64 {
     dnal_core::DEFAULT_THRESHOLD

@@ -6,7 +6,7 @@
 //!    learning rate), from scratch or from pretrained weights (`weights.init`);
 //! 2. architecture stage: conv and BN weights frozen, alpha reset to 0 and trained with its own
 //!    optimiser on cross-entropy + sparsity penalty while beta follows the continuation schedule;
-//! 3. derivation and physical pruning;
+//! 3. derivation and physical pruning, BatchNorm statistics re-estimated for what is left;
 //! 4. final stage: the pruned network trained from its inherited weights;
 //! 5. evaluation (top-1, top-5), latency of the dense and the pruned network, exports
 //!    (burnpack + config JSON + safetensors + architecture JSON), `report.json`, `report.md`,
@@ -28,6 +28,7 @@ pub mod pipeline;
 mod plots;
 pub mod predict;
 pub mod progress;
+pub mod recalibrate;
 pub mod recipes;
 pub mod registry;
 mod replicas;

@@ -12,6 +12,7 @@ use std::time::Instant;
 use burn::module::ParamId;
 use burn::prelude::*;
 use dnal_core::{Architecture, BackendKind, SparsityPenalty};
+use dnal_data::HostBatch;
 use dnal_zoo::Network;
 
 use crate::config::{Mode, TrainConfig};
@@ -24,6 +25,7 @@ use crate::phase::{
     step_weights,
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
+use crate::recalibrate::recalibrate_batch_norm;
 use crate::replicas::{Replicas, StepSpec};
 use crate::report::{self, Report};
 use crate::tally::{NonFinite, Tally};
@@ -427,9 +429,28 @@ impl<'a, N: Network> Runner<'a, N> {
             .released_cost_model()
             .map(|c| c.cost(Some(&arch)).macs);
         progress.architecture = Some(arch);
-        let pruned = configure(self.cfg, Phase::Final, pruned);
+        let mut pruned = configure(self.cfg, Phase::Final, pruned);
+        let batches = self.cfg.arch.bn_recalibration_batches;
+        progress.derived_before_recalibration = None;
+        if batches > 0 && !self.cfg.mode.trains_from_scratch() {
+            progress.derived_before_recalibration =
+                Some(evaluate(&pruned, &self.data.test, &self.device)?);
+            let stream = self.recalibration_batches(batches);
+            pruned = recalibrate_batch_norm(pruned, stream, &self.train_device)?;
+            pruned = configure(self.cfg, Phase::Final, pruned);
+        }
         progress.derived = Some(evaluate(&pruned, &self.data.test, &self.device)?);
         Ok(pruned)
+    }
+
+    /// `n` training batches from a data stream no phase reads: the final stage sees the same
+    /// batches whether or not BatchNorm is recalibrated.
+    fn recalibration_batches(&self, n: usize) -> impl Iterator<Item = Result<HostBatch>> + '_ {
+        let loader = &self.data.train;
+        (0u64..)
+            .flat_map(move |epoch| loader.epoch((RECALIBRATION_STREAM << 32) | epoch))
+            .take(n)
+            .map(|b| b.map_err(TrainError::from))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -623,6 +644,9 @@ impl<'a, N: Network> Runner<'a, N> {
         Ok(report)
     }
 }
+
+/// The data stream of BatchNorm recalibration, beside the phases' (see [`progress_key`]).
+const RECALIBRATION_STREAM: u64 = 6;
 
 fn progress_key(phase: Phase) -> u64 {
     match phase {

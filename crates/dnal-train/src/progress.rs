@@ -86,8 +86,13 @@ pub struct Progress {
     /// Channels that `arch.round_to` added back after thresholding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounding_added: Option<usize>,
-    /// Accuracy of the pruned network right after derivation.
+    /// Accuracy of the pruned network right after derivation (after BatchNorm recalibration,
+    /// where it runs).
     pub derived: Option<Accuracy>,
+    /// The same with the BatchNorm statistics the network had when derived (only where
+    /// `arch.bn_recalibration_batches` re-estimates them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_before_recalibration: Option<Accuracy>,
     /// The pruned network after the final stage.
     pub pruned: Option<(Accuracy, CostReport)>,
     /// The pruned network's MACs as the authors' released code counts them, for the families

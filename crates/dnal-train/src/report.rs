@@ -81,8 +81,13 @@ pub struct Report {
     pub baseline_kind: String,
     /// The pruned network after the final stage (absent for dense runs).
     pub pruned: Option<NetSummary>,
-    /// Top-1 of the pruned network right after derivation, before the final stage.
+    /// Top-1 of the pruned network right after derivation, before the final stage (after
+    /// BatchNorm recalibration, where it runs).
     pub derived_top1: Option<f64>,
+    /// The same with the BatchNorm statistics the network had when derived (absent without
+    /// recalibration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_top1_before_recalibration: Option<f64>,
     /// Channels that `arch.round_to` added back after thresholding (absent without rounding).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounding_added: Option<usize>,
@@ -167,6 +172,9 @@ impl Report {
             },
             pruned,
             derived_top1: progress.derived.map(|a| a.top1),
+            derived_top1_before_recalibration: progress
+                .derived_before_recalibration
+                .map(|a| a.top1),
             rounding_added: progress.rounding_added,
             reduction,
             latency_ms: Latency {
@@ -259,8 +267,19 @@ impl Report {
                     self.config.arch.round_to
                 );
             }
-            if let Some(d) = self.derived_top1 {
-                s += &format!("Top-1 right after derivation, before the final stage: {d:.2} %.\n");
+            match (self.derived_top1, self.derived_top1_before_recalibration) {
+                (Some(d), Some(stale)) => {
+                    s += &format!(
+                        "Top-1 right after derivation, before the final stage: {d:.2} % with BatchNorm statistics re-estimated on {} training batches ({stale:.2} % with the statistics it had when derived).\n",
+                        self.config.arch.bn_recalibration_batches
+                    );
+                }
+                (Some(d), None) => {
+                    s += &format!(
+                        "Top-1 right after derivation, before the final stage: {d:.2} %.\n"
+                    );
+                }
+                _ => {}
             }
             if let Some(structure) = &self.structure {
                 s += "\n## Surviving candidates per block (expanded -> output channels)\n\n";

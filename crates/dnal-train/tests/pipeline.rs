@@ -604,6 +604,52 @@ fn the_architecture_stage_follows_the_released_code_by_default() {
     assert_ne!(decay[1]["loss"], restart[1]["loss"]);
 }
 
+/// Recalibrating BatchNorm after derivation (on by default) changes the evaluations before the
+/// final stage and nothing that trains: the weight and architecture stages, and the final
+/// stage's losses, are those of a run without it.
+#[test]
+fn batch_norm_recalibration_changes_no_training() {
+    let run = |extra: &[&str]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let sets: Vec<&str> = TINY
+            .iter()
+            .chain(&["arch.penalty.lambda=1e-2"])
+            .chain(extra)
+            .copied()
+            .collect();
+        let report =
+            finished(dnal_train::run(&demo(&sets), &opts(tmp.path(), false, None)).unwrap());
+        let md = std::fs::read_to_string(tmp.path().join("report.md")).unwrap();
+        (report, history(tmp.path()), md)
+    };
+    let (on, h_on, md_on) = run(&[]);
+    let (off, h_off, md_off) = run(&["arch.bn_recalibration_batches=0"]);
+    assert_eq!(demo(&[]).arch.bn_recalibration_batches, 100);
+
+    let stage = |h: &[serde_json::Value], name: &str| -> Vec<serde_json::Value> {
+        h.iter().filter(|l| l["stage"] == name).cloned().collect()
+    };
+    for name in ["weights", "arch"] {
+        assert_eq!(stage(&h_on, name), stage(&h_off, name), "{name} stage");
+    }
+    let (f_on, f_off) = (stage(&h_on, "final"), stage(&h_off, "final"));
+    assert_eq!(f_on.len(), 2);
+    for (a, b) in f_on.iter().zip(&f_off) {
+        for key in ["loss", "train_top1", "lr", "macs"] {
+            assert_eq!(a[key], b[key], "final stage, {key}");
+        }
+    }
+    // The network as derived, evaluated with the statistics it had, is the same in both runs.
+    assert_eq!(off.derived_top1_before_recalibration, None);
+    assert_eq!(on.derived_top1_before_recalibration, off.derived_top1);
+    assert!(on.derived_top1.is_some());
+    assert!(
+        md_on.contains("re-estimated on 100 training batches"),
+        "{md_on}"
+    );
+    assert!(!md_off.contains("re-estimated"), "{md_off}");
+}
+
 /// The ImageNet recipes follow the released scripts' learning rates, and each `-baseline`
 /// preset trains for the paper's baseline epochs.
 #[test]
