@@ -475,6 +475,8 @@ mod tests {
             best_top1: stat(top1),
             top1_drop: stat(97.0 - top1),
             vs_dnal: None,
+            derived_top1: None,
+            derived_top1_recalibrated: None,
             macs: stat(macs),
             macs_reduction_pct: stat(0.0),
             macs_released: None,

@@ -385,6 +385,14 @@ pub struct SweepRow {
     /// shared data order and weight stage put into both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_dnal: Option<Stat>,
+    /// Top-1 right after derivation (or `magnitude` pruning), before the final stage, with the
+    /// BatchNorm statistics the network had then; absent for the methods that train from
+    /// scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_top1: Option<Stat>,
+    /// The same after BatchNorm recalibration; absent unless every run of the row recalibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_top1_recalibrated: Option<Stat>,
     /// MACs per image.
     pub macs: Stat,
     /// MACs removed, percent.
@@ -514,6 +522,12 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
                     .collect::<Vec<_>>(),
             )
         };
+        // Over every run of the group, or absent if one lacks it.
+        let pick_all = |f: &dyn Fn(&Report) -> Option<f64>| -> Option<Stat> {
+            let values: Option<Vec<f64>> = group.iter().map(|r| f(&r.report)).collect();
+            values.map(|v| Stat::of(&v))
+        };
+        let inherits = !group[0].report.config.mode.trains_from_scratch();
         let lambda = group[0].lambda;
         rows.push(SweepRow {
             method,
@@ -535,6 +549,12 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
                         .collect();
                     paired_difference(&ours, |seed| dnal_top1.get(&(key.clone(), seed)).copied())
                 })
+                .flatten(),
+            derived_top1: inherits
+                .then(|| pick_all(&|r| r.derived_top1_before_recalibration.or(r.derived_top1)))
+                .flatten(),
+            derived_top1_recalibrated: inherits
+                .then(|| pick_all(&|r| r.derived_top1_before_recalibration.and(r.derived_top1)))
                 .flatten(),
             macs: pick(&|r| r.pruned.as_ref().map(|p| p.macs as f64)),
             macs_reduction_pct: pick(&|r| r.reduction.as_ref().map(|x| x.macs_pct)),
@@ -657,6 +677,41 @@ impl SweepTable {
               the same weight stage and trains on; `scratch` trains the DNAL run's own architecture from \
               scratch as `uniform` trains its network. `vs dnal` is a comparison run's top-1 minus that \
               DNAL run's, seed by seed (positive: the comparison method is more accurate).\n";
+        s += &self.derivation_markdown();
+        s
+    }
+
+    /// What the architecture stage (or magnitude pruning) costs before the final stage wins it
+    /// back, by lambda; empty when no row has the figure.
+    fn derivation_markdown(&self) -> String {
+        let mut rows: Vec<&SweepRow> = self
+            .rows
+            .iter()
+            .filter(|r| r.derived_top1.is_some())
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        rows.sort_by(|a, b| a.lambda.total_cmp(&b.lambda));
+        let mut s = "\n## Before the final stage\n\nTop-1 % of the pruned network right after \
+                     derivation (`magnitude`: right after pruning), with the BatchNorm statistics \
+                     it had then and with statistics re-estimated on training batches \
+                     (`arch.bn_recalibration_batches`), and after the final stage.\n\n"
+            .to_string();
+        s += "| lambda | method | seeds | statistics as derived | recalibrated | after the final stage |\n";
+        s += "|---|---|---|---|---|---|\n";
+        for r in rows {
+            let show = |x: Option<Stat>| x.map(|v| v.show(2)).unwrap_or_else(|| "-".into());
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                lambda_label(r.lambda),
+                r.method.name(),
+                r.seeds.len(),
+                show(r.derived_top1),
+                show(r.derived_top1_recalibrated),
+                r.top1.show(2),
+            );
+        }
         s
     }
 }

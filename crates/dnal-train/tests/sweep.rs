@@ -82,6 +82,24 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
             "{folder}: the table is the run's report"
         );
         assert_eq!(row.macs.mean, pruned.macs as f64, "{folder}");
+        // Right after derivation: both figures for the methods that inherit weights.
+        let derived = |s: Option<dnal_train::sweep::Stat>| s.map(|s| s.mean);
+        if matches!(row.method, Method::Dnal | Method::Magnitude) {
+            assert!(run.derived_top1_before_recalibration.is_some(), "{folder}");
+            assert_eq!(
+                derived(row.derived_top1),
+                run.derived_top1_before_recalibration,
+                "{folder}"
+            );
+            assert_eq!(
+                derived(row.derived_top1_recalibrated),
+                run.derived_top1,
+                "{folder}"
+            );
+        } else {
+            assert_eq!(row.derived_top1, None, "{folder}");
+            assert_eq!(row.derived_top1_recalibrated, None, "{folder}");
+        }
         if row.method == Method::Dnal {
             assert_eq!(row.vs_dnal, None, "{folder}");
         } else {
@@ -133,6 +151,18 @@ fn a_reduced_sweep_writes_its_table_and_compares_at_equal_macs() {
         md.lines().filter(|l| l.starts_with("| uniform |")).count(),
         3
     );
+    let before_final = md
+        .split("## Before the final stage")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no derivation table: {md}"));
+    for method in ["dnal", "magnitude"] {
+        let rows = before_final
+            .lines()
+            .filter(|l| l.contains(&format!(" | {method} | ")))
+            .count();
+        assert_eq!(rows, 3, "{method}: {before_final}");
+    }
+    assert!(!before_final.contains(" | uniform | "), "{before_final}");
 
     // Everything is done: a second invocation runs nothing and gives the same table.
     let stamp = |f: &str| {
