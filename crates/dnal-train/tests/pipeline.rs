@@ -553,6 +553,12 @@ fn stopped_run_resumes_to_the_same_result() {
     assert_eq!(a.pruned, b.pruned);
     assert_eq!(a.baseline, b.baseline);
     assert_eq!(a.layers, b.layers);
+    assert_eq!(a.derived_top1, b.derived_top1);
+    assert!(a.derived_top1_before_recalibration.is_some());
+    assert_eq!(
+        a.derived_top1_before_recalibration,
+        b.derived_top1_before_recalibration
+    );
     assert_eq!(
         common::history(straight.path()),
         common::history(stopped.path())
