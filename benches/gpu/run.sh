@@ -23,7 +23,10 @@
 # Also settable: BACKENDS (default "cuda wgpu"), NETS (default all four), REF_DEVICE (PyTorch's
 # device, default cuda; "none" skips it), TRAIN_BACKEND (default cuda; "none" skips the run),
 # TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
-# 10000 and 2000).
+# 10000 and 2000), STEP_CAP_S (seconds a dnal network may take, default 120), REF_ARGS (more
+# arguments for the PyTorch reference, e.g. "--no-tf32"), PROFILE (a network: after the first
+# backend's steps, that network's step runs once more on that backend with CubeCL's profiling
+# log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,6 +39,9 @@ REF_DEVICE=${REF_DEVICE:-cuda}
 TRAIN_BACKEND=${TRAIN_BACKEND:-cuda}
 TRAIN_IMAGES=${TRAIN_IMAGES:-10000}
 TEST_IMAGES=${TEST_IMAGES:-2000}
+STEP_CAP_S=${STEP_CAP_S:-120}
+REF_ARGS=${REF_ARGS:-}
+PROFILE=${PROFILE:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -74,7 +80,7 @@ dnal_steps() {
     local backend=$1 model batch size classes cap stuck=0
     for model in $NETS; do
         read -r batch size classes <<< "$(shape_of "$model")"
-        cap=$(allowance 120)
+        cap=$(allowance "$STEP_CAP_S")
         if (( cap == 0 || stuck )); then
             no_figure "$backend" "$model" skipped
             continue
@@ -101,8 +107,9 @@ reference() {
         return
     fi
     echo "pytorch eager on $REF_DEVICE (up to $cap s)" >&2
+    # shellcheck disable=SC2086 # REF_ARGS holds several arguments
     timeout "$cap" python3 benches/reference/pytorch_gpu_steps.py --device "$REF_DEVICE" \
-        --only "$(tr ' ' ',' <<< "$NETS")" >> "$OUT/steps.jsonl" 2> "$OUT/pytorch.err" \
+        --only "$(tr ' ' ',' <<< "$NETS")" $REF_ARGS >> "$OUT/steps.jsonl" 2> "$OUT/pytorch.err" \
         || echo "  pytorch reference failed or timed out: $(tail -n 3 "$OUT/pytorch.err")" >&2
 }
 
@@ -127,8 +134,36 @@ training_run() {
         | tee "$OUT/train.txt"
 }
 
+# One more step of $PROFILE on backend $1, run where CubeCL finds the profiling settings; its
+# figures are not in the table (profiling slows the step).
+profiled_step() {
+    [[ -z $PROFILE ]] && return
+    local backend=$1 batch size classes cap dir log
+    read -r batch size classes <<< "$(shape_of "$PROFILE")"
+    cap=$(allowance "$STEP_CAP_S")
+    log="$OUT/profile-$backend-$PROFILE.log"
+    if (( cap == 0 )); then
+        echo "profile: skipped (budget)" | tee "$log"
+        return
+    fi
+    echo "dnal $backend $PROFILE with CubeCL's profiling log (up to $cap s)" >&2
+    dir=$(mktemp -d)
+    cp benches/gpu/cubecl-profile.toml "$dir/cubecl.toml"
+    (cd "$dir" && timeout "$cap" "$bin_abs" bench --backend "$backend" --model "$PROFILE" \
+        --batch "$batch" --size "$size" --classes "$classes" --warmup 3 --steps 3) \
+        > "$OUT/profile-$backend-$PROFILE.out" 2>&1 \
+        || echo "  profiled step: exit $?" >&2
+    if [[ -f $dir/cubecl-profile.log ]]; then
+        mv "$dir/cubecl-profile.log" "$log"
+    else
+        echo "no profiling log (the backend is not a CubeCL one, or the step did not start)" > "$log"
+    fi
+    rm -rf "$dir"
+}
+
+bin_abs=$(realpath "$BIN")
 read -r -a backend_list <<< "$BACKENDS"
-for b in "${backend_list[@]:0:1}"; do dnal_steps "$b"; done
+for b in "${backend_list[@]:0:1}"; do dnal_steps "$b"; profiled_step "$b"; done
 reference
 training_run
 for b in "${backend_list[@]:1}"; do dnal_steps "$b"; done

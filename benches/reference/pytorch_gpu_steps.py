@@ -77,9 +77,13 @@ def main():
     p.add_argument("--only", help="comma-separated network names")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cuDNN's autotuner off (PyTorch's default)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="compute convolutions in full f32 (PyTorch's default lets cuDNN use TF32)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     only = set(args.only.split(",")) if args.only else None
     for name, build, batch, size, classes in NETWORKS:
