@@ -25,7 +25,7 @@
 # TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
 # 10000 and 2000), STEP_CAP_S (seconds a dnal network may take, default 120), REF_ARGS (more
 # arguments for the PyTorch reference, e.g. "--no-tf32"), PROFILE (a network: after the first
-# backend's steps, that network's step runs once more on that backend with CubeCL's profiling
+# backend's steps, that network runs 3 + 3 more steps on that backend with CubeCL's profiling
 # log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
@@ -134,8 +134,8 @@ training_run() {
         | tee "$OUT/train.txt"
 }
 
-# One more step of $PROFILE on backend $1, run where CubeCL finds the profiling settings; its
-# figures are not in the table (profiling slows the step).
+# $PROFILE's step on backend $1 again (3 warm-up and 3 timed steps), started where CubeCL finds
+# the profiling settings; its figures stay out of the table (profiling slows the steps).
 profiled_step() {
     [[ -z $PROFILE ]] && return
     local backend=$1 batch size classes cap dir log
