@@ -18,7 +18,11 @@
 //!   clamp) applied in the same pass; the backward in two (the two per-channel sums, then the
 //!   input gradient), the activation's gradient mask applied on the fly. burn's generic
 //!   BatchNorm, which flex uses, makes about ten passes with copies for the channel-first
-//!   reductions. Other backends use burn's `batch_norm_train` with the folded `a`, `b`.
+//!   reductions. On the CubeCL backends (cuda, wgpu; feature `cube`) the same fused unit is
+//!   dnal's own CubeCL kernels (`cube/`): three launches forward (per-channel partial sums,
+//!   per-channel coefficients, the output with residual and clamp) and three backward, read
+//!   and written in the channel-last memory CubeCL's convolutions use, plus one launch for the
+//!   running statistics. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
 //!   engines. Stride-1 "same" convolutions take direct AVX-512 micro-kernels where the CPU
 //!   has them and they are faster (`direct.rs`: no column matrix; the input is read through
@@ -40,6 +44,8 @@
 pub mod allocator;
 pub mod channels;
 pub mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 #[cfg(feature = "flex")]
 mod direct;
 #[cfg(feature = "flex")]
@@ -65,8 +71,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Turns dnal's flex operations on (the default) or off for the whole process; off, every
-/// layer uses burn's convolution and `batch_norm_train` (the gate stays folded).
+/// Turns dnal's own operations (on flex, and the BatchNorm kernels on CubeCL backends) on (the
+/// default) or off for the whole process; off, every layer uses burn's convolution and
+/// `batch_norm_train` (the gate stays folded).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -111,6 +118,17 @@ fn flex_device(device: Device) -> bool {
         let _ = device;
         false
     }
+}
+
+/// Whether `x` takes dnal's CubeCL kernels: it is f32 on a cubecl device (cuda, wgpu), with or
+/// without autodiff, and not empty.
+#[cfg(feature = "cube")]
+fn takes_cube_path<const D: usize>(x: &Tensor<D>) -> bool {
+    use burn::backend::DispatchDevice;
+    enabled()
+        && x.dtype() == DType::F32
+        && x.shape().num_elements() > 0
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
 }
 
 /// The activation that ends a conv -> BN (-> gate) unit. The unit applies it itself, so that
@@ -517,13 +535,30 @@ fn batch_norm_affine(
     }
     let (output, mean, variance) = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual);
     let device = mean.device();
-    let update = |state: &burn::module::RunningState<Tensor<1>>, stat: Tensor<1>| {
-        let old = state.value_sync().to_device(&device);
-        let new = old.mul_scalar(1.0 - bn.momentum) + stat.detach().mul_scalar(bn.momentum);
-        state.update(new.detach());
-    };
-    update(&bn.running_mean, mean);
-    update(&bn.running_var, variance);
+    let old_mean = bn.running_mean.value_sync().to_device(&device);
+    let old_var = bn.running_var.value_sync().to_device(&device);
+    #[cfg(feature = "cube")]
+    if takes_cube_path(&mean) && old_mean.dtype() == DType::F32 && old_var.dtype() == DType::F32 {
+        use burn::backend::Dispatch;
+        use cube::CubeNorm;
+        let new = <Dispatch as CubeNorm>::dnal_cube_running_update(
+            old_mean.into_dispatch(),
+            old_var.into_dispatch(),
+            mean.detach().into_dispatch(),
+            variance.detach().into_dispatch(),
+            bn.momentum,
+        );
+        bn.running_mean.update(Tensor::from_dispatch(new.mean));
+        bn.running_var.update(Tensor::from_dispatch(new.variance));
+        return output;
+    }
+    let update =
+        |state: &burn::module::RunningState<Tensor<1>>, old: Tensor<1>, stat: Tensor<1>| {
+            let new = old.mul_scalar(1.0 - bn.momentum) + stat.detach().mul_scalar(bn.momentum);
+            state.update(new.detach());
+        };
+    update(&bn.running_mean, old_mean, mean);
+    update(&bn.running_var, old_var, variance);
     output
 }
 
@@ -540,7 +575,19 @@ pub fn batch_norm_train(
     batch_norm_train_residual(x, a, b, epsilon, act, None)
 }
 
-/// [`batch_norm_train`] with `residual` added before the activation.
+/// [`batch_norm_train`] with `residual` (shaped like `x`: a residual block's shortcut) added
+/// before the activation.
+pub fn batch_norm_add_train(
+    x: Tensor<4>,
+    a: Tensor<1>,
+    b: Tensor<1>,
+    residual: Tensor<4>,
+    epsilon: f64,
+    act: Activation,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    batch_norm_train_residual(x, a, b, epsilon, act, Some(residual))
+}
+
 fn batch_norm_train_residual(
     x: Tensor<4>,
     a: Tensor<1>,
@@ -562,6 +609,34 @@ fn batch_norm_train_residual(
         let out = match residual {
             None => <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi),
             Some(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
+                x,
+                a,
+                b,
+                r.into_dispatch(),
+                epsilon,
+                lo,
+                hi,
+            ),
+        };
+        return (
+            Tensor::from_dispatch(out.output),
+            Tensor::from_dispatch(out.mean),
+            Tensor::from_dispatch(out.variance),
+        );
+    }
+    #[cfg(feature = "cube")]
+    if takes_cube_path(&x)
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+    {
+        use burn::backend::Dispatch;
+        use cube::CubeNorm;
+        let Clamp { lo, hi } = act.clamp();
+        let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
+        let out = match residual {
+            None => <Dispatch as CubeNorm>::dnal_cube_norm_train(x, a, b, epsilon, lo, hi),
+            Some(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
                 x,
                 a,
                 b,

@@ -1,0 +1,561 @@
+//! BatchNorm's training passes as CubeCL kernels on `[N, C, H, W]` f32 tensors: per-channel
+//! sums by blocks of units with a shared-memory reduction, one small kernel that turns them
+//! into per-channel coefficients, and one element-wise pass with the residual and the clamp
+//! fused. Three launches forward and three backward, where burn's `batch_norm_train` and the
+//! separate activation and residual add take about twenty-five.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
+use burn_cubecl::tensor::CubeTensor;
+
+/// Units per cube of the reduction kernels (a power of two).
+const BLOCK: u32 = 256;
+
+/// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
+/// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
+/// the cubecl convolutions compute in and return as a permuted view).
+#[cube]
+fn offset(m: usize, c: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> usize {
+    if cl {
+        m * channels + c
+    } else {
+        let n = m / plane;
+        (n * channels + c) * plane + (m - n * plane)
+    }
+}
+
+/// `(m, c)` of the element at memory index `i` of a tensor laid out as `cl` says.
+#[cube]
+fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (usize, usize) {
+    if cl {
+        (i / channels, i % channels)
+    } else {
+        let n = i / (plane * channels);
+        let c = (i / plane) % channels;
+        (n * plane + i % plane, c)
+    }
+}
+
+/// Sums a value per unit over the cube (shared memory, halving), for two values at once; unit
+/// 0 ends with the totals.
+#[cube]
+fn cube_sum2(s1: f32, s2: f32, #[comptime] block: u32) -> (f32, f32) {
+    let u = UNIT_POS_X as usize;
+    let mut sh1 = Shared::<[f32]>::new_slice(block as usize);
+    let mut sh2 = Shared::<[f32]>::new_slice(block as usize);
+    sh1[u] = s1;
+    sh2[u] = s2;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if u < half {
+            let (v1, v2) = (sh1[u] + sh1[u + half], sh2[u] + sh2[u + half]);
+            sh1[u] = v1;
+            sh2[u] = v2;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    (sh1[0], sh2[0])
+}
+
+/// Partial sums of one channel's elements over one stretch of the batch: cube `(s, c)` sums
+/// `x - x[0, c, 0, 0]` and its square over the elements `m = s * BLOCK + u + k * splits *
+/// BLOCK` of channel `c`, and writes the two sums to `partials[(c * splits + s) * 2 ..]`.
+/// The shift by the channel's first element keeps the variance from cancelling when the mean
+/// is large against the spread.
+#[cube(launch)]
+fn stats_partials(
+    x: &[f32],
+    partials: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+) {
+    let s = CUBE_POS_X as usize;
+    let c = CUBE_POS_Y as usize;
+    let splits = CUBE_COUNT_X as usize;
+    let shift = x[offset(0, c, plane, channels, x_cl)];
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    let step = splits * block as usize;
+    let mut m = s * block as usize + UNIT_POS_X as usize;
+    while m < count {
+        let d = x[offset(m, c, plane, channels, x_cl)] - shift;
+        s1 += d;
+        s2 += d * d;
+        m += step;
+    }
+    let (t1, t2) = cube_sum2(s1, s2, block);
+    if UNIT_POS_X == 0 {
+        partials[(c * splits + s) * 2] = t1;
+        partials[(c * splits + s) * 2 + 1] = t2;
+    }
+}
+
+/// One unit per channel: the batch mean and biased variance from the partial sums, and the
+/// transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift = b - mean *
+/// scale`, written to `coef[c * 2 ..]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn stats_finalize(
+    x: &[f32],
+    partials: &[f32],
+    a: &[f32],
+    b: &[f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+    coef: &mut [f32],
+    plane: usize,
+    channels: usize,
+    splits: usize,
+    count: usize,
+    epsilon: f32,
+    #[comptime] x_cl: bool,
+) {
+    let c = ABSOLUTE_POS;
+    if c >= channels {
+        terminate!();
+    }
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    for s in 0..splits {
+        s1 += partials[(c * splits + s) * 2];
+        s2 += partials[(c * splits + s) * 2 + 1];
+    }
+    let inv_count = 1.0f32 / f32::cast_from(count);
+    let m1 = s1 * inv_count;
+    let v = f32::max(s2 * inv_count - m1 * m1, 0.0f32);
+    let mu = x[offset(0, c, plane, channels, x_cl)] + m1;
+    let scale = a[c] / f32::sqrt(v + epsilon);
+    mean[c] = mu;
+    var[c] = v;
+    coef[c * 2] = scale;
+    coef[c * 2 + 1] = b[c] - mu * scale;
+}
+
+/// `out = clamp(x * scale + shift (+ residual), lo, hi)` per element; `out` is laid out as
+/// `x` is.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn normalize(
+    x: &[f32],
+    coef: &[f32],
+    residual: &[f32],
+    out: &mut [f32],
+    plane: usize,
+    channels: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] has_residual: bool,
+    #[comptime] x_cl: bool,
+    #[comptime] r_cl: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let (m, c) = position(i, plane, channels, x_cl);
+    let mut v = x[i] * coef[c * 2] + coef[c * 2 + 1];
+    if has_residual {
+        v += residual[offset(m, c, plane, channels, r_cl)];
+    }
+    out[i] = f32::min(f32::max(v, lo), hi);
+}
+
+/// The backward's partial sums, cube `(s, c)` as in [`stats_partials`]: of `dz` (the output
+/// gradient where the clamp passes it, else 0) and of `dz * (x - mean)`. `y` is laid out as
+/// `x` is.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_partials(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    partials: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    let s = CUBE_POS_X as usize;
+    let c = CUBE_POS_Y as usize;
+    let splits = CUBE_COUNT_X as usize;
+    let mu = mean[c];
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    let step = splits * block as usize;
+    let mut m = s * block as usize + UNIT_POS_X as usize;
+    while m < count {
+        let i = offset(m, c, plane, channels, x_cl);
+        if y[i] > lo && y[i] < hi {
+            let g = dy[offset(m, c, plane, channels, dy_cl)];
+            s1 += g;
+            s2 += g * (x[i] - mu);
+        }
+        m += step;
+    }
+    let (t1, t2) = cube_sum2(s1, s2, block);
+    if UNIT_POS_X == 0 {
+        partials[(c * splits + s) * 2] = t1;
+        partials[(c * splits + s) * 2 + 1] = t2;
+    }
+}
+
+/// One unit per channel: the gradients of `a` (`sum dz * xhat`) and `b` (`sum dz`), and the
+/// coefficients of the input gradient `dx = k1 * (dz - k2 - (x - mean) * k3)`, written to
+/// `coef[c * 3 ..]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_finalize(
+    partials: &[f32],
+    a: &[f32],
+    var: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    coef: &mut [f32],
+    channels: usize,
+    splits: usize,
+    count: usize,
+    epsilon: f32,
+) {
+    let c = ABSOLUTE_POS;
+    if c >= channels {
+        terminate!();
+    }
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    for s in 0..splits {
+        s1 += partials[(c * splits + s) * 2];
+        s2 += partials[(c * splits + s) * 2 + 1];
+    }
+    let inv_std = 1.0f32 / f32::sqrt(var[c] + epsilon);
+    let inv_count = 1.0f32 / f32::cast_from(count);
+    let grad_a = s2 * inv_std;
+    da[c] = grad_a;
+    db[c] = s1;
+    coef[c * 3] = a[c] * inv_std;
+    coef[c * 3 + 1] = s1 * inv_count;
+    coef[c * 3 + 2] = grad_a * inv_std * inv_count;
+}
+
+/// The input gradient per element, and with `has_residual` the residual's (`dz` itself);
+/// `y`, `dx` and `dr` are laid out as `x` is.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_input(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    coef: &[f32],
+    dx: &mut [f32],
+    dr: &mut [f32],
+    plane: usize,
+    channels: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] has_residual: bool,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= dx.len() {
+        terminate!();
+    }
+    let (m, c) = position(i, plane, channels, x_cl);
+    let mut g = 0.0f32;
+    if y[i] > lo && y[i] < hi {
+        g = dy[offset(m, c, plane, channels, dy_cl)];
+    }
+    dx[i] = coef[c * 3] * (g - coef[c * 3 + 1] - (x[i] - mean[c]) * coef[c * 3 + 2]);
+    if has_residual {
+        dr[i] = g;
+    }
+}
+
+/// `new = old * (1 - momentum) + batch * momentum` for the running mean and variance at once.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn running_update(
+    old_mean: &[f32],
+    old_var: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    new_mean: &mut [f32],
+    new_var: &mut [f32],
+    channels: usize,
+    momentum: f32,
+) {
+    let c = ABSOLUTE_POS;
+    if c >= channels {
+        terminate!();
+    }
+    new_mean[c] = old_mean[c] * (1.0f32 - momentum) + mean[c] * momentum;
+    new_var[c] = old_var[c] * (1.0f32 - momentum) + var[c] * momentum;
+}
+
+/// How many cubes share a channel's reduction: about 16 elements per unit, at most 256.
+fn splits(count: usize) -> usize {
+    count.div_ceil(BLOCK as usize * 16).clamp(1, 256)
+}
+
+fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// A `[N, C, H, W]` tensor in memory the kernels read, and whether that memory is
+/// channel-last: as it is where it is contiguous channel-first or channel-last (the cubecl
+/// convolutions' outputs are channel-last memory seen channel-first), else copied
+/// channel-first.
+fn laid_out(t: CubeTensor) -> (CubeTensor, bool) {
+    if t.is_contiguous() {
+        (t, false)
+    } else if t.meta.num_dims() > 2 && permute_nchw_to_nhwc(t.clone()).is_contiguous() {
+        (t, true)
+    } else {
+        (into_contiguous(t), false)
+    }
+}
+
+/// A new tensor shaped like `x`, channel-last in memory where `cl`.
+fn empty_like(x: &CubeTensor, cl: bool) -> CubeTensor {
+    if cl {
+        let nhwc = permute_nchw_to_nhwc_shape(x.meta.shape().clone());
+        permute_nhwc_to_nchw(empty(x, nhwc))
+    } else {
+        empty(x, x.meta.shape().clone())
+    }
+}
+
+/// `[N, C, H, W]` as `(channels, plane = H * W, count = N * H * W)`.
+fn geometry(x: &CubeTensor) -> (usize, usize, usize) {
+    let shape = x.meta.shape();
+    let channels = shape[1];
+    let plane: usize = shape.iter().skip(2).product();
+    (channels, plane, shape.num_elements() / channels)
+}
+
+/// A clamp's bounds as the kernels take them: finite (an infinite bound becomes the largest
+/// finite value, which clamps no finite value and which every shader language can hold).
+fn bounds(lo: f32, hi: f32) -> (f32, f32) {
+    (lo.max(f32::MIN), hi.min(f32::MAX))
+}
+
+/// The batch statistics BatchNorm trains with and its output: `(output, mean, variance)`.
+/// `x` and `residual` are `[N, C, H, W]`, `a` and `b` `[C]`.
+pub(super) fn forward(
+    x: CubeTensor,
+    a: CubeTensor,
+    b: CubeTensor,
+    residual: Option<CubeTensor>,
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
+    let residual = residual.map(laid_out);
+    let (channels, plane, count) = geometry(&x);
+    let splits = splits(count);
+    let client = x.client.clone();
+    let partials = empty(&x, Shape::new([channels * splits * 2]));
+    stats_partials::launch(
+        &client,
+        CubeCount::new_2d(splits as u32, channels as u32),
+        CubeDim::new_1d(BLOCK),
+        x.clone().into_buffer_arg(),
+        partials.clone().into_buffer_arg(),
+        plane,
+        channels,
+        count,
+        BLOCK,
+        x_cl,
+    );
+    let mean = empty(&x, Shape::new([channels]));
+    let variance = empty(&x, Shape::new([channels]));
+    let coef = empty(&x, Shape::new([channels * 2]));
+    let per_channel = CubeDim::new(&client, channels);
+    stats_finalize::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, channels, per_channel),
+        per_channel,
+        x.clone().into_buffer_arg(),
+        partials.into_buffer_arg(),
+        a.into_buffer_arg(),
+        b.into_buffer_arg(),
+        mean.clone().into_buffer_arg(),
+        variance.clone().into_buffer_arg(),
+        coef.clone().into_buffer_arg(),
+        plane,
+        channels,
+        splits,
+        count,
+        epsilon as f32,
+        x_cl,
+    );
+    let output = empty_like(&x, x_cl);
+    let elements = output.meta.num_elements();
+    let (lo, hi) = bounds(lo, hi);
+    let has_residual = residual.is_some();
+    let r_cl = residual.as_ref().is_some_and(|r| r.1);
+    let dim = CubeDim::new(&client, elements);
+    normalize::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        x.clone().into_buffer_arg(),
+        coef.into_buffer_arg(),
+        residual
+            .map_or_else(|| empty(&x, Shape::new([1])), |r| r.0)
+            .into_buffer_arg(),
+        output.clone().into_buffer_arg(),
+        plane,
+        channels,
+        lo,
+        hi,
+        has_residual,
+        x_cl,
+        r_cl,
+    );
+    (output, mean, variance)
+}
+
+/// The gradients of [`forward`] from its output's gradient `dy`: `(dx, da, db, dresidual)`,
+/// the last of one unwritten element without `residual`. `y` is the forward's output (the clamp's gradient mask is
+/// read from it), `mean` and `variance` its statistics.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    x: CubeTensor,
+    y: CubeTensor,
+    dy: CubeTensor,
+    a: CubeTensor,
+    mean: CubeTensor,
+    variance: CubeTensor,
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+    residual: bool,
+) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+    let ((x, x_cl), (y, y_cl)) = (laid_out(x), laid_out(y));
+    let ((dy, dy_cl), a) = (laid_out(dy), into_contiguous(a));
+    // `y` was written laid out as `x`; should either have been copied since, both are read
+    // channel-first.
+    let (x, y, x_cl) = if x_cl == y_cl {
+        (x, y, x_cl)
+    } else {
+        (into_contiguous(x), into_contiguous(y), false)
+    };
+    let (channels, plane, count) = geometry(&x);
+    let splits = splits(count);
+    let client = x.client.clone();
+    let (lo, hi) = bounds(lo, hi);
+    let partials = empty(&x, Shape::new([channels * splits * 2]));
+    grad_partials::launch(
+        &client,
+        CubeCount::new_2d(splits as u32, channels as u32),
+        CubeDim::new_1d(BLOCK),
+        x.clone().into_buffer_arg(),
+        y.clone().into_buffer_arg(),
+        dy.clone().into_buffer_arg(),
+        mean.clone().into_buffer_arg(),
+        partials.clone().into_buffer_arg(),
+        plane,
+        channels,
+        count,
+        lo,
+        hi,
+        BLOCK,
+        x_cl,
+        dy_cl,
+    );
+    let da = empty(&x, Shape::new([channels]));
+    let db = empty(&x, Shape::new([channels]));
+    let coef = empty(&x, Shape::new([channels * 3]));
+    let per_channel = CubeDim::new(&client, channels);
+    grad_finalize::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, channels, per_channel),
+        per_channel,
+        partials.into_buffer_arg(),
+        a.into_buffer_arg(),
+        variance.into_buffer_arg(),
+        da.clone().into_buffer_arg(),
+        db.clone().into_buffer_arg(),
+        coef.clone().into_buffer_arg(),
+        channels,
+        splits,
+        count,
+        epsilon as f32,
+    );
+    let dx = empty_like(&x, x_cl);
+    // Without a residual, a one-element stand-in the kernel never writes (two bindings of
+    // one buffer that a kernel writes are not allowed on wgpu).
+    let dr = if residual {
+        empty_like(&x, x_cl)
+    } else {
+        empty(&x, Shape::new([1]))
+    };
+    let elements = dx.meta.num_elements();
+    let dim = CubeDim::new(&client, elements);
+    grad_input::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        x.into_buffer_arg(),
+        y.into_buffer_arg(),
+        dy.into_buffer_arg(),
+        mean.into_buffer_arg(),
+        coef.into_buffer_arg(),
+        dx.clone().into_buffer_arg(),
+        dr.clone().into_buffer_arg(),
+        plane,
+        channels,
+        lo,
+        hi,
+        residual,
+        x_cl,
+        dy_cl,
+    );
+    (dx, da, db, dr)
+}
+
+/// BatchNorm's running statistics moved towards the batch's: `(mean, variance)`.
+pub(super) fn running(
+    old_mean: CubeTensor,
+    old_var: CubeTensor,
+    mean: CubeTensor,
+    var: CubeTensor,
+    momentum: f64,
+) -> (CubeTensor, CubeTensor) {
+    let [old_mean, old_var, mean, var] = [old_mean, old_var, mean, var].map(into_contiguous);
+    let channels = mean.meta.num_elements();
+    let client = mean.client.clone();
+    let new_mean = empty(&mean, Shape::new([channels]));
+    let new_var = empty(&mean, Shape::new([channels]));
+    let dim = CubeDim::new(&client, channels);
+    running_update::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, channels, dim),
+        dim,
+        old_mean.into_buffer_arg(),
+        old_var.into_buffer_arg(),
+        mean.into_buffer_arg(),
+        var.into_buffer_arg(),
+        new_mean.clone().into_buffer_arg(),
+        new_var.clone().into_buffer_arg(),
+        channels,
+        momentum as f32,
+    );
+    (new_mean, new_var)
+}
