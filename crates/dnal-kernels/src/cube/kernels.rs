@@ -12,8 +12,12 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
 use burn_cubecl::tensor::CubeTensor;
 
-/// Units per cube of the reduction kernels (a power of two).
-const BLOCK: u32 = 256;
+/// Most units per cube of the reduction kernels.
+const MAX_BLOCK: usize = 256;
+/// Fewest units per cube of the reduction kernels (a warp on NVIDIA).
+const MIN_BLOCK: usize = 32;
+/// Elements each unit of a reduction adds up, where the channel is long enough.
+const PER_UNIT: usize = 16;
 
 /// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
 /// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
@@ -64,8 +68,8 @@ fn cube_sum2(s1: f32, s2: f32, #[comptime] block: u32) -> (f32, f32) {
 }
 
 /// Partial sums of one channel's elements over one stretch of the batch: cube `(s, c)` sums
-/// `x - x[0, c, 0, 0]` and its square over the elements `m = s * BLOCK + u + k * splits *
-/// BLOCK` of channel `c`, and writes the two sums to `partials[(c * splits + s) * 2 ..]`.
+/// `x - x[0, c, 0, 0]` and its square over the elements `m = s * block + u + k * splits *
+/// block` of channel `c`, and writes the two sums to `partials[(c * splits + s) * 2 ..]`.
 /// The shift by the channel's first element keeps the variance from cancelling when the mean
 /// is large against the spread.
 #[cube(launch)]
@@ -306,9 +310,17 @@ fn running_update(
     new_var[c] = old_var[c] * (1.0f32 - momentum) + var[c] * momentum;
 }
 
-/// How many cubes share a channel's reduction: about 16 elements per unit, at most 256.
-fn splits(count: usize) -> usize {
-    count.div_ceil(BLOCK as usize * 16).clamp(1, 256)
+/// How a channel of `count` elements is reduced: `(units per cube, cubes per channel)`. A
+/// short channel (late layers, small batches) gets one small cube, so that units do not idle
+/// through the reduction's barriers; a long one up to 256 cubes of 256 units, each unit adding
+/// about 16 elements.
+fn reduction(count: usize) -> (u32, usize) {
+    let block = count
+        .div_ceil(4)
+        .next_power_of_two()
+        .clamp(MIN_BLOCK, MAX_BLOCK);
+    let splits = count.div_ceil(block * PER_UNIT).clamp(1, 256);
+    (block as u32, splits)
 }
 
 fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
@@ -367,19 +379,19 @@ pub(super) fn forward(
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
     let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
-    let splits = splits(count);
+    let (block, splits) = reduction(count);
     let client = x.client.clone();
     let partials = empty(&x, Shape::new([channels * splits * 2]));
     stats_partials::launch(
         &client,
         CubeCount::new_2d(splits as u32, channels as u32),
-        CubeDim::new_1d(BLOCK),
+        CubeDim::new_1d(block),
         x.clone().into_buffer_arg(),
         partials.clone().into_buffer_arg(),
         plane,
         channels,
         count,
-        BLOCK,
+        block,
         x_cl,
     );
     let mean = empty(&x, Shape::new([channels]));
@@ -457,14 +469,14 @@ pub(super) fn backward(
         (into_contiguous(x), into_contiguous(y), false)
     };
     let (channels, plane, count) = geometry(&x);
-    let splits = splits(count);
+    let (block, splits) = reduction(count);
     let client = x.client.clone();
     let (lo, hi) = bounds(lo, hi);
     let partials = empty(&x, Shape::new([channels * splits * 2]));
     grad_partials::launch(
         &client,
         CubeCount::new_2d(splits as u32, channels as u32),
-        CubeDim::new_1d(BLOCK),
+        CubeDim::new_1d(block),
         x.clone().into_buffer_arg(),
         y.clone().into_buffer_arg(),
         dy.clone().into_buffer_arg(),
@@ -475,7 +487,7 @@ pub(super) fn backward(
         count,
         lo,
         hi,
-        BLOCK,
+        block,
         x_cl,
         dy_cl,
     );
