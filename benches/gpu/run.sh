@@ -26,7 +26,9 @@
 # 10000 and 2000), STEP_CAP_S (seconds a dnal network may take, default 120), REF_ARGS (more
 # arguments for the PyTorch reference, e.g. "--no-tf32"), PROFILE (a network: after the first
 # backend's steps, that network runs 3 + 3 more steps on that backend with CubeCL's profiling
-# log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log).
+# log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log),
+# BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
+# own kernels off, burn's operations throughout; a column of its own in the table).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,6 +44,7 @@ TEST_IMAGES=${TEST_IMAGES:-2000}
 STEP_CAP_S=${STEP_CAP_S:-120}
 REF_ARGS=${REF_ARGS:-}
 PROFILE=${PROFILE:-}
+BURN_OPS_NETS=${BURN_OPS_NETS:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -76,25 +79,28 @@ no_figure() {
 # After a network times out on a backend, the rest of that backend's networks are skipped:
 # a step that slow means compilation or autotuning is stuck, and the budget is worth more to
 # the parts after it.
+# dnal_steps BACKEND [NETWORKS [EXTRA_ARGUMENT]]
 dnal_steps() {
-    local backend=$1 model batch size classes cap stuck=0
-    for model in $NETS; do
+    local backend=$1 nets=${2:-$NETS} extra=${3:-} model batch size classes cap stuck=0
+    local label=$backend${extra:+ (burn ops)}
+    for model in $nets; do
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance "$STEP_CAP_S")
         if (( cap == 0 || stuck )); then
-            no_figure "$backend" "$model" skipped
+            no_figure "$label" "$model" skipped
             continue
         fi
-        echo "dnal $backend $model (up to $cap s)" >&2
+        echo "dnal $label $model (up to $cap s)" >&2
+        # shellcheck disable=SC2086 # $extra is one argument or none
         timeout "$cap" "$BIN" bench --backend "$backend" --model "$model" --batch "$batch" \
-            --size "$size" --classes "$classes" --warmup 3 --steps 10 --json \
-            >> "$OUT/steps.jsonl" 2> "$OUT/$backend-$model.err"
+            --size "$size" --classes "$classes" --warmup 3 --steps 10 --json $extra \
+            >> "$OUT/steps.jsonl" 2> "$OUT/$backend$extra-$model.err"
         case $? in
             0) ;;
-            124) no_figure "$backend" "$model" timeout; stuck=1
-                 echo "  timed out after $cap s; skipping $backend's other networks" >&2 ;;
-            *) no_figure "$backend" "$model" failed
-               echo "  failed: $(tail -n 3 "$OUT/$backend-$model.err")" >&2 ;;
+            124) no_figure "$label" "$model" timeout; stuck=1
+                 echo "  timed out after $cap s; skipping $label's other networks" >&2 ;;
+            *) no_figure "$label" "$model" failed
+               echo "  failed: $(tail -n 3 "$OUT/$backend$extra-$model.err")" >&2 ;;
         esac
     done
 }
@@ -163,7 +169,11 @@ profiled_step() {
 
 bin_abs=$(realpath "$BIN")
 read -r -a backend_list <<< "$BACKENDS"
-for b in "${backend_list[@]:0:1}"; do dnal_steps "$b"; profiled_step "$b"; done
+for b in "${backend_list[@]:0:1}"; do
+    dnal_steps "$b"
+    [[ -n $BURN_OPS_NETS ]] && dnal_steps "$b" "$BURN_OPS_NETS" --burn-ops
+    profiled_step "$b"
+done
 reference
 training_run
 for b in "${backend_list[@]:1}"; do dnal_steps "$b"; done

@@ -36,6 +36,9 @@ pub struct StepBench {
     pub search: bool,
     /// The backend.
     pub backend: BackendKind,
+    /// dnal's own operations off (`dnal_kernels::set_enabled(false)`, for the whole process):
+    /// every unit runs on burn's operations, for comparison.
+    pub burn_ops: bool,
 }
 
 /// Timings of [`bench_step`].
@@ -43,7 +46,7 @@ pub struct StepBench {
 pub struct StepTimes {
     /// The network (its registry name).
     pub model: String,
-    /// The backend.
+    /// The backend, followed by ` (burn ops)` when dnal's own operations were off.
     pub backend: String,
     /// Batch size.
     pub batch: usize,
@@ -68,12 +71,19 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         )));
     }
     let device = bench.backend.probe()?;
+    if bench.burn_ops {
+        dnal_kernels::set_enabled(false);
+    }
     let ms = bench.model.with(bench.shape, Timed(bench, device))?;
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(StepTimes {
         model: bench.model.name(),
-        backend: bench.backend.name().into(),
+        backend: if bench.burn_ops {
+            format!("{} (burn ops)", bench.backend.name())
+        } else {
+            bench.backend.name().into()
+        },
         batch: bench.batch,
         size: bench.shape.size,
         gates: if bench.search { "search" } else { "bypass" }.into(),

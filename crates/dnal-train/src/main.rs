@@ -73,6 +73,10 @@ enum Command {
         /// flex, ndarray, wgpu or cuda (must be compiled in).
         #[arg(long, default_value = "flex")]
         backend: String,
+        /// Turn dnal's own operations off (on flex its convolutions and fused BatchNorm, on
+        /// cuda and wgpu its BatchNorm kernels): burn's operations throughout, for comparison.
+        #[arg(long)]
+        burn_ops: bool,
         /// One JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             steps,
             search,
             backend,
+            burn_ops,
             json,
         } => {
             let bench = dnal_train::bench::StepBench {
@@ -261,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 steps,
                 search,
                 backend: backend.parse()?,
+                burn_ops,
             };
             let t = dnal_train::bench::bench_step(&bench)?;
             if json {

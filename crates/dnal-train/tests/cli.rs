@@ -335,6 +335,28 @@ fn bench_times_a_training_step_and_names_bad_input() {
         t["min_ms"].as_f64().unwrap(),
     );
     assert!(min > 0.0 && min <= median, "{t}");
+    // With dnal's own operations off, the row says so.
+    let (ok, out) = dnal_train(&[
+        "bench",
+        "--model",
+        "mnist-cnn",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+        "--batch",
+        "4",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--burn-ops",
+        "--json",
+    ]);
+    assert!(
+        ok && out.contains(r#""backend":"flex (burn ops)""#),
+        "{out}"
+    );
     let (ok, out) = dnal_train(&["bench", "--model", "resnet-9000"]);
     assert!(
         !ok && out.contains("resnet-9000") && out.contains("resnet56-cifar"),
