@@ -55,6 +55,8 @@ pub mod frozen;
 #[cfg(feature = "flex")]
 pub mod gemm;
 mod memo;
+#[cfg(any(feature = "flex", feature = "cube"))]
+mod outputs;
 mod planes;
 mod simd;
 
@@ -575,6 +577,18 @@ pub fn batch_norm_train(
     batch_norm_train_residual(x, a, b, epsilon, act, None)
 }
 
+/// A BatchNorm extension's output as tensors: `(output, mean, variance)`.
+#[cfg(any(feature = "flex", feature = "cube"))]
+fn norm_tensors(
+    out: outputs::NormOutput<burn::backend::Dispatch>,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    (
+        Tensor::from_dispatch(out.output),
+        Tensor::from_dispatch(out.mean),
+        Tensor::from_dispatch(out.variance),
+    )
+}
+
 /// [`batch_norm_train`] with `residual` (shaped like `x`: a residual block's shortcut) added
 /// before the activation.
 pub fn batch_norm_add_train(
@@ -606,7 +620,7 @@ fn batch_norm_train_residual(
         use flex::DnalKernels;
         let Clamp { lo, hi } = act.clamp();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-        let out = match residual {
+        return norm_tensors(match residual {
             None => <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi),
             Some(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
                 x,
@@ -617,12 +631,7 @@ fn batch_norm_train_residual(
                 lo,
                 hi,
             ),
-        };
-        return (
-            Tensor::from_dispatch(out.output),
-            Tensor::from_dispatch(out.mean),
-            Tensor::from_dispatch(out.variance),
-        );
+        });
     }
     #[cfg(feature = "cube")]
     if takes_cube_path(&x)
@@ -634,7 +643,7 @@ fn batch_norm_train_residual(
         use cube::CubeNorm;
         let Clamp { lo, hi } = act.clamp();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-        let out = match residual {
+        return norm_tensors(match residual {
             None => <Dispatch as CubeNorm>::dnal_cube_norm_train(x, a, b, epsilon, lo, hi),
             Some(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
                 x,
@@ -645,12 +654,7 @@ fn batch_norm_train_residual(
                 lo,
                 hi,
             ),
-        };
-        return (
-            Tensor::from_dispatch(out.output),
-            Tensor::from_dispatch(out.mean),
-            Tensor::from_dispatch(out.variance),
-        );
+        });
     }
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
     let y = match residual {

@@ -44,10 +44,10 @@ fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (u
     }
 }
 
-/// Sums a value per unit over the cube (shared memory, halving), for two values at once; unit
-/// 0 ends with the totals.
+/// Sums two values per unit over the cube (shared memory, halving) and has unit 0 store the
+/// totals at `partials[slot * 2 ..]`.
 #[cube]
-fn cube_sum2(s1: f32, s2: f32, #[comptime] block: u32) -> (f32, f32) {
+fn store_cube_sums(s1: f32, s2: f32, partials: &mut [f32], slot: usize, #[comptime] block: u32) {
     let u = UNIT_POS_X as usize;
     let mut sh1 = Shared::<[f32]>::new_slice(block as usize);
     let mut sh2 = Shared::<[f32]>::new_slice(block as usize);
@@ -64,7 +64,22 @@ fn cube_sum2(s1: f32, s2: f32, #[comptime] block: u32) -> (f32, f32) {
         sync_cube();
         half /= 2;
     }
-    (sh1[0], sh2[0])
+    if u == 0 {
+        partials[slot * 2] = sh1[0];
+        partials[slot * 2 + 1] = sh2[0];
+    }
+}
+
+/// Channel `c`'s two totals over its `splits` cubes' partial sums.
+#[cube]
+fn channel_totals(partials: &[f32], c: usize, splits: usize) -> (f32, f32) {
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    for s in 0..splits {
+        s1 += partials[(c * splits + s) * 2];
+        s2 += partials[(c * splits + s) * 2 + 1];
+    }
+    (s1, s2)
 }
 
 /// Partial sums of one channel's elements over one stretch of the batch: cube `(s, c)` sums
@@ -96,11 +111,7 @@ fn stats_partials(
         s2 += d * d;
         m += step;
     }
-    let (t1, t2) = cube_sum2(s1, s2, block);
-    if UNIT_POS_X == 0 {
-        partials[(c * splits + s) * 2] = t1;
-        partials[(c * splits + s) * 2 + 1] = t2;
-    }
+    store_cube_sums(s1, s2, partials, c * splits + s, block);
 }
 
 /// One unit per channel: the batch mean and biased variance from the partial sums, and the
@@ -127,12 +138,7 @@ fn stats_finalize(
     if c >= channels {
         terminate!();
     }
-    let mut s1 = 0.0f32;
-    let mut s2 = 0.0f32;
-    for s in 0..splits {
-        s1 += partials[(c * splits + s) * 2];
-        s2 += partials[(c * splits + s) * 2 + 1];
-    }
+    let (s1, s2) = channel_totals(partials, c, splits);
     let inv_count = 1.0f32 / f32::cast_from(count);
     let m1 = s1 * inv_count;
     let v = f32::max(s2 * inv_count - m1 * m1, 0.0f32);
@@ -210,11 +216,7 @@ fn grad_partials(
         }
         m += step;
     }
-    let (t1, t2) = cube_sum2(s1, s2, block);
-    if UNIT_POS_X == 0 {
-        partials[(c * splits + s) * 2] = t1;
-        partials[(c * splits + s) * 2 + 1] = t2;
-    }
+    store_cube_sums(s1, s2, partials, c * splits + s, block);
 }
 
 /// One unit per channel: the gradients of `a` (`sum dz * xhat`) and `b` (`sum dz`), and the
@@ -238,12 +240,7 @@ fn grad_finalize(
     if c >= channels {
         terminate!();
     }
-    let mut s1 = 0.0f32;
-    let mut s2 = 0.0f32;
-    for s in 0..splits {
-        s1 += partials[(c * splits + s) * 2];
-        s2 += partials[(c * splits + s) * 2 + 1];
-    }
+    let (s1, s2) = channel_totals(partials, c, splits);
     let inv_std = 1.0f32 / f32::sqrt(var[c] + epsilon);
     let inv_count = 1.0f32 / f32::cast_from(count);
     let grad_a = s2 * inv_std;

@@ -21,17 +21,7 @@ use burn::backend::{Autodiff, AutodiffBackend, Cube, ExtensionType, backend_exte
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 
-/// A BatchNorm output with the batch statistics it used.
-#[derive(ExtensionType)]
-#[extension_type(fusion)]
-pub struct Normalized<B: burn::backend::Backend> {
-    /// `clamp((x - mean) * inv_std * a + b (+ residual))`.
-    pub output: FloatTensor<B>,
-    /// Per-channel batch mean.
-    pub mean: FloatTensor<B>,
-    /// Per-channel biased batch variance.
-    pub variance: FloatTensor<B>,
-}
+use crate::outputs::{NormOutput, NormOutputMetadata};
 
 /// The gradients of a BatchNorm with respect to its input and affine parameters, and to the
 /// residual added before the clamp (`residual` has the input's shape where there is one, and
@@ -59,9 +49,9 @@ pub struct Running<B: burn::backend::Backend> {
     pub variance: FloatTensor<B>,
 }
 
-fn normalized_meta(x: &TensorSpec) -> NormalizedMetadata {
+fn normalized_meta(x: &TensorSpec) -> NormOutputMetadata {
     let c = Shape::new([x.shape[1]]);
-    NormalizedMetadata {
+    NormOutputMetadata {
         output: x.clone(),
         mean: TensorSpec::new(c.clone(), x.dtype),
         variance: TensorSpec::new(c, x.dtype),
@@ -97,7 +87,7 @@ pub trait CubeNorm: burn::backend::Backend {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self>;
+    ) -> NormOutput<Self>;
 
     /// [`dnal_cube_norm_train`](Self::dnal_cube_norm_train) with `residual` (shaped like `x`)
     /// added before the clamp.
@@ -111,7 +101,7 @@ pub trait CubeNorm: burn::backend::Backend {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self>;
+    ) -> NormOutput<Self>;
 
     /// The gradients of the training BatchNorm from its output `y`, the output's gradient
     /// `dy`, its input `x`, `a`, and the statistics it used; with `residual`, the residual's
@@ -154,9 +144,9 @@ impl CubeNorm for CubeBackend {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self> {
+    ) -> NormOutput<Self> {
         let (output, mean, variance) = kernels::forward(x, a, b, None, epsilon, lo, hi);
-        Normalized {
+        NormOutput {
             output,
             mean,
             variance,
@@ -171,9 +161,9 @@ impl CubeNorm for CubeBackend {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self> {
+    ) -> NormOutput<Self> {
         let (output, mean, variance) = kernels::forward(x, a, b, Some(residual), epsilon, lo, hi);
-        Normalized {
+        NormOutput {
             output,
             mean,
             variance,
@@ -287,7 +277,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self> {
+    ) -> NormOutput<Self> {
         match NormBackward
             .prepare::<C>([x.node(), a.node(), b.node()])
             .compute_bound()
@@ -315,7 +305,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> Normalized<Self> {
+    ) -> NormOutput<Self> {
         match NormAddBackward
             .prepare::<C>([x.node(), a.node(), b.node(), residual.node()])
             .compute_bound()
@@ -394,7 +384,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
 
 fn state(
     x: FloatTensor<Cube>,
-    out: &Normalized<Cube>,
+    out: &NormOutput<Cube>,
     a: FloatTensor<Cube>,
     epsilon: f64,
     clamp: (f32, f32),
@@ -413,9 +403,9 @@ fn state(
 /// The autodiff output: the tracked `output`, the untracked statistics.
 fn tracked<C: CheckpointStrategy>(
     output: FloatTensor<Autodiff<Cube, C>>,
-    out: Normalized<Cube>,
-) -> Normalized<Autodiff<Cube, C>> {
-    Normalized {
+    out: NormOutput<Cube>,
+) -> NormOutput<Autodiff<Cube, C>> {
+    NormOutput {
         output,
         mean: Autodiff::<Cube, C>::from_inner(out.mean),
         variance: Autodiff::<Cube, C>::from_inner(out.variance),

@@ -14,16 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{ExtensionType, backend_extension};
 use burn::tensor::{DType, TensorData};
 
-/// A BatchNorm output with the batch statistics it used.
-#[derive(ExtensionType)]
-pub struct NormOutput<B: burn::backend::Backend> {
-    /// `(x - mean) * inv_std * a + b`.
-    pub output: FloatTensor<B>,
-    /// Per-channel batch mean.
-    pub mean: FloatTensor<B>,
-    /// Per-channel biased batch variance.
-    pub variance: FloatTensor<B>,
-}
+pub(crate) use crate::outputs::NormOutput;
 
 /// BatchNorm's inference transform, `x * scale + shift` per channel.
 #[derive(ExtensionType)]
