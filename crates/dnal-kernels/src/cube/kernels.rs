@@ -44,29 +44,44 @@ fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (u
     }
 }
 
-/// Sums two values per unit over the cube (shared memory, halving) and has unit 0 store the
-/// totals at `partials[slot * 2 ..]`.
+/// Sums two values per unit over the lanes of each channel of the cube (shared memory,
+/// halving; unit `u` is lane `u / width` of the cube's channel `u % width`), and has lane 0
+/// store channel `c`'s totals at `partials[(c * splits + s) * 2 ..]`.
 #[cube]
-fn store_cube_sums(s1: f32, s2: f32, partials: &mut [f32], slot: usize, #[comptime] block: u32) {
+#[allow(clippy::too_many_arguments)]
+fn store_lane_sums(
+    s1: f32,
+    s2: f32,
+    partials: &mut [f32],
+    c: usize,
+    channels: usize,
+    width: usize,
+    #[comptime] block: u32,
+) {
     let u = UNIT_POS_X as usize;
     let mut sh1 = Shared::<[f32]>::new_slice(block as usize);
     let mut sh2 = Shared::<[f32]>::new_slice(block as usize);
     sh1[u] = s1;
     sh2[u] = s2;
     sync_cube();
-    let mut half = CUBE_DIM_X as usize / 2;
+    let lane = u / width;
+    let mut half = block as usize / width / 2;
     while half > 0 {
-        if u < half {
-            let (v1, v2) = (sh1[u] + sh1[u + half], sh2[u] + sh2[u + half]);
+        if lane < half {
+            let (v1, v2) = (
+                sh1[u] + sh1[u + half * width],
+                sh2[u] + sh2[u + half * width],
+            );
             sh1[u] = v1;
             sh2[u] = v2;
         }
         sync_cube();
         half /= 2;
     }
-    if u == 0 {
-        partials[slot * 2] = sh1[0];
-        partials[slot * 2 + 1] = sh2[0];
+    if lane == 0 && c < channels {
+        let slot = c * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+        partials[slot * 2] = sh1[u];
+        partials[slot * 2 + 1] = sh2[u];
     }
 }
 
@@ -82,36 +97,43 @@ fn channel_totals(partials: &[f32], c: usize, splits: usize) -> (f32, f32) {
     (s1, s2)
 }
 
-/// Partial sums of one channel's elements over one stretch of the batch: cube `(s, c)` sums
-/// `x - x[0, c, 0, 0]` and its square over the elements `m = s * block + u + k * splits *
-/// block` of channel `c`, and writes the two sums to `partials[(c * splits + s) * 2 ..]`.
+/// Partial sums of channels' elements over one stretch of the batch. Cube `(s, g)` covers
+/// the `width` channels from `g * width`, each with `block / width` lanes of units; the lane
+/// `l` of channel `c` sums `x - x[0, c, 0, 0]` and its square over the elements `m = s * lanes
+/// + l + k * splits * lanes` (`m` counts images, then positions), and the channel's sums go to
+/// `partials[(c * splits + s) * 2 ..]`. Channel-first memory takes one channel per cube
+/// (`width` 1), channel-last memory as many as make a cube's reads of one position contiguous.
 /// The shift by the channel's first element keeps the variance from cancelling when the mean
 /// is large against the spread.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn stats_partials(
     x: &[f32],
     partials: &mut [f32],
     plane: usize,
     channels: usize,
     count: usize,
+    width: usize,
     #[comptime] block: u32,
     #[comptime] x_cl: bool,
 ) {
-    let s = CUBE_POS_X as usize;
-    let c = CUBE_POS_Y as usize;
-    let splits = CUBE_COUNT_X as usize;
-    let shift = x[offset(0, c, plane, channels, x_cl)];
+    let u = UNIT_POS_X as usize;
+    let lanes = block as usize / width;
+    let c = CUBE_POS_Y as usize * width + u % width;
     let mut s1 = 0.0f32;
     let mut s2 = 0.0f32;
-    let step = splits * block as usize;
-    let mut m = s * block as usize + UNIT_POS_X as usize;
-    while m < count {
-        let d = x[offset(m, c, plane, channels, x_cl)] - shift;
-        s1 += d;
-        s2 += d * d;
-        m += step;
+    if c < channels {
+        let shift = x[offset(0, c, plane, channels, x_cl)];
+        let step = CUBE_COUNT_X as usize * lanes;
+        let mut m = CUBE_POS_X as usize * lanes + u / width;
+        while m < count {
+            let d = x[offset(m, c, plane, channels, x_cl)] - shift;
+            s1 += d;
+            s2 += d * d;
+            m += step;
+        }
     }
-    store_cube_sums(s1, s2, partials, c * splits + s, block);
+    store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
 /// One unit per channel: the batch mean and biased variance from the partial sums, and the
@@ -179,9 +201,9 @@ fn normalize(
     out[i] = f32::min(f32::max(v, lo), hi);
 }
 
-/// The backward's partial sums, cube `(s, c)` as in [`stats_partials`]: of `dz` (the output
-/// gradient where the clamp passes it, else 0) and of `dz * (x - mean)`. `y` is laid out as
-/// `x` is.
+/// The backward's partial sums, cubes and lanes as in [`stats_partials`]: of `dz` (the
+/// output gradient where the clamp passes it, else 0) and of `dz * (x - mean)`. `y` is laid
+/// out as `x` is.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn grad_partials(
@@ -193,30 +215,33 @@ fn grad_partials(
     plane: usize,
     channels: usize,
     count: usize,
+    width: usize,
     lo: f32,
     hi: f32,
     #[comptime] block: u32,
     #[comptime] x_cl: bool,
     #[comptime] dy_cl: bool,
 ) {
-    let s = CUBE_POS_X as usize;
-    let c = CUBE_POS_Y as usize;
-    let splits = CUBE_COUNT_X as usize;
-    let mu = mean[c];
+    let u = UNIT_POS_X as usize;
+    let lanes = block as usize / width;
+    let c = CUBE_POS_Y as usize * width + u % width;
     let mut s1 = 0.0f32;
     let mut s2 = 0.0f32;
-    let step = splits * block as usize;
-    let mut m = s * block as usize + UNIT_POS_X as usize;
-    while m < count {
-        let i = offset(m, c, plane, channels, x_cl);
-        if y[i] > lo && y[i] < hi {
-            let g = dy[offset(m, c, plane, channels, dy_cl)];
-            s1 += g;
-            s2 += g * (x[i] - mu);
+    if c < channels {
+        let mu = mean[c];
+        let step = CUBE_COUNT_X as usize * lanes;
+        let mut m = CUBE_POS_X as usize * lanes + u / width;
+        while m < count {
+            let i = offset(m, c, plane, channels, x_cl);
+            if y[i] > lo && y[i] < hi {
+                let g = dy[offset(m, c, plane, channels, dy_cl)];
+                s1 += g;
+                s2 += g * (x[i] - mu);
+            }
+            m += step;
         }
-        m += step;
     }
-    store_cube_sums(s1, s2, partials, c * splits + s, block);
+    store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
 /// One unit per channel: the gradients of `a` (`sum dz * xhat`) and `b` (`sum dz`), and the
@@ -307,17 +332,43 @@ fn running_update(
     new_var[c] = old_var[c] * (1.0f32 - momentum) + var[c] * momentum;
 }
 
-/// How a channel of `count` elements is reduced: `(units per cube, cubes per channel)`. A
-/// short channel (late layers, small batches) gets one small cube, so that units do not idle
-/// through the reduction's barriers; a long one up to 256 cubes of 256 units, each unit adding
-/// about 16 elements.
-fn reduction(count: usize) -> (u32, usize) {
-    let block = count
-        .div_ceil(4)
-        .next_power_of_two()
-        .clamp(MIN_BLOCK, MAX_BLOCK);
-    let splits = count.div_ceil(block * PER_UNIT).clamp(1, 256);
-    (block as u32, splits)
+/// How the reduction kernels cover `channels` channels of `count` elements each.
+struct Reduction {
+    /// Units per cube (a power of two).
+    block: u32,
+    /// Channels per cube (a power of two dividing `block`): 1 in channel-first memory; in
+    /// channel-last memory enough for contiguous reads, up to `block`.
+    width: usize,
+    /// Cubes along each channel.
+    splits: usize,
+    /// Cubes across the channels.
+    groups: usize,
+}
+
+impl Reduction {
+    /// A short channel (late layers, small batches) gets one small cube, so that units do not
+    /// idle through the reduction's barriers; a long one up to 256 cubes of 256 units, each
+    /// unit adding about 16 elements.
+    fn new(channels: usize, count: usize, channel_last: bool) -> Self {
+        let width = if channel_last {
+            channels.next_power_of_two().min(MAX_BLOCK)
+        } else {
+            1
+        };
+        let lanes = count.div_ceil(4).next_power_of_two();
+        let block = (width * lanes).clamp(MIN_BLOCK, MAX_BLOCK);
+        let splits = count.div_ceil(block / width * PER_UNIT).clamp(1, 256);
+        Reduction {
+            block: block as u32,
+            width,
+            splits,
+            groups: channels.div_ceil(width),
+        }
+    }
+
+    fn cubes(&self) -> CubeCount {
+        CubeCount::new_2d(self.splits as u32, self.groups as u32)
+    }
 }
 
 fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
@@ -376,19 +427,21 @@ pub(super) fn forward(
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
     let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
-    let (block, splits) = reduction(count);
+    let r = Reduction::new(channels, count, x_cl);
+    let splits = r.splits;
     let client = x.client.clone();
     let partials = empty(&x, Shape::new([channels * splits * 2]));
     stats_partials::launch(
         &client,
-        CubeCount::new_2d(splits as u32, channels as u32),
-        CubeDim::new_1d(block),
+        r.cubes(),
+        CubeDim::new_1d(r.block),
         x.clone().into_buffer_arg(),
         partials.clone().into_buffer_arg(),
         plane,
         channels,
         count,
-        block,
+        r.width,
+        r.block,
         x_cl,
     );
     let mean = empty(&x, Shape::new([channels]));
@@ -466,14 +519,15 @@ pub(super) fn backward(
         (into_contiguous(x), into_contiguous(y), false)
     };
     let (channels, plane, count) = geometry(&x);
-    let (block, splits) = reduction(count);
+    let r = Reduction::new(channels, count, x_cl);
+    let splits = r.splits;
     let client = x.client.clone();
     let (lo, hi) = bounds(lo, hi);
     let partials = empty(&x, Shape::new([channels * splits * 2]));
     grad_partials::launch(
         &client,
-        CubeCount::new_2d(splits as u32, channels as u32),
-        CubeDim::new_1d(block),
+        r.cubes(),
+        CubeDim::new_1d(r.block),
         x.clone().into_buffer_arg(),
         y.clone().into_buffer_arg(),
         dy.clone().into_buffer_arg(),
@@ -482,9 +536,10 @@ pub(super) fn backward(
         plane,
         channels,
         count,
+        r.width,
         lo,
         hi,
-        block,
+        r.block,
         x_cl,
         dy_cl,
     );
