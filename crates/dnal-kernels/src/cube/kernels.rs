@@ -16,6 +16,8 @@ use burn_cubecl::tensor::CubeTensor;
 const MAX_BLOCK: usize = 256;
 /// Fewest units per cube of the reduction kernels (a warp on NVIDIA).
 const MIN_BLOCK: usize = 32;
+/// Most cubes along one channel of a reduction.
+const MAX_SPLITS: usize = 1024;
 /// Elements each unit of a reduction adds up, where the channel is long enough.
 const PER_UNIT: usize = 16;
 
@@ -347,8 +349,10 @@ struct Reduction {
 
 impl Reduction {
     /// A short channel (late layers, small batches) gets one small cube, so that units do not
-    /// idle through the reduction's barriers; a long one up to 256 cubes of 256 units, each
-    /// unit adding about 16 elements.
+    /// idle through the reduction's barriers; a long one cubes of 256 units, each unit adding
+    /// about 16 elements, up to 1024 cubes along it (ResNet-50's first stage at batch 64,
+    /// 64 channel-last channels of 802,816 elements, four lanes each: 1024 cubes of 196 rows
+    /// per unit). The statistics kernel then adds up at most 1024 partial sums per channel.
     fn new(channels: usize, count: usize, channel_last: bool) -> Self {
         let width = if channel_last {
             channels.next_power_of_two().min(MAX_BLOCK)
@@ -357,7 +361,9 @@ impl Reduction {
         };
         let lanes = count.div_ceil(4).next_power_of_two();
         let block = (width * lanes).clamp(MIN_BLOCK, MAX_BLOCK);
-        let splits = count.div_ceil(block / width * PER_UNIT).clamp(1, 256);
+        let splits = count
+            .div_ceil(block / width * PER_UNIT)
+            .clamp(1, MAX_SPLITS);
         Reduction {
             block: block as u32,
             width,
