@@ -162,7 +162,8 @@ fn batch_norm_kernels_on_wgpu_match_flex() {
     use dnal_kernels::Activation::*;
     // A shape whose reductions take several cubes per channel and several rounds per unit,
     // short channels (one cube of 32 or 64 units), channel counts that are not powers of two
-    // and more channels than a cube's units in channel-last memory, odd planes, and a large
+    // and more channels than a cube's units in channel-last memory, 625 cubes along each
+    // channel (ResNet-50-like: 64 channel-last channels, four lanes each), odd planes, and a large
     // common offset (the variance must not cancel).
     for (shape, act, residual, offset, channel_last) in [
         ([4, 3, 40, 40], Relu, false, 0.0, false),
@@ -173,6 +174,7 @@ fn batch_norm_kernels_on_wgpu_match_flex() {
         ([3, 5, 9, 11], Relu6, true, 0.0, true),
         ([2, 9, 4, 4], Relu, true, 0.0, true),
         ([2, 300, 3, 3], Relu, true, 0.0, true),
+        ([4, 64, 100, 100], Relu, false, 0.0, true),
     ] {
         let gpu = batch_norm_case(&device, shape, act, residual, offset, channel_last);
         let cpu = batch_norm_case(&flex, shape, act, residual, offset, channel_last);
