@@ -46,7 +46,8 @@ pub mod channels;
 pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
-#[cfg(feature = "flex")]
+// The depthwise kernels in `cpu` use its tap masks on every build; the rest serves flex.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 mod direct;
 #[cfg(feature = "flex")]
 mod flex;
@@ -358,6 +359,7 @@ enum Residual<'a> {
 }
 
 impl Residual<'_> {
+    #[cfg(feature = "flex")]
     fn tensor(&self) -> Option<&Tensor<4>> {
         match self {
             Self::None => None,
