@@ -1,8 +1,10 @@
-//! BatchNorm's training passes as CubeCL kernels on `[N, C, H, W]` f32 tensors: per-channel
-//! sums by blocks of units with a shared-memory reduction, one small kernel that turns them
-//! into per-channel coefficients, and one element-wise pass with the residual and the clamp
-//! fused. Three launches forward and three backward, where burn's `batch_norm_train` and the
-//! separate activation and residual add take about twenty-five.
+//! BatchNorm's training passes as CubeCL kernels on `[N, C, H, W]` f32 tensors, in
+//! channel-first or channel-last memory: per-channel sums by cubes of units with a
+//! shared-memory reduction, one small kernel that turns them into per-channel coefficients,
+//! and one element-wise pass with the residual and the clamp fused. Three launches forward and
+//! three backward (and one that moves both running statistics), where burn's
+//! `batch_norm_train` with the separate activation, residual add and running-statistics
+//! update took about twenty-five.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl::prelude::*;
