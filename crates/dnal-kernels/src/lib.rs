@@ -23,6 +23,10 @@
 //!   per-channel coefficients, the output with residual and clamp) and three backward, read
 //!   and written in the channel-last memory CubeCL's convolutions use, plus one launch for the
 //!   running statistics. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
+//! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
+//!   forward, one for the input gradient and two for the weight gradient, in the memory
+//!   layout the input comes in, where burn's grouped convolution autotunes among its general
+//!   convolution kernels per shape and copies between layouts around them.
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
 //!   engines. Stride-1 "same" convolutions take direct AVX-512 micro-kernels where the CPU
 //!   has them and they are faster (`direct.rs`: no column matrix; the input is read through
@@ -211,7 +215,8 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 
 /// Depthwise convolution without bias: `weight` `[C, 1, k, k]` (one filter per channel of `x`
 /// `[N, C, H, W]`), `stride` and `padding` on both axes. On flex (f32) dnal's plane-by-plane
-/// kernels, forward and backward; elsewhere burn's grouped conv2d.
+/// kernels, forward and backward; on cuda and wgpu (f32) dnal's CubeCL kernels; elsewhere
+/// burn's grouped conv2d.
 pub fn depthwise_conv2d(
     x: Tensor<4>,
     weight: Tensor<4>,
@@ -223,6 +228,17 @@ pub fn depthwise_conv2d(
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_depthwise_conv2d(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            stride,
+            padding,
+        ));
+    }
+    #[cfg(feature = "cube")]
+    if takes_cube_path(&x) && weight.dtype() == DType::F32 {
+        use burn::backend::Dispatch;
+        use cube::CubeDepthwise;
+        return Tensor::from_dispatch(<Dispatch as CubeDepthwise>::dnal_cube_depthwise(
             x.into_dispatch(),
             weight.into_dispatch(),
             stride,

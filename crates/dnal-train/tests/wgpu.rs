@@ -189,6 +189,111 @@ fn batch_norm_kernels_on_wgpu_match_flex() {
     }
 }
 
+/// A depthwise convolution on `device` through dnal's entry point (dnal's CubeCL kernels on
+/// wgpu) and, on flex, through burn's grouped convolution: the output and the gradients of
+/// `sum(y * weights)` for the input and (where `weight_grad`) the weight.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_case(
+    device: &burn::prelude::Device,
+    [n, c, h, w]: [usize; 4],
+    k: usize,
+    stride: usize,
+    padding: usize,
+    channel_last: bool,
+    weight_grad: bool,
+    dnal: bool,
+) -> Vec<Vec<f32>> {
+    use burn::prelude::*;
+    use burn::tensor::ops::ConvOptions;
+    let device = device.clone().autodiff();
+    let x = Tensor::<4>::from_data(
+        TensorData::new(wave(n * c * h * w, 1.0), [n, c, h, w]),
+        &device,
+    );
+    let x = if channel_last {
+        let v = x.permute([0, 2, 3, 1]).into_data();
+        Tensor::<4>::from_data(v, &device).permute([0, 3, 1, 2])
+    } else {
+        x
+    };
+    let x = x.detach().require_grad();
+    let kernel =
+        Tensor::<4>::from_data(TensorData::new(wave(c * k * k, 2.0), [c, 1, k, k]), &device);
+    let kernel = if weight_grad {
+        kernel.require_grad()
+    } else {
+        kernel
+    };
+    let y = if dnal {
+        dnal_kernels::depthwise_conv2d(x.clone(), kernel.clone(), stride, padding)
+    } else {
+        let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], c);
+        burn::tensor::module::conv2d(x.clone(), kernel.clone(), None, options)
+    };
+    let [_, _, oh, ow] = y.dims();
+    let len = n * c * oh * ow;
+    let weights = Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, c, oh, ow]), &device);
+    let grads = (y.clone() * weights).sum().backward();
+    let flat = |t: Tensor<4>| {
+        let len = t.shape().num_elements();
+        t.reshape([len]).into_data().try_to_vec::<f32>().unwrap()
+    };
+    let mut out = vec![flat(y), flat(x.grad(&grads).unwrap())];
+    if weight_grad {
+        out.push(flat(kernel.grad(&grads).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
+    let device = match BackendKind::Wgpu.probe() {
+        Ok(device) => device,
+        Err(e) if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") => {
+            panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped, no usable wgpu adapter: {e}");
+            return;
+        }
+    };
+    let flex = BackendKind::Flex.probe().unwrap();
+    // MobileNetV2's 3x3 at strides 1 and 2, the supernet's 5x5 and 7x7, odd and non-square
+    // planes, channel-last inputs of more channels than a cube's units, a weight gradient
+    // over many cubes per channel, and an input gradient alone (a frozen weight).
+    for (shape, k, stride, padding, channel_last, weight_grad) in [
+        ([2, 4, 8, 8], 3, 1, 1, false, true),
+        ([2, 5, 9, 11], 3, 2, 1, false, true),
+        ([3, 6, 10, 9], 5, 1, 2, true, true),
+        ([2, 3, 13, 13], 7, 2, 3, true, true),
+        ([2, 300, 4, 4], 3, 1, 1, true, true),
+        ([8, 16, 40, 40], 3, 1, 1, true, true),
+        ([3, 7, 6, 6], 3, 2, 0, false, true),
+        ([2, 4, 7, 7], 3, 1, 1, true, false),
+    ] {
+        let run = |device, dnal| {
+            depthwise_case(
+                device,
+                shape,
+                k,
+                stride,
+                padding,
+                channel_last,
+                weight_grad,
+                dnal,
+            )
+        };
+        close(
+            &run(&device, true),
+            &run(&flex, false),
+            &["output", "dx", "dweight"],
+            &format!(
+                "{shape:?} k {k} stride {stride} padding {padding} channel-last {channel_last}"
+            ),
+        );
+    }
+}
+
 /// Each of `gpu`'s vectors within 2e-4 of the largest value of `cpu`'s (at least 1).
 fn close(gpu: &[Vec<f32>], cpu: &[Vec<f32>], names: &[&str], case: &str) {
     assert_eq!(gpu.len(), cpu.len());

@@ -6,22 +6,17 @@
 //! `batch_norm_train` with the separate activation, residual add and running-statistics
 //! update took about twenty-five.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
 use burn_cubecl::tensor::CubeTensor;
 
-/// Most units per cube of the reduction kernels.
-const MAX_BLOCK: usize = 256;
-/// Fewest units per cube of the reduction kernels (a warp on NVIDIA).
-const MIN_BLOCK: usize = 32;
-/// Most cubes along one channel of a reduction.
-const MAX_SPLITS: usize = 1024;
-/// Elements each unit of a reduction adds up, where the channel is long enough.
-const PER_UNIT: usize = 16;
+use super::layout::{empty, empty_like, laid_out};
+use super::norm::{NormGrads, Running};
+use super::reduction::Reduction;
+use crate::outputs::NormOutput;
 
 /// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
 /// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
@@ -336,77 +331,6 @@ fn running_update(
     new_var[c] = old_var[c] * (1.0f32 - momentum) + var[c] * momentum;
 }
 
-/// How the reduction kernels cover `channels` channels of `count` elements each.
-struct Reduction {
-    /// Units per cube (a power of two).
-    block: u32,
-    /// Channels per cube (a power of two dividing `block`): 1 in channel-first memory; in
-    /// channel-last memory enough for contiguous reads, up to `block`.
-    width: usize,
-    /// Cubes along each channel.
-    splits: usize,
-    /// Cubes across the channels.
-    groups: usize,
-}
-
-impl Reduction {
-    /// A short channel (late layers, small batches) gets one small cube, so that units do not
-    /// idle through the reduction's barriers; a long one cubes of 256 units, each unit adding
-    /// about 16 elements, up to 1024 cubes along it (ResNet-50's first stage at batch 64,
-    /// 64 channel-last channels of 802,816 elements, four lanes each: 1024 cubes of 196 rows
-    /// per unit). The statistics kernel then adds up at most 1024 partial sums per channel.
-    fn new(channels: usize, count: usize, channel_last: bool) -> Self {
-        let width = if channel_last {
-            channels.next_power_of_two().min(MAX_BLOCK)
-        } else {
-            1
-        };
-        let lanes = count.div_ceil(4).next_power_of_two();
-        let block = (width * lanes).clamp(MIN_BLOCK, MAX_BLOCK);
-        let splits = count
-            .div_ceil(block / width * PER_UNIT)
-            .clamp(1, MAX_SPLITS);
-        Reduction {
-            block: block as u32,
-            width,
-            splits,
-            groups: channels.div_ceil(width),
-        }
-    }
-
-    fn cubes(&self) -> CubeCount {
-        CubeCount::new_2d(self.splits as u32, self.groups as u32)
-    }
-}
-
-fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
-}
-
-/// A `[N, C, H, W]` tensor in memory the kernels read, and whether that memory is
-/// channel-last: as it is where it is contiguous channel-first or channel-last (the cubecl
-/// convolutions' outputs are channel-last memory seen channel-first), else copied
-/// channel-first.
-fn laid_out(t: CubeTensor) -> (CubeTensor, bool) {
-    if t.is_contiguous() {
-        (t, false)
-    } else if t.meta.num_dims() > 2 && permute_nchw_to_nhwc(t.clone()).is_contiguous() {
-        (t, true)
-    } else {
-        (into_contiguous(t), false)
-    }
-}
-
-/// A new tensor shaped like `x`, channel-last in memory where `cl`.
-fn empty_like(x: &CubeTensor, cl: bool) -> CubeTensor {
-    if cl {
-        let nhwc = permute_nchw_to_nhwc_shape(x.meta.shape().clone());
-        permute_nhwc_to_nchw(empty(x, nhwc))
-    } else {
-        empty(x, x.meta.shape().clone())
-    }
-}
-
 /// `[N, C, H, W]` as `(channels, plane = H * W, count = N * H * W)`.
 fn geometry(x: &CubeTensor) -> (usize, usize, usize) {
     let shape = x.meta.shape();
@@ -421,7 +345,7 @@ fn bounds(lo: f32, hi: f32) -> (f32, f32) {
     (lo.max(f32::MIN), hi.min(f32::MAX))
 }
 
-/// The batch statistics BatchNorm trains with and its output: `(output, mean, variance)`.
+/// BatchNorm's output and the batch statistics it trains with.
 /// `x` and `residual` are `[N, C, H, W]`, `a` and `b` `[C]`.
 pub(super) fn forward(
     x: CubeTensor,
@@ -431,7 +355,7 @@ pub(super) fn forward(
     epsilon: f64,
     lo: f32,
     hi: f32,
-) -> (CubeTensor, CubeTensor, CubeTensor) {
+) -> NormOutput<CubeBackend> {
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
     let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
@@ -498,11 +422,15 @@ pub(super) fn forward(
         x_cl,
         r_cl,
     );
-    (output, mean, variance)
+    NormOutput {
+        output,
+        mean,
+        variance,
+    }
 }
 
-/// The gradients of [`forward`] from its output's gradient `dy`: `(dx, da, db, dresidual)`,
-/// the last of one unwritten element without `residual`. `y` is the forward's output (the clamp's gradient mask is
+/// The gradients of [`forward`] from its output's gradient `dy`, the residual's of one
+/// unwritten element without `residual`. `y` is the forward's output (the clamp's gradient mask is
 /// read from it), `mean` and `variance` its statistics.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
@@ -516,7 +444,7 @@ pub(super) fn backward(
     lo: f32,
     hi: f32,
     residual: bool,
-) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+) -> NormGrads<CubeBackend> {
     let ((x, x_cl), (y, y_cl)) = (laid_out(x), laid_out(y));
     let ((dy, dy_cl), a) = (laid_out(dy), into_contiguous(a));
     // `y` was written laid out as `x`; should either have been copied since, both are read
@@ -599,17 +527,22 @@ pub(super) fn backward(
         x_cl,
         dy_cl,
     );
-    (dx, da, db, dr)
+    NormGrads {
+        x: dx,
+        a: da,
+        b: db,
+        residual: dr,
+    }
 }
 
-/// BatchNorm's running statistics moved towards the batch's: `(mean, variance)`.
+/// BatchNorm's running statistics moved towards the batch's.
 pub(super) fn running(
     old_mean: CubeTensor,
     old_var: CubeTensor,
     mean: CubeTensor,
     var: CubeTensor,
     momentum: f64,
-) -> (CubeTensor, CubeTensor) {
+) -> Running<CubeBackend> {
     let [old_mean, old_var, mean, var] = [old_mean, old_var, mean, var].map(into_contiguous);
     let channels = mean.meta.num_elements();
     let client = mean.client.clone();
@@ -629,5 +562,8 @@ pub(super) fn running(
         channels,
         momentum as f32,
     );
-    (new_mean, new_var)
+    Running {
+        mean: new_mean,
+        variance: new_var,
+    }
 }

@@ -1,0 +1,91 @@
+//! How dnal's CubeCL kernels take and give `[N, C, H, W]` tensors: channel-first memory
+//! (burn's default) or channel-last memory (what the cubecl convolutions compute in and return
+//! as a permuted view), kept as they come so that no copy is launched between a convolution
+//! and the kernel after it.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
+use burn_cubecl::tensor::CubeTensor;
+
+/// A new contiguous f32 tensor of `shape` on `like`'s device.
+pub(super) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// A `[N, C, H, W]` tensor in memory the kernels read, and whether that memory is
+/// channel-last: as it is where it is contiguous channel-first or channel-last, else copied
+/// channel-first.
+pub(super) fn laid_out(t: CubeTensor) -> (CubeTensor, bool) {
+    if t.is_contiguous() {
+        (t, false)
+    } else if t.meta.num_dims() > 2 && permute_nchw_to_nhwc(t.clone()).is_contiguous() {
+        (t, true)
+    } else {
+        (into_contiguous(t), false)
+    }
+}
+
+/// A new tensor of `shape` (`[N, C, H, W]`) on `like`'s device, channel-last in memory where
+/// `cl`.
+pub(super) fn empty_shaped(like: &CubeTensor, shape: Shape, cl: bool) -> CubeTensor {
+    if cl {
+        permute_nhwc_to_nchw(empty(like, permute_nchw_to_nhwc_shape(shape)))
+    } else {
+        empty(like, shape)
+    }
+}
+
+/// A new tensor shaped like `x`, channel-last in memory where `cl`.
+pub(super) fn empty_like(x: &CubeTensor, cl: bool) -> CubeTensor {
+    empty_shaped(x, x.meta.shape().clone(), cl)
+}
+
+/// Where element `(n, c, y, x)` of a `[N, C, H, W]` tensor lies in channel-first (`cl`
+/// false) or channel-last (`cl` true) memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn at(
+    n: usize,
+    c: usize,
+    y: usize,
+    x: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    #[comptime] cl: bool,
+) -> usize {
+    if cl {
+        ((n * height + y) * width + x) * channels + c
+    } else {
+        ((n * channels + c) * height + y) * width + x
+    }
+}
+
+/// `(n, c, y, x)` of the element at memory index `i` of a `[N, C, H, W]` tensor laid out as
+/// `cl` says.
+#[cube]
+pub(super) fn coordinates(
+    i: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    #[comptime] cl: bool,
+) -> (usize, usize, usize, usize) {
+    if cl {
+        let c = i % channels;
+        let p = i / channels;
+        let x = p % width;
+        let p = p / width;
+        (p / height, c, p % height, x)
+    } else {
+        let x = i % width;
+        let p = i / width;
+        let y = p % height;
+        let p = p / height;
+        (p / channels, p % channels, y, x)
+    }
+}

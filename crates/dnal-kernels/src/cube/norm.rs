@@ -1,0 +1,384 @@
+//! BatchNorm in training on the CubeCL backends (cuda, wgpu) as a burn backend extension:
+//! the trait ([`CubeNorm`]), its implementation on burn's cubecl backend with dnal's kernels
+//! ([`norm_kernels`]), lazy under fusion (each call one opaque operation in fusion's stream), and
+//! its autodiff implementation with the backward pass registered on burn's graph.
+//!
+//! The BatchNorm -> (gate) -> residual add -> activation tail of every unit is one operation
+//! forward and one backward here. Built from burn's operations it took about twenty-five
+//! kernel launches per unit and step (two transposing copies for the channel reductions,
+//! unfused broadcasts, separate activation and add), which on a GPU costs more than the
+//! arithmetic.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Cube, ExtensionType, backend_extension};
+use burn::tensor::Shape;
+use burn_cubecl::CubeBackend;
+
+use super::norm_kernels;
+use crate::outputs::{NormOutput, NormOutputMetadata};
+
+/// The gradients of a BatchNorm with respect to its input and affine parameters, and to the
+/// residual added before the clamp (`residual` has the input's shape where there is one, and
+/// one element otherwise).
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct NormGrads<B: burn::backend::Backend> {
+    /// Gradient of the input.
+    pub x: FloatTensor<B>,
+    /// Gradient of `a`.
+    pub a: FloatTensor<B>,
+    /// Gradient of `b`.
+    pub b: FloatTensor<B>,
+    /// Gradient of the residual (the clamp's input gradient).
+    pub residual: FloatTensor<B>,
+}
+
+/// BatchNorm's running statistics.
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct Running<B: burn::backend::Backend> {
+    /// Running mean.
+    pub mean: FloatTensor<B>,
+    /// Running (biased) variance.
+    pub variance: FloatTensor<B>,
+}
+
+fn normalized_meta(x: &TensorSpec) -> NormOutputMetadata {
+    let c = Shape::new([x.shape[1]]);
+    NormOutputMetadata {
+        output: x.clone(),
+        mean: TensorSpec::new(c.clone(), x.dtype),
+        variance: TensorSpec::new(c, x.dtype),
+    }
+}
+
+fn grads_meta(x: &TensorSpec, residual: bool) -> NormGradsMetadata {
+    let c = Shape::new([x.shape[1]]);
+    let r = if residual {
+        x.shape.clone()
+    } else {
+        Shape::new([1])
+    };
+    NormGradsMetadata {
+        x: x.clone(),
+        a: TensorSpec::new(c.clone(), x.dtype),
+        b: TensorSpec::new(c, x.dtype),
+        residual: TensorSpec::new(r, x.dtype),
+    }
+}
+
+/// BatchNorm with batch statistics on the cubecl backends (f32 `[N, C, H, W]`), with a
+/// per-channel affine transform `a`, `b` (gamma, beta and any gate folded in), an optional
+/// residual added, and a clamp to `[lo, hi]` (an infinite bound is no bound).
+#[backend_extension(Cube, Fusion, Autodiff)]
+pub trait CubeNorm: burn::backend::Backend {
+    /// `clamp(bn(x) * a + b)` with the batch's statistics, and those statistics.
+    #[fusion(meta = |x, _a, _b, _epsilon, _lo, _hi| normalized_meta(x))]
+    fn dnal_cube_norm_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
+    /// [`dnal_cube_norm_train`](Self::dnal_cube_norm_train) with `residual` (shaped like `x`)
+    /// added before the clamp.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |x, _a, _b, _r, _epsilon, _lo, _hi| normalized_meta(x))]
+    fn dnal_cube_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
+    /// The gradients of the training BatchNorm from its output `y`, the output's gradient
+    /// `dy`, its input `x`, `a`, and the statistics it used; with `residual`, the residual's
+    /// gradient too.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |x, _y, _dy, _a, _mean, _var, _epsilon, _lo, _hi, residual| grads_meta(x, *residual))]
+    fn dnal_cube_norm_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+        residual: bool,
+    ) -> NormGrads<Self>;
+
+    /// The running statistics moved towards the batch's, `old * (1 - momentum) + batch *
+    /// momentum` (not differentiated), in one launch.
+    #[fusion(meta = |old_mean, old_var, _mean, _var, _momentum| RunningMetadata {
+        mean: old_mean.clone(),
+        variance: old_var.clone(),
+    })]
+    fn dnal_cube_running_update(
+        old_mean: FloatTensor<Self>,
+        old_var: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        momentum: f64,
+    ) -> Running<Self>;
+}
+
+impl CubeNorm for CubeBackend {
+    fn dnal_cube_norm_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        norm_kernels::forward(x, a, b, None, epsilon, lo, hi)
+    }
+
+    fn dnal_cube_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        norm_kernels::forward(x, a, b, Some(residual), epsilon, lo, hi)
+    }
+
+    fn dnal_cube_norm_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+        residual: bool,
+    ) -> NormGrads<Self> {
+        norm_kernels::backward(x, y, dy, a, mean, variance, epsilon, lo, hi, residual)
+    }
+
+    fn dnal_cube_running_update(
+        old_mean: FloatTensor<Self>,
+        old_var: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        momentum: f64,
+    ) -> Running<Self> {
+        norm_kernels::running(old_mean, old_var, mean, variance, momentum)
+    }
+}
+
+/// What the backward keeps: input, output, `a`, batch mean and variance, epsilon, the clamp.
+type NormState = (
+    FloatTensor<Cube>,
+    FloatTensor<Cube>,
+    FloatTensor<Cube>,
+    FloatTensor<Cube>,
+    FloatTensor<Cube>,
+    f64,
+    (f32, f32),
+);
+
+#[derive(Debug)]
+struct NormBackward;
+
+impl Backward<Cube, 3> for NormBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<Cube>(&ops.node);
+        let g = grads_of(ops.state, dy, false);
+        register(
+            grads,
+            [node_x, node_a, node_b].map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b],
+        );
+    }
+}
+
+#[derive(Debug)]
+struct NormAddBackward;
+
+impl Backward<Cube, 4> for NormAddBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b, node_r] = ops.parents;
+        let dy = grads.consume::<Cube>(&ops.node);
+        let g = grads_of(ops.state, dy, true);
+        register(
+            grads,
+            [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b, g.residual],
+        );
+    }
+}
+
+fn grads_of(state: NormState, dy: FloatTensor<Cube>, residual: bool) -> NormGrads<Cube> {
+    let (x, y, a, mean, variance, epsilon, (lo, hi)) = state;
+    Cube::dnal_cube_norm_backward(x, y, dy, a, mean, variance, epsilon, lo, hi, residual)
+}
+
+/// Registers each gradient whose parent is tracked.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    ids: [Option<burn::backend::autodiff::NodeId>; N],
+    values: [FloatTensor<Cube>; N],
+) {
+    for (id, grad) in ids.into_iter().zip(values) {
+        if let Some(id) = id {
+            grads.register::<Cube>(id, grad);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
+    fn dnal_cube_norm_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        let prep = NormBackward
+            .prepare::<C>([x.node(), a.node(), b.node()])
+            .compute_bound()
+            .stateful();
+        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+        let out = Cube::dnal_cube_norm_train(x.clone(), a.clone(), b, epsilon, lo, hi);
+        let output = match prep {
+            OpsKind::Tracked(prep) => {
+                prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
+        };
+        tracked::<C>(output, out)
+    }
+
+    fn dnal_cube_norm_add_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        let prep = NormAddBackward
+            .prepare::<C>([x.node(), a.node(), b.node(), residual.node()])
+            .compute_bound()
+            .stateful();
+        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+        let r = residual.into_primitive();
+        let out = Cube::dnal_cube_norm_add_train(x.clone(), a.clone(), b, r, epsilon, lo, hi);
+        let output = match prep {
+            OpsKind::Tracked(prep) => {
+                prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
+        };
+        tracked::<C>(output, out)
+    }
+
+    fn dnal_cube_norm_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+        residual: bool,
+    ) -> NormGrads<Self> {
+        // Not differentiated itself: the gradients as constants.
+        let g = Cube::dnal_cube_norm_backward(
+            x.into_primitive(),
+            y.into_primitive(),
+            dy.into_primitive(),
+            a.into_primitive(),
+            mean.into_primitive(),
+            variance.into_primitive(),
+            epsilon,
+            lo,
+            hi,
+            residual,
+        );
+        NormGrads {
+            x: Autodiff::<Cube, C>::from_inner(g.x),
+            a: Autodiff::<Cube, C>::from_inner(g.a),
+            b: Autodiff::<Cube, C>::from_inner(g.b),
+            residual: Autodiff::<Cube, C>::from_inner(g.residual),
+        }
+    }
+
+    fn dnal_cube_running_update(
+        old_mean: FloatTensor<Self>,
+        old_var: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        momentum: f64,
+    ) -> Running<Self> {
+        let r = Cube::dnal_cube_running_update(
+            old_mean.into_primitive(),
+            old_var.into_primitive(),
+            mean.into_primitive(),
+            variance.into_primitive(),
+            momentum,
+        );
+        Running {
+            mean: Autodiff::<Cube, C>::from_inner(r.mean),
+            variance: Autodiff::<Cube, C>::from_inner(r.variance),
+        }
+    }
+}
+
+fn state(
+    x: FloatTensor<Cube>,
+    out: &NormOutput<Cube>,
+    a: FloatTensor<Cube>,
+    epsilon: f64,
+    clamp: (f32, f32),
+) -> NormState {
+    (
+        x,
+        out.output.clone(),
+        a,
+        out.mean.clone(),
+        out.variance.clone(),
+        epsilon,
+        clamp,
+    )
+}
+
+/// The autodiff output: the tracked `output`, the untracked statistics.
+fn tracked<C: CheckpointStrategy>(
+    output: FloatTensor<Autodiff<Cube, C>>,
+    out: NormOutput<Cube>,
+) -> NormOutput<Autodiff<Cube, C>> {
+    NormOutput {
+        output,
+        mean: Autodiff::<Cube, C>::from_inner(out.mean),
+        variance: Autodiff::<Cube, C>::from_inner(out.variance),
+    }
+}

@@ -1,0 +1,58 @@
+//! How dnal's CubeCL reductions over the batch (BatchNorm's channel statistics and their
+//! gradients, the depthwise convolution's weight gradient) split a channel's elements among
+//! cubes and units.
+
+use burn_cubecl::cubecl::prelude::*;
+
+/// Most units per cube of the reduction kernels.
+const MAX_BLOCK: usize = 256;
+/// Fewest units per cube of the reduction kernels (a warp on NVIDIA).
+const MIN_BLOCK: usize = 32;
+/// Most cubes along one channel of a reduction.
+const MAX_SPLITS: usize = 1024;
+/// Elements each unit of a reduction adds up, where the channel is long enough.
+const PER_UNIT: usize = 16;
+
+/// How the reduction kernels cover `channels` channels of `count` elements each.
+pub(super) struct Reduction {
+    /// Units per cube (a power of two).
+    pub(super) block: u32,
+    /// Channels per cube (a power of two dividing `block`): 1 in channel-first memory; in
+    /// channel-last memory enough for contiguous reads, up to `block`.
+    pub(super) width: usize,
+    /// Cubes along each channel.
+    pub(super) splits: usize,
+    /// Cubes across the channels.
+    pub(super) groups: usize,
+}
+
+impl Reduction {
+    /// A short channel (late layers, small batches) gets one small cube, so that units do not
+    /// idle through the reduction's barriers; a long one cubes of 256 units, each unit adding
+    /// about 16 elements, up to 1024 cubes along it (ResNet-50's first stage at batch 64,
+    /// 64 channel-last channels of 802,816 elements, four lanes each: 1024 cubes of 196 rows
+    /// per unit). The statistics kernel then adds up at most 1024 partial sums per channel.
+    pub(super) fn new(channels: usize, count: usize, channel_last: bool) -> Self {
+        let width = if channel_last {
+            channels.next_power_of_two().min(MAX_BLOCK)
+        } else {
+            1
+        };
+        let lanes = count.div_ceil(4).next_power_of_two();
+        let block = (width * lanes).clamp(MIN_BLOCK, MAX_BLOCK);
+        let splits = count
+            .div_ceil(block / width * PER_UNIT)
+            .clamp(1, MAX_SPLITS);
+        Reduction {
+            block: block as u32,
+            width,
+            splits,
+            groups: channels.div_ceil(width),
+        }
+    }
+
+    /// The launch grid: `splits` cubes along each channel, `groups` across.
+    pub(super) fn cubes(&self) -> CubeCount {
+        CubeCount::new_2d(self.splits as u32, self.groups as u32)
+    }
+}
