@@ -13,13 +13,25 @@ use dnal_train::progress::paths;
 
 use common::{demo, finished, history, opts};
 
+/// The wgpu device, or `None` (the test skipped, saying why) where no usable adapter is found;
+/// with `DNAL_REQUIRE_WGPU=1` (CI, which installs Mesa's software Vulkan) a missing adapter
+/// fails the test instead.
+fn wgpu_device() -> Option<burn::prelude::Device> {
+    match BackendKind::Wgpu.probe() {
+        Ok(device) => Some(device),
+        Err(e) if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") => {
+            panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped, no usable wgpu adapter: {e}");
+            None
+        }
+    }
+}
+
 #[test]
 fn the_pipeline_runs_on_wgpu_as_on_flex() {
-    if let Err(e) = BackendKind::Wgpu.probe() {
-        if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") {
-            panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}");
-        }
-        eprintln!("skipped, no usable wgpu adapter: {e}");
+    if wgpu_device().is_none() {
         return;
     }
     // Every batch of one size, so that each kernel is compiled once per network (on software
@@ -142,15 +154,8 @@ fn batch_norm_case(
 
 #[test]
 fn batch_norm_kernels_on_wgpu_match_flex() {
-    let device = match BackendKind::Wgpu.probe() {
-        Ok(device) => device,
-        Err(e) if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") => {
-            panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped, no usable wgpu adapter: {e}");
-            return;
-        }
+    let Some(device) = wgpu_device() else {
+        return;
     };
     let flex = BackendKind::Flex.probe().unwrap();
     close(
@@ -247,15 +252,8 @@ fn depthwise_case(
 
 #[test]
 fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
-    let device = match BackendKind::Wgpu.probe() {
-        Ok(device) => device,
-        Err(e) if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") => {
-            panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped, no usable wgpu adapter: {e}");
-            return;
-        }
+    let Some(device) = wgpu_device() else {
+        return;
     };
     let flex = BackendKind::Flex.probe().unwrap();
     // MobileNetV2's 3x3 at strides 1 and 2, the supernet's 5x5 and 7x7, odd and non-square
