@@ -21,8 +21,7 @@
 //!   reductions. On the CubeCL backends (cuda, wgpu; feature `cube`) the same fused unit is
 //!   dnal's own CubeCL kernels (`cube/`): three launches forward (per-channel partial sums,
 //!   per-channel coefficients, the output with residual and clamp) and three backward, read
-//!   and written in the channel-last memory CubeCL's convolutions use, plus one launch for the
-//!   running statistics. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
+//!   and written in the channel-last memory CubeCL's convolutions use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
 //!   forward, one for the input gradient and two for the weight gradient, in the memory
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
@@ -557,21 +556,9 @@ fn batch_norm_affine(
     let device = mean.device();
     let old_mean = bn.running_mean.value_sync().to_device(&device);
     let old_var = bn.running_var.value_sync().to_device(&device);
-    #[cfg(feature = "cube")]
-    if takes_cube_path(&mean) && old_mean.dtype() == DType::F32 && old_var.dtype() == DType::F32 {
-        use burn::backend::Dispatch;
-        use cube::CubeNorm;
-        let new = <Dispatch as CubeNorm>::dnal_cube_running_update(
-            old_mean.into_dispatch(),
-            old_var.into_dispatch(),
-            mean.detach().into_dispatch(),
-            variance.detach().into_dispatch(),
-            bn.momentum,
-        );
-        bn.running_mean.update(Tensor::from_dispatch(new.mean));
-        bn.running_var.update(Tensor::from_dispatch(new.variance));
-        return output;
-    }
+    // As tensor operations on every backend: on the CubeCL backends fusion merges both updates
+    // (and the division by one that `RunningState` makes when it is read back) into one launch,
+    // where a kernel of dnal's own cost a launch besides that division.
     let update =
         |state: &burn::module::RunningState<Tensor<1>>, old: Tensor<1>, stat: Tensor<1>| {
             let new = old.mul_scalar(1.0 - bn.momentum) + stat.detach().mul_scalar(bn.momentum);

@@ -38,16 +38,6 @@ pub struct NormGrads<B: burn::backend::Backend> {
     pub residual: FloatTensor<B>,
 }
 
-/// BatchNorm's running statistics.
-#[derive(ExtensionType)]
-#[extension_type(fusion)]
-pub struct Running<B: burn::backend::Backend> {
-    /// Running mean.
-    pub mean: FloatTensor<B>,
-    /// Running (biased) variance.
-    pub variance: FloatTensor<B>,
-}
-
 fn normalized_meta(x: &TensorSpec) -> NormOutputMetadata {
     let c = Shape::new([x.shape[1]]);
     NormOutputMetadata {
@@ -119,20 +109,6 @@ pub trait CubeNorm: burn::backend::Backend {
         hi: f32,
         residual: bool,
     ) -> NormGrads<Self>;
-
-    /// The running statistics moved towards the batch's, `old * (1 - momentum) + batch *
-    /// momentum` (not differentiated), in one launch.
-    #[fusion(meta = |old_mean, old_var, _mean, _var, _momentum| RunningMetadata {
-        mean: old_mean.clone(),
-        variance: old_var.clone(),
-    })]
-    fn dnal_cube_running_update(
-        old_mean: FloatTensor<Self>,
-        old_var: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        momentum: f64,
-    ) -> Running<Self>;
 }
 
 impl CubeNorm for CubeBackend {
@@ -172,16 +148,6 @@ impl CubeNorm for CubeBackend {
         residual: bool,
     ) -> NormGrads<Self> {
         norm_kernels::backward(x, y, dy, a, mean, variance, epsilon, lo, hi, residual)
-    }
-
-    fn dnal_cube_running_update(
-        old_mean: FloatTensor<Self>,
-        old_var: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        momentum: f64,
-    ) -> Running<Self> {
-        norm_kernels::running(old_mean, old_var, mean, variance, momentum)
     }
 }
 
@@ -329,26 +295,6 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
             a: Autodiff::<Cube, C>::from_inner(g.a),
             b: Autodiff::<Cube, C>::from_inner(g.b),
             residual: Autodiff::<Cube, C>::from_inner(g.residual),
-        }
-    }
-
-    fn dnal_cube_running_update(
-        old_mean: FloatTensor<Self>,
-        old_var: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        momentum: f64,
-    ) -> Running<Self> {
-        let r = Cube::dnal_cube_running_update(
-            old_mean.into_primitive(),
-            old_var.into_primitive(),
-            mean.into_primitive(),
-            variance.into_primitive(),
-            momentum,
-        );
-        Running {
-            mean: Autodiff::<Cube, C>::from_inner(r.mean),
-            variance: Autodiff::<Cube, C>::from_inner(r.variance),
         }
     }
 }

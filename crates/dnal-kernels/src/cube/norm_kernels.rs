@@ -2,9 +2,10 @@
 //! channel-first or channel-last memory: per-channel sums by cubes of units with a
 //! shared-memory reduction, one small kernel that turns them into per-channel coefficients,
 //! and one element-wise pass with the residual and the clamp fused. Three launches forward and
-//! three backward (and one that moves both running statistics), where burn's
-//! `batch_norm_train` with the separate activation, residual add and running-statistics
-//! update took about twenty-five.
+//! three backward, where burn's `batch_norm_train` with the separate activation and residual
+//! add took several times as many. The running statistics are moved with tensor operations
+//! (`batch_norm` in `lib.rs`), which fusion merges into one launch together with the division
+//! burn's `RunningState` makes when it is read.
 
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
@@ -14,7 +15,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{empty, empty_like, laid_out};
-use super::norm::{NormGrads, Running};
+use super::norm::NormGrads;
 use super::reduction::Reduction;
 use crate::outputs::NormOutput;
 
@@ -310,27 +311,6 @@ fn grad_input(
     }
 }
 
-/// `new = old * (1 - momentum) + batch * momentum` for the running mean and variance at once.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn running_update(
-    old_mean: &[f32],
-    old_var: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    new_mean: &mut [f32],
-    new_var: &mut [f32],
-    channels: usize,
-    momentum: f32,
-) {
-    let c = ABSOLUTE_POS;
-    if c >= channels {
-        terminate!();
-    }
-    new_mean[c] = old_mean[c] * (1.0f32 - momentum) + mean[c] * momentum;
-    new_var[c] = old_var[c] * (1.0f32 - momentum) + var[c] * momentum;
-}
-
 /// `[N, C, H, W]` as `(channels, plane = H * W, count = N * H * W)`.
 fn geometry(x: &CubeTensor) -> (usize, usize, usize) {
     let shape = x.meta.shape();
@@ -532,38 +512,5 @@ pub(super) fn backward(
         a: da,
         b: db,
         residual: dr,
-    }
-}
-
-/// BatchNorm's running statistics moved towards the batch's.
-pub(super) fn running(
-    old_mean: CubeTensor,
-    old_var: CubeTensor,
-    mean: CubeTensor,
-    var: CubeTensor,
-    momentum: f64,
-) -> Running<CubeBackend> {
-    let [old_mean, old_var, mean, var] = [old_mean, old_var, mean, var].map(into_contiguous);
-    let channels = mean.meta.num_elements();
-    let client = mean.client.clone();
-    let new_mean = empty(&mean, Shape::new([channels]));
-    let new_var = empty(&mean, Shape::new([channels]));
-    let dim = CubeDim::new(&client, channels);
-    running_update::launch(
-        &client,
-        calculate_cube_count_elemwise(&client, channels, dim),
-        dim,
-        old_mean.into_buffer_arg(),
-        old_var.into_buffer_arg(),
-        mean.into_buffer_arg(),
-        var.into_buffer_arg(),
-        new_mean.clone().into_buffer_arg(),
-        new_var.clone().into_buffer_arg(),
-        channels,
-        momentum as f32,
-    );
-    Running {
-        mean: new_mean,
-        variance: new_var,
     }
 }
