@@ -194,22 +194,59 @@ fn batch_norm_kernels_on_wgpu_match_flex() {
     }
 }
 
-/// A depthwise convolution on `device` through dnal's entry point (dnal's CubeCL kernels on
-/// wgpu) and, on flex, through burn's grouped convolution: the output and the gradients of
-/// `sum(y * weights)` for the input and (where `weight_grad`) the weight.
-#[allow(clippy::too_many_arguments)]
-fn depthwise_case(
-    device: &burn::prelude::Device,
-    [n, c, h, w]: [usize; 4],
-    k: usize,
+/// Which convolution a case runs and what it differentiates.
+#[derive(Clone, Copy)]
+struct ConvCase {
+    /// `[N, C, H, W]` of the input.
+    shape: [usize; 4],
+    /// Output channels of a one-group convolution; `None` for a depthwise one.
+    out_channels: Option<usize>,
+    kernel: usize,
     stride: usize,
     padding: usize,
+    /// The input laid out channel-last in memory.
     channel_last: bool,
+    /// Whether the input and the weight are tracked.
+    input_grad: bool,
     weight_grad: bool,
-    dnal: bool,
-) -> Vec<Vec<f32>> {
+}
+
+impl ConvCase {
+    fn name(&self) -> String {
+        let Self {
+            shape,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            channel_last,
+            input_grad,
+            weight_grad,
+        } = self;
+        format!(
+            "{shape:?} -> {out_channels:?} k {kernel} stride {stride} padding {padding} \
+             channel-last {channel_last} dx {input_grad} dw {weight_grad}"
+        )
+    }
+}
+
+/// A convolution on `device`, through dnal's entry point (`dnal`: on wgpu dnal's CubeCL
+/// depthwise kernels, or burn's convolution with dnal's backward) or through burn's conv2d
+/// (the reference, on flex): the output and the gradients of `sum(y * weights)` for the input
+/// and the weight where they are tracked.
+fn conv_case(device: &burn::prelude::Device, case: ConvCase, dnal: bool) -> Vec<Vec<f32>> {
     use burn::prelude::*;
     use burn::tensor::ops::ConvOptions;
+    let ConvCase {
+        shape: [n, c, h, w],
+        out_channels,
+        kernel: k,
+        stride,
+        padding,
+        channel_last,
+        input_grad,
+        weight_grad,
+    } = case;
     let device = device.clone().autodiff();
     let x = Tensor::<4>::from_data(
         TensorData::new(wave(n * c * h * w, 1.0), [n, c, h, w]),
@@ -221,75 +258,131 @@ fn depthwise_case(
     } else {
         x
     };
-    let x = x.detach().require_grad();
-    let kernel =
-        Tensor::<4>::from_data(TensorData::new(wave(c * k * k, 2.0), [c, 1, k, k]), &device);
+    let x = if input_grad { x.require_grad() } else { x };
+    let (co, ci, groups) = match out_channels {
+        Some(co) => (co, c, 1),
+        None => (c, 1, c),
+    };
+    let len = co * ci * k * k;
+    let kernel = Tensor::<4>::from_data(TensorData::new(wave(len, 2.0), [co, ci, k, k]), &device);
     let kernel = if weight_grad {
         kernel.require_grad()
     } else {
         kernel
     };
-    let y = if dnal {
-        dnal_kernels::depthwise_conv2d(x.clone(), kernel.clone(), stride, padding)
-    } else {
-        let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], c);
-        burn::tensor::module::conv2d(x.clone(), kernel.clone(), None, options)
+    let y = match (dnal, out_channels) {
+        (true, None) => dnal_kernels::depthwise_conv2d(x.clone(), kernel.clone(), stride, padding),
+        (true, Some(_)) => dnal_kernels::conv2d(x.clone(), kernel.clone(), stride, padding),
+        (false, _) => {
+            let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], groups);
+            burn::tensor::module::conv2d(x.clone(), kernel.clone(), None, options)
+        }
     };
     let [_, _, oh, ow] = y.dims();
-    let len = n * c * oh * ow;
-    let weights = Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, c, oh, ow]), &device);
+    let len = n * co * oh * ow;
+    let weights = Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, co, oh, ow]), &device);
     let grads = (y.clone() * weights).sum().backward();
     let flat = |t: Tensor<4>| {
         let len = t.shape().num_elements();
         t.reshape([len]).into_data().try_to_vec::<f32>().unwrap()
     };
-    let mut out = vec![flat(y), flat(x.grad(&grads).unwrap())];
+    let mut out = vec![flat(y)];
+    if input_grad {
+        out.push(flat(x.grad(&grads).unwrap()));
+    }
     if weight_grad {
         out.push(flat(kernel.grad(&grads).unwrap()));
     }
     out
 }
 
-#[test]
-fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
+/// Runs each case through dnal on wgpu and through burn on flex, and compares.
+fn convolutions_match(cases: &[ConvCase]) {
     let Some(device) = wgpu_device() else {
         return;
     };
     let flex = BackendKind::Flex.probe().unwrap();
+    for case in cases {
+        let names: Vec<&str> = ["output"]
+            .into_iter()
+            .chain(case.input_grad.then_some("dx"))
+            .chain(case.weight_grad.then_some("dweight"))
+            .collect();
+        close(
+            &conv_case(&device, *case, true),
+            &conv_case(&flex, *case, false),
+            &names,
+            &case.name(),
+        );
+    }
+}
+
+/// A case differentiating input and weight.
+fn both(
+    shape: [usize; 4],
+    out_channels: Option<usize>,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    channel_last: bool,
+) -> ConvCase {
+    ConvCase {
+        shape,
+        out_channels,
+        kernel,
+        stride,
+        padding,
+        channel_last,
+        input_grad: true,
+        weight_grad: true,
+    }
+}
+
+#[test]
+fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
     // MobileNetV2's 3x3 at strides 1 and 2, the supernet's 5x5 and 7x7, odd and non-square
     // planes, channel-last inputs of more channels than a cube's units, a weight gradient
     // over many cubes per channel, and an input gradient alone (a frozen weight).
-    for (shape, k, stride, padding, channel_last, weight_grad) in [
-        ([2, 4, 8, 8], 3, 1, 1, false, true),
-        ([2, 5, 9, 11], 3, 2, 1, false, true),
-        ([3, 6, 10, 9], 5, 1, 2, true, true),
-        ([2, 3, 13, 13], 7, 2, 3, true, true),
-        ([2, 300, 4, 4], 3, 1, 1, true, true),
-        ([8, 16, 40, 40], 3, 1, 1, true, true),
-        ([3, 7, 6, 6], 3, 2, 0, false, true),
-        ([2, 4, 7, 7], 3, 1, 1, true, false),
-    ] {
-        let run = |device, dnal| {
-            depthwise_case(
-                device,
-                shape,
-                k,
-                stride,
-                padding,
-                channel_last,
-                weight_grad,
-                dnal,
-            )
-        };
-        close(
-            &run(&device, true),
-            &run(&flex, false),
-            &["output", "dx", "dweight"],
-            &format!(
-                "{shape:?} k {k} stride {stride} padding {padding} channel-last {channel_last}"
-            ),
-        );
-    }
+    convolutions_match(&[
+        both([2, 4, 8, 8], None, 3, 1, 1, false),
+        both([2, 5, 9, 11], None, 3, 2, 1, false),
+        both([3, 6, 10, 9], None, 5, 1, 2, true),
+        both([2, 3, 13, 13], None, 7, 2, 3, true),
+        both([2, 300, 4, 4], None, 3, 1, 1, true),
+        both([8, 16, 40, 40], None, 3, 1, 1, true),
+        both([3, 7, 6, 6], None, 3, 2, 0, false),
+        ConvCase {
+            weight_grad: false,
+            ..both([2, 4, 7, 7], None, 3, 1, 1, true)
+        },
+    ]);
+}
+
+#[test]
+fn convolution_backward_on_wgpu_matches_burn_on_flex() {
+    // The stride-1 input gradient as a forward convolution: "same" 3x3, 5x5 and 7x7, "valid"
+    // and over-padded ones (the gradient's padding k - 1 - p from 2 down to 0), non-square
+    // planes, fewer and more output than input channels, channel-last input; a frozen weight
+    // and an untracked input (a network's first layer); a strided and a 1x1 convolution, which
+    // keep burn's backward.
+    convolutions_match(&[
+        both([2, 3, 8, 8], Some(5), 3, 1, 1, false),
+        both([2, 6, 9, 7], Some(4), 3, 1, 0, true),
+        both([3, 4, 6, 5], Some(6), 3, 1, 2, false),
+        both([2, 5, 11, 10], Some(3), 5, 1, 2, true),
+        both([1, 2, 9, 9], Some(2), 7, 1, 3, false),
+        both([4, 16, 8, 8], Some(32), 3, 1, 1, true),
+        ConvCase {
+            weight_grad: false,
+            ..both([2, 4, 7, 7], Some(4), 3, 1, 1, false)
+        },
+        ConvCase {
+            input_grad: false,
+            ..both([2, 3, 8, 8], Some(4), 3, 1, 1, false)
+        },
+        both([2, 4, 9, 9], Some(8), 3, 2, 1, false),
+        both([2, 4, 6, 6], Some(8), 1, 1, 0, true),
+    ]);
 }
 
 /// Each of `gpu`'s vectors within 2e-4 of the largest value of `cpu`'s (at least 1).
