@@ -20,7 +20,8 @@
 //!   BatchNorm, which flex uses, makes about ten passes with copies for the channel-first
 //!   reductions. On the CubeCL backends (cuda, wgpu; feature `cube`) the same fused unit is
 //!   dnal's own CubeCL kernels (`cube/`): three launches forward (per-channel partial sums,
-//!   per-channel coefficients, the output with residual and clamp) and three backward, read
+//!   per-channel coefficients and running statistics, the output with residual and clamp)
+//!   and three backward, read
 //!   and written in the channel-last memory CubeCL's convolutions use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
 //!   forward, one for the input gradient and two for the weight gradient, in the memory
@@ -61,7 +62,7 @@ pub mod frozen;
 #[cfg(feature = "flex")]
 pub mod gemm;
 mod memo;
-#[cfg(any(feature = "flex", feature = "cube"))]
+#[cfg(feature = "flex")]
 mod outputs;
 mod planes;
 mod simd;
@@ -571,21 +572,48 @@ fn batch_norm_affine(
             None => y,
         });
     }
-    let (output, mean, variance) = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual);
-    let device = mean.device();
-    let old_mean = bn.running_mean.value_sync().to_device(&device);
-    let old_var = bn.running_var.value_sync().to_device(&device);
-    // As tensor operations on every backend: on the CubeCL backends fusion merges both updates
-    // (and the division by one that `RunningState` makes when it is read back) into one launch,
-    // where a kernel of dnal's own cost a launch besides that division.
-    let update =
-        |state: &burn::module::RunningState<Tensor<1>>, old: Tensor<1>, stat: Tensor<1>| {
-            let new = old.mul_scalar(1.0 - bn.momentum) + stat.detach().mul_scalar(bn.momentum);
-            state.update(new.detach());
-        };
-    update(&bn.running_mean, old_mean, mean);
-    update(&bn.running_var, old_var, variance);
-    output
+    let device = x.device();
+    let running = Running {
+        mean: bn.running_mean.value_sync().to_device(&device),
+        var: bn.running_var.value_sync().to_device(&device),
+        momentum: bn.momentum,
+    };
+    let out = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual, Some(&running));
+    // The CubeCL kernels move the running statistics themselves; elsewhere tensor operations.
+    let (mean, var) = out.running.unwrap_or_else(|| {
+        let m = running.momentum;
+        let moved =
+            |old: Tensor<1>, stat: Tensor<1>| old.mul_scalar(1.0 - m) + stat.detach().mul_scalar(m);
+        (
+            moved(running.mean, out.mean),
+            moved(running.var, out.variance),
+        )
+    });
+    bn.running_mean.update(mean.detach());
+    bn.running_var.update(var.detach());
+    out.output
+}
+
+/// A BatchNorm's running statistics before a training step, and the momentum that moves them.
+struct Running {
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    momentum: f64,
+}
+
+/// A training BatchNorm's output, its batch statistics (mean, biased variance), and the running
+/// statistics already moved where the backend's kernels move them.
+struct Trained {
+    output: Tensor<4>,
+    mean: Tensor<1>,
+    variance: Tensor<1>,
+    running: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+impl Trained {
+    fn statistics(self) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+        (self.output, self.mean, self.variance)
+    }
 }
 
 /// `act((x - mean) / sqrt(var + eps) * a + b)` with the batch's statistics, and those
@@ -598,19 +626,18 @@ pub fn batch_norm_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, None)
+    batch_norm_train_residual(x, a, b, epsilon, act, None, None).statistics()
 }
 
-/// A BatchNorm extension's output as tensors: `(output, mean, variance)`.
-#[cfg(any(feature = "flex", feature = "cube"))]
-fn norm_tensors(
-    out: outputs::NormOutput<burn::backend::Dispatch>,
-) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    (
-        Tensor::from_dispatch(out.output),
-        Tensor::from_dispatch(out.mean),
-        Tensor::from_dispatch(out.variance),
-    )
+/// A flex BatchNorm extension's output as tensors (the running statistics left to move).
+#[cfg(feature = "flex")]
+fn norm_tensors(out: outputs::NormOutput<burn::backend::Dispatch>) -> Trained {
+    Trained {
+        output: Tensor::from_dispatch(out.output),
+        mean: Tensor::from_dispatch(out.mean),
+        variance: Tensor::from_dispatch(out.variance),
+        running: None,
+    }
 }
 
 /// [`batch_norm_train`] with `residual` (shaped like `x`: a residual block's shortcut) added
@@ -623,9 +650,11 @@ pub fn batch_norm_add_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, Some(residual))
+    batch_norm_train_residual(x, a, b, epsilon, act, Some(residual), None).statistics()
 }
 
+/// BatchNorm in training with the batch's statistics; where the backend's kernels move
+/// `running` too, the moved statistics come back in [`Trained::running`].
 fn batch_norm_train_residual(
     x: Tensor<4>,
     a: Tensor<1>,
@@ -633,7 +662,8 @@ fn batch_norm_train_residual(
     epsilon: f64,
     act: Activation,
     residual: Option<Tensor<4>>,
-) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    running: Option<&Running>,
+) -> Trained {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x)
         && a.dtype() == DType::F32
@@ -662,28 +692,61 @@ fn batch_norm_train_residual(
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
         && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+        && running.is_none_or(|r| r.mean.dtype() == DType::F32 && r.var.dtype() == DType::F32)
     {
         use burn::backend::Dispatch;
         use cube::CubeNorm;
         let Clamp { lo, hi } = act.clamp();
+        // Without running statistics to move, the kernel moves zeros by nothing.
+        let (rm, rv, momentum) = match running {
+            Some(r) => (r.mean.clone(), r.var.clone(), r.momentum),
+            None => {
+                let zeros = Tensor::<1>::zeros([a.dims()[0]], &x.device());
+                (zeros.clone(), zeros, 0.0)
+            }
+        };
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-        return norm_tensors(match residual {
-            None => <Dispatch as CubeNorm>::dnal_cube_norm_train(x, a, b, epsilon, lo, hi),
+        let (rm, rv) = (rm.into_dispatch(), rv.into_dispatch());
+        let out = match residual {
+            None => <Dispatch as CubeNorm>::dnal_cube_norm_train(
+                x, a, b, rm, rv, momentum, epsilon, lo, hi,
+            ),
             Some(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
                 x,
                 a,
                 b,
                 r.into_dispatch(),
+                rm,
+                rv,
+                momentum,
                 epsilon,
                 lo,
                 hi,
             ),
-        });
+        };
+        return Trained {
+            output: Tensor::from_dispatch(out.output),
+            mean: Tensor::from_dispatch(out.mean),
+            variance: Tensor::from_dispatch(out.variance),
+            running: running.map(|_| {
+                (
+                    Tensor::from_dispatch(out.running_mean),
+                    Tensor::from_dispatch(out.running_var),
+                )
+            }),
+        };
     }
+    // Here the caller moves the running statistics with tensor operations.
+    let _ = running;
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
     let y = match residual {
         Some(r) => out.output + r,
         None => out.output,
     };
-    (act.apply(y), out.mean, out.variance)
+    Trained {
+        output: act.apply(y),
+        mean: out.mean,
+        variance: out.variance,
+        running: None,
+    }
 }

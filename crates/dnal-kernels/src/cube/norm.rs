@@ -20,7 +20,6 @@ use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 
 use super::norm_kernels;
-use crate::outputs::{NormOutput, NormOutputMetadata};
 
 /// The gradients of a BatchNorm with respect to its input and affine parameters, and to the
 /// residual added before the clamp (`residual` has the input's shape where there is one, and
@@ -38,12 +37,31 @@ pub struct NormGrads<B: burn::backend::Backend> {
     pub residual: FloatTensor<B>,
 }
 
-fn normalized_meta(x: &TensorSpec) -> NormOutputMetadata {
-    let c = Shape::new([x.shape[1]]);
-    NormOutputMetadata {
+/// A training BatchNorm's output, the batch statistics it used, and the running statistics
+/// moved towards them.
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct TrainOutput<B: burn::backend::Backend> {
+    /// `clamp((x - mean) * inv_std * a + b (+ residual))`.
+    pub output: FloatTensor<B>,
+    /// Per-channel batch mean.
+    pub mean: FloatTensor<B>,
+    /// Per-channel biased batch variance.
+    pub variance: FloatTensor<B>,
+    /// `running_mean * (1 - momentum) + mean * momentum`.
+    pub running_mean: FloatTensor<B>,
+    /// `running_var * (1 - momentum) + variance * momentum`.
+    pub running_var: FloatTensor<B>,
+}
+
+fn normalized_meta(x: &TensorSpec) -> TrainOutputMetadata {
+    let c = TensorSpec::new(Shape::new([x.shape[1]]), x.dtype);
+    TrainOutputMetadata {
         output: x.clone(),
-        mean: TensorSpec::new(c.clone(), x.dtype),
-        variance: TensorSpec::new(c, x.dtype),
+        mean: c.clone(),
+        variance: c.clone(),
+        running_mean: c.clone(),
+        running_var: c,
     }
 }
 
@@ -67,30 +85,38 @@ fn grads_meta(x: &TensorSpec, residual: bool) -> NormGradsMetadata {
 /// residual added, and a clamp to `[lo, hi]` (an infinite bound is no bound).
 #[backend_extension(Cube, Fusion, Autodiff)]
 pub trait CubeNorm: burn::backend::Backend {
-    /// `clamp(bn(x) * a + b)` with the batch's statistics, and those statistics.
-    #[fusion(meta = |x, _a, _b, _epsilon, _lo, _hi| normalized_meta(x))]
+    /// `clamp(bn(x) * a + b)` with the batch's statistics, those statistics, and the running
+    /// statistics (`[C]`) moved towards them by `momentum`.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |x, _a, _b, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
     fn dnal_cube_norm_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self>;
+    ) -> TrainOutput<Self>;
 
     /// [`dnal_cube_norm_train`](Self::dnal_cube_norm_train) with `residual` (shaped like `x`)
     /// added before the clamp.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, _a, _b, _r, _epsilon, _lo, _hi| normalized_meta(x))]
+    #[fusion(meta = |x, _a, _b, _r, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
     fn dnal_cube_norm_add_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         residual: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self>;
+    ) -> TrainOutput<Self>;
 
     /// The gradients of the training BatchNorm from its output `y`, the output's gradient
     /// `dy`, its input `x`, `a`, and the statistics it used; with `residual`, the residual's
@@ -116,11 +142,15 @@ impl CubeNorm for CubeBackend {
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self> {
-        norm_kernels::forward(x, a, b, None, epsilon, lo, hi)
+    ) -> TrainOutput<Self> {
+        let running = (running_mean, running_var, momentum);
+        norm_kernels::forward(x, a, b, None, running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_add_train(
@@ -128,11 +158,15 @@ impl CubeNorm for CubeBackend {
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         residual: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self> {
-        norm_kernels::forward(x, a, b, Some(residual), epsilon, lo, hi)
+    ) -> TrainOutput<Self> {
+        let running = (running_mean, running_var, momentum);
+        norm_kernels::forward(x, a, b, Some(residual), running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_backward(
@@ -221,16 +255,21 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self> {
+    ) -> TrainOutput<Self> {
         let prep = NormBackward
             .prepare::<C>([x.node(), a.node(), b.node()])
             .compute_bound()
             .stateful();
         let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
-        let out = Cube::dnal_cube_norm_train(x.clone(), a.clone(), b, epsilon, lo, hi);
+        let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
+        let out =
+            Cube::dnal_cube_norm_train(x.clone(), a.clone(), b, rm, rv, momentum, epsilon, lo, hi);
         let output = match prep {
             OpsKind::Tracked(prep) => {
                 prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
@@ -245,17 +284,32 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         residual: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
         epsilon: f64,
         lo: f32,
         hi: f32,
-    ) -> NormOutput<Self> {
+    ) -> TrainOutput<Self> {
         let prep = NormAddBackward
             .prepare::<C>([x.node(), a.node(), b.node(), residual.node()])
             .compute_bound()
             .stateful();
         let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
         let r = residual.into_primitive();
-        let out = Cube::dnal_cube_norm_add_train(x.clone(), a.clone(), b, r, epsilon, lo, hi);
+        let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
+        let out = Cube::dnal_cube_norm_add_train(
+            x.clone(),
+            a.clone(),
+            b,
+            r,
+            rm,
+            rv,
+            momentum,
+            epsilon,
+            lo,
+            hi,
+        );
         let output = match prep {
             OpsKind::Tracked(prep) => {
                 prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
@@ -301,7 +355,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
 
 fn state(
     x: FloatTensor<Cube>,
-    out: &NormOutput<Cube>,
+    out: &TrainOutput<Cube>,
     a: FloatTensor<Cube>,
     epsilon: f64,
     clamp: (f32, f32),
@@ -320,11 +374,13 @@ fn state(
 /// The autodiff output: the tracked `output`, the untracked statistics.
 fn tracked<C: CheckpointStrategy>(
     output: FloatTensor<Autodiff<Cube, C>>,
-    out: NormOutput<Cube>,
-) -> NormOutput<Autodiff<Cube, C>> {
-    NormOutput {
+    out: TrainOutput<Cube>,
+) -> TrainOutput<Autodiff<Cube, C>> {
+    TrainOutput {
         output,
         mean: Autodiff::<Cube, C>::from_inner(out.mean),
         variance: Autodiff::<Cube, C>::from_inner(out.variance),
+        running_mean: Autodiff::<Cube, C>::from_inner(out.running_mean),
+        running_var: Autodiff::<Cube, C>::from_inner(out.running_var),
     }
 }

@@ -3,9 +3,9 @@
 //! shared-memory reduction, one small kernel that turns them into per-channel coefficients,
 //! and one element-wise pass with the residual and the clamp fused. Three launches forward and
 //! three backward, where burn's `batch_norm_train` with the separate activation and residual
-//! add took several times as many. The running statistics are moved with tensor operations
-//! (`batch_norm` in `lib.rs`), which fusion merges into one launch together with the division
-//! burn's `RunningState` makes when it is read.
+//! add took several times as many. The running statistics are moved in the coefficients'
+//! kernel too: as tensor operations they were six launches more per unit on cuda, where
+//! fusion left them unmerged.
 
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
@@ -15,9 +15,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{empty, empty_like, laid_out};
-use super::norm::NormGrads;
+use super::norm::{NormGrads, TrainOutput};
 use super::reduction::Reduction;
-use crate::outputs::NormOutput;
 
 /// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
 /// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
@@ -136,9 +135,10 @@ fn stats_partials(
     store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
-/// One unit per channel: the batch mean and biased variance from the partial sums, and the
+/// One unit per channel: the batch mean and biased variance from the partial sums, the
 /// transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift = b - mean *
-/// scale`, written to `coef[c * 2 ..]`.
+/// scale`, written to `coef[c * 2 ..]`, and the running statistics moved towards the batch's,
+/// `running' = running * (1 - momentum) + batch * momentum` (burn's BatchNorm update).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn stats_finalize(
@@ -146,14 +146,19 @@ fn stats_finalize(
     partials: &[f32],
     a: &[f32],
     b: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
     mean: &mut [f32],
     var: &mut [f32],
     coef: &mut [f32],
+    moved_mean: &mut [f32],
+    moved_var: &mut [f32],
     plane: usize,
     channels: usize,
     splits: usize,
     count: usize,
     epsilon: f32,
+    momentum: f32,
     #[comptime] x_cl: bool,
 ) {
     let c = ABSOLUTE_POS;
@@ -170,6 +175,9 @@ fn stats_finalize(
     var[c] = v;
     coef[c * 2] = scale;
     coef[c * 2 + 1] = b[c] - mu * scale;
+    let keep = 1.0f32 - momentum;
+    moved_mean[c] = running_mean[c] * keep + mu * momentum;
+    moved_var[c] = running_var[c] * keep + v * momentum;
 }
 
 /// `out = clamp(x * scale + shift (+ residual), lo, hi)` per element; `out` is laid out as
@@ -325,18 +333,22 @@ fn bounds(lo: f32, hi: f32) -> (f32, f32) {
     (lo.max(f32::MIN), hi.min(f32::MAX))
 }
 
-/// BatchNorm's output and the batch statistics it trains with.
-/// `x` and `residual` are `[N, C, H, W]`, `a` and `b` `[C]`.
+/// BatchNorm's output, the batch statistics it trains with, and the running statistics moved
+/// by `momentum`. `x` and `residual` are `[N, C, H, W]`, `a`, `b`, `running_mean` and
+/// `running_var` `[C]`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     x: CubeTensor,
     a: CubeTensor,
     b: CubeTensor,
     residual: Option<CubeTensor>,
+    (running_mean, running_var, momentum): (CubeTensor, CubeTensor, f64),
     epsilon: f64,
     lo: f32,
     hi: f32,
-) -> NormOutput<CubeBackend> {
+) -> TrainOutput<CubeBackend> {
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
+    let (running_mean, running_var) = (into_contiguous(running_mean), into_contiguous(running_var));
     let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
     let r = Reduction::new(channels, count, x_cl);
@@ -359,6 +371,8 @@ pub(super) fn forward(
     let mean = empty(&x, Shape::new([channels]));
     let variance = empty(&x, Shape::new([channels]));
     let coef = empty(&x, Shape::new([channels * 2]));
+    let moved_mean = empty(&x, Shape::new([channels]));
+    let moved_var = empty(&x, Shape::new([channels]));
     let per_channel = CubeDim::new(&client, channels);
     stats_finalize::launch(
         &client,
@@ -368,14 +382,19 @@ pub(super) fn forward(
         partials.into_buffer_arg(),
         a.into_buffer_arg(),
         b.into_buffer_arg(),
+        running_mean.into_buffer_arg(),
+        running_var.into_buffer_arg(),
         mean.clone().into_buffer_arg(),
         variance.clone().into_buffer_arg(),
         coef.clone().into_buffer_arg(),
+        moved_mean.clone().into_buffer_arg(),
+        moved_var.clone().into_buffer_arg(),
         plane,
         channels,
         splits,
         count,
         epsilon as f32,
+        momentum as f32,
         x_cl,
     );
     let output = empty_like(&x, x_cl);
@@ -402,10 +421,12 @@ pub(super) fn forward(
         x_cl,
         r_cl,
     );
-    NormOutput {
+    TrainOutput {
         output,
         mean,
         variance,
+        running_mean: moved_mean,
+        running_var: moved_var,
     }
 }
 
