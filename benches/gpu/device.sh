@@ -27,7 +27,7 @@ fi
 chmod +x "$bin"
 
 OUT=$WORK/results benches/gpu/run.sh "$bin" 2>&1 | tee "$RESULTS/run.log"
-cp "$WORK/results/table.md" "$WORK/results/steps.jsonl" "$RESULTS/" 2>/dev/null
+cp "$WORK/results/table.md" "$WORK/results/steps.jsonl" "$WORK/results"/check-*.txt "$RESULTS/" 2>/dev/null
 tar -czf "$RESULTS/logs.tar.gz" -C "$WORK/results" --exclude=cifar --exclude=run \
     . 2>/dev/null
 [[ -d $WORK/results/run ]] && tar -czf "$RESULTS/train-run.tar.gz" -C "$WORK/results/run" \

@@ -28,7 +28,9 @@
 # backend's steps, that network runs 3 + 3 more steps on that backend with CubeCL's profiling
 # log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log),
 # BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
-# own kernels off, burn's operations throughout; a column of its own in the table).
+# own kernels off, burn's operations throughout; a column of its own in the table), CHECK
+# (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
+# $OUT/check-BACKEND.txt; 0 skips it).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -167,9 +169,21 @@ profiled_step() {
     rm -rf "$dir"
 }
 
+# dnal's own kernels on backend $1 against flex (`dnal-train check`): the failures and a
+# summary line, in $OUT/check-BACKEND.txt (CHECK=0 skips it).
+kernel_check() {
+    [[ ${CHECK:-1} == 0 ]] && return
+    local cap; cap=$(allowance 90)
+    (( cap == 0 )) && return
+    echo "dnal $1 kernels against flex (up to $cap s)" >&2
+    timeout "$cap" "$BIN" check --backend "$1" --quiet > "$OUT/check-$1.txt" 2>&1
+    echo "  check on $1: exit $?; $(grep -c '^FAIL' "$OUT/check-$1.txt") failing; $(tail -n 1 "$OUT/check-$1.txt")" >&2
+}
+
 bin_abs=$(realpath "$BIN")
 read -r -a backend_list <<< "$BACKENDS"
 for b in "${backend_list[@]:0:1}"; do
+    kernel_check "$b"
     dnal_steps "$b"
     [[ -n $BURN_OPS_NETS ]] && dnal_steps "$b" "$BURN_OPS_NETS" --burn-ops
     profiled_step "$b"

@@ -49,6 +49,7 @@
 #[cfg(feature = "mimalloc")]
 pub mod allocator;
 pub mod channels;
+pub mod check;
 pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;

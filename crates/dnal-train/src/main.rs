@@ -81,6 +81,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare dnal's own operations on a backend with the CPU (flex): training BatchNorm
+    /// with its running statistics, the depthwise convolution and the convolution's backward,
+    /// over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
+    /// difference; fails if any exceeds 2e-4 of the reference's largest value.
+    Check {
+        /// wgpu or cuda (flex compares dnal's flex operations with burn's).
+        #[arg(long, default_value = "cuda")]
+        backend: String,
+        /// Print only the comparisons that fail, and the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Which backends this build contains and whether each starts here (runs a tiny
     /// computation on each compiled backend's default device).
     Backends {
@@ -283,6 +295,30 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.median_ms,
                     t.min_ms,
                     t.steps
+                );
+            }
+            Ok(true)
+        }
+        Command::Check { backend, quiet } => {
+            let kind: BackendKind = backend.parse()?;
+            let device = kind.probe()?;
+            let reference = BackendKind::Flex.probe()?;
+            let comparisons = dnal_kernels::check::all(&device, &reference);
+            let failed = comparisons.iter().filter(|c| !c.ok()).count();
+            for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {
+                println!("{c}");
+            }
+            println!(
+                "{} of {} quantities on {} within {:e} of flex's largest value",
+                comparisons.len() - failed,
+                comparisons.len(),
+                kind.name(),
+                dnal_kernels::check::TOLERANCE
+            );
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} quantities on {} differ from flex beyond the tolerance",
+                    kind.name()
                 );
             }
             Ok(true)

@@ -304,6 +304,34 @@ fn backends_lists_every_backend_and_whether_it_starts() {
 }
 
 #[test]
+fn check_compares_dnal_operations_and_refuses_missing_backends() {
+    // On flex: dnal's flex operations against burn's convolutions and against themselves.
+    let (ok, text) = dnal_train(&["check", "--backend", "flex"]);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let rows = lines.iter().filter(|l| l.starts_with("ok   ")).count();
+    assert!(rows > 100, "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with(&format!("{rows} of {rows} quantities on flex")),
+        "{text}"
+    );
+    // --quiet leaves the summary only.
+    let (ok, text) = dnal_train(&["check", "--backend", "flex", "--quiet"]);
+    assert!(ok && text.trim().lines().count() == 1, "{text}");
+    // A backend this build lacks is named, with the fix.
+    if cfg!(not(feature = "cuda")) {
+        let (ok, text) = dnal_train(&["check", "--backend", "cuda"]);
+        assert!(!ok && text.contains("--features cuda"), "{text}");
+    }
+    let (ok, text) = dnal_train(&["check", "--backend", "tpu"]);
+    assert!(!ok && text.contains("tpu"), "{text}");
+}
+
+#[test]
 fn bench_times_a_training_step_and_names_bad_input() {
     let (ok, out) = dnal_train(&[
         "bench",

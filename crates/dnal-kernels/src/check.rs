@@ -1,0 +1,441 @@
+//! dnal's own operations on one device compared with a reference device: the training
+//! BatchNorm (output, batch and running statistics, gradients), the depthwise convolution and
+//! the one-group convolution's backward, each over a set of shapes, layouts and activations
+//! chosen to reach every branch of the kernels (several cubes per channel, more channels than
+//! a cube's units, channel-last memory, odd planes, a large common offset).
+//!
+//! The CubeCL kernels are written once for every CubeCL runtime, but compiled by a different
+//! compiler on each (SPIR-V for wgpu, PTX for cuda); `dnal-train check --backend cuda` runs
+//! these comparisons against flex on the machine at hand, and the wgpu tests run them on
+//! Mesa's software Vulkan. On the reference the BatchNorm runs through dnal's flex kernels and
+//! the convolutions through burn's own convolution.
+
+use std::fmt;
+
+use burn::nn::BatchNormConfig;
+use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
+
+use crate::Activation;
+
+/// The largest difference allowed, relative to the largest magnitude of the reference's values
+/// (at least 1).
+pub const TOLERANCE: f32 = 2e-4;
+
+/// One quantity of one case on the checked device against the reference.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// The operation and its shapes.
+    pub case: String,
+    /// What was compared: `output`, `dx`, `running mean`, ...
+    pub quantity: &'static str,
+    /// The largest absolute difference.
+    pub worst: f32,
+    /// The reference's largest magnitude (at least 1): the difference's scale.
+    pub scale: f32,
+}
+
+impl Comparison {
+    /// Whether the difference is within [`TOLERANCE`] of the scale (and finite).
+    pub fn ok(&self) -> bool {
+        self.worst <= TOLERANCE * self.scale
+    }
+}
+
+impl fmt::Display for Comparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} of {}: differs by {:.3e} (largest value {:.3e})",
+            if self.ok() { "ok  " } else { "FAIL" },
+            self.quantity,
+            self.case,
+            self.worst,
+            self.scale
+        )
+    }
+}
+
+/// Every comparison of the three families.
+pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let mut out = batch_norm(device, reference);
+    out.extend(depthwise(device, reference));
+    out.extend(convolution(device, reference));
+    out
+}
+
+fn compare(
+    case: &str,
+    names: &[&'static str],
+    got: Vec<Vec<f32>>,
+    want: Vec<Vec<f32>>,
+) -> Vec<Comparison> {
+    let empty = Vec::new();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, quantity)| {
+            let (g, w) = (got.get(i).unwrap_or(&empty), want.get(i).unwrap_or(&empty));
+            let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            // A missing or misshapen result, or a non-finite value, is an infinite difference.
+            let worst = if g.len() == w.len() && !w.is_empty() {
+                g.iter()
+                    .zip(w)
+                    .map(|(g, w)| {
+                        if g.is_finite() {
+                            (g - w).abs()
+                        } else {
+                            f32::INFINITY
+                        }
+                    })
+                    .fold(0.0f32, f32::max)
+            } else {
+                f32::INFINITY
+            };
+            Comparison {
+                case: case.to_string(),
+                quantity,
+                worst,
+                scale,
+            }
+        })
+        .collect()
+}
+
+/// Values `0.5 * sin(i * 0.37 + seed) + 0.3 * cos(i * 1.91 * seed)`: varied, deterministic.
+fn wave(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let i = i as f32;
+            0.5 * (i * 0.37 + seed).sin() + 0.3 * (i * 1.91 * seed).cos()
+        })
+        .collect()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    let len = t.shape().num_elements();
+    t.reshape([len])
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// The BatchNorm comparisons: a module's output and running statistics over two training
+/// calls, then the bare operation's output, statistics and gradients over shapes whose
+/// reductions take several cubes per channel and several rounds per unit, short channels
+/// (one cube of 32 or 64 units), channel counts that are not powers of two and more channels
+/// than a cube's units in channel-last memory, 625 cubes along each channel (ResNet-50-like:
+/// 64 channel-last channels, four lanes each), odd planes, and a large common offset (the
+/// variance must not cancel).
+pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let mut out = compare(
+        "a BatchNorm module, two training calls",
+        &["output 1", "output 2", "running mean", "running variance"],
+        batch_norm_module(device),
+        batch_norm_module(reference),
+    );
+    use Activation::*;
+    const NAMES: [&str; 7] = ["output", "mean", "variance", "dx", "da", "db", "dresidual"];
+    for (shape, act, residual, offset, channel_last) in [
+        ([4, 3, 40, 40], Relu, false, 0.0, false),
+        ([4, 3, 40, 40], Relu6, true, 0.0, false),
+        ([3, 5, 7, 7], Identity, true, 0.0, false),
+        ([2, 4, 9, 11], Relu, true, 1000.0, false),
+        ([4, 6, 20, 20], Relu, false, 0.0, true),
+        ([3, 5, 9, 11], Relu6, true, 0.0, true),
+        ([2, 9, 4, 4], Relu, true, 0.0, true),
+        ([2, 300, 3, 3], Relu, true, 0.0, true),
+        ([4, 64, 100, 100], Relu, false, 0.0, true),
+    ] {
+        let run = |d: &Device| batch_norm_case(d, shape, act, residual, offset, channel_last);
+        out.extend(compare(
+            &format!(
+                "BatchNorm {shape:?} {act:?} residual {residual} offset {offset} \
+                 channel-last {channel_last}"
+            ),
+            &NAMES[..if residual { 7 } else { 6 }],
+            run(device),
+            run(reference),
+        ));
+    }
+    out
+}
+
+/// A BatchNorm module's output and running statistics after two training calls on `device`.
+fn batch_norm_module(device: &Device) -> Vec<Vec<f32>> {
+    let device = device.clone().autodiff();
+    let [n, c, h, w] = [3, 4, 6, 5];
+    let bn = BatchNormConfig::new(c).with_momentum(0.3).init(&device);
+    let factor = Tensor::<1>::from_data(TensorData::new(wave(c, 6.0), [c]), &device);
+    let mut out = Vec::new();
+    for seed in [7.0, 8.0] {
+        let xv = wave(n * c * h * w, seed)
+            .iter()
+            .map(|v| 2.0 * v + 0.5)
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(xv, [n, c, h, w]), &device);
+        out.push(values(crate::batch_norm(
+            &bn,
+            Some(factor.clone()),
+            Activation::Relu,
+            x,
+        )));
+    }
+    for state in [&bn.running_mean, &bn.running_var] {
+        out.push(values(state.value_sync()));
+    }
+    out
+}
+
+/// Training BatchNorm (with a residual, an activation) on `device`: output, batch mean and
+/// variance, and the gradients of `sum(y * w)` for the input, `a`, `b` and the residual.
+fn batch_norm_case(
+    device: &Device,
+    [n, c, h, w]: [usize; 4],
+    act: Activation,
+    residual: bool,
+    offset: f32,
+    channel_last: bool,
+) -> Vec<Vec<f32>> {
+    let device = device.clone().autodiff();
+    let len = n * c * h * w;
+    let four = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [n, c, h, w]), &device);
+    let one = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
+    // Channels of different means and spreads, on a common offset.
+    let xv = wave(len, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| offset + v * (1.0 + (i / (h * w) % c) as f32) + (i / (h * w) % c) as f32)
+        .collect();
+    let x = laid_out(four(xv), channel_last).require_grad();
+    let a = one(wave(c, 2.0).iter().map(|v| v + 1.0).collect()).require_grad();
+    let b = one(wave(c, 3.0)).require_grad();
+    let r = four(wave(len, 4.0)).require_grad();
+    let (y, mean, var) = if residual {
+        crate::batch_norm_add_train(x.clone(), a.clone(), b.clone(), r.clone(), 1e-5, act)
+    } else {
+        crate::batch_norm_train(x.clone(), a.clone(), b.clone(), 1e-5, act)
+    };
+    // Channel-last, the output's gradient arrives channel-last too.
+    let weights = four(wave(len, 5.0));
+    let grads = if channel_last {
+        (y.clone().permute([0, 2, 3, 1]) * weights.permute([0, 2, 3, 1]))
+            .sum()
+            .backward()
+    } else {
+        (y.clone() * weights).sum().backward()
+    };
+    let grad = |t: &Tensor<4>| t.grad(&grads).map(values).unwrap_or_default();
+    let grad1 = |t: &Tensor<1>| t.grad(&grads).map(values).unwrap_or_default();
+    let mut out = vec![
+        values(y),
+        values(mean),
+        values(var),
+        grad(&x),
+        grad1(&a),
+        grad1(&b),
+    ];
+    if residual {
+        out.push(grad(&r));
+    }
+    out
+}
+
+/// `x`'s values held channel-last in memory (what a convolution hands on on the CubeCL
+/// backends) where `channel_last`, as a fresh leaf tensor either way.
+fn laid_out(x: Tensor<4>, channel_last: bool) -> Tensor<4> {
+    let x = if channel_last {
+        let device = x.device();
+        let v = x.permute([0, 2, 3, 1]).into_data();
+        Tensor::<4>::from_data(v, &device).permute([0, 3, 1, 2])
+    } else {
+        x
+    };
+    x.detach()
+}
+
+/// Which convolution a case runs and what it differentiates.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvCase {
+    /// `[N, C, H, W]` of the input.
+    pub shape: [usize; 4],
+    /// Output channels of a one-group convolution; `None` for a depthwise one.
+    pub out_channels: Option<usize>,
+    /// The kernel's side.
+    pub kernel: usize,
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Padding on every side.
+    pub padding: usize,
+    /// The input laid out channel-last in memory.
+    pub channel_last: bool,
+    /// Whether the input is tracked.
+    pub input_grad: bool,
+    /// Whether the weight is tracked.
+    pub weight_grad: bool,
+}
+
+impl ConvCase {
+    /// A case differentiating input and weight.
+    pub fn both(
+        shape: [usize; 4],
+        out_channels: Option<usize>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        channel_last: bool,
+    ) -> Self {
+        Self {
+            shape,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            channel_last,
+            input_grad: true,
+            weight_grad: true,
+        }
+    }
+
+    fn name(&self) -> String {
+        let kind = match self.out_channels {
+            Some(co) => format!("conv -> {co}"),
+            None => "depthwise conv".to_string(),
+        };
+        format!(
+            "{kind} {:?} k {} stride {} padding {} channel-last {} dx {} dw {}",
+            self.shape,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.channel_last,
+            self.input_grad,
+            self.weight_grad
+        )
+    }
+
+    /// The convolution on `device`, through dnal's entry point (`dnal`) or burn's conv2d: the
+    /// output and the gradients of `sum(y * weights)` for the input and the weight where they
+    /// are tracked.
+    fn run(&self, device: &Device, dnal: bool) -> Vec<Vec<f32>> {
+        let [n, c, h, w] = self.shape;
+        let (k, stride, padding) = (self.kernel, self.stride, self.padding);
+        let device = device.clone().autodiff();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(wave(n * c * h * w, 1.0), [n, c, h, w]),
+            &device,
+        );
+        let x = laid_out(x, self.channel_last);
+        let x = if self.input_grad { x.require_grad() } else { x };
+        let (co, ci, groups) = match self.out_channels {
+            Some(co) => (co, c, 1),
+            None => (c, 1, c),
+        };
+        let len = co * ci * k * k;
+        let kernel =
+            Tensor::<4>::from_data(TensorData::new(wave(len, 2.0), [co, ci, k, k]), &device);
+        let kernel = if self.weight_grad {
+            kernel.require_grad()
+        } else {
+            kernel
+        };
+        let y = match (dnal, self.out_channels) {
+            (true, None) => crate::depthwise_conv2d(x.clone(), kernel.clone(), stride, padding),
+            (true, Some(_)) => crate::conv2d(x.clone(), kernel.clone(), stride, padding),
+            (false, _) => {
+                let options = ConvOptions::new([stride; 2], [padding; 2], [1; 2], groups);
+                burn::tensor::module::conv2d(x.clone(), kernel.clone(), None, options)
+            }
+        };
+        let [_, _, oh, ow] = y.dims();
+        let len = n * co * oh * ow;
+        let weights =
+            Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, co, oh, ow]), &device);
+        let grads = (y.clone() * weights).sum().backward();
+        let mut out = vec![values(y)];
+        if self.input_grad {
+            out.push(x.grad(&grads).map(values).unwrap_or_default());
+        }
+        if self.weight_grad {
+            out.push(kernel.grad(&grads).map(values).unwrap_or_default());
+        }
+        out
+    }
+
+    /// dnal's convolution on `device` against burn's on `reference`.
+    pub fn compare(&self, device: &Device, reference: &Device) -> Vec<Comparison> {
+        let names: Vec<&'static str> = ["output"]
+            .into_iter()
+            .chain(self.input_grad.then_some("dx"))
+            .chain(self.weight_grad.then_some("dweight"))
+            .collect();
+        compare(
+            &self.name(),
+            &names,
+            self.run(device, true),
+            self.run(reference, false),
+        )
+    }
+}
+
+fn compare_all(cases: &[ConvCase], device: &Device, reference: &Device) -> Vec<Comparison> {
+    cases
+        .iter()
+        .flat_map(|case| case.compare(device, reference))
+        .collect()
+}
+
+/// The depthwise comparisons: MobileNetV2's 3x3 at strides 1 and 2, the supernet's 5x5 and
+/// 7x7, odd and non-square planes, channel-last inputs of more channels than a cube's units, a
+/// weight gradient over many cubes per channel, and an input gradient alone (a frozen weight).
+pub fn depthwise(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let both = ConvCase::both;
+    compare_all(
+        &[
+            both([2, 4, 8, 8], None, 3, 1, 1, false),
+            both([2, 5, 9, 11], None, 3, 2, 1, false),
+            both([3, 6, 10, 9], None, 5, 1, 2, true),
+            both([2, 3, 13, 13], None, 7, 2, 3, true),
+            both([2, 300, 4, 4], None, 3, 1, 1, true),
+            both([8, 16, 40, 40], None, 3, 1, 1, true),
+            both([3, 7, 6, 6], None, 3, 2, 0, false),
+            ConvCase {
+                weight_grad: false,
+                ..both([2, 4, 7, 7], None, 3, 1, 1, true)
+            },
+        ],
+        device,
+        reference,
+    )
+}
+
+/// The one-group convolution's comparisons, the stride-1 input gradient computed as a forward
+/// convolution: "same" 3x3, 5x5 and 7x7, "valid" and over-padded ones (the gradient's padding
+/// `k - 1 - p` from 2 down to 0), non-square planes, fewer and more output than input
+/// channels, channel-last input; a frozen weight and an untracked input (a network's first
+/// layer); a strided and a 1x1 convolution, which keep burn's backward.
+pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let both = ConvCase::both;
+    compare_all(
+        &[
+            both([2, 3, 8, 8], Some(5), 3, 1, 1, false),
+            both([2, 6, 9, 7], Some(4), 3, 1, 0, true),
+            both([3, 4, 6, 5], Some(6), 3, 1, 2, false),
+            both([2, 5, 11, 10], Some(3), 5, 1, 2, true),
+            both([1, 2, 9, 9], Some(2), 7, 1, 3, false),
+            both([4, 16, 8, 8], Some(32), 3, 1, 1, true),
+            ConvCase {
+                weight_grad: false,
+                ..both([2, 4, 7, 7], Some(4), 3, 1, 1, false)
+            },
+            ConvCase {
+                input_grad: false,
+                ..both([2, 3, 8, 8], Some(4), 3, 1, 1, false)
+            },
+            both([2, 4, 9, 9], Some(8), 3, 2, 1, false),
+            both([2, 4, 6, 6], Some(8), 1, 1, 0, true),
+        ],
+        device,
+        reference,
+    )
+}
