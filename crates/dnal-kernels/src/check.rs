@@ -33,26 +33,29 @@ pub struct Comparison {
     pub worst: f32,
     /// The reference's largest magnitude (at least 1): the difference's scale.
     pub scale: f32,
+    /// Why there is no value to compare, where the operation failed on either device.
+    pub error: Option<String>,
 }
 
 impl Comparison {
     /// Whether the difference is within [`TOLERANCE`] of the scale (and finite).
     pub fn ok(&self) -> bool {
-        self.worst <= TOLERANCE * self.scale
+        self.error.is_none() && self.worst <= TOLERANCE * self.scale
     }
 }
 
 impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} of {}: differs by {:.3e} (largest value {:.3e})",
-            if self.ok() { "ok  " } else { "FAIL" },
-            self.quantity,
-            self.case,
-            self.worst,
-            self.scale
-        )
+        let status = if self.ok() { "ok  " } else { "FAIL" };
+        let (quantity, case) = (self.quantity, &self.case);
+        match &self.error {
+            Some(e) => write!(f, "{status} {quantity} of {case}: {e}"),
+            None => write!(
+                f,
+                "{status} {quantity} of {case}: differs by {:.3e} (largest value {:.3e})",
+                self.worst, self.scale
+            ),
+        }
     }
 }
 
@@ -67,10 +70,16 @@ pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
 fn compare(
     case: &str,
     names: &[&'static str],
-    got: Vec<Vec<f32>>,
-    want: Vec<Vec<f32>>,
+    got: Result<Vec<Vec<f32>>, String>,
+    want: Result<Vec<Vec<f32>>, String>,
 ) -> Vec<Comparison> {
     let empty = Vec::new();
+    let error = match (&got, &want) {
+        (Err(e), _) => Some(format!("failed on the checked device: {e}")),
+        (_, Err(e)) => Some(format!("failed on the reference: {e}")),
+        _ => None,
+    };
+    let (got, want) = (got.unwrap_or_default(), want.unwrap_or_default());
     names
         .iter()
         .enumerate()
@@ -97,6 +106,7 @@ fn compare(
                 quantity,
                 worst,
                 scale,
+                error: error.clone(),
             }
         })
         .collect()
@@ -112,12 +122,22 @@ fn wave(n: usize, seed: f32) -> Vec<f32> {
         .collect()
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// A tensor's values, or why they could not be read (a kernel failed to compile or run).
+fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
     let len = t.shape().num_elements();
-    t.reshape([len])
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap_or_default()
+    let data = t
+        .reshape([len])
+        .try_into_data()
+        .map_err(|e| e.to_string())?;
+    data.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
+}
+
+/// The gradient of `t`, or why there is none.
+fn grad_of<const D: usize>(
+    t: &Tensor<D>,
+    grads: &burn::tensor::Gradients,
+) -> Result<Vec<f32>, String> {
+    values(t.grad(grads).ok_or("no gradient was computed")?)
 }
 
 /// The BatchNorm comparisons: a module's output and running statistics over two training
@@ -162,7 +182,7 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
 }
 
 /// A BatchNorm module's output and running statistics after two training calls on `device`.
-fn batch_norm_module(device: &Device) -> Vec<Vec<f32>> {
+fn batch_norm_module(device: &Device) -> Result<Vec<Vec<f32>>, String> {
     let device = device.clone().autodiff();
     let [n, c, h, w] = [3, 4, 6, 5];
     let bn = BatchNormConfig::new(c).with_momentum(0.3).init(&device);
@@ -179,12 +199,12 @@ fn batch_norm_module(device: &Device) -> Vec<Vec<f32>> {
             Some(factor.clone()),
             Activation::Relu,
             x,
-        )));
+        ))?);
     }
     for state in [&bn.running_mean, &bn.running_var] {
-        out.push(values(state.value_sync()));
+        out.push(values(state.value_sync())?);
     }
-    out
+    Ok(out)
 }
 
 /// Training BatchNorm (with a residual, an activation) on `device`: output, batch mean and
@@ -196,7 +216,7 @@ fn batch_norm_case(
     residual: bool,
     offset: f32,
     channel_last: bool,
-) -> Vec<Vec<f32>> {
+) -> Result<Vec<Vec<f32>>, String> {
     let device = device.clone().autodiff();
     let len = n * c * h * w;
     let four = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [n, c, h, w]), &device);
@@ -225,20 +245,18 @@ fn batch_norm_case(
     } else {
         (y.clone() * weights).sum().backward()
     };
-    let grad = |t: &Tensor<4>| t.grad(&grads).map(values).unwrap_or_default();
-    let grad1 = |t: &Tensor<1>| t.grad(&grads).map(values).unwrap_or_default();
     let mut out = vec![
-        values(y),
-        values(mean),
-        values(var),
-        grad(&x),
-        grad1(&a),
-        grad1(&b),
+        values(y)?,
+        values(mean)?,
+        values(var)?,
+        grad_of(&x, &grads)?,
+        grad_of(&a, &grads)?,
+        grad_of(&b, &grads)?,
     ];
     if residual {
-        out.push(grad(&r));
+        out.push(grad_of(&r, &grads)?);
     }
-    out
+    Ok(out)
 }
 
 /// `x`'s values held channel-last in memory (what a convolution hands on on the CubeCL
@@ -317,7 +335,7 @@ impl ConvCase {
     /// The convolution on `device`, through dnal's entry point (`dnal`) or burn's conv2d: the
     /// output and the gradients of `sum(y * weights)` for the input and the weight where they
     /// are tracked.
-    fn run(&self, device: &Device, dnal: bool) -> Vec<Vec<f32>> {
+    fn run(&self, device: &Device, dnal: bool) -> Result<Vec<Vec<f32>>, String> {
         let [n, c, h, w] = self.shape;
         let (k, stride, padding) = (self.kernel, self.stride, self.padding);
         let device = device.clone().autodiff();
@@ -352,14 +370,14 @@ impl ConvCase {
         let weights =
             Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, co, oh, ow]), &device);
         let grads = (y.clone() * weights).sum().backward();
-        let mut out = vec![values(y)];
+        let mut out = vec![values(y)?];
         if self.input_grad {
-            out.push(x.grad(&grads).map(values).unwrap_or_default());
+            out.push(grad_of(&x, &grads)?);
         }
         if self.weight_grad {
-            out.push(kernel.grad(&grads).map(values).unwrap_or_default());
+            out.push(grad_of(&kernel, &grads)?);
         }
-        out
+        Ok(out)
     }
 
     /// dnal's convolution on `device` against burn's on `reference`.
