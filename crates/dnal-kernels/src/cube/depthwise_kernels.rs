@@ -15,7 +15,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{at, coordinates, empty, empty_shaped, laid_out};
-use super::reduction::Reduction;
+use super::reduction::{Reduction, cube_sum, finishing};
 
 /// A depthwise convolution's sizes.
 #[derive(Debug, Clone, Copy)]
@@ -251,18 +251,22 @@ fn depthwise_weight_partials(
     }
 }
 
-/// One unit per weight element: the sum of its `splits` partial sums.
+/// One cube per weight element: the sum of its `splits` partial sums.
 #[cube(launch)]
-fn depthwise_weight_finalize(partials: &[f32], dw: &mut [f32], splits: usize) {
-    let i = ABSOLUTE_POS;
+fn depthwise_weight_finalize(
+    partials: &[f32],
+    dw: &mut [f32],
+    splits: usize,
+    #[comptime] units: u32,
+) {
+    let i = CUBE_POS;
     if i >= dw.len() {
         terminate!();
     }
-    let mut sum = 0.0f32;
-    for s in 0..splits {
-        sum += partials[i * splits + s];
+    let sum = cube_sum(partials, i * splits, 1, splits, units);
+    if UNIT_POS_X == 0 {
+        dw[i] = sum;
     }
-    dw[i] = sum;
 }
 
 /// The depthwise convolution of `x` (`[N, C, H, W]`) with `weight` (`[C, 1, k, k]`).
@@ -375,15 +379,15 @@ pub(super) fn grad_weight(
         dy_cl,
     );
     let dw = empty(&x, Shape::new([g.channels, 1, kernel, kernel]));
-    let elements = g.channels * taps;
-    let dim = CubeDim::new(&client, elements);
+    let (cubes, dim, units) = finishing(&client, g.channels * taps, r.splits);
     depthwise_weight_finalize::launch(
         &client,
-        calculate_cube_count_elemwise(&client, elements, dim),
+        cubes,
         dim,
         partials.into_buffer_arg(),
         dw.clone().into_buffer_arg(),
         r.splits,
+        units,
     );
     dw
 }

@@ -16,7 +16,7 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{empty, empty_like, laid_out};
 use super::norm::{NormGrads, TrainOutput};
-use super::reduction::Reduction;
+use super::reduction::{Reduction, cube_sum, finishing};
 
 /// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
 /// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
@@ -84,60 +84,14 @@ fn store_lane_sums(
     }
 }
 
-/// Most units per cube of the kernels that finish the reductions, one cube per channel.
-const FINISH_UNITS: usize = 64;
-
-/// Channel `c`'s two totals over its `splits` cubes' partial sums, added up by the cube's
-/// `units` units together: unit `u` adds the sums `u`, `u + units`, ... (neighbouring units,
-/// neighbouring addresses), then the units' totals are added in shared memory. Unit 0 gets
-/// the totals (the others a part of them). One unit adding all of them one after another (up to 1,024 pairs, read
-/// 1,024 pairs apart between neighbouring channels) took about 23 microseconds per launch on
-/// an H200, twice the partial sums' kernel.
+/// Channel `c`'s two totals over its `splits` cubes' partial sums (pairs at
+/// `partials[(c * splits + s) * 2 ..]`), added by the cube's `units` units; valid in unit 0.
 #[cube]
 fn channel_totals(partials: &[f32], c: usize, splits: usize, #[comptime] units: u32) -> (f32, f32) {
-    let u = UNIT_POS_X as usize;
-    let mut s1 = 0.0f32;
-    let mut s2 = 0.0f32;
-    let mut s = u;
-    while s < splits {
-        s1 += partials[(c * splits + s) * 2];
-        s2 += partials[(c * splits + s) * 2 + 1];
-        s += units as usize;
-    }
-    let mut sh1 = Shared::<[f32]>::new_slice(units as usize);
-    let mut sh2 = Shared::<[f32]>::new_slice(units as usize);
-    sh1[u] = s1;
-    sh2[u] = s2;
-    sync_cube();
-    // The cube's size read at run time: a variable started from a compile-time value would
-    // be a constant the loop cannot halve.
-    let mut half = CUBE_DIM_X as usize / 2;
-    while half > 0 {
-        if u < half {
-            let (v1, v2) = (sh1[u] + sh1[u + half], sh2[u] + sh2[u + half]);
-            sh1[u] = v1;
-            sh2[u] = v2;
-        }
-        sync_cube();
-        half /= 2;
-    }
-    (sh1[u], sh2[u])
-}
-
-/// The launch of a kernel that finishes a reduction of `splits` partial sums per channel: one
-/// cube per channel, of as many units as there are sums, up to [`FINISH_UNITS`] (a power of
-/// two, also the kernel's compile-time `units`).
-fn per_channel(
-    client: &cubecl::client::Client,
-    channels: usize,
-    splits: usize,
-) -> (CubeCount, CubeDim, u32) {
-    let units = splits.next_power_of_two().min(FINISH_UNITS) as u32;
-    (
-        calculate_cube_count_elemwise(client, channels, CubeDim::new_1d(1)),
-        CubeDim::new_1d(units),
-        units,
-    )
+    let first = c * splits * 2;
+    let s1 = cube_sum(partials, first, 2, splits, units);
+    let s2 = cube_sum(partials, first + 1, 2, splits, units);
+    (s1, s2)
 }
 
 /// Partial sums of channels' elements over one stretch of the batch. Cube `(s, g)` covers
@@ -425,7 +379,7 @@ pub(super) fn forward(
     let coef = empty(&x, Shape::new([channels * 2]));
     let moved_mean = empty(&x, Shape::new([channels]));
     let moved_var = empty(&x, Shape::new([channels]));
-    let (cubes, dim, units) = per_channel(&client, channels, splits);
+    let (cubes, dim, units) = finishing(&client, channels, splits);
     stats_finalize::launch(
         &client,
         cubes,
@@ -536,7 +490,7 @@ pub(super) fn backward(
     let da = empty(&x, Shape::new([channels]));
     let db = empty(&x, Shape::new([channels]));
     let coef = empty(&x, Shape::new([channels * 3]));
-    let (cubes, dim, units) = per_channel(&client, channels, splits);
+    let (cubes, dim, units) = finishing(&client, channels, splits);
     grad_finalize::launch(
         &client,
         cubes,
