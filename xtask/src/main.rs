@@ -69,6 +69,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// dnal's own GPU operations against the CPU: `cargo xtask check --backend wgpu|cuda
+    /// [--quiet]` builds the trainer with that backend and runs `dnal-train check`.
+    Check {
+        /// Arguments for `dnal-train check`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Which backends start on this machine: builds the trainer with the named backends'
     /// cargo features (`cargo xtask backends wgpu cuda`; flex is always in) and runs
     /// `dnal-train backends`.
@@ -127,6 +134,7 @@ fn main() -> Result<()> {
         Task::Export { args } => trainer(&root, "export", &args),
         Task::Predict { args } => trainer(&root, "predict", &args),
         Task::BenchStep { args } => trainer(&root, "bench", &args),
+        Task::Check { args } => trainer(&root, "check", &args),
         Task::Backends { features, json } => {
             let mut names = Vec::new();
             for f in &features {

@@ -87,7 +87,7 @@ enum Command {
     /// difference; fails if any exceeds 2e-4 of the reference's largest value.
     Check {
         /// wgpu or cuda (flex compares dnal's flex operations with burn's).
-        #[arg(long, default_value = "cuda")]
+        #[arg(long)]
         backend: String,
         /// Print only the comparisons that fail, and the summary.
         #[arg(long)]

@@ -329,6 +329,9 @@ fn check_compares_dnal_operations_and_refuses_missing_backends() {
     }
     let (ok, text) = dnal_train(&["check", "--backend", "tpu"]);
     assert!(!ok && text.contains("tpu"), "{text}");
+    // The backend is always named.
+    let (ok, text) = dnal_train(&["check"]);
+    assert!(!ok && text.contains("--backend"), "{text}");
 }
 
 #[test]
