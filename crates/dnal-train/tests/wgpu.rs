@@ -105,7 +105,7 @@ fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
 }
 
 #[test]
-fn convolution_backward_on_wgpu_matches_burn_on_flex() {
+fn convolutions_on_wgpu_match_burn_on_flex() {
     if let Some(device) = wgpu_device() {
         all_within(check::convolution(&device, &flex()));
     }

@@ -1,11 +1,9 @@
 //! dnal's operations on the CubeCL backends (cuda, wgpu), as burn backend extensions with
 //! their own kernels: BatchNorm in training with its gate, residual add and activation
-//! ([`norm`]), the depthwise convolution ([`depthwise`]), and the one-group convolution's
-//! backward ([`conv`]). Each is lazy under fusion (one
+//! ([`norm`]) and the depthwise convolution ([`depthwise`]). Each is lazy under fusion (one
 //! opaque operation in fusion's stream) and has its backward registered on burn's autodiff
 //! graph.
 
-mod conv;
 mod depthwise;
 mod depthwise_kernels;
 mod layout;
@@ -13,6 +11,5 @@ mod norm;
 mod norm_kernels;
 mod reduction;
 
-pub use conv::CubeConv;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;
