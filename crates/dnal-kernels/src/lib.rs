@@ -21,8 +21,8 @@
 //!   reductions. On the CubeCL backends (cuda, wgpu; feature `cube`) the same fused unit is
 //!   dnal's own CubeCL kernels (`cube/`): three launches forward (per-channel partial sums,
 //!   per-channel coefficients and running statistics, the output with residual and clamp)
-//!   and three backward, read
-//!   and written in the channel-last memory CubeCL's convolutions use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
+//!   and three backward, read and written in the channel-last memory CubeCL's convolutions
+//!   use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
 //!   forward, one for the input gradient and two for the weight gradient, in the memory
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
@@ -636,7 +636,9 @@ pub fn batch_norm_add_train(
 }
 
 /// BatchNorm in training with the batch's statistics; where the backend's kernels move
-/// `running` too, the moved statistics come back in [`Trained::running`].
+/// `running` too, the moved statistics come back in [`Trained::running`] (elsewhere the caller
+/// moves them with tensor operations).
+#[cfg_attr(not(feature = "cube"), allow(unused_variables))]
 fn batch_norm_train_residual(
     x: Tensor<4>,
     a: Tensor<1>,
@@ -718,8 +720,6 @@ fn batch_norm_train_residual(
             }),
         };
     }
-    // Here the caller moves the running statistics with tensor operations.
-    let _ = running;
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
     let y = match residual {
         Some(r) => out.output + r,
