@@ -173,7 +173,7 @@ profiled_step() {
 # summary line, in $OUT/check-BACKEND.txt (CHECK=0 skips it).
 kernel_check() {
     [[ ${CHECK:-1} == 0 ]] && return
-    local cap; cap=$(allowance 90)
+    local cap; cap=$(allowance 180)
     (( cap == 0 )) && return
     echo "dnal $1 kernels against flex (up to $cap s)" >&2
     timeout "$cap" "$BIN" check --backend "$1" --quiet > "$OUT/check-$1.txt" 2>&1

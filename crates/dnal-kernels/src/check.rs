@@ -22,11 +22,11 @@ use crate::Activation;
 /// (at least 1), for dnal's own f32 kernels.
 pub const TOLERANCE: f32 = 2e-4;
 
-/// The same for the one-group convolutions, which are burn's on the CubeCL backends: on cuda
-/// burn's convolution and matrix-product kernels stage f32 through TF32 tensor cores (10-bit
-/// mantissa), and on an H200 their outputs and gradients differed from flex by up to 2.5e-3 of
-/// the largest value. A wrong tap, flip, stride or layout differs by the order of the values
-/// themselves.
+/// The same for the one-group convolutions, whose products are burn's on the CubeCL backends
+/// (the weight gradient's too): on cuda burn's convolution and matrix-product kernels stage
+/// f32 through TF32 tensor cores (10-bit mantissa), and on an H200 their outputs and gradients
+/// differed from flex by up to 2.5e-3 of the largest value. A wrong tap, flip, stride or layout
+/// differs by the order of the values themselves.
 pub const CONVOLUTION_TOLERANCE: f32 = 1e-2;
 
 /// One quantity of one case on the checked device against the reference.
@@ -381,8 +381,12 @@ impl ConvCase {
         };
         let [_, _, oh, ow] = y.dims();
         let len = n * co * oh * ow;
-        let weights =
-            Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, co, oh, ow]), &device);
+        // The output's gradient in the input's memory layout, as a network's BatchNorm leaves
+        // it.
+        let weights = laid_out(
+            Tensor::<4>::from_data(TensorData::new(wave(len, 5.0), [n, co, oh, ow]), &device),
+            self.channel_last,
+        );
         let grads = (y.clone() * weights).sum().backward();
         let mut out = vec![values(y)?];
         if self.input_grad {
@@ -449,7 +453,8 @@ pub fn depthwise(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// The one-group convolution's comparisons (every network's convolutions run through
 /// `conv2d`): "same" 3x3, 5x5 and 7x7, "valid" and over-padded ones, non-square planes, fewer
 /// and more output than input channels, channel-last input; a frozen weight and an untracked
-/// input (a network's first layer); a strided and a 1x1 convolution.
+/// input (a network's first layer); a strided and a 1x1 convolution; and batches deep enough
+/// (at least 4,096 output positions) for the CubeCL weight gradient to cut its product.
 pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
     let both = ConvCase::both;
     compare_all(
@@ -470,6 +475,8 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
             },
             both([2, 4, 9, 9], Some(8), 3, 2, 1, false),
             both([2, 4, 6, 6], Some(8), 1, 1, 0, true),
+            both([8, 3, 32, 32], Some(8), 3, 1, 1, true),
+            both([4, 5, 64, 64], Some(6), 3, 2, 1, false),
         ],
         device,
         reference,

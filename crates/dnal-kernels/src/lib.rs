@@ -35,8 +35,10 @@
 //!   itself uses), whose `[Co, OH * OW]` result is already the image's NCHW output. The weight
 //!   gradient is summed in a fixed order so that it does not depend on the number of threads;
 //!   the input gradient of a stride-1 convolution is the convolution of the output gradient
-//!   with the flipped, transposed kernel, and of a strided one col2im of `W^T x grad_i`. Other
-//!   backends, and other convolutions, use burn's.
+//!   with the flipped, transposed kernel, and of a strided one col2im of `W^T x grad_i`. On
+//!   the CubeCL backends in training, burn's convolution and input gradient with dnal's weight
+//!   gradient: one column-matrix launch and a depth-split matrix product (`cube/conv.rs`).
+//!   Other backends, and other convolutions, use burn's.
 //! * [`conv_bn`] in inference: BatchNorm, the gate and the activation applied as the
 //!   convolution writes its output; [`conv_bn_add`] and [`conv_bn_add_into`] with a residual,
 //!   the latter added into some channels of a wider residual stream in one pass.
@@ -257,13 +259,29 @@ pub fn depthwise_conv2d(
 
 /// 2-D convolution without bias: square kernel, `stride` and `padding` on both axes, one
 /// group. On flex (f32) dnal's image-by-image im2col + matrix product, forward and backward;
-/// elsewhere burn's conv2d.
+/// on cuda and wgpu in training (f32, a kernel wider than 1x1) burn's convolution and input
+/// gradient with dnal's weight gradient (`cube/conv.rs`); elsewhere burn's conv2d.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x) && weight.dtype() == DType::F32 {
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         return Tensor::from_dispatch(<Dispatch as DnalKernels>::dnal_conv2d(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            stride,
+            padding,
+        ));
+    }
+    #[cfg(feature = "cube")]
+    if weight.dims()[2] > 1
+        && x.device().is_autodiff()
+        && takes_cube_path(&x)
+        && weight.dtype() == DType::F32
+    {
+        use burn::backend::Dispatch;
+        use cube::CubeConv;
+        return Tensor::from_dispatch(<Dispatch as CubeConv>::dnal_cube_conv2d(
             x.into_dispatch(),
             weight.into_dispatch(),
             stride,

@@ -1,15 +1,19 @@
 //! dnal's operations on the CubeCL backends (cuda, wgpu), as burn backend extensions with
 //! their own kernels: BatchNorm in training with its gate, residual add and activation
-//! ([`norm`]) and the depthwise convolution ([`depthwise`]). Each is lazy under fusion (one
-//! opaque operation in fusion's stream) and has its backward registered on burn's autodiff
-//! graph.
+//! ([`norm`]), the depthwise convolution ([`depthwise`]) and the one-group convolution's
+//! weight gradient ([`conv`]). Each is lazy under fusion (one opaque operation in fusion's
+//! stream, or burn's own operation where only the backward is dnal's) and has its backward
+//! registered on burn's autodiff graph.
 
+mod conv;
 mod depthwise;
 mod depthwise_kernels;
+mod im2col;
 mod layout;
 mod norm;
 mod norm_kernels;
 mod reduction;
 
+pub use conv::CubeConv;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;

@@ -1,0 +1,101 @@
+//! The column matrix of a convolution's input on the CubeCL backends, in one launch: row
+//! `m = (n, oy, ox)` of `[N * OH * OW, k * k * C]` holds the `k x k` taps' inputs at output
+//! position `(oy, ox)` of image `n`, tap-major and channel-minor (`(ky * k + kx) * C + c`, the
+//! order of a channel-last kernel), zero where a tap falls in the padding.
+
+use burn::tensor::Shape;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
+use burn_cubecl::tensor::CubeTensor;
+
+use super::layout::{at, empty, laid_out};
+
+/// One unit per element of the column matrix; neighbouring units take neighbouring channels
+/// of one tap, so that a channel-last input is read contiguously.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn im2col_kernel(
+    x: &[f32],
+    cols: &mut [f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
+    stride: usize,
+    padding: usize,
+    #[comptime] k: usize,
+    #[comptime] x_cl: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= cols.len() {
+        terminate!();
+    }
+    let row_len = k * k * channels;
+    let m = i / row_len;
+    let r = i % row_len;
+    let tap = r / channels;
+    let c = r % channels;
+    let plane = out_height * out_width;
+    let n = m / plane;
+    let oy = (m % plane) / out_width;
+    let ox = m % out_width;
+    let y = oy * stride + tap / k;
+    let x_pos = ox * stride + tap % k;
+    let mut v = 0.0f32;
+    if y >= padding && y < height + padding && x_pos >= padding && x_pos < width + padding {
+        v = x[at(
+            n,
+            c,
+            y - padding,
+            x_pos - padding,
+            channels,
+            height,
+            width,
+            x_cl,
+        )];
+    }
+    cols[i] = v;
+}
+
+/// The output side of a convolution over `size` with a `kernel`, `stride` and `padding`.
+pub(super) fn out_size(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (size + 2 * padding - kernel) / stride + 1
+}
+
+/// The shape of [`im2col`]'s output for `x` (`[N, C, H, W]`).
+pub(super) fn columns_shape(x: &Shape, kernel: usize, stride: usize, padding: usize) -> Shape {
+    let (oh, ow) = (
+        out_size(x[2], kernel, stride, padding),
+        out_size(x[3], kernel, stride, padding),
+    );
+    Shape::new([x[0] * oh * ow, kernel * kernel * x[1]])
+}
+
+/// The column matrix of `x` (`[N, C, H, W]`, f32, channel-first or channel-last memory).
+pub(super) fn im2col(x: CubeTensor, kernel: usize, stride: usize, padding: usize) -> CubeTensor {
+    let (x, cl) = laid_out(x);
+    let shape = x.meta.shape().clone();
+    let [_, channels, height, width] = [shape[0], shape[1], shape[2], shape[3]];
+    let cols = empty(&x, columns_shape(&shape, kernel, stride, padding));
+    let elements = cols.meta.num_elements();
+    let client = x.client.clone();
+    let dim = CubeDim::new(&client, elements);
+    im2col_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        x.into_buffer_arg(),
+        cols.clone().into_buffer_arg(),
+        channels,
+        height,
+        width,
+        out_size(height, kernel, stride, padding),
+        out_size(width, kernel, stride, padding),
+        stride,
+        padding,
+        kernel,
+        cl,
+    );
+    cols
+}
