@@ -30,7 +30,8 @@
 # BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
 # own kernels off, burn's operations throughout; a column of its own in the table), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
-# $OUT/check-BACKEND.txt; 0 skips it).
+# $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
+# depthwise or convolution; default all three).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -176,7 +177,9 @@ kernel_check() {
     local cap; cap=$(allowance 180)
     (( cap == 0 )) && return
     echo "dnal $1 kernels against flex (up to $cap s)" >&2
-    timeout "$cap" "$BIN" check --backend "$1" --quiet > "$OUT/check-$1.txt" 2>&1
+    local only=()
+    [[ -n ${CHECK_ONLY:-} ]] && only=(--only "$CHECK_ONLY")
+    timeout "$cap" "$BIN" check --backend "$1" --quiet "${only[@]}" > "$OUT/check-$1.txt" 2>&1
     echo "  check on $1: exit $?; $(grep -c '^FAIL' "$OUT/check-$1.txt") failing; $(tail -n 1 "$OUT/check-$1.txt")" >&2
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use dnal_core::BackendKind;
 use dnal_train::pipeline::{Outcome, RunOptions, StopToken};
 use dnal_train::{checkpoint, recipes};
@@ -19,6 +19,17 @@ use dnal_train::{checkpoint, recipes};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// The families of operations `dnal-train check` compares.
+#[derive(Clone, Copy, ValueEnum)]
+enum CheckFamily {
+    /// The training BatchNorm with its running statistics.
+    BatchNorm,
+    /// The depthwise convolution and its gradients.
+    Depthwise,
+    /// The one-group convolution and its gradients.
+    Convolution,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +104,9 @@ enum Command {
         /// Print only the comparisons that fail, and the summary.
         #[arg(long)]
         quiet: bool,
+        /// Compare one family of operations only (default: all three).
+        #[arg(long, value_enum)]
+        only: Option<CheckFamily>,
     },
     /// Which backends this build contains and whether each starts here (runs a tiny
     /// computation on each compiled backend's default device).
@@ -300,11 +314,21 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Check { backend, quiet } => {
+        Command::Check {
+            backend,
+            quiet,
+            only,
+        } => {
             let kind: BackendKind = backend.parse()?;
             let device = kind.probe()?;
             let reference = BackendKind::Flex.probe()?;
-            let comparisons = dnal_kernels::check::all(&device, &reference);
+            use dnal_kernels::check;
+            let comparisons = match only {
+                None => check::all(&device, &reference),
+                Some(CheckFamily::BatchNorm) => check::batch_norm(&device, &reference),
+                Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
+                Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
+            };
             let failed = comparisons.iter().filter(|c| !c.ok()).count();
             for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {
                 println!("{c}");

@@ -322,6 +322,17 @@ fn check_compares_dnal_operations_and_refuses_missing_backends() {
     // --quiet leaves the summary only.
     let (ok, text) = dnal_train(&["check", "--backend", "flex", "--quiet"]);
     assert!(ok && text.trim().lines().count() == 1, "{text}");
+    // --only keeps one family: the convolutions' rows and no others.
+    let (ok, conv) = dnal_train(&["check", "--backend", "flex", "--only", "convolution"]);
+    assert!(ok, "{conv}");
+    let conv_rows: Vec<&str> = conv.lines().filter(|l| l.starts_with("ok   ")).collect();
+    assert!(!conv_rows.is_empty() && conv_rows.len() < rows, "{conv}");
+    assert!(
+        conv_rows.iter().all(|l| l.contains(" of conv -> ")),
+        "{conv}"
+    );
+    let (ok, text) = dnal_train(&["check", "--backend", "flex", "--only", "convolutions"]);
+    assert!(!ok && text.contains("batch-norm"), "{text}");
     // A backend this build lacks is named, with the fix.
     if cfg!(not(feature = "cuda")) {
         let (ok, text) = dnal_train(&["check", "--backend", "cuda"]);

@@ -10,8 +10,10 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{at, empty, laid_out};
 
-/// One unit per element of the column matrix; neighbouring units take neighbouring channels
-/// of one tap, so that a channel-last input is read contiguously.
+/// One unit per output position and channel, `(m, c)` with `c` fastest, writing that
+/// channel's `k x k` taps of row `m`: neighbouring units read neighbouring channels of a
+/// channel-last input and write neighbouring columns, and the position's division is paid once
+/// per `k * k` values instead of once per value (integer division dominated a unit per value).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn im2col_kernel(
@@ -28,34 +30,41 @@ fn im2col_kernel(
     #[comptime] x_cl: bool,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= cols.len() {
+    let plane = out_height * out_width;
+    let units = cols.len() / (k * k);
+    if i >= units {
         terminate!();
     }
-    let row_len = k * k * channels;
-    let m = i / row_len;
-    let r = i % row_len;
-    let tap = r / channels;
-    let c = r % channels;
-    let plane = out_height * out_width;
+    let m = i / channels;
+    let c = i % channels;
     let n = m / plane;
-    let oy = (m % plane) / out_width;
-    let ox = m % out_width;
-    let y = oy * stride + tap / k;
-    let x_pos = ox * stride + tap % k;
-    let mut v = 0.0f32;
-    if y >= padding && y < height + padding && x_pos >= padding && x_pos < width + padding {
-        v = x[at(
-            n,
-            c,
-            y - padding,
-            x_pos - padding,
-            channels,
-            height,
-            width,
-            x_cl,
-        )];
+    let p = m % plane;
+    let oy = p / out_width;
+    let ox = p % out_width;
+    let row = m * k * k * channels + c;
+    #[unroll]
+    for ky in 0..k {
+        let y = oy * stride + ky;
+        let y_in = y >= padding && y < height + padding;
+        #[unroll]
+        for kx in 0..k {
+            let x_pos = ox * stride + kx;
+            let mut v = 0.0f32;
+            if y_in && x_pos >= padding && x_pos < width + padding {
+                v = x[at(
+                    n,
+                    c,
+                    y - padding,
+                    x_pos - padding,
+                    channels,
+                    height,
+                    width,
+                    x_cl,
+                )];
+            }
+            cols[row + (ky * k + kx) * channels] = v;
+        }
     }
-    cols[i] = v;
 }
 
 /// The output side of a convolution over `size` with a `kernel`, `stride` and `padding`.
@@ -78,12 +87,12 @@ pub(super) fn im2col(x: CubeTensor, kernel: usize, stride: usize, padding: usize
     let shape = x.meta.shape().clone();
     let [_, channels, height, width] = [shape[0], shape[1], shape[2], shape[3]];
     let cols = empty(&x, columns_shape(&shape, kernel, stride, padding));
-    let elements = cols.meta.num_elements();
+    let units = cols.meta.num_elements() / (kernel * kernel);
     let client = x.client.clone();
-    let dim = CubeDim::new(&client, elements);
+    let dim = CubeDim::new(&client, units);
     im2col_kernel::launch(
         &client,
-        calculate_cube_count_elemwise(&client, elements, dim),
+        calculate_cube_count_elemwise(&client, units, dim),
         dim,
         x.into_buffer_arg(),
         cols.clone().into_buffer_arg(),
