@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prints the Markdown table of benches/gpu/run.sh from its JSON lines: one row per network,
-the median step of each backend (or why there is none: failed, timeout, skipped), and dnal's
-time over PyTorch eager's.
+the median step of each backend (or why there is none: failed, timeout, skipped) with, in
+brackets, the median time the host took to issue it (a step close to it waited on the host, not
+the device), and dnal's time over PyTorch eager's.
 
 Usage: python3 benches/gpu/table.py steps.jsonl
 """
@@ -21,7 +22,7 @@ def main():
         if r["backend"] not in backends:
             backends.append(r["backend"])
     torch = next((b for b in backends if b.startswith("pytorch")), None)
-    head = ["network", "batch"] + [f"{b} median ms" for b in backends]
+    head = ["network", "batch"] + [f"{b} median ms (issued)" for b in backends]
     head += [f"{b} / {torch}" for b in backends if torch and b != torch]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -32,7 +33,8 @@ def main():
             if r is None:
                 cells.append("not run")
             elif "median_ms" in r:
-                cells.append(f"{r['median_ms']:.1f}")
+                issue = f" ({r['issue_ms']:.1f})" if "issue_ms" in r else ""
+                cells.append(f"{r['median_ms']:.1f}{issue}")
             else:
                 cells.append(r.get("error", "failed"))
         for b in backends:

@@ -4,7 +4,8 @@ benches/gpu/run.sh: one JSON line per network, in the fields `dnal-train bench -
 
 The step is the same: forward, cross-entropy, backward, SGD (lr 0.01, momentum 0.9, weight
 decay 5e-4) on random images, gates bypassed (plain networks), median and fastest of the timed
-steps after untimed warm-up steps.
+steps after untimed warm-up steps, and the median time the Python thread took to queue a step
+before waiting for the card (`issue_ms`).
 
 * resnet56-cifar, vgg16-cifar: the networks of pytorch_reference.py (dnal's layouts);
 * mobilenetv2-cifar: torchvision's MobileNetV2 with dnal's CIFAR strides (stem and second stage
@@ -56,17 +57,19 @@ def time_steps(model, device, batch, size, classes, warmup, steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.rand(batch, 3, size, size, device=device) * 4 - 2
     y = torch.randint(0, classes, (batch,), device=device)
-    times = []
+    times, issued = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        queued = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
-    return times
+            issued.append((queued - t) * 1e3)
+    return times, issued
 
 
 def main():
@@ -91,10 +94,11 @@ def main():
             continue
         model = build().to(device)
         set_search(model, False)
-        ms = time_steps(model, device, batch, size, classes, args.warmup, args.steps)
+        ms, issued = time_steps(model, device, batch, size, classes, args.warmup, args.steps)
         print(json.dumps({
             "model": name, "backend": f"pytorch-{device.type}", "batch": batch, "size": size,
             "gates": "bypass", "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
+            "issue_ms": statistics.median(issued),
             "torch": torch.__version__,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "conv_tf32": torch.backends.cudnn.allow_tf32,

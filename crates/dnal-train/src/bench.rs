@@ -58,6 +58,10 @@ pub struct StepTimes {
     pub median_ms: f64,
     /// Fastest step, milliseconds.
     pub min_ms: f64,
+    /// Median time the calling thread took to issue a step (forward, backward and update
+    /// handed to the backend, before waiting for the device), milliseconds. On a GPU, a value
+    /// close to `median_ms` means the step is bound by the host's issuing, not the device.
+    pub issue_ms: f64,
     /// Timed steps.
     pub steps: usize,
 }
@@ -74,9 +78,17 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     if bench.burn_ops {
         dnal_kernels::set_enabled(false);
     }
-    let ms = bench.model.with(bench.shape, Timed(bench, device))?;
-    let mut sorted = ms.clone();
-    sorted.sort_by(f64::total_cmp);
+    let (ms, issue): (Vec<f64>, Vec<f64>) = bench
+        .model
+        .with(bench.shape, Timed(bench, device))?
+        .into_iter()
+        .unzip();
+    let sorted_of = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted
+    };
+    let sorted = sorted_of(&ms);
     Ok(StepTimes {
         model: bench.model.name(),
         backend: if bench.burn_ops {
@@ -89,6 +101,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         gates: if bench.search { "search" } else { "bypass" }.into(),
         median_ms: sorted[sorted.len() / 2],
         min_ms: sorted[0],
+        issue_ms: sorted_of(&issue)[issue.len() / 2],
         steps: sorted.len(),
     })
 }
@@ -96,9 +109,10 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
 struct Timed<'a>(&'a StepBench, Device);
 
 impl WithNetwork for Timed<'_> {
-    type Output = Vec<f64>;
+    /// Per timed step: the whole step and the part spent issuing it, milliseconds.
+    type Output = Vec<(f64, f64)>;
 
-    fn run<N: Network>(self, config: N::Config) -> Result<Vec<f64>> {
+    fn run<N: Network>(self, config: N::Config) -> Result<Vec<(f64, f64)>> {
         let Timed(b, device) = self;
         let device = device.autodiff();
         let mut net = dnal_zoo::init::seeded(N::build(&config, &device)?, 0);
@@ -130,11 +144,12 @@ impl WithNetwork for Timed<'_> {
             let loss = ce.forward(net.forward(x.clone()), y.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             net = sgd.step(0.01, net, grads);
+            let issued = t.elapsed();
             device
                 .sync()
                 .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))?;
             if i >= b.warmup {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
+                times.push((t.elapsed().as_secs_f64() * 1e3, issued.as_secs_f64() * 1e3));
             }
         }
         Ok(times)

@@ -300,7 +300,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string(&t)?);
             } else {
                 println!(
-                    "{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps)",
+                    "{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps); \
+                     issuing a step took {:.1} ms (median)",
                     t.model,
                     t.backend,
                     t.batch,
@@ -309,7 +310,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.gates,
                     t.median_ms,
                     t.min_ms,
-                    t.steps
+                    t.steps,
+                    t.issue_ms
                 );
             }
             Ok(true)

@@ -377,6 +377,9 @@ fn bench_times_a_training_step_and_names_bad_input() {
         t["min_ms"].as_f64().unwrap(),
     );
     assert!(min > 0.0 && min <= median, "{t}");
+    // Each step's issuing is part of it, so its median is no longer than the step's.
+    let issue = t["issue_ms"].as_f64().unwrap();
+    assert!(issue > 0.0 && issue <= median, "{t}");
     // With dnal's own operations off, the row says so.
     let (ok, out) = dnal_train(&[
         "bench",
