@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::error::{Result, TrainError};
 use crate::registry::{ImageShape, ModelName, WithNetwork};
+use crate::threads::{Snapshot, ThreadBusy};
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -62,6 +63,9 @@ pub struct StepTimes {
     /// handed to the backend, before waiting for the device), milliseconds. On a GPU, a value
     /// close to `median_ms` means the step is bound by the host's issuing, not the device.
     pub issue_ms: f64,
+    /// The threads of this process that were on a CPU at least 1 % of the timed steps' wall
+    /// time, busiest first (Linux only; empty elsewhere).
+    pub threads: Vec<ThreadBusy>,
     /// Timed steps.
     pub steps: usize,
 }
@@ -78,11 +82,8 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     if bench.burn_ops {
         dnal_kernels::set_enabled(false);
     }
-    let (ms, issue): (Vec<f64>, Vec<f64>) = bench
-        .model
-        .with(bench.shape, Timed(bench, device))?
-        .into_iter()
-        .unzip();
+    let (steps, threads) = bench.model.with(bench.shape, Timed(bench, device))?;
+    let (ms, issue): (Vec<f64>, Vec<f64>) = steps.into_iter().unzip();
     let sorted_of = |v: &[f64]| {
         let mut sorted = v.to_vec();
         sorted.sort_by(f64::total_cmp);
@@ -102,6 +103,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         median_ms: sorted[sorted.len() / 2],
         min_ms: sorted[0],
         issue_ms: sorted_of(&issue)[issue.len() / 2],
+        threads,
         steps: sorted.len(),
     })
 }
@@ -109,10 +111,11 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
 struct Timed<'a>(&'a StepBench, Device);
 
 impl WithNetwork for Timed<'_> {
-    /// Per timed step: the whole step and the part spent issuing it, milliseconds.
-    type Output = Vec<(f64, f64)>;
+    /// Per timed step, the whole step and the part spent issuing it (milliseconds); and how
+    /// busy each thread was over the timed steps.
+    type Output = (Vec<(f64, f64)>, Vec<ThreadBusy>);
 
-    fn run<N: Network>(self, config: N::Config) -> Result<Vec<(f64, f64)>> {
+    fn run<N: Network>(self, config: N::Config) -> Result<Self::Output> {
         let Timed(b, device) = self;
         let device = device.autodiff();
         let mut net = dnal_zoo::init::seeded(N::build(&config, &device)?, 0);
@@ -139,7 +142,11 @@ impl WithNetwork for Timed<'_> {
             .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
             .init();
         let mut times = Vec::with_capacity(b.steps);
+        let mut first = None;
         for i in 0..b.warmup + b.steps {
+            if i == b.warmup {
+                first = Some(Snapshot::take());
+            }
             let t = Instant::now();
             let loss = ce.forward(net.forward(x.clone()), y.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &net);
@@ -152,6 +159,10 @@ impl WithNetwork for Timed<'_> {
                 times.push((t.elapsed().as_secs_f64() * 1e3, issued.as_secs_f64() * 1e3));
             }
         }
-        Ok(times)
+        let threads = match first {
+            Some(first) => Snapshot::take().busy_since(&first),
+            None => Vec::new(),
+        };
+        Ok((times, threads))
     }
 }

@@ -35,6 +35,7 @@ mod replicas;
 pub mod report;
 pub mod sweep;
 mod tally;
+pub mod threads;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};

@@ -313,6 +313,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.steps,
                     t.issue_ms
                 );
+                if !t.threads.is_empty() {
+                    let busy: Vec<String> = t
+                        .threads
+                        .iter()
+                        .map(|b| format!("{} ({}) {:.0} %", b.name, b.tid, b.busy * 100.0))
+                        .collect();
+                    println!("threads on a CPU over the timed steps: {}", busy.join(", "));
+                }
             }
             Ok(true)
         }

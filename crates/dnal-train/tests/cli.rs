@@ -380,6 +380,14 @@ fn bench_times_a_training_step_and_names_bad_input() {
     // Each step's issuing is part of it, so its median is no longer than the step's.
     let issue = t["issue_ms"].as_f64().unwrap();
     assert!(issue > 0.0 && issue <= median, "{t}");
+    // On Linux the calling thread computed the step on flex: it was busy.
+    if cfg!(target_os = "linux") {
+        let threads = t["threads"].as_array().unwrap();
+        assert!(
+            threads.iter().any(|b| b["busy"].as_f64().unwrap() > 0.2),
+            "{t}"
+        );
+    }
     // With dnal's own operations off, the row says so.
     let (ok, out) = dnal_train(&[
         "bench",
