@@ -14,47 +14,8 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{at, coordinates, empty, empty_shaped, laid_out};
+use super::layout::{Geometry, at, coordinates, empty, empty_shaped, laid_out};
 use super::reduction::{Reduction, cube_sum, finishing};
-
-/// A depthwise convolution's sizes.
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    out_height: usize,
-    out_width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Geometry {
-    fn new(input: &Shape, kernel: usize, stride: usize, padding: usize) -> Self {
-        let out = |size: usize| (size + 2 * padding - kernel) / stride + 1;
-        Geometry {
-            batch: input[0],
-            channels: input[1],
-            height: input[2],
-            width: input[3],
-            out_height: out(input[2]),
-            out_width: out(input[3]),
-            kernel,
-            stride,
-            padding,
-        }
-    }
-
-    fn input_shape(&self) -> Shape {
-        Shape::new([self.batch, self.channels, self.height, self.width])
-    }
-
-    fn output_shape(&self) -> Shape {
-        Shape::new([self.batch, self.channels, self.out_height, self.out_width])
-    }
-}
 
 /// The output of a depthwise convolution's `[N, C, H, W]` input `x` and `[C, 1, k, k]` weight
 /// (`k` at least `padding + 1`, `H + 2 * padding` and `W + 2 * padding` at least `k`).

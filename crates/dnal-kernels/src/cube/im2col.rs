@@ -8,7 +8,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{at, empty, laid_out};
+use super::layout::{Geometry, at, empty, laid_out};
 
 /// One unit per output position and channel, `(m, c)` with `c` fastest, writing that
 /// channel's `k x k` taps of row `m`: neighbouring units read neighbouring channels of a
@@ -67,27 +67,15 @@ fn im2col_kernel(
     }
 }
 
-/// The output side of a convolution over `size` with a `kernel`, `stride` and `padding`.
-pub(super) fn out_size(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
-    (size + 2 * padding - kernel) / stride + 1
-}
-
-/// The shape of [`im2col`]'s output for `x` (`[N, C, H, W]`).
-pub(super) fn columns_shape(x: &Shape, kernel: usize, stride: usize, padding: usize) -> Shape {
-    let (oh, ow) = (
-        out_size(x[2], kernel, stride, padding),
-        out_size(x[3], kernel, stride, padding),
-    );
-    Shape::new([x[0] * oh * ow, kernel * kernel * x[1]])
-}
-
 /// The column matrix of `x` (`[N, C, H, W]`, f32, channel-first or channel-last memory).
 pub(super) fn im2col(x: CubeTensor, kernel: usize, stride: usize, padding: usize) -> CubeTensor {
     let (x, cl) = laid_out(x);
-    let shape = x.meta.shape().clone();
-    let [_, channels, height, width] = [shape[0], shape[1], shape[2], shape[3]];
-    let cols = empty(&x, columns_shape(&shape, kernel, stride, padding));
-    let units = cols.meta.num_elements() / (kernel * kernel);
+    let g = Geometry::new(x.meta.shape(), kernel, stride, padding);
+    let units = g.batch * g.out_height * g.out_width * g.channels;
+    let cols = empty(
+        &x,
+        Shape::new([units / g.channels, kernel * kernel * g.channels]),
+    );
     let client = x.client.clone();
     let dim = CubeDim::new(&client, units);
     im2col_kernel::launch(
@@ -96,11 +84,11 @@ pub(super) fn im2col(x: CubeTensor, kernel: usize, stride: usize, padding: usize
         dim,
         x.into_buffer_arg(),
         cols.clone().into_buffer_arg(),
-        channels,
-        height,
-        width,
-        out_size(height, kernel, stride, padding),
-        out_size(width, kernel, stride, padding),
+        g.channels,
+        g.height,
+        g.width,
+        g.out_height,
+        g.out_width,
         stride,
         padding,
         kernel,

@@ -1,7 +1,7 @@
 //! How dnal's CubeCL kernels take and give `[N, C, H, W]` tensors: channel-first memory
 //! (burn's default) or channel-last memory (what the cubecl convolutions compute in and return
 //! as a permuted view), kept as they come so that no copy is launched between a convolution
-//! and the kernel after it.
+//! and the kernel after it; and a convolution's sizes ([`Geometry`]).
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
@@ -87,5 +87,45 @@ pub(super) fn coordinates(
         let y = p % height;
         let p = p / height;
         (p / channels, p % channels, y, x)
+    }
+}
+
+/// A square-kernel convolution's sizes, `[N, C, H, W]` in (`C` the input's channels).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) height: usize,
+    pub(super) width: usize,
+    pub(super) out_height: usize,
+    pub(super) out_width: usize,
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
+}
+
+impl Geometry {
+    pub(super) fn new(input: &Shape, kernel: usize, stride: usize, padding: usize) -> Self {
+        let out = |size: usize| (size + 2 * padding - kernel) / stride + 1;
+        Geometry {
+            batch: input[0],
+            channels: input[1],
+            height: input[2],
+            width: input[3],
+            out_height: out(input[2]),
+            out_width: out(input[3]),
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    pub(super) fn input_shape(&self) -> Shape {
+        Shape::new([self.batch, self.channels, self.height, self.width])
+    }
+
+    /// The output of a depthwise convolution (as many channels as the input).
+    pub(super) fn output_shape(&self) -> Shape {
+        Shape::new([self.batch, self.channels, self.out_height, self.out_width])
     }
 }
