@@ -60,8 +60,10 @@ pub struct StepTimes {
     /// Fastest step, milliseconds.
     pub min_ms: f64,
     /// Median time the calling thread took to issue a step (forward, backward and update
-    /// handed to the backend, before waiting for the device), milliseconds. On a GPU, a value
-    /// close to `median_ms` means the step is bound by the host's issuing, not the device.
+    /// handed to the backend, before waiting for the device), milliseconds. On burn's GPU
+    /// backends a full task channel stalls the caller, so a value close to `median_ms` says the
+    /// step was held up after the caller (fusion, CubeCL's device server or the device), and
+    /// `threads` tells which.
     pub issue_ms: f64,
     /// The threads of this process that were on a CPU at least 1 % of the timed steps' wall
     /// time, busiest first (Linux only; empty elsewhere).
