@@ -68,6 +68,7 @@ mod outputs;
 mod planes;
 mod simd;
 
+use burn::module::{ModuleMapper, Param, RunningState};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
@@ -589,9 +590,35 @@ fn batch_norm_affine(
             moved(running.var, out.variance),
         )
     });
-    bn.running_mean.update(mean.detach());
-    bn.running_var.update(var.detach());
+    store_running(&bn.running_mean, mean.detach());
+    store_running(&bn.running_var, var.detach());
     out.output
+}
+
+/// Makes `value` the running statistic `state` holds.
+///
+/// burn's `RunningState::update` keeps a value per thread and averages them on the next read:
+/// with one thread a division by one, which on the CubeCL backends is an element-wise launch
+/// per BatchNorm and step (fusion cannot merge it into the opaque kernels around it). A
+/// network in dnal is stepped on one thread per replica (data parallelism forks the
+/// statistics per replica and averages them itself), so the value is stored directly.
+fn store_running(state: &RunningState<Tensor<1>>, value: Tensor<1>) {
+    /// Replaces the one tensor it maps.
+    struct Store(Option<Tensor<1>>);
+
+    impl ModuleMapper for Store {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(value) = self.0.take() else {
+                return param;
+            };
+            let (id, _, mapper) = param.consume();
+            // Running statistics are one-dimensional: `D` is 1.
+            Param::from_mapped_value(id, Tensor::from_dispatch(value.into_dispatch()), mapper)
+        }
+    }
+
+    // A clone shares the state's value, so mapping it writes the network's statistic.
+    let _ = state.clone().map(&mut Store(Some(value)));
 }
 
 /// A BatchNorm's running statistics before a training step, and the momentum that moves them.

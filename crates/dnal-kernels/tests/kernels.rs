@@ -296,8 +296,8 @@ fn norm_case(mode: GateMode, shift: f32, tol: f32, act: Activation) {
             bn.gamma.grad(&grads).unwrap(),
             bn.beta.grad(&grads).unwrap(),
             alpha_grad,
-            bn.running_mean.value().inner(),
-            bn.running_var.value().inner(),
+            bn.running_mean.value_sync().inner(),
+            bn.running_var.value_sync().inner(),
         )
     };
     let fast = run(true);
