@@ -14,7 +14,7 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{Geometry, at, coordinates, empty, empty_shaped, laid_out};
+use super::layout::{Geometry, at, coordinates, empties, empty_shaped, laid_out};
 use super::reduction::{Reduction, cube_sum, finishing};
 
 /// The output of a depthwise convolution's `[N, C, H, W]` input `x` and `[C, 1, k, k]` weight
@@ -317,7 +317,13 @@ pub(super) fn grad_weight(
     let r = Reduction::new(g.channels, count, x_cl);
     let taps = kernel * kernel;
     let client = x.client.clone();
-    let partials = empty(&x, Shape::new([g.channels * taps * r.splits]));
+    let [partials, dw] = empties(
+        &x,
+        [
+            Shape::new([g.channels * taps * r.splits]),
+            Shape::new([g.channels, 1, kernel, kernel]),
+        ],
+    );
     depthwise_weight_partials::launch(
         &client,
         r.cubes(),
@@ -339,7 +345,6 @@ pub(super) fn grad_weight(
         x_cl,
         dy_cl,
     );
-    let dw = empty(&x, Shape::new([g.channels, 1, kernel, kernel]));
     let (cubes, dim, units) = finishing(&client, g.channels * taps, r.splits);
     depthwise_weight_finalize::launch(
         &client,

@@ -6,6 +6,7 @@
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::server::MemoryLayoutDescriptor;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
@@ -14,6 +15,30 @@ use burn_cubecl::tensor::CubeTensor;
 /// A new contiguous f32 tensor of `shape` on `like`'s device.
 pub(super) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// New contiguous f32 tensors of `shapes` on `like`'s device, in one reservation: each
+/// reservation is a request to the device's server thread, as a launch is, so a kernel's small
+/// outputs (per-channel statistics, coefficients) are reserved together. Their memory is freed
+/// when the last of them is dropped; each starts at the device's memory alignment, so they
+/// never overlap (on wgpu no two bindings of one launch may).
+pub(super) fn empties<const K: usize>(like: &CubeTensor, shapes: [Shape; K]) -> [CubeTensor; K] {
+    let f32_size = DType::F32.size();
+    let descriptors = shapes
+        .iter()
+        .map(|shape| MemoryLayoutDescriptor::contiguous(shape.clone(), f32_size))
+        .collect();
+    let mut layouts = like.client.empty_tensors(descriptors).into_iter();
+    shapes.map(|shape| {
+        let layout = layouts.next().expect("one layout per shape");
+        CubeTensor::new_contiguous(
+            like.client.clone(),
+            like.device.clone(),
+            shape,
+            layout.memory,
+            DType::F32,
+        )
+    })
 }
 
 /// A `[N, C, H, W]` tensor in memory the kernels read, and whether that memory is

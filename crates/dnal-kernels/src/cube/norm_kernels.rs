@@ -14,7 +14,7 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{empty, empty_like, laid_out};
+use super::layout::{empties, empty_like, laid_out};
 use super::norm::{NormGrads, TrainOutput};
 use super::reduction::{Reduction, cube_sum, finishing};
 
@@ -360,7 +360,28 @@ pub(super) fn forward(
     let r = Reduction::new(channels, count, x_cl);
     let splits = r.splits;
     let client = x.client.clone();
-    let partials = empty(&x, Shape::new([channels * splits * 2]));
+    // The per-channel results in one reservation with the partial sums; the last is a
+    // one-element stand-in for a missing residual, which the kernel never reads.
+    let [
+        partials,
+        mean,
+        variance,
+        coef,
+        moved_mean,
+        moved_var,
+        no_residual,
+    ] = empties(
+        &x,
+        [
+            Shape::new([channels * splits * 2]),
+            Shape::new([channels]),
+            Shape::new([channels]),
+            Shape::new([channels * 2]),
+            Shape::new([channels]),
+            Shape::new([channels]),
+            Shape::new([1]),
+        ],
+    );
     stats_partials::launch(
         &client,
         r.cubes(),
@@ -374,11 +395,6 @@ pub(super) fn forward(
         r.block,
         x_cl,
     );
-    let mean = empty(&x, Shape::new([channels]));
-    let variance = empty(&x, Shape::new([channels]));
-    let coef = empty(&x, Shape::new([channels * 2]));
-    let moved_mean = empty(&x, Shape::new([channels]));
-    let moved_var = empty(&x, Shape::new([channels]));
     let (cubes, dim, units) = finishing(&client, channels, splits);
     stats_finalize::launch(
         &client,
@@ -416,9 +432,7 @@ pub(super) fn forward(
         dim,
         x.clone().into_buffer_arg(),
         coef.into_buffer_arg(),
-        residual
-            .map_or_else(|| empty(&x, Shape::new([1])), |r| r.0)
-            .into_buffer_arg(),
+        residual.map_or(no_residual, |r| r.0).into_buffer_arg(),
         output.clone().into_buffer_arg(),
         plane,
         channels,
@@ -467,7 +481,19 @@ pub(super) fn backward(
     let splits = r.splits;
     let client = x.client.clone();
     let (lo, hi) = bounds(lo, hi);
-    let partials = empty(&x, Shape::new([channels * splits * 2]));
+    // The per-channel results in one reservation with the partial sums; the last is a
+    // one-element stand-in for a missing residual's gradient, which the kernel never writes
+    // (two bindings of one tensor that a kernel writes are not allowed on wgpu).
+    let [partials, da, db, coef, no_residual] = empties(
+        &x,
+        [
+            Shape::new([channels * splits * 2]),
+            Shape::new([channels]),
+            Shape::new([channels]),
+            Shape::new([channels * 3]),
+            Shape::new([1]),
+        ],
+    );
     grad_partials::launch(
         &client,
         r.cubes(),
@@ -487,9 +513,6 @@ pub(super) fn backward(
         x_cl,
         dy_cl,
     );
-    let da = empty(&x, Shape::new([channels]));
-    let db = empty(&x, Shape::new([channels]));
-    let coef = empty(&x, Shape::new([channels * 3]));
     let (cubes, dim, units) = finishing(&client, channels, splits);
     grad_finalize::launch(
         &client,
@@ -508,12 +531,10 @@ pub(super) fn backward(
         units,
     );
     let dx = empty_like(&x, x_cl);
-    // Without a residual, a one-element stand-in the kernel never writes (two bindings of
-    // one buffer that a kernel writes are not allowed on wgpu).
     let dr = if residual {
         empty_like(&x, x_cl)
     } else {
-        empty(&x, Shape::new([1]))
+        no_residual
     };
     let elements = dx.meta.num_elements();
     let dim = CubeDim::new(&client, elements);
