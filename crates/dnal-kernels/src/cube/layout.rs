@@ -20,8 +20,9 @@ pub(super) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
 /// New contiguous f32 tensors of `shapes` on `like`'s device, in one reservation: each
 /// reservation is a request to the device's server thread, as a launch is, so a kernel's small
 /// outputs (per-channel statistics, coefficients) are reserved together. Their memory is freed
-/// when the last of them is dropped; each starts at the device's memory alignment, so they
-/// never overlap (on wgpu no two bindings of one launch may).
+/// when the last of them is dropped, so only tensors that go at about the same time belong in
+/// one call; each starts at the device's memory alignment, so they never overlap (on wgpu no
+/// two bindings of one launch may).
 pub(super) fn empties<const K: usize>(like: &CubeTensor, shapes: [Shape; K]) -> [CubeTensor; K] {
     let f32_size = DType::F32.size();
     let descriptors = shapes

@@ -360,28 +360,20 @@ pub(super) fn forward(
     let r = Reduction::new(channels, count, x_cl);
     let splits = r.splits;
     let client = x.client.clone();
-    // The per-channel results in one reservation with the partial sums; the last is a
-    // one-element stand-in for a missing residual, which the kernel never reads.
-    let [
-        partials,
-        mean,
-        variance,
-        coef,
-        moved_mean,
-        moved_var,
-        no_residual,
-    ] = empties(
+    // The batch's per-channel results in one reservation with the partial sums (all gone by
+    // the end of the step), the last a one-element stand-in for a missing residual, which the
+    // kernel never reads; the moved running statistics, which the network keeps, in another.
+    let [partials, mean, variance, coef, no_residual] = empties(
         &x,
         [
             Shape::new([channels * splits * 2]),
             Shape::new([channels]),
             Shape::new([channels]),
             Shape::new([channels * 2]),
-            Shape::new([channels]),
-            Shape::new([channels]),
             Shape::new([1]),
         ],
     );
+    let [moved_mean, moved_var] = empties(&x, [Shape::new([channels]), Shape::new([channels])]);
     stats_partials::launch(
         &client,
         r.cubes(),
