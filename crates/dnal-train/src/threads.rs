@@ -94,31 +94,23 @@ mod tests {
         // Both threads exist before the first snapshot and after the second.
         let started = Arc::new(Barrier::new(3));
         let stop = Arc::new(AtomicBool::new(false));
-        let spin = {
+        // A thread named `name` that runs `tick` until stopped.
+        let worker = |name: &str, tick: fn()| {
             let (started, stop) = (started.clone(), stop.clone());
             std::thread::Builder::new()
-                .name("spinner".into())
+                .name(name.into())
                 .spawn(move || {
                     started.wait();
-                    let mut x = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                        tick();
                     }
                 })
                 .unwrap()
         };
-        let sleep = {
-            let (started, stop) = (started.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("sleeper".into())
-                .spawn(move || {
-                    started.wait();
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                })
-                .unwrap()
-        };
+        let spin = worker("spinner", || {
+            std::hint::black_box((0..64u64).fold(7u64, |x, i| x.wrapping_mul(31) ^ i));
+        });
+        let sleep = worker("sleeper", || std::thread::sleep(Duration::from_millis(5)));
         started.wait();
         let before = Snapshot::take();
         std::thread::sleep(Duration::from_millis(300));

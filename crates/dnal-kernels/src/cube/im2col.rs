@@ -71,11 +71,9 @@ fn im2col_kernel(
 pub(super) fn im2col(x: CubeTensor, kernel: usize, stride: usize, padding: usize) -> CubeTensor {
     let (x, cl) = laid_out(x);
     let g = Geometry::new(x.meta.shape(), kernel, stride, padding);
-    let units = g.batch * g.out_height * g.out_width * g.channels;
-    let cols = empty(
-        &x,
-        Shape::new([units / g.channels, kernel * kernel * g.channels]),
-    );
+    let rows = g.batch * g.out_height * g.out_width;
+    let units = rows * g.channels;
+    let cols = empty(&x, Shape::new([rows, kernel * kernel * g.channels]));
     let client = x.client.clone();
     let dim = CubeDim::new(&client, units);
     im2col_kernel::launch(
