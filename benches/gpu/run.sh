@@ -28,10 +28,12 @@
 # backend's steps, that network runs 3 + 3 more steps on that backend with CubeCL's profiling
 # log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log),
 # BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
-# own kernels off, burn's operations throughout; a column of its own in the table), CHECK
+# own kernels off, burn's operations throughout; a column of its own in the table),
+# BURN_SGD_NETS (likewise with `--burn-sgd`: burn's SGD, seven operations per parameter, in
+# place of dnal's one), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
-# depthwise or convolution; default all three).
+# depthwise, convolution or sgd; default all four).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,6 +50,7 @@ STEP_CAP_S=${STEP_CAP_S:-120}
 REF_ARGS=${REF_ARGS:-}
 PROFILE=${PROFILE:-}
 BURN_OPS_NETS=${BURN_OPS_NETS:-}
+BURN_SGD_NETS=${BURN_SGD_NETS:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -85,7 +88,8 @@ no_figure() {
 # dnal_steps BACKEND [NETWORKS [EXTRA_ARGUMENT]]
 dnal_steps() {
     local backend=$1 nets=${2:-$NETS} extra=${3:-} model batch size classes cap stuck=0
-    local label=$backend${extra:+ (burn ops)}
+    local suffix=${extra#--}
+    local label=$backend${extra:+ (${suffix/-/ })}
     for model in $nets; do
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance "$STEP_CAP_S")
@@ -189,6 +193,7 @@ for b in "${backend_list[@]:0:1}"; do
     kernel_check "$b"
     dnal_steps "$b"
     [[ -n $BURN_OPS_NETS ]] && dnal_steps "$b" "$BURN_OPS_NETS" --burn-ops
+    [[ -n $BURN_SGD_NETS ]] && dnal_steps "$b" "$BURN_SGD_NETS" --burn-sgd
     profiled_step "$b"
 done
 reference

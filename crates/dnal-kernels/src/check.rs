@@ -1,6 +1,6 @@
 //! dnal's operations on one device compared with a reference device: the training BatchNorm
-//! (output, batch and running statistics, gradients), the depthwise convolution and the
-//! one-group convolution with its gradients, each over a set of shapes, layouts and activations
+//! (output, batch and running statistics, gradients), the depthwise convolution, the
+//! one-group convolution with its gradients and SGD's momentum step, each over a set of shapes, layouts and activations
 //! chosen to reach every branch of the kernels (several cubes per channel, more channels than
 //! a cube's units, channel-last memory, odd planes, a large common offset).
 //!
@@ -69,11 +69,12 @@ impl fmt::Display for Comparison {
     }
 }
 
-/// Every comparison of the three families.
+/// Every comparison of the four families.
 pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
     let mut out = batch_norm(device, reference);
     out.extend(depthwise(device, reference));
     out.extend(convolution(device, reference));
+    out.extend(sgd(device, reference));
     out
 }
 
@@ -481,4 +482,72 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
         device,
         reference,
     )
+}
+
+/// SGD's momentum step ([`crate::sgd_momentum_step`]) over three steps, each output the next
+/// step's input: lengths of one, an odd few, and more than a cube's units; a gradient that is
+/// a transposed view (not contiguous); and copies of the parameter and velocity kept before
+/// the last step, which must keep their values (on the CubeCL backends the step writes in
+/// place only where nothing else holds them).
+pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let steps = ["param", "velocity"];
+    let kept = ["param", "velocity", "kept param", "kept velocity"];
+    let mut out = Vec::new();
+    for n in [1, 7, 4099] {
+        let run = |d: &Device| sgd_case([n], false, false, d);
+        let case = format!("SGD step of [{n}]");
+        out.extend(compare(
+            TOLERANCE,
+            &case,
+            &steps,
+            run(device),
+            run(reference),
+        ));
+    }
+    let run = |d: &Device| sgd_case([16, 27], true, false, d);
+    let case = "SGD step of [16, 27] with a transposed gradient";
+    out.extend(compare(
+        TOLERANCE,
+        case,
+        &steps,
+        run(device),
+        run(reference),
+    ));
+    let run = |d: &Device| sgd_case([16, 27], false, true, d);
+    let case = "SGD step of [16, 27] with copies kept";
+    out.extend(compare(TOLERANCE, case, &kept, run(device), run(reference)));
+    out
+}
+
+fn sgd_case<const D: usize>(
+    shape: [usize; D],
+    transposed_grad: bool,
+    keep: bool,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, String> {
+    let n = shape.iter().product();
+    let tensor = |shape: [usize; D], seed: f32| {
+        Tensor::<D>::from_data(TensorData::new(wave(n, seed), shape), device)
+    };
+    let (mut param, mut velocity) = (tensor(shape, 0.3), tensor(shape, 1.7));
+    let mut kept = None;
+    for step in 0..3 {
+        let seed = 2.9 + step as f32;
+        let grad = if transposed_grad {
+            let mut swapped = shape;
+            swapped.swap(0, D - 1);
+            tensor(swapped, seed).swap_dims(0, D - 1)
+        } else {
+            tensor(shape, seed)
+        };
+        if keep && step == 2 {
+            kept = Some((param.clone(), velocity.clone()));
+        }
+        (param, velocity) = crate::sgd_momentum_step(param, grad, velocity, 0.1, 0.9, 5e-4);
+    }
+    let mut out = vec![values(param)?, values(velocity)?];
+    if let Some((param, velocity)) = kept {
+        out.extend([values(param)?, values(velocity)?]);
+    }
+    Ok(out)
 }

@@ -43,6 +43,10 @@
 //!   convolution writes its output; [`conv_bn_add`] and [`conv_bn_add_into`] with a residual,
 //!   the latter added into some channels of a wider residual stream in one pass.
 //!
+//! * [`sgd_momentum_step`]: SGD's update of one parameter with momentum and weight decay; on
+//!   the CubeCL backends one launch, in place where nothing else holds the parameter or its
+//!   velocity.
+//!
 //! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide, [`set_direct`]`(false)`
 //! only the direct kernels (the benchmarks time all three).
 
@@ -66,6 +70,7 @@ mod memo;
 #[cfg(feature = "flex")]
 mod outputs;
 mod planes;
+mod sgd;
 mod simd;
 
 use burn::module::{ModuleMapper, Param, RunningState};
@@ -79,6 +84,8 @@ use burn::tensor::module::conv2d as burn_conv2d;
 use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use sgd::{decayed, sgd_momentum_step};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -134,7 +141,7 @@ fn flex_device(device: Device) -> bool {
 /// Whether `x` takes dnal's CubeCL kernels: it is f32 on a cubecl device (cuda, wgpu), with or
 /// without autodiff, and not empty.
 #[cfg(feature = "cube")]
-fn takes_cube_path<const D: usize>(x: &Tensor<D>) -> bool {
+pub(crate) fn takes_cube_path<const D: usize>(x: &Tensor<D>) -> bool {
     use burn::backend::DispatchDevice;
     enabled()
         && x.dtype() == DType::F32

@@ -40,6 +40,9 @@ pub struct StepBench {
     /// dnal's own operations off (`dnal_kernels::set_enabled(false)`, for the whole process):
     /// every unit runs on burn's operations, for comparison.
     pub burn_ops: bool,
+    /// burn's `Sgd` instead of dnal's (`crate::sgd`), for comparison: seven tensor operations
+    /// per parameter and step where dnal's issues one.
+    pub burn_sgd: bool,
 }
 
 /// Timings of [`bench_step`].
@@ -47,7 +50,8 @@ pub struct StepBench {
 pub struct StepTimes {
     /// The network (its registry name).
     pub model: String,
-    /// The backend, followed by ` (burn ops)` when dnal's own operations were off.
+    /// The backend, followed by ` (burn ops)` when dnal's own operations were off and by
+    /// ` (burn sgd)` with burn's optimiser.
     pub backend: String,
     /// Batch size.
     pub batch: usize,
@@ -94,11 +98,12 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     let sorted = sorted_of(&ms);
     Ok(StepTimes {
         model: bench.model.name(),
-        backend: if bench.burn_ops {
-            format!("{} (burn ops)", bench.backend.name())
-        } else {
-            bench.backend.name().into()
-        },
+        backend: format!(
+            "{}{}{}",
+            bench.backend.name(),
+            if bench.burn_ops { " (burn ops)" } else { "" },
+            if bench.burn_sgd { " (burn sgd)" } else { "" }
+        ),
         batch: bench.batch,
         size: bench.shape.size,
         gates: if bench.search { "search" } else { "bypass" }.into(),
@@ -139,10 +144,14 @@ impl WithNetwork for Timed<'_> {
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b.batch]), &device);
         let ce = CrossEntropyLossConfig::new().init(&device);
         // The paper's CIFAR weight stage: momentum 0.9 (dampening 0), weight decay 5e-4.
-        let mut sgd = SgdConfig::new()
-            .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
-            .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
-            .init();
+        let mut sgd = if b.burn_sgd {
+            SgdConfig::new()
+                .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+                .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+                .init()
+        } else {
+            crate::phase::sgd(0.9, 5e-4)
+        };
         let mut times = Vec::with_capacity(b.steps);
         let mut first = None;
         for i in 0..b.warmup + b.steps {

@@ -33,6 +33,7 @@ pub mod recipes;
 pub mod registry;
 mod replicas;
 pub mod report;
+pub mod sgd;
 pub mod sweep;
 mod tally;
 pub mod threads;

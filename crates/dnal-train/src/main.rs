@@ -30,6 +30,8 @@ enum CheckFamily {
     Depthwise,
     /// The one-group convolution and its gradients.
     Convolution,
+    /// SGD's momentum step.
+    Sgd,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +90,10 @@ enum Command {
         /// cuda and wgpu its BatchNorm kernels): burn's operations throughout, for comparison.
         #[arg(long)]
         burn_ops: bool,
+        /// burn's SGD instead of dnal's (which issues one operation per parameter and step
+        /// where burn's issues seven), for comparison.
+        #[arg(long)]
+        burn_sgd: bool,
         /// One JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -279,6 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             search,
             backend,
             burn_ops,
+            burn_sgd,
             json,
         } => {
             let bench = dnal_train::bench::StepBench {
@@ -294,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 search,
                 backend: backend.parse()?,
                 burn_ops,
+                burn_sgd,
             };
             let t = dnal_train::bench::bench_step(&bench)?;
             if json {
@@ -338,6 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::BatchNorm) => check::batch_norm(&device, &reference),
                 Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
+                Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
             };
             let failed = comparisons.iter().filter(|c| !c.ok()).count();
             for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {

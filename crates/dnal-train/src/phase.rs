@@ -2,9 +2,7 @@
 //! rates, which parameters each trains (gate modes, frozen groups) and its optimisers.
 
 use burn::module::ParamGroup;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord, SgdConfig};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use dnal_core::GateMode;
 use dnal_zoo::Network;
 use serde::{Deserialize, Serialize};
@@ -132,19 +130,10 @@ impl Optimizers {
     }
 }
 
-fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
-    let mut cfg = SgdConfig::new();
-    if momentum > 0.0 {
-        cfg = cfg.with_momentum(Some(
-            MomentumConfig::new()
-                .with_momentum(momentum)
-                .with_dampening(0.0),
-        ));
-    }
-    if weight_decay > 0.0 {
-        cfg = cfg.with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)));
-    }
-    cfg.init()
+/// SGD with `momentum` and `weight_decay` (0 turns either off): [`crate::sgd::Sgd`], burn's
+/// update with one operation per parameter.
+pub(crate) fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
+    ModuleOptimizer::from(crate::sgd::Sgd::new(momentum, weight_decay))
 }
 
 pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {

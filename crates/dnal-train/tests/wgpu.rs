@@ -110,3 +110,10 @@ fn convolutions_on_wgpu_match_burn_on_flex() {
         all_within(check::convolution(&device, &flex()));
     }
 }
+
+#[test]
+fn sgd_step_on_wgpu_matches_burn_on_flex() {
+    if let Some(device) = wgpu_device() {
+        all_within(check::sgd(&device, &flex()));
+    }
+}

@@ -1,9 +1,9 @@
 //! dnal's operations on the CubeCL backends (cuda, wgpu), as burn backend extensions with
 //! their own kernels: BatchNorm in training with its gate, residual add and activation
-//! ([`norm`]), the depthwise convolution ([`depthwise`]) and the one-group convolution's
-//! weight gradient ([`conv`]). Each is lazy under fusion (one opaque operation in fusion's
-//! stream, or burn's own operation where only the backward is dnal's) and has its backward
-//! registered on burn's autodiff graph.
+//! ([`norm`]), the depthwise convolution ([`depthwise`]), the one-group convolution's weight
+//! gradient ([`conv`]) and SGD's momentum step ([`sgd`]). Each is lazy under fusion (one opaque
+//! operation in fusion's stream, or burn's own operation where only the backward is dnal's);
+//! the differentiable ones have their backward registered on burn's autodiff graph.
 
 mod conv;
 mod depthwise;
@@ -13,7 +13,9 @@ mod layout;
 mod norm;
 mod norm_kernels;
 mod reduction;
+mod sgd;
 
 pub use conv::CubeConv;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;
+pub use sgd::CubeSgd;
