@@ -13,7 +13,7 @@
 # the server's name; the server itself is marked.
 #
 # [BACKEND=wgpu] [MODEL=resnet56-cifar] [BATCH=1] [SIZE=4] [STEPS=200] [DELAY_S=35] [FREQ=499] \
-#   [CUBECL_TOML=FILE] \
+#   [CUBECL_TOML=FILE] [BENCH_ARGS="--burn-sgd"] \
 #   benches/gpu/host_work.sh DNAL_TRAIN_BINARY [LABEL]
 set -euo pipefail
 bin="${1:?usage: host_work.sh DNAL_TRAIN_BINARY [LABEL]}"
@@ -32,9 +32,10 @@ out="$(mktemp -d)"
 # CubeCL reads cubecl.toml from the folder it starts in: none, or CUBECL_TOML's (a profiling
 # one would distort the figures).
 if [ -n "${CUBECL_TOML:-}" ]; then cp "$CUBECL_TOML" "$out/cubecl.toml"; fi
+# shellcheck disable=SC2086 # BENCH_ARGS holds several arguments or none
 (cd "$out" && perf record -q -F "$freq" -o perf.data --delay "$((delay_s * 1000))" \
     "$bin" bench --backend "$backend" --model "$model" --batch "$batch" --size "$size" \
-    --classes 10 --warmup 5 --steps "$steps" >bench.out 2>&1)
+    --classes 10 --warmup 5 --steps "$steps" ${BENCH_ARGS:-} >bench.out 2>&1)
 median=$(grep -o 'median [0-9.]*' "$out/bench.out" | awk '{print $2}')
 [ -n "$median" ] || { cat "$out/bench.out" >&2; exit 1; }
 span=$(perf script -i "$out/perf.data" -F time 2>/dev/null | sed -n '1p;$p' | tr -d ': ' | paste -sd' ')

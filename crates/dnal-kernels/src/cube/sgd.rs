@@ -1,9 +1,11 @@
 //! One step of SGD with momentum (dampening 0) and L2 weight decay on the CubeCL backends, for
 //! one parameter tensor, as a burn backend extension ([`CubeSgd`]): one operation in fusion's
-//! stream and one launch where burn's optimiser issues seven tensor operations per parameter
-//! (fusion merges their launches, but handles each operation on its server thread), and written
-//! in place where the parameter and its velocity are not shared, so that the step reserves no
-//! memory.
+//! stream and one launch, where burn's optimiser issues seven tensor operations per parameter
+//! that fusion handles one by one before merging them into fewer, larger launches. Written in
+//! place where fusion hands over the only handles of the parameter and its velocity, so the
+//! step reserves no memory; the gradient is read through its strides, since the convolutions'
+//! weight gradients come back as permuted views (copying them first was a launch and a
+//! reservation more per parameter, and cost more than the operations saved).
 //!
 //! `velocity = grad + weight_decay * param + momentum * velocity`, `param -= lr * velocity`, in
 //! the order burn's `Sgd` computes it.
@@ -79,10 +81,8 @@ fn contiguous(t: CubeTensor) -> CubeTensor {
     }
 }
 
-/// The gradient may be a strided view (burn's and dnal's convolution weight gradients come
-/// back permuted); the kernels read it in place through its shape and strides, padded here to
-/// four dimensions with leading ones, rather than copy it first (a launch and a reservation
-/// more per parameter). None above rank 4.
+/// The shape and strides of `t` padded to four dimensions with leading ones, for the kernels
+/// to read a strided gradient in place; none above rank 4.
 fn padded(t: &CubeTensor) -> Option<([usize; 4], [usize; 4])> {
     let (shape, strides) = (t.meta.shape(), t.meta.strides());
     let rank = shape.num_dims();
