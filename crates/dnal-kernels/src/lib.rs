@@ -89,9 +89,9 @@ pub use sgd::{decayed, sgd_momentum_step};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Turns dnal's own operations (on flex, and the BatchNorm kernels on CubeCL backends) on (the
+/// Turns dnal's own operations (on flex, and the CubeCL kernels on cuda and wgpu) on (the
 /// default) or off for the whole process; off, every layer uses burn's convolution and
-/// `batch_norm_train` (the gate stays folded).
+/// `batch_norm_train` (the gate stays folded), and SGD's step burn's tensor operations.
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }

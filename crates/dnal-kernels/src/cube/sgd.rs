@@ -2,8 +2,8 @@
 //! one parameter tensor, as a burn backend extension ([`CubeSgd`]): one operation in fusion's
 //! stream and one launch, where burn's optimiser issues seven tensor operations per parameter
 //! that fusion handles one by one before merging them into fewer, larger launches. Written in
-//! place where fusion hands over the only handles of the parameter and its velocity, so the
-//! step reserves no memory; the gradient is read through its strides, since the convolutions'
+//! place over the parameter and its velocity, which fusion hands over as their only handles in
+//! training, so the step reserves no memory; the gradient is read through its strides, since the convolutions'
 //! weight gradients come back as permuted views (copying them first was a launch and a
 //! reservation more per parameter, and cost more than the operations saved).
 //!
@@ -18,8 +18,6 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-
-use super::layout::empty;
 
 /// A parameter and its velocity after one step.
 #[derive(ExtensionType)]
@@ -112,7 +110,12 @@ fn step(
     velocity: CubeTensor,
     [lr, momentum, decay]: [f32; 3],
 ) -> SgdOutput<CubeBackend> {
-    let [param, velocity] = [param, velocity].map(contiguous);
+    // Fusion hands an operation the only handle of an input nothing reads after it; a
+    // parameter or velocity that something else still holds is copied first.
+    let [param, velocity] = [param, velocity].map(|t| {
+        let t = contiguous(t);
+        if t.can_mut() { t } else { t.copy() }
+    });
     let view = padded(&grad).filter(|_| !grad.is_contiguous());
     let grad = if view.is_none() {
         contiguous(grad)
@@ -129,36 +132,13 @@ fn step(
     let client = param.client.clone();
     let elements = param.meta.num_elements();
     let dim = CubeDim::new(&client, elements);
-    let count = calculate_cube_count_elemwise(&client, elements, dim);
-    // Fusion hands an operation the only handle of an input nothing reads after it.
-    if param.can_mut() && velocity.can_mut() {
-        sgd_in_place::launch(
-            &client,
-            count,
-            dim,
-            param.clone().into_buffer_arg(),
-            velocity.clone().into_buffer_arg(),
-            grad.into_buffer_arg(),
-            sequence(dims),
-            sequence(steps),
-            lr,
-            momentum,
-            decay,
-            strided,
-        );
-        return SgdOutput { param, velocity };
-    }
-    let shape = param.meta.shape().clone();
-    let (param_out, velocity_out) = (empty(&param, shape.clone()), empty(&param, shape));
-    sgd_into::launch(
+    sgd_in_place::launch(
         &client,
-        count,
+        calculate_cube_count_elemwise(&client, elements, dim),
         dim,
-        param.into_buffer_arg(),
-        velocity.into_buffer_arg(),
+        param.clone().into_buffer_arg(),
+        velocity.clone().into_buffer_arg(),
         grad.into_buffer_arg(),
-        param_out.clone().into_buffer_arg(),
-        velocity_out.clone().into_buffer_arg(),
         sequence(dims),
         sequence(steps),
         lr,
@@ -166,13 +146,11 @@ fn step(
         decay,
         strided,
     );
-    SgdOutput {
-        param: param_out,
-        velocity: velocity_out,
-    }
+    SgdOutput { param, velocity }
 }
 
-/// The step written over `param` and `velocity`.
+/// The step written over `param` and `velocity`; `grad` read through `shape` and `strides`
+/// where `strided`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn sgd_in_place(
@@ -199,35 +177,4 @@ fn sgd_in_place(
     let v = (p * decay + g) + velocity[i] * momentum;
     velocity[i] = v;
     param[i] = p - v * lr;
-}
-
-/// The step into new tensors.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn sgd_into(
-    param: &[f32],
-    velocity: &[f32],
-    grad: &[f32],
-    param_out: &mut [f32],
-    velocity_out: &mut [f32],
-    shape: Sequence<usize>,
-    strides: Sequence<usize>,
-    lr: f32,
-    momentum: f32,
-    decay: f32,
-    #[comptime] strided: bool,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= param.len() {
-        terminate!();
-    }
-    let g = if strided {
-        grad[offset(i, &shape, &strides)]
-    } else {
-        grad[i]
-    };
-    let p = param[i];
-    let v = (p * decay + g) + velocity[i] * momentum;
-    velocity_out[i] = v;
-    param_out[i] = p - v * lr;
 }
