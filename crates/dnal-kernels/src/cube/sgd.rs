@@ -70,15 +70,6 @@ impl CubeSgd for CubeBackend {
     }
 }
 
-/// `t` where it is contiguous, else a contiguous copy.
-fn contiguous(t: CubeTensor) -> CubeTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        into_contiguous(t)
-    }
-}
-
 /// The shape and strides of `t` padded to four dimensions with leading ones, for the kernels
 /// to read a strided gradient in place; none above rank 4.
 fn padded(t: &CubeTensor) -> Option<([usize; 4], [usize; 4])> {
@@ -113,12 +104,12 @@ fn step(
     // Fusion hands an operation the only handle of an input nothing reads after it; a
     // parameter or velocity that something else still holds is copied first.
     let [param, velocity] = [param, velocity].map(|t| {
-        let t = contiguous(t);
+        let t = into_contiguous(t);
         if t.can_mut() { t } else { t.copy() }
     });
     let view = padded(&grad).filter(|_| !grad.is_contiguous());
     let grad = if view.is_none() {
-        contiguous(grad)
+        into_contiguous(grad)
     } else {
         grad
     };
