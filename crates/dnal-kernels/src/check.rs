@@ -488,7 +488,8 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// step's input: lengths of one, an odd few, and more than a cube's units; a gradient that is
 /// a transposed view (not contiguous); and copies of the parameter and velocity kept before
 /// the last step, which must keep their values (on the CubeCL backends the step writes in
-/// place only where nothing else holds them).
+/// place only where nothing else holds them); and 45 parameters stepped together
+/// ([`crate::sgd_momentum_steps`]), more than one launch takes.
 pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let steps = ["param", "velocity"];
     let kept = ["param", "velocity", "kept param", "kept velocity"];
@@ -516,7 +517,86 @@ pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let run = |d: &Device| sgd_case([16, 27], false, true, d);
     let case = "SGD step of [16, 27] with copies kept";
     out.extend(compare(TOLERANCE, case, &kept, run(device), run(reference)));
+    let run = |d: &Device| sgd_group_case(d);
+    let case = "SGD step of 45 parameters together (ranks 1, 2, 4; permuted gradients)";
+    let held = ["param", "velocity", "held copies"];
+    out.extend(compare(TOLERANCE, case, &held, run(device), run(reference)));
     out
+}
+
+/// Three steps of [`crate::sgd_momentum_steps`] over 45 parameters at once (more than one
+/// launch takes on a CubeCL device), of ranks 1, 2 and 4, every third gradient a permuted
+/// view as the convolutions' are, every fifth parameter and every seventh velocity also held
+/// outside; the parameters', velocities' and held copies' values, each concatenated in order.
+fn sgd_group_case(device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    use burn::backend::DispatchTensor;
+    let tensor = |shape: &[usize], seed: f32| -> DispatchTensor {
+        let n = shape.iter().product();
+        let data = TensorData::new(wave(n, seed), shape.to_vec());
+        match shape.len() {
+            1 => Tensor::<1>::from_data(data, device).into_dispatch(),
+            2 => Tensor::<2>::from_data(data, device).into_dispatch(),
+            _ => Tensor::<4>::from_data(data, device).into_dispatch(),
+        }
+    };
+    let shape = |k: usize| -> Vec<usize> {
+        match k % 3 {
+            0 => vec![3 + k, 2, 3, 3],
+            1 => vec![5 + 2 * k],
+            _ => vec![k + 1, 7],
+        }
+    };
+    // A gradient of `shape` whose memory is laid out with its first axis last.
+    let grad = |shape: &[usize], seed: f32| -> DispatchTensor {
+        if shape.len() != 4 {
+            return tensor(shape, seed);
+        }
+        let t = Tensor::<4>::from_dispatch(tensor(&[shape[1], shape[2], shape[3], shape[0]], seed));
+        t.permute([3, 0, 1, 2]).into_dispatch()
+    };
+    let count = 45;
+    let mut params: Vec<DispatchTensor> = (0..count)
+        .map(|k| tensor(&shape(k), 0.3 + k as f32))
+        .collect();
+    let mut velocities: Vec<DispatchTensor> = (0..count)
+        .map(|k| tensor(&shape(k), 1.7 + k as f32))
+        .collect();
+    let mut held = Vec::new();
+    for step in 0..3 {
+        let slots = params
+            .into_iter()
+            .zip(velocities)
+            .enumerate()
+            .map(|(k, (p, v))| {
+                let seed = 2.9 + (step * count + k) as f32;
+                let g = if k % 3 == 0 {
+                    grad(&shape(k), seed)
+                } else {
+                    tensor(&shape(k), seed)
+                };
+                if k % 5 == 0 {
+                    held.push(p.clone());
+                }
+                if k % 7 == 0 {
+                    held.push(v.clone());
+                }
+                [p, g, v]
+            })
+            .collect();
+        (params, velocities) = (Vec::new(), Vec::new());
+        for [p, v] in crate::sgd_momentum_steps(slots, 0.1, 0.9, 5e-4) {
+            params.push(p);
+            velocities.push(v);
+        }
+    }
+    let flat = |ts: Vec<DispatchTensor>| -> Result<Vec<f32>, String> {
+        let mut out = Vec::new();
+        for t in ts {
+            out.extend(values(Tensor::<1>::from_dispatch(t))?);
+        }
+        Ok(out)
+    };
+    Ok(vec![flat(params)?, flat(velocities)?, flat(held)?])
 }
 
 fn sgd_case<const D: usize>(

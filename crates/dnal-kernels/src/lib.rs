@@ -43,9 +43,9 @@
 //!   convolution writes its output; [`conv_bn_add`] and [`conv_bn_add_into`] with a residual,
 //!   the latter added into some channels of a wider residual stream in one pass.
 //!
-//! * [`sgd_momentum_step`]: SGD's update of one parameter with momentum and weight decay; on
-//!   the CubeCL backends one launch, in place where nothing else holds the parameter or its
-//!   velocity.
+//! * [`sgd_momentum_steps`]: SGD's update of many parameters with momentum and weight decay;
+//!   on the CubeCL backends one operation for all of them (one launch per group of up to 32),
+//!   the velocities in place ([`sgd_momentum_step`] for one parameter).
 //!
 //! [`set_enabled`]`(false)` turns dnal's flex operations off process-wide, [`set_direct`]`(false)`
 //! only the direct kernels (the benchmarks time all three).
@@ -85,7 +85,7 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use sgd::{decayed, sgd_momentum_step};
+pub use sgd::{decayed, sgd_momentum_step, sgd_momentum_steps};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

@@ -1,7 +1,10 @@
-//! SGD's momentum step for one parameter tensor: on cuda and wgpu (f32) dnal's CubeCL kernel,
-//! one operation and one launch (`cube/sgd.rs`); elsewhere burn's tensor operations in the same
-//! order.
+//! SGD's momentum step: for all of a network's parameters at once on cuda and wgpu (f32),
+//! dnal's CubeCL kernel (one operation in fusion's stream and one launch per group of
+//! parameters, `cube/sgd.rs`); elsewhere burn's tensor operations in burn's order, parameter by
+//! parameter.
 
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{Dispatch, DispatchTensor, Scalar, TensorMetadata};
 use burn::prelude::*;
 
 /// `velocity = grad + weight_decay * param + momentum * velocity`, then
@@ -15,31 +18,111 @@ pub fn sgd_momentum_step<const D: usize>(
     momentum: f64,
     weight_decay: f64,
 ) -> (Tensor<D>, Tensor<D>) {
+    let slot = [param, grad, velocity].map(Tensor::into_dispatch);
+    let [[param, velocity]] = sgd_momentum_steps(vec![slot], lr, momentum, weight_decay)
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one result per slot"));
+    (
+        Tensor::from_dispatch(param),
+        Tensor::from_dispatch(velocity),
+    )
+}
+
+/// [`sgd_momentum_step`] for many parameters: each slot is a parameter's `[param, grad,
+/// velocity]` (one shape, any rank), each result its `[param, velocity]`, in the slots' order.
+/// On cuda and wgpu the f32 slots step together, as one operation; any other slot steps on its
+/// own, with burn's operations.
+pub fn sgd_momentum_steps(
+    slots: Vec<[DispatchTensor; 3]>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Vec<[DispatchTensor; 2]> {
+    let mut out: Vec<Option<[DispatchTensor; 2]>> = (0..slots.len()).map(|_| None).collect();
     #[cfg(feature = "cube")]
-    if crate::takes_cube_path(&param)
-        && grad.dtype() == burn::tensor::DType::F32
-        && velocity.dtype() == burn::tensor::DType::F32
-        && grad.shape() == param.shape()
-        && velocity.shape() == param.shape()
-    {
-        use crate::cube::CubeSgd;
-        use burn::backend::Dispatch;
-        let out = <Dispatch as CubeSgd>::dnal_cube_sgd(
-            param.into_dispatch(),
-            grad.into_dispatch(),
-            velocity.into_dispatch(),
-            lr,
-            momentum,
-            weight_decay,
-        );
-        return (
-            Tensor::from_dispatch(out.param),
-            Tensor::from_dispatch(out.velocity),
-        );
+    let slots = {
+        let (fused, at, rest) = cube_slots(slots);
+        let stepped = crate::cube::sgd_steps(fused, lr, momentum, weight_decay);
+        for (i, [param, velocity]) in at.into_iter().zip(stepped) {
+            out[i] = Some([param, velocity].map(cube_dispatch));
+        }
+        rest
+    };
+    #[cfg(not(feature = "cube"))]
+    let slots = slots.into_iter().enumerate();
+    for (i, [param, grad, velocity]) in slots {
+        out[i] = Some(burn_step(param, grad, velocity, lr, momentum, weight_decay));
     }
-    let grad = decayed(grad, &param, weight_decay);
-    let velocity = grad.add(velocity.mul_scalar(momentum));
-    (param - velocity.clone().mul_scalar(lr), velocity)
+    out.into_iter()
+        .map(|slot| slot.expect("every slot stepped"))
+        .collect()
+}
+
+/// One slot's step with burn's operations, in the order burn's `Sgd` applies them.
+fn burn_step(
+    param: DispatchTensor,
+    grad: DispatchTensor,
+    velocity: DispatchTensor,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> [DispatchTensor; 2] {
+    let scalar = |v: f64, like: &DispatchTensor| Scalar::new(v, &like.dtype());
+    let grad = if weight_decay == 0.0 {
+        grad
+    } else {
+        let decay = Dispatch::float_mul_scalar(param.clone(), scalar(weight_decay, &param));
+        Dispatch::float_add(decay, grad)
+    };
+    let kept = Dispatch::float_mul_scalar(velocity, scalar(momentum, &grad));
+    let velocity = Dispatch::float_add(grad, kept);
+    let delta = Dispatch::float_mul_scalar(velocity.clone(), scalar(lr, &param));
+    [Dispatch::float_sub(param, delta), velocity]
+}
+
+/// The slots dnal's CubeCL step takes (f32 on a fused CubeCL device, one shape, dnal's kernels
+/// on), with their positions, and the others with theirs.
+#[cfg(feature = "cube")]
+#[allow(clippy::type_complexity)]
+fn cube_slots(
+    slots: Vec<[DispatchTensor; 3]>,
+) -> (
+    Vec<[burn::backend::fusion::FusionTensor<crate::cube::Runtime>; 3]>,
+    Vec<usize>,
+    Vec<(usize, [DispatchTensor; 3])>,
+) {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    let (mut fused, mut at, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, slot) in slots.into_iter().enumerate() {
+        let shape = slot[0].shape();
+        let takes = crate::enabled()
+            && shape.num_elements() > 0
+            && slot.iter().all(|t| {
+                t.dtype() == burn::tensor::DType::F32
+                    && t.shape() == shape
+                    && matches!(t.kind, DispatchTensorKind::Cube(BackendTensor::Float(_)))
+            });
+        if !takes {
+            rest.push((i, slot));
+            continue;
+        }
+        fused.push(slot.map(|t| match t.kind {
+            DispatchTensorKind::Cube(BackendTensor::Float(t)) => t,
+            _ => unreachable!("checked above"),
+        }));
+        at.push(i);
+    }
+    (fused, at, rest)
+}
+
+/// A fused CubeCL float tensor as a dispatch tensor outside autodiff.
+#[cfg(feature = "cube")]
+fn cube_dispatch(t: burn::backend::fusion::FusionTensor<crate::cube::Runtime>) -> DispatchTensor {
+    use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensorKind};
+    DispatchTensor {
+        kind: DispatchTensorKind::Cube(BackendTensor::Float(t)),
+        autodiff: DispatchAutodiffContext::Disabled,
+    }
 }
 
 /// `grad + weight_decay * param` (burn's `WeightDecay`), or `grad` without decay.

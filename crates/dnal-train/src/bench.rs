@@ -145,10 +145,12 @@ impl WithNetwork for Timed<'_> {
         let ce = CrossEntropyLossConfig::new().init(&device);
         // The paper's CIFAR weight stage: momentum 0.9 (dampening 0), weight decay 5e-4.
         let mut sgd = if b.burn_sgd {
-            SgdConfig::new()
-                .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
-                .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
-                .init()
+            crate::phase::Optim::Burn(
+                SgdConfig::new()
+                    .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+                    .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+                    .init(),
+            )
         } else {
             crate::phase::sgd(0.9, 5e-4)
         };

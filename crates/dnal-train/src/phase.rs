@@ -1,7 +1,7 @@
 //! The phases of a run and their rules: which phases a mode runs, their epochs and learning
 //! rates, which parameters each trains (gate modes, frozen groups) and its optimisers.
 
-use burn::module::ParamGroup;
+use burn::module::{Module, ParamGroup};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use dnal_core::GateMode;
 use dnal_zoo::Network;
@@ -116,8 +116,8 @@ pub fn learning_rate(stage: &StageConfig, epoch: usize, iter: usize, iters: usiz
 pub type OptimRecords = (Option<OptimizerRecord>, Option<OptimizerRecord>);
 
 pub(crate) struct Optimizers {
-    pub(crate) weights: Option<ModuleOptimizer>,
-    pub(crate) alpha: Option<ModuleOptimizer>,
+    pub(crate) weights: Option<Optim>,
+    pub(crate) alpha: Option<Optim>,
 }
 
 impl Optimizers {
@@ -130,17 +130,50 @@ impl Optimizers {
     }
 }
 
+/// An optimiser: dnal's SGD ([`crate::sgd::Sgd`], every parameter in one step) or one of
+/// burn's (Adam for alpha; burn's own SGD for `dnal-train bench --burn-sgd`).
+pub(crate) enum Optim {
+    Sgd(crate::sgd::Sgd),
+    Burn(ModuleOptimizer),
+}
+
+impl Optim {
+    /// One step with learning rate `lr` and the gradients `grads`.
+    pub(crate) fn step<M: Module>(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
+        match self {
+            Optim::Sgd(o) => o.step(lr, module, grads),
+            Optim::Burn(o) => o.step(lr, module, grads),
+        }
+    }
+
+    /// The state, as burn's `ModuleOptimizer` records it.
+    pub(crate) fn to_record(&self) -> OptimizerRecord {
+        match self {
+            Optim::Sgd(o) => o.to_record(),
+            Optim::Burn(o) => o.to_record(),
+        }
+    }
+
+    /// The optimiser with the state of `record`.
+    pub(crate) fn load_record(self, record: OptimizerRecord) -> Self {
+        match self {
+            Optim::Sgd(o) => Optim::Sgd(o.load_record(record)),
+            Optim::Burn(o) => Optim::Burn(o.load_record(record)),
+        }
+    }
+}
+
 /// SGD with `momentum` and `weight_decay` (0 turns either off): [`crate::sgd::Sgd`], burn's
-/// update with one operation per parameter.
-pub(crate) fn sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
-    ModuleOptimizer::from(crate::sgd::Sgd::new(momentum, weight_decay))
+/// update for all parameters in one step.
+pub(crate) fn sgd(momentum: f64, weight_decay: f64) -> Optim {
+    Optim::Sgd(crate::sgd::Sgd::new(momentum, weight_decay))
 }
 
 pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
     let stage = &phase_stage(cfg, phase);
     let alpha = || match cfg.arch.optimizer {
         ArchOptimizer::Sgd => sgd(cfg.arch.momentum, 0.0),
-        ArchOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),
+        ArchOptimizer::Adam => Optim::Burn(AdamConfig::new().with_epsilon(1e-8).init()),
     };
     match phase {
         Phase::Arch => Optimizers {

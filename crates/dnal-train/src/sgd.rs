@@ -1,19 +1,41 @@
-//! The weights' optimiser: SGD with momentum (dampening 0) and L2 weight decay, computing what
-//! burn's `Sgd` computes, with each parameter's momentum step one operation
-//! ([`dnal_kernels::sgd_momentum_step`]: one launch on the CubeCL backends, in place) where
-//! burn's issues seven. Its state is recorded under the names burn's `Sgd` uses
-//! (`momentum.velocity`), so checkpoints written with either load into the other.
+//! The weights' (and alpha's) optimiser: SGD with momentum (dampening 0) and L2 weight decay,
+//! computing what burn's `Sgd` computes. A step takes every parameter at once
+//! ([`dnal_kernels::sgd_momentum_steps`]: on cuda and wgpu one operation, one launch per group
+//! of parameters) where burn's `ModuleOptimizer` steps them one by one, seven tensor operations
+//! each. Its state is recorded as burn's `ModuleOptimizer` records an `Sgd`'s (each velocity
+//! under `momentum.velocity`, with the parameter's rank and path), so checkpoints written with
+//! either load into the other.
 
-use burn::optim::{LearningRate, Optimizer, RecordState, StateSink, StateSource, join_path};
+use std::collections::HashMap;
+
+use burn::backend::DispatchTensor;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
-use dnal_kernels::{decayed, sgd_momentum_step};
+use burn::tensor::GradientCheckpointingStrategy;
+use dnal_kernels::{decayed, sgd_momentum_steps};
 
-/// SGD with momentum `momentum` (none at 0) and weight decay `weight_decay` (none at 0).
-#[derive(Clone, Debug)]
+/// SGD with momentum `momentum` (none at 0) and weight decay `weight_decay` (none at 0), and
+/// each parameter's velocity.
+#[derive(Clone)]
 pub struct Sgd {
     momentum: f64,
     weight_decay: f64,
+    velocities: HashMap<ParamId, Velocity>,
 }
+
+/// A parameter's velocity, its rank and its path in the module (for the record).
+#[derive(Clone)]
+struct Velocity {
+    tensor: DispatchTensor,
+    rank: usize,
+    path: String,
+}
+
+/// Where burn's `Sgd` state keeps the velocity, and where `ModuleOptimizer` keeps a
+/// parameter's rank, under the parameter's id.
+const VELOCITY: &str = "momentum.velocity";
+const RANK: &str = "__rank";
 
 impl Sgd {
     /// The optimiser; `momentum` and `weight_decay` are used as given (0 turns either off).
@@ -21,73 +43,271 @@ impl Sgd {
         Self {
             momentum,
             weight_decay,
-        }
-    }
-}
-
-/// A parameter's velocity, from its first step on (none without momentum).
-#[derive(Clone)]
-pub struct SgdState<const D: usize> {
-    velocity: Option<Tensor<D>>,
-}
-
-/// Where burn's `SgdState` keeps the velocity: its `momentum` field's `velocity`.
-const MOMENTUM: &str = "momentum";
-const VELOCITY: &str = "velocity";
-
-impl<const D: usize> RecordState for SgdState<D> {
-    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
-        if let Some(velocity) = &self.velocity {
-            let path = join_path(prefix, MOMENTUM);
-            out.push_tensor(&path, VELOCITY, velocity.clone().into_data());
+            velocities: HashMap::new(),
         }
     }
 
-    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
-        let path = join_path(prefix, MOMENTUM);
-        let velocity = src
-            .take_tensor(&path, VELOCITY)
-            .map(|data| Tensor::from_data(data, device));
-        Some(Self { velocity })
+    /// One step with learning rate `lr` of every parameter of `module` that `grads` has a
+    /// gradient for.
+    pub fn step<M: Module>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> M {
+        let mut gather = Gather {
+            sgd: self,
+            grads: &mut grads,
+            lr,
+            path: Vec::new(),
+            together: Vec::new(),
+            stepped: HashMap::new(),
+        };
+        module.visit(&mut gather);
+        let Gather {
+            together,
+            mut stepped,
+            ..
+        } = gather;
+        let mut slots = Vec::with_capacity(together.len());
+        let mut keys = Vec::with_capacity(together.len());
+        for Gathered {
+            id,
+            slot,
+            rank,
+            path,
+            context,
+        } in together
+        {
+            slots.push(slot);
+            keys.push((id, rank, path, context));
+        }
+        let results = sgd_momentum_steps(slots, lr, self.momentum, self.weight_decay);
+        for ((id, rank, path, context), [param, tensor]) in keys.into_iter().zip(results) {
+            let velocity = Velocity { tensor, rank, path };
+            self.velocities.insert(id, velocity);
+            stepped.insert(id, (param, context));
+        }
+        module.map(&mut Replace { stepped })
+    }
+
+    /// The velocities as burn's `ModuleOptimizer` records an `Sgd`'s state.
+    pub fn to_record(&self) -> OptimizerRecord {
+        let mut ids: Vec<&ParamId> = self.velocities.keys().collect();
+        ids.sort_by_key(|id| id.val());
+        let mut tensors = Vec::with_capacity(ids.len());
+        let mut writer_scalars = Vec::with_capacity(ids.len());
+        let mut paths = Vec::with_capacity(ids.len());
+        for id in ids {
+            let velocity = &self.velocities[id];
+            let key = id.val();
+            let (bytes, shape, dtype) = into_data(velocity).into_parts();
+            tensors.push(burn_pack::Tensor::new(
+                format!("{key}.{VELOCITY}"),
+                dtype,
+                shape,
+                Some(key),
+                bytes,
+            ));
+            writer_scalars.push((format!("{key}.{RANK}"), velocity.rank));
+            paths.push((key.to_string(), velocity.path.clone()));
+        }
+        let mut writer = burn_pack::Writer::new(tensors);
+        for (key, rank) in writer_scalars {
+            writer = writer.with_scalar(&key, burn_pack::Scalar::from(rank));
+        }
+        for (key, path) in paths {
+            writer = writer.with_metadata(&key, &path);
+        }
+        let bytes = writer
+            .into_bytes()
+            .expect("an optimiser record in memory is always written");
+        OptimizerRecord::from_bytes(bytes).expect("the record just written reads back")
+    }
+
+    /// The optimiser with the velocities of `record` (written by [`Sgd::to_record`] or by
+    /// burn's `ModuleOptimizer` for its `Sgd`). They are read onto the default device and
+    /// moved to each parameter's device at its next step; a velocity the record does not
+    /// hold starts again, as at a first step.
+    pub fn load_record(mut self, record: OptimizerRecord) -> Self {
+        self.velocities.clear();
+        let Ok(reader) = record
+            .into_bytes()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| burn_pack::Reader::from_bytes(bytes).map_err(|e| e.to_string()))
+        else {
+            return self;
+        };
+        let paths = reader.metadata().clone();
+        let Ok(tensors) = reader.into_tensors() else {
+            return self;
+        };
+        let device = Device::default();
+        for tensor in tensors {
+            let Ok((name, dtype, shape, param_id, bytes)) = tensor.into_parts() else {
+                continue;
+            };
+            let (Some(key), true) = (param_id, name.ends_with(&format!(".{VELOCITY}"))) else {
+                continue;
+            };
+            let rank = shape.num_dims();
+            let data = TensorData::from_bytes(bytes, shape, dtype);
+            let Some(tensor) = from_data(data, &device) else {
+                continue;
+            };
+            let path = paths.get(&key.to_string()).cloned().unwrap_or_default();
+            let velocity = Velocity { tensor, rank, path };
+            self.velocities.insert(ParamId::from(key), velocity);
+        }
+        self
     }
 }
 
-impl Optimizer for Sgd {
-    type State<const D: usize> = SgdState<D>;
+/// A velocity's values.
+fn into_data(velocity: &Velocity) -> TensorData {
+    let t = velocity.tensor.clone();
+    match velocity.rank {
+        1 => Tensor::<1>::from_dispatch(t).into_data(),
+        2 => Tensor::<2>::from_dispatch(t).into_data(),
+        3 => Tensor::<3>::from_dispatch(t).into_data(),
+        4 => Tensor::<4>::from_dispatch(t).into_data(),
+        5 => Tensor::<5>::from_dispatch(t).into_data(),
+        _ => Tensor::<6>::from_dispatch(t).into_data(),
+    }
+}
 
-    fn step<const D: usize>(
-        &self,
-        lr: LearningRate,
-        tensor: Tensor<D>,
-        grad: Tensor<D>,
-        state: Option<Self::State<D>>,
-    ) -> (Tensor<D>, Option<Self::State<D>>) {
-        let velocity = state.and_then(|s| s.velocity);
-        if self.momentum == 0.0 {
-            let grad = decayed(grad, &tensor, self.weight_decay);
-            return (
-                tensor - grad.mul_scalar(lr),
-                Some(SgdState { velocity: None }),
-            );
+/// A tensor of `data`'s rank (1 to 6) on `device`.
+fn from_data(data: TensorData, device: &Device) -> Option<DispatchTensor> {
+    Some(match data.shape().num_dims() {
+        1 => Tensor::<1>::from_data(data, device).into_dispatch(),
+        2 => Tensor::<2>::from_data(data, device).into_dispatch(),
+        3 => Tensor::<3>::from_data(data, device).into_dispatch(),
+        4 => Tensor::<4>::from_data(data, device).into_dispatch(),
+        5 => Tensor::<5>::from_data(data, device).into_dispatch(),
+        6 => Tensor::<6>::from_data(data, device).into_dispatch(),
+        _ => return None,
+    })
+}
+
+/// What autodiff knew of a parameter, put back on its new value (as burn's optimisers do): a
+/// parameter lifted back with the defaults would meet its inputs under two checkpointing
+/// strategies at the next forward pass.
+struct Context {
+    require_grad: bool,
+    distributed: bool,
+    checkpointing: Option<GradientCheckpointingStrategy>,
+}
+
+impl Context {
+    fn capture<const D: usize>(parameter: &Tensor<D>) -> Self {
+        Self {
+            require_grad: parameter.is_require_grad(),
+            distributed: parameter.is_distributed(),
+            checkpointing: parameter.gradient_checkpointing_strategy(),
         }
-        let (tensor, velocity) = match velocity {
+    }
+
+    fn restore<const D: usize>(self, updated: Tensor<D>, id: ParamId) -> Tensor<D> {
+        let mut parameter = Tensor::from_inner(updated);
+        if let Some(strategy) = self.checkpointing {
+            parameter = parameter.with_gradient_checkpointing_strategy(strategy);
+        }
+        if self.require_grad {
+            parameter = parameter.require_grad();
+        }
+        if self.distributed {
+            parameter = parameter.set_distributed(id);
+        }
+        parameter
+    }
+}
+
+/// The first pass of a step: every parameter with a gradient either stepped at once (a first
+/// step, or without momentum) or gathered to step together with the others.
+struct Gather<'a> {
+    sgd: &'a mut Sgd,
+    grads: &'a mut GradientsParams,
+    lr: f64,
+    path: Vec<String>,
+    together: Vec<Gathered>,
+    stepped: HashMap<ParamId, (DispatchTensor, Context)>,
+}
+
+impl ModuleVisitor for Gather<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let id = param.id;
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return;
+        };
+        let value = param.val();
+        let context = Context::capture(&value);
+        let device = grad.device();
+        let value = value.inner().to_device(&device);
+        let (momentum, decay) = (self.sgd.momentum, self.sgd.weight_decay);
+        if momentum == 0.0 {
+            let grad = decayed(grad, &value, decay);
+            let value = value - grad.mul_scalar(self.lr);
+            self.stepped.insert(id, (value.into_dispatch(), context));
+            return;
+        }
+        let path = self.path.join(".");
+        match self.sgd.velocities.remove(&id) {
+            // Taken out of the map, so that the step holds its only handle and writes it in
+            // place.
             Some(velocity) => {
-                sgd_momentum_step(tensor, grad, velocity, lr, self.momentum, self.weight_decay)
+                let velocity = Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device);
+                let slot = [value, grad, velocity].map(Tensor::into_dispatch);
+                self.together.push(Gathered {
+                    id,
+                    slot,
+                    rank: D,
+                    path,
+                    context,
+                });
             }
             // The first step's velocity is the (decayed) gradient itself.
             None => {
-                let velocity = decayed(grad, &tensor, self.weight_decay);
-                (tensor - velocity.clone().mul_scalar(lr), velocity)
+                let velocity = decayed(grad, &value, decay);
+                let value = value - velocity.clone().mul_scalar(self.lr);
+                let tensor = velocity.into_dispatch();
+                let velocity = Velocity {
+                    tensor,
+                    rank: D,
+                    path,
+                };
+                self.sgd.velocities.insert(id, velocity);
+                self.stepped.insert(id, (value.into_dispatch(), context));
             }
-        };
-        let velocity = Some(velocity);
-        (tensor, Some(SgdState { velocity }))
-    }
-
-    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
-        SgdState {
-            velocity: state.velocity.map(|v| v.to_device(device)),
         }
+    }
+}
+
+/// A parameter that steps together with the others: its `[param, grad, velocity]`, and what
+/// the step's results are filed under.
+struct Gathered {
+    id: ParamId,
+    slot: [DispatchTensor; 3],
+    rank: usize,
+    path: String,
+    context: Context,
+}
+
+/// The second pass: each stepped parameter's new value in its place.
+struct Replace {
+    stepped: HashMap<ParamId, (DispatchTensor, Context)>,
+}
+
+impl ModuleMapper for Replace {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some((value, context)) = self.stepped.remove(&param.id) else {
+            return param;
+        };
+        let (id, _, mapper) = param.consume();
+        let value = context.restore(Tensor::<D>::from_dispatch(value), id);
+        Param::from_mapped_value(id, value, mapper)
     }
 }
 
@@ -97,7 +317,7 @@ mod tests {
     use burn::nn::{Linear, LinearConfig};
     use burn::optim::decay::WeightDecayConfig;
     use burn::optim::momentum::MomentumConfig;
-    use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+    use burn::optim::{ModuleOptimizer, SgdConfig};
 
     fn device() -> Device {
         Device::flex().autodiff()
@@ -118,9 +338,8 @@ mod tests {
         cfg.init()
     }
 
-    /// One step of `optim` on `layer` with the gradients of `sum((layer(x))^2)` for the `i`-th
-    /// input.
-    fn step(optim: &mut ModuleOptimizer, layer: Linear, i: usize) -> Linear {
+    /// The gradients of `sum((layer(x))^2)` for the `i`-th input.
+    fn grads(layer: &Linear, i: usize) -> GradientsParams {
         let d = device();
         let x = Tensor::<2>::from_data(
             TensorData::new(
@@ -132,8 +351,17 @@ mod tests {
             &d,
         );
         let loss = layer.forward(x).powi_scalar(2).sum();
-        let grads = GradientsParams::from_grads(loss.backward(), &layer);
-        optim.step(0.05, layer, grads)
+        GradientsParams::from_grads(loss.backward(), layer)
+    }
+
+    fn ours(optim: &mut Sgd, layer: Linear, i: usize) -> Linear {
+        let g = grads(&layer, i);
+        optim.step(0.05, layer, g)
+    }
+
+    fn theirs(optim: &mut ModuleOptimizer, layer: Linear, i: usize) -> Linear {
+        let g = grads(&layer, i);
+        optim.step(0.05, layer, g)
     }
 
     fn values(layer: &Linear) -> Vec<f32> {
@@ -166,12 +394,12 @@ mod tests {
         for (momentum, decay) in [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4), (0.0, 0.0)] {
             let layer = LinearConfig::new(4, 3).init(&device());
             let start = values(&layer);
-            let mut ours = ModuleOptimizer::from(Sgd::new(momentum, decay as f64));
-            let mut theirs = burn_sgd(momentum, decay);
+            let mut mine = Sgd::new(momentum, decay as f64);
+            let mut burns = burn_sgd(momentum, decay);
             let (mut a, mut b) = (layer.clone(), layer);
             for i in 0..4 {
-                a = step(&mut ours, a, i);
-                b = step(&mut theirs, b, i);
+                a = ours(&mut mine, a, i);
+                b = theirs(&mut burns, b, i);
                 assert_same(
                     &format!("momentum {momentum}, decay {decay}, step {i}"),
                     &a,
@@ -186,21 +414,29 @@ mod tests {
     fn state_moves_between_burns_sgd_and_this_one() {
         let layer = LinearConfig::new(4, 3).init(&device());
         // Two steps of burn's, its state into ours; and the reverse.
-        let mut theirs = burn_sgd(0.9, 5e-4);
-        let mut ours = ModuleOptimizer::from(Sgd::new(0.9, 5e-4));
+        let mut burns = burn_sgd(0.9, 5e-4);
+        let mut mine = Sgd::new(0.9, 5e-4);
         let (mut a, mut b) = (layer.clone(), layer);
         for i in 0..2 {
-            a = step(&mut theirs, a, i);
-            b = step(&mut ours, b, i);
+            a = theirs(&mut burns, a, i);
+            b = ours(&mut mine, b, i);
         }
-        let mut ours_resumed =
-            ModuleOptimizer::from(Sgd::new(0.9, 5e-4)).load_record(theirs.to_record());
-        let mut theirs_resumed = burn_sgd(0.9, 5e-4).load_record(ours.to_record());
-        let a2 = step(&mut ours_resumed, a.clone(), 2);
-        let b2 = step(&mut theirs_resumed, b.clone(), 2);
-        let a3 = step(&mut theirs, a, 2);
-        let b3 = step(&mut ours, b, 2);
+        let mut mine_resumed = Sgd::new(0.9, 5e-4).load_record(burns.to_record());
+        let mut burns_resumed = burn_sgd(0.9, 5e-4).load_record(mine.to_record());
+        assert_eq!(mine_resumed.velocities.len(), 2, "both velocities read");
+        let a2 = ours(&mut mine_resumed, a.clone(), 2);
+        let b2 = theirs(&mut burns_resumed, b.clone(), 2);
+        let a3 = theirs(&mut burns, a, 2);
+        let b3 = ours(&mut mine, b, 2);
         assert_same("burn's state resumed here", &a2, &a3);
         assert_same("this state resumed in burn's", &b2, &b3);
+        // The record through bytes, as a checkpoint keeps it.
+        let bytes = mine.to_record().into_bytes().unwrap();
+        let reread = Sgd::new(0.9, 5e-4).load_record(OptimizerRecord::from_bytes(bytes).unwrap());
+        for (id, v) in &mine.velocities {
+            let w = &reread.velocities[id];
+            assert_eq!((v.rank, &v.path), (w.rank, &w.path));
+            assert_eq!(into_data(v), into_data(w));
+        }
     }
 }

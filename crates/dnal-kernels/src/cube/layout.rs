@@ -24,22 +24,31 @@ pub(super) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
 /// one call; each starts at the device's memory alignment, so they never overlap (on wgpu no
 /// two bindings of one launch may).
 pub(super) fn empties<const K: usize>(like: &CubeTensor, shapes: [Shape; K]) -> [CubeTensor; K] {
+    let mut tensors = empties_vec(like, shapes.to_vec()).into_iter();
+    [(); K].map(|_| tensors.next().expect("one tensor per shape"))
+}
+
+/// [`empties`] for a number of shapes known at run time.
+pub(super) fn empties_vec(like: &CubeTensor, shapes: Vec<Shape>) -> Vec<CubeTensor> {
     let f32_size = DType::F32.size();
     let descriptors = shapes
         .iter()
         .map(|shape| MemoryLayoutDescriptor::contiguous(shape.clone(), f32_size))
         .collect();
-    let mut layouts = like.client.empty_tensors(descriptors).into_iter();
-    shapes.map(|shape| {
-        let layout = layouts.next().expect("one layout per shape");
-        CubeTensor::new_contiguous(
-            like.client.clone(),
-            like.device.clone(),
-            shape,
-            layout.memory,
-            DType::F32,
-        )
-    })
+    let layouts = like.client.empty_tensors(descriptors);
+    shapes
+        .into_iter()
+        .zip(layouts)
+        .map(|(shape, layout)| {
+            CubeTensor::new_contiguous(
+                like.client.clone(),
+                like.device.clone(),
+                shape,
+                layout.memory,
+                DType::F32,
+            )
+        })
+        .collect()
 }
 
 /// A `[N, C, H, W]` tensor in memory the kernels read, and whether that memory is

@@ -1,171 +1,209 @@
-//! One step of SGD with momentum (dampening 0) and L2 weight decay on the CubeCL backends, for
-//! one parameter tensor, as a burn backend extension ([`CubeSgd`]): one operation in fusion's
-//! stream and one launch, where burn's optimiser issues seven tensor operations per parameter
-//! that fusion handles one by one before merging them into fewer, larger launches. Written in
-//! place over the parameter and its velocity, which fusion hands over as their only handles in
-//! training, so the step reserves no memory; the gradient is read through its strides, since the convolutions'
-//! weight gradients come back as permuted views (copying them first was a launch and a
-//! reservation more per parameter, and cost more than the operations saved).
+//! SGD with momentum (dampening 0) and L2 weight decay on the CubeCL backends for all of a
+//! network's parameters at once: one operation in fusion's stream, and one launch per group of
+//! up to [`MAX_GROUP`] parameters. burn's optimiser issues seven tensor operations per parameter,
+//! which fusion takes one by one before merging them into fewer launches; PyTorch's `foreach`
+//! and fused optimisers likewise step many tensors per launch. The velocities are written in
+//! place (the optimiser holds their only handles); the gradients are read through their strides,
+//! since the convolutions' weight gradients come back as permuted views.
 //!
 //! `velocity = grad + weight_decay * param + momentum * velocity`, `param -= lr * velocity`, in
 //! the order burn's `Sgd` computes it.
 
-use burn::backend::fusion::custom::TensorSpec;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{ExtensionType, backend_extension};
+use burn::backend::fusion::custom::{
+    CustomOpIr, HandleContainer, OperationFn, OperationIr, ScalarIr, StreamId, TensorId, TensorIr,
+};
+use burn::backend::fusion::{FusionBackend, FusionTensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-/// A parameter and its velocity after one step.
-#[derive(ExtensionType)]
-#[extension_type(fusion)]
-pub struct SgdOutput<B: burn::backend::Backend> {
-    /// The updated parameter.
-    pub param: FloatTensor<B>,
-    /// The updated velocity.
-    pub velocity: FloatTensor<B>,
-}
+use super::layout::empties_vec;
 
-fn sgd_meta(param: &TensorSpec) -> SgdOutputMetadata {
-    SgdOutputMetadata {
-        param: param.clone(),
-        velocity: param.clone(),
+/// The fused runtime of the CubeCL backends, whose tensors [`sgd_steps`] takes.
+pub type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
+
+/// The most parameters one launch of [`sgd_group`] steps.
+const MAX_GROUP: usize = 32;
+
+/// SGD's momentum step for many parameters at once on a fused CubeCL backend: one operation in
+/// fusion's stream for all of them and one launch per [`MAX_GROUP`] parameters (fewer where the
+/// device allows fewer bindings). Each slot
+/// is a `[param, grad, velocity]` of one shape (f32); the result is each slot's
+/// `[param, velocity]`. The velocities are written in place; the parameters, which the network
+/// still holds while its optimiser steps, into new memory, reserved for all of them at once.
+pub fn sgd_steps(
+    slots: Vec<[FusionTensor<Runtime>; 3]>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Vec<[FusionTensor<Runtime>; 2]> {
+    let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
+        return Vec::new();
+    };
+    let mut inputs = Vec::with_capacity(slots.len() * 3);
+    let mut outputs = Vec::with_capacity(slots.len() * 2);
+    for [param, grad, velocity] in slots {
+        for (shape, dtype) in [
+            (&param.shape, param.dtype),
+            (&velocity.shape, velocity.dtype),
+        ] {
+            let id = client.create_empty_handle();
+            outputs.push(TensorIr::uninit(id, shape.clone(), dtype));
+        }
+        inputs.extend([param.into_ir(), grad.into_ir(), velocity.into_ir()]);
     }
-}
-
-/// SGD's momentum step on the cubecl backends: `param`, `grad` and `velocity` f32 of one
-/// shape.
-#[backend_extension(Cube, Fusion)]
-pub trait CubeSgd: burn::backend::Backend {
-    /// The parameter and velocity after one step with learning rate `lr`.
-    #[fusion(meta = |param, _grad, _velocity, _lr, _momentum, _weight_decay| sgd_meta(param))]
-    fn dnal_cube_sgd(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        velocity: FloatTensor<Self>,
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-    ) -> SgdOutput<Self>;
-}
-
-impl CubeSgd for CubeBackend {
-    fn dnal_cube_sgd(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        velocity: FloatTensor<Self>,
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-    ) -> SgdOutput<Self> {
-        step(
-            param,
-            grad,
-            velocity,
-            [lr, momentum, weight_decay].map(|v| v as f32),
-        )
-    }
-}
-
-/// The shape and strides of `t` padded to four dimensions with leading ones, for the kernels
-/// to read a strided gradient in place; none above rank 4.
-fn padded(t: &CubeTensor) -> Option<([usize; 4], [usize; 4])> {
-    let (shape, strides) = (t.meta.shape(), t.meta.strides());
-    let rank = shape.num_dims();
-    if rank > 4 {
-        return None;
-    }
-    let (mut dims, mut steps) = ([1; 4], [0; 4]);
-    for d in 0..rank {
-        dims[4 - rank + d] = shape[d];
-        steps[4 - rank + d] = strides[d];
-    }
-    Some((dims, steps))
-}
-
-/// The offset of row-major element `i` in a four-dimensional view of `shape` and `strides`.
-#[cube]
-fn offset(i: usize, shape: &Sequence<usize>, strides: &Sequence<usize>) -> usize {
-    let (i3, rest) = (i % shape[3], i / shape[3]);
-    let (i2, rest) = (rest % shape[2], rest / shape[2]);
-    let (i1, i0) = (rest % shape[1], rest / shape[1]);
-    i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3]
-}
-
-fn step(
-    param: CubeTensor,
-    grad: CubeTensor,
-    velocity: CubeTensor,
-    [lr, momentum, decay]: [f32; 3],
-) -> SgdOutput<CubeBackend> {
-    // Fusion hands an operation the only handle of an input nothing reads after it; a
-    // parameter or velocity that something else still holds is copied first.
-    let [param, velocity] = [param, velocity].map(|t| {
-        let t = into_contiguous(t);
-        if t.can_mut() { t } else { t.copy() }
+    let factors = [lr, momentum, weight_decay];
+    let desc = CustomOpIr {
+        id: "dnal_sgd_steps".into(),
+        inputs: inputs.clone(),
+        outputs: outputs.clone(),
+        scalars: factors
+            .iter()
+            .map(|&v| ScalarIr::from(burn::backend::Scalar::from(v)))
+            .collect(),
+    };
+    let ids: Vec<TensorId> = outputs.iter().map(|t| t.id).collect();
+    let op = OperationFn(move |handles: &mut HandleContainer<_>| {
+        let tensors: Vec<CubeTensor> = inputs
+            .iter()
+            .map(|ir| handles.get_float_tensor::<CubeBackend>(ir))
+            .collect();
+        let mut tensors = tensors.into_iter();
+        let slots =
+            std::iter::from_fn(|| Some([tensors.next()?, tensors.next()?, tensors.next()?]))
+                .collect();
+        let stepped = sgd_group(slots, factors.map(|v| v as f32));
+        for (id, tensor) in ids.iter().zip(stepped.into_iter().flatten()) {
+            handles.register_float_tensor::<CubeBackend>(id, tensor);
+        }
+        Ok(())
     });
-    let view = padded(&grad).filter(|_| !grad.is_contiguous());
-    let grad = if view.is_none() {
-        into_contiguous(grad)
-    } else {
-        grad
-    };
-    let strided = view.is_some();
-    let (dims, steps) = view.unwrap_or(([1; 4], [0; 4]));
-    let sequence = |values: [usize; 4]| {
-        let mut arg = SequenceArg::new();
-        values.into_iter().for_each(|v| arg.push(v));
-        arg
-    };
-    let client = param.client.clone();
-    let elements = param.meta.num_elements();
-    let dim = CubeDim::new(&client, elements);
-    sgd_in_place::launch(
-        &client,
-        calculate_cube_count_elemwise(&client, elements, dim),
-        dim,
-        param.clone().into_buffer_arg(),
-        velocity.clone().into_buffer_arg(),
-        grad.into_buffer_arg(),
-        sequence(dims),
-        sequence(steps),
-        lr,
-        momentum,
-        decay,
-        strided,
-    );
-    SgdOutput { param, velocity }
+    let mut tensors = client
+        .register(StreamId::current(), OperationIr::Custom(desc), op)
+        .into_iter();
+    std::iter::from_fn(|| Some([tensors.next()?, tensors.next()?])).collect()
 }
 
-/// The step written over `param` and `velocity`; `grad` read through `shape` and `strides`
-/// where `strided`.
+/// The steps of [`sgd_steps`] on the device: `[param, grad, velocity]` slots in, `[param,
+/// velocity]` out.
+fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
+    let Some(first) = slots.first().map(|[param, ..]| param.clone()) else {
+        return Vec::new();
+    };
+    let client = first.client.clone();
+    // Four bindings per parameter, and two for the launch's metadata and scalars.
+    let max_bindings = client.properties().hardware.max_bindings as usize;
+    let per_launch = (max_bindings.saturating_sub(2) / 4).clamp(1, MAX_GROUP);
+    let slots: Vec<[CubeTensor; 3]> = slots
+        .into_iter()
+        .map(|[param, grad, velocity]| {
+            let velocity = into_contiguous(velocity);
+            let velocity = if velocity.can_mut() {
+                velocity
+            } else {
+                velocity.copy()
+            };
+            [into_contiguous(param), grad, velocity]
+        })
+        .collect();
+    let shapes = slots.iter().map(|[p, ..]| p.meta.shape().clone()).collect();
+    let fresh = empties_vec(&first, shapes);
+    for (chunk, out) in slots.chunks(per_launch).zip(fresh.chunks(per_launch)) {
+        let mut starts = SequenceArg::new();
+        let mut total = 0;
+        starts.push(0);
+        let mut strided = 0u64;
+        let [mut params, mut grads, mut velocities, mut outs] =
+            [(); 4].map(|_| SequenceArg::<OwnedTensor<f32>>::new());
+        for (k, ([param, grad, velocity], new)) in chunk.iter().zip(out).enumerate() {
+            total += param.meta.num_elements();
+            starts.push(total);
+            if !grad.is_contiguous() {
+                strided |= 1 << k;
+            }
+            params.push(param.clone().into_tensor_arg());
+            grads.push(grad.clone().into_tensor_arg());
+            velocities.push(velocity.clone().into_tensor_arg());
+            outs.push(new.clone().into_tensor_arg());
+        }
+        let dim = CubeDim::new(&client, total);
+        sgd_group_kernel::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, total, dim),
+            dim,
+            params,
+            grads,
+            velocities,
+            outs,
+            starts,
+            lr,
+            momentum,
+            decay,
+            chunk.len(),
+            strided,
+        );
+    }
+    slots
+        .into_iter()
+        .zip(fresh)
+        .map(|([_, _, velocity], param)| [param, velocity])
+        .collect()
+}
+
+/// The offset of row-major element `i` of `t` in its memory, through its strides.
+#[cube]
+fn strided_offset(t: &OwnedTensor<f32>, i: usize) -> usize {
+    let rank = t.rank();
+    let mut rest = i;
+    let mut offset = 0;
+    for r in 0..rank {
+        let d = rank - 1 - r;
+        let size = t.shape(d);
+        offset += (rest % size) * t.stride(d);
+        rest /= size;
+    }
+    offset
+}
+
+/// The step of up to [`MAX_GROUP`] parameters: parameter `k` owns the positions
+/// `starts[k]..starts[k + 1]`; its gradient is read through its strides where bit `k` of
+/// `strided` is set; its velocity is written in place and its new value into `outs[k]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn sgd_in_place(
-    param: &mut [f32],
-    velocity: &mut [f32],
-    grad: &[f32],
-    shape: Sequence<usize>,
-    strides: Sequence<usize>,
+fn sgd_group_kernel(
+    params: &Sequence<OwnedTensor<f32>>,
+    grads: &Sequence<OwnedTensor<f32>>,
+    velocities: &mut Sequence<OwnedTensor<f32>>,
+    outs: &mut Sequence<OwnedTensor<f32>>,
+    starts: Sequence<usize>,
     lr: f32,
     momentum: f32,
     decay: f32,
-    #[comptime] strided: bool,
+    #[comptime] count: usize,
+    #[comptime] strided: u64,
 ) {
-    let i = ABSOLUTE_POS;
-    if i >= param.len() {
+    let pos = ABSOLUTE_POS;
+    if pos >= starts[count] {
         terminate!();
     }
-    let g = if strided {
-        grad[offset(i, &shape, &strides)]
-    } else {
-        grad[i]
-    };
-    let p = param[i];
-    let v = (p * decay + g) + velocity[i] * momentum;
-    velocity[i] = v;
-    param[i] = p - v * lr;
+    #[unroll]
+    for k in 0..count {
+        let start = starts[k];
+        if pos >= start && pos < starts[comptime!(k + 1)] {
+            let i = pos - start;
+            let grad = grads.index(k);
+            let g = if comptime!((strided >> k) & 1 == 1) {
+                grad.as_slice()[strided_offset(grad, i)]
+            } else {
+                grad.as_slice()[i]
+            };
+            let p = params.index(k).as_slice()[i];
+            let velocity = velocities.index_mut(k).as_mut_slice();
+            let v = (p * decay + g) + velocity[i] * momentum;
+            velocity[i] = v;
+            outs.index_mut(k).as_mut_slice()[i] = p - v * lr;
+        }
+    }
 }
