@@ -486,10 +486,10 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
 
 /// SGD's momentum step ([`crate::sgd_momentum_step`]) over three steps, each output the next
 /// step's input: lengths of one, an odd few, and more than a cube's units; a gradient that is
-/// a transposed view (not contiguous); and copies of the parameter and velocity kept before
-/// the last step, which must keep their values (on the CubeCL backends the step writes in
-/// place only where nothing else holds them); and 45 parameters stepped together
-/// ([`crate::sgd_momentum_steps`]), more than one launch takes.
+/// a transposed view (not contiguous) and one that is a slice; copies of the parameter and
+/// velocity kept before the last step, which must keep their values (on the CubeCL backends
+/// the velocity is written in place only where nothing else holds it); and 45 parameters
+/// stepped together ([`crate::sgd_momentum_steps`]), more than one launch takes.
 pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let steps = ["param", "velocity"];
     let kept = ["param", "velocity", "kept param", "kept velocity"];
@@ -514,6 +514,15 @@ pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
         run(device),
         run(reference),
     ));
+    let run = |d: &Device| sliced_grad_sgd_case(d);
+    let case = "SGD step of [16, 27] with a sliced gradient";
+    out.extend(compare(
+        TOLERANCE,
+        case,
+        &steps,
+        run(device),
+        run(reference),
+    ));
     let run = |d: &Device| sgd_case([16, 27], false, true, d);
     let case = "SGD step of [16, 27] with copies kept";
     out.extend(compare(TOLERANCE, case, &kept, run(device), run(reference)));
@@ -522,6 +531,23 @@ pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let held = ["param", "velocity", "held copies"];
     out.extend(compare(TOLERANCE, case, &held, run(device), run(reference)));
     out
+}
+
+/// Three steps of a `[16, 27]` parameter whose gradient is a slice of a wider tensor (its
+/// memory has gaps, so no layout of the parameter matches it).
+fn sliced_grad_sgd_case(device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    let tensor = |shape: [usize; 2], seed: f32| {
+        Tensor::<2>::from_data(
+            TensorData::new(wave(shape[0] * shape[1], seed), shape),
+            device,
+        )
+    };
+    let (mut param, mut velocity) = (tensor([16, 27], 0.3), tensor([16, 27], 1.7));
+    for step in 0..3 {
+        let grad = tensor([16, 30], 2.9 + step as f32).slice([0..16, 2..29]);
+        (param, velocity) = crate::sgd_momentum_step(param, grad, velocity, 0.1, 0.9, 5e-4);
+    }
+    Ok(vec![values(param)?, values(velocity)?])
 }
 
 /// Three steps of [`crate::sgd_momentum_steps`] over 45 parameters at once (more than one

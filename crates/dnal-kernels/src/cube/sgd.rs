@@ -3,8 +3,9 @@
 //! up to [`MAX_GROUP`] parameters. burn's optimiser issues seven tensor operations per parameter,
 //! which fusion takes one by one before merging them into fewer launches; PyTorch's `foreach`
 //! and fused optimisers likewise step many tensors per launch. The velocities are written in
-//! place (the optimiser holds their only handles); the gradients are read through their strides,
-//! since the convolutions' weight gradients come back as permuted views.
+//! place (the optimiser holds their only handles). Each parameter and velocity takes its
+//! gradient's memory layout, channel-last for the convolutions' weights, which is also the
+//! layout burn's convolution kernels read weights in.
 //!
 //! `velocity = grad + weight_decay * param + momentum * velocity`, `param -= lr * velocity`, in
 //! the order burn's `Sgd` computes it.
@@ -13,10 +14,12 @@ use burn::backend::fusion::custom::{
     CustomOpIr, HandleContainer, OperationFn, OperationIr, ScalarIr, StreamId, TensorId, TensorIr,
 };
 use burn::backend::fusion::{FusionBackend, FusionTensor};
+use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::empties_vec;
@@ -87,7 +90,11 @@ pub fn sgd_steps(
 }
 
 /// The steps of [`sgd_steps`] on the device: `[param, grad, velocity]` slots in, `[param,
-/// velocity]` out.
+/// velocity]` out. Each slot's four tensors are brought to its gradient's memory layout (a
+/// dense one: the convolutions' weight gradients are channel-last), so that the kernel works
+/// in memory order without index arithmetic, and the new parameter keeps that layout: from
+/// the second step on nothing is copied, and the convolutions get channel-last weights, as
+/// their kernels read them.
 fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
     let Some(first) = slots.first().map(|[param, ..]| param.clone()) else {
         return Vec::new();
@@ -96,33 +103,52 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
     // Four bindings per parameter, and two for the launch's metadata and scalars.
     let max_bindings = client.properties().hardware.max_bindings as usize;
     let per_launch = (max_bindings.saturating_sub(2) / 4).clamp(1, MAX_GROUP);
+    let mut orders = Vec::with_capacity(slots.len());
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
         .map(|[param, grad, velocity]| {
-            let velocity = into_contiguous(velocity);
+            let (grad, order) = match dense_order(&grad) {
+                Some(order) => (grad, order),
+                None => {
+                    let grad = into_contiguous(grad);
+                    let order = (0..grad.meta.num_dims()).collect();
+                    (grad, order)
+                }
+            };
+            let param = laid_out_as(param, &grad, &order);
             let velocity = if velocity.can_mut() {
                 velocity
             } else {
                 velocity.copy()
             };
-            [into_contiguous(param), grad, velocity]
+            let velocity = laid_out_as(velocity, &grad, &order);
+            orders.push(order);
+            [param, grad, velocity]
         })
         .collect();
-    let shapes = slots.iter().map(|[p, ..]| p.meta.shape().clone()).collect();
-    let fresh = empties_vec(&first, shapes);
+    // The new parameters: contiguous in each gradient's dimension order, viewed back.
+    let shapes = slots
+        .iter()
+        .zip(&orders)
+        .map(|([p, ..], order)| {
+            let shape = p.meta.shape();
+            Shape::from(order.iter().map(|&d| shape[d]).collect::<Vec<_>>())
+        })
+        .collect();
+    let fresh: Vec<CubeTensor> = empties_vec(&first, shapes)
+        .into_iter()
+        .zip(&orders)
+        .map(|(t, order)| permute(t, &inverse(order)))
+        .collect();
     for (chunk, out) in slots.chunks(per_launch).zip(fresh.chunks(per_launch)) {
         let mut starts = SequenceArg::new();
         let mut total = 0;
         starts.push(0);
-        let mut strided = 0u64;
         let [mut params, mut grads, mut velocities, mut outs] =
             [(); 4].map(|_| SequenceArg::<OwnedTensor<f32>>::new());
-        for (k, ([param, grad, velocity], new)) in chunk.iter().zip(out).enumerate() {
+        for ([param, grad, velocity], new) in chunk.iter().zip(out) {
             total += param.meta.num_elements();
             starts.push(total);
-            if !grad.is_contiguous() {
-                strided |= 1 << k;
-            }
             params.push(param.clone().into_tensor_arg());
             grads.push(grad.clone().into_tensor_arg());
             velocities.push(velocity.clone().into_tensor_arg());
@@ -142,7 +168,6 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
             momentum,
             decay,
             chunk.len(),
-            strided,
         );
     }
     slots
@@ -152,24 +177,51 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
         .collect()
 }
 
-/// The offset of row-major element `i` of `t` in its memory, through its strides.
-#[cube]
-fn strided_offset(t: &OwnedTensor<f32>, i: usize) -> usize {
-    let rank = t.rank();
-    let mut rest = i;
-    let mut offset = 0;
-    for r in 0..rank {
-        let d = rank - 1 - r;
-        let size = t.shape(d);
-        offset += (rest % size) * t.stride(d);
-        rest /= size;
+/// `t`'s dimensions from the largest stride to the smallest, where its memory holds each of
+/// its elements once with no gaps (contiguous in some dimension order); `None` where it does
+/// not (a broadcast or a slice).
+fn dense_order(t: &CubeTensor) -> Option<Vec<usize>> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    let mut order: Vec<usize> = (0..shape.num_dims()).collect();
+    order.sort_by_key(|&d| std::cmp::Reverse(strides[d]));
+    let mut expected = 1;
+    for &d in order.iter().rev().filter(|&&d| shape[d] > 1) {
+        if strides[d] != expected {
+            return None;
+        }
+        expected *= shape[d];
     }
-    offset
+    Some(order)
 }
 
-/// The step of up to [`MAX_GROUP`] parameters: parameter `k` owns the positions
-/// `starts[k]..starts[k + 1]`; its gradient is read through its strides where bit `k` of
-/// `strided` is set; its velocity is written in place and its new value into `outs[k]`.
+/// `t` with the memory layout of `like` (dense, in dimension order `order`): itself where
+/// it has it, else a copy.
+fn laid_out_as(t: CubeTensor, like: &CubeTensor, order: &[usize]) -> CubeTensor {
+    let shape = t.meta.shape();
+    let same = dense_order(&t).is_some()
+        && (0..shape.num_dims())
+            .filter(|&d| shape[d] > 1)
+            .all(|d| t.meta.strides()[d] == like.meta.strides()[d]);
+    if same {
+        t
+    } else {
+        let ordered = into_contiguous(permute(t, order));
+        permute(ordered, &inverse(order))
+    }
+}
+
+/// The permutation that undoes `order`.
+fn inverse(order: &[usize]) -> Vec<usize> {
+    let mut inverse = vec![0; order.len()];
+    for (i, &d) in order.iter().enumerate() {
+        inverse[d] = i;
+    }
+    inverse
+}
+
+/// The step of up to [`MAX_GROUP`] parameters whose four tensors share one dense memory
+/// layout: parameter `k` owns the positions `starts[k]..starts[k + 1]`, each its element at
+/// that memory offset; its velocity is written in place and its new value into `outs[k]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn sgd_group_kernel(
@@ -182,7 +234,6 @@ fn sgd_group_kernel(
     momentum: f32,
     decay: f32,
     #[comptime] count: usize,
-    #[comptime] strided: u64,
 ) {
     let pos = ABSOLUTE_POS;
     if pos >= starts[count] {
@@ -193,12 +244,7 @@ fn sgd_group_kernel(
         let start = starts[k];
         if pos >= start && pos < starts[comptime!(k + 1)] {
             let i = pos - start;
-            let grad = grads.index(k);
-            let g = if comptime!((strided >> k) & 1 == 1) {
-                grad.as_slice()[strided_offset(grad, i)]
-            } else {
-                grad.as_slice()[i]
-            };
+            let g = grads.index(k).as_slice()[i];
             let p = params.index(k).as_slice()[i];
             let velocity = velocities.index_mut(k).as_mut_slice();
             let v = (p * decay + g) + velocity[i] * momentum;
