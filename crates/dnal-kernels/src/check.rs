@@ -493,43 +493,34 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
 pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let steps = ["param", "velocity"];
     let kept = ["param", "velocity", "kept param", "kept velocity"];
-    let mut out = Vec::new();
-    for n in [1, 7, 4099] {
-        let run = |d: &Device| sgd_case([n], false, false, d);
-        let case = format!("SGD step of [{n}]");
-        out.extend(compare(
-            TOLERANCE,
-            &case,
-            &steps,
-            run(device),
-            run(reference),
-        ));
-    }
-    let run = |d: &Device| sgd_case([16, 27], true, false, d);
-    let case = "SGD step of [16, 27] with a transposed gradient";
-    out.extend(compare(
-        TOLERANCE,
-        case,
-        &steps,
-        run(device),
-        run(reference),
-    ));
-    let run = |d: &Device| sliced_grad_sgd_case(d);
-    let case = "SGD step of [16, 27] with a sliced gradient";
-    out.extend(compare(
-        TOLERANCE,
-        case,
-        &steps,
-        run(device),
-        run(reference),
-    ));
-    let run = |d: &Device| sgd_case([16, 27], false, true, d);
-    let case = "SGD step of [16, 27] with copies kept";
-    out.extend(compare(TOLERANCE, case, &kept, run(device), run(reference)));
-    let run = |d: &Device| sgd_group_case(d);
-    let case = "SGD step of 45 parameters together (ranks 1, 2, 4; permuted gradients)";
     let held = ["param", "velocity", "held copies"];
-    out.extend(compare(TOLERANCE, case, &held, run(device), run(reference)));
+    type Run<'a> = &'a dyn Fn(&Device) -> Result<Vec<Vec<f32>>, String>;
+    let mut out = Vec::new();
+    let mut add = |case: &str, names: &[&'static str], run: Run| {
+        out.extend(compare(TOLERANCE, case, names, run(device), run(reference)));
+    };
+    for n in [1, 7, 4099] {
+        let case = format!("SGD step of [{n}]");
+        add(&case, &steps, &|d| sgd_case([n], false, false, d));
+    }
+    add(
+        "SGD step of [16, 27] with a transposed gradient",
+        &steps,
+        &|d| sgd_case([16, 27], true, false, d),
+    );
+    add(
+        "SGD step of [16, 27] with a sliced gradient",
+        &steps,
+        &sliced_grad_sgd_case,
+    );
+    add("SGD step of [16, 27] with copies kept", &kept, &|d| {
+        sgd_case([16, 27], false, true, d)
+    });
+    add(
+        "SGD step of 45 parameters together (ranks 1, 2, 4; permuted gradients)",
+        &held,
+        &sgd_group_case,
+    );
     out
 }
 
