@@ -85,7 +85,7 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use sgd::{decayed, sgd_momentum_step, sgd_momentum_steps};
+pub use sgd::{decayed, sgd_momentum_step, sgd_momentum_steps, steps_together};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

@@ -58,6 +58,18 @@ pub fn sgd_momentum_steps(
         .collect()
 }
 
+/// Whether [`sgd_momentum_steps`] steps `param` together with others (f32 on cuda or wgpu,
+/// with a gradient and velocity like it) rather than with burn's operations on its own.
+pub fn steps_together<const D: usize>(param: &Tensor<D>) -> bool {
+    #[cfg(feature = "cube")]
+    return crate::takes_cube_path(param);
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = param;
+        false
+    }
+}
+
 /// One slot's step with burn's operations, in the order burn's `Sgd` applies them.
 fn burn_step(
     param: DispatchTensor,

@@ -13,7 +13,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
 use burn::tensor::GradientCheckpointingStrategy;
-use dnal_kernels::{decayed, sgd_momentum_steps};
+use dnal_kernels::{decayed, sgd_momentum_step, sgd_momentum_steps, steps_together};
 
 /// SGD with momentum `momentum` (none at 0) and weight decay `weight_decay` (none at 0), and
 /// each parameter's velocity.
@@ -53,16 +53,13 @@ impl Sgd {
         let mut gather = Gather {
             sgd: self,
             grads: &mut grads,
-            lr,
             path: Vec::new(),
             together: Vec::new(),
-            stepped: HashMap::new(),
+            alone: HashMap::new(),
         };
         module.visit(&mut gather);
         let Gather {
-            together,
-            mut stepped,
-            ..
+            together, alone, ..
         } = gather;
         let mut slots = Vec::with_capacity(together.len());
         let mut keys = Vec::with_capacity(together.len());
@@ -78,12 +75,57 @@ impl Sgd {
             keys.push((id, rank, path, context));
         }
         let results = sgd_momentum_steps(slots, lr, self.momentum, self.weight_decay);
+        let mut stepped = HashMap::with_capacity(keys.len());
         for ((id, rank, path, context), [param, tensor]) in keys.into_iter().zip(results) {
             let velocity = Velocity { tensor, rank, path };
             self.velocities.insert(id, velocity);
             stepped.insert(id, (param, context));
         }
-        module.map(&mut Replace { stepped })
+        module.map(&mut Replace {
+            sgd: self,
+            lr,
+            stepped,
+            alone,
+        })
+    }
+
+    /// One parameter's step on its own (a first step, no momentum, or a backend without the
+    /// joint step), given the parameter itself rather than a copy of its handle, so that the
+    /// backend may write the result over it.
+    fn step_alone<const D: usize>(
+        &mut self,
+        lr: f64,
+        id: ParamId,
+        value: Tensor<D>,
+        grad: Tensor<D>,
+        path: String,
+    ) -> Tensor<D> {
+        let (momentum, decay) = (self.momentum, self.weight_decay);
+        let value = value.to_device(&grad.device());
+        if momentum == 0.0 {
+            let grad = decayed(grad, &value, decay);
+            return value - grad.mul_scalar(lr);
+        }
+        let (value, velocity) = match self.velocities.remove(&id) {
+            Some(velocity) => {
+                let velocity =
+                    Tensor::<D>::from_dispatch(velocity.tensor).to_device(&grad.device());
+                sgd_momentum_step(value, grad, velocity, lr, momentum, decay)
+            }
+            // The first step's velocity is the (decayed) gradient itself.
+            None => {
+                let velocity = decayed(grad, &value, decay);
+                (value - velocity.clone().mul_scalar(lr), velocity)
+            }
+        };
+        let tensor = velocity.into_dispatch();
+        let velocity = Velocity {
+            tensor,
+            rank: D,
+            path,
+        };
+        self.velocities.insert(id, velocity);
+        value
     }
 
     /// The velocities as burn's `ModuleOptimizer` records an `Sgd`'s state.
@@ -217,15 +259,15 @@ impl Context {
     }
 }
 
-/// The first pass of a step: every parameter with a gradient either stepped at once (a first
-/// step, or without momentum) or gathered to step together with the others.
+/// The first pass of a step: every parameter with a gradient and a velocity that
+/// [`steps_together`] gathered to step with the others, every other one's gradient kept for
+/// the second pass.
 struct Gather<'a> {
     sgd: &'a mut Sgd,
     grads: &'a mut GradientsParams,
-    lr: f64,
     path: Vec<String>,
     together: Vec<Gathered>,
-    stepped: HashMap<ParamId, (DispatchTensor, Context)>,
+    alone: HashMap<ParamId, (DispatchTensor, String)>,
 }
 
 impl ModuleVisitor for Gather<'_> {
@@ -242,46 +284,29 @@ impl ModuleVisitor for Gather<'_> {
         let Some(grad) = self.grads.remove::<D>(id) else {
             return;
         };
+        let path = self.path.join(".");
         let value = param.val();
+        let together = self.sgd.momentum != 0.0
+            && self.sgd.velocities.contains_key(&id)
+            && steps_together(&value);
+        if !together {
+            self.alone.insert(id, (grad.into_dispatch(), path));
+            return;
+        }
         let context = Context::capture(&value);
         let device = grad.device();
         let value = value.inner().to_device(&device);
-        let (momentum, decay) = (self.sgd.momentum, self.sgd.weight_decay);
-        if momentum == 0.0 {
-            let grad = decayed(grad, &value, decay);
-            let value = value - grad.mul_scalar(self.lr);
-            self.stepped.insert(id, (value.into_dispatch(), context));
-            return;
-        }
-        let path = self.path.join(".");
-        match self.sgd.velocities.remove(&id) {
-            // Taken out of the map, so that the step holds its only handle and writes it in
-            // place.
-            Some(velocity) => {
-                let velocity = Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device);
-                let slot = [value, grad, velocity].map(Tensor::into_dispatch);
-                self.together.push(Gathered {
-                    id,
-                    slot,
-                    rank: D,
-                    path,
-                    context,
-                });
-            }
-            // The first step's velocity is the (decayed) gradient itself.
-            None => {
-                let velocity = decayed(grad, &value, decay);
-                let value = value - velocity.clone().mul_scalar(self.lr);
-                let tensor = velocity.into_dispatch();
-                let velocity = Velocity {
-                    tensor,
-                    rank: D,
-                    path,
-                };
-                self.sgd.velocities.insert(id, velocity);
-                self.stepped.insert(id, (value.into_dispatch(), context));
-            }
-        }
+        // Taken out of the map, so that the step holds its only handle and writes it in place.
+        let velocity = self.sgd.velocities.remove(&id).expect("checked above");
+        let velocity = Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device);
+        let slot = [value, grad, velocity].map(Tensor::into_dispatch);
+        self.together.push(Gathered {
+            id,
+            slot,
+            rank: D,
+            path,
+            context,
+        });
     }
 }
 
@@ -295,19 +320,30 @@ struct Gathered {
     context: Context,
 }
 
-/// The second pass: each stepped parameter's new value in its place.
-struct Replace {
+/// The second pass: each parameter stepped together put in its place, each other one with a
+/// gradient stepped on its own.
+struct Replace<'a> {
+    sgd: &'a mut Sgd,
+    lr: f64,
     stepped: HashMap<ParamId, (DispatchTensor, Context)>,
+    alone: HashMap<ParamId, (DispatchTensor, String)>,
 }
 
-impl ModuleMapper for Replace {
+impl ModuleMapper for Replace<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some((value, context)) = self.stepped.remove(&param.id) else {
+        if let Some((value, context)) = self.stepped.remove(&param.id) {
+            let (id, _, mapper) = param.consume();
+            let value = context.restore(Tensor::<D>::from_dispatch(value), id);
+            return Param::from_mapped_value(id, value, mapper);
+        }
+        let Some((grad, path)) = self.alone.remove(&param.id) else {
             return param;
         };
-        let (id, _, mapper) = param.consume();
-        let value = context.restore(Tensor::<D>::from_dispatch(value), id);
-        Param::from_mapped_value(id, value, mapper)
+        let (id, value, mapper) = param.consume();
+        let context = Context::capture(&value);
+        let grad = Tensor::<D>::from_dispatch(grad);
+        let value = self.sgd.step_alone(self.lr, id, value.inner(), grad, path);
+        Param::from_mapped_value(id, context.restore(value, id), mapper)
     }
 }
 
