@@ -30,7 +30,7 @@
 # BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
 # own kernels off, burn's operations throughout; a column of its own in the table),
 # BURN_SGD_NETS (likewise with `--burn-sgd`: burn's SGD, seven operations per parameter, in
-# place of dnal's one), CHECK
+# place of dnal's one operation for all of them), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
 # depthwise, convolution or sgd; default all four).
