@@ -31,7 +31,8 @@ trap 'rm -rf "$DEST.tmp"' EXIT
 {
     echo "packed at commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "binary built $(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')"
-    "$BIN" backends 2>/dev/null | awk '$2 != "not" {print "backend " $1}'
+    "$BIN" backends 2>/dev/null | awk '$1 ~ /^(flex|ndarray|wgpu|cuda)$/ && $2 != "not" {print "backend " $1}'
+    "$BIN" backends 2>/dev/null | grep '^kernel cache' || true
 } > "$DEST.tmp/BUILD"
 strip -o "$DEST.tmp/dnal-train" "$BIN"
 xz -6 -T2 "$DEST.tmp/dnal-train"

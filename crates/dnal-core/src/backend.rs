@@ -56,6 +56,21 @@ impl BackendKind {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
 
+    /// What this build does with CubeCL's autotune results and compiled kernels (the cuda and
+    /// wgpu backends' warm-up); `None` in a build with neither backend.
+    pub fn kernel_cache() -> Option<&'static str> {
+        if !(cfg!(feature = "wgpu") || cfg!(feature = "cuda")) {
+            return None;
+        }
+        Some(if cfg!(feature = "persistence") {
+            "kept on disk between runs (under target/environment of the Cargo workspace a run \
+             starts in, else ~/.cache/cubecl)"
+        } else {
+            "redone by every process (autotuning and compiling at the start of each run); \
+             build with `--features persistence` to keep it on disk"
+        })
+    }
+
     /// The device of this backend (without autodiff), or an error naming the cargo feature to
     /// enable when it was not compiled in.
     pub fn device(self) -> Result<Device> {

@@ -387,6 +387,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     );
                 }
             }
+            if let (false, Some(cache)) = (json, BackendKind::kernel_cache()) {
+                println!("kernel cache: {cache}");
+            }
             Ok(true)
         }
         Command::Predict {

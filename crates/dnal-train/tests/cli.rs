@@ -296,11 +296,15 @@ fn backends_lists_every_backend_and_whether_it_starts() {
             "{text}"
         );
     }
+    let gpu = rows[2..].iter().any(|r| r["state"] != "not_compiled");
     let (ok, text) = dnal_train(&["backends"]);
     assert!(
         ok && text.lines().next().unwrap().starts_with("flex     usable"),
         "{text}"
     );
+    // A build with a CubeCL backend says what it does with the kernels it tunes and compiles.
+    let cache = text.lines().find(|l| l.starts_with("kernel cache: "));
+    assert_eq!(cache.is_some(), gpu, "{text}");
 }
 
 #[test]
