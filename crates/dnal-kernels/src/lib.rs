@@ -85,7 +85,9 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use sgd::{decayed, sgd_momentum_step, sgd_momentum_steps, steps_together};
+pub use sgd::{
+    decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout, steps_together,
+};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

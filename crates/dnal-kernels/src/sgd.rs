@@ -70,6 +70,47 @@ pub fn steps_together<const D: usize>(param: &Tensor<D>) -> bool {
     }
 }
 
+/// `param` in the memory layout in which [`sgd_momentum_steps`] steps it without copies on
+/// cuda and wgpu: a rank-4 f32 tensor (a convolution's weight) channel-last, `[C_out, k, k,
+/// C_in]` in memory viewed as `[C_out, C_in, k, k]`, the layout the convolutions' weight
+/// gradients arrive in. Any other tensor, and every tensor elsewhere, is returned as it is.
+/// The step keeps each parameter's layout (a gradient laid out otherwise is copied into it at
+/// every step), so a network passed through this before training meets one weight layout
+/// throughout, and its convolutions are stepped without copies. Reads the tensor back to the
+/// host once.
+pub fn step_layout<const D: usize>(param: Tensor<D>) -> Tensor<D> {
+    const CHANNEL_LAST: [usize; 4] = [0, 2, 3, 1];
+    const BACK: [usize; 4] = [0, 3, 1, 2];
+    let dims = param.dims();
+    // With one input channel or a 1x1 kernel, channel-last is the memory it already has.
+    if D != 4 || dims[1] == 1 || dims[2] * dims[3] == 1 || !steps_together(&param) {
+        return param;
+    }
+    let device = param.device();
+    let data = param
+        .permute(std::array::from_fn(|d| CHANNEL_LAST[d]))
+        .into_data();
+    Tensor::<D>::from_data(data, &device).permute(std::array::from_fn(|d| BACK[d]))
+}
+
+/// The strides of `t`'s memory where `t` is on cuda or wgpu, `None` elsewhere; it runs what
+/// is pending on `t`. For tests and diagnostics of [`step_layout`].
+pub fn memory_strides<const D: usize>(t: &Tensor<D>) -> Option<Vec<usize>> {
+    #[cfg(feature = "cube")]
+    {
+        use burn::backend::{BackendTensor, DispatchTensorKind};
+        match t.clone().inner().into_dispatch().kind {
+            DispatchTensorKind::Cube(BackendTensor::Float(t)) => Some(crate::cube::strides(t)),
+            _ => None,
+        }
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
 /// One slot's step with burn's operations, in the order burn's `Sgd` applies them.
 fn burn_step(
     param: DispatchTensor,

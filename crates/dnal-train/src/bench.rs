@@ -144,6 +144,11 @@ impl WithNetwork for Timed<'_> {
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b.batch]), &device);
         let ce = CrossEntropyLossConfig::new().init(&device);
         // The paper's CIFAR weight stage: momentum 0.9 (dampening 0), weight decay 5e-4.
+        // dnal's SGD holds convolution weights channel-last on cuda and wgpu; from the start,
+        // so that the warm-up tunes each convolution once.
+        if !b.burn_sgd {
+            net = crate::sgd::lay_out(net);
+        }
         let mut sgd = if b.burn_sgd {
             crate::phase::Optim::Burn(
                 SgdConfig::new()

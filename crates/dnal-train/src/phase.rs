@@ -213,9 +213,15 @@ pub(crate) fn gate_internals() -> ParamGroup {
     ParamGroup::from_regex(r"gate\.(mask|temperature)$").expect("a valid pattern")
 }
 
-/// Sets gate modes, trainability and BatchNorm behaviour for a phase. Applied on every
-/// (re)start of a phase, since modes and flags are not part of a checkpoint.
+/// Sets gate modes, trainability and BatchNorm behaviour for a phase, and puts the weights in
+/// the memory layout the phase's SGD steps them in ([`crate::sgd::lay_out`]). Applied on every
+/// (re)start of a phase, since modes, flags and layouts are not part of a checkpoint.
 pub(crate) fn configure<N: Network>(cfg: &TrainConfig, phase: Phase, model: N) -> N {
+    crate::sgd::lay_out(configured(cfg, phase, model))
+}
+
+/// [`configure`]'s modes and flags.
+fn configured<N: Network>(cfg: &TrainConfig, phase: Phase, model: N) -> N {
     match phase {
         Phase::Arch => {
             let alpha = ParamGroup::from_ids(model.alpha_ids());

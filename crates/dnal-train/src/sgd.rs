@@ -13,7 +13,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
 use burn::tensor::GradientCheckpointingStrategy;
-use dnal_kernels::{decayed, sgd_momentum_step, sgd_momentum_steps, steps_together};
+use dnal_kernels::{decayed, sgd_momentum_step, sgd_momentum_steps, step_layout, steps_together};
 
 /// SGD with momentum `momentum` (none at 0) and weight decay `weight_decay` (none at 0), and
 /// each parameter's velocity.
@@ -89,8 +89,8 @@ impl Sgd {
         })
     }
 
-    /// One parameter's step on its own (a first step, no momentum, or a backend without the
-    /// joint step), given the parameter itself rather than a copy of its handle, so that the
+    /// One parameter's step on its own (no momentum, or a backend without the joint step, where
+    /// the first step has no velocity yet), given the parameter itself rather than a copy of its handle, so that the
     /// backend may write the result over it.
     fn step_alone<const D: usize>(
         &mut self,
@@ -226,6 +226,30 @@ fn from_data(data: TensorData, device: &Device) -> Option<DispatchTensor> {
     })
 }
 
+/// `module` with its parameters in the memory layout in which [`Sgd`] steps them without
+/// copies ([`dnal_kernels::step_layout`]: convolution weights channel-last on cuda and wgpu).
+/// The steps keep every parameter's layout, so a module laid out before its first forward pass
+/// meets one layout throughout and burn's autotune tunes each convolution once. Elsewhere the
+/// module is returned as it is.
+pub fn lay_out<M: Module>(module: M) -> M {
+    module.map(&mut Layout)
+}
+
+/// The mapper of [`lay_out`].
+struct Layout;
+
+impl ModuleMapper for Layout {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D != 4 || !steps_together(&param.val()) {
+            return param;
+        }
+        let (id, value, mapper) = param.consume();
+        let context = Context::capture(&value);
+        let value = step_layout(value.inner());
+        Param::from_mapped_value(id, context.restore(value, id), mapper)
+    }
+}
+
 /// What autodiff knew of a parameter, put back on its new value (as burn's optimisers do): a
 /// parameter lifted back with the defaults would meet its inputs under two checkpointing
 /// strategies at the next forward pass.
@@ -286,9 +310,7 @@ impl ModuleVisitor for Gather<'_> {
         };
         let path = self.path.join(".");
         let value = param.val();
-        let together = self.sgd.momentum != 0.0
-            && self.sgd.velocities.contains_key(&id)
-            && steps_together(&value);
+        let together = self.sgd.momentum != 0.0 && steps_together(&value);
         if !together {
             self.alone.insert(id, (grad.into_dispatch(), path));
             return;
@@ -297,8 +319,13 @@ impl ModuleVisitor for Gather<'_> {
         let device = grad.device();
         let value = value.inner().to_device(&device);
         // Taken out of the map, so that the step holds its only handle and writes it in place.
-        let velocity = self.sgd.velocities.remove(&id).expect("checked above");
-        let velocity = Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device);
+        let velocity = match self.sgd.velocities.remove(&id) {
+            Some(velocity) => Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device),
+            // The first step's velocity is the (decayed) gradient itself: the step adds
+            // `momentum * 0` to it. Stepped with the others, the parameter keeps its memory
+            // layout from the first step on.
+            None => Tensor::<D>::zeros(value.shape(), &device),
+        };
         let slot = [value, grad, velocity].map(Tensor::into_dispatch);
         self.together.push(Gathered {
             id,

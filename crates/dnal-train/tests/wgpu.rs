@@ -117,3 +117,116 @@ fn sgd_step_on_wgpu_matches_burn_on_flex() {
         all_within(check::sgd(&device, &flex()));
     }
 }
+
+/// A 3x3, a 1x1 and a depthwise convolution and a classifier: every kind of weight a
+/// network steps.
+#[derive(burn::module::Module, Debug)]
+struct Kinds {
+    full: dnal_zoo::ConvBnGate,
+    pointwise: dnal_zoo::ConvBnGate,
+    depthwise: dnal_zoo::ConvBnGate,
+    classifier: burn::nn::Linear,
+}
+
+impl Kinds {
+    fn new(device: &burn::prelude::Device) -> Self {
+        use dnal_zoo::ConvBnGateConfig;
+        Self {
+            full: ConvBnGateConfig::new(3, 4).init(device),
+            pointwise: ConvBnGateConfig::new(4, 6).with_kernel(1).init(device),
+            depthwise: ConvBnGateConfig::new(6, 6)
+                .with_depthwise(true)
+                .init(device),
+            classifier: burn::nn::LinearConfig::new(6, 10).init(device),
+        }
+    }
+
+    fn forward(&self, x: burn::prelude::Tensor<4>) -> burn::prelude::Tensor<2> {
+        use dnal_kernels::Activation::Relu;
+        let x = self.full.forward_act(x, Relu);
+        let x = self.pointwise.forward_act(x, Relu);
+        let x = self.depthwise.forward_act(x, Relu);
+        self.classifier.forward(dnal_kernels::global_avg_pool(x))
+    }
+}
+
+/// A parameter: its shape, the strides of its memory and its values.
+struct Parameter {
+    dims: Vec<usize>,
+    strides: Option<Vec<usize>>,
+    values: Vec<f32>,
+}
+
+/// Every parameter of rank 2 or more of `net`, in module order.
+fn parameters(net: &Kinds) -> Vec<Parameter> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::Tensor;
+    #[derive(Default)]
+    struct Parameters(Vec<Parameter>);
+    impl ModuleVisitor for Parameters {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if D >= 2 {
+                let value = param.val();
+                self.0.push(Parameter {
+                    dims: value.dims().to_vec(),
+                    strides: dnal_kernels::memory_strides(&value),
+                    values: value.into_data().try_to_vec().unwrap(),
+                });
+            }
+        }
+    }
+    let mut parameters = Parameters::default();
+    net.visit(&mut parameters);
+    parameters.0
+}
+
+/// On a CubeCL device dnal's SGD keeps every parameter's memory layout, whatever layout its
+/// gradient arrives in, and `sgd::lay_out` puts convolution weights channel-last (their
+/// gradients' layout) before the first forward pass, their values unchanged. Then no step
+/// changes any weight's strides, the first (stepped with a zero velocity) included: the layers
+/// meet one weight layout throughout, and burn's autotune (whose keys include it) tunes each
+/// of them once.
+#[test]
+fn weights_keep_one_memory_layout_from_the_first_step() {
+    use burn::optim::GradientsParams;
+    use burn::prelude::{Int, Tensor, TensorData};
+
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    let net = Kinds::new(&device);
+    let dense = parameters(&net);
+    let net = dnal_train::sgd::lay_out(net);
+    let laid = parameters(&net);
+    let values = |p: &[Parameter]| p.iter().map(|p| p.values.clone()).collect::<Vec<_>>();
+    assert_eq!(values(&laid), values(&dense), "laying out changed values");
+    // The 3x3 convolution's weight `[4, 3, 3, 3]`: `[C_out, k, k, C_in]` in memory.
+    assert_eq!(laid[0].dims, [4, 3, 3, 3]);
+    assert_eq!(laid[0].strides.as_deref(), Some(&[27, 1, 9, 3][..]));
+    let layout = |p: Vec<Parameter>| {
+        p.into_iter()
+            .map(|p| (p.dims, p.strides))
+            .collect::<Vec<_>>()
+    };
+    let laid = layout(laid);
+    assert_eq!(laid.len(), 4, "{laid:?}");
+    let n = 2 * 3 * 8 * 8;
+    let x = Tensor::<4>::from_data(
+        TensorData::new(
+            (0..n).map(|i| (i as f32 * 0.37).sin()).collect(),
+            [2, 3, 8, 8],
+        ),
+        &device,
+    );
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 7], [2]), &device);
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+    let mut sgd = dnal_train::sgd::Sgd::new(0.9, 5e-4);
+    let mut net = net;
+    for step in 1..=3 {
+        let loss = ce.forward(net.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = sgd.step(0.01, net, grads);
+        assert_eq!(layout(parameters(&net)), laid, "after step {step}");
+    }
+}

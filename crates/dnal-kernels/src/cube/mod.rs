@@ -18,4 +18,4 @@ mod sgd;
 pub use conv::CubeConv;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;
-pub use sgd::{Runtime, sgd_steps};
+pub use sgd::{Runtime, sgd_steps, strides};

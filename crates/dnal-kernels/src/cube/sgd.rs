@@ -3,9 +3,10 @@
 //! up to [`MAX_GROUP`] parameters. burn's optimiser issues seven tensor operations per parameter,
 //! which fusion takes one by one before merging them into fewer launches; PyTorch's `foreach`
 //! and fused optimisers likewise step many tensors per launch. The velocities are written in
-//! place (the optimiser holds their only handles). Each parameter and velocity takes its
-//! gradient's memory layout, channel-last for the convolutions' weights, which is also the
-//! layout burn's convolution kernels read weights in.
+//! place (the optimiser holds their only handles). Each parameter keeps its memory layout, and
+//! its gradient and velocity are brought to it; [`crate::step_layout`] gives the convolutions'
+//! weights the layout their gradients arrive in (channel-last), so in training nothing is
+//! copied.
 //!
 //! `velocity = grad + weight_decay * param + momentum * velocity`, `param -= lr * velocity`, in
 //! the order burn's `Sgd` computes it.
@@ -90,11 +91,12 @@ pub fn sgd_steps(
 }
 
 /// The steps of [`sgd_steps`] on the device: `[param, grad, velocity]` slots in, `[param,
-/// velocity]` out. Each slot's four tensors are brought to its gradient's memory layout (a
-/// dense one: the convolutions' weight gradients are channel-last), so that the kernel works
-/// in memory order without index arithmetic, and the new parameter keeps that layout: from
-/// the second step on nothing is copied, and the convolutions get channel-last weights, as
-/// their kernels read them.
+/// velocity]` out. Each slot's four tensors share its parameter's memory layout (a dense one;
+/// a parameter with gaps is first copied contiguous), so that the kernel works in memory order
+/// without index arithmetic: a gradient or velocity laid out otherwise is copied into it, and
+/// the new parameter is written in it. A parameter's layout thus never changes here; layers
+/// that read it meet the same layout at every step (burn's autotune keys include it), whatever
+/// layout the kernels that computed its gradient chose.
 fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
     let Some(first) = slots.first().map(|[param, ..]| param.clone()) else {
         return Vec::new();
@@ -107,26 +109,26 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
         .map(|[param, grad, velocity]| {
-            let (grad, order) = match dense_order(&grad) {
-                Some(order) => (grad, order),
+            let (param, order) = match dense_order(&param) {
+                Some(order) => (param, order),
                 None => {
-                    let grad = into_contiguous(grad);
-                    let order = (0..grad.meta.num_dims()).collect();
-                    (grad, order)
+                    let param = into_contiguous(param);
+                    let order = (0..param.meta.num_dims()).collect();
+                    (param, order)
                 }
             };
-            let param = laid_out_as(param, &grad, &order);
+            let grad = laid_out_as(grad, &param, &order);
             let velocity = if velocity.can_mut() {
                 velocity
             } else {
                 velocity.copy()
             };
-            let velocity = laid_out_as(velocity, &grad, &order);
+            let velocity = laid_out_as(velocity, &param, &order);
             orders.push(order);
             [param, grad, velocity]
         })
         .collect();
-    // The new parameters: contiguous in each gradient's dimension order, viewed back.
+    // The new parameters: contiguous in each parameter's dimension order, viewed back.
     let shapes = slots
         .iter()
         .zip(&orders)
@@ -177,19 +179,36 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
         .collect()
 }
 
+/// The strides of a fused CubeCL tensor's memory, once what is pending on it has run.
+pub fn strides(t: FusionTensor<Runtime>) -> Vec<usize> {
+    let client = t.client.clone();
+    client
+        .resolve_tensor_float::<CubeBackend>(t)
+        .meta
+        .strides()
+        .to_vec()
+}
+
 /// `t`'s dimensions from the largest stride to the smallest, where its memory holds each of
 /// its elements once with no gaps (contiguous in some dimension order); `None` where it does
-/// not (a broadcast or a slice).
+/// not (a broadcast or a slice). A dimension of size 1 does not move in memory, whatever its
+/// stride: it goes just before the first larger dimension that follows it in the order (at
+/// the end if none does), so that a tensor contiguous but for such strides has the order
+/// `0, 1, ...` and its copies are plainly contiguous.
 fn dense_order(t: &CubeTensor) -> Option<Vec<usize>> {
     let (shape, strides) = (t.meta.shape(), t.meta.strides());
-    let mut order: Vec<usize> = (0..shape.num_dims()).collect();
+    let mut order: Vec<usize> = (0..shape.num_dims()).filter(|&d| shape[d] > 1).collect();
     order.sort_by_key(|&d| std::cmp::Reverse(strides[d]));
     let mut expected = 1;
-    for &d in order.iter().rev().filter(|&&d| shape[d] > 1) {
+    for &d in order.iter().rev() {
         if strides[d] != expected {
             return None;
         }
         expected *= shape[d];
+    }
+    for d in (0..shape.num_dims()).filter(|&d| shape[d] == 1) {
+        let at = order.iter().position(|&o| o > d).unwrap_or(order.len());
+        order.insert(at, d);
     }
     Some(order)
 }
