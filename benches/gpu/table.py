@@ -2,7 +2,8 @@
 """Prints the Markdown table of benches/gpu/run.sh from its JSON lines: one row per network,
 the median step of each backend (or why there is none: failed, timeout, skipped) with, in
 brackets, the median time the host took to issue it (a step close to it waited on the host, not
-the device), and dnal's time over PyTorch eager's.
+the device), the seconds from building the network to the first timed step (compiling and
+autotuning, mostly), and dnal's time over PyTorch eager's.
 
 Usage: python3 benches/gpu/table.py steps.jsonl
 """
@@ -34,7 +35,8 @@ def main():
                 cells.append("not run")
             elif "median_ms" in r:
                 issue = f" ({r['issue_ms']:.1f})" if "issue_ms" in r else ""
-                cells.append(f"{r['median_ms']:.1f}{issue}")
+                warm = f", warm-up {r['warmup_s']:.0f} s" if "warmup_s" in r else ""
+                cells.append(f"{r['median_ms']:.1f}{issue}{warm}")
             else:
                 cells.append(r.get("error", "failed"))
         for b in backends:

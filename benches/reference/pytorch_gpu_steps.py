@@ -58,7 +58,10 @@ def time_steps(model, device, batch, size, classes, warmup, steps):
     x = torch.rand(batch, 3, size, size, device=device) * 4 - 2
     y = torch.randint(0, classes, (batch,), device=device)
     times, issued = [], []
+    start, warmup_s = time.perf_counter(), 0.0
     for i in range(warmup + steps):
+        if i == warmup:
+            warmup_s = time.perf_counter() - start
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -69,7 +72,7 @@ def time_steps(model, device, batch, size, classes, warmup, steps):
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
             issued.append((queued - t) * 1e3)
-    return times, issued
+    return times, issued, warmup_s
 
 
 def main():
@@ -92,13 +95,16 @@ def main():
     for name, build, batch, size, classes in NETWORKS:
         if only and name not in only:
             continue
+        start = time.perf_counter()
         model = build().to(device)
         set_search(model, False)
-        ms, issued = time_steps(model, device, batch, size, classes, args.warmup, args.steps)
+        built = time.perf_counter() - start
+        ms, issued, warmup_s = time_steps(model, device, batch, size, classes, args.warmup,
+                                          args.steps)
         print(json.dumps({
             "model": name, "backend": f"pytorch-{device.type}", "batch": batch, "size": size,
             "gates": "bypass", "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
-            "issue_ms": statistics.median(issued),
+            "issue_ms": statistics.median(issued), "warmup_s": built + warmup_s,
             "torch": torch.__version__,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "conv_tf32": torch.backends.cudnn.allow_tf32,

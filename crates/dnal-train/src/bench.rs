@@ -74,6 +74,9 @@ pub struct StepTimes {
     pub threads: Vec<ThreadBusy>,
     /// Timed steps.
     pub steps: usize,
+    /// Seconds from building the network to the end of the untimed steps: on a GPU, mostly
+    /// compiling kernels and autotuning (less where a persistence build finds them on disk).
+    pub warmup_s: f64,
 }
 
 /// Times `bench`'s training step.
@@ -88,7 +91,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     if bench.burn_ops {
         dnal_kernels::set_enabled(false);
     }
-    let (steps, threads) = bench.model.with(bench.shape, Timed(bench, device))?;
+    let (steps, threads, warmup_s) = bench.model.with(bench.shape, Timed(bench, device))?;
     let (ms, issue): (Vec<f64>, Vec<f64>) = steps.into_iter().unzip();
     let sorted_of = |v: &[f64]| {
         let mut sorted = v.to_vec();
@@ -112,18 +115,20 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         issue_ms: sorted_of(&issue)[issue.len() / 2],
         threads,
         steps: sorted.len(),
+        warmup_s,
     })
 }
 
 struct Timed<'a>(&'a StepBench, Device);
 
 impl WithNetwork for Timed<'_> {
-    /// Per timed step, the whole step and the part spent issuing it (milliseconds); and how
-    /// busy each thread was over the timed steps.
-    type Output = (Vec<(f64, f64)>, Vec<ThreadBusy>);
+    /// Per timed step, the whole step and the part spent issuing it (milliseconds); how busy
+    /// each thread was over the timed steps; and the seconds until the timed steps began.
+    type Output = (Vec<(f64, f64)>, Vec<ThreadBusy>, f64);
 
     fn run<N: Network>(self, config: N::Config) -> Result<Self::Output> {
         let Timed(b, device) = self;
+        let start = Instant::now();
         let device = device.autodiff();
         let mut net = dnal_zoo::init::seeded(N::build(&config, &device)?, 0);
         if b.search {
@@ -161,9 +166,11 @@ impl WithNetwork for Timed<'_> {
         };
         let mut times = Vec::with_capacity(b.steps);
         let mut first = None;
+        let mut warmup_s = 0.0;
         for i in 0..b.warmup + b.steps {
             if i == b.warmup {
                 first = Some(Snapshot::take());
+                warmup_s = start.elapsed().as_secs_f64();
             }
             let t = Instant::now();
             let loss = ce.forward(net.forward(x.clone()), y.clone());
@@ -181,6 +188,6 @@ impl WithNetwork for Timed<'_> {
             Some(first) => Snapshot::take().busy_since(&first),
             None => Vec::new(),
         };
-        Ok((times, threads))
+        Ok((times, threads, warmup_s))
     }
 }

@@ -309,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             } else {
                 println!(
                     "{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps); \
-                     issuing a step took {:.1} ms (median)",
+                     issuing a step took {:.1} ms (median); {:.1} s before the timed steps",
                     t.model,
                     t.backend,
                     t.batch,
@@ -319,7 +319,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.median_ms,
                     t.min_ms,
                     t.steps,
-                    t.issue_ms
+                    t.issue_ms,
+                    t.warmup_s
                 );
                 if !t.threads.is_empty() {
                     let busy: Vec<String> = t

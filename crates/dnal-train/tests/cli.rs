@@ -384,6 +384,8 @@ fn bench_times_a_training_step_and_names_bad_input() {
     // Each step's issuing is part of it, so its median is no longer than the step's.
     let issue = t["issue_ms"].as_f64().unwrap();
     assert!(issue > 0.0 && issue <= median, "{t}");
+    // The warm-up step and the network's building came before the timed steps.
+    assert!(t["warmup_s"].as_f64().unwrap() > 0.0, "{t}");
     // On Linux the calling thread computed the step on flex: it was busy.
     if cfg!(target_os = "linux") {
         let threads = t["threads"].as_array().unwrap();
