@@ -89,9 +89,9 @@ impl Sgd {
         })
     }
 
-    /// One parameter's step on its own (no momentum, or a backend without the joint step, where
-    /// the first step has no velocity yet), given the parameter itself rather than a copy of its handle, so that the
-    /// backend may write the result over it.
+    /// One parameter's step on its own (no momentum, or a backend without the joint step,
+    /// where the first step has no velocity yet), given the parameter itself rather than a
+    /// copy of its handle, so that the backend may write the result over it.
     fn step_alone<const D: usize>(
         &mut self,
         lr: f64,
