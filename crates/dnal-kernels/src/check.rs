@@ -278,9 +278,7 @@ fn batch_norm_case(
 /// backends) where `channel_last`, as a fresh leaf tensor either way.
 fn laid_out(x: Tensor<4>, channel_last: bool) -> Tensor<4> {
     let x = if channel_last {
-        let device = x.device();
-        let v = x.permute([0, 2, 3, 1]).into_data();
-        Tensor::<4>::from_data(v, &device).permute([0, 3, 1, 2])
+        crate::sgd::channel_last(x)
     } else {
         x
     };

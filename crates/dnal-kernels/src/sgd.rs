@@ -79,18 +79,21 @@ pub fn steps_together<const D: usize>(param: &Tensor<D>) -> bool {
 /// throughout, and its convolutions are stepped without copies. Reads the tensor back to the
 /// host once.
 pub fn step_layout<const D: usize>(param: Tensor<D>) -> Tensor<D> {
-    const CHANNEL_LAST: [usize; 4] = [0, 2, 3, 1];
-    const BACK: [usize; 4] = [0, 3, 1, 2];
     let dims = param.dims();
     // With one input channel or a 1x1 kernel, channel-last is the memory it already has.
     if D != 4 || dims[1] == 1 || dims[2] * dims[3] == 1 || !steps_together(&param) {
         return param;
     }
-    let device = param.device();
-    let data = param
-        .permute(std::array::from_fn(|d| CHANNEL_LAST[d]))
-        .into_data();
-    Tensor::<D>::from_data(data, &device).permute(std::array::from_fn(|d| BACK[d]))
+    let param = channel_last(Tensor::<4>::from_dispatch(param.into_dispatch()));
+    Tensor::from_dispatch(param.into_dispatch())
+}
+
+/// A copy of `x` (`[N, C, H, W]`) held channel-last in memory, made through the host: its
+/// values in `[N, H, W, C]` order written to a new tensor, viewed back.
+pub(crate) fn channel_last(x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let data = x.permute([0, 2, 3, 1]).into_data();
+    Tensor::<4>::from_data(data, &device).permute([0, 3, 1, 2])
 }
 
 /// The strides of `t`'s memory where `t` is on cuda or wgpu, `None` elsewhere; it runs what

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use burn::backend::DispatchTensor;
+use burn::backend::{DispatchTensor, TensorMetadata};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
@@ -24,11 +24,10 @@ pub struct Sgd {
     velocities: HashMap<ParamId, Velocity>,
 }
 
-/// A parameter's velocity, its rank and its path in the module (for the record).
+/// A parameter's velocity and the parameter's path in the module (for the record).
 #[derive(Clone)]
 struct Velocity {
     tensor: DispatchTensor,
-    rank: usize,
     path: String,
 }
 
@@ -66,18 +65,17 @@ impl Sgd {
         for Gathered {
             id,
             slot,
-            rank,
             path,
             context,
         } in together
         {
             slots.push(slot);
-            keys.push((id, rank, path, context));
+            keys.push((id, path, context));
         }
         let results = sgd_momentum_steps(slots, lr, self.momentum, self.weight_decay);
         let mut stepped = HashMap::with_capacity(keys.len());
-        for ((id, rank, path, context), [param, tensor]) in keys.into_iter().zip(results) {
-            let velocity = Velocity { tensor, rank, path };
+        for ((id, path, context), [param, tensor]) in keys.into_iter().zip(results) {
+            let velocity = Velocity { tensor, path };
             self.velocities.insert(id, velocity);
             stepped.insert(id, (param, context));
         }
@@ -91,14 +89,15 @@ impl Sgd {
 
     /// One parameter's step on its own (no momentum, or a backend without the joint step,
     /// where the first step has no velocity yet), given the parameter itself rather than a
-    /// copy of its handle, so that the backend may write the result over it.
+    /// copy of its handle, so that the backend may write the result over it. `path` names a
+    /// parameter without a velocity yet.
     fn step_alone<const D: usize>(
         &mut self,
         lr: f64,
         id: ParamId,
         value: Tensor<D>,
         grad: Tensor<D>,
-        path: String,
+        path: Option<String>,
     ) -> Tensor<D> {
         let (momentum, decay) = (self.momentum, self.weight_decay);
         let value = value.to_device(&grad.device());
@@ -106,24 +105,22 @@ impl Sgd {
             let grad = decayed(grad, &value, decay);
             return value - grad.mul_scalar(lr);
         }
-        let (value, velocity) = match self.velocities.remove(&id) {
-            Some(velocity) => {
-                let velocity =
-                    Tensor::<D>::from_dispatch(velocity.tensor).to_device(&grad.device());
-                sgd_momentum_step(value, grad, velocity, lr, momentum, decay)
+        let (value, velocity, path) = match self.velocities.remove(&id) {
+            Some(Velocity { tensor, path }) => {
+                let velocity = Tensor::<D>::from_dispatch(tensor).to_device(&grad.device());
+                let (value, velocity) =
+                    sgd_momentum_step(value, grad, velocity, lr, momentum, decay);
+                (value, velocity, path)
             }
             // The first step's velocity is the (decayed) gradient itself.
             None => {
                 let velocity = decayed(grad, &value, decay);
-                (value - velocity.clone().mul_scalar(lr), velocity)
+                let value = value - velocity.clone().mul_scalar(lr);
+                (value, velocity, path.unwrap_or_default())
             }
         };
         let tensor = velocity.into_dispatch();
-        let velocity = Velocity {
-            tensor,
-            rank: D,
-            path,
-        };
+        let velocity = Velocity { tensor, path };
         self.velocities.insert(id, velocity);
         value
     }
@@ -146,7 +143,7 @@ impl Sgd {
                 Some(key),
                 bytes,
             ));
-            writer_scalars.push((format!("{key}.{RANK}"), velocity.rank));
+            writer_scalars.push((format!("{key}.{RANK}"), velocity.tensor.shape().num_dims()));
             paths.push((key.to_string(), velocity.path.clone()));
         }
         let mut writer = burn_pack::Writer::new(tensors);
@@ -187,13 +184,12 @@ impl Sgd {
             let (Some(key), true) = (param_id, name.ends_with(&format!(".{VELOCITY}"))) else {
                 continue;
             };
-            let rank = shape.num_dims();
             let data = TensorData::from_bytes(bytes, shape, dtype);
             let Some(tensor) = from_data(data, &device) else {
                 continue;
             };
             let path = paths.get(&key.to_string()).cloned().unwrap_or_default();
-            let velocity = Velocity { tensor, rank, path };
+            let velocity = Velocity { tensor, path };
             self.velocities.insert(ParamId::from(key), velocity);
         }
         self
@@ -203,7 +199,7 @@ impl Sgd {
 /// A velocity's values.
 fn into_data(velocity: &Velocity) -> TensorData {
     let t = velocity.tensor.clone();
-    match velocity.rank {
+    match t.shape().num_dims() {
         1 => Tensor::<1>::from_dispatch(t).into_data(),
         2 => Tensor::<2>::from_dispatch(t).into_data(),
         3 => Tensor::<3>::from_dispatch(t).into_data(),
@@ -283,15 +279,14 @@ impl Context {
     }
 }
 
-/// The first pass of a step: every parameter with a gradient and a velocity that
-/// [`steps_together`] gathered to step with the others, every other one's gradient kept for
-/// the second pass.
+/// The first pass of a step: every parameter with a gradient that [`steps_together`] gathered
+/// to step with the others, every other one's gradient kept for the second pass.
 struct Gather<'a> {
     sgd: &'a mut Sgd,
     grads: &'a mut GradientsParams,
     path: Vec<String>,
     together: Vec<Gathered>,
-    alone: HashMap<ParamId, (DispatchTensor, String)>,
+    alone: HashMap<ParamId, (DispatchTensor, Option<String>)>,
 }
 
 impl ModuleVisitor for Gather<'_> {
@@ -308,10 +303,12 @@ impl ModuleVisitor for Gather<'_> {
         let Some(grad) = self.grads.remove::<D>(id) else {
             return;
         };
-        let path = self.path.join(".");
         let value = param.val();
         let together = self.sgd.momentum != 0.0 && steps_together(&value);
         if !together {
+            // A velocity keeps its parameter's path: the path is joined only for a new one.
+            let new = self.sgd.momentum != 0.0 && !self.sgd.velocities.contains_key(&id);
+            let path = new.then(|| self.path.join("."));
             self.alone.insert(id, (grad.into_dispatch(), path));
             return;
         }
@@ -319,18 +316,22 @@ impl ModuleVisitor for Gather<'_> {
         let device = grad.device();
         let value = value.inner().to_device(&device);
         // Taken out of the map, so that the step holds its only handle and writes it in place.
-        let velocity = match self.sgd.velocities.remove(&id) {
-            Some(velocity) => Tensor::<D>::from_dispatch(velocity.tensor).to_device(&device),
+        let (velocity, path) = match self.sgd.velocities.remove(&id) {
+            Some(Velocity { tensor, path }) => {
+                (Tensor::<D>::from_dispatch(tensor).to_device(&device), path)
+            }
             // The first step's velocity is the (decayed) gradient itself: the step adds
             // `momentum * 0` to it. Stepped with the others, the parameter keeps its memory
             // layout from the first step on.
-            None => Tensor::<D>::zeros(value.shape(), &device),
+            None => (
+                Tensor::<D>::zeros(value.shape(), &device),
+                self.path.join("."),
+            ),
         };
         let slot = [value, grad, velocity].map(Tensor::into_dispatch);
         self.together.push(Gathered {
             id,
             slot,
-            rank: D,
             path,
             context,
         });
@@ -342,7 +343,6 @@ impl ModuleVisitor for Gather<'_> {
 struct Gathered {
     id: ParamId,
     slot: [DispatchTensor; 3],
-    rank: usize,
     path: String,
     context: Context,
 }
@@ -353,7 +353,7 @@ struct Replace<'a> {
     sgd: &'a mut Sgd,
     lr: f64,
     stepped: HashMap<ParamId, (DispatchTensor, Context)>,
-    alone: HashMap<ParamId, (DispatchTensor, String)>,
+    alone: HashMap<ParamId, (DispatchTensor, Option<String>)>,
 }
 
 impl ModuleMapper for Replace<'_> {
@@ -498,7 +498,8 @@ mod tests {
         let reread = Sgd::new(0.9, 5e-4).load_record(OptimizerRecord::from_bytes(bytes).unwrap());
         for (id, v) in &mine.velocities {
             let w = &reread.velocities[id];
-            assert_eq!((v.rank, &v.path), (w.rank, &w.path));
+            let rank = |v: &Velocity| v.tensor.shape().num_dims();
+            assert_eq!((rank(v), &v.path), (rank(w), &w.path));
             assert_eq!(into_data(v), into_data(w));
         }
     }
