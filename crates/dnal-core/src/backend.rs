@@ -62,9 +62,11 @@ impl BackendKind {
         if !(cfg!(feature = "wgpu") || cfg!(feature = "cuda")) {
             return None;
         }
+        #[cfg(feature = "persistence")]
+        keep_compiled_kernels();
         Some(if cfg!(feature = "persistence") {
-            "kept on disk between runs (under target/environment of the Cargo workspace a run \
-             starts in, else ~/.cache/cubecl)"
+            "autotune results and compiled kernels kept on disk between runs (under \
+             target/environment of the Cargo workspace a run starts in, else ~/.cache/cubecl)"
         } else {
             "redone by every process (autotuning and compiling at the start of each run); \
              build with `--features persistence` to keep it on disk"
@@ -101,6 +103,8 @@ impl BackendKind {
 
     #[allow(unreachable_code, deprecated, unused_variables)]
     fn make_device(self, index: Option<usize>) -> Device {
+        #[cfg(feature = "persistence")]
+        keep_compiled_kernels();
         match self {
             #[cfg(feature = "flex")]
             BackendKind::Flex => Device::flex(),
@@ -301,6 +305,24 @@ impl BackendState {
     }
 }
 
+/// Switches on CubeCL's on-disk cache of compiled kernels (PTX on cuda), which CubeCL leaves
+/// off unless `cubecl.toml` sets `[compilation] cache = true`: without it a `persistence`
+/// build keeps only the autotune results, and every process compiles every kernel again.
+/// The rest of the configuration is what CubeCL itself would load (`cubecl.toml` of the
+/// working folder or a parent, then its environment variables). It has to run before CubeCL
+/// reads its configuration, so it runs before the first device is made; a configuration
+/// already read is left as it is.
+#[cfg(feature = "persistence")]
+fn keep_compiled_kernels() {
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.compilation.cache = true;
+        CubeClRuntimeConfig::try_set(config);
+    });
+}
+
 /// The NVIDIA driver's library, opened here first: burn's cuda backend opens it on a device
 /// thread, where its absence is a panic that the probe would only see as a lost tensor.
 #[cfg(feature = "cuda")]
@@ -373,6 +395,19 @@ impl FromStr for BackendKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `persistence` build keeps compiled kernels too, not only CubeCL's autotune results.
+    #[cfg(all(feature = "persistence", any(feature = "wgpu", feature = "cuda")))]
+    #[test]
+    fn persistence_builds_cache_compiled_kernels() {
+        use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        assert!(
+            BackendKind::kernel_cache()
+                .unwrap()
+                .contains("compiled kernels")
+        );
+        assert!(CubeClRuntimeConfig::get().compilation.cache);
+    }
 
     #[test]
     fn device_lists_name_indices_of_the_backend() {
