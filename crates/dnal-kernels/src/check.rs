@@ -452,8 +452,10 @@ pub fn depthwise(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// The one-group convolution's comparisons (every network's convolutions run through
 /// `conv2d`): "same" 3x3, 5x5 and 7x7, "valid" and over-padded ones, non-square planes, fewer
 /// and more output than input channels, channel-last input; a frozen weight and an untracked
-/// input (a network's first layer); a strided and a 1x1 convolution; and batches deep enough
-/// (at least 4,096 output positions) for the CubeCL weight gradient to cut its product.
+/// input (a network's first layer); a strided convolution; 1x1 convolutions (on cuda and wgpu
+/// a matrix product at stride 1) with either layout, one image, one side tracked, and a 1x1
+/// at stride 2 (burn's convolution there); and batches deep enough (at least 4,096 output
+/// positions) for the CubeCL weight gradient to cut its product.
 pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
     let both = ConvCase::both;
     compare_all(
@@ -474,6 +476,17 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
             },
             both([2, 4, 9, 9], Some(8), 3, 2, 1, false),
             both([2, 4, 6, 6], Some(8), 1, 1, 0, true),
+            both([3, 24, 5, 7], Some(40), 1, 1, 0, false),
+            both([1, 6, 4, 4], Some(3), 1, 1, 0, true),
+            ConvCase {
+                input_grad: false,
+                ..both([2, 9, 5, 5], Some(12), 1, 1, 0, true)
+            },
+            ConvCase {
+                weight_grad: false,
+                ..both([2, 12, 3, 5], Some(9), 1, 1, 0, false)
+            },
+            both([2, 8, 7, 7], Some(16), 1, 2, 0, true),
             both([8, 3, 32, 32], Some(8), 3, 1, 1, true),
             both([4, 5, 64, 64], Some(6), 3, 2, 1, false),
         ],

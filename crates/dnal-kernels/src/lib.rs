@@ -248,7 +248,11 @@ pub fn depthwise_conv2d(
         ));
     }
     #[cfg(feature = "cube")]
-    if takes_cube_path(&x) && weight.dtype() == DType::F32 {
+    if takes_cube_path(&x)
+        && weight.dtype() == DType::F32
+        && (cube::pointwise(weight.dims()[2], stride, padding)
+            || (weight.dims()[2] > 1 && x.device().is_autodiff()))
+    {
         use burn::backend::Dispatch;
         use cube::CubeDepthwise;
         return Tensor::from_dispatch(<Dispatch as CubeDepthwise>::dnal_cube_depthwise(
@@ -269,8 +273,9 @@ pub fn depthwise_conv2d(
 
 /// 2-D convolution without bias: square kernel, `stride` and `padding` on both axes, one
 /// group. On flex (f32) dnal's image-by-image im2col + matrix product, forward and backward;
-/// on cuda and wgpu in training (f32, a kernel wider than 1x1) burn's convolution and input
-/// gradient with dnal's weight gradient (`cube/conv.rs`); elsewhere burn's conv2d.
+/// on cuda and wgpu (f32) `cube/conv.rs`: a 1x1 stride-1 kernel as matrix products, forward
+/// and backward, and in training a wider one as burn's convolution and input gradient with
+/// dnal's weight gradient; elsewhere burn's conv2d.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x) && weight.dtype() == DType::F32 {
@@ -284,11 +289,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: usize) ->
         ));
     }
     #[cfg(feature = "cube")]
-    if weight.dims()[2] > 1
-        && x.device().is_autodiff()
-        && takes_cube_path(&x)
-        && weight.dtype() == DType::F32
-    {
+    if takes_cube_path(&x) && weight.dtype() == DType::F32 {
         use burn::backend::Dispatch;
         use cube::CubeConv;
         return Tensor::from_dispatch(<Dispatch as CubeConv>::dnal_cube_conv2d(

@@ -1,6 +1,7 @@
-//! The one-group convolution in training on the CubeCL backends (cuda, wgpu), as a burn
-//! backend extension ([`CubeConv`]) whose only new part is the weight gradient: the forward
-//! and the input gradient are burn's.
+//! The one-group convolution on the CubeCL backends (cuda, wgpu), as a burn backend extension
+//! ([`CubeConv`]). A 1x1 stride-1 convolution is a matrix product, forward and backward
+//! ([`pointwise`]). For a wider kernel (in training) the only new part is the weight
+//! gradient: the forward and the input gradient are burn's.
 //!
 //! The weight gradient is a matrix product over every output position of the batch,
 //! `dW[c_out, (tap, c_in)] = sum_m dy[m, c_out] * cols[m, (tap, c_in)]` with `m = (n, oy, ox)`:
@@ -17,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::{FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, AutodiffBackend, Cube, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Cube, TensorMetadata, backend_extension};
 use burn::tensor::Shape;
 use burn::tensor::ops::ConvOptions;
 use burn_cubecl::CubeBackend;
@@ -35,8 +36,9 @@ fn options(stride: usize, padding: usize) -> ConvOptions<2> {
 /// `stride` and `padding` on both axes (`padding < k`), one group.
 #[backend_extension(Cube, Fusion, Autodiff)]
 pub trait CubeConv: burn::backend::Backend {
-    /// The convolution's output, `[N, C_out, OH, OW]`: burn's conv2d (on fusion, burn's lazy
-    /// operation, not an opaque one).
+    /// The convolution's output, `[N, C_out, OH, OW]`: a matrix product for a 1x1 stride-1
+    /// convolution ([`pointwise`]), else burn's conv2d (on fusion, burn's lazy operations,
+    /// not an opaque one).
     #[fusion(default)]
     fn dnal_cube_conv2d(
         x: FloatTensor<Self>,
@@ -44,7 +46,11 @@ pub trait CubeConv: burn::backend::Backend {
         stride: usize,
         padding: usize,
     ) -> FloatTensor<Self> {
-        Self::conv2d(x, weight, None, options(stride, padding))
+        if pointwise(weight.shape()[2], stride, padding) {
+            pointwise_forward::<Self>(x, weight)
+        } else {
+            Self::conv2d(x, weight, None, options(stride, padding))
+        }
     }
 
     /// The gradient of the `[C_out, C_in, kernel, kernel]` weight from the input `x` and the
@@ -131,6 +137,44 @@ fn grad_weight(
     permute_nhwc_to_nchw(grad)
 }
 
+/// Whether a convolution is 1x1 at stride 1 without padding: one matrix product over the
+/// batch's positions, `[N * H * W, C_in] x [C_in, C_out]`, and so are its two gradients.
+/// Each product is tuned by burn's matrix-product autotune alone; burn's convolution tuned its
+/// own candidates (most of them running the same product inside) for the forward pass, the
+/// input gradient and the weight gradient of every such layer, which made most of
+/// MobileNetV2's warm-up.
+pub(crate) fn pointwise(kernel: usize, stride: usize, padding: usize) -> bool {
+    kernel == 1 && stride == 1 && padding == 0
+}
+
+fn dims<B: Backend>(x: &FloatTensor<B>) -> [usize; 4] {
+    let shape = x.shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// `[N, C, H, W]` as the `[N * H * W, C]` matrix of its positions: a view where the memory is
+/// channel-last, as burn's convolutions and dnal's BatchNorm and depthwise kernels leave it.
+fn positions<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let [n, c, h, w] = dims::<B>(&x);
+    let x = B::float_permute(x, &[0, 2, 3, 1]);
+    B::float_reshape(x, Shape::new([n * h * w, c]))
+}
+
+/// The `[N * H * W, C]` matrix as `[N, C, H, W]`, channel-last in memory.
+fn from_positions<B: Backend>(rows: FloatTensor<B>, [n, h, w, c]: [usize; 4]) -> FloatTensor<B> {
+    let y = B::float_reshape(rows, Shape::new([n, h, w, c]));
+    B::float_permute(y, &[0, 3, 1, 2])
+}
+
+/// The 1x1 stride-1 convolution of `x` `[N, C_in, H, W]` by `weight` `[C_out, C_in, 1, 1]`.
+fn pointwise_forward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+    let [n, c_in, h, w] = dims::<B>(&x);
+    let c_out = weight.shape()[0];
+    let weight = B::float_reshape(weight, Shape::new([c_out, c_in]));
+    let y = B::float_matmul(positions::<B>(x), B::float_swap_dims(weight, 0, 1));
+    from_positions::<B>(y, [n, h, w, c_out])
+}
+
 /// What the backward keeps: the input, the weight, the stride and the padding.
 type ConvState = (FloatTensor<Cube>, FloatTensor<Cube>, usize, usize);
 
@@ -144,6 +188,25 @@ impl Backward<Cube, 2> for ConvBackward {
         let [node_x, node_w] = ops.parents;
         let dy = grads.consume::<Cube>(&ops.node);
         let (x, weight, stride, padding) = ops.state;
+        let kernel = weight.shape()[2];
+        if pointwise(kernel, stride, padding) {
+            let dy_rows = positions::<Cube>(dy);
+            let [c_out, c_in] = [weight.shape()[0], weight.shape()[1]];
+            if let Some(node) = node_x {
+                let [n, _, h, w] = dims::<Cube>(&x);
+                let weight = Cube::float_reshape(weight, Shape::new([c_out, c_in]));
+                let dx = Cube::float_matmul(dy_rows.clone(), weight);
+                grads.register::<Cube>(node.id, from_positions::<Cube>(dx, [n, h, w, c_in]));
+            }
+            if let Some(node) = node_w {
+                // `dy^T x` as `[C_out, C_in]`: the weight's own row-major layout.
+                let dy_t = Cube::float_swap_dims(dy_rows, 0, 1);
+                let dw = Cube::float_matmul(dy_t, positions::<Cube>(x));
+                let dw = Cube::float_reshape(dw, Shape::new([c_out, c_in, 1, 1]));
+                grads.register::<Cube>(node.id, dw);
+            }
+            return;
+        }
         if let Some(node) = node_x {
             let dx = Cube::conv2d_x_backward(
                 x.clone(),
@@ -154,7 +217,6 @@ impl Backward<Cube, 2> for ConvBackward {
             grads.register::<Cube>(node.id, dx);
         }
         if let Some(node) = node_w {
-            let kernel = weight.shape()[2];
             let dw = Cube::dnal_cube_conv2d_grad_weight(x, dy, kernel, stride, padding);
             grads.register::<Cube>(node.id, dw);
         }
@@ -173,7 +235,11 @@ impl<C: CheckpointStrategy> CubeConv for Autodiff<Cube, C> {
             .compute_bound()
             .stateful();
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
-        let out = Cube::conv2d(x.clone(), weight.clone(), None, options(stride, padding));
+        let out = if pointwise(weight.shape()[2], stride, padding) {
+            pointwise_forward::<Cube>(x.clone(), weight.clone())
+        } else {
+            Cube::conv2d(x.clone(), weight.clone(), None, options(stride, padding))
+        };
         match prep {
             OpsKind::Tracked(prep) => prep.finish((x, weight, stride, padding), out),
             OpsKind::UnTracked(prep) => prep.finish(out),

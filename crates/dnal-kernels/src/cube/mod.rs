@@ -16,6 +16,7 @@ mod reduction;
 mod sgd;
 
 pub use conv::CubeConv;
+pub(crate) use conv::pointwise;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;
 pub use sgd::{Runtime, sgd_steps, strides};
