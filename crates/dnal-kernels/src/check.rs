@@ -302,7 +302,8 @@ pub struct ConvCase {
     pub channel_last: bool,
     /// Whether the input is tracked.
     pub input_grad: bool,
-    /// Whether the weight is tracked.
+    /// Whether the weight is tracked. With neither tracked the case runs on the device
+    /// without autodiff, as inference does.
     pub weight_grad: bool,
 }
 
@@ -351,7 +352,13 @@ impl ConvCase {
     fn run(&self, device: &Device, dnal: bool) -> Result<Vec<Vec<f32>>, String> {
         let [n, c, h, w] = self.shape;
         let (k, stride, padding) = (self.kernel, self.stride, self.padding);
-        let device = device.clone().autodiff();
+        // Nothing tracked: inference, on the device without autodiff.
+        let training = self.input_grad || self.weight_grad;
+        let device = if training {
+            device.clone().autodiff()
+        } else {
+            device.clone()
+        };
         let x = Tensor::<4>::from_data(
             TensorData::new(wave(n * c * h * w, 1.0), [n, c, h, w]),
             &device,
@@ -378,6 +385,9 @@ impl ConvCase {
                 burn::tensor::module::conv2d(x.clone(), kernel.clone(), None, options)
             }
         };
+        if !training {
+            return Ok(vec![values(y)?]);
+        }
         let [_, _, oh, ow] = y.dims();
         let len = n * co * oh * ow;
         // The output's gradient in the input's memory layout, as a network's BatchNorm leaves
@@ -453,8 +463,8 @@ pub fn depthwise(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// `conv2d`): "same" 3x3, 5x5 and 7x7, "valid" and over-padded ones, non-square planes, fewer
 /// and more output than input channels, channel-last input; a frozen weight and an untracked
 /// input (a network's first layer); a strided convolution; 1x1 convolutions (on cuda and wgpu
-/// a matrix product at stride 1) with either layout, one image, one side tracked, and a 1x1
-/// at stride 2 (burn's convolution there); and batches deep enough (at least 4,096 output
+/// a matrix product at stride 1) with either layout, one image, one side tracked, nothing
+/// tracked (inference, without autodiff), and a 1x1 at stride 2 (burn's convolution there); and batches deep enough (at least 4,096 output
 /// positions) for the CubeCL weight gradient to cut its product.
 pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
     let both = ConvCase::both;
@@ -487,6 +497,11 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
                 ..both([2, 12, 3, 5], Some(9), 1, 1, 0, false)
             },
             both([2, 8, 7, 7], Some(16), 1, 2, 0, true),
+            ConvCase {
+                input_grad: false,
+                weight_grad: false,
+                ..both([2, 10, 4, 6], Some(7), 1, 1, 0, true)
+            },
             both([8, 3, 32, 32], Some(8), 3, 1, 1, true),
             both([4, 5, 64, 64], Some(6), 3, 2, 1, false),
         ],
