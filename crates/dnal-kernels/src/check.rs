@@ -464,8 +464,9 @@ pub fn depthwise(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// and more output than input channels, channel-last input; a frozen weight and an untracked
 /// input (a network's first layer); a strided convolution; 1x1 convolutions (on cuda and wgpu
 /// a matrix product at stride 1) with either layout, one image, one side tracked, nothing
-/// tracked (inference, without autodiff), and a 1x1 at stride 2 (burn's convolution there); and batches deep enough (at least 4,096 output
-/// positions) for the CubeCL weight gradient to cut its product.
+/// tracked (inference, without autodiff), and a 1x1 at stride 2 (burn's convolution there);
+/// and batches deep enough (at least 4,096 output positions) for the CubeCL weight gradient
+/// to cut its product.
 pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
     let both = ConvCase::both;
     compare_all(
