@@ -30,7 +30,9 @@
 # BURN_OPS_NETS (networks whose step runs again on the first backend with `--burn-ops`: dnal's
 # own kernels off, burn's operations throughout; a column of its own in the table),
 # BURN_SGD_NETS (likewise with `--burn-sgd`: burn's SGD, seven operations per parameter, in
-# place of dnal's one operation for all of them), CHECK
+# place of dnal's one operation for all of them), SEPARATE_FINISH_NETS (likewise with
+# `--reduction-finish=separate`: BatchNorm's reductions finished by a second launch each, as
+# before they were folded into the launch that makes their partial sums), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
 # depthwise, convolution or sgd; default all four).
@@ -51,6 +53,7 @@ REF_ARGS=${REF_ARGS:-}
 PROFILE=${PROFILE:-}
 BURN_OPS_NETS=${BURN_OPS_NETS:-}
 BURN_SGD_NETS=${BURN_SGD_NETS:-}
+SEPARATE_FINISH_NETS=${SEPARATE_FINISH_NETS:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -88,8 +91,13 @@ no_figure() {
 # dnal_steps BACKEND [NETWORKS [EXTRA_ARGUMENT]]
 dnal_steps() {
     local backend=$1 nets=${2:-$NETS} extra=${3:-} model batch size classes cap stuck=0
-    local suffix=${extra#--}
-    local label=$backend${extra:+ (${suffix/-/ })}
+    # The label `dnal-train bench` gives the backend with that argument.
+    local label=$backend
+    case $extra in
+        --burn-ops) label+=" (burn ops)" ;;
+        --burn-sgd) label+=" (burn sgd)" ;;
+        --reduction-finish=*) label+=" (${extra#*=} finish)" ;;
+    esac
     for model in $nets; do
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance "$STEP_CAP_S")
@@ -194,6 +202,8 @@ for b in "${backend_list[@]:0:1}"; do
     dnal_steps "$b"
     [[ -n $BURN_OPS_NETS ]] && dnal_steps "$b" "$BURN_OPS_NETS" --burn-ops
     [[ -n $BURN_SGD_NETS ]] && dnal_steps "$b" "$BURN_SGD_NETS" --burn-sgd
+    [[ -n $SEPARATE_FINISH_NETS ]] \
+        && dnal_steps "$b" "$SEPARATE_FINISH_NETS" --reduction-finish=separate
     profiled_step "$b"
 done
 reference

@@ -21,8 +21,9 @@
 //!   reductions. On the CubeCL backends (cuda, wgpu; feature `cube`) the same fused unit is
 //!   dnal's own CubeCL kernels (`cube/`): three launches forward (per-channel partial sums,
 //!   per-channel coefficients and running statistics, the output with residual and clamp)
-//!   and three backward, read and written in the channel-last memory CubeCL's convolutions
-//!   use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
+//!   and three backward, two and two on cuda where the partial sums' last cube finishes the
+//!   reduction ([`Finish`]), read and written in the channel-last memory CubeCL's
+//!   convolutions use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
 //!   forward, one for the input gradient and two for the weight gradient, in the memory
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
@@ -114,6 +115,58 @@ pub fn set_direct(on: bool) {
 /// Whether the direct kernels may be used.
 pub fn direct_enabled() -> bool {
     DIRECT.load(Ordering::Relaxed)
+}
+
+/// How dnal's CubeCL reductions over the batch (BatchNorm's statistics and their gradients)
+/// add up their partial sums: in a second launch, or in the launch that makes them, by the
+/// last cube to store its share (one launch fewer per reduction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// In the same launch where the runtime promises that one cube's writes reach another
+    /// within a launch (cuda) and the finishing cube's share is small; else a second launch.
+    Auto,
+    /// Always in the same launch. Where the runtime does not promise that one cube's writes
+    /// reach another (WGSL), only correct where memory is coherent anyway, as on a CPU Vulkan
+    /// driver (lavapipe): for testing the folded kernels there.
+    Folded,
+    /// Always in a second launch.
+    Separate,
+}
+
+impl std::str::FromStr for Finish {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Finish::Auto),
+            "folded" => Ok(Finish::Folded),
+            "separate" => Ok(Finish::Separate),
+            _ => Err(format!(
+                "unknown reduction finish `{s}`; choose one of auto, folded, separate"
+            )),
+        }
+    }
+}
+
+static FINISH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets how dnal's CubeCL reductions finish, process-wide ([`Finish::Auto`] by default).
+pub fn set_reduction_finish(finish: Finish) {
+    let code = match finish {
+        Finish::Auto => 0,
+        Finish::Folded => 1,
+        Finish::Separate => 2,
+    };
+    FINISH.store(code, Ordering::Relaxed);
+}
+
+/// How dnal's CubeCL reductions finish.
+pub fn reduction_finish() -> Finish {
+    match FINISH.load(Ordering::Relaxed) {
+        1 => Finish::Folded,
+        2 => Finish::Separate,
+        _ => Finish::Auto,
+    }
 }
 
 /// Whether `x` takes the flex operation: it is on, `x` is f32 and lives on flex (with or

@@ -43,6 +43,9 @@ pub struct StepBench {
     /// burn's `Sgd` instead of dnal's (`crate::sgd`), for comparison: seven tensor operations
     /// per parameter and step where dnal's issues one.
     pub burn_sgd: bool,
+    /// How dnal's CubeCL reductions finish (`dnal_kernels::set_reduction_finish`, for the
+    /// whole process): `Auto` as in training, the others for comparison.
+    pub reduction_finish: dnal_kernels::Finish,
 }
 
 /// Timings of [`bench_step`].
@@ -50,8 +53,9 @@ pub struct StepBench {
 pub struct StepTimes {
     /// The network (its registry name).
     pub model: String,
-    /// The backend, followed by ` (burn ops)` when dnal's own operations were off and by
-    /// ` (burn sgd)` with burn's optimiser.
+    /// The backend, followed by ` (burn ops)` when dnal's own operations were off, by
+    /// ` (burn sgd)` with burn's optimiser, and by ` (folded finish)` or ` (separate finish)`
+    /// where the reductions' finish was set.
     pub backend: String,
     /// Batch size.
     pub batch: usize,
@@ -91,6 +95,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     if bench.burn_ops {
         dnal_kernels::set_enabled(false);
     }
+    dnal_kernels::set_reduction_finish(bench.reduction_finish);
     let (steps, threads, warmup_s) = bench.model.with(bench.shape, Timed(bench, device))?;
     let (ms, issue): (Vec<f64>, Vec<f64>) = steps.into_iter().unzip();
     let sorted_of = |v: &[f64]| {
@@ -102,10 +107,15 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     Ok(StepTimes {
         model: bench.model.name(),
         backend: format!(
-            "{}{}{}",
+            "{}{}{}{}",
             bench.backend.name(),
             if bench.burn_ops { " (burn ops)" } else { "" },
-            if bench.burn_sgd { " (burn sgd)" } else { "" }
+            if bench.burn_sgd { " (burn sgd)" } else { "" },
+            match bench.reduction_finish {
+                dnal_kernels::Finish::Auto => "",
+                dnal_kernels::Finish::Folded => " (folded finish)",
+                dnal_kernels::Finish::Separate => " (separate finish)",
+            }
         ),
         batch: bench.batch,
         size: bench.shape.size,

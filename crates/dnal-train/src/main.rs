@@ -94,6 +94,11 @@ enum Command {
         /// where burn's issues seven), for comparison.
         #[arg(long)]
         burn_sgd: bool,
+        /// How dnal's CubeCL reductions (BatchNorm's statistics and gradients) add up their
+        /// partial sums: `auto` (as training does), `folded` (by the last cube of the launch
+        /// that makes them) or `separate` (in a second launch), for comparison.
+        #[arg(long, default_value = "auto")]
+        reduction_finish: dnal_kernels::Finish,
         /// One JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -113,6 +118,11 @@ enum Command {
         /// Compare one family of operations only (default: all three).
         #[arg(long, value_enum)]
         only: Option<CheckFamily>,
+        /// How dnal's CubeCL reductions finish (see `bench`): `folded` checks the folded
+        /// kernels where `auto` would not take them (on WGSL, correct only on a CPU driver
+        /// such as lavapipe), `separate` the second launch's.
+        #[arg(long, default_value = "auto")]
+        reduction_finish: dnal_kernels::Finish,
     },
     /// Which backends this build contains and whether each starts here (runs a tiny
     /// computation on each compiled backend's default device).
@@ -286,6 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             backend,
             burn_ops,
             burn_sgd,
+            reduction_finish,
             json,
         } => {
             let bench = dnal_train::bench::StepBench {
@@ -302,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 backend: backend.parse()?,
                 burn_ops,
                 burn_sgd,
+                reduction_finish,
             };
             let t = dnal_train::bench::bench_step(&bench)?;
             if json {
@@ -337,7 +349,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             backend,
             quiet,
             only,
+            reduction_finish,
         } => {
+            dnal_kernels::set_reduction_finish(reduction_finish);
             let kind: BackendKind = backend.parse()?;
             let device = kind.probe()?;
             let reference = BackendKind::Flex.probe()?;

@@ -90,10 +90,40 @@ fn flex() -> burn::prelude::Device {
     BackendKind::Flex.probe().unwrap()
 }
 
+/// Held by the tests that set how the reductions finish, for the whole process, while they
+/// compare: each then checks the kernels it names.
+static FINISH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// BatchNorm's kernels with their reductions finished as `finish` says, against flex.
+fn batch_norm_finished(finish: dnal_kernels::Finish) {
+    if let Some(device) = wgpu_device() {
+        let _held = FINISH
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dnal_kernels::set_reduction_finish(finish);
+        let comparisons = check::batch_norm(&device, &flex());
+        dnal_kernels::set_reduction_finish(dnal_kernels::Finish::Auto);
+        all_within(comparisons);
+    }
+}
+
 #[test]
 fn batch_norm_kernels_on_wgpu_match_flex() {
-    if let Some(device) = wgpu_device() {
-        all_within(check::batch_norm(&device, &flex()));
+    batch_norm_finished(dnal_kernels::Finish::Separate);
+}
+
+/// The kernels that finish a reduction in its own launch, as cuda runs them. WGSL does not
+/// promise that one cube's writes reach another within a launch, so `auto` never takes them on
+/// wgpu; a CPU driver's memory is coherent, so they are checked on a CPU adapter only
+/// (`DNAL_WGPU_DEVICE=cpu`, as CI sets for its lavapipe).
+#[test]
+fn folded_batch_norm_kernels_on_a_cpu_adapter_match_flex() {
+    if std::env::var("DNAL_WGPU_DEVICE").as_deref() == Ok("cpu") {
+        batch_norm_finished(dnal_kernels::Finish::Folded);
+    } else {
+        eprintln!(
+            "skipped: the folded kernels are checked on a CPU adapter (DNAL_WGPU_DEVICE=cpu)"
+        );
     }
 }
 

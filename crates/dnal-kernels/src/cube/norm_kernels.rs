@@ -1,11 +1,12 @@
 //! BatchNorm's training passes as CubeCL kernels on `[N, C, H, W]` f32 tensors, in
 //! channel-first or channel-last memory: per-channel sums by cubes of units with a
-//! shared-memory reduction, one small kernel that turns them into per-channel coefficients,
-//! and one element-wise pass with the residual and the clamp fused. Three launches forward and
-//! three backward, where burn's `batch_norm_train` with the separate activation and residual
-//! add took several times as many. The running statistics are moved in the coefficients'
-//! kernel too: as tensor operations they were six launches more per unit on cuda, where
-//! fusion left them unmerged.
+//! shared-memory reduction, their totals turned into per-channel coefficients, and one
+//! element-wise pass with the residual and the clamp fused. The totals are made by one small
+//! kernel after the sums, or, where the reduction folds ([`Reduction::folds`]), by the last cube
+//! of the sums' own launch: three launches forward and three backward, or two and two, where
+//! burn's `batch_norm_train` with the separate activation and residual add took several times
+//! as many. The running statistics are moved with the coefficients: as tensor operations they
+//! were six launches more per unit on cuda, where fusion left them unmerged.
 
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
@@ -16,7 +17,7 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{empties, empty_like, laid_out};
 use super::norm::{NormGrads, TrainOutput};
-use super::reduction::{Reduction, cube_sum, finishing};
+use super::reduction::{Reduction, arrivals, cube_sum, finishing, last_to_arrive};
 
 /// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
 /// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
@@ -43,20 +44,11 @@ fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (u
     }
 }
 
-/// Sums two values per unit over the lanes of each channel of the cube (shared memory,
-/// halving; unit `u` is lane `u / width` of the cube's channel `u % width`), and has lane 0
-/// store channel `c`'s totals at `partials[(c * splits + s) * 2 ..]`.
+/// Adds two values per unit over the lanes of each channel of the cube (shared memory,
+/// halving; unit `u` is lane `u / width` of the cube's channel `u % width`): the channel's
+/// totals, valid in its lane 0.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_lane_sums(
-    s1: f32,
-    s2: f32,
-    partials: &mut [f32],
-    c: usize,
-    channels: usize,
-    width: usize,
-    #[comptime] block: u32,
-) {
+fn lane_sums(s1: f32, s2: f32, width: usize, #[comptime] block: u32) -> (f32, f32) {
     let u = UNIT_POS_X as usize;
     let mut sh1 = Shared::<[f32]>::new_slice(block as usize);
     let mut sh2 = Shared::<[f32]>::new_slice(block as usize);
@@ -77,11 +69,54 @@ fn store_lane_sums(
         sync_cube();
         half /= 2;
     }
-    if lane == 0 && c < channels {
+    (sh1[u], sh2[u])
+}
+
+/// [`lane_sums`] of the cube, stored by lane 0 of channel `c` at `partials[(c * splits + s) *
+/// 2 ..]` (`s` the cube's place along the channel, of `splits`).
+#[cube]
+fn store_lane_sums(
+    s1: f32,
+    s2: f32,
+    partials: &mut [f32],
+    c: usize,
+    channels: usize,
+    width: usize,
+    #[comptime] block: u32,
+) {
+    let (t1, t2) = lane_sums(s1, s2, width, block);
+    if UNIT_POS_X as usize / width == 0 && c < channels {
         let slot = c * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-        partials[slot * 2] = sh1[u];
-        partials[slot * 2 + 1] = sh2[u];
+        partials[slot * 2] = t1;
+        partials[slot * 2 + 1] = t2;
     }
+}
+
+/// In the last cube of a folded reduction: channel `c`'s two totals over the partial sums its
+/// group's cubes stored, added by the cube's lanes of `c` (as the elements were); valid in its
+/// lane 0. (`partials` is the launch's writable binding, read here.)
+#[cube]
+fn group_totals(
+    partials: &mut [f32],
+    c: usize,
+    channels: usize,
+    width: usize,
+    #[comptime] block: u32,
+) -> (f32, f32) {
+    let lanes = block as usize / width;
+    let splits = CUBE_COUNT_X as usize;
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    if c < channels {
+        let mut s = UNIT_POS_X as usize / width;
+        while s < splits {
+            let slot = c * splits + s;
+            s1 += partials[slot * 2];
+            s2 += partials[slot * 2 + 1];
+            s += lanes;
+        }
+    }
+    lane_sums(s1, s2, width, block)
 }
 
 /// Channel `c`'s two totals over its `splits` cubes' partial sums (pairs at
@@ -94,26 +129,23 @@ fn channel_totals(partials: &[f32], c: usize, splits: usize, #[comptime] units: 
     (s1, s2)
 }
 
-/// Partial sums of channels' elements over one stretch of the batch. Cube `(s, g)` covers
-/// the `width` channels from `g * width`, each with `block / width` lanes of units; the lane
-/// `l` of channel `c` sums `x - x[0, c, 0, 0]` and its square over the elements `m = s * lanes
-/// + l + k * splits * lanes` (`m` counts images, then positions), and the channel's sums go to
-/// `partials[(c * splits + s) * 2 ..]`. Channel-first memory takes one channel per cube
-/// (`width` 1), channel-last memory as many as make a cube's reads of one position contiguous.
-/// The shift by the channel's first element keeps the variance from cancelling when the mean
-/// is large against the spread.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn stats_partials(
+/// Sums of channels' elements over one stretch of the batch, per unit, and the unit's channel.
+/// Cube `(s, g)` covers the `width` channels from `g * width`, each with `block / width` lanes
+/// of units; the lane `l` of channel `c` sums `x - x[0, c, 0, 0]` and its square over the
+/// elements `m = s * lanes + l + k * splits * lanes` (`m` counts images, then positions).
+/// Channel-first memory takes one channel per cube (`width` 1), channel-last memory as many as
+/// make a cube's reads of one position contiguous. The shift by the channel's first element
+/// keeps the variance from cancelling when the mean is large against the spread.
+#[cube]
+fn stats_sums(
     x: &[f32],
-    partials: &mut [f32],
     plane: usize,
     channels: usize,
     count: usize,
     width: usize,
     #[comptime] block: u32,
     #[comptime] x_cl: bool,
-) {
+) -> (f32, f32, usize) {
     let u = UNIT_POS_X as usize;
     let lanes = block as usize / width;
     let c = CUBE_POS_Y as usize * width + u % width;
@@ -130,13 +162,69 @@ fn stats_partials(
             m += step;
         }
     }
+    (s1, s2, c)
+}
+
+/// The cube's [`stats_sums`] per channel, stored as partial sums at `partials[(c * splits + s)
+/// * 2 ..]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn stats_partials(
+    x: &[f32],
+    partials: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    width: usize,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+) {
+    let (s1, s2, c) = stats_sums(x, plane, channels, count, width, block, x_cl);
     store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
-/// One cube per channel: the batch mean and biased variance from the partial sums, the
-/// transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift = b - mean *
-/// scale`, written to `coef[c * 2 ..]`, and the running statistics moved towards the batch's,
-/// `running' = running * (1 - momentum) + batch * momentum` (burn's BatchNorm update).
+/// From channel `c`'s totals of `x - x[0, c, 0, 0]` and its square: the batch mean and biased
+/// variance, the transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift =
+/// b - mean * scale`, written to `coef[c * 2 ..]`, and the running statistics moved towards the
+/// batch's, `running' = running * (1 - momentum) + batch * momentum` (burn's BatchNorm update).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn finish_stats(
+    c: usize,
+    s1: f32,
+    s2: f32,
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+    coef: &mut [f32],
+    moved_mean: &mut [f32],
+    moved_var: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    epsilon: f32,
+    momentum: f32,
+    #[comptime] x_cl: bool,
+) {
+    let inv_count = 1.0f32 / f32::cast_from(count);
+    let m1 = s1 * inv_count;
+    let v = f32::max(s2 * inv_count - m1 * m1, 0.0f32);
+    let mu = x[offset(0, c, plane, channels, x_cl)] + m1;
+    let scale = a[c] / f32::sqrt(v + epsilon);
+    mean[c] = mu;
+    var[c] = v;
+    coef[c * 2] = scale;
+    coef[c * 2 + 1] = b[c] - mu * scale;
+    let keep = 1.0f32 - momentum;
+    moved_mean[c] = running_mean[c] * keep + mu * momentum;
+    moved_var[c] = running_var[c] * keep + v * momentum;
+}
+
+/// One cube per channel: [`finish_stats`] from the partial sums.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn stats_finalize(
@@ -168,18 +256,83 @@ fn stats_finalize(
     if UNIT_POS_X != 0 {
         terminate!();
     }
-    let inv_count = 1.0f32 / f32::cast_from(count);
-    let m1 = s1 * inv_count;
-    let v = f32::max(s2 * inv_count - m1 * m1, 0.0f32);
-    let mu = x[offset(0, c, plane, channels, x_cl)] + m1;
-    let scale = a[c] / f32::sqrt(v + epsilon);
-    mean[c] = mu;
-    var[c] = v;
-    coef[c * 2] = scale;
-    coef[c * 2 + 1] = b[c] - mu * scale;
-    let keep = 1.0f32 - momentum;
-    moved_mean[c] = running_mean[c] * keep + mu * momentum;
-    moved_var[c] = running_var[c] * keep + v * momentum;
+    finish_stats(
+        c,
+        s1,
+        s2,
+        x,
+        a,
+        b,
+        running_mean,
+        running_var,
+        mean,
+        var,
+        coef,
+        moved_mean,
+        moved_var,
+        plane,
+        channels,
+        count,
+        epsilon,
+        momentum,
+        x_cl,
+    );
+}
+
+/// [`stats_partials`] and [`stats_finalize`] in one launch: the last cube of each group of
+/// channels to store its partial sums finishes the group's channels.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn stats_folded(
+    x: &[f32],
+    partials: &mut [f32],
+    arrivals: &mut [Atomic<u32>],
+    a: &[f32],
+    b: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+    coef: &mut [f32],
+    moved_mean: &mut [f32],
+    moved_var: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    width: usize,
+    epsilon: f32,
+    momentum: f32,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+) {
+    let (s1, s2, c) = stats_sums(x, plane, channels, count, width, block, x_cl);
+    store_lane_sums(s1, s2, partials, c, channels, width, block);
+    if last_to_arrive(arrivals, CUBE_POS_Y as usize) {
+        let (t1, t2) = group_totals(partials, c, channels, width, block);
+        if UNIT_POS_X as usize / width == 0 && c < channels {
+            finish_stats(
+                c,
+                t1,
+                t2,
+                x,
+                a,
+                b,
+                running_mean,
+                running_var,
+                mean,
+                var,
+                coef,
+                moved_mean,
+                moved_var,
+                plane,
+                channels,
+                count,
+                epsilon,
+                momentum,
+                x_cl,
+            );
+        }
+    }
 }
 
 /// `out = clamp(x * scale + shift (+ residual), lo, hi)` per element; `out` is laid out as
@@ -211,17 +364,16 @@ fn normalize(
     out[i] = f32::min(f32::max(v, lo), hi);
 }
 
-/// The backward's partial sums, cubes and lanes as in [`stats_partials`]: of `dz` (the
-/// output gradient where the clamp passes it, else 0) and of `dz * (x - mean)`. `y` is laid
-/// out as `x` is.
-#[cube(launch)]
+/// The backward's sums per unit, cubes and lanes as in [`stats_sums`]: of `dz` (the output
+/// gradient where the clamp passes it, else 0) and of `dz * (x - mean)`, and the unit's
+/// channel. `y` is laid out as `x` is.
+#[cube]
 #[allow(clippy::too_many_arguments)]
-fn grad_partials(
+fn grad_sums(
     x: &[f32],
     y: &[f32],
     dy: &[f32],
     mean: &[f32],
-    partials: &mut [f32],
     plane: usize,
     channels: usize,
     count: usize,
@@ -231,7 +383,7 @@ fn grad_partials(
     #[comptime] block: u32,
     #[comptime] x_cl: bool,
     #[comptime] dy_cl: bool,
-) {
+) -> (f32, f32, usize) {
     let u = UNIT_POS_X as usize;
     let lanes = block as usize / width;
     let c = CUBE_POS_Y as usize * width + u % width;
@@ -251,12 +403,62 @@ fn grad_partials(
             m += step;
         }
     }
+    (s1, s2, c)
+}
+
+/// The cube's [`grad_sums`] per channel, stored as partial sums as in [`stats_partials`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_partials(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    partials: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    width: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    let (s1, s2, c) = grad_sums(
+        x, y, dy, mean, plane, channels, count, width, lo, hi, block, x_cl, dy_cl,
+    );
     store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
-/// One cube per channel: the gradients of `a` (`sum dz * xhat`) and `b` (`sum dz`), and the
-/// coefficients of the input gradient `dx = k1 * (dz - k2 - (x - mean) * k3)`, written to
-/// `coef[c * 3 ..]`.
+/// From channel `c`'s totals of `dz` and `dz * (x - mean)`: the gradients of `a` (`sum dz *
+/// xhat`) and `b` (`sum dz`), and the coefficients of the input gradient `dx = k1 * (dz - k2 -
+/// (x - mean) * k3)`, written to `coef[c * 3 ..]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn finish_grads(
+    c: usize,
+    s1: f32,
+    s2: f32,
+    a: &[f32],
+    var: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    coef: &mut [f32],
+    count: usize,
+    epsilon: f32,
+) {
+    let inv_std = 1.0f32 / f32::sqrt(var[c] + epsilon);
+    let inv_count = 1.0f32 / f32::cast_from(count);
+    let grad_a = s2 * inv_std;
+    da[c] = grad_a;
+    db[c] = s1;
+    coef[c * 3] = a[c] * inv_std;
+    coef[c * 3 + 1] = s1 * inv_count;
+    coef[c * 3 + 2] = grad_a * inv_std * inv_count;
+}
+
+/// One cube per channel: [`finish_grads`] from the partial sums.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn grad_finalize(
@@ -280,14 +482,46 @@ fn grad_finalize(
     if UNIT_POS_X != 0 {
         terminate!();
     }
-    let inv_std = 1.0f32 / f32::sqrt(var[c] + epsilon);
-    let inv_count = 1.0f32 / f32::cast_from(count);
-    let grad_a = s2 * inv_std;
-    da[c] = grad_a;
-    db[c] = s1;
-    coef[c * 3] = a[c] * inv_std;
-    coef[c * 3 + 1] = s1 * inv_count;
-    coef[c * 3 + 2] = grad_a * inv_std * inv_count;
+    finish_grads(c, s1, s2, a, var, da, db, coef, count, epsilon);
+}
+
+/// [`grad_partials`] and [`grad_finalize`] in one launch, as [`stats_folded`] folds the
+/// forward's.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_folded(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    partials: &mut [f32],
+    arrivals: &mut [Atomic<u32>],
+    a: &[f32],
+    var: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    coef: &mut [f32],
+    plane: usize,
+    channels: usize,
+    count: usize,
+    width: usize,
+    lo: f32,
+    hi: f32,
+    epsilon: f32,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    let (s1, s2, c) = grad_sums(
+        x, y, dy, mean, plane, channels, count, width, lo, hi, block, x_cl, dy_cl,
+    );
+    store_lane_sums(s1, s2, partials, c, channels, width, block);
+    if last_to_arrive(arrivals, CUBE_POS_Y as usize) {
+        let (t1, t2) = group_totals(partials, c, channels, width, block);
+        if UNIT_POS_X as usize / width == 0 && c < channels {
+            finish_grads(c, t1, t2, a, var, da, db, coef, count, epsilon);
+        }
+    }
 }
 
 /// The input gradient per element, and with `has_residual` the residual's (`dz` itself);
@@ -374,44 +608,72 @@ pub(super) fn forward(
         ],
     );
     let [moved_mean, moved_var] = empties(&x, [Shape::new([channels]), Shape::new([channels])]);
-    stats_partials::launch(
-        &client,
-        r.cubes(),
-        CubeDim::new_1d(r.block),
-        x.clone().into_buffer_arg(),
-        partials.clone().into_buffer_arg(),
-        plane,
-        channels,
-        count,
-        r.width,
-        r.block,
-        x_cl,
-    );
-    let (cubes, dim, units) = finishing(&client, channels, splits);
-    stats_finalize::launch(
-        &client,
-        cubes,
-        dim,
-        x.clone().into_buffer_arg(),
-        partials.into_buffer_arg(),
-        a.into_buffer_arg(),
-        b.into_buffer_arg(),
-        running_mean.into_buffer_arg(),
-        running_var.into_buffer_arg(),
-        mean.clone().into_buffer_arg(),
-        variance.clone().into_buffer_arg(),
-        coef.clone().into_buffer_arg(),
-        moved_mean.clone().into_buffer_arg(),
-        moved_var.clone().into_buffer_arg(),
-        plane,
-        channels,
-        splits,
-        count,
-        epsilon as f32,
-        momentum as f32,
-        units,
-        x_cl,
-    );
+    if r.folds(&client) {
+        stats_folded::launch(
+            &client,
+            r.cubes(),
+            CubeDim::new_1d(r.block),
+            x.clone().into_buffer_arg(),
+            partials.into_buffer_arg(),
+            arrivals(&x, r.groups),
+            a.into_buffer_arg(),
+            b.into_buffer_arg(),
+            running_mean.into_buffer_arg(),
+            running_var.into_buffer_arg(),
+            mean.clone().into_buffer_arg(),
+            variance.clone().into_buffer_arg(),
+            coef.clone().into_buffer_arg(),
+            moved_mean.clone().into_buffer_arg(),
+            moved_var.clone().into_buffer_arg(),
+            plane,
+            channels,
+            count,
+            r.width,
+            epsilon as f32,
+            momentum as f32,
+            r.block,
+            x_cl,
+        );
+    } else {
+        stats_partials::launch(
+            &client,
+            r.cubes(),
+            CubeDim::new_1d(r.block),
+            x.clone().into_buffer_arg(),
+            partials.clone().into_buffer_arg(),
+            plane,
+            channels,
+            count,
+            r.width,
+            r.block,
+            x_cl,
+        );
+        let (cubes, dim, units) = finishing(&client, channels, splits);
+        stats_finalize::launch(
+            &client,
+            cubes,
+            dim,
+            x.clone().into_buffer_arg(),
+            partials.into_buffer_arg(),
+            a.into_buffer_arg(),
+            b.into_buffer_arg(),
+            running_mean.into_buffer_arg(),
+            running_var.into_buffer_arg(),
+            mean.clone().into_buffer_arg(),
+            variance.clone().into_buffer_arg(),
+            coef.clone().into_buffer_arg(),
+            moved_mean.clone().into_buffer_arg(),
+            moved_var.clone().into_buffer_arg(),
+            plane,
+            channels,
+            splits,
+            count,
+            epsilon as f32,
+            momentum as f32,
+            units,
+            x_cl,
+        );
+    }
     let output = empty_like(&x, x_cl);
     let elements = output.meta.num_elements();
     let (lo, hi) = bounds(lo, hi);
@@ -486,42 +748,71 @@ pub(super) fn backward(
             Shape::new([1]),
         ],
     );
-    grad_partials::launch(
-        &client,
-        r.cubes(),
-        CubeDim::new_1d(r.block),
-        x.clone().into_buffer_arg(),
-        y.clone().into_buffer_arg(),
-        dy.clone().into_buffer_arg(),
-        mean.clone().into_buffer_arg(),
-        partials.clone().into_buffer_arg(),
-        plane,
-        channels,
-        count,
-        r.width,
-        lo,
-        hi,
-        r.block,
-        x_cl,
-        dy_cl,
-    );
-    let (cubes, dim, units) = finishing(&client, channels, splits);
-    grad_finalize::launch(
-        &client,
-        cubes,
-        dim,
-        partials.into_buffer_arg(),
-        a.into_buffer_arg(),
-        variance.into_buffer_arg(),
-        da.clone().into_buffer_arg(),
-        db.clone().into_buffer_arg(),
-        coef.clone().into_buffer_arg(),
-        channels,
-        splits,
-        count,
-        epsilon as f32,
-        units,
-    );
+    if r.folds(&client) {
+        grad_folded::launch(
+            &client,
+            r.cubes(),
+            CubeDim::new_1d(r.block),
+            x.clone().into_buffer_arg(),
+            y.clone().into_buffer_arg(),
+            dy.clone().into_buffer_arg(),
+            mean.clone().into_buffer_arg(),
+            partials.into_buffer_arg(),
+            arrivals(&x, r.groups),
+            a.into_buffer_arg(),
+            variance.into_buffer_arg(),
+            da.clone().into_buffer_arg(),
+            db.clone().into_buffer_arg(),
+            coef.clone().into_buffer_arg(),
+            plane,
+            channels,
+            count,
+            r.width,
+            lo,
+            hi,
+            epsilon as f32,
+            r.block,
+            x_cl,
+            dy_cl,
+        );
+    } else {
+        grad_partials::launch(
+            &client,
+            r.cubes(),
+            CubeDim::new_1d(r.block),
+            x.clone().into_buffer_arg(),
+            y.clone().into_buffer_arg(),
+            dy.clone().into_buffer_arg(),
+            mean.clone().into_buffer_arg(),
+            partials.clone().into_buffer_arg(),
+            plane,
+            channels,
+            count,
+            r.width,
+            lo,
+            hi,
+            r.block,
+            x_cl,
+            dy_cl,
+        );
+        let (cubes, dim, units) = finishing(&client, channels, splits);
+        grad_finalize::launch(
+            &client,
+            cubes,
+            dim,
+            partials.into_buffer_arg(),
+            a.into_buffer_arg(),
+            variance.into_buffer_arg(),
+            da.clone().into_buffer_arg(),
+            db.clone().into_buffer_arg(),
+            coef.clone().into_buffer_arg(),
+            channels,
+            splits,
+            count,
+            epsilon as f32,
+            units,
+        );
+    }
     let dx = empty_like(&x, x_cl);
     let dr = if residual {
         empty_like(&x, x_cl)

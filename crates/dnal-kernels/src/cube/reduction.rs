@@ -1,9 +1,20 @@
 //! How dnal's CubeCL reductions over the batch (BatchNorm's channel statistics and their
 //! gradients, the depthwise convolution's weight gradient) split a channel's elements among
-//! cubes and units, and how their partial sums are added up at the end.
+//! cubes and units, and how their partial sums are added up at the end: by a second launch,
+//! or, where the runtime hands one cube's writes to another within a launch, by the cube that
+//! stores its partial sums last ([`Reduction::folds`]).
 
+use std::sync::{Mutex, PoisonError};
+
+use burn::tensor::StreamId;
+use burn_cubecl::CubeDevice;
+use burn_cubecl::cubecl::ir::features::AtomicUsage;
 use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
+use burn_cubecl::tensor::CubeTensor;
+
+use crate::Finish;
 
 /// Most units per cube of the reduction kernels.
 const MAX_BLOCK: usize = 256;
@@ -56,6 +67,103 @@ impl Reduction {
     pub(super) fn cubes(&self) -> CubeCount {
         CubeCount::new_2d(self.splits as u32, self.groups as u32)
     }
+
+    /// Whether the reduction is finished in the launch that makes its partial sums, by the
+    /// last of each group's cubes to store them ([`last_to_arrive`]), rather than by a second
+    /// launch: as [`crate::set_reduction_finish`] says, by default where the runtime makes one
+    /// cube's writes visible to another within a launch (cuda; not WGSL) and the finishing
+    /// cube's share is small, at most 64 pairs of partial sums per unit. That share is work
+    /// one cube does while the rest of the device waits; a second launch spreads it over one
+    /// cube per channel, at the cost of one more launch, which a host-bound step pays for.
+    pub(super) fn folds(&self, client: &cubecl::client::Client) -> bool {
+        match crate::reduction_finish() {
+            Finish::Separate => false,
+            Finish::Folded => true,
+            Finish::Auto => {
+                let properties = client.properties();
+                let counter = Type::atomic(u32::elem_type_native());
+                properties.features.device_memory_scope
+                    && properties
+                        .atomic_type_usage(counter)
+                        .contains(AtomicUsage::Add)
+                    && self.width * self.splits <= FOLD_PAIRS_PER_UNIT * self.block as usize
+            }
+        }
+    }
+}
+
+/// Most pairs of partial sums per unit that the cube finishing a folded reduction adds up.
+const FOLD_PAIRS_PER_UNIT: usize = 64;
+
+/// The arrival counters of folded reductions on one device and stream: zero between launches
+/// (the last cube to arrive at a counter sets it back), so one buffer serves the launches of
+/// its stream one after another.
+struct Arrivals {
+    device: CubeDevice,
+    stream: StreamId,
+    counters: Handle,
+    len: usize,
+}
+
+static ARRIVALS: Mutex<Vec<Arrivals>> = Mutex::new(Vec::new());
+
+/// Fewest arrival counters reserved per device and stream.
+const MIN_ARRIVALS: usize = 1024;
+
+/// `groups` arrival counters at zero on `like`'s device, for a launch on the current stream.
+pub(super) fn arrivals(like: &CubeTensor, groups: usize) -> BufferArg {
+    let stream = StreamId::current();
+    let mut all = ARRIVALS.lock().unwrap_or_else(PoisonError::into_inner);
+    let at = all
+        .iter()
+        .position(|a| a.device == like.device && a.stream == stream);
+    let counters = match at {
+        Some(i) if all[i].len >= groups => all[i].counters.clone(),
+        _ => {
+            let len = groups.next_power_of_two().max(MIN_ARRIVALS);
+            let counters = like
+                .client
+                .create_from_slice(u32::as_bytes(&vec![0u32; len]));
+            let arrivals = Arrivals {
+                device: like.device.clone(),
+                stream,
+                counters: counters.clone(),
+                len,
+            };
+            match at {
+                Some(i) => all[i] = arrivals,
+                None => all.push(arrivals),
+            }
+            counters
+        }
+    };
+    // SAFETY: the buffer holds at least `groups` counters.
+    #[allow(unsafe_code)]
+    unsafe {
+        BufferArg::from_raw_parts(counters, groups)
+    }
+}
+
+/// Whether this cube is the last of the `CUBE_COUNT_X` cubes of its group (counter `group`) to
+/// get here, the same in every unit (a value control flow with barriers may depend on, WGSL's
+/// uniformity included). What the group's cubes stored before they got here is visible to the
+/// last one after it, where the runtime promises device memory scope (see
+/// [`Reduction::folds`]). The last cube sets the counter back to zero for the next launch.
+#[cube]
+pub(super) fn last_to_arrive(counters: &mut [Atomic<u32>], group: usize) -> bool {
+    let mut arrived = Shared::<[u32]>::new_slice(1usize);
+    // Release: this cube's stores reach the device before it is counted.
+    sync_storage();
+    if UNIT_POS == 0 {
+        arrived[0] = counters[group].fetch_add(1u32);
+    }
+    // Acquire: the stores of the cubes counted before are visible here.
+    sync_storage();
+    let last = workgroup_uniform_load(&arrived[0]) == CUBE_COUNT_X - 1;
+    if last && UNIT_POS == 0 {
+        counters[group].store(0u32);
+    }
+    last
 }
 
 /// Most units per cube of the kernels that finish a reduction, one cube per result.
