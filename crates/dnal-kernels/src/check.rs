@@ -179,6 +179,9 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
         ([3, 5, 9, 11], Relu6, true, 0.0, true),
         ([2, 9, 4, 4], Relu, true, 0.0, true),
         ([2, 300, 3, 3], Relu, true, 0.0, true),
+        // A ResNet-56 first-stage unit: 64 cubes along each channel, 16 lanes per channel,
+        // whose last cube finishes the reduction where it folds (cuda by default).
+        ([16, 16, 32, 32], Relu, true, 0.0, true),
         ([4, 64, 100, 100], Relu, false, 0.0, true),
     ] {
         let run = |d: &Device| batch_norm_case(d, shape, act, residual, offset, channel_last);
