@@ -41,16 +41,19 @@ fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 }
 
 /// The architecture stage of the run in `out` is the one in `reference` up to float rounding:
-/// epoch losses within 1e-5 (relative) and alphas within 2e-3 (a gate near zero at a large beta
-/// amplifies rounding), and the same derived architecture.
+/// epoch losses within 1e-4 (relative) and alphas within 2e-2, and the same derived
+/// architecture. A gate whose alpha passes near zero at a large beta amplifies rounding: on
+/// CPUs with AVX-512 the two runs' losses agreed within 1e-5 and their alphas within 2e-3; on
+/// an AVX2-only AMD EPYC (dnal's portable CPU paths) the second epoch's loss differed by 2.0e-5
+/// and 4 of 192 alphas by 1.2e-3 to 1.4e-2.
 fn assert_same_search(out: &Path, reference: &Path) {
     assert_close(
         &arch_losses(out),
         &arch_losses(reference),
-        1e-5,
+        1e-4,
         "arch loss",
     );
-    assert_close(&alphas(out), &alphas(reference), 2e-3, "alpha");
+    assert_close(&alphas(out), &alphas(reference), 2e-2, "alpha");
     assert_eq!(
         progress(out)["architecture"],
         progress(reference)["architecture"]
