@@ -32,7 +32,9 @@
 # BURN_SGD_NETS (likewise with `--burn-sgd`: burn's SGD, seven operations per parameter, in
 # place of dnal's one operation for all of them), SEPARATE_FINISH_NETS (likewise with
 # `--reduction-finish=separate`: BatchNorm's reductions finished by a second launch each, as
-# before they were folded into the launch that makes their partial sums), CHECK
+# before they were folded into the launch that makes their partial sums), GRAPH_NETS (likewise
+# with `--graph`: the step recorded once as a CUDA graph and replayed, the host's per-launch work
+# gone), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
 # depthwise, convolution or sgd; default all four).
@@ -54,6 +56,7 @@ PROFILE=${PROFILE:-}
 BURN_OPS_NETS=${BURN_OPS_NETS:-}
 BURN_SGD_NETS=${BURN_SGD_NETS:-}
 SEPARATE_FINISH_NETS=${SEPARATE_FINISH_NETS:-}
+GRAPH_NETS=${GRAPH_NETS:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -97,6 +100,7 @@ dnal_steps() {
         --burn-ops) label+=" (burn ops)" ;;
         --burn-sgd) label+=" (burn sgd)" ;;
         --reduction-finish=*) label+=" (${extra#*=} finish)" ;;
+        --graph) label+=" (graph)" ;;
     esac
     for model in $nets; do
         read -r batch size classes <<< "$(shape_of "$model")"
@@ -204,6 +208,7 @@ for b in "${backend_list[@]:0:1}"; do
     [[ -n $BURN_SGD_NETS ]] && dnal_steps "$b" "$BURN_SGD_NETS" --burn-sgd
     [[ -n $SEPARATE_FINISH_NETS ]] \
         && dnal_steps "$b" "$SEPARATE_FINISH_NETS" --reduction-finish=separate
+    [[ -n $GRAPH_NETS ]] && dnal_steps "$b" "$GRAPH_NETS" --graph
     profiled_step "$b"
 done
 reference

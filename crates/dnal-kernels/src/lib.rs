@@ -637,67 +637,97 @@ fn batch_norm_affine(
         });
     }
     let device = x.device();
-    let running = Running {
-        mean: bn.running_mean.value_sync().to_device(&device),
-        var: bn.running_var.value_sync().to_device(&device),
+    // Taken out of the network for the step (the gain stands in meanwhile), so that kernels
+    // moving them in place hold their only handles.
+    let stand_in = || a.clone().detach();
+    let running = Running::Due {
+        mean: swap_running(&bn.running_mean, stand_in()).to_device(&device),
+        var: swap_running(&bn.running_var, stand_in()).to_device(&device),
         momentum: bn.momentum,
     };
-    let out = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual, Some(&running));
+    let Trained {
+        output,
+        mean,
+        variance,
+        running,
+    } = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual, Some(running));
     // The CubeCL kernels move the running statistics themselves; elsewhere tensor operations.
-    let (mean, var) = out.running.unwrap_or_else(|| {
-        let m = running.momentum;
-        let moved =
-            |old: Tensor<1>, stat: Tensor<1>| old.mul_scalar(1.0 - m) + stat.detach().mul_scalar(m);
-        (
-            moved(running.mean, out.mean),
-            moved(running.var, out.variance),
-        )
-    });
-    store_running(&bn.running_mean, mean.detach());
-    store_running(&bn.running_var, var.detach());
-    out.output
+    let (mean, var) = match running {
+        Some(Running::Moved { mean, var }) => (mean, var),
+        Some(Running::Due {
+            mean: old_mean,
+            var: old_var,
+            momentum: m,
+        }) => {
+            let moved = |old: Tensor<1>, stat: Tensor<1>| {
+                old.mul_scalar(1.0 - m) + stat.detach().mul_scalar(m)
+            };
+            (moved(old_mean, mean), moved(old_var, variance))
+        }
+        None => unreachable!("the running statistics passed in come back"),
+    };
+    drop(swap_running(&bn.running_mean, mean.detach()));
+    drop(swap_running(&bn.running_var, var.detach()));
+    output
 }
 
-/// Makes `value` the running statistic `state` holds.
+/// Makes `value` the running statistic `state` holds, and returns the one it held.
 ///
 /// burn's `RunningState::update` keeps a value per thread and averages them on the next read:
 /// with one thread a division by one, which on the CubeCL backends is an element-wise launch
 /// per BatchNorm and step (fusion cannot merge it into the opaque kernels around it). A
 /// network in dnal is stepped on one thread per replica (data parallelism forks the
 /// statistics per replica and averages them itself), so the value is stored directly.
-fn store_running(state: &RunningState<Tensor<1>>, value: Tensor<1>) {
-    /// Replaces the one tensor it maps.
-    struct Store(Option<Tensor<1>>);
+fn swap_running(state: &RunningState<Tensor<1>>, value: Tensor<1>) -> Tensor<1> {
+    /// Replaces the one tensor it maps, keeping it.
+    struct Swap {
+        value: Option<Tensor<1>>,
+        held: Option<Tensor<1>>,
+    }
 
-    impl ModuleMapper for Store {
+    impl ModuleMapper for Swap {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let Some(value) = self.0.take() else {
+            let Some(value) = self.value.take() else {
                 return param;
             };
-            let (id, _, mapper) = param.consume();
+            let (id, held, mapper) = param.consume();
             // Running statistics are one-dimensional: `D` is 1.
+            self.held = Some(Tensor::from_dispatch(held.into_dispatch()));
             Param::from_mapped_value(id, Tensor::from_dispatch(value.into_dispatch()), mapper)
         }
     }
 
-    // A clone shares the state's value, so mapping it writes the network's statistic.
-    let _ = state.clone().map(&mut Store(Some(value)));
+    // Any per-thread values folded in first (none where dnal steps the network).
+    drop(state.value_sync());
+    let mut swap = Swap {
+        value: Some(value),
+        held: None,
+    };
+    // A clone shares the state's value, so mapping it writes the network's statistic; once
+    // it is written, the held one is the only handle left.
+    let _ = state.clone().map(&mut swap);
+    swap.held.expect("a running state maps its one value")
 }
 
-/// A BatchNorm's running statistics before a training step, and the momentum that moves them.
-struct Running {
-    mean: Tensor<1>,
-    var: Tensor<1>,
-    momentum: f64,
+/// A BatchNorm's running statistics: due to move in a training step (with the momentum that
+/// moves them), or moved by the backend's kernels.
+enum Running {
+    Due {
+        mean: Tensor<1>,
+        var: Tensor<1>,
+        momentum: f64,
+    },
+    #[cfg_attr(not(feature = "cube"), allow(dead_code))]
+    Moved { mean: Tensor<1>, var: Tensor<1> },
 }
 
 /// A training BatchNorm's output, its batch statistics (mean, biased variance), and the running
-/// statistics already moved where the backend's kernels move them.
+/// statistics passed in: moved where the backend's kernels move them, else still due.
 struct Trained {
     output: Tensor<4>,
     mean: Tensor<1>,
     variance: Tensor<1>,
-    running: Option<(Tensor<1>, Tensor<1>)>,
+    running: Option<Running>,
 }
 
 impl Trained {
@@ -721,12 +751,15 @@ pub fn batch_norm_train(
 
 /// A flex BatchNorm extension's output as tensors (the running statistics left to move).
 #[cfg(feature = "flex")]
-fn norm_tensors(out: outputs::NormOutput<burn::backend::Dispatch>) -> Trained {
+fn norm_tensors(
+    out: outputs::NormOutput<burn::backend::Dispatch>,
+    running: Option<Running>,
+) -> Trained {
     Trained {
         output: Tensor::from_dispatch(out.output),
         mean: Tensor::from_dispatch(out.mean),
         variance: Tensor::from_dispatch(out.variance),
-        running: None,
+        running,
     }
 }
 
@@ -743,10 +776,9 @@ pub fn batch_norm_add_train(
     batch_norm_train_residual(x, a, b, epsilon, act, Some(residual), None).statistics()
 }
 
-/// BatchNorm in training with the batch's statistics; where the backend's kernels move
-/// `running` too, the moved statistics come back in [`Trained::running`] (elsewhere the caller
-/// moves them with tensor operations).
-#[cfg_attr(not(feature = "cube"), allow(unused_variables))]
+/// BatchNorm in training with the batch's statistics; `running` comes back in
+/// [`Trained::running`], moved where the backend's kernels move it (in place where they hold
+/// its only handles), else still due (the caller moves it with tensor operations).
 fn batch_norm_train_residual(
     x: Tensor<4>,
     a: Tensor<1>,
@@ -754,7 +786,7 @@ fn batch_norm_train_residual(
     epsilon: f64,
     act: Activation,
     residual: Option<Tensor<4>>,
-    running: Option<&Running>,
+    running: Option<Running>,
 ) -> Trained {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x)
@@ -766,7 +798,7 @@ fn batch_norm_train_residual(
         use flex::DnalKernels;
         let Clamp { lo, hi } = act.clamp();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-        return norm_tensors(match residual {
+        let out = match residual {
             None => <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi),
             Some(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
                 x,
@@ -777,24 +809,35 @@ fn batch_norm_train_residual(
                 lo,
                 hi,
             ),
-        });
+        };
+        return norm_tensors(out, running);
     }
     #[cfg(feature = "cube")]
     if takes_cube_path(&x)
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
         && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
-        && running.is_none_or(|r| r.mean.dtype() == DType::F32 && r.var.dtype() == DType::F32)
+        && running.as_ref().is_none_or(|r| match r {
+            Running::Due { mean, var, .. } => {
+                mean.dtype() == DType::F32 && var.dtype() == DType::F32
+            }
+            Running::Moved { .. } => false,
+        })
     {
         use burn::backend::Dispatch;
         use cube::CubeNorm;
         let Clamp { lo, hi } = act.clamp();
         // Without running statistics to move, the kernel moves zeros by nothing.
+        let moves = running.is_some();
         let (rm, rv, momentum) = match running {
-            Some(r) => (r.mean.clone(), r.var.clone(), r.momentum),
-            None => {
-                let zeros = Tensor::<1>::zeros([a.dims()[0]], &x.device());
-                (zeros.clone(), zeros, 0.0)
+            Some(Running::Due {
+                mean,
+                var,
+                momentum,
+            }) => (mean, var, momentum),
+            _ => {
+                let zeros = || Tensor::<1>::zeros([a.dims()[0]], &x.device());
+                (zeros(), zeros(), 0.0)
             }
         };
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
@@ -820,11 +863,9 @@ fn batch_norm_train_residual(
             output: Tensor::from_dispatch(out.output),
             mean: Tensor::from_dispatch(out.mean),
             variance: Tensor::from_dispatch(out.variance),
-            running: running.map(|_| {
-                (
-                    Tensor::from_dispatch(out.running_mean),
-                    Tensor::from_dispatch(out.running_var),
-                )
+            running: moves.then(|| Running::Moved {
+                mean: Tensor::from_dispatch(out.running_mean),
+                var: Tensor::from_dispatch(out.running_var),
             }),
         };
     }
@@ -837,6 +878,6 @@ fn batch_norm_train_residual(
         output: act.apply(y),
         mean: out.mean,
         variance: out.variance,
-        running: None,
+        running,
     }
 }

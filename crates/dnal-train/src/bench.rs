@@ -46,6 +46,8 @@ pub struct StepBench {
     /// How dnal's CubeCL reductions finish (`dnal_kernels::set_reduction_finish`, for the
     /// whole process): `Auto` as in training, the others for comparison.
     pub reduction_finish: dnal_kernels::Finish,
+    /// The step recorded once as a graph of launches and replayed (see [`burn::tensor::capture`]).
+    pub graph: bool,
 }
 
 /// Timings of [`bench_step`].
@@ -107,7 +109,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
     Ok(StepTimes {
         model: bench.model.name(),
         backend: format!(
-            "{}{}{}{}",
+            "{}{}{}{}{}",
             bench.backend.name(),
             if bench.burn_ops { " (burn ops)" } else { "" },
             if bench.burn_sgd { " (burn sgd)" } else { "" },
@@ -115,7 +117,8 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
                 dnal_kernels::Finish::Auto => "",
                 dnal_kernels::Finish::Folded => " (folded finish)",
                 dnal_kernels::Finish::Separate => " (separate finish)",
-            }
+            },
+            if bench.graph { " (graph)" } else { "" },
         ),
         batch: bench.batch,
         size: bench.shape.size,
@@ -164,7 +167,7 @@ impl WithNetwork for Timed<'_> {
         if !b.burn_sgd {
             net = crate::sgd::lay_out(net);
         }
-        let mut sgd = if b.burn_sgd {
+        let sgd = if b.burn_sgd {
             crate::phase::Optim::Burn(
                 SgdConfig::new()
                     .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
@@ -177,21 +180,63 @@ impl WithNetwork for Timed<'_> {
         let mut times = Vec::with_capacity(b.steps);
         let mut first = None;
         let mut warmup_s = 0.0;
-        for i in 0..b.warmup + b.steps {
-            if i == b.warmup {
-                first = Some(Snapshot::take());
-                warmup_s = start.elapsed().as_secs_f64();
-            }
-            let t = Instant::now();
-            let loss = ce.forward(net.forward(x.clone()), y.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = sgd.step(0.01, net, grads);
-            let issued = t.elapsed();
+        let sync = || {
             device
                 .sync()
-                .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))?;
-            if i >= b.warmup {
+                .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))
+        };
+        let mut state = Some((net, sgd));
+        // One training step of the network and optimiser in `state`: its loss.
+        let mut step = || {
+            let (net, mut sgd) = state.take().expect("the step always puts its state back");
+            let loss = ce.forward(net.forward(x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            state = Some((sgd.step(0.01, net, grads), sgd));
+            loss
+        };
+        if b.graph {
+            for _ in 0..b.warmup {
+                let loss = step();
+                sync()?;
+                drop(loss);
+            }
+            // Recorded on the device under autodiff, whose backend records no graph itself.
+            let mut graph = burn::tensor::capture(&device.clone().inner(), step);
+            if !graph.is_hardware() {
+                return Err(TrainError::from(dnal_core::CoreError::Backend(format!(
+                    "{} recorded no graph of the step; --graph needs cuda or wgpu",
+                    b.backend.name()
+                ))));
+            }
+            first = Some(Snapshot::take());
+            warmup_s = start.elapsed().as_secs_f64();
+            for _ in 0..b.steps {
+                let t = Instant::now();
+                // SAFETY: the recorded launches read and write the images and labels (alive
+                // until the end of this function) and the network and optimiser in `state`,
+                // which only the graph's step reaches; nothing else runs on the device meanwhile.
+                #[allow(unsafe_code)]
+                unsafe {
+                    graph.replay();
+                }
+                let issued = t.elapsed();
+                sync()?;
                 times.push((t.elapsed().as_secs_f64() * 1e3, issued.as_secs_f64() * 1e3));
+            }
+        } else {
+            for i in 0..b.warmup + b.steps {
+                if i == b.warmup {
+                    first = Some(Snapshot::take());
+                    warmup_s = start.elapsed().as_secs_f64();
+                }
+                let t = Instant::now();
+                let loss = step();
+                let issued = t.elapsed();
+                sync()?;
+                drop(loss);
+                if i >= b.warmup {
+                    times.push((t.elapsed().as_secs_f64() * 1e3, issued.as_secs_f64() * 1e3));
+                }
             }
         }
         let threads = match first {

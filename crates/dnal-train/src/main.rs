@@ -99,6 +99,11 @@ enum Command {
         /// that makes them) or `separate` (in a second launch), for comparison.
         #[arg(long, default_value = "auto")]
         reduction_finish: dnal_kernels::Finish,
+        /// Record the step once as a graph of launches (a CUDA graph on cuda, re-encoded
+        /// dispatches on wgpu) and time its replays: the step without the host's per-launch
+        /// work.
+        #[arg(long)]
+        graph: bool,
         /// One JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -297,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             burn_ops,
             burn_sgd,
             reduction_finish,
+            graph,
             json,
         } => {
             let bench = dnal_train::bench::StepBench {
@@ -314,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 burn_ops,
                 burn_sgd,
                 reduction_finish,
+                graph,
             };
             let t = dnal_train::bench::bench_step(&bench)?;
             if json {

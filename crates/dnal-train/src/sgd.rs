@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use burn::backend::{DispatchTensor, TensorMetadata};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
 use burn::tensor::GradientCheckpointingStrategy;
@@ -56,7 +56,7 @@ impl Sgd {
             together: Vec::new(),
             alone: HashMap::new(),
         };
-        module.visit(&mut gather);
+        let module = module.map(&mut gather);
         let Gather {
             together, alone, ..
         } = gather;
@@ -279,8 +279,10 @@ impl Context {
     }
 }
 
-/// The first pass of a step: every parameter with a gradient that [`steps_together`] gathered
-/// to step with the others, every other one's gradient kept for the second pass.
+/// The first pass of a step: every parameter with a gradient that [`steps_together`] taken out
+/// of the module to step with the others (so that the step holds its only handle and writes it
+/// in place; its gradient stands in for it until the second pass), every other one's gradient
+/// kept for the second pass.
 struct Gather<'a> {
     sgd: &'a mut Sgd,
     grads: &'a mut GradientsParams,
@@ -289,7 +291,7 @@ struct Gather<'a> {
     alone: HashMap<ParamId, (DispatchTensor, Option<String>)>,
 }
 
-impl ModuleVisitor for Gather<'_> {
+impl ModuleMapper for Gather<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -298,21 +300,22 @@ impl ModuleVisitor for Gather<'_> {
         self.path.pop();
     }
 
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let id = param.id;
         let Some(grad) = self.grads.remove::<D>(id) else {
-            return;
+            return param;
         };
-        let value = param.val();
-        let together = self.sgd.momentum != 0.0 && steps_together(&value);
+        let together = self.sgd.momentum != 0.0 && steps_together(&param.val());
         if !together {
             // A velocity keeps its parameter's path: the path is joined only for a new one.
             let new = self.sgd.momentum != 0.0 && !self.sgd.velocities.contains_key(&id);
             let path = new.then(|| self.path.join("."));
             self.alone.insert(id, (grad.into_dispatch(), path));
-            return;
+            return param;
         }
+        let (id, value, mapper) = param.consume();
         let context = Context::capture(&value);
+        let stand_in = grad.clone();
         let device = grad.device();
         let value = value.inner().to_device(&device);
         // Taken out of the map, so that the step holds its only handle and writes it in place.
@@ -335,6 +338,7 @@ impl ModuleVisitor for Gather<'_> {
             path,
             context,
         });
+        Param::from_mapped_value(id, stand_in, mapper)
     }
 }
 

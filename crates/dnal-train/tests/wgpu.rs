@@ -260,3 +260,101 @@ fn weights_keep_one_memory_layout_from_the_first_step() {
         assert_eq!(layout(parameters(&net)), laid, "after step {step}");
     }
 }
+
+/// Every float a module holds (parameters and running statistics), in module order.
+fn floats(net: &Kinds) -> Vec<Vec<f32>> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::Tensor;
+    #[derive(Default)]
+    struct Floats(Vec<Vec<f32>>);
+    impl ModuleVisitor for Floats {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().into_data().try_to_vec().unwrap());
+        }
+    }
+    let mut floats = Floats::default();
+    net.visit(&mut floats);
+    floats.0
+}
+
+/// A training step recorded once as a graph of launches (`burn::tensor::capture`; on wgpu
+/// CubeCL re-encodes the recorded dispatches) and replayed trains as the steps themselves do:
+/// dnal's SGD moves every parameter and velocity, and its BatchNorm kernels the running
+/// statistics, in place, so each replay starts from where the last one left them. A step that
+/// wrote any of them into new memory would replay from the recorded step's inputs.
+#[test]
+fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
+    use burn::optim::GradientsParams;
+    use burn::prelude::{Int, Tensor, TensorData};
+
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    let plain = dnal_train::sgd::lay_out(Kinds::new(&device));
+    // The same values in a network of its own (a clone would share the running statistics'
+    // state); the two share their first tensors, and each one's first step writes a copy.
+    let recorded = {
+        use burn::module::Module;
+        Kinds::new(&device).load_record(plain.clone().into_record())
+    };
+    let n = 4 * 3 * 8 * 8;
+    let x = Tensor::<4>::from_data(
+        TensorData::new(
+            (0..n).map(|i| (i as f32 * 0.37).sin()).collect(),
+            [4, 3, 8, 8],
+        ),
+        &device,
+    );
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 7, 3, 0], [4]), &device);
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+    // Six steps as they are.
+    let (mut net, mut sgd) = (plain, dnal_train::sgd::Sgd::new(0.9, 5e-4));
+    let mut losses: Vec<f32> = Vec::new();
+    for _ in 0..6 {
+        let loss = ce.forward(net.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = sgd.step(0.05, net, grads);
+        losses.push(loss.into_scalar());
+    }
+    let last = floats(&net);
+    // Six steps recorded: three warm-up runs, then the recorded one replayed three times.
+    let cell = std::cell::RefCell::new(Some((recorded, dnal_train::sgd::Sgd::new(0.9, 5e-4))));
+    let graph_step = || {
+        let (net, mut sgd) = cell.borrow_mut().take().unwrap();
+        let loss = ce.forward(net.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        *cell.borrow_mut() = Some((sgd.step(0.05, net, grads), sgd));
+        loss.inner()
+    };
+    // Recorded on the device under autodiff, whose backend records no graph itself.
+    let mut graph = burn::tensor::capture(&device.clone().inner(), graph_step);
+    assert!(graph.is_hardware(), "wgpu recorded no graph");
+    // The recorded run records the launches without running them: the replays run steps 4-6.
+    let mut replayed: Vec<f32> = Vec::new();
+    for _ in 0..3 {
+        // SAFETY: the graph reads and writes the images, the labels and the network and
+        // optimiser in `cell`, all alive until it is dropped; nothing else runs meanwhile.
+        #[allow(unsafe_code)]
+        let loss = unsafe { graph.replay() };
+        replayed.push(loss.clone().into_scalar());
+    }
+    drop(graph);
+    let values = floats(&cell.borrow().as_ref().unwrap().0);
+    for (i, (a, b)) in losses[3..].iter().zip(&replayed).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "step {}: loss {a} vs {b}",
+            i + 4
+        );
+    }
+    assert_eq!(values.len(), last.len());
+    for (k, (a, b)) in last.iter().zip(&values).enumerate() {
+        let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "tensor {k} after six steps: {diff} apart"
+        );
+    }
+}

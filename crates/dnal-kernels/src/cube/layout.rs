@@ -29,7 +29,7 @@ pub(super) fn empties<const K: usize>(like: &CubeTensor, shapes: [Shape; K]) -> 
 }
 
 /// [`empties`] for a number of shapes known at run time.
-pub(super) fn empties_vec(like: &CubeTensor, shapes: Vec<Shape>) -> Vec<CubeTensor> {
+fn empties_vec(like: &CubeTensor, shapes: Vec<Shape>) -> Vec<CubeTensor> {
     let f32_size = DType::F32.size();
     let descriptors = shapes
         .iter()
@@ -163,4 +163,10 @@ impl Geometry {
     pub(super) fn output_shape(&self) -> Shape {
         Shape::new([self.batch, self.channels, self.out_height, self.out_width])
     }
+}
+
+/// `t` itself where nothing else holds its memory, else a copy of it: a tensor a kernel may
+/// write in place.
+pub(super) fn writable(t: CubeTensor) -> CubeTensor {
+    if t.can_mut() { t } else { t.copy() }
 }

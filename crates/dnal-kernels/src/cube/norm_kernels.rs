@@ -15,7 +15,7 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{empties, empty_like, laid_out};
+use super::layout::{empties, empty_like, laid_out, writable};
 use super::norm::{NormGrads, TrainOutput};
 use super::reduction::{Reduction, arrivals, cube_sum, finishing, last_to_arrive};
 
@@ -185,8 +185,9 @@ fn stats_partials(
 
 /// From channel `c`'s totals of `x - x[0, c, 0, 0]` and its square: the batch mean and biased
 /// variance, the transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift =
-/// b - mean * scale`, written to `coef[c * 2 ..]`, and the running statistics moved towards the
-/// batch's, `running' = running * (1 - momentum) + batch * momentum` (burn's BatchNorm update).
+/// b - mean * scale`, written to `coef[c * 2 ..]`, and the running statistics moved in place
+/// towards the batch's, `running' = running * (1 - momentum) + batch * momentum` (burn's
+/// BatchNorm update).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn finish_stats(
@@ -196,13 +197,11 @@ fn finish_stats(
     x: &[f32],
     a: &[f32],
     b: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
     mean: &mut [f32],
     var: &mut [f32],
     coef: &mut [f32],
-    moved_mean: &mut [f32],
-    moved_var: &mut [f32],
     plane: usize,
     channels: usize,
     count: usize,
@@ -220,8 +219,8 @@ fn finish_stats(
     coef[c * 2] = scale;
     coef[c * 2 + 1] = b[c] - mu * scale;
     let keep = 1.0f32 - momentum;
-    moved_mean[c] = running_mean[c] * keep + mu * momentum;
-    moved_var[c] = running_var[c] * keep + v * momentum;
+    running_mean[c] = running_mean[c] * keep + mu * momentum;
+    running_var[c] = running_var[c] * keep + v * momentum;
 }
 
 /// One cube per channel: [`finish_stats`] from the partial sums.
@@ -232,13 +231,11 @@ fn stats_finalize(
     partials: &[f32],
     a: &[f32],
     b: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
     mean: &mut [f32],
     var: &mut [f32],
     coef: &mut [f32],
-    moved_mean: &mut [f32],
-    moved_var: &mut [f32],
     plane: usize,
     channels: usize,
     splits: usize,
@@ -268,8 +265,6 @@ fn stats_finalize(
         mean,
         var,
         coef,
-        moved_mean,
-        moved_var,
         plane,
         channels,
         count,
@@ -289,13 +284,11 @@ fn stats_folded(
     arrivals: &mut [Atomic<u32>],
     a: &[f32],
     b: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
     mean: &mut [f32],
     var: &mut [f32],
     coef: &mut [f32],
-    moved_mean: &mut [f32],
-    moved_var: &mut [f32],
     plane: usize,
     channels: usize,
     count: usize,
@@ -322,8 +315,6 @@ fn stats_folded(
                 mean,
                 var,
                 coef,
-                moved_mean,
-                moved_var,
                 plane,
                 channels,
                 count,
@@ -588,7 +579,10 @@ pub(super) fn forward(
     hi: f32,
 ) -> TrainOutput<CubeBackend> {
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
-    let (running_mean, running_var) = (into_contiguous(running_mean), into_contiguous(running_var));
+    // Moved in place (in a copy where another handle shares them): a step recorded as a graph
+    // then moves the same memory at every replay.
+    let [running_mean, running_var] =
+        [running_mean, running_var].map(|t| writable(into_contiguous(t)));
     let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
     let r = Reduction::new(channels, count, x_cl);
@@ -596,7 +590,7 @@ pub(super) fn forward(
     let client = x.client.clone();
     // The batch's per-channel results in one reservation with the partial sums (all gone by
     // the end of the step), the last a one-element stand-in for a missing residual, which the
-    // kernel never reads; the moved running statistics, which the network keeps, in another.
+    // kernel never reads.
     let [partials, mean, variance, coef, no_residual] = empties(
         &x,
         [
@@ -607,7 +601,6 @@ pub(super) fn forward(
             Shape::new([1]),
         ],
     );
-    let [moved_mean, moved_var] = empties(&x, [Shape::new([channels]), Shape::new([channels])]);
     if r.folds(&client) {
         stats_folded::launch(
             &client,
@@ -618,13 +611,11 @@ pub(super) fn forward(
             arrivals(&x, r.groups),
             a.into_buffer_arg(),
             b.into_buffer_arg(),
-            running_mean.into_buffer_arg(),
-            running_var.into_buffer_arg(),
+            running_mean.clone().into_buffer_arg(),
+            running_var.clone().into_buffer_arg(),
             mean.clone().into_buffer_arg(),
             variance.clone().into_buffer_arg(),
             coef.clone().into_buffer_arg(),
-            moved_mean.clone().into_buffer_arg(),
-            moved_var.clone().into_buffer_arg(),
             plane,
             channels,
             count,
@@ -657,13 +648,11 @@ pub(super) fn forward(
             partials.into_buffer_arg(),
             a.into_buffer_arg(),
             b.into_buffer_arg(),
-            running_mean.into_buffer_arg(),
-            running_var.into_buffer_arg(),
+            running_mean.clone().into_buffer_arg(),
+            running_var.clone().into_buffer_arg(),
             mean.clone().into_buffer_arg(),
             variance.clone().into_buffer_arg(),
             coef.clone().into_buffer_arg(),
-            moved_mean.clone().into_buffer_arg(),
-            moved_var.clone().into_buffer_arg(),
             plane,
             channels,
             splits,
@@ -700,8 +689,8 @@ pub(super) fn forward(
         output,
         mean,
         variance,
-        running_mean: moved_mean,
-        running_var: moved_var,
+        running_mean,
+        running_var,
     }
 }
 

@@ -2,8 +2,10 @@
 //! network's parameters at once: one operation in fusion's stream, and one launch per group of
 //! up to [`MAX_GROUP`] parameters. burn's optimiser issues seven tensor operations per parameter,
 //! which fusion takes one by one before merging them into fewer launches; PyTorch's `foreach`
-//! and fused optimisers likewise step many tensors per launch. The velocities are written in
-//! place (the optimiser holds their only handles). Each parameter keeps its memory layout, and
+//! and fused optimisers likewise step many tensors per launch. Parameters and velocities are
+//! written in place where the step holds their only handles (the optimiser takes each parameter
+//! out of the network for the step), else into a copy. Each parameter keeps its memory layout,
+//! and
 //! its gradient and velocity are brought to it; [`crate::step_layout`] gives the convolutions'
 //! weights the layout their gradients arrive in (channel-last), so in training nothing is
 //! copied.
@@ -15,7 +17,6 @@ use burn::backend::fusion::custom::{
     CustomOpIr, HandleContainer, OperationFn, OperationIr, ScalarIr, StreamId, TensorId, TensorIr,
 };
 use burn::backend::fusion::{FusionBackend, FusionTensor};
-use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
@@ -23,7 +24,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::empties_vec;
+use super::layout::writable;
 
 /// The fused runtime of the CubeCL backends, whose tensors [`sgd_steps`] takes.
 pub type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
@@ -35,8 +36,8 @@ const MAX_GROUP: usize = 32;
 /// fusion's stream for all of them and one launch per [`MAX_GROUP`] parameters (fewer where the
 /// device allows fewer bindings). Each slot
 /// is a `[param, grad, velocity]` of one shape (f32); the result is each slot's
-/// `[param, velocity]`. The velocities are written in place; the parameters, which the network
-/// still holds while its optimiser steps, into new memory, reserved for all of them at once.
+/// `[param, velocity]`, written over the slot's own where it holds their only handles, so that a
+/// step recorded as a graph ([`burn::tensor::capture`]) moves the same memory at every replay.
 pub fn sgd_steps(
     slots: Vec<[FusionTensor<Runtime>; 3]>,
     lr: f64,
@@ -91,26 +92,25 @@ pub fn sgd_steps(
 }
 
 /// The steps of [`sgd_steps`] on the device: `[param, grad, velocity]` slots in, `[param,
-/// velocity]` out. Each slot's four tensors share its parameter's memory layout (a dense one;
-/// a parameter with gaps is first copied contiguous), so that the kernel works in memory order
-/// without index arithmetic: a gradient or velocity laid out otherwise is copied into it, and
-/// the new parameter is written in it. A parameter's layout thus never changes here; layers
+/// velocity]` out, each written in place (over a copy where another handle shares it). Each
+/// slot's three tensors share its parameter's memory layout (a dense one; a parameter with gaps
+/// is first copied contiguous), so that the kernel works in memory order without index
+/// arithmetic: a gradient or velocity laid out otherwise is copied into it. A parameter's layout
+/// thus never changes here; layers
 /// that read it meet the same layout at every step (burn's autotune keys include it), whatever
 /// layout the kernels that computed its gradient chose.
 fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
-    let Some(first) = slots.first().map(|[param, ..]| param.clone()) else {
+    let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
         return Vec::new();
     };
-    let client = first.client.clone();
-    // Four bindings per parameter, and two for the launch's metadata and scalars.
+    // Three bindings per parameter, and two for the launch's metadata and scalars.
     let max_bindings = client.properties().hardware.max_bindings as usize;
-    let per_launch = (max_bindings.saturating_sub(2) / 4).clamp(1, MAX_GROUP);
-    let mut orders = Vec::with_capacity(slots.len());
+    let per_launch = (max_bindings.saturating_sub(2) / 3).clamp(1, MAX_GROUP);
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
         .map(|[param, grad, velocity]| {
             let (param, order) = match dense_order(&param) {
-                Some(order) => (param, order),
+                Some(order) => (writable(param), order),
                 None => {
                     let param = into_contiguous(param);
                     let order = (0..param.meta.num_dims()).collect();
@@ -118,43 +118,22 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
                 }
             };
             let grad = laid_out_as(grad, &param, &order);
-            let velocity = if velocity.can_mut() {
-                velocity
-            } else {
-                velocity.copy()
-            };
-            let velocity = laid_out_as(velocity, &param, &order);
-            orders.push(order);
+            let velocity = writable(laid_out_as(velocity, &param, &order));
             [param, grad, velocity]
         })
         .collect();
-    // The new parameters: contiguous in each parameter's dimension order, viewed back.
-    let shapes = slots
-        .iter()
-        .zip(&orders)
-        .map(|([p, ..], order)| {
-            let shape = p.meta.shape();
-            Shape::from(order.iter().map(|&d| shape[d]).collect::<Vec<_>>())
-        })
-        .collect();
-    let fresh: Vec<CubeTensor> = empties_vec(&first, shapes)
-        .into_iter()
-        .zip(&orders)
-        .map(|(t, order)| permute(t, &inverse(order)))
-        .collect();
-    for (chunk, out) in slots.chunks(per_launch).zip(fresh.chunks(per_launch)) {
+    for chunk in slots.chunks(per_launch) {
         let mut starts = SequenceArg::new();
         let mut total = 0;
         starts.push(0);
-        let [mut params, mut grads, mut velocities, mut outs] =
-            [(); 4].map(|_| SequenceArg::<OwnedTensor<f32>>::new());
-        for ([param, grad, velocity], new) in chunk.iter().zip(out) {
+        let [mut params, mut grads, mut velocities] =
+            [(); 3].map(|_| SequenceArg::<OwnedTensor<f32>>::new());
+        for [param, grad, velocity] in chunk {
             total += param.meta.num_elements();
             starts.push(total);
             params.push(param.clone().into_tensor_arg());
             grads.push(grad.clone().into_tensor_arg());
             velocities.push(velocity.clone().into_tensor_arg());
-            outs.push(new.clone().into_tensor_arg());
         }
         let dim = CubeDim::new(&client, total);
         sgd_group_kernel::launch(
@@ -164,7 +143,6 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
             params,
             grads,
             velocities,
-            outs,
             starts,
             lr,
             momentum,
@@ -174,8 +152,7 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
     }
     slots
         .into_iter()
-        .zip(fresh)
-        .map(|([_, _, velocity], param)| [param, velocity])
+        .map(|[param, _, velocity]| [param, velocity])
         .collect()
 }
 
@@ -238,16 +215,15 @@ fn inverse(order: &[usize]) -> Vec<usize> {
     inverse
 }
 
-/// The step of up to [`MAX_GROUP`] parameters whose four tensors share one dense memory
+/// The step of up to [`MAX_GROUP`] parameters whose three tensors share one dense memory
 /// layout: parameter `k` owns the positions `starts[k]..starts[k + 1]`, each its element at
-/// that memory offset; its velocity is written in place and its new value into `outs[k]`.
+/// that memory offset; the parameter and its velocity are written in place.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn sgd_group_kernel(
-    params: &Sequence<OwnedTensor<f32>>,
+    params: &mut Sequence<OwnedTensor<f32>>,
     grads: &Sequence<OwnedTensor<f32>>,
     velocities: &mut Sequence<OwnedTensor<f32>>,
-    outs: &mut Sequence<OwnedTensor<f32>>,
     starts: Sequence<usize>,
     lr: f32,
     momentum: f32,
@@ -264,11 +240,12 @@ fn sgd_group_kernel(
         if pos >= start && pos < starts[comptime!(k + 1)] {
             let i = pos - start;
             let g = grads.index(k).as_slice()[i];
-            let p = params.index(k).as_slice()[i];
+            let param = params.index_mut(k).as_mut_slice();
+            let p = param[i];
             let velocity = velocities.index_mut(k).as_mut_slice();
             let v = (p * decay + g) + velocity[i] * momentum;
             velocity[i] = v;
-            outs.index_mut(k).as_mut_slice()[i] = p - v * lr;
+            param[i] = p - v * lr;
         }
     }
 }
