@@ -210,6 +210,24 @@ fn parameters(net: &Kinds) -> Vec<Parameter> {
     parameters.0
 }
 
+/// A batch of 8x8 RGB images with fixed values, one per label.
+fn batch(
+    device: &burn::prelude::Device,
+    labels: &[i64],
+) -> (
+    burn::prelude::Tensor<4>,
+    burn::prelude::Tensor<1, burn::prelude::Int>,
+) {
+    use burn::prelude::{Int, Tensor, TensorData};
+    let n = labels.len();
+    let pixels = (0..n * 3 * 8 * 8)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, 3, 8, 8]), device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(labels.to_vec(), [n]), device);
+    (x, y)
+}
+
 /// On a CubeCL device dnal's SGD keeps every parameter's memory layout, whatever layout its
 /// gradient arrives in, and `sgd::lay_out` puts convolution weights channel-last (their
 /// gradients' layout) before the first forward pass, their values unchanged. Then no step
@@ -219,7 +237,6 @@ fn parameters(net: &Kinds) -> Vec<Parameter> {
 #[test]
 fn weights_keep_one_memory_layout_from_the_first_step() {
     use burn::optim::GradientsParams;
-    use burn::prelude::{Int, Tensor, TensorData};
 
     let Some(device) = wgpu_device() else {
         return;
@@ -241,15 +258,7 @@ fn weights_keep_one_memory_layout_from_the_first_step() {
     };
     let laid = layout(laid);
     assert_eq!(laid.len(), 4, "{laid:?}");
-    let n = 2 * 3 * 8 * 8;
-    let x = Tensor::<4>::from_data(
-        TensorData::new(
-            (0..n).map(|i| (i as f32 * 0.37).sin()).collect(),
-            [2, 3, 8, 8],
-        ),
-        &device,
-    );
-    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 7], [2]), &device);
+    let (x, y) = batch(&device, &[1, 7]);
     let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
     let mut sgd = dnal_train::sgd::Sgd::new(0.9, 5e-4);
     let mut net = net;
@@ -285,7 +294,6 @@ fn floats(net: &Kinds) -> Vec<Vec<f32>> {
 #[test]
 fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
     use burn::optim::GradientsParams;
-    use burn::prelude::{Int, Tensor, TensorData};
 
     let Some(device) = wgpu_device() else {
         return;
@@ -298,15 +306,7 @@ fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
         use burn::module::Module;
         Kinds::new(&device).load_record(plain.clone().into_record())
     };
-    let n = 4 * 3 * 8 * 8;
-    let x = Tensor::<4>::from_data(
-        TensorData::new(
-            (0..n).map(|i| (i as f32 * 0.37).sin()).collect(),
-            [4, 3, 8, 8],
-        ),
-        &device,
-    );
-    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 7, 3, 0], [4]), &device);
+    let (x, y) = batch(&device, &[1, 7, 3, 0]);
     let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
     // Six steps as they are.
     let (mut net, mut sgd) = (plain, dnal_train::sgd::Sgd::new(0.9, 5e-4));
