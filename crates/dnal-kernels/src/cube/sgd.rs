@@ -5,8 +5,7 @@
 //! and fused optimisers likewise step many tensors per launch. Parameters and velocities are
 //! written in place where the step holds their only handles (the optimiser takes each parameter
 //! out of the network for the step), else into a copy. Each parameter keeps its memory layout,
-//! and
-//! its gradient and velocity are brought to it; [`crate::step_layout`] gives the convolutions'
+//! and its gradient and velocity are brought to it; [`crate::step_layout`] gives the convolutions'
 //! weights the layout their gradients arrive in (channel-last), so in training nothing is
 //! copied.
 //!
@@ -96,9 +95,8 @@ pub fn sgd_steps(
 /// slot's three tensors share its parameter's memory layout (a dense one; a parameter with gaps
 /// is first copied contiguous), so that the kernel works in memory order without index
 /// arithmetic: a gradient or velocity laid out otherwise is copied into it. A parameter's layout
-/// thus never changes here; layers
-/// that read it meet the same layout at every step (burn's autotune keys include it), whatever
-/// layout the kernels that computed its gradient chose.
+/// thus never changes here; layers that read it meet the same layout at every step (burn's
+/// autotune keys include it), whatever layout the kernels that computed its gradient chose.
 fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
     let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
         return Vec::new();
