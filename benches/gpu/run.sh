@@ -23,7 +23,8 @@
 # Also settable: BACKENDS (default "cuda wgpu"), NETS (default all four), REF_DEVICE (PyTorch's
 # device, default cuda; "none" skips it), TRAIN_BACKEND (default cuda; "none" skips the run),
 # TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
-# 10000 and 2000), STEP_CAP_S (seconds a dnal network may take, default 120), REF_ARGS (more
+# 10000 and 2000), TRAIN_ARGS (more arguments for the run, e.g. "--graph": the weight and final
+# stages' steps recorded once per epoch and replayed), STEP_CAP_S (seconds a dnal network may take, default 120), REF_ARGS (more
 # arguments for the PyTorch reference, e.g. "--no-tf32"), PROFILE (a network: after the first
 # backend's steps, that network runs 3 + 3 more steps on that backend with CubeCL's profiling
 # log, benches/gpu/cubecl-profile.toml, written to $OUT/profile-BACKEND-NETWORK.log),
@@ -50,6 +51,7 @@ REF_DEVICE=${REF_DEVICE:-cuda}
 TRAIN_BACKEND=${TRAIN_BACKEND:-cuda}
 TRAIN_IMAGES=${TRAIN_IMAGES:-10000}
 TEST_IMAGES=${TEST_IMAGES:-2000}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 STEP_CAP_S=${STEP_CAP_S:-120}
 REF_ARGS=${REF_ARGS:-}
 PROFILE=${PROFILE:-}
@@ -153,9 +155,9 @@ training_run() {
     timeout "$cap" "$BIN" train --preset resnet56-cifar10-l1e-4 --backend "$TRAIN_BACKEND" \
         --quiet --set data.path="$OUT/cifar" --set weights.epochs=1 --set arch.epochs=1 \
         --set final.epochs=1 --set data.train_limit="$TRAIN_IMAGES" \
-        --set data.test_limit="$TEST_IMAGES" --out "$OUT/run" > "$OUT/train.log" 2>&1
+        --set data.test_limit="$TEST_IMAGES" --out "$OUT/run" $TRAIN_ARGS > "$OUT/train.log" 2>&1
     status=$?
-    echo "train on $TRAIN_BACKEND: exit $status after $(( $(date +%s) - start )) s ($TRAIN_IMAGES training images, $TEST_IMAGES test images, 1 + 1 + 1 epochs; $OUT/train.log)" \
+    echo "train on $TRAIN_BACKEND${TRAIN_ARGS:+ $TRAIN_ARGS}: exit $status after $(( $(date +%s) - start )) s ($TRAIN_IMAGES training images, $TEST_IMAGES test images, 1 + 1 + 1 epochs; $OUT/train.log)" \
         | tee "$OUT/train.txt"
 }
 

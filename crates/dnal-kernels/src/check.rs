@@ -518,8 +518,9 @@ pub fn convolution(device: &Device, reference: &Device) -> Vec<Comparison> {
 /// step's input: lengths of one, an odd few, and more than a cube's units; a gradient that is
 /// a transposed view (not contiguous) and one that is a slice; copies of the parameter and
 /// velocity kept before the last step, which must keep their values (on the CubeCL backends
-/// the velocity is written in place only where nothing else holds it); and 45 parameters
-/// stepped together ([`crate::sgd_momentum_steps`]), more than one launch takes.
+/// the velocity is written in place only where nothing else holds it); 45 parameters
+/// stepped together ([`crate::sgd_momentum_steps`]), more than one launch takes; and a rate
+/// held in a tensor.
 pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
     let steps = ["param", "velocity"];
     let kept = ["param", "velocity", "kept param", "kept velocity"];
@@ -551,7 +552,30 @@ pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
         &held,
         &sgd_group_case,
     );
+    add(
+        "SGD step of [16, 27] at a rate held in a tensor, rewritten before each step",
+        &steps,
+        &held_rate_sgd_case,
+    );
     out
+}
+
+/// Three steps of a `[16, 27]` parameter at rates 0.1, 0.05 and 0.2, each written into one
+/// `[1]` tensor ([`crate::overwrite`]) that the step reads ([`crate::Rate::Held`]), as a step
+/// recorded as a graph reads its rate.
+fn held_rate_sgd_case(device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    let tensor =
+        |seed: f32| Tensor::<2>::from_data(TensorData::new(wave(16 * 27, seed), [16, 27]), device);
+    let (mut param, mut velocity) = (tensor(0.3), tensor(1.7));
+    let rate_of = |lr: f32| Tensor::<1>::from_data(TensorData::new(vec![lr], [1]), device);
+    let mut rate = rate_of(1.0);
+    for (step, lr) in [0.1, 0.05, 0.2].into_iter().enumerate() {
+        rate = crate::overwrite(rate, rate_of(lr));
+        let grad = tensor(2.9 + step as f32);
+        let held = crate::Rate::Held(rate.clone());
+        (param, velocity) = crate::sgd_momentum_step(param, grad, velocity, held, 0.9, 5e-4);
+    }
+    Ok(vec![values(param)?, values(velocity)?])
 }
 
 /// Three steps of a `[16, 27]` parameter whose gradient is a slice of a wider tensor (its

@@ -71,6 +71,7 @@ mod memo;
 #[cfg(feature = "flex")]
 mod outputs;
 mod planes;
+mod refresh;
 mod sgd;
 mod simd;
 
@@ -86,8 +87,10 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use refresh::overwrite;
 pub use sgd::{
-    decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout, steps_together,
+    Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,
+    steps_together,
 };
 
 static ENABLED: AtomicBool = AtomicBool::new(true);

@@ -7,6 +7,34 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Dispatch, DispatchTensor, Scalar, TensorMetadata};
 use burn::prelude::*;
 
+/// SGD's learning rate: a number, or a one-element f32 tensor on the parameters' device that
+/// holds it. A step recorded as a graph of launches takes the latter, so that every replay reads
+/// the rate written into that tensor since (the number would be baked into the recording).
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per step, moved, never stored in bulk
+pub enum Rate {
+    /// The rate itself.
+    Value(f64),
+    /// A `[1]` tensor holding the rate.
+    Held(Tensor<1>),
+}
+
+impl From<f64> for Rate {
+    fn from(lr: f64) -> Self {
+        Self::Value(lr)
+    }
+}
+
+impl Rate {
+    /// `t` times the rate.
+    pub fn times<const D: usize>(&self, t: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Value(lr) => t.mul_scalar(*lr),
+            Self::Held(lr) => t.mul(lr.clone().reshape([1; D])),
+        }
+    }
+}
+
 /// `velocity = grad + weight_decay * param + momentum * velocity`, then
 /// `param - lr * velocity`: one step of SGD with momentum (dampening 0, no Nesterov) and L2
 /// weight decay, computed as burn's `Sgd` computes it. Returns the parameter and the velocity.
@@ -14,7 +42,7 @@ pub fn sgd_momentum_step<const D: usize>(
     param: Tensor<D>,
     grad: Tensor<D>,
     velocity: Tensor<D>,
-    lr: f64,
+    lr: impl Into<Rate>,
     momentum: f64,
     weight_decay: f64,
 ) -> (Tensor<D>, Tensor<D>) {
@@ -34,24 +62,41 @@ pub fn sgd_momentum_step<const D: usize>(
 /// own, with burn's operations.
 pub fn sgd_momentum_steps(
     slots: Vec<[DispatchTensor; 3]>,
-    lr: f64,
+    lr: impl Into<Rate>,
     momentum: f64,
     weight_decay: f64,
 ) -> Vec<[DispatchTensor; 2]> {
+    let lr = lr.into();
     let mut out: Vec<Option<[DispatchTensor; 2]>> = (0..slots.len()).map(|_| None).collect();
     #[cfg(feature = "cube")]
     let slots = {
         let (fused, at, rest) = cube_slots(slots);
-        let stepped = crate::cube::sgd_steps(fused, lr, momentum, weight_decay);
-        for (i, [param, velocity]) in at.into_iter().zip(stepped) {
-            out[i] = Some([param, velocity].map(cube_dispatch));
+        if !fused.is_empty() {
+            let rate = match &lr {
+                Rate::Value(lr) => crate::cube::StepRate::Value(*lr as f32),
+                Rate::Held(t) => match cube_float(t.clone().inner().into_dispatch()) {
+                    Some(t) => crate::cube::StepRate::Held(t),
+                    None => panic!("a held SGD rate must be on the parameters' device"),
+                },
+            };
+            let stepped = crate::cube::sgd_steps(fused, rate, momentum, weight_decay);
+            for (i, [param, velocity]) in at.into_iter().zip(stepped) {
+                out[i] = Some([param, velocity].map(cube_dispatch));
+            }
         }
         rest
     };
     #[cfg(not(feature = "cube"))]
     let slots = slots.into_iter().enumerate();
     for (i, [param, grad, velocity]) in slots {
-        out[i] = Some(burn_step(param, grad, velocity, lr, momentum, weight_decay));
+        out[i] = Some(burn_step(
+            param,
+            grad,
+            velocity,
+            &lr,
+            momentum,
+            weight_decay,
+        ));
     }
     out.into_iter()
         .map(|slot| slot.expect("every slot stepped"))
@@ -119,7 +164,7 @@ fn burn_step(
     param: DispatchTensor,
     grad: DispatchTensor,
     velocity: DispatchTensor,
-    lr: f64,
+    lr: &Rate,
     momentum: f64,
     weight_decay: f64,
 ) -> [DispatchTensor; 2] {
@@ -132,7 +177,15 @@ fn burn_step(
     };
     let kept = Dispatch::float_mul_scalar(velocity, scalar(momentum, &grad));
     let velocity = Dispatch::float_add(grad, kept);
-    let delta = Dispatch::float_mul_scalar(velocity.clone(), scalar(lr, &param));
+    let delta = match lr {
+        Rate::Value(lr) => Dispatch::float_mul_scalar(velocity.clone(), scalar(*lr, &param)),
+        Rate::Held(lr) => {
+            let rank = velocity.shape().num_dims();
+            let lr = lr.clone().inner().into_dispatch();
+            let lr = Dispatch::float_reshape(lr, vec![1; rank].into());
+            Dispatch::float_mul(velocity.clone(), lr)
+        }
+    };
     [Dispatch::float_sub(param, delta), velocity]
 }
 
@@ -173,11 +226,25 @@ fn cube_slots(
 
 /// A fused CubeCL float tensor as a dispatch tensor outside autodiff.
 #[cfg(feature = "cube")]
-fn cube_dispatch(t: burn::backend::fusion::FusionTensor<crate::cube::Runtime>) -> DispatchTensor {
+pub(crate) fn cube_dispatch(
+    t: burn::backend::fusion::FusionTensor<crate::cube::Runtime>,
+) -> DispatchTensor {
     use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensorKind};
     DispatchTensor {
         kind: DispatchTensorKind::Cube(BackendTensor::Float(t)),
         autodiff: DispatchAutodiffContext::Disabled,
+    }
+}
+
+/// A float tensor's fused CubeCL tensor, where it is one.
+#[cfg(feature = "cube")]
+pub(crate) fn cube_float(
+    t: DispatchTensor,
+) -> Option<burn::backend::fusion::FusionTensor<crate::cube::Runtime>> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.kind {
+        DispatchTensorKind::Cube(BackendTensor::Float(t)) => Some(t),
+        _ => None,
     }
 }
 

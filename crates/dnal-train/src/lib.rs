@@ -31,6 +31,7 @@ pub mod progress;
 pub mod recalibrate;
 pub mod recipes;
 pub mod registry;
+pub mod replay;
 mod replicas;
 pub mod report;
 pub mod sgd;

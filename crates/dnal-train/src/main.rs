@@ -242,6 +242,11 @@ struct TrainArgs {
     /// Resume the run in this output folder from its last checkpoint.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config", "set", "out"])]
     resume: Option<PathBuf>,
+    /// Record each epoch's training step as a graph of launches and replay it (cuda and wgpu,
+    /// one device): the same run at a fraction of the host's cost per step. The stages that
+    /// train the weights alone replay; the architecture search runs as usual.
+    #[arg(long)]
+    graph: bool,
     /// Print the resolved config and the network summary, train nothing.
     #[arg(long)]
     dry_run: bool,
@@ -572,6 +577,7 @@ fn train(args: TrainArgs) -> anyhow::Result<bool> {
         quiet: args.quiet,
         stop_after_epochs: None,
         stop: Some(stop_on_signals()?),
+        graph: args.graph,
     };
     match dnal_train::run(&cfg, &opts).with_context(|| format!("run {}", cfg.name))? {
         Outcome::Finished(report) => {

@@ -146,6 +146,14 @@ impl Optim {
         }
     }
 
+    /// dnal's SGD, which also takes its learning rate from a tensor (a recorded step's).
+    pub(crate) fn as_sgd(&mut self) -> Option<&mut crate::sgd::Sgd> {
+        match self {
+            Optim::Sgd(o) => Some(o),
+            Optim::Burn(_) => None,
+        }
+    }
+
     /// The state, as burn's `ModuleOptimizer` records it.
     pub(crate) fn to_record(&self) -> OptimizerRecord {
         match self {

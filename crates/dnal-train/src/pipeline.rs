@@ -21,11 +21,12 @@ use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, latency_ms};
 use crate::export::Which;
 use crate::phase::{
-    Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage, phases,
-    step_weights,
+    Optim, Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage,
+    phases, step_weights,
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
 use crate::recalibrate::recalibrate_batch_norm;
+use crate::replay::Recorder;
 use crate::replicas::{Replicas, StepSpec};
 use crate::report::{self, Report};
 use crate::tally::{NonFinite, Tally};
@@ -77,6 +78,10 @@ pub struct RunOptions {
     pub stop_after_epochs: Option<usize>,
     /// Checked after every step: when set, the run checkpoints where it is and stops.
     pub stop: Option<StopToken>,
+    /// Record each epoch's training step as a graph of launches and replay it (cuda and wgpu,
+    /// one device; the phases that train the weights alone): the same run, issued at a
+    /// fraction of the host's cost ([`crate::replay`]).
+    pub graph: bool,
 }
 
 impl RunOptions {
@@ -118,6 +123,23 @@ impl<'a, N: Network> Runner<'a, N> {
         data: &'a RunData,
         opts: &'a RunOptions,
     ) -> Result<Self> {
+        if opts.graph && !matches!(opts.backend, BackendKind::Cuda | BackendKind::Wgpu) {
+            return Err(dnal_core::CoreError::invalid(
+                "--graph",
+                format!(
+                    "{} records no graphs of launches; use --backend cuda or wgpu, or train without --graph",
+                    opts.backend.name()
+                ),
+            )
+            .into());
+        }
+        if opts.graph && opts.devices.len() > 1 {
+            return Err(dnal_core::CoreError::invalid(
+                "--graph",
+                "a recorded step trains on one device; give one device or train without --graph",
+            )
+            .into());
+        }
         let indices = if opts.devices.is_empty() {
             vec![None]
         } else {
@@ -501,37 +523,51 @@ impl<'a, N: Network> Runner<'a, N> {
         // Each phase has its own stream of epochs for the data order and augmentation.
         let data_epoch = (progress_key(phase) << 32) | epoch as u64;
         let batches = loader.epoch_from(data_epoch, start.batches_done);
+        // The weights alone are trained: the step may be recorded and replayed.
+        let mut recorder =
+            (self.opts.graph && !phase.searches()).then(|| Recorder::new(self.replicas.main()));
         for (iter, batch) in (start.batches_done..).zip(batches) {
             let batch = batch?;
-            if phase.searches() {
-                let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
-                net = net.with_temperature(b);
-                beta = Some(b);
-            }
-            let spec = StepSpec {
-                penalty: penalty.as_deref(),
-                alpha_ids: phase.searches().then_some(&alpha_ids[..]),
-            };
-            let out = self.replicas.step(&mut net, &batch, &spec);
-            tally.push(iter, out.n, out.loss, out.penalty, out.hits);
-            if let Some(g_alpha) = out.alpha {
-                net =
-                    optims
-                        .alpha
-                        .as_mut()
-                        .expect("alpha optimiser")
-                        .step(cfg.arch.lr, net, g_alpha);
-            }
-            match phase {
-                Phase::Arch => {
-                    lr = cfg.arch.lr;
-                    if let Some(o) = optims.weights.as_mut() {
-                        net = o.step(cfg.arch.lr, net, out.rest);
-                    }
+            if let Some(recorder) = recorder.as_mut() {
+                lr = learning_rate(stage, epoch, iter, iters);
+                let sgd = optims
+                    .weights
+                    .as_mut()
+                    .and_then(Optim::as_sgd)
+                    .expect("dnal's SGD trains the weights");
+                let (next, loss, hits) = recorder.step(net, &batch, sgd, lr)?;
+                net = next;
+                tally.push(iter, batch.len(), loss, None, hits);
+            } else {
+                if phase.searches() {
+                    let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
+                    net = net.with_temperature(b);
+                    beta = Some(b);
                 }
-                _ => {
-                    lr = learning_rate(stage, epoch, iter, iters);
-                    net = step_weights(optims, lr, net, out.rest);
+                let spec = StepSpec {
+                    penalty: penalty.as_deref(),
+                    alpha_ids: phase.searches().then_some(&alpha_ids[..]),
+                };
+                let out = self.replicas.step(&mut net, &batch, &spec);
+                tally.push(iter, out.n, out.loss, out.penalty, out.hits);
+                if let Some(g_alpha) = out.alpha {
+                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
+                        cfg.arch.lr,
+                        net,
+                        g_alpha,
+                    );
+                }
+                match phase {
+                    Phase::Arch => {
+                        lr = cfg.arch.lr;
+                        if let Some(o) = optims.weights.as_mut() {
+                            net = o.step(cfg.arch.lr, net, out.rest);
+                        }
+                    }
+                    _ => {
+                        lr = learning_rate(stage, epoch, iter, iters);
+                        net = step_weights(optims, lr, net, out.rest);
+                    }
                 }
             }
             bar.inc(1);
@@ -558,6 +594,8 @@ impl<'a, N: Network> Runner<'a, N> {
                 return Ok(EpochEnd::Stopped(net, partial));
             }
         }
+        // The recording ends with the epoch's steps: what follows reads the network freely.
+        drop(recorder);
         tally.read_back().map_err(diverged)?;
         bar.finish_and_clear();
         let Tally {

@@ -152,12 +152,23 @@ fn replica_step<N: Network>(
     weight: Option<f64>,
 ) -> StepOut {
     let batch = batch.to_device(device);
-    let ce = CrossEntropyLossConfig::new().init(device);
-    let logits = net.forward(batch.images);
+    device_step(net, batch.images, batch.labels, spec, weight)
+}
+
+/// [`replica_step`] on a batch already on the network's device.
+pub(crate) fn device_step<N: Network>(
+    net: &N,
+    images: Tensor<4>,
+    labels: Tensor<1, Int>,
+    spec: &StepSpec,
+    weight: Option<f64>,
+) -> StepOut {
+    let ce = CrossEntropyLossConfig::new().init(&images.device());
+    let logits = net.forward(images);
     let n = logits.dims()[0];
     let pred = logits.clone().argmax(1).reshape([n]);
-    let hits = pred.equal(batch.labels.clone()).int().sum();
-    let mut loss = ce.forward(logits, batch.labels);
+    let hits = pred.equal(labels.clone()).int().sum();
+    let mut loss = ce.forward(logits, labels);
     let penalty = spec.penalty.map(|p| p.loss(net));
     if let Some(pen) = &penalty {
         loss = loss + pen.clone();

@@ -13,7 +13,9 @@ use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsParams, OptimizerRecord};
 use burn::prelude::*;
 use burn::tensor::GradientCheckpointingStrategy;
-use dnal_kernels::{decayed, sgd_momentum_step, sgd_momentum_steps, step_layout, steps_together};
+use dnal_kernels::{
+    Rate, decayed, sgd_momentum_step, sgd_momentum_steps, step_layout, steps_together,
+};
 
 /// SGD with momentum `momentum` (none at 0) and weight decay `weight_decay` (none at 0), and
 /// each parameter's velocity.
@@ -46,9 +48,15 @@ impl Sgd {
         }
     }
 
-    /// One step with learning rate `lr` of every parameter of `module` that `grads` has a
-    /// gradient for.
-    pub fn step<M: Module>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> M {
+    /// One step with learning rate `lr` (a number, or a tensor holding it) of every parameter
+    /// of `module` that `grads` has a gradient for.
+    pub fn step<M: Module>(
+        &mut self,
+        lr: impl Into<Rate>,
+        module: M,
+        mut grads: GradientsParams,
+    ) -> M {
+        let lr = lr.into();
         let mut gather = Gather {
             sgd: self,
             grads: &mut grads,
@@ -72,7 +80,7 @@ impl Sgd {
             slots.push(slot);
             keys.push((id, path, context));
         }
-        let results = sgd_momentum_steps(slots, lr, self.momentum, self.weight_decay);
+        let results = sgd_momentum_steps(slots, lr.clone(), self.momentum, self.weight_decay);
         let mut stepped = HashMap::with_capacity(keys.len());
         for ((id, path, context), [param, tensor]) in keys.into_iter().zip(results) {
             let velocity = Velocity { tensor, path };
@@ -93,7 +101,7 @@ impl Sgd {
     /// parameter without a velocity yet.
     fn step_alone<const D: usize>(
         &mut self,
-        lr: f64,
+        lr: &Rate,
         id: ParamId,
         value: Tensor<D>,
         grad: Tensor<D>,
@@ -103,19 +111,19 @@ impl Sgd {
         let value = value.to_device(&grad.device());
         if momentum == 0.0 {
             let grad = decayed(grad, &value, decay);
-            return value - grad.mul_scalar(lr);
+            return value - lr.times(grad);
         }
         let (value, velocity, path) = match self.velocities.remove(&id) {
             Some(Velocity { tensor, path }) => {
                 let velocity = Tensor::<D>::from_dispatch(tensor).to_device(&grad.device());
                 let (value, velocity) =
-                    sgd_momentum_step(value, grad, velocity, lr, momentum, decay);
+                    sgd_momentum_step(value, grad, velocity, lr.clone(), momentum, decay);
                 (value, velocity, path)
             }
             // The first step's velocity is the (decayed) gradient itself.
             None => {
                 let velocity = decayed(grad, &value, decay);
-                let value = value - velocity.clone().mul_scalar(lr);
+                let value = value - lr.times(velocity.clone());
                 (value, velocity, path.unwrap_or_default())
             }
         };
@@ -355,7 +363,7 @@ struct Gathered {
 /// gradient stepped on its own.
 struct Replace<'a> {
     sgd: &'a mut Sgd,
-    lr: f64,
+    lr: Rate,
     stepped: HashMap<ParamId, (DispatchTensor, Context)>,
     alone: HashMap<ParamId, (DispatchTensor, Option<String>)>,
 }
@@ -373,7 +381,7 @@ impl ModuleMapper for Replace<'_> {
         let (id, value, mapper) = param.consume();
         let context = Context::capture(&value);
         let grad = Tensor::<D>::from_dispatch(grad);
-        let value = self.sgd.step_alone(self.lr, id, value.inner(), grad, path);
+        let value = self.sgd.step_alone(&self.lr, id, value.inner(), grad, path);
         Param::from_mapped_value(id, context.restore(value, id), mapper)
     }
 }

@@ -48,17 +48,28 @@ fn the_pipeline_runs_on_wgpu_as_on_flex() {
         "arch.epochs=2",
         "final.epochs=1",
     ]);
-    let run = |backend: BackendKind| {
+    let run = |backend: BackendKind, graph: bool| {
         let dir = tempfile::tempdir().unwrap();
         let mut o = opts(dir.path(), false, None);
         o.backend = backend;
+        o.graph = graph;
         let report = finished(dnal_train::run(&cfg, &o).unwrap());
         assert!(dir.path().join(paths::PRUNED).join("model.bpk").is_file());
-        (report, history(dir.path()))
+        let weights = tensors(&dir.path().join(paths::PRUNED));
+        (report, history(dir.path()), weights)
     };
-    let (gpu, gpu_log) = run(BackendKind::Wgpu);
-    let (cpu, cpu_log) = run(BackendKind::Flex);
+    let (gpu, gpu_log, gpu_weights) = run(BackendKind::Wgpu, false);
+    // The weight and final stages' steps recorded once per epoch and replayed for the other
+    // batches: the same run, to the bit.
+    let (replayed, replayed_log, replayed_weights) = run(BackendKind::Wgpu, true);
+    let (cpu, cpu_log, _) = run(BackendKind::Flex, false);
     assert!(gpu.pruned.is_some(), "the wgpu run derived and pruned");
+    assert_eq!(replayed_log, gpu_log);
+    assert_eq!(replayed.baseline.top1, gpu.baseline.top1);
+    assert!(!gpu_weights.is_empty());
+    for (name, bytes) in &gpu_weights {
+        assert!(replayed_weights[name] == *bytes, "{name} differs");
+    }
     assert_eq!(gpu_log.len(), cpu_log.len());
     // Same seeded weights and data order; only the float rounding of the kernels differs.
     for (g, c) in gpu_log.iter().zip(&cpu_log) {
@@ -73,6 +84,26 @@ fn the_pipeline_runs_on_wgpu_as_on_flex() {
         (g - c).abs() <= 3.0,
         "dense top-1 {g} % on wgpu, {c} % on flex"
     );
+}
+
+/// The tensors of a saved network's `model.safetensors`: each name with its bytes. (The
+/// file's header lists burn's metadata in no fixed order, so files are compared by content.)
+fn tensors(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let file = std::fs::read(dir.join(dnal_zoo::network::SAFETENSORS_FILE)).unwrap();
+    let len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + len]).unwrap();
+    let data = &file[8 + len..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, entry)| {
+            let at = &entry["data_offsets"];
+            let (a, b) = (at[0].as_u64().unwrap(), at[1].as_u64().unwrap());
+            (name.clone(), data[a as usize..b as usize].to_vec())
+        })
+        .collect()
 }
 
 /// Asserts that every comparison is within tolerance, listing those that are not.

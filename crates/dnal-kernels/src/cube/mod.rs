@@ -1,7 +1,8 @@
 //! dnal's operations on the CubeCL backends (cuda, wgpu), as burn backend extensions with
 //! their own kernels: BatchNorm in training with its gate, residual add and activation
 //! ([`norm`]), the depthwise convolution ([`depthwise`]), the one-group convolution's weight
-//! gradient ([`conv`]) and SGD's momentum step ([`sgd`]). Each is lazy under fusion (one opaque
+//! gradient ([`conv`]), SGD's momentum step ([`sgd`]) and a recorded graph's inputs written
+//! in place ([`refresh`]). Each is lazy under fusion (one opaque
 //! operation in fusion's stream, or burn's own operation where only the backward is dnal's);
 //! the differentiable ones have their backward registered on burn's autodiff graph.
 
@@ -13,10 +14,12 @@ mod layout;
 mod norm;
 mod norm_kernels;
 mod reduction;
+mod refresh;
 mod sgd;
 
 pub use conv::CubeConv;
 pub(crate) use conv::pointwise;
 pub use depthwise::CubeDepthwise;
 pub use norm::CubeNorm;
-pub use sgd::{Runtime, sgd_steps, strides};
+pub use refresh::overwrite;
+pub use sgd::{Runtime, StepRate, sgd_steps, strides};

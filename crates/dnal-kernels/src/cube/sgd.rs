@@ -31,6 +31,15 @@ pub type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
 /// The most parameters one launch of [`sgd_group`] steps.
 const MAX_GROUP: usize = 32;
 
+/// The learning rate of [`sgd_steps`]: a number, or a one-element tensor holding it (read by
+/// the kernel, so that a recorded step reads the rate of each replay).
+pub enum StepRate {
+    /// The rate, passed to the launch.
+    Value(f32),
+    /// A `[1]` f32 tensor on the parameters' device.
+    Held(FusionTensor<Runtime>),
+}
+
 /// SGD's momentum step for many parameters at once on a fused CubeCL backend: one operation in
 /// fusion's stream for all of them and one launch per [`MAX_GROUP`] parameters (fewer where the
 /// device allows fewer bindings). Each slot
@@ -39,15 +48,22 @@ const MAX_GROUP: usize = 32;
 /// step recorded as a graph ([`burn::tensor::capture`]) moves the same memory at every replay.
 pub fn sgd_steps(
     slots: Vec<[FusionTensor<Runtime>; 3]>,
-    lr: f64,
+    lr: StepRate,
     momentum: f64,
     weight_decay: f64,
 ) -> Vec<[FusionTensor<Runtime>; 2]> {
     let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
         return Vec::new();
     };
-    let mut inputs = Vec::with_capacity(slots.len() * 3);
+    let mut inputs = Vec::with_capacity(slots.len() * 3 + 1);
     let mut outputs = Vec::with_capacity(slots.len() * 2);
+    let value = match lr {
+        StepRate::Value(lr) => Some(lr),
+        StepRate::Held(lr) => {
+            inputs.push(lr.into_ir());
+            None
+        }
+    };
     for [param, grad, velocity] in slots {
         for (shape, dtype) in [
             (&param.shape, param.dtype),
@@ -58,27 +74,31 @@ pub fn sgd_steps(
         }
         inputs.extend([param.into_ir(), grad.into_ir(), velocity.into_ir()]);
     }
-    let factors = [lr, momentum, weight_decay];
+    let factors = [momentum as f32, weight_decay as f32];
     let desc = CustomOpIr {
         id: "dnal_sgd_steps".into(),
         inputs: inputs.clone(),
         outputs: outputs.clone(),
-        scalars: factors
+        scalars: [value.map_or(f64::NAN, f64::from), momentum, weight_decay]
             .iter()
             .map(|&v| ScalarIr::from(burn::backend::Scalar::from(v)))
             .collect(),
     };
     let ids: Vec<TensorId> = outputs.iter().map(|t| t.id).collect();
     let op = OperationFn(move |handles: &mut HandleContainer<_>| {
-        let tensors: Vec<CubeTensor> = inputs
+        let mut tensors = inputs
             .iter()
             .map(|ir| handles.get_float_tensor::<CubeBackend>(ir))
-            .collect();
-        let mut tensors = tensors.into_iter();
-        let slots =
+            .collect::<Vec<CubeTensor>>()
+            .into_iter();
+        let lr = match value {
+            Some(lr) => Lr::Value(lr),
+            None => Lr::Held(tensors.next().expect("the rate comes first")),
+        };
+        let slots: Vec<[CubeTensor; 3]> =
             std::iter::from_fn(|| Some([tensors.next()?, tensors.next()?, tensors.next()?]))
                 .collect();
-        let stepped = sgd_group(slots, factors.map(|v| v as f32));
+        let stepped = sgd_group(slots, &lr, factors);
         for (id, tensor) in ids.iter().zip(stepped.into_iter().flatten()) {
             handles.register_float_tensor::<CubeBackend>(id, tensor);
         }
@@ -90,6 +110,13 @@ pub fn sgd_steps(
     std::iter::from_fn(|| Some([tensors.next()?, tensors.next()?])).collect()
 }
 
+/// The rate of [`sgd_group`]: baked into the launch, or read from a `[1]` tensor.
+#[allow(clippy::large_enum_variant)] // one per step, never stored
+enum Lr {
+    Value(f32),
+    Held(CubeTensor),
+}
+
 /// The steps of [`sgd_steps`] on the device: `[param, grad, velocity]` slots in, `[param,
 /// velocity]` out, each written in place (over a copy where another handle shares it). Each
 /// slot's three tensors share its parameter's memory layout (a dense one; a parameter with gaps
@@ -97,13 +124,18 @@ pub fn sgd_steps(
 /// arithmetic: a gradient or velocity laid out otherwise is copied into it. A parameter's layout
 /// thus never changes here; layers that read it meet the same layout at every step (burn's
 /// autotune keys include it), whatever layout the kernels that computed its gradient chose.
-fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Vec<[CubeTensor; 2]> {
+fn sgd_group(
+    slots: Vec<[CubeTensor; 3]>,
+    lr: &Lr,
+    [momentum, decay]: [f32; 2],
+) -> Vec<[CubeTensor; 2]> {
     let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
         return Vec::new();
     };
-    // Three bindings per parameter, and two for the launch's metadata and scalars.
+    // Three bindings per parameter, one for a held rate and two for the launch's metadata and
+    // scalars.
     let max_bindings = client.properties().hardware.max_bindings as usize;
-    let per_launch = (max_bindings.saturating_sub(2) / 3).clamp(1, MAX_GROUP);
+    let per_launch = (max_bindings.saturating_sub(3) / 3).clamp(1, MAX_GROUP);
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
         .map(|[param, grad, velocity]| {
@@ -134,19 +166,35 @@ fn sgd_group(slots: Vec<[CubeTensor; 3]>, [lr, momentum, decay]: [f32; 3]) -> Ve
             velocities.push(velocity.clone().into_tensor_arg());
         }
         let dim = CubeDim::new(&client, total);
-        sgd_group_kernel::launch(
-            &client,
-            calculate_cube_count_elemwise(&client, total, dim),
-            dim,
-            params,
-            grads,
-            velocities,
-            starts,
-            lr,
-            momentum,
-            decay,
-            chunk.len(),
-        );
+        let count = calculate_cube_count_elemwise(&client, total, dim);
+        match lr {
+            Lr::Value(lr) => sgd_group_kernel::launch(
+                &client,
+                count,
+                dim,
+                params,
+                grads,
+                velocities,
+                starts,
+                *lr,
+                momentum,
+                decay,
+                chunk.len(),
+            ),
+            Lr::Held(rate) => sgd_group_held_kernel::launch(
+                &client,
+                count,
+                dim,
+                params,
+                grads,
+                velocities,
+                starts,
+                rate.clone().into_tensor_arg(),
+                momentum,
+                decay,
+                chunk.len(),
+            ),
+        }
     }
     slots
         .into_iter()
@@ -219,6 +267,41 @@ fn inverse(order: &[usize]) -> Vec<usize> {
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn sgd_group_kernel(
+    params: &mut Sequence<OwnedTensor<f32>>,
+    grads: &Sequence<OwnedTensor<f32>>,
+    velocities: &mut Sequence<OwnedTensor<f32>>,
+    starts: Sequence<usize>,
+    lr: f32,
+    momentum: f32,
+    decay: f32,
+    #[comptime] count: usize,
+) {
+    sgd_group_at(
+        params, grads, velocities, starts, lr, momentum, decay, count,
+    );
+}
+
+/// [`sgd_group_kernel`] at the rate `rate[0]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn sgd_group_held_kernel(
+    params: &mut Sequence<OwnedTensor<f32>>,
+    grads: &Sequence<OwnedTensor<f32>>,
+    velocities: &mut Sequence<OwnedTensor<f32>>,
+    starts: Sequence<usize>,
+    rate: &Tensor<f32>,
+    momentum: f32,
+    decay: f32,
+    #[comptime] count: usize,
+) {
+    sgd_group_at(
+        params, grads, velocities, starts, rate[0], momentum, decay, count,
+    );
+}
+
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn sgd_group_at(
     params: &mut Sequence<OwnedTensor<f32>>,
     grads: &Sequence<OwnedTensor<f32>>,
     velocities: &mut Sequence<OwnedTensor<f32>>,

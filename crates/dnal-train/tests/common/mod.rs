@@ -45,6 +45,7 @@ pub fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
         quiet: true,
         stop_after_epochs: stop_after,
         stop: None,
+        graph: false,
     }
 }
 
