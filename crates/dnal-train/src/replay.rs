@@ -79,13 +79,8 @@ impl Recorder {
         if self.done || !fits {
             self.finish();
             self.done = true;
-            let spec = StepSpec {
-                penalty: None,
-                alpha_ids: None,
-            };
             let b = batch.to_device(&self.device);
-            let out = device_step(&net, b.images.autodiff(), b.labels, &spec, None);
-            return Ok((sgd.step(lr, net, out.rest), out.loss, out.hits));
+            return Ok(weight_step(net, b.images.autodiff(), b.labels, sgd, lr));
         }
         self.refresh(batch, lr)?;
         if self.warm < WARMUP {
@@ -145,15 +140,9 @@ impl Recorder {
     /// The step itself, on the input buffers.
     fn run<N: Network>(&self, net: N, sgd: &mut Sgd) -> (N, Tensor<1>, Tensor<1, Int>) {
         let inputs = self.inputs.as_ref().expect("refreshed before a step");
-        let spec = StepSpec {
-            penalty: None,
-            alpha_ids: None,
-        };
         let images = inputs.images.clone().autodiff();
         let labels = inputs.labels.clone().int();
-        let out = device_step(&net, images, labels, &spec, None);
-        let net = sgd.step(Rate::Held(inputs.lr.clone()), net, out.rest);
-        (net, out.loss, out.hits)
+        weight_step(net, images, labels, sgd, Rate::Held(inputs.lr.clone()))
     }
 
     /// Ends the recording: the graph released, or a capture prepared but never opened closed.
@@ -173,6 +162,23 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// Forward, backward and the SGD step of a phase that trains the weights alone: the network
+/// after it, and the batch's loss and correct predictions.
+fn weight_step<N: Network>(
+    net: N,
+    images: Tensor<4>,
+    labels: Tensor<1, Int>,
+    sgd: &mut Sgd,
+    lr: impl Into<Rate>,
+) -> (N, Tensor<1>, Tensor<1, Int>) {
+    let spec = StepSpec {
+        penalty: None,
+        alpha_ids: None,
+    };
+    let out = device_step(&net, images, labels, &spec, None);
+    (sgd.step(lr, net, out.rest), out.loss, out.hits)
 }
 
 fn failed(what: &str, e: impl std::fmt::Debug) -> TrainError {
