@@ -2,7 +2,8 @@
 //! the forward, and forward + backward for the weight gradient alone and for both gradients.
 //! Prints the fastest of `reps` (first argument, default 10) runs of each, in ms and GFLOP/s.
 //! Further arguments choose the layers, `CxS` (C channels in and out, map side S) or `CIxCOxS`,
-//! e.g. `256x8 13x18x28`, and `batch=N` the batch size.
+//! e.g. `256x8 13x18x28`, `batch=N` the batch size, `gemm` im2col and `gemm` only (no direct
+//! kernels) and `avx2` the kernels kept to AVX2 on an AVX-512 CPU.
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
@@ -16,6 +17,8 @@ fn main() {
         .iter()
         .find_map(|a| a.strip_prefix("batch=")?.parse().ok())
         .unwrap_or(128);
+    dnal_kernels::set_direct(!args.iter().any(|a| a == "gemm"));
+    dnal_kernels::set_avx512(!args.iter().any(|a| a == "avx2"));
     let mut layers: Vec<(usize, usize, usize)> = args
         .iter()
         .skip(1)

@@ -106,6 +106,22 @@ fn main() -> Result<()> {
                 &root,
                 &["test", "--workspace", "--release", "--all-targets"],
             )?;
+            // The kernels' tests again with their hand-written kernels kept to AVX2, then to
+            // plain code, which this CPU would otherwise not run (the same test binaries).
+            for isa in ["avx2", "none"] {
+                cargo_with(
+                    &root,
+                    &[
+                        "test",
+                        "--release",
+                        "-p",
+                        "dnal-kernels",
+                        "--lib",
+                        "--tests",
+                    ],
+                    &[("DNAL_ISA", isa)],
+                )?;
+            }
             if no_wgpu {
                 println!("xtask: wgpu tests skipped (--no-wgpu)");
             } else {
@@ -209,10 +225,17 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cargo_with(root, args, &[])
+}
+
+/// [`cargo`] with environment variables `vars` set.
+fn cargo_with(root: &Path, args: &[&str], vars: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("xtask: cargo {}", args.join(" "));
+    let shown: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    eprintln!("xtask: {}cargo {}", shown.concat(), args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(vars.iter().copied())
         .current_dir(root)
         .status()
         .with_context(|| format!("could not start `{cargo}`"))?;

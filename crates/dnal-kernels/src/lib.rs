@@ -29,8 +29,8 @@
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
 //!   convolution kernels per shape and copies between layouts around them.
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
-//!   engines. Stride-1 "same" convolutions take direct AVX-512 micro-kernels where the CPU
-//!   has them and they are faster (`direct.rs`: no column matrix; the input is read through
+//!   engines. Stride-1 "same" convolutions take direct AVX-512 or AVX2 micro-kernels where
+//!   the CPU has them and they are faster (`direct/`: no column matrix; the input is read through
 //!   shifted, masked vector loads). The rest is im2col into a buffer that stays in cache and
 //!   one matrix product per image or group of small images (`gemm.rs`, the `gemm` crate flex
 //!   itself uses), whose `[Co, OH * OW]` result is already the image's NCHW output. The weight
@@ -92,6 +92,7 @@ pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,
     steps_together,
 };
+pub use simd::{ISA_VAR, Isa, isa, set_avx512};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -109,8 +110,9 @@ pub fn enabled() -> bool {
 
 static DIRECT: AtomicBool = AtomicBool::new(true);
 
-/// Lets dnal's flex convolution use its direct AVX-512 kernels where they are faster (the
-/// default), or makes it use im2col and `gemm` everywhere (the benchmarks time both).
+/// Lets dnal's flex convolution use its direct kernels (AVX-512 or AVX2, [`isa`]) where they
+/// are faster (the default), or makes it use im2col and `gemm` everywhere (the benchmarks time
+/// both).
 pub fn set_direct(on: bool) {
     DIRECT.store(on, Ordering::Relaxed);
 }

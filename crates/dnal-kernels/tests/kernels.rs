@@ -103,7 +103,7 @@ fn conv_matches_burn_on_a_larger_batch() {
     conv_case([9, 16, 32, 32], 32, 3, 2, 1);
 }
 
-/// Shapes that take the direct AVX-512 kernels where the CPU has them (stride 1, "same"
+/// Shapes that take the direct kernels where the CPU has AVX2 or AVX-512 (stride 1, "same"
 /// padding, batches of several groups): odd filter counts (channel blocks 6 + 6 + 5), odd
 /// patch sizes, 4x4 maps whose vectors span images, an odd number of vectors, 1x1 and 5x5
 /// kernels, and maps whose last vector is partial (14x14: 12 vectors and 4 lanes; 13x13:
@@ -118,6 +118,11 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([4, 3, 13, 13], 7, 5, 1, 2);
     conv_case([3, 5, 14, 14], 9, 1, 1, 0);
     conv_case([1, 7, 14, 14], 35, 3, 1, 1);
+    // 32x32 maps, whose channels lie 4 KiB apart (AVX2 takes them a few at a time), and
+    // blocks of 1 and 2 filters (AVX2: two vectors per step).
+    conv_case([3, 10, 32, 32], 13, 3, 1, 1);
+    conv_case([2, 6, 32, 32], 2, 3, 1, 1);
+    conv_case([3, 5, 8, 8], 1, 3, 1, 1);
     // One image: the direct kernels take it when `gemm` would not split its product.
     conv_case([1, 16, 8, 8], 16, 3, 1, 1);
     conv_case([1, 5, 16, 16], 9, 5, 1, 2);

@@ -165,7 +165,11 @@ pub fn depthwise_forward_affine(
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = x.len() / ip.max(1);
     #[cfg(target_arch = "x86_64")]
-    if g.stride == 1 && g.out_hw() == g.in_hw && ip > 0 && crate::direct::available() {
+    if g.stride == 1
+        && g.out_hw() == g.in_hw
+        && ip > 0
+        && crate::simd::isa() == Some(crate::simd::Isa::Avx512)
+    {
         // Stride 1, output as large as the input: every tap reads the plane itself, shifted,
         // with the lanes outside it masked off, so there is nothing to copy first.
         let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
@@ -226,7 +230,7 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if s == 2 && w >= 2 && crate::direct::available() {
+        if s == 2 && w >= 2 && crate::simd::isa() == Some(crate::simd::Isa::Avx512) {
             // Even inputs `ix = 2j` go to phase column `p % 2` at column `j + p / 2`, odd
             // ones to phase column `(p + 1) % 2` at column `j + (p + 1) / 2`.
             let at = |b: usize, column: usize| {
@@ -278,7 +282,7 @@ fn forward_flat_widest(
     flat: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::direct::available() {
+    if crate::simd::isa() == Some(crate::simd::Isa::Avx512) {
         // SAFETY: the CPU has AVX-512F (checked just above).
         #[allow(unsafe_code)]
         unsafe {

@@ -58,7 +58,7 @@ fn pool(x: &[f32], planes: usize, [h, w]: [usize; 2], winners: bool) -> (Vec<f32
 /// values alone.
 fn pool_planes(x: &[f32], y: &mut [f32], at: &mut [u8], hw: [usize; 2]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::direct::available() {
+    if crate::simd::isa() == Some(crate::simd::Isa::Avx512) {
         // SAFETY: AVX-512F is available; the function checks the sizes.
         unsafe {
             if at.is_empty() {

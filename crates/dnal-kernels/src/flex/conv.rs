@@ -1,5 +1,5 @@
 //! The convolution on flex tensors: im2col and one matrix product per image or group of small
-//! images, or the direct AVX-512 kernels; its weight and input gradients.
+//! images, or the direct kernels (AVX-512 or AVX2); its weight and input gradients.
 
 use super::{f32s, tensor, vec_of};
 use crate::cpu::{self, Clamp, ConvGeometry, Epilogue};
@@ -57,14 +57,14 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
 /// of ImageNet networks at batch 1 reach 10^8 to 10^9 and are split.
 pub(super) const FORWARD_SPLIT_MACS: usize = 1 << 27;
 
-/// Fewest groups of images (forward) or runs of groups (weight gradient) the AVX-512 kernels
+/// Fewest groups of images (forward) or runs of groups (weight gradient) the direct kernels
 /// take: they spread whole groups over the threads, so fewer (small batches) are left to
 /// `gemm`, which splits a product itself (except a forward product too small to be worth
 /// splitting, which the kernels take on one thread; `conv_forward_slices`). A constant, not
 /// the number of threads, so that the result does not depend on the number of threads.
 pub(super) const DIRECT_MIN_GROUPS: usize = 2;
 
-/// Whether the AVX-512 kernels may run: turned on, and the CPU has them.
+/// Whether the direct kernels may run: turned on, and the CPU has AVX2 or AVX-512.
 pub(super) fn direct_usable() -> bool {
     crate::direct_enabled() && direct::available()
 }
@@ -96,7 +96,7 @@ impl Scratch {
     }
 }
 
-/// Whether the AVX-512 kernels take `groups` groups of images (or runs of groups).
+/// Whether the direct kernels take `groups` groups of images (or runs of groups).
 pub(super) fn direct_path(groups: usize) -> bool {
     direct_usable() && groups >= DIRECT_MIN_GROUPS
 }

@@ -1,5 +1,5 @@
-//! Direct convolution on AVX-512 for stride-1 "same" convolutions (the 3x3 convolutions of
-//! ResNets and VGG), forward and weight gradient, without a column matrix.
+//! Direct convolution for stride-1 "same" convolutions (the 3x3 convolutions of ResNets and
+//! VGG), forward (AVX-512 or AVX2) and weight gradient (AVX-512), without a column matrix.
 //!
 //! im2col writes every input value `k^2` times (9 for 3x3) before a matrix product reads them
 //! again, and for the narrow layers of CIFAR networks (16-64 filters) that traffic costs about
@@ -12,9 +12,10 @@
 //! lanes), and its lanes past the image are neither read nor stored. The weight-gradient
 //! kernel needs `H * W` to be a multiple of 16 (32x32 down to 4x4 maps).
 //!
-//! * Forward, `Y [Co, L] = W [Co, P] x X_shifted [P, L]`: up to 8 output channels x 2 vectors
-//!   of positions in 16 accumulators (up to 6 x 4 in 24 for narrow blocks), one broadcast
-//!   weight per 2 or 4 FMAs. Output channels are split into near-equal blocks (17 filters:
+//! * Forward, `Y [Co, L] = W [Co, P] x X_shifted [P, L]`: on AVX-512 (`avx512.rs`) up to 8
+//!   output channels x 2 vectors of positions in 16 accumulators (up to 6 x 4 in 24 for narrow
+//!   blocks), one broadcast weight per 2 or 4 FMAs; on AVX2 (`avx2.rs`) up to 4 channels x 2
+//!   half vectors, or 2 x 4. Output channels are split into near-equal blocks (17 filters:
 //!   6 + 6 + 5), so pruned layers with odd widths waste no lanes. BatchNorm, a residual and
 //!   the activation are applied in registers, and the output is written once.
 //! * Weight gradient, `dW [Co, P] = dY [Co, L] x X_shifted^T [L, P]` over a run of images: up
@@ -26,7 +27,8 @@
 //!   transposed kernel) and takes the forward path.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
-//! thread whole images, CPUs without AVX-512) uses im2col and `gemm`.
+//! thread whole images, weight gradients without AVX-512, CPUs without AVX2) uses im2col and
+//! `gemm`. [`crate::isa`] says which instruction set runs.
 //!
 //! The only unsafe code is the vector loads and stores of the micro-kernels; each load reads
 //! only lanes whose position is inside the image slice it is given.
@@ -34,6 +36,7 @@
 
 use crate::cpu::{ConvGeometry, Epilogue, GeometryKey};
 use crate::memo::Memo;
+use crate::simd::{Isa, isa};
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -47,15 +50,19 @@ const TILE_VECTORS: usize = 4;
 const DW_CHANNELS: usize = 6;
 const DW_ROWS: usize = 4;
 
-/// Whether this CPU runs the AVX-512 kernels.
+/// Whether this CPU runs the direct kernels: the forward in AVX-512 or AVX2, the weight
+/// gradient in AVX-512 only ([`takes_weight_grad`]).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    isa().is_some()
+}
+
+/// Most output channels per forward micro-kernel on `isa`: AVX2's 16 vector registers hold
+/// the accumulators of 6 channels x 16 positions (two 8-lane halves each), the masks and the
+/// inputs of one vector of positions.
+fn block_channels(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => MAX_CHANNELS,
+        Isa::Avx2 => 4,
     }
 }
 
@@ -86,7 +93,11 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 /// with maps of at least 16x16 (up to 64 input and output channels), and is no faster on
 /// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers.
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    supports(g) && g.out_channels <= 64 && g.in_channels <= 64 && g.positions() >= 256
+    isa() == Some(Isa::Avx512)
+        && supports(g)
+        && g.out_channels <= 64
+        && g.in_channels <= 64
+        && g.positions() >= 256
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -174,6 +185,8 @@ fn channel_blocks(channels: usize, max: usize) -> Vec<(usize, usize)> {
 /// `[tap][Ci][MAX_CHANNELS]` (zero past the block's channels), in the order the kernel reads
 /// them.
 pub struct PackedWeights {
+    /// The instruction set whose kernel the blocks are sized for.
+    isa: Isa,
     values: Vec<f32>,
     blocks: Vec<(usize, usize)>,
     patch: usize,
@@ -182,15 +195,17 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs `w` (`[Co, P]`, row-major) for geometry `g` (which [`supports_forward`] accepts).
+    /// Packs `w` (`[Co, P]`, row-major) for geometry `g` (which [`supports_forward`] accepts),
+    /// for the kernel of [`isa`].
     pub fn new(w: &[f32], g: &ConvGeometry) -> Self {
         assert!(
             supports_forward(g),
             "not a convolution the direct kernels compute"
         );
+        let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
         let p = g.patch();
         assert_eq!(w.len(), g.out_channels * p, "weights of the wrong size");
-        let blocks = channel_blocks(g.out_channels, MAX_CHANNELS);
+        let blocks = channel_blocks(g.out_channels, block_channels(isa));
         let (taps, channels) = (g.kernel * g.kernel, g.in_channels);
         let mut values = vec![0.0; blocks.len() * p * MAX_CHANNELS];
         for (b, &(first, count)) in blocks.iter().enumerate() {
@@ -205,6 +220,7 @@ impl PackedWeights {
             }
         }
         Self {
+            isa,
             values,
             blocks,
             patch: p,
@@ -295,6 +311,55 @@ struct ForwardBlock<'a> {
     shift: &'a [f32],
     residual: Option<&'a [f32]>,
     bounds: (f32, f32),
+}
+
+impl ForwardBlock<'_> {
+    /// Checks what the forward kernels read and write for a block of `R` channels: the weights
+    /// `w` (a packed block) and an output of `out` values.
+    fn check<const R: usize>(&self, w: &[f32], out: usize) {
+        let Self { x, taps, .. } = *self;
+        let (ntaps, per_image, image_len) = (taps.taps, taps.lanes.len(), self.channels * self.l);
+        let images = x.len() / image_len;
+        assert!(R <= MAX_CHANNELS);
+        assert!(per_image == self.l.div_ceil(LANES) && taps.offsets.len() == ntaps);
+        assert!(taps.masks.len() == per_image * ntaps);
+        assert!(x.len() == images * image_len && out == images * self.co * self.l);
+        assert!(self.first + R <= self.co && self.scale.len() == R && self.shift.len() == R);
+        assert!(self.residual.is_none_or(|r| r.len() == out));
+        assert!(w.len() >= self.channels * ntaps * MAX_CHANNELS);
+        assert!(taps.lanes.iter().enumerate().all(|(v, &lanes)| {
+            // The lanes on are the first ones and end inside the image.
+            let width = lanes.trailing_ones() as usize;
+            lanes.trailing_ones() + lanes.leading_zeros() == 16 && v * LANES + width <= self.l
+        }));
+    }
+
+    /// The block's vectors of positions, `V` at a time: each step's `(image, vector)` pairs
+    /// and how many of them are new (a last step with fewer left repeats its last one).
+    fn steps<const V: usize>(&self) -> impl Iterator<Item = ([(usize, usize); V], usize)> {
+        let per_image = self.taps.lanes.len();
+        let total = self.x.len() / (self.channels * self.l) * per_image;
+        // The next vector: its image and its index in the image.
+        let (mut image, mut vector) = (0usize, 0usize);
+        (0..total).step_by(V).map(move |v0| {
+            let valid = V.min(total - v0);
+            let mut at = [(0usize, 0usize); V];
+            for (h, slot) in at.iter_mut().enumerate() {
+                *slot = (image, vector);
+                if h + 1 < valid {
+                    vector += 1;
+                    if vector == per_image {
+                        (image, vector) = (image + 1, 0);
+                    }
+                }
+            }
+            vector += 1;
+            if vector == per_image {
+                (image, vector) = (image + 1, 0);
+            }
+            (at, valid)
+        })
+    }
 }
 
 /// The forward convolution of a batch (`x`, `[N, Ci, H, W]`, `g` accepted by
@@ -391,23 +456,29 @@ fn conv_forward_images(
             residual,
             bounds: (clamp.lo, clamp.hi),
         };
-        // Narrow blocks take four vectors per step, so that each broadcast weight feeds four
-        // FMAs (the accumulators still fit the 32 vector registers).
         macro_rules! dispatch {
-            ($(($r:literal, $v:literal))*) => {
+            ($isa:ident, $(($r:literal, $v:literal))*) => {
                 match count {
                     $($r => {
-                        // SAFETY: the callers use the direct kernels only when `available()`;
-                        // `block` is as `forward` requires (it checks the sizes), with the
-                        // taps of `g` (the weights were packed for `g`).
                         #[cfg(target_arch = "x86_64")]
-                        unsafe { avx512::forward::<$r, $v>(w.block(b), block, &mut *out) }
+                        // SAFETY: `w.isa` is an instruction set this CPU has (`isa()` chose it
+                        // when packing); `block` is as `forward` requires (it checks the
+                        // sizes), with the taps of `g` (the weights were packed for `g`).
+                        unsafe { $isa::forward::<$r, $v>(w.block(b), block, &mut *out) }
                     })*
-                    _ => unreachable!("blocks of 1 to {MAX_CHANNELS} channels"),
+                    _ => unreachable!("blocks of 1 to {} channels", block_channels(w.isa)),
                 }
             };
         }
-        dispatch!((1, 4)(2, 4)(3, 4)(4, 4)(5, 4)(6, 4)(7, 2)(8, 2));
+        match w.isa {
+            // Narrow blocks take four vectors per step, so that each broadcast weight feeds
+            // four FMAs (the accumulators still fit the 32 vector registers).
+            Isa::Avx512 => {
+                dispatch!(avx512, (1, 4)(2, 4)(3, 4)(4, 4)(5, 4)(6, 4)(7, 2)(8, 2))
+            }
+            // One or two vectors of two halves: at most 12 accumulators.
+            Isa::Avx2 => dispatch!(avx2, (1, 2)(2, 2)(3, 1)(4, 1)),
+        }
     }
 }
 
@@ -421,6 +492,10 @@ fn conv_forward_images(
 /// result does not depend on the number of threads (nothing here is parallel).
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
+    assert!(
+        crate::simd::runs(Isa::Avx512),
+        "the weight-gradient kernel needs AVX-512"
+    );
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
     let image_len = g.image();
     let images = x.len() / image_len;
@@ -470,8 +545,8 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
                     match rc {
                         $($r => {
                             #[cfg(target_arch = "x86_64")]
-                            // SAFETY: the callers use the direct kernels only when
-                            // `available()`; `block` holds whole images, `rows` only offsets
+                            // SAFETY: the CPU has AVX-512F (checked above); `block` holds
+                            // whole images, `rows` only offsets
                             // and taps of `g` (and the null tap), and `masks` the lanes inside
                             // the image for each.
                             unsafe { avx512::weight_grad::<$r>(block, sums) }
@@ -532,199 +607,9 @@ struct DwBlock<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{DW_ROWS, DwBlock, ForwardBlock, LANES, MAX_CHANNELS, TILE_SUMS, TILE_VECTORS};
-    use std::arch::x86_64::*;
-
-    /// Channels `first + r`, `r < R`, of every vector of positions of `block`'s images, `V`
-    /// vectors at a time: the sum over patch rows `k = (c, t)` of `w[k][r]` times each
-    /// vector's shifted input, through the epilogue, stored into `out` (`[n, co, l]`). A last
-    /// step with fewer than `V` vectors left repeats the last one and stores it once.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `block.taps` are the taps of the images' geometry (their
-    /// masks say which lanes of each tap are inside the image); `w` holds
-    /// `channels * taps * MAX_CHANNELS` values (the sizes are checked).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn forward<const R: usize, const V: usize>(
-        w: &[f32],
-        block: ForwardBlock,
-        out: &mut [std::mem::MaybeUninit<f32>],
-    ) {
-        let ForwardBlock {
-            x,
-            taps,
-            channels,
-            l,
-            co,
-            first,
-            scale,
-            shift,
-            residual,
-            bounds,
-        } = block;
-        let (offsets, ntaps, per_image) = (&taps.offsets, taps.taps, taps.lanes.len());
-        let image_len = channels * l;
-        let images = x.len() / image_len;
-        let total = images * per_image;
-        assert!(R <= MAX_CHANNELS && V <= TILE_VECTORS);
-        assert!(per_image == l.div_ceil(LANES) && offsets.len() == ntaps);
-        assert!(taps.masks.len() == per_image * ntaps);
-        assert!(x.len() == images * image_len && out.len() == images * co * l);
-        assert!(first + R <= co && scale.len() == R && shift.len() == R);
-        assert!(residual.is_none_or(|r| r.len() == out.len()));
-        assert!(w.len() >= channels * ntaps * MAX_CHANNELS);
-        assert!(taps.lanes.iter().enumerate().all(|(v, &lanes)| {
-            // The lanes on are the first ones and end inside the image.
-            let width = lanes.trailing_ones() as usize;
-            lanes.trailing_ones() + lanes.leading_zeros() == 16 && v * LANES + width <= l
-        }));
-        let (lo, hi) = (_mm512_set1_ps(bounds.0), _mm512_set1_ps(bounds.1));
-        let dst = out.as_mut_ptr().cast::<f32>();
-        // The next vector: its image and its index in the image.
-        let (mut image, mut vector) = (0usize, 0usize);
-        for v0 in (0..total).step_by(V) {
-            let valid = V.min(total - v0);
-            let mut at = [(0usize, 0usize); V];
-            for (h, slot) in at.iter_mut().enumerate() {
-                *slot = (image, vector);
-                if h + 1 < valid {
-                    vector += 1;
-                    if vector == per_image {
-                        (image, vector) = (image + 1, 0);
-                    }
-                }
-            }
-            vector += 1;
-            if vector == per_image {
-                (image, vector) = (image + 1, 0);
-            }
-            let inputs: [*const f32; V] = std::array::from_fn(|h| {
-                let (i, v) = at[h];
-                x.as_ptr().wrapping_add(i * image_len + v * LANES)
-            });
-            let mask_rows: [*const u16; V] =
-                std::array::from_fn(|h| taps.masks[at[h].1 * ntaps..][..ntaps].as_ptr());
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
-            // Taps outside, channels inside: a tap's lane masks stay in mask registers and the
-            // channel loop is one index step for the inputs and one for the weights.
-            for (t, &offset) in offsets.iter().enumerate() {
-                // SAFETY: each row holds `ntaps` masks and `t < ntaps`.
-                let masks: [__mmask16; V] =
-                    std::array::from_fn(|h| unsafe { *mask_rows[h].add(t) });
-                let starts: [*const f32; V] =
-                    std::array::from_fn(|h| inputs[h].wrapping_offset(offset));
-                // Tap t's weights, `channels * MAX_CHANNELS` values; a pointer, so that the tap
-                // loop cannot panic (a bounds check in it kept the accumulators in memory,
-                // stored at every tap).
-                let wt = w.as_ptr().wrapping_add(t * channels * MAX_CHANNELS);
-                for c in 0..channels {
-                    let xs: [__m512; V] = std::array::from_fn(|h| {
-                        // SAFETY: contract (lanes on are inside the image, `Taps::new`).
-                        unsafe { _mm512_maskz_loadu_ps(masks[h], starts[h].wrapping_add(c * l)) }
-                    });
-                    // SAFETY: `w` holds `ntaps * channels * MAX_CHANNELS` values (checked), and
-                    // `R <= MAX_CHANNELS`.
-                    let wk = unsafe { wt.add(c * MAX_CHANNELS) };
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: as above.
-                        let s = _mm512_set1_ps(unsafe { *wk.add(r) });
-                        for (ah, xh) in a.iter_mut().zip(&xs) {
-                            *ah = _mm512_fmadd_ps(s, *xh, *ah);
-                        }
-                    }
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                let (m, b) = (_mm512_set1_ps(scale[r]), _mm512_set1_ps(shift[r]));
-                // max/min return their second operand when it is NaN, so NaN passes through.
-                for (h, &(i, v)) in at.iter().enumerate().take(valid) {
-                    let start = ((i * co + first + r) * l) + v * LANES;
-                    let lanes: __mmask16 = taps.lanes[v];
-                    let mut y = _mm512_fmadd_ps(a[h], m, b);
-                    if let Some(res) = residual {
-                        // SAFETY: `residual` is as long as `out`, and the lanes on from
-                        // `start` are inside channel `first + r < co` of image `i < images`
-                        // (checked above).
-                        let r = unsafe { _mm512_maskz_loadu_ps(lanes, res.as_ptr().add(start)) };
-                        y = _mm512_add_ps(y, r);
-                    }
-                    let y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
-                    // SAFETY: as for the residual.
-                    unsafe { _mm512_mask_storeu_ps(dst.add(start), lanes, y) };
-                }
-            }
-        }
-    }
-
-    /// For each tile of [`DW_ROWS`] patch rows, adds to its partial sums (`[r][j]`, 16 lanes
-    /// each) the products of `dy[c0 + r]` and row `j`'s shifted input over the positions of
-    /// the block's images, for `r < RC`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `block.x` and `block.dy` hold whole images of `block.g`
-    /// and their output gradients; every lane on in the masks of a row's tap is inside the
-    /// image at the row's offset.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) {
-        let DwBlock {
-            x,
-            dy,
-            g,
-            c0,
-            rows,
-            masks,
-            tap_stride,
-        } = block;
-        let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
-        let (images, vectors) = (x.len() / image_len, l / LANES);
-        assert!(dy.len() == images * co * l && c0 + RC <= co);
-        assert!(masks.len() == vectors * tap_stride && rows.iter().all(|r| r.1 < tap_stride));
-        assert!(partial.len() == rows.len() / DW_ROWS * TILE_SUMS);
-        let slot = |r: usize, j: usize| (r * DW_ROWS + j) * LANES;
-        for (tile, sums) in rows
-            .chunks_exact(DW_ROWS)
-            .zip(partial.chunks_exact_mut(TILE_SUMS))
-        {
-            let taps: [usize; DW_ROWS] = std::array::from_fn(|j| tile[j].1);
-            let mut acc: [[__m512; DW_ROWS]; RC] = std::array::from_fn(|r| {
-                // SAFETY: `sums` holds `TILE_SUMS` values, slot + 16 inside.
-                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(sums.as_ptr().add(slot(r, j))) })
-            });
-            for i in 0..images {
-                let image = x[i * image_len..][..image_len].as_ptr();
-                let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
-                let starts: [*const f32; DW_ROWS] =
-                    std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
-                let mut m = masks.as_ptr();
-                for v in 0..vectors {
-                    let at = v * LANES;
-                    let d: [__m512; RC] = std::array::from_fn(|r| {
-                        // SAFETY: `grad` holds `RC` rows of `l` values and `at + 16 <= l`.
-                        unsafe { _mm512_loadu_ps(grad.add(r * l + at)) }
-                    });
-                    for (j, start) in starts.iter().enumerate() {
-                        // SAFETY: `m` is vector v's row of masks (`tap_stride` values) and
-                        // lanes on in a tap's mask are inside the image (contract).
-                        let xs = unsafe {
-                            _mm512_maskz_loadu_ps(*m.add(taps[j]), start.wrapping_add(at))
-                        };
-                        for (a, dr) in acc.iter_mut().zip(&d) {
-                            a[j] = _mm512_fmadd_ps(*dr, xs, a[j]);
-                        }
-                    }
-                    m = m.wrapping_add(tap_stride);
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    // SAFETY: as for the loads.
-                    unsafe { _mm512_storeu_ps(sums.as_mut_ptr().add(slot(r, j)), *v) };
-                }
-            }
-        }
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -747,6 +632,9 @@ mod tests {
     /// geometry, are packed again.
     #[test]
     fn shared_packing_follows_the_storage() {
+        if !available() {
+            return;
+        }
         let g = geometry(3, 5);
         let mut w: Arc<Vec<f32>> =
             Arc::new((0..g.out_channels * g.patch()).map(|i| i as f32).collect());
