@@ -9,8 +9,8 @@
 //! masked off, as dnal's direct convolution does. Otherwise it copies each input plane,
 //! zero-padded, into a scratch buffer split into the stride's phases (for stride 2: even and
 //! odd rows and columns, split by a permute on AVX-512), so that every filter tap reads a
-//! contiguous run, and computes the outputs as one flat run over the padded row pitch; the
-//! columns past each output row's end are computed and dropped.
+//! contiguous run, and computes the outputs as one flat run over the padded row pitch
+//! (`avx512.rs`, `avx2.rs`); the columns past each output row's end are computed and dropped.
 //!
 //! The backward passes are written as row operations: an input-gradient row gains
 //! `w * (output-gradient row)` for each filter tap, and a weight-gradient tap is a sum of row
@@ -23,7 +23,7 @@ use std::cell::RefCell;
 
 use crate::cpu::Clamp;
 use crate::planes::par_planes_zeroed;
-use crate::simd::widest_simd;
+use crate::simd::{Isa, widest_simd};
 
 /// The shape of a depthwise convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,11 +165,7 @@ pub fn depthwise_forward_affine(
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = x.len() / ip.max(1);
     #[cfg(target_arch = "x86_64")]
-    if g.stride == 1
-        && g.out_hw() == g.in_hw
-        && ip > 0
-        && crate::simd::isa() == Some(crate::simd::Isa::Avx512)
-    {
+    if g.stride == 1 && g.out_hw() == g.in_hw && ip > 0 && crate::simd::isa() == Some(Isa::Avx512) {
         // Stride 1, output as large as the input: every tap reads the plane itself, shifted,
         // with the lanes outside it masked off, so there is nothing to copy first.
         let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
@@ -230,7 +226,7 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if s == 2 && w >= 2 && crate::simd::isa() == Some(crate::simd::Isa::Avx512) {
+        if s == 2 && w >= 2 && crate::simd::isa() == Some(Isa::Avx512) {
             // Even inputs `ix = 2j` go to phase column `p % 2` at column `j + p / 2`, odd
             // ones to phase column `(p + 1) % 2` at column `j + (p + 1) / 2`.
             let at = |b: usize, column: usize| {
@@ -271,8 +267,8 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
     }
 }
 
-/// [`forward_flat`], in AVX-512 where the CPU has it. (Written with intrinsics: the plain loop,
-/// compiled for AVX-512, stayed scalar.)
+/// [`forward_flat`], in AVX-512 or AVX2 where the CPU has them. (Written with intrinsics: the
+/// plain loop, compiled for AVX-512, stayed scalar.)
 fn forward_flat_widest(
     planes: &[f32],
     w: &[f32],
@@ -282,210 +278,28 @@ fn forward_flat_widest(
     flat: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() == Some(crate::simd::Isa::Avx512) {
-        // SAFETY: the CPU has AVX-512F (checked just above).
+    match crate::simd::isa() {
+        // SAFETY: the CPU has AVX-512F (`isa()`).
         #[allow(unsafe_code)]
-        unsafe {
-            avx512::forward_flat(planes, w, affine, clamp, &layout.taps, flat)
-        };
-        return;
+        Some(Isa::Avx512) => unsafe {
+            return avx512::forward_flat(planes, w, affine, clamp, &layout.taps, flat);
+        },
+        // SAFETY: the CPU has AVX2 and FMA (`isa()`).
+        #[allow(unsafe_code)]
+        Some(Isa::Avx2) => unsafe {
+            return avx2::forward_flat(planes, w, affine, clamp, &layout.taps, flat);
+        },
+        None => {}
     }
     forward_flat(planes, w, affine, clamp, layout, flat)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx512 {
-    use super::RUN;
-    use crate::cpu::Clamp;
-    use crate::direct::Taps;
-    use std::arch::x86_64::*;
-
-    /// One plane of a stride-1 convolution whose output is as large as its input, read
-    /// straight from the plane `x`: each vector of 16 output positions sums its taps' shifted
-    /// inputs in tap order (lanes outside the plane masked off, reading zero), then the affine
-    /// transform and the clamp, stored on the plane's lanes. Four vectors at a time, then one.
-    ///
-    /// # Safety
-    /// AVX-512F must be available and `taps` must be those of `x`'s map (`Taps::new`: every
-    /// lane on in a tap's mask reads inside the plane, and the lanes on in a vector's store
-    /// mask are positions of the plane); the sizes are checked.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn forward_same(
-        x: &[f32],
-        w: &[f32],
-        affine: (f32, f32),
-        clamp: Clamp,
-        taps: &Taps,
-        out: &mut [f32],
-    ) {
-        let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
-        assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
-        assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
-        let whole = vectors / 4 * 4;
-        // SAFETY: as checked above, for the vectors `0..whole` and `whole..vectors`.
-        unsafe {
-            same_vectors::<4>(x, w, affine, clamp, taps, out, 0..whole);
-            same_vectors::<1>(x, w, affine, clamp, taps, out, whole..vectors);
-        }
-    }
-
-    /// [`forward_same`] of the vectors `range`, `N` at a time (`range` holds a multiple of
-    /// `N`), the `N` sums in registers.
-    ///
-    /// # Safety
-    /// As [`forward_same`], whose checks it relies on.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn same_vectors<const N: usize>(
-        x: &[f32],
-        w: &[f32],
-        (scale, shift): (f32, f32),
-        clamp: Clamp,
-        taps: &Taps,
-        out: &mut [f32],
-        range: std::ops::Range<usize>,
-    ) {
-        let k = taps.taps;
-        let (src, dst, masks) = (x.as_ptr(), out.as_mut_ptr(), taps.masks.as_ptr());
-        let (scale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
-        let (lo, hi) = (_mm512_set1_ps(clamp.lo), _mm512_set1_ps(clamp.hi));
-        // max(lo, v) then min(hi, .) return v's NaN (the second operand), as Clamp::apply does.
-        let finish =
-            |acc: __m512| _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmadd_ps(acc, scale, shift)));
-        for v in range.step_by(N) {
-            let mut acc = [_mm512_setzero_ps(); N];
-            for (t, (&offset, &wv)) in taps.offsets.iter().zip(w).enumerate() {
-                let wv = _mm512_set1_ps(wv);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: vector v + r < vectors, so its mask of tap t < k is inside
-                    // `taps.masks`, and the lanes on in it read inside the plane.
-                    let x = unsafe {
-                        let mask = *masks.add((v + r) * k + t);
-                        let at = src.wrapping_add((v + r) * RUN).wrapping_offset(offset);
-                        _mm512_maskz_loadu_ps(mask, at)
-                    };
-                    *a = _mm512_fmadd_ps(wv, x, *a);
-                }
-            }
-            for (r, a) in acc.into_iter().enumerate() {
-                // SAFETY: the lanes on are the plane's positions from (v + r) * RUN (contract),
-                // inside `out`, which is as long as the plane.
-                unsafe {
-                    _mm512_mask_storeu_ps(dst.add((v + r) * RUN), taps.lanes[v + r], finish(a))
-                };
-            }
-        }
-    }
-
-    /// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 32
-    /// inputs at a time.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; the sizes are checked.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
-        let w = row.len();
-        assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
-        let pick = |first: i32| {
-            _mm512_setr_epi32(
-                first,
-                first + 2,
-                first + 4,
-                first + 6,
-                first + 8,
-                first + 10,
-                first + 12,
-                first + 14,
-                first + 16,
-                first + 18,
-                first + 20,
-                first + 22,
-                first + 24,
-                first + 26,
-                first + 28,
-                first + 30,
-            )
-        };
-        let (evens, odds) = (pick(0), pick(1));
-        let first_lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
-        for j in (0..even.len()).step_by(16) {
-            let left = w - 2 * j;
-            // SAFETY: the lanes on are among the `left` values of `row` from 2j.
-            let (lo, hi) = unsafe {
-                let src = row.as_ptr().add(2 * j);
-                (
-                    _mm512_maskz_loadu_ps(first_lanes(left), src),
-                    _mm512_maskz_loadu_ps(first_lanes(left.saturating_sub(16)), src.add(16)),
-                )
-            };
-            let (ne, no) = (
-                (even.len() - j).min(16),
-                odd.len().saturating_sub(j).min(16),
-            );
-            // SAFETY: `ne` values from j are inside `even`, `no` inside `odd`.
-            unsafe {
-                let e = _mm512_permutex2var_ps(lo, evens, hi);
-                _mm512_mask_storeu_ps(even.as_mut_ptr().add(j), first_lanes(ne), e);
-                let o = _mm512_permutex2var_ps(lo, odds, hi);
-                _mm512_mask_storeu_ps(odd.as_mut_ptr().add(j), first_lanes(no), o);
-            }
-        }
-    }
-
-    /// Runs of the flat outputs four at a time (four independent sums of the taps), then one
-    /// at a time.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn forward_flat(
-        planes: &[f32],
-        w: &[f32],
-        (scale, shift): (f32, f32),
-        clamp: Clamp,
-        taps: &[usize],
-        flat: &mut [f32],
-    ) {
-        let last_tap = taps.iter().copied().max().unwrap_or(0);
-        assert!(
-            flat.len().is_multiple_of(RUN)
-                && last_tap + flat.len() <= planes.len()
-                && w.len() == taps.len(),
-            "phase planes too short for the flat outputs"
-        );
-        let (src, dst) = (planes.as_ptr(), flat.as_mut_ptr());
-        let (scale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
-        let (lo, hi) = (_mm512_set1_ps(clamp.lo), _mm512_set1_ps(clamp.hi));
-        // max(lo, v) then min(hi, .) return v's NaN (the second operand), as Clamp::apply does.
-        let finish =
-            |acc: __m512| _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmadd_ps(acc, scale, shift)));
-        let mut o = 0;
-        while o + 4 * RUN <= flat.len() {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for (&t, &wv) in taps.iter().zip(w) {
-                let wv = _mm512_set1_ps(wv);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: t + o + (r + 1) * RUN <= last_tap + flat.len() <= planes.len().
-                    let x = unsafe { _mm512_loadu_ps(src.add(t + o + r * RUN)) };
-                    *a = _mm512_fmadd_ps(wv, x, *a);
-                }
-            }
-            for (r, a) in acc.into_iter().enumerate() {
-                // SAFETY: o + (r + 1) * RUN <= flat.len().
-                unsafe { _mm512_storeu_ps(dst.add(o + r * RUN), finish(a)) };
-            }
-            o += 4 * RUN;
-        }
-        while o < flat.len() {
-            let mut acc = _mm512_setzero_ps();
-            for (&t, &wv) in taps.iter().zip(w) {
-                // SAFETY: t + o + RUN <= last_tap + flat.len() <= planes.len().
-                let x = unsafe { _mm512_loadu_ps(src.add(t + o)) };
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(wv), x, acc);
-            }
-            // SAFETY: o + RUN <= flat.len() (a whole number of runs).
-            unsafe { _mm512_storeu_ps(dst.add(o), finish(acc)) };
-            o += RUN;
-        }
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512;
 
 /// The flat outputs `0..layout.flat` of one plane, run by run: every tap's contribution summed
 /// in tap order, then the affine transform and the clamp.
