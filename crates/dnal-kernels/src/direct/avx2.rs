@@ -1,24 +1,46 @@
-//! The direct forward kernel in AVX2 (with FMA), for CPUs without AVX-512: each 16-position
-//! vector of the AVX-512 kernel as two 8-lane halves, its 16-bit lane masks turned into
-//! vector masks once per tap and step. AVX2 has 16 vector registers, so blocks hold at most 4
-//! output channels (8 accumulators for one vector, or 2 channels x 2 vectors), and a tap
-//! loops over a few channels at a time (`channel_run`).
-use super::{ForwardBlock, LANES, MAX_CHANNELS};
+//! The direct kernels in AVX2 (with FMA), for CPUs without AVX-512: each 16-position vector
+//! of the AVX-512 kernels as two 8-lane halves, its 16-bit lane masks turned into vector masks
+//! through a table. AVX2 has 16 vector registers, so forward blocks hold at most 4 output
+//! channels (8 accumulators for one vector, or 2 channels x 2 vectors), a forward tap loops
+//! over a few channels at a time (`channel_run`), and weight-gradient blocks hold 2.
+use super::{DW_ROWS, DwBlock, ForwardBlock, LANES, MAX_CHANNELS, TILE_SUMS};
 use std::arch::x86_64::*;
 
 /// Lanes per AVX2 vector: half of one of [`LANES`] positions.
 const HALF: usize = LANES / 2;
+
+/// The vector mask of each 8-bit lane mask: lane `j` all ones where bit `j` is set.
+static BYTE_MASKS: [[i32; HALF]; 256] = {
+    let mut table = [[0; HALF]; 256];
+    let mut bits = 0;
+    while bits < 256 {
+        let mut j = 0;
+        while j < HALF {
+            if bits & (1 << j) != 0 {
+                table[bits][j] = -1;
+            }
+            j += 1;
+        }
+        bits += 1;
+    }
+    table
+};
+
+/// The vector mask of half `k` of a 16-lane mask.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn half_mask(bits: u16, k: usize) -> __m256i {
+    let byte = usize::from((bits >> (8 * k)) as u8);
+    // SAFETY: the table's rows are 8 values.
+    unsafe { _mm256_loadu_si256(BYTE_MASKS[byte].as_ptr().cast()) }
+}
 
 /// The vector masks of the two halves of a 16-lane mask: lane `j` of half `k` is all ones
 /// where bit `8k + j` is set.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn half_masks(bits: u16) -> [__m256i; 2] {
-    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    std::array::from_fn(|k| {
-        let byte = _mm256_set1_epi32(i32::from((bits >> (8 * k)) as u8));
-        _mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit)
-    })
+    [half_mask(bits, 0), half_mask(bits, 1)]
 }
 
 /// Channels `first + r`, `r < R`, of every vector of positions of `block`'s images, `V`
@@ -209,6 +231,76 @@ impl<const V: usize> Tap<V> {
                         *ak = _mm256_fmadd_ps(s, *xk, *ak);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// As [`super::avx512::weight_grad`], in half vectors: each partial sum's first 8 lanes hold
+/// the sums of the positions congruent to them mod 8 (its other 8 lanes stay zero), for
+/// `r < RC <= 2`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `block.x` and `block.dy` hold whole images of `block.g`
+/// and their output gradients; every lane on in the masks of a row's tap is inside the
+/// image at the row's offset.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) {
+    let DwBlock {
+        x,
+        dy,
+        g,
+        c0,
+        rows,
+        masks,
+        tap_stride,
+    } = block;
+    let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
+    let (images, vectors) = (x.len() / image_len, l / LANES);
+    assert!(RC <= 2);
+    block.check::<RC>(partial.len());
+    let slot = |r: usize, j: usize| (r * DW_ROWS + j) * LANES;
+    for (tile, sums) in rows
+        .chunks_exact(DW_ROWS)
+        .zip(partial.chunks_exact_mut(TILE_SUMS))
+    {
+        let taps: [usize; DW_ROWS] = std::array::from_fn(|j| tile[j].1);
+        let mut acc: [[__m256; DW_ROWS]; RC] = std::array::from_fn(|r| {
+            // SAFETY: `sums` holds `TILE_SUMS` values, slot + 8 inside.
+            std::array::from_fn(|j| unsafe { _mm256_loadu_ps(sums.as_ptr().add(slot(r, j))) })
+        });
+        for i in 0..images {
+            let image = x[i * image_len..][..image_len].as_ptr();
+            let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
+            let starts: [*const f32; DW_ROWS] =
+                std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
+            let mut m = masks.as_ptr();
+            for v in 0..vectors {
+                for k in 0..2 {
+                    let at = v * LANES + k * HALF;
+                    let d: [__m256; RC] = std::array::from_fn(|r| {
+                        // SAFETY: `grad` holds `RC` rows of `l` values and `at + 8 <= l`.
+                        unsafe { _mm256_loadu_ps(grad.add(r * l + at)) }
+                    });
+                    for (j, start) in starts.iter().enumerate() {
+                        // SAFETY: `m` is vector v's row of masks (`tap_stride` values) and
+                        // lanes on in a tap's mask are inside the image (contract).
+                        let xs = unsafe {
+                            let mask = half_mask(*m.add(taps[j]), k);
+                            _mm256_maskload_ps(start.wrapping_add(at), mask)
+                        };
+                        for (a, dr) in acc.iter_mut().zip(&d) {
+                            a[j] = _mm256_fmadd_ps(*dr, xs, a[j]);
+                        }
+                    }
+                }
+                m = m.wrapping_add(tap_stride);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(slot(r, j)), *v) };
             }
         }
     }

@@ -115,9 +115,7 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
     } = block;
     let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
     let (images, vectors) = (x.len() / image_len, l / LANES);
-    assert!(dy.len() == images * co * l && c0 + RC <= co);
-    assert!(masks.len() == vectors * tap_stride && rows.iter().all(|r| r.1 < tap_stride));
-    assert!(partial.len() == rows.len() / DW_ROWS * TILE_SUMS);
+    block.check::<RC>(partial.len());
     let slot = |r: usize, j: usize| (r * DW_ROWS + j) * LANES;
     for (tile, sums) in rows
         .chunks_exact(DW_ROWS)

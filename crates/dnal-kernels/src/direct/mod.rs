@@ -1,5 +1,5 @@
 //! Direct convolution for stride-1 "same" convolutions (the 3x3 convolutions of ResNets and
-//! VGG), forward (AVX-512 or AVX2) and weight gradient (AVX-512), without a column matrix.
+//! VGG), forward and weight gradient, in AVX-512 or AVX2, without a column matrix.
 //!
 //! im2col writes every input value `k^2` times (9 for 3x3) before a matrix product reads them
 //! again, and for the narrow layers of CIFAR networks (16-64 filters) that traffic costs about
@@ -27,8 +27,7 @@
 //!   transposed kernel) and takes the forward path.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
-//! thread whole images, weight gradients without AVX-512, CPUs without AVX2) uses im2col and
-//! `gemm`. [`crate::isa`] says which instruction set runs.
+//! thread whole images, CPUs without AVX2) uses im2col and `gemm`. [`crate::isa`] says which instruction set runs.
 //!
 //! The only unsafe code is the vector loads and stores of the micro-kernels; each load reads
 //! only lanes whose position is inside the image slice it is given.
@@ -46,7 +45,8 @@ const LANES: usize = 16;
 const MAX_CHANNELS: usize = 8;
 /// Most vectors of positions per forward micro-kernel step.
 const TILE_VECTORS: usize = 4;
-/// Most output channels and patch rows per weight-gradient micro-kernel (24 accumulators).
+/// Most output channels and patch rows per weight-gradient micro-kernel (AVX-512: 24
+/// accumulators).
 const DW_CHANNELS: usize = 6;
 const DW_ROWS: usize = 4;
 
@@ -63,6 +63,15 @@ fn block_channels(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => MAX_CHANNELS,
         Isa::Avx2 => 4,
+    }
+}
+
+/// Most output channels per weight-gradient micro-kernel on `isa` (AVX2: 2 x [`DW_ROWS`]
+/// accumulators; with 3, its 16 registers did not hold the loop's values and it ran slower).
+fn dw_block_channels(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => DW_CHANNELS,
+        Isa::Avx2 => 2,
     }
 }
 
@@ -89,15 +98,18 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
     supports_forward(g) && g.out_channels <= 128 && 2 * g.positions() >= lanes
 }
 
-/// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
-/// with maps of at least 16x16 (up to 64 input and output channels), and is no faster on
-/// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers.
+/// Whether the weight-gradient kernel should compute `g`: on AVX-512 it beats `gemm` on
+/// narrow layers with maps of at least 16x16 (up to 64 input and output channels), and is no
+/// faster on 8x8 maps, whose images hold too few positions per kernel call, or on wider
+/// layers. On AVX2 (blocks of 2 filters) it beats `gemm` on 32x32 maps (1.8-2.7x with 9 and
+/// 16 channels, batch 128) but not on 16x16 (17 channels: 1.2x; 32: 0.85x).
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    isa() == Some(Isa::Avx512)
-        && supports(g)
-        && g.out_channels <= 64
-        && g.in_channels <= 64
-        && g.positions() >= 256
+    let fewest = match isa() {
+        Some(Isa::Avx512) => 256,
+        Some(Isa::Avx2) => 1024,
+        None => return false,
+    };
+    supports(g) && g.out_channels <= 64 && g.in_channels <= 64 && g.positions() >= fewest
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -492,10 +504,7 @@ fn conv_forward_images(
 /// result does not depend on the number of threads (nothing here is parallel).
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
-    assert!(
-        crate::simd::runs(Isa::Avx512),
-        "the weight-gradient kernel needs AVX-512"
-    );
+    let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
     let image_len = g.image();
     let images = x.len() / image_len;
@@ -520,7 +529,7 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     let masks: Vec<u16> = (0..l / LANES)
         .flat_map(|v| taps.masks(v).iter().copied().chain([0]))
         .collect();
-    let blocks = channel_blocks(co, DW_CHANNELS);
+    let blocks = channel_blocks(co, dw_block_channels(isa));
     let mut partial = vec![0.0f32; blocks.len() * tiles * TILE_SUMS];
     let per = CHUNK_POSITIONS.div_ceil(l).clamp(1, images.max(1));
     for first in (0..images).step_by(per) {
@@ -541,21 +550,23 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
                 tap_stride: tap_count + 1,
             };
             macro_rules! dispatch {
-                ($($r:literal)*) => {
+                ($isa:ident, $($r:literal)*) => {
                     match rc {
                         $($r => {
                             #[cfg(target_arch = "x86_64")]
-                            // SAFETY: the CPU has AVX-512F (checked above); `block` holds
-                            // whole images, `rows` only offsets
-                            // and taps of `g` (and the null tap), and `masks` the lanes inside
-                            // the image for each.
-                            unsafe { avx512::weight_grad::<$r>(block, sums) }
+                            // SAFETY: the CPU has `isa` (`isa()` chose it); `block` holds
+                            // whole images, `rows` only offsets and taps of `g` (and the null
+                            // tap), and `masks` the lanes inside the image for each.
+                            unsafe { $isa::weight_grad::<$r>(block, sums) }
                         })*
-                        _ => unreachable!("blocks of 1 to 6 channels"),
+                        _ => unreachable!("blocks of 1 to {} channels", dw_block_channels(isa)),
                     }
                 };
             }
-            dispatch!(1 2 3 4 5 6);
+            match isa {
+                Isa::Avx512 => dispatch!(avx512, 1 2 3 4 5 6),
+                Isa::Avx2 => dispatch!(avx2, 1 2),
+            }
         }
     }
     let mut dw = vec![0.0f32; co * p];
@@ -604,6 +615,19 @@ struct DwBlock<'a> {
     rows: &'a [(isize, usize)],
     masks: &'a [u16],
     tap_stride: usize,
+}
+
+impl DwBlock<'_> {
+    /// Checks what the weight-gradient kernels read and write for a block of `RC` channels
+    /// and `partial` partial sums.
+    fn check<const RC: usize>(&self, partial: usize) {
+        let (l, co, image_len) = (self.g.positions(), self.g.out_channels, self.g.image());
+        let (images, vectors) = (self.x.len() / image_len, l / LANES);
+        assert!(self.dy.len() == images * co * l && self.c0 + RC <= co && RC <= DW_CHANNELS);
+        assert!(self.masks.len() == vectors * self.tap_stride);
+        assert!(self.rows.iter().all(|r| r.1 < self.tap_stride));
+        assert!(partial == self.rows.len() / DW_ROWS * TILE_SUMS);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
