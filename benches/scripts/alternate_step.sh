@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The training step of gated ResNet-56 and of MobileNetV2-CIFAR (gates bypassed), batch 128, in
+# dnal and in PyTorch on the same threads, in alternating rounds that cancel this kind of
+# machine's drift: per round and network, one run of examples/profile_step per entry of ISAS
+# (the median of its last four of six steps, with DNAL_ISA set to the entry: `widest` leaves it
+# unset), then the reference script's CPU step (the median of five after two warm-up steps,
+# gates bypassed). Prints each round's milliseconds and PyTorch's time over dnal's.
+#
+# cargo build --release -p dnal-benches --examples
+# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|mobilenetv2...]
+set -euo pipefail
+rounds="${1:-3}"
+shift || true
+nets=("$@")
+[ ${#nets[@]} -gt 0 ] || nets=(resnet56 mobilenetv2)
+python="${PYTHON:-python3}"
+read -r -a isas <<< "${ISAS:-widest}"
+step_bin="${CARGO_TARGET_DIR:-target}/release/examples/profile_step"
+reference="$(dirname "$0")/../reference/pytorch_gpu_steps.py"
+
+# The median of the last four steps profile_step prints ("forward .. backward .. total T").
+dnal_ms() {
+    local isa="$1" net="$2" gates=search arg=""
+    if [ "$net" = mobilenetv2 ]; then gates=bypass arg=mobilenetv2; fi
+    if [ "$isa" = widest ]; then
+        DNAL_GATES="$gates" "$step_bin" 6 $arg
+    else
+        DNAL_ISA="$isa" DNAL_GATES="$gates" "$step_bin" 6 $arg
+    fi | grep '^forward' | tail -n 4 | awk '{
+        v = $6
+        if (v ~ /ms$/) { sub("ms", "", v) } else { sub("s", "", v); v *= 1000 }
+        print v }' | sort -n | awk '{ a[NR] = $1 } END { printf "%.0f", (a[2] + a[3]) / 2 }'
+}
+
+torch_ms() {
+    "$python" "$reference" --device cpu --steps 5 --warmup 2 --only "$1-cifar" | tail -n 1 |
+        "$python" -c 'import json, sys; print("%.0f" % json.loads(sys.stdin.read())["median_ms"])'
+}
+
+for round in $(seq "$rounds"); do
+    for net in "${nets[@]}"; do
+        line="round $round, $net:"
+        times=()
+        for isa in "${isas[@]}"; do
+            ms=$(dnal_ms "$isa" "$net")
+            times+=("$ms")
+            line="$line dnal ($isa) $ms ms,"
+        done
+        torch=$(torch_ms "$net")
+        line="$line PyTorch $torch ms;"
+        for ms in "${times[@]}"; do
+            line="$line $(awk -v t="$torch" -v d="$ms" 'BEGIN { printf "%.2fx", t / d }')"
+        done
+        echo "$line"
+    done
+done
