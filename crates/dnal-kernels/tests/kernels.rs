@@ -119,9 +119,11 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([3, 5, 14, 14], 9, 1, 1, 0);
     conv_case([1, 7, 14, 14], 35, 3, 1, 1);
     // 32x32 maps, whose channels lie 4 KiB apart (the AVX2 forward takes them a few at a
-    // time; with 9 images or more the weight gradient takes the kernels, in AVX2 blocks of 1
-    // and 2 filters), and blocks of 1 and 2 filters (AVX2: two vectors per step).
+    // time), 9 images of 16x16 or larger (the weight gradient takes the kernels: on AVX2 in
+    // blocks of 1 and 2 filters, each tap's 7 or 10 channels padded to whole tiles), and
+    // blocks of 1 and 2 filters (AVX2 forward: two vectors per step).
     conv_case([9, 10, 32, 32], 13, 3, 1, 1);
+    conv_case([9, 7, 16, 16], 5, 3, 1, 1);
     conv_case([2, 6, 32, 32], 2, 3, 1, 1);
     conv_case([3, 5, 8, 8], 1, 3, 1, 1);
     // One image: the direct kernels take it when `gemm` would not split its product.

@@ -236,9 +236,11 @@ impl<const V: usize> Tap<V> {
     }
 }
 
-/// As [`super::avx512::weight_grad`], in half vectors: each partial sum's first 8 lanes hold
-/// the sums of the positions congruent to them mod 8 (its other 8 lanes stay zero), for
-/// `r < RC <= 2`.
+/// As [`super::avx512::weight_grad`], in half vectors, for tiles whose rows share one tap
+/// (`super::patch_rows`): each partial sum's first 8 lanes hold the sums of the positions
+/// congruent to them mod 8 (its other 8 lanes stay zero), for `r < RC <= 2`. A half vector
+/// that the tap leaves wholly outside the image is skipped, and one wholly inside takes plain
+/// loads.
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `block.x` and `block.dy` hold whole images of `block.g`
@@ -264,7 +266,8 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
         .chunks_exact(DW_ROWS)
         .zip(partial.chunks_exact_mut(TILE_SUMS))
     {
-        let taps: [usize; DW_ROWS] = std::array::from_fn(|j| tile[j].1);
+        let tap = tile[0].1;
+        assert!(tile.iter().all(|row| row.1 == tap), "a tile of one tap");
         let mut acc: [[__m256; DW_ROWS]; RC] = std::array::from_fn(|r| {
             // SAFETY: `sums` holds `TILE_SUMS` values, slot + 8 inside.
             std::array::from_fn(|j| unsafe { _mm256_loadu_ps(sums.as_ptr().add(slot(r, j))) })
@@ -274,27 +277,37 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
             let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
             let starts: [*const f32; DW_ROWS] =
                 std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
-            let mut m = masks.as_ptr();
             for v in 0..vectors {
+                let bits = masks[v * tap_stride + tap];
                 for k in 0..2 {
+                    let byte = (bits >> (8 * k)) as u8;
+                    if byte == 0 {
+                        continue;
+                    }
                     let at = v * LANES + k * HALF;
                     let d: [__m256; RC] = std::array::from_fn(|r| {
                         // SAFETY: `grad` holds `RC` rows of `l` values and `at + 8 <= l`.
                         unsafe { _mm256_loadu_ps(grad.add(r * l + at)) }
                     });
-                    for (j, start) in starts.iter().enumerate() {
-                        // SAFETY: `m` is vector v's row of masks (`tap_stride` values) and
-                        // lanes on in a tap's mask are inside the image (contract).
-                        let xs = unsafe {
-                            let mask = half_mask(*m.add(taps[j]), k);
-                            _mm256_maskload_ps(start.wrapping_add(at), mask)
+                    macro_rules! add {
+                        ($load:expr) => {
+                            for (j, start) in starts.iter().enumerate() {
+                                let xs = $load(start.wrapping_add(at));
+                                for (a, dr) in acc.iter_mut().zip(&d) {
+                                    a[j] = _mm256_fmadd_ps(*dr, xs, a[j]);
+                                }
+                            }
                         };
-                        for (a, dr) in acc.iter_mut().zip(&d) {
-                            a[j] = _mm256_fmadd_ps(*dr, xs, a[j]);
-                        }
+                    }
+                    if byte == u8::MAX {
+                        // SAFETY: every lane of the half is inside the image (contract).
+                        add!(|at| unsafe { _mm256_loadu_ps(at) });
+                    } else {
+                        let mask = half_mask(bits, k);
+                        // SAFETY: the lanes on in `mask` are inside the image (contract).
+                        add!(|at| unsafe { _mm256_maskload_ps(at, mask) });
                     }
                 }
-                m = m.wrapping_add(tap_stride);
             }
         }
         for (r, a) in acc.iter().enumerate() {

@@ -67,7 +67,7 @@ fn block_channels(isa: Isa) -> usize {
 }
 
 /// Most output channels per weight-gradient micro-kernel on `isa` (AVX2: 2 x [`DW_ROWS`]
-/// accumulators; with 3, its 16 registers did not hold the loop's values and it ran slower).
+/// accumulators; with 3 its 16 registers did not hold the loop's values, and it ran slower).
 fn dw_block_channels(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => DW_CHANNELS,
@@ -98,18 +98,18 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
     supports_forward(g) && g.out_channels <= 128 && 2 * g.positions() >= lanes
 }
 
-/// Whether the weight-gradient kernel should compute `g`: on AVX-512 it beats `gemm` on
-/// narrow layers with maps of at least 16x16 (up to 64 input and output channels), and is no
-/// faster on 8x8 maps, whose images hold too few positions per kernel call, or on wider
-/// layers. On AVX2 (blocks of 2 filters) it beats `gemm` on 32x32 maps (1.8-2.7x with 9 and
-/// 16 channels, batch 128) but not on 16x16 (17 channels: 1.2x; 32: 0.85x).
+/// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
+/// with maps of at least 16x16 (up to 64 input and output channels), and is no faster on
+/// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers. (On
+/// AVX2, batch 128, weight gradient alone: 9 x 9 x 32x32 2.2-2.5 against 7.7-7.9 ms for
+/// `gemm`, 17 x 17 x 16x16 2.1-2.2 against 2.7-3.0, 32 x 32 x 16x16 6.4-6.9 against 6.2-6.5,
+/// 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7.)
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    let fewest = match isa() {
-        Some(Isa::Avx512) => 256,
-        Some(Isa::Avx2) => 1024,
-        None => return false,
-    };
-    supports(g) && g.out_channels <= 64 && g.in_channels <= 64 && g.positions() >= fewest
+    available()
+        && supports(g)
+        && g.out_channels <= 64
+        && g.in_channels <= 64
+        && g.positions() >= 256
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -515,16 +515,8 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     );
     let taps = Taps::shared(g);
     let tap_count = taps.taps;
-    // Patch rows `(c, t)` as (offset of their first input in an image, tap), padded to whole
-    // tiles with rows of the null tap (`tap_count`), whose masks read nothing.
-    let tiles = p.div_ceil(DW_ROWS);
-    let mut rows: Vec<(isize, usize)> = (0..p)
-        .map(|k| {
-            let (c, t) = (k / tap_count, k % tap_count);
-            ((c * l) as isize + taps.offsets[t], t)
-        })
-        .collect();
-    rows.resize(tiles * DW_ROWS, (0, tap_count));
+    let (rows, ks) = patch_rows(g, isa, &taps);
+    let tiles = rows.len() / DW_ROWS;
     // Lane masks `[vector][tap]`, with the null tap last.
     let masks: Vec<u16> = (0..l / LANES)
         .flat_map(|v| taps.masks(v).iter().copied().chain([0]))
@@ -571,16 +563,56 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     }
     let mut dw = vec![0.0f32; co * p];
     for (&(c0, rc), block) in blocks.iter().zip(partial.chunks_exact(tiles * TILE_SUMS)) {
-        for (tile, sums) in block.chunks_exact(TILE_SUMS).enumerate() {
+        for (sums, ks) in block.chunks_exact(TILE_SUMS).zip(ks.chunks_exact(DW_ROWS)) {
             for r in 0..rc {
-                for j in 0..DW_ROWS.min(p - tile * DW_ROWS) {
-                    dw[(c0 + r) * p + tile * DW_ROWS + j] =
-                        lane_sum(&sums[(r * DW_ROWS + j) * LANES..][..LANES]);
+                for (j, k) in ks.iter().enumerate() {
+                    if let Some(k) = *k {
+                        dw[(c0 + r) * p + k] =
+                            lane_sum(&sums[(r * DW_ROWS + j) * LANES..][..LANES]);
+                    }
                 }
             }
         }
     }
     dw
+}
+
+/// The weight-gradient kernels' patch rows, in whole tiles of [`DW_ROWS`]: each as (offset of
+/// its first input in an image, tap), and the index `k = c * taps + t` of the weight it is
+/// the gradient of (`None` for the padding).
+///
+/// On AVX-512 in the weights' order, padded at the end with rows of the null tap (whose masks
+/// read nothing). On AVX2 tap by tap, each tap's channels padded to whole tiles with repeats of
+/// channel 0, so that a tile's rows share one tap and the kernel one mask.
+fn patch_rows(
+    g: &ConvGeometry,
+    isa: Isa,
+    taps: &Taps,
+) -> (Vec<(isize, usize)>, Vec<Option<usize>>) {
+    let (channels, l, ntaps) = (g.in_channels, g.positions(), taps.taps);
+    let row = |c: usize, t: usize| ((c * l) as isize + taps.offsets[t], t);
+    let (mut rows, mut ks) = (Vec::new(), Vec::new());
+    match isa {
+        Isa::Avx512 => {
+            for k in 0..channels * ntaps {
+                rows.push(row(k / ntaps, k % ntaps));
+                ks.push(Some(k));
+            }
+            let whole = rows.len().div_ceil(DW_ROWS) * DW_ROWS;
+            rows.resize(whole, (0, ntaps));
+            ks.resize(whole, None);
+        }
+        Isa::Avx2 => {
+            for t in 0..ntaps {
+                for c in 0..channels.div_ceil(DW_ROWS) * DW_ROWS {
+                    let real = c < channels;
+                    rows.push(row(if real { c } else { 0 }, t));
+                    ks.push(real.then_some(c * ntaps + t));
+                }
+            }
+        }
+    }
+    (rows, ks)
 }
 
 /// Fewest positions a weight-gradient kernel call covers (whole images): fewer would load and
