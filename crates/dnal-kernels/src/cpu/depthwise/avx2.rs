@@ -1,14 +1,13 @@
 //! The depthwise forward over phase planes in AVX2 (with FMA), for CPUs without AVX-512: the
 //! flat outputs in 8-lane vectors.
-use super::RUN;
 use crate::cpu::Clamp;
 use std::arch::x86_64::*;
 
 /// Lanes per AVX2 vector.
 const LANES: usize = 8;
 
-/// [`super::forward_flat`]: the flat outputs eight vectors at a time (eight independent sums
-/// of the taps), then one run (two vectors) at a time.
+/// [`super::forward_flat`]: the flat outputs (whole runs of [`super::RUN`]) eight vectors at a
+/// time (eight independent sums of the taps), then one run (two vectors) at a time.
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn forward_flat(
     planes: &[f32],
@@ -18,13 +17,7 @@ pub(super) fn forward_flat(
     taps: &[usize],
     flat: &mut [f32],
 ) {
-    let last_tap = taps.iter().copied().max().unwrap_or(0);
-    assert!(
-        flat.len().is_multiple_of(RUN)
-            && last_tap + flat.len() <= planes.len()
-            && w.len() == taps.len(),
-        "phase planes too short for the flat outputs"
-    );
+    super::check_flat(planes, w, taps, flat);
     let (src, dst) = (planes.as_ptr(), flat.as_mut_ptr());
     let (scale, shift) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
     let (lo, hi) = (_mm256_set1_ps(clamp.lo), _mm256_set1_ps(clamp.hi));
@@ -39,7 +32,7 @@ pub(super) fn forward_flat(
                 for (&t, &wv) in taps.iter().zip(w) {
                     let wv = _mm256_set1_ps(wv);
                     for (r, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: t + o + (r + 1) * LANES <= last_tap + flat.len() <=
+                        // SAFETY: t + o + (r + 1) * LANES <= max(taps) + flat.len() <=
                         // planes.len() (checked above).
                         let x = unsafe { _mm256_loadu_ps(src.add(t + o + r * LANES)) };
                         *a = _mm256_fmadd_ps(wv, x, *a);

@@ -145,13 +145,7 @@ pub(super) fn forward_flat(
     taps: &[usize],
     flat: &mut [f32],
 ) {
-    let last_tap = taps.iter().copied().max().unwrap_or(0);
-    assert!(
-        flat.len().is_multiple_of(RUN)
-            && last_tap + flat.len() <= planes.len()
-            && w.len() == taps.len(),
-        "phase planes too short for the flat outputs"
-    );
+    super::check_flat(planes, w, taps, flat);
     let (src, dst) = (planes.as_ptr(), flat.as_mut_ptr());
     let (scale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
     let (lo, hi) = (_mm512_set1_ps(clamp.lo), _mm512_set1_ps(clamp.hi));
@@ -164,7 +158,7 @@ pub(super) fn forward_flat(
         for (&t, &wv) in taps.iter().zip(w) {
             let wv = _mm512_set1_ps(wv);
             for (r, a) in acc.iter_mut().enumerate() {
-                // SAFETY: t + o + (r + 1) * RUN <= last_tap + flat.len() <= planes.len().
+                // SAFETY: t + o + (r + 1) * RUN <= max(taps) + flat.len() <= planes.len().
                 let x = unsafe { _mm512_loadu_ps(src.add(t + o + r * RUN)) };
                 *a = _mm512_fmadd_ps(wv, x, *a);
             }
@@ -178,7 +172,7 @@ pub(super) fn forward_flat(
     while o < flat.len() {
         let mut acc = _mm512_setzero_ps();
         for (&t, &wv) in taps.iter().zip(w) {
-            // SAFETY: t + o + RUN <= last_tap + flat.len() <= planes.len().
+            // SAFETY: t + o + RUN <= max(taps) + flat.len() <= planes.len().
             let x = unsafe { _mm512_loadu_ps(src.add(t + o)) };
             acc = _mm512_fmadd_ps(_mm512_set1_ps(wv), x, acc);
         }

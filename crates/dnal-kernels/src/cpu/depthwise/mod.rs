@@ -301,6 +301,19 @@ mod avx2;
 #[allow(unsafe_code)]
 mod avx512;
 
+/// Checks what the flat forward kernels read and write: whole runs of flat outputs, and phase
+/// planes long enough for every tap of every run (`max(taps) + flat.len() <= planes.len()`).
+#[cfg(target_arch = "x86_64")]
+fn check_flat(planes: &[f32], w: &[f32], taps: &[usize], flat: &[f32]) {
+    let last_tap = taps.iter().copied().max().unwrap_or(0);
+    assert!(
+        flat.len().is_multiple_of(RUN)
+            && last_tap + flat.len() <= planes.len()
+            && w.len() == taps.len(),
+        "phase planes too short for the flat outputs"
+    );
+}
+
 /// The flat outputs `0..layout.flat` of one plane, run by run: every tap's contribution summed
 /// in tap order, then the affine transform and the clamp.
 #[inline(always)]
