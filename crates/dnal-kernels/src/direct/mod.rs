@@ -19,15 +19,16 @@
 //!   6 + 6 + 5), so pruned layers with odd widths waste no lanes. BatchNorm, a residual and
 //!   the activation are applied in registers, and the output is written once.
 //! * Weight gradient, `dW [Co, P] = dY [Co, L] x X_shifted^T [L, P]` over a run of images: up
-//!   to 6 output channels (near-equal blocks) x 4 patch rows in 24 accumulators along the
-//!   positions, each reduced once per run, in a fixed order (so the result does not depend on
+//!   to 6 output channels (near-equal blocks) x 4 patch rows in 24 accumulators (AVX2: 2 x 4
+//!   half vectors, the rows of a tile sharing one tap) along the positions, each reduced once per run, in a fixed order (so the result does not depend on
 //!   the number of threads). The images go in chunks of about 1024 positions, and a chunk's
 //!   block of output-gradient rows stays in L1 while every tile of patch rows passes over it.
 //! * The input gradient of a stride-1 convolution is itself such a convolution (flipped,
 //!   transposed kernel) and takes the forward path.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
-//! thread whole images, CPUs without AVX2) uses im2col and `gemm`. [`crate::isa`] says which instruction set runs.
+//! thread whole images, CPUs without AVX2) uses im2col and `gemm`. [`crate::isa`] says which
+//! instruction set runs.
 //!
 //! The only unsafe code is the vector loads and stores of the micro-kernels; each load reads
 //! only lanes whose position is inside the image slice it is given.
@@ -50,15 +51,14 @@ const TILE_VECTORS: usize = 4;
 const DW_CHANNELS: usize = 6;
 const DW_ROWS: usize = 4;
 
-/// Whether this CPU runs the direct kernels: the forward in AVX-512 or AVX2, the weight
-/// gradient in AVX-512 only ([`takes_weight_grad`]).
+/// Whether this CPU runs the direct kernels (in AVX-512 or AVX2).
 pub fn available() -> bool {
     isa().is_some()
 }
 
 /// Most output channels per forward micro-kernel on `isa`: AVX2's 16 vector registers hold
-/// the accumulators of 6 channels x 16 positions (two 8-lane halves each), the masks and the
-/// inputs of one vector of positions.
+/// the accumulators of 4 channels x 16 positions (two 8-lane halves each) with the inputs and
+/// the broadcast weight; with 6 the loop spilled and ran at half the speed.
 fn block_channels(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => MAX_CHANNELS,
