@@ -67,6 +67,9 @@ mod flex;
 pub mod frozen;
 #[cfg(feature = "flex")]
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+mod lane_masks;
 mod memo;
 #[cfg(feature = "flex")]
 mod outputs;

@@ -167,6 +167,15 @@ fn depthwise_matches_burn_in_value_and_gradient() {
     depthwise_case([3, 2, 6, 6], 3, 1, 0);
     depthwise_case([2, 3, 2, 2], 3, 1, 1);
     depthwise_case([1, 2, 1, 1], 3, 2, 1);
+    // Rows of whole 8-lane vectors (AVX2 goes row by row): 8x8 maps (8 rows a step), 16 wide
+    // with rows left after the 4-row steps, 24 wide with taps 3 lanes sideways, 64 wide.
+    depthwise_case([2, 3, 8, 8], 3, 1, 1);
+    depthwise_case([2, 3, 19, 16], 3, 1, 1);
+    depthwise_case([1, 2, 5, 24], 7, 1, 3);
+    depthwise_case([1, 2, 3, 64], 5, 1, 2);
+    // Stride-2 rows split 16 values at a time, with odd and even tails.
+    depthwise_case([2, 3, 6, 35], 3, 2, 1);
+    depthwise_case([1, 2, 5, 34], 5, 2, 2);
 }
 
 /// The gradients of `sum(conv(x, w)^2)` on a pool of 1 and of 3 threads are bitwise equal.
@@ -475,6 +484,8 @@ fn depthwise_conv_bn_folded_for_inference_matches_conv_then_bn_then_gate() {
         (7, 2, 3, [15, 13], 2),
         (3, 1, 1, [1, 1], 2),
         (3, 2, 1, [1, 1], 1),
+        (3, 1, 1, [19, 24], 1),
+        (3, 2, 1, [8, 35], 1),
     ];
     for (kernel, stride, padding, [h, w], batch) in cases {
         let conv = burn::nn::conv::Conv2dConfig::new([c, c], [kernel, kernel])

@@ -4,44 +4,8 @@
 //! channels (8 accumulators for one vector, or 2 channels x 2 vectors), a forward tap loops
 //! over a few channels at a time (`channel_run`), and weight-gradient blocks hold 2.
 use super::{DW_ROWS, DwBlock, ForwardBlock, LANES, MAX_CHANNELS, TILE_SUMS};
+use crate::lane_masks::{HALF, half_mask, half_masks};
 use std::arch::x86_64::*;
-
-/// Lanes per AVX2 vector: half of one of [`LANES`] positions.
-const HALF: usize = LANES / 2;
-
-/// The vector mask of each 8-bit lane mask: lane `j` all ones where bit `j` is set.
-static BYTE_MASKS: [[i32; HALF]; 256] = {
-    let mut table = [[0; HALF]; 256];
-    let mut bits = 0;
-    while bits < 256 {
-        let mut j = 0;
-        while j < HALF {
-            if bits & (1 << j) != 0 {
-                table[bits][j] = -1;
-            }
-            j += 1;
-        }
-        bits += 1;
-    }
-    table
-};
-
-/// The vector mask of half `k` of a 16-lane mask.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn half_mask(bits: u16, k: usize) -> __m256i {
-    let byte = usize::from((bits >> (8 * k)) as u8);
-    // SAFETY: the table's rows are 8 values.
-    unsafe { _mm256_loadu_si256(BYTE_MASKS[byte].as_ptr().cast()) }
-}
-
-/// The vector masks of the two halves of a 16-lane mask: lane `j` of half `k` is all ones
-/// where bit `8k + j` is set.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn half_masks(bits: u16) -> [__m256i; 2] {
-    [half_mask(bits, 0), half_mask(bits, 1)]
-}
 
 /// Channels `first + r`, `r < R`, of every vector of positions of `block`'s images, `V`
 /// vectors (of two halves) at a time, as [`super::avx512::forward`] computes them.

@@ -1,10 +1,262 @@
-//! The depthwise forward over phase planes in AVX2 (with FMA), for CPUs without AVX-512: the
-//! flat outputs in 8-lane vectors.
+//! The depthwise forward in AVX2 (with FMA), for CPUs without AVX-512: read straight from the
+//! plane with each 16-position vector as two 8-lane halves, or over phase planes as flat
+//! outputs in 8-lane vectors.
+use super::RUN;
 use crate::cpu::Clamp;
+use crate::direct::Taps;
+use crate::lane_masks::{HALF as LANES, half_mask};
 use std::arch::x86_64::*;
 
-/// Lanes per AVX2 vector.
-const LANES: usize = 8;
+/// [`super::avx512::forward_same`] in half vectors: a half whose lanes a tap leaves wholly
+/// outside the plane is skipped, one wholly inside takes a plain load, and the others a
+/// masked load. Four vectors (eight sums) at a time, then one.
+///
+/// # Safety
+/// AVX2 and FMA must be available and `taps` must be those of `x`'s map (`Taps::new`: every
+/// lane on in a tap's mask reads inside the plane, and the lanes on in a vector's lane mask
+/// are the plane's positions, the first ones of the vector); the sizes are checked.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn forward_same(
+    x: &[f32],
+    w: &[f32],
+    affine: (f32, f32),
+    clamp: Clamp,
+    taps: &Taps,
+    out: &mut [f32],
+) {
+    let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
+    assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
+    assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
+    let whole = vectors / 4 * 4;
+    // SAFETY: as checked above, for the vectors `0..whole` and `whole..vectors`.
+    unsafe {
+        same_vectors::<4>(x, w, affine, clamp, taps, out, 0..whole);
+        same_vectors::<1>(x, w, affine, clamp, taps, out, whole..vectors);
+    }
+}
+
+/// [`forward_same`] of the vectors `range`, `N` at a time (`range` holds a multiple of
+/// `N`), the `2N` half sums in registers.
+///
+/// # Safety
+/// As [`forward_same`], whose checks it relies on.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn same_vectors<const N: usize>(
+    x: &[f32],
+    w: &[f32],
+    (scale, shift): (f32, f32),
+    clamp: Clamp,
+    taps: &Taps,
+    out: &mut [f32],
+    range: std::ops::Range<usize>,
+) {
+    let k = taps.taps;
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let (scale, shift) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+    let (lo, hi) = (_mm256_set1_ps(clamp.lo), _mm256_set1_ps(clamp.hi));
+    // max(lo, v) then min(hi, .) return v's NaN (the second operand), as Clamp::apply does.
+    let finish =
+        |acc: __m256| _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(acc, scale, shift)));
+    for v in range.step_by(N) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for (t, (&offset, &wv)) in taps.offsets.iter().zip(w).enumerate() {
+            let wv = _mm256_set1_ps(wv);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let bits = taps.masks[(v + r) * k + t];
+                let at = src.wrapping_add((v + r) * RUN).wrapping_offset(offset);
+                for (h, a) in a.iter_mut().enumerate() {
+                    let (byte, at) = ((bits >> (8 * h)) as u8, at.wrapping_add(h * LANES));
+                    let x = match byte {
+                        0 => continue,
+                        // SAFETY: every lane of the half reads inside the plane (contract).
+                        u8::MAX => unsafe { _mm256_loadu_ps(at) },
+                        // SAFETY: the lanes on in the tap's mask read inside the plane.
+                        _ => unsafe { _mm256_maskload_ps(at, half_mask(bits, h)) },
+                    };
+                    *a = _mm256_fmadd_ps(wv, x, *a);
+                }
+            }
+        }
+        for (r, a) in acc.into_iter().enumerate() {
+            let (start, lanes) = ((v + r) * RUN, taps.lanes[v + r]);
+            let y = a.map(finish);
+            if lanes == u16::MAX {
+                for (h, y) in y.into_iter().enumerate() {
+                    // SAFETY: a whole vector of the plane's positions, inside `out` (as long
+                    // as the plane).
+                    unsafe { _mm256_storeu_ps(dst.add(start + h * LANES), y) };
+                }
+            } else {
+                // A partial last vector: its first lanes, without a masked store.
+                let mut values = [0.0f32; RUN];
+                for (h, y) in y.into_iter().enumerate() {
+                    // SAFETY: `values` holds two halves.
+                    unsafe { _mm256_storeu_ps(values.as_mut_ptr().add(h * LANES), y) };
+                }
+                let width = lanes.trailing_ones() as usize;
+                // SAFETY: the first `width` lanes are positions of the plane (contract).
+                unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), dst.add(start), width) };
+            }
+        }
+    }
+}
+
+/// Whether [`forward_rows`] computes a stride-1 "same" convolution of a `[h, w]` plane with a
+/// `kernel x kernel` filter: rows of whole half vectors, taps reaching less than a half vector
+/// sideways.
+pub(super) fn takes_rows([h, w]: [usize; 2], kernel: usize) -> bool {
+    h > 0 && w > 0 && w.is_multiple_of(LANES) && kernel % 2 == 1 && kernel < 2 * LANES
+}
+
+/// One plane of a stride-1 convolution whose output is as large as its `[h, w]` input
+/// (padding `(kernel - 1) / 2`), row by row, for planes whose rows are whole half vectors
+/// ([`takes_rows`]): a half vector reads a tap's input row shifted by the tap's column offset,
+/// plainly unless it is a row's first (left taps) or last (right taps) half, whose lanes past
+/// the row's end are masked off; taps whose input row is outside the plane are skipped. So
+/// the only choices are per tap and row, not per lane group as in [`forward_same`]. Each step
+/// sums 8 half vectors: `8 / J` rows of `J` halves.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn forward_rows(
+    x: &[f32],
+    w: &[f32],
+    affine: (f32, f32),
+    clamp: Clamp,
+    [h, wd]: [usize; 2],
+    kernel: usize,
+    out: &mut [f32],
+) {
+    assert!(takes_rows([h, wd], kernel), "rows of whole half vectors");
+    assert!(x.len() == h * wd && out.len() == x.len() && w.len() == kernel * kernel);
+    let halves = wd / LANES;
+    // The widest step of 8 half vectors whose rows' halves divide the row evenly.
+    match [8, 4, 2, 1].into_iter().find(|j| halves.is_multiple_of(*j)) {
+        Some(8) => row_steps::<1, 8>(x, w, affine, clamp, [h, wd], kernel, out),
+        Some(4) => row_steps::<2, 4>(x, w, affine, clamp, [h, wd], kernel, out),
+        Some(2) => row_steps::<4, 2>(x, w, affine, clamp, [h, wd], kernel, out),
+        _ => row_steps::<8, 1>(x, w, affine, clamp, [h, wd], kernel, out),
+    }
+}
+
+/// [`forward_rows`] in steps of `R` rows (then single rows) by `J` halves.
+#[target_feature(enable = "avx2,fma")]
+fn row_steps<const R: usize, const J: usize>(
+    x: &[f32],
+    w: &[f32],
+    affine: (f32, f32),
+    clamp: Clamp,
+    [h, wd]: [usize; 2],
+    kernel: usize,
+    out: &mut [f32],
+) {
+    let whole = h / R * R;
+    for j0 in (0..wd / LANES).step_by(J) {
+        for y0 in (0..whole).step_by(R) {
+            row_step::<R, J>(x, w, affine, clamp, [h, wd], kernel, out, [y0, j0]);
+        }
+        for y0 in whole..h {
+            row_step::<1, J>(x, w, affine, clamp, [h, wd], kernel, out, [y0, j0]);
+        }
+    }
+}
+
+/// Output rows `y0..y0 + R`, halves `j0..j0 + J` of each: every tap's contribution in tap
+/// order, then the affine transform and the clamp.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn row_step<const R: usize, const J: usize>(
+    x: &[f32],
+    w: &[f32],
+    (scale, shift): (f32, f32),
+    clamp: Clamp,
+    [h, wd]: [usize; 2],
+    kernel: usize,
+    out: &mut [f32],
+    [y0, j0]: [usize; 2],
+) {
+    let (p, halves) = (kernel / 2, wd / LANES);
+    assert!(y0 + R <= h && j0 + J <= halves);
+    let (first, last) = (j0 == 0, j0 + J == halves);
+    let src = x.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); J]; R];
+    for ky in 0..kernel {
+        for kx in 0..kernel {
+            let wv = _mm256_set1_ps(w[ky * kernel + kx]);
+            let d = kx as isize - p as isize;
+            // The half whose lanes reach past the row's end, and the mask of its lanes that
+            // do not (d < LANES: `takes_rows`).
+            let edge = if d < 0 && first {
+                Some((0, half_mask(0xff << -d, 0)))
+            } else if d > 0 && last {
+                Some((J - 1, half_mask(0xff >> d, 0)))
+            } else {
+                None
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let Some(iy) = (y0 + r + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                let row = src.wrapping_add(iy * wd + j0 * LANES).wrapping_offset(d);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let at = row.wrapping_add(j * LANES);
+                    // SAFETY: row `iy` is inside the plane; the lanes of half `j0 + j`
+                    // shifted by `d` are inside the row, but for the first half's first
+                    // `-d` lanes and the last half's last `d`, which the edge mask leaves off.
+                    let v = unsafe {
+                        match edge {
+                            Some((e, mask)) if e == j => _mm256_maskload_ps(at, mask),
+                            _ => _mm256_loadu_ps(at),
+                        }
+                    };
+                    *a = _mm256_fmadd_ps(wv, v, *a);
+                }
+            }
+        }
+    }
+    let (scale, shift) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+    let (lo, hi) = (_mm256_set1_ps(clamp.lo), _mm256_set1_ps(clamp.hi));
+    for (r, acc) in acc.iter().enumerate() {
+        let start = (y0 + r) * wd + j0 * LANES;
+        let dst = &mut out[start..start + J * LANES];
+        for (j, a) in acc.iter().enumerate() {
+            // max(lo, v) then min(hi, .) return v's NaN (the second operand), as
+            // Clamp::apply does.
+            let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*a, scale, shift)));
+            // SAFETY: `dst` holds J halves.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(j * LANES), y) };
+        }
+    }
+}
+
+/// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 16
+/// inputs at a time (two shuffles and two cross-lane permutes), the last few one by one.
+#[target_feature(enable = "avx2")]
+pub(super) fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let w = row.len();
+    assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
+    // Within each 128-bit lane the shuffles leave pairs in the order 0 2 1 3 (of 64 bits).
+    let order =
+        |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+    let whole = w / (2 * LANES);
+    for j in 0..whole {
+        // SAFETY: 16 values from 16j are inside `row`, 8 from 8j inside `even` and `odd`.
+        unsafe {
+            let src = row.as_ptr().add(2 * LANES * j);
+            let (lo, hi) = (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(LANES)));
+            let e = order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi));
+            let o = order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi));
+            _mm256_storeu_ps(even.as_mut_ptr().add(LANES * j), e);
+            _mm256_storeu_ps(odd.as_mut_ptr().add(LANES * j), o);
+        }
+    }
+    for (i, &v) in row.iter().enumerate().skip(2 * LANES * whole) {
+        if i % 2 == 0 {
+            even[i / 2] = v;
+        } else {
+            odd[i / 2] = v;
+        }
+    }
+}
 
 /// [`super::forward_flat`]: the flat outputs (whole runs of [`super::RUN`]) eight vectors at a
 /// time (eight independent sums of the taps), then one run (two vectors) at a time.

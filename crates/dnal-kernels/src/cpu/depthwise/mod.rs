@@ -3,12 +3,15 @@
 //! activation fused ([`depthwise_forward_affine`]), the input gradient and the weight gradient.
 //!
 //! With stride 1 and an output as large as the input (MobileNetV2's 3x3 with padding 1) the
-//! forward reads each input plane directly on AVX-512: a vector of 16 consecutive output
+//! forward reads each input plane directly (AVX-512 or AVX2): a vector of 16 consecutive output
 //! positions (flattened, so that on small maps it spans several rows) sums each tap's input
 //! shifted by the tap's flattened offset, with the lanes whose input falls outside the plane
-//! masked off, as dnal's direct convolution does. Otherwise it copies each input plane,
+//! masked off, as dnal's direct convolution does. AVX2 has no mask registers, and choosing per
+//! 8 lanes between a skip, a plain and a masked load cost more than the copy below on maps of
+//! 16x16 and wider; on maps whose rows are whole 8-lane vectors it goes row by row instead,
+//! where only a row's first and last vectors need a mask. Otherwise it copies each input plane,
 //! zero-padded, into a scratch buffer split into the stride's phases (for stride 2: even and
-//! odd rows and columns, split by a permute on AVX-512), so that every filter tap reads a
+//! odd rows and columns, split by a permute or shuffles), so that every filter tap reads a
 //! contiguous run, and computes the outputs as one flat run over the padded row pitch
 //! (`avx512.rs`, `avx2.rs`); the columns past each output row's end are computed and dropped.
 //!
@@ -165,7 +168,9 @@ pub fn depthwise_forward_affine(
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = x.len() / ip.max(1);
     #[cfg(target_arch = "x86_64")]
-    if g.stride == 1 && g.out_hw() == g.in_hw && ip > 0 && crate::simd::isa() == Some(Isa::Avx512) {
+    if let Some(isa) =
+        crate::simd::isa().filter(|_| g.stride == 1 && g.out_hw() == g.in_hw && ip > 0)
+    {
         // Stride 1, output as large as the input: every tap reads the plane itself, shifted,
         // with the lanes outside it masked off, so there is nothing to copy first.
         let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
@@ -178,12 +183,21 @@ pub fn depthwise_forward_affine(
         });
         return par_planes_zeroed(planes * op, op, |i, out| {
             let c = i % g.channels;
-            let (x, w) = (&x[i * ip..(i + 1) * ip], &w[c * kk..(c + 1) * kk]);
-            // SAFETY: the CPU has AVX-512F (checked above); `taps` are those of the plane's
-            // geometry.
+            let (x, w, affine) = (
+                &x[i * ip..(i + 1) * ip],
+                &w[c * kk..(c + 1) * kk],
+                (scale[c], shift[c]),
+            );
+            // SAFETY: the CPU runs `isa` (`isa()`); `taps` are those of the plane's geometry.
             #[allow(unsafe_code)]
             unsafe {
-                avx512::forward_same(x, w, (scale[c], shift[c]), clamp, &taps, out)
+                match isa {
+                    Isa::Avx512 => avx512::forward_same(x, w, affine, clamp, &taps, out),
+                    Isa::Avx2 if avx2::takes_rows(g.in_hw, g.kernel) => {
+                        avx2::forward_rows(x, w, affine, clamp, g.in_hw, g.kernel, out)
+                    }
+                    Isa::Avx2 => avx2::forward_same(x, w, affine, clamp, &taps, out),
+                }
             };
         });
     }
@@ -218,6 +232,8 @@ pub fn depthwise_forward_affine(
 /// phase `(y % s, x % s)` at row `y / s`, column `x / s`.
 fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &mut [f32]) {
     let ([h, w], s, p) = (g.in_hw, g.stride, g.padding);
+    #[cfg(target_arch = "x86_64")]
+    let isa = crate::simd::isa();
     for iy in 0..h {
         let (py, row) = (iy + p, &x[iy * w..(iy + 1) * w]);
         if s == 1 {
@@ -226,7 +242,7 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if s == 2 && w >= 2 && crate::simd::isa() == Some(Isa::Avx512) {
+        if let Some(isa) = isa.filter(|_| s == 2 && w >= 2) {
             // Even inputs `ix = 2j` go to phase column `p % 2` at column `j + p / 2`, odd
             // ones to phase column `(p + 1) % 2` at column `j + (p + 1) / 2`.
             let at = |b: usize, column: usize| {
@@ -242,11 +258,14 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
                 let (a, b) = planes.split_at_mut(even);
                 (&mut b[..ne], &mut a[odd..odd + no])
             };
-            // SAFETY: the CPU has AVX-512F (checked above); the function checks the sizes.
-            #[allow(unsafe_code)]
-            unsafe {
-                avx512::split_columns(row, even, odd)
-            };
+            match isa {
+                // SAFETY: the CPU has AVX-512F (`isa()`); the function checks the sizes.
+                #[allow(unsafe_code)]
+                Isa::Avx512 => unsafe { avx512::split_columns(row, even, odd) },
+                // SAFETY: the CPU has AVX2 (`isa()`).
+                #[allow(unsafe_code)]
+                Isa::Avx2 => unsafe { avx2::split_columns(row, even, odd) },
+            }
             continue;
         }
         // Phase column `b` holds the inputs `ix` with `(ix + p) % s == b`, from column
