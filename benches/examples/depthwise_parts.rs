@@ -1,0 +1,77 @@
+//! Times dnal's depthwise inference forward (`dnal_kernels::cpu::depthwise_forward_affine`:
+//! the 3x3 convolution with BatchNorm's affine transform and ReLU6 fused) on the depthwise
+//! layers of MobileNetV2-CIFAR, dense widths, batch 1 by default. Prints the median of `reps`
+//! timed runs (first argument, default 200) of each layer in microseconds. Further arguments
+//! choose the layers, `CxSsT` (C channels, map side S, stride T), e.g. `144x32s1 576x8s2`, and
+//! `batch=N` the batch size; `DNAL_ISA` caps the instruction set as everywhere.
+use dnal_kernels::cpu::{Clamp, DepthwiseGeometry, depthwise_forward_affine};
+
+dnal_kernels::global_allocator!();
+
+fn main() {
+    dnal_benches::keep_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let batch: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("batch=")?.parse().ok())
+        .unwrap_or(1);
+    let mut layers: Vec<(usize, usize, usize)> = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| {
+            let (c, rest) = a.split_once('x')?;
+            let (s, t) = rest.split_once('s')?;
+            Some((c.parse().ok()?, s.parse().ok()?, t.parse().ok()?))
+        })
+        .collect();
+    if layers.is_empty() {
+        // Every distinct depthwise layer of MobileNetV2-CIFAR: the expanded widths at each map
+        // size, the stride-2 ones at the stages' first blocks.
+        layers = vec![
+            (32, 32, 1),
+            (144, 32, 1),
+            (144, 32, 2),
+            (192, 16, 1),
+            (192, 16, 2),
+            (384, 8, 1),
+            (576, 8, 1),
+            (576, 8, 2),
+            (960, 4, 1),
+        ];
+    }
+    println!("isa {:?}, batch {batch}", dnal_kernels::isa());
+    for (c, hw, stride) in layers {
+        let g = DepthwiseGeometry {
+            channels: c,
+            in_hw: [hw, hw],
+            kernel: 3,
+            stride,
+            padding: 1,
+        };
+        let x: Vec<f32> = (0..batch * c * hw * hw)
+            .map(|i| (i % 17) as f32 * 0.1 - 0.8)
+            .collect();
+        let w: Vec<f32> = (0..c * 9).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+        let (scale, shift) = (vec![1.5; c], vec![0.1; c]);
+        let relu6 = Clamp { lo: 0.0, hi: 6.0 };
+        // Runs of about 0.3 M outputs each, so that a run's timer is worth reading.
+        let calls = (300_000 / (batch * c * hw * hw)).max(1);
+        let mut runs: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..calls {
+                    std::hint::black_box(depthwise_forward_affine(
+                        &x, &w, &scale, &shift, relu6, &g,
+                    ));
+                }
+                t.elapsed().as_secs_f64() / calls as f64
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        println!(
+            "{c} x {hw}x{hw} stride {stride}: {:.1} us",
+            runs[runs.len() / 2] * 1e6
+        );
+    }
+}
