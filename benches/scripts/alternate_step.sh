@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The training step of gated ResNet-56 and of MobileNetV2-CIFAR (gates bypassed), batch 128, in
-# dnal and in PyTorch on the same threads, in alternating rounds that cancel this kind of
-# machine's drift: per round and network, one run of examples/profile_step per entry of ISAS
-# (the median of its last four of six steps, with DNAL_ISA set to the entry: `widest` leaves it
-# unset), then the reference script's CPU step (the median of five after two warm-up steps,
-# gates bypassed). Prints each round's milliseconds and PyTorch's time over dnal's.
+# The training step of gated ResNet-56 and VGG-16 and of MobileNetV2-CIFAR (gates bypassed),
+# batch 128, in dnal and in PyTorch on the same threads, in alternating rounds that cancel this
+# kind of machine's drift: per round and network, one run of examples/profile_step per entry of
+# ISAS (the median of its last four of six steps, with DNAL_ISA set to the entry: `widest`
+# leaves it unset), then the reference script's CPU step (the median of five after two warm-up
+# steps, gates bypassed). Prints each round's milliseconds and PyTorch's time over dnal's.
 #
 # cargo build --release -p dnal-benches --examples
-# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|mobilenetv2...]
+# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|vgg16|mobilenetv2...]
 set -euo pipefail
 rounds="${1:-3}"
 shift || true
@@ -21,7 +21,12 @@ reference="$(dirname "$0")/../reference/pytorch_gpu_steps.py"
 # The median of the last four steps profile_step prints ("forward .. backward .. total T").
 dnal_ms() {
     local isa="$1" net="$2" gates=search arg=""
-    if [ "$net" = mobilenetv2 ]; then gates=bypass arg=mobilenetv2; fi
+    case "$net" in
+        resnet56) ;;
+        vgg16) arg=vgg16 ;;
+        mobilenetv2) gates=bypass arg=mobilenetv2 ;;
+        *) echo "network must be resnet56, vgg16 or mobilenetv2, not '$net'" >&2; exit 2 ;;
+    esac
     if [ "$isa" = widest ]; then
         DNAL_GATES="$gates" "$step_bin" 6 $arg
     else
