@@ -228,6 +228,74 @@ fn row_step<const R: usize, const J: usize>(
     }
 }
 
+/// Adds one plane's weight gradient to `dw` (`kernel x kernel` values) for a stride-1
+/// convolution whose output `dy` is as large as its `[h, w]` input `x` ([`takes_rows`], a
+/// kernel of 3, 5 or 7): for each filter row, a pass over the output rows sums, per tap of
+/// the row, the products of each 8-lane half of an output-gradient row with the input row's
+/// half shifted by the tap, masked at the row's ends as in [`forward_rows`] (one load of the
+/// output gradient serves the row's `kernel` taps). Each tap's 8 partial sums are added up
+/// in lane order at the end.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn weight_grad_rows(
+    x: &[f32],
+    dy: &[f32],
+    hw: [usize; 2],
+    kernel: usize,
+    dw: &mut [f32],
+) {
+    match kernel {
+        3 => weight_grad_rows_k::<3>(x, dy, hw, dw),
+        5 => weight_grad_rows_k::<5>(x, dy, hw, dw),
+        7 => weight_grad_rows_k::<7>(x, dy, hw, dw),
+        _ => panic!("weight_grad_rows takes kernels of 3, 5 and 7, not {kernel}"),
+    }
+}
+
+/// [`weight_grad_rows`] for a `K x K` kernel, `K` sums in registers.
+#[target_feature(enable = "avx2,fma")]
+fn weight_grad_rows_k<const K: usize>(x: &[f32], dy: &[f32], [h, wd]: [usize; 2], dw: &mut [f32]) {
+    assert!(takes_rows([h, wd], K), "rows of whole half vectors");
+    assert!(x.len() == h * wd && dy.len() == x.len() && dw.len() == K * K);
+    let (p, halves) = (K / 2, wd / LANES);
+    let (src, grad) = (x.as_ptr(), dy.as_ptr());
+    for ky in 0..K {
+        let mut acc = [_mm256_setzero_ps(); K];
+        for oy in 0..h {
+            let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                continue;
+            };
+            for j in 0..halves {
+                // SAFETY: half `j` of row `oy` is inside `dy`.
+                let d = unsafe { _mm256_loadu_ps(grad.add(oy * wd + j * LANES)) };
+                let at = src.wrapping_add(iy * wd + j * LANES);
+                for (kx, a) in acc.iter_mut().enumerate() {
+                    let shift = kx as isize - p as isize;
+                    let at = at.wrapping_offset(shift);
+                    // SAFETY: row `iy` is inside the plane, and so are the lanes of half `j`
+                    // shifted by `shift`, but for the first half's first `-shift` lanes and
+                    // the last half's last `shift`, which the masks leave off (reading zero).
+                    let v = unsafe {
+                        if shift < 0 && j == 0 {
+                            _mm256_maskload_ps(at, half_mask(0xff << -shift, 0))
+                        } else if shift > 0 && j == halves - 1 {
+                            _mm256_maskload_ps(at, half_mask(0xff >> shift, 0))
+                        } else {
+                            _mm256_loadu_ps(at)
+                        }
+                    };
+                    *a = _mm256_fmadd_ps(d, v, *a);
+                }
+            }
+        }
+        for (kx, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds one vector.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+            dw[ky * K + kx] += lanes.iter().sum::<f32>();
+        }
+    }
+}
+
 /// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 16
 /// inputs at a time (two shuffles and two cross-lane permutes), the last few one by one.
 #[target_feature(enable = "avx2")]

@@ -363,6 +363,19 @@ fn forward_flat(
 pub fn depthwise_input_grad(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec<f32> {
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = dy.len() / op.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == Some(Isa::Avx2) && g.stride == 1 && g.out_hw() == g.in_hw {
+        // At stride 1 with a same-size output the input gradient is the same convolution of
+        // the output gradient with each filter turned by 180 degrees (its taps reversed),
+        // which the forward's kernels compute with the sums in registers; the row loop below
+        // reads and writes the input-gradient row once per tap.
+        let turned: Vec<f32> = w
+            .chunks_exact(kk)
+            .flat_map(|f| f.iter().rev().copied())
+            .collect();
+        let (ones, zeros) = (vec![1.0; g.channels], vec![0.0; g.channels]);
+        return depthwise_forward_affine(dy, &turned, &ones, &zeros, Clamp::NONE, g);
+    }
     let taps = g.column_taps();
     par_planes_zeroed(planes * ip, ip, |i, out| {
         let c = i % g.channels;
@@ -411,6 +424,29 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
     let n = x.len() / (ip * c).max(1);
     let mut dw = vec![0.0f32; c * kk];
     let taps = g.column_taps();
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == Some(Isa::Avx2)
+        && g.stride == 1
+        && g.out_hw() == g.in_hw
+        && matches!(g.kernel, 3 | 5 | 7)
+        && avx2::takes_rows(g.in_hw, g.kernel)
+    {
+        dw.par_chunks_mut(kk).enumerate().for_each(|(ch, out)| {
+            for image in 0..n {
+                let plane = image * c + ch;
+                let (x, dy) = (
+                    &x[plane * ip..(plane + 1) * ip],
+                    &dy[plane * op..(plane + 1) * op],
+                );
+                // SAFETY: the CPU has AVX2 and FMA (`isa()`).
+                #[allow(unsafe_code)]
+                unsafe {
+                    avx2::weight_grad_rows(x, dy, g.in_hw, g.kernel, out)
+                };
+            }
+        });
+        return dw;
+    }
     dw.par_chunks_mut(kk).enumerate().for_each(|(ch, out)| {
         widest_simd!({
             for image in 0..n {
