@@ -296,6 +296,51 @@ fn weight_grad_rows_k<const K: usize>(x: &[f32], dy: &[f32], [h, wd]: [usize; 2]
     }
 }
 
+/// Partial sums kept per tap by [`tap_dots`]: four 8-lane vectors.
+pub(super) const TAP_SUMS: usize = 4 * LANES;
+
+/// Adds to each tap's partial sums (`sums[t]`, lane by lane) the products of `grad`'s values
+/// with the run of `planes` from tap `taps[t]`: four vectors at a time (four independent sums),
+/// then one. `grad` holds whole runs of [`RUN`] values.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn tap_dots(planes: &[f32], grad: &[f32], taps: &[usize], sums: &mut [[f32; TAP_SUMS]]) {
+    let flat = grad.len();
+    let last_tap = taps.iter().copied().max().unwrap_or(0);
+    assert!(
+        flat.is_multiple_of(RUN) && last_tap + flat <= planes.len() && sums.len() == taps.len()
+    );
+    let (src, g) = (planes.as_ptr(), grad.as_ptr());
+    for (&t, sum) in taps.iter().zip(sums.iter_mut()) {
+        // SAFETY: `sum` holds four vectors.
+        let mut acc: [__m256; 4] =
+            std::array::from_fn(|r| unsafe { _mm256_loadu_ps(sum.as_ptr().add(r * LANES)) });
+        let mut o = 0;
+        while o + 4 * LANES <= flat {
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: o + (r + 1) * LANES <= flat, and t + flat <= planes.len().
+                let (d, x) = unsafe {
+                    (
+                        _mm256_loadu_ps(g.add(o + r * LANES)),
+                        _mm256_loadu_ps(src.add(t + o + r * LANES)),
+                    )
+                };
+                *a = _mm256_fmadd_ps(d, x, *a);
+            }
+            o += 4 * LANES;
+        }
+        while o < flat {
+            // SAFETY: as above, for one vector (`flat` is a whole number of vectors).
+            let (d, x) = unsafe { (_mm256_loadu_ps(g.add(o)), _mm256_loadu_ps(src.add(t + o))) };
+            acc[0] = _mm256_fmadd_ps(d, x, acc[0]);
+            o += LANES;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: `sum` holds four vectors.
+            unsafe { _mm256_storeu_ps(sum.as_mut_ptr().add(r * LANES), *a) };
+        }
+    }
+}
+
 /// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 16
 /// inputs at a time (two shuffles and two cross-lane permutes), the last few one by one.
 #[target_feature(enable = "avx2")]
@@ -323,6 +368,31 @@ pub(super) fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
         } else {
             odd[i / 2] = v;
         }
+    }
+}
+
+/// Interleaves `even` and `odd` into `row` (`row[2j] = even[j]`, `row[2j + 1] = odd[j]`), 16
+/// values at a time (two unpacks and two cross-lane permutes), the last few one by one: the
+/// inverse of [`split_columns`].
+#[target_feature(enable = "avx2")]
+pub(super) fn merge_columns(even: &[f32], odd: &[f32], row: &mut [f32]) {
+    let w = row.len();
+    assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
+    let whole = w / (2 * LANES);
+    for j in 0..whole {
+        // SAFETY: 8 values from 8j are inside `even` and `odd`, 16 from 16j inside `row`.
+        unsafe {
+            let e = _mm256_loadu_ps(even.as_ptr().add(LANES * j));
+            let o = _mm256_loadu_ps(odd.as_ptr().add(LANES * j));
+            // Pairs 0-1 and 4-5, then 2-3 and 6-7, of each 128-bit lane.
+            let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+            let dst = row.as_mut_ptr().add(2 * LANES * j);
+            _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(dst.add(LANES), _mm256_permute2f128_ps::<0x31>(lo, hi));
+        }
+    }
+    for i in 2 * LANES * whole..w {
+        row[i] = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
     }
 }
 

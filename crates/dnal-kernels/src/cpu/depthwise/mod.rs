@@ -152,6 +152,9 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// [`input_grad_phases`]' scratch: the output gradient on the planes' pitch, then the
+    /// input gradient's phase planes.
+    static GRAD_SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// `clamp(conv(x, w) * scale + shift)` per channel, in inference: `x` `[N, C, H, W]`, `w`
@@ -376,12 +379,128 @@ pub fn depthwise_input_grad(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec
         let (ones, zeros) = (vec![1.0; g.channels], vec![0.0; g.channels]);
         return depthwise_forward_affine(dy, &turned, &ones, &zeros, Clamp::NONE, g);
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == Some(Isa::Avx2) && ip > 0 && kk <= MAX_TAPS {
+        return input_grad_phases(dy, w, g);
+    }
     let taps = g.column_taps();
     par_planes_zeroed(planes * ip, ip, |i, out| {
         let c = i % g.channels;
         let (dy, w) = (&dy[i * op..(i + 1) * op], &w[c * kk..(c + 1) * kk]);
         widest_simd!(input_grad_plane(dy, w, g, &taps, out));
     })
+}
+
+/// The input gradient through the forward's phase planes, transposed: phase plane `b` of the
+/// padded input's gradient is a stride-1 correlation of the output gradient (on the planes'
+/// row pitch, zero past each row's end and around it) with the taps that read phase `b`, which
+/// the flat forward kernel computes with the sums in registers; then the phase planes are
+/// interleaved back into the input's rows (the inverse of [`fill_phases`]).
+/// Most taps [`input_grad_phases`] gives one phase plane (kernels up to 15 x 15, stride 1).
+#[cfg(target_arch = "x86_64")]
+const MAX_TAPS: usize = 225;
+
+#[cfg(target_arch = "x86_64")]
+fn input_grad_phases(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec<f32> {
+    let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
+    let planes = dy.len() / op.max(1);
+    let layout = g.phase_planes();
+    let [_, ow] = g.out_hw();
+    let phases = g.stride * g.stride;
+    // Each tap's phase plane and offset in it; a read `margin` before a plane's start lands in
+    // the zeros in front of the output gradient.
+    let placed: Vec<(usize, usize)> = layout
+        .taps
+        .iter()
+        .map(|&t| (t / layout.len, t % layout.len))
+        .collect();
+    let margin = placed.iter().map(|&(_, at)| at).max().unwrap_or(0);
+    // For each phase, its taps (indices into the filter) and their reads into the output
+    // gradient.
+    let by_phase: Vec<(Vec<usize>, Vec<usize>)> = (0..phases)
+        .map(|phase| {
+            placed
+                .iter()
+                .enumerate()
+                .filter(|(_, (p, _))| *p == phase)
+                .map(|(t, &(_, at))| (t, margin - at))
+                .unzip()
+        })
+        .collect();
+    let run = layout.len.div_ceil(RUN) * RUN;
+    let grad_len = margin + run.max(layout.flat);
+    par_planes_zeroed(planes * ip, ip, |i, out| {
+        let c = i % g.channels;
+        let (dy, w) = (&dy[i * op..(i + 1) * op], &w[c * kk..(c + 1) * kk]);
+        GRAD_SCRATCH.with_borrow_mut(|scratch| {
+            let same = DepthwiseGeometry { channels: 0, ..*g };
+            if scratch.geometry != Some(same) {
+                scratch.values.clear();
+                scratch.values.resize(grad_len + phases * run, 0.0);
+                scratch.geometry = Some(same);
+            }
+            let (grad, gplanes) = scratch.values.split_at_mut(grad_len);
+            for (oy, row) in dy.chunks_exact(ow).enumerate() {
+                let at = margin + oy * layout.pitch;
+                grad[at..at + ow].copy_from_slice(row);
+            }
+            let mut wp = [0.0f32; MAX_TAPS];
+            for ((indices, taps), dst) in by_phase.iter().zip(gplanes.chunks_exact_mut(run)) {
+                for (v, &t) in wp.iter_mut().zip(indices) {
+                    *v = w[t];
+                }
+                let wp = &wp[..taps.len()];
+                // SAFETY: the CPU has AVX2 and FMA (`isa()`); the kernel checks the sizes.
+                #[allow(unsafe_code)]
+                unsafe {
+                    avx2::forward_flat(grad, wp, (1.0, 0.0), Clamp::NONE, taps, dst)
+                };
+            }
+            gather_phases(gplanes, run, g, &layout, out);
+        });
+        // The next plane's rows land where these did; the zeros around them stay.
+    })
+}
+
+/// Copies the padded input positions of the phase planes `planes` (each `run` values apart)
+/// back into the plane `x`: the inverse of [`fill_phases`].
+#[cfg(target_arch = "x86_64")]
+fn gather_phases(
+    planes: &[f32],
+    run: usize,
+    g: &DepthwiseGeometry,
+    layout: &PhasePlanes,
+    x: &mut [f32],
+) {
+    let ([h, w], s, p) = (g.in_hw, g.stride, g.padding);
+    let at = |py: usize, b: usize, column: usize| {
+        ((py % s) * s + b) * run + (py / s) * layout.pitch + column
+    };
+    for (iy, row) in x.chunks_exact_mut(w).enumerate().take(h) {
+        let py = iy + p;
+        if s == 1 {
+            let start = at(py, 0, p);
+            row.copy_from_slice(&planes[start..start + w]);
+        } else if s == 2 && w >= 2 {
+            // As in `fill_phases`: even inputs from phase column `p % 2`, odd ones from
+            // `(p + 1) % 2`.
+            let (even, odd) = (at(py, p % 2, p / 2), at(py, (p + 1) % 2, p.div_ceil(2)));
+            let (even, odd) = (
+                &planes[even..even + w.div_ceil(2)],
+                &planes[odd..odd + w / 2],
+            );
+            // SAFETY: the caller runs on AVX2 (`isa()`); the function checks the sizes.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::merge_columns(even, odd, row)
+            };
+        } else {
+            for (ix, v) in row.iter_mut().enumerate() {
+                let px = ix + p;
+                *v = planes[at(py, px % s, px / s)];
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -443,6 +562,39 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
                 unsafe {
                     avx2::weight_grad_rows(x, dy, g.in_hw, g.kernel, out)
                 };
+            }
+        });
+        return dw;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == Some(Isa::Avx2) {
+        // Other maps and strides: each tap's sum is a dot product of the output gradient,
+        // laid out on the phase planes' row pitch (zero past each row's end), with the run of
+        // the input's phase planes the forward reads for that tap.
+        let layout = g.phase_planes();
+        let [oh, ow] = g.out_hw();
+        dw.par_chunks_mut(kk).enumerate().for_each(|(ch, out)| {
+            let mut planes = vec![0.0f32; g.stride * g.stride * layout.len];
+            let mut grad = vec![0.0f32; layout.flat];
+            let mut sums = vec![[0.0f32; avx2::TAP_SUMS]; kk];
+            for image in 0..n {
+                let plane = image * c + ch;
+                fill_phases(&x[plane * ip..(plane + 1) * ip], g, &layout, &mut planes);
+                for (oy, row) in dy[plane * op..(plane + 1) * op]
+                    .chunks_exact(ow)
+                    .enumerate()
+                {
+                    grad[oy * layout.pitch..oy * layout.pitch + ow].copy_from_slice(row);
+                }
+                debug_assert!(oh * layout.pitch <= layout.flat);
+                // SAFETY: the CPU has AVX2 and FMA (`isa()`).
+                #[allow(unsafe_code)]
+                unsafe {
+                    avx2::tap_dots(&planes, &grad, &layout.taps, &mut sums)
+                };
+            }
+            for (o, lanes) in out.iter_mut().zip(&sums) {
+                *o += lanes.iter().sum::<f32>();
             }
         });
         return dw;
