@@ -15,11 +15,19 @@
 //! contiguous run, and computes the outputs as one flat run over the padded row pitch
 //! (`avx512.rs`, `avx2.rs`); the columns past each output row's end are computed and dropped.
 //!
-//! The backward passes are written as row operations: an input-gradient row gains
+//! On AVX2 the backward passes keep their sums in registers as well. At stride 1 with a
+//! same-size output the input gradient is the forward's convolution of the output gradient
+//! with each filter turned by 180 degrees, and the weight gradient on rows of whole vectors
+//! sums a filter row's taps together, one output-gradient load serving them all. Elsewhere both
+//! go through the phase planes: a weight-gradient tap is a dot product of the output gradient,
+//! laid out on the planes' pitch, with the run of the planes the forward reads for it, and the
+//! input gradient is the flat forward transposed (each phase plane of the gradient a stride-1
+//! correlation of the output gradient with that phase's taps), interleaved back into rows.
+//! Otherwise (AVX-512 and plain code) they are row operations: an input-gradient row gains
 //! `w * (output-gradient row)` for each filter tap, and a weight-gradient tap is a sum of row
-//! dot products, so the inner loops run over contiguous slices (with stride 1) and vectorize. Each value is summed in one
-//! fixed order (taps row by row; images in order for the weight gradient), whatever the number
-//! of threads.
+//! dot products, so the inner loops run over contiguous slices (with stride 1) and vectorize.
+//! Each value is summed in one fixed order (for the weight gradient, images in order), whatever
+//! the number of threads.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
