@@ -2,8 +2,9 @@
 //! the forward, and forward + backward for the weight gradient alone and for both gradients.
 //! Prints the fastest of `reps` (first argument, default 10) runs of each, in ms and GFLOP/s.
 //! Further arguments choose the layers, `CxS` (C channels in and out, map side S) or `CIxCOxS`,
-//! e.g. `256x8 13x18x28`, `batch=N` the batch size, `gemm` im2col and `gemm` only (no direct
-//! kernels) and `avx2` the kernels kept to AVX2 on an AVX-512 CPU.
+//! e.g. `256x8 13x18x28`, `batch=N` the batch size, `1x1` pointwise convolutions instead of
+//! 3x3 ones, `gemm` im2col and `gemm` only (no direct kernels) and `avx2` the kernels kept to
+//! AVX2 on an AVX-512 CPU.
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
@@ -18,10 +19,16 @@ fn main() {
         .find_map(|a| a.strip_prefix("batch=")?.parse().ok())
         .unwrap_or(128);
     dnal_kernels::set_direct(!args.iter().any(|a| a == "gemm"));
+    let (k, pad) = if args.iter().any(|a| a == "1x1") {
+        (1, 0)
+    } else {
+        (3, 1)
+    };
     dnal_kernels::set_avx512(!args.iter().any(|a| a == "avx2"));
     let mut layers: Vec<(usize, usize, usize)> = args
         .iter()
         .skip(1)
+        .filter(|a| *a != "1x1")
         .filter_map(|a| {
             let v: Vec<usize> = a
                 .split('x')
@@ -42,8 +49,8 @@ fn main() {
     let device = Device::flex().autodiff();
     for (ci, co, hw) in layers {
         let x = Tensor::<4>::random([batch, ci, hw, hw], Distribution::Default, &device);
-        let w = Tensor::<4>::random([co, ci, 3, 3], Distribution::Default, &device);
-        let flop = 2.0 * (batch * ci * co * 9 * hw * hw) as f64;
+        let w = Tensor::<4>::random([co, ci, k, k], Distribution::Default, &device);
+        let flop = 2.0 * (batch * ci * co * k * k * hw * hw) as f64;
         let time = |f: &dyn Fn()| {
             (0..reps)
                 .map(|_| {
@@ -54,18 +61,18 @@ fn main() {
                 .fold(f64::INFINITY, f64::min)
         };
         let fwd = time(&|| {
-            let _ = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1).into_data();
+            let _ = dnal_kernels::conv2d(x.clone(), w.clone(), 1, pad).into_data();
         });
         let dw = time(&|| {
             let w = w.clone().require_grad();
-            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1)
+            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, pad)
                 .sum()
                 .backward();
             let _ = w.grad(&grads).expect("weight gradient").into_data();
         });
         let both = time(&|| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, 1)
+            let grads = dnal_kernels::conv2d(x.clone(), w.clone(), 1, pad)
                 .sum()
                 .backward();
             let _ = x.grad(&grads).expect("input gradient").into_data();
