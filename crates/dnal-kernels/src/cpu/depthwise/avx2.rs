@@ -24,11 +24,8 @@ pub(super) unsafe fn forward_same(
     taps: &Taps,
     out: &mut [f32],
 ) {
-    let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
-    assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
-    assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
-    let whole = vectors / 4 * 4;
-    // SAFETY: as checked above, for the vectors `0..whole` and `whole..vectors`.
+    let (whole, vectors) = (super::check_same(x, w, taps, out), taps.lanes.len());
+    // SAFETY: as checked, for the vectors `0..whole` and `whole..vectors`.
     unsafe {
         same_vectors::<4>(x, w, affine, clamp, taps, out, 0..whole);
         same_vectors::<1>(x, w, affine, clamp, taps, out, whole..vectors);
@@ -108,53 +105,55 @@ pub(super) fn takes_rows([h, w]: [usize; 2], kernel: usize) -> bool {
     h > 0 && w > 0 && w.is_multiple_of(LANES) && kernel % 2 == 1 && kernel < 2 * LANES
 }
 
-/// One plane of a stride-1 convolution whose output is as large as its `[h, w]` input
-/// (padding `(kernel - 1) / 2`), row by row, for planes whose rows are whole half vectors
-/// ([`takes_rows`]): a half vector reads a tap's input row shifted by the tap's column offset,
-/// plainly unless it is a row's first (left taps) or last (right taps) half, whose lanes past
-/// the row's end are masked off; taps whose input row is outside the plane are skipped. So
-/// the only choices are per tap and row, not per lane group as in [`forward_same`]. Each step
-/// sums 8 half vectors: `8 / J` rows of `J` halves.
+/// One plane of a stride-1 convolution whose output is as large as its input, with what
+/// [`forward_rows`] applies after the sums.
+pub(super) struct RowPlane<'a> {
+    /// The input plane, `hw[0] x hw[1]` values.
+    pub x: &'a [f32],
+    /// The filter, `kernel x kernel` values.
+    pub w: &'a [f32],
+    /// The affine transform's scale and shift.
+    pub affine: (f32, f32),
+    pub clamp: Clamp,
+    /// `[h, w]`, each row a whole number of half vectors ([`takes_rows`]).
+    pub hw: [usize; 2],
+    /// Odd; the padding is `(kernel - 1) / 2`.
+    pub kernel: usize,
+}
+
+/// One plane of a stride-1 convolution whose output is as large as its input, row by row,
+/// for planes whose rows are whole half vectors ([`takes_rows`]): a half vector reads a tap's
+/// input row shifted by the tap's column offset, plainly unless it is a row's first (left
+/// taps) or last (right taps) half, whose lanes past the row's end are masked off; taps whose
+/// input row is outside the plane are skipped. So the only choices are per tap and row, not
+/// per lane group as in [`forward_same`]. Each step sums 8 half vectors: `8 / J` rows of `J`
+/// halves.
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn forward_rows(
-    x: &[f32],
-    w: &[f32],
-    affine: (f32, f32),
-    clamp: Clamp,
-    [h, wd]: [usize; 2],
-    kernel: usize,
-    out: &mut [f32],
-) {
+pub(super) fn forward_rows(plane: &RowPlane, out: &mut [f32]) {
+    let ([h, wd], kernel) = (plane.hw, plane.kernel);
     assert!(takes_rows([h, wd], kernel), "rows of whole half vectors");
-    assert!(x.len() == h * wd && out.len() == x.len() && w.len() == kernel * kernel);
+    assert!(plane.x.len() == h * wd && out.len() == h * wd && plane.w.len() == kernel * kernel);
     let halves = wd / LANES;
     // The widest step of 8 half vectors whose rows' halves divide the row evenly.
     match [8, 4, 2, 1].into_iter().find(|j| halves.is_multiple_of(*j)) {
-        Some(8) => row_steps::<1, 8>(x, w, affine, clamp, [h, wd], kernel, out),
-        Some(4) => row_steps::<2, 4>(x, w, affine, clamp, [h, wd], kernel, out),
-        Some(2) => row_steps::<4, 2>(x, w, affine, clamp, [h, wd], kernel, out),
-        _ => row_steps::<8, 1>(x, w, affine, clamp, [h, wd], kernel, out),
+        Some(8) => row_steps::<1, 8>(plane, out),
+        Some(4) => row_steps::<2, 4>(plane, out),
+        Some(2) => row_steps::<4, 2>(plane, out),
+        _ => row_steps::<8, 1>(plane, out),
     }
 }
 
 /// [`forward_rows`] in steps of `R` rows (then single rows) by `J` halves.
 #[target_feature(enable = "avx2,fma")]
-fn row_steps<const R: usize, const J: usize>(
-    x: &[f32],
-    w: &[f32],
-    affine: (f32, f32),
-    clamp: Clamp,
-    [h, wd]: [usize; 2],
-    kernel: usize,
-    out: &mut [f32],
-) {
+fn row_steps<const R: usize, const J: usize>(plane: &RowPlane, out: &mut [f32]) {
+    let [h, wd] = plane.hw;
     let whole = h / R * R;
     for j0 in (0..wd / LANES).step_by(J) {
         for y0 in (0..whole).step_by(R) {
-            row_step::<R, J>(x, w, affine, clamp, [h, wd], kernel, out, [y0, j0]);
+            row_step::<R, J>(plane, out, [y0, j0]);
         }
         for y0 in whole..h {
-            row_step::<1, J>(x, w, affine, clamp, [h, wd], kernel, out, [y0, j0]);
+            row_step::<1, J>(plane, out, [y0, j0]);
         }
     }
 }
@@ -162,18 +161,20 @@ fn row_steps<const R: usize, const J: usize>(
 /// Output rows `y0..y0 + R`, halves `j0..j0 + J` of each: every tap's contribution in tap
 /// order, then the affine transform and the clamp.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn row_step<const R: usize, const J: usize>(
-    x: &[f32],
-    w: &[f32],
-    (scale, shift): (f32, f32),
-    clamp: Clamp,
-    [h, wd]: [usize; 2],
-    kernel: usize,
+    plane: &RowPlane,
     out: &mut [f32],
     [y0, j0]: [usize; 2],
 ) {
+    let &RowPlane {
+        x,
+        w,
+        affine: (scale, shift),
+        clamp,
+        hw: [h, wd],
+        kernel,
+    } = plane;
     let (p, halves) = (kernel / 2, wd / LANES);
     assert!(y0 + R <= h && j0 + J <= halves);
     let (first, last) = (j0 == 0, j0 + J == halves);

@@ -23,11 +23,8 @@ pub(super) unsafe fn forward_same(
     taps: &Taps,
     out: &mut [f32],
 ) {
-    let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
-    assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
-    assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
-    let whole = vectors / 4 * 4;
-    // SAFETY: as checked above, for the vectors `0..whole` and `whole..vectors`.
+    let (whole, vectors) = (super::check_same(x, w, taps, out), taps.lanes.len());
+    // SAFETY: as checked, for the vectors `0..whole` and `whole..vectors`.
     unsafe {
         same_vectors::<4>(x, w, affine, clamp, taps, out, 0..whole);
         same_vectors::<1>(x, w, affine, clamp, taps, out, whole..vectors);

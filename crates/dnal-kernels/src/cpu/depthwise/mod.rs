@@ -205,7 +205,15 @@ pub fn depthwise_forward_affine(
                 match isa {
                     Isa::Avx512 => avx512::forward_same(x, w, affine, clamp, &taps, out),
                     Isa::Avx2 if avx2::takes_rows(g.in_hw, g.kernel) => {
-                        avx2::forward_rows(x, w, affine, clamp, g.in_hw, g.kernel, out)
+                        let plane = avx2::RowPlane {
+                            x,
+                            w,
+                            affine,
+                            clamp,
+                            hw: g.in_hw,
+                            kernel: g.kernel,
+                        };
+                        avx2::forward_rows(&plane, out)
                     }
                     Isa::Avx2 => avx2::forward_same(x, w, affine, clamp, &taps, out),
                 }
@@ -330,6 +338,17 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512;
+
+/// Checks what the `forward_same` kernels read and write (one plane `x`, its output `out`,
+/// the filter `w` and the taps of the plane's map) and returns how many of the plane's
+/// vectors the kernels take four at a time.
+#[cfg(target_arch = "x86_64")]
+fn check_same(x: &[f32], w: &[f32], taps: &crate::direct::Taps, out: &[f32]) -> usize {
+    let (l, k, vectors) = (x.len(), taps.taps, taps.lanes.len());
+    assert!(out.len() == l && vectors == l.div_ceil(RUN) && w.len() == k);
+    assert!(taps.offsets.len() == k && taps.masks.len() == vectors * k);
+    vectors / 4 * 4
+}
 
 /// Checks what the flat forward kernels read and write: whole runs of flat outputs, and phase
 /// planes long enough for every tap of every run (`max(taps) + flat.len() <= planes.len()`).
