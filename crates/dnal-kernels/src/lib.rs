@@ -95,7 +95,7 @@ pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,
     steps_together,
 };
-pub use simd::{ISA_VAR, Isa, isa, set_avx512};
+pub use simd::{AVX2_WIDTH_VAR, ISA_VAR, Isa, avx2_halved, isa, set_avx512};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

@@ -97,3 +97,93 @@ pub(crate) fn runs(isa: Isa) -> bool {
         false
     }
 }
+
+/// The environment variable that says how this CPU executes AVX2's 256-bit instructions,
+/// overriding what [`avx2_halved`] detects: `128` (as two 128-bit halves) or `256` (whole).
+/// The tests set `256` to run the direct convolution wherever it is correct.
+pub const AVX2_WIDTH_VAR: &str = "DNAL_AVX2_WIDTH";
+
+/// Whether this CPU executes each 256-bit AVX2 instruction as two 128-bit halves, at half the
+/// multiply-add rate per instruction of CPUs with 256-bit units: AMD's Zen and Zen+ cores
+/// (family 17h, models below 30h; Zen 2 has 256-bit units) and Hygon's Dhyana (family 18h),
+/// built on Zen. [`AVX2_WIDTH_VAR`] overrides the detection. On such a CPU `gemm`'s kernel
+/// runs at the units' peak and the direct convolution's AVX2 kernel at about half of it, so
+/// the direct kernels take fewer layers there (`direct::takes_forward`).
+pub fn avx2_halved() -> bool {
+    static HALVED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HALVED.get_or_init(|| match std::env::var(AVX2_WIDTH_VAR).as_deref() {
+        Ok("128") => true,
+        Ok("256") => false,
+        Err(_) => detect_avx2_halved(),
+        Ok(other) => {
+            eprintln!(
+                "dnal: {AVX2_WIDTH_VAR}={other:?} is not a width; set 128 or 256 \
+                 (using what this CPU reports)"
+            );
+            detect_avx2_halved()
+        }
+    })
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn detect_avx2_halved() -> bool {
+    let cpuid = raw_cpuid::CpuId::new();
+    let (Some(vendor), Some(features)) = (cpuid.get_vendor_info(), cpuid.get_feature_info()) else {
+        return false;
+    };
+    halves_avx2(vendor.as_str(), features.family_id(), features.model_id())
+}
+
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+fn detect_avx2_halved() -> bool {
+    false
+}
+
+/// Whether the CPU with this CPUID vendor string, family and model (extended ones included)
+/// executes AVX2 in 128-bit halves ([`avx2_halved`]). Zen: models 01h, 11h, 20h; Zen+: 08h,
+/// 18h; Zen 2 from 31h. AMD's Excavator (family 15h) also has 128-bit units but is left out:
+/// the kernels were not measured on it.
+fn halves_avx2(vendor: &str, family: u8, model: u8) -> bool {
+    match (vendor, family) {
+        ("AuthenticAMD", 0x17) => model < 0x30,
+        ("HygonGenuine", 0x18) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::halves_avx2;
+
+    #[test]
+    fn zen_and_zen_plus_halve_avx2_and_later_cores_do_not() {
+        // EPYC 7601 (Zen), Ryzen 7 2700X (Zen+), Raven Ridge (Zen), Hygon C86 7185.
+        for (vendor, family, model) in [
+            ("AuthenticAMD", 0x17, 0x01),
+            ("AuthenticAMD", 0x17, 0x08),
+            ("AuthenticAMD", 0x17, 0x11),
+            ("HygonGenuine", 0x18, 0x00),
+        ] {
+            assert!(
+                halves_avx2(vendor, family, model),
+                "{vendor} {family:x}h {model:x}h"
+            );
+        }
+        // EPYC 7742 (Zen 2), Ryzen 4000 (Zen 2), EPYC 7763 (Zen 3), Zen 4, Skylake-SP,
+        // Haswell, Excavator (not measured).
+        for (vendor, family, model) in [
+            ("AuthenticAMD", 0x17, 0x31),
+            ("AuthenticAMD", 0x17, 0x60),
+            ("AuthenticAMD", 0x19, 0x01),
+            ("AuthenticAMD", 0x19, 0x11),
+            ("GenuineIntel", 0x06, 0x55),
+            ("GenuineIntel", 0x06, 0x3c),
+            ("AuthenticAMD", 0x15, 0x60),
+        ] {
+            assert!(
+                !halves_avx2(vendor, family, model),
+                "{vendor} {family:x}h {model:x}h"
+            );
+        }
+    }
+}

@@ -27,8 +27,9 @@
 //!   transposed kernel) and takes the forward path.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
-//! thread whole images, CPUs without AVX2) uses im2col and `gemm`. [`crate::isa`] says which
-//! instruction set runs.
+//! thread whole images, CPUs without AVX2, and on CPUs that run AVX2 in 128-bit halves all
+//! but 1x1 convolutions of few input channels and the weight gradient on 32x32 maps) uses
+//! im2col and `gemm`. [`crate::isa`] says which instruction set runs.
 //!
 //! The only unsafe code is the vector loads and stores of the micro-kernels; each load reads
 //! only lanes whose position is inside the image slice it is given.
@@ -93,9 +94,29 @@ pub fn supports(g: &ConvGeometry) -> bool {
 /// still beats im2col and `gemm` while at least half of an image's lanes are positions (3x3
 /// maps: 9 of 16 lanes, 1.2-1.5x faster; 14x14 and 7x7 up to 64 filters: 1.3-2x; 128
 /// filters on 7x7: 5-10 % slower), and loses by 2-4x on 2x2 and 1x1 maps.
+///
+/// Where AVX2 runs in 128-bit halves ([`crate::avx2_halved`]), `gemm` runs at the multiply-add
+/// units' peak and the AVX2 kernel at about half of it: there the kernel takes only patches of
+/// at most [`HALVED_FORWARD_PATCH`] values (1x1 convolutions of few input channels, whose short
+/// products `gemm` runs less well).
 pub fn takes_forward(g: &ConvGeometry) -> bool {
+    takes_forward_on(g, isa() == Some(Isa::Avx2) && crate::avx2_halved())
+}
+
+/// Largest patch the forward kernel takes where AVX2 runs in 128-bit halves. Measured on a Zen
+/// CPU (family 17h, model 01h), one thread, batch 64, forward against im2col + `gemm`: 1x1
+/// from 8, 16 and 24 input channels 1.35x, 1.05-1.3x and 1.05-1.2x faster, from 32 even, from
+/// 48-144 1.3-1.45x slower; every 3x3 layer (batch 64 and 128) 1.25-2.4x slower, 3 input
+/// channels included.
+const HALVED_FORWARD_PATCH: usize = 24;
+
+/// [`takes_forward`], with AVX2 in 128-bit halves or not.
+fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
     let lanes = g.positions().div_ceil(LANES) * LANES;
-    supports_forward(g) && g.out_channels <= 128 && 2 * g.positions() >= lanes
+    supports_forward(g)
+        && g.out_channels <= 128
+        && 2 * g.positions() >= lanes
+        && (!halved || g.patch() <= HALVED_FORWARD_PATCH)
 }
 
 /// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
@@ -103,13 +124,17 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 /// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers. (On
 /// AVX2, batch 128, weight gradient alone: 9 x 9 x 32x32 2.2-2.5 against 7.7-7.9 ms for
 /// `gemm`, 17 x 17 x 16x16 2.1-2.2 against 2.7-3.0, 32 x 32 x 16x16 6.4-6.9 against 6.2-6.5,
-/// 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7.)
+/// 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7.) Where AVX2 runs in 128-bit halves
+/// ([`crate::avx2_halved`]) it takes 32x32 maps only (one thread: 9 x 9 x 32x32 15 against
+/// 23 ms, 16 x 16 x 32x32 38 against 55; 17 x 17 x 16x16 16 against 12, 32 x 32 x 16x16 49
+/// against 29).
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
+    let halved = isa() == Some(Isa::Avx2) && crate::avx2_halved();
     available()
         && supports(g)
         && g.out_channels <= 64
         && g.in_channels <= 64
-        && g.positions() >= 256
+        && g.positions() >= if halved { 1024 } else { 256 }
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -679,6 +704,33 @@ mod tests {
             kernel: 3,
             stride: 1,
             padding: 1,
+        }
+    }
+
+    /// Where AVX2 runs in 128-bit halves the forward kernel keeps only 1x1 convolutions of
+    /// few input channels; elsewhere every shape it supports up to 128 filters.
+    #[test]
+    fn halved_avx2_leaves_all_but_short_patches_to_gemm() {
+        let conv = |ci: usize, co: usize, kernel: usize, side: usize| ConvGeometry {
+            in_channels: ci,
+            out_channels: co,
+            in_hw: [side, side],
+            kernel,
+            stride: 1,
+            padding: kernel / 2,
+        };
+        for g in [conv(3, 16, 3, 32), conv(16, 16, 3, 32), conv(64, 64, 3, 8)] {
+            assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+        }
+        for g in [conv(8, 48, 1, 32), conv(24, 96, 1, 32)] {
+            assert!(takes_forward_on(&g, false) && takes_forward_on(&g, true));
+        }
+        for g in [conv(32, 96, 1, 32), conv(96, 24, 1, 32)] {
+            assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+        }
+        // Neither: too many filters, too few positions for a vector.
+        for g in [conv(16, 256, 3, 8), conv(16, 16, 1, 2)] {
+            assert!(!takes_forward_on(&g, false) && !takes_forward_on(&g, true));
         }
     }
 
