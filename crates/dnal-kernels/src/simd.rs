@@ -100,7 +100,8 @@ pub(crate) fn runs(isa: Isa) -> bool {
 
 /// The environment variable that says how this CPU executes AVX2's 256-bit instructions,
 /// overriding what [`avx2_halved`] detects: `128` (as two 128-bit halves) or `256` (whole).
-/// The tests set `256` to run the direct convolution wherever it is correct.
+/// The tests set `256` so that the direct convolution takes the layers it takes on CPUs with
+/// 256-bit units, also on one that runs AVX2 in halves.
 pub const AVX2_WIDTH_VAR: &str = "DNAL_AVX2_WIDTH";
 
 /// Whether this CPU executes each 256-bit AVX2 instruction as two 128-bit halves, at half the

@@ -100,7 +100,12 @@ pub fn supports(g: &ConvGeometry) -> bool {
 /// at most [`HALVED_FORWARD_PATCH`] values (1x1 convolutions of few input channels, whose short
 /// products `gemm` runs less well).
 pub fn takes_forward(g: &ConvGeometry) -> bool {
-    takes_forward_on(g, isa() == Some(Isa::Avx2) && crate::avx2_halved())
+    takes_forward_on(g, halved())
+}
+
+/// Whether the direct kernels run in AVX2 on a CPU that executes it in 128-bit halves.
+fn halved() -> bool {
+    isa() == Some(Isa::Avx2) && crate::avx2_halved()
 }
 
 /// Largest patch the forward kernel takes where AVX2 runs in 128-bit halves. Measured on a Zen
@@ -129,12 +134,11 @@ fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
 /// 23 ms, 16 x 16 x 32x32 38 against 55; 17 x 17 x 16x16 16 against 12, 32 x 32 x 16x16 49
 /// against 29).
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    let halved = isa() == Some(Isa::Avx2) && crate::avx2_halved();
     available()
         && supports(g)
         && g.out_channels <= 64
         && g.in_channels <= 64
-        && g.positions() >= if halved { 1024 } else { 256 }
+        && g.positions() >= if halved() { 1024 } else { 256 }
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
