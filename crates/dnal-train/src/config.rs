@@ -64,6 +64,19 @@ pub struct ModelConfig {
     /// Number of classes (default: the data set's).
     #[serde(default)]
     pub num_classes: Option<usize>,
+    /// Every gated width scaled by this factor in `(0, 1]`, `ceil(factor * width)` channels (at
+    /// least one) per gate: a narrower network of the same family to search from (quick runs,
+    /// smoke tests). The layers without a gate keep their widths. Default 1, the paper's.
+    #[serde(default = "full_width", skip_serializing_if = "is_full_width")]
+    pub width_multiplier: f64,
+}
+
+fn full_width() -> f64 {
+    1.0
+}
+
+fn is_full_width(v: &f64) -> bool {
+    *v == 1.0
 }
 
 /// The data set to train on.
@@ -416,6 +429,15 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad =
             |key: &str, message: String| Err(TrainError::from(CoreError::invalid(key, message)));
+        let factor = self.model.width_multiplier;
+        if !(factor > 0.0 && factor <= 1.0) {
+            return bad(
+                "model.width_multiplier",
+                format!(
+                    "{factor} is outside (0, 1]; widths can only be scaled down (1 keeps them)"
+                ),
+            );
+        }
         for (key, value) in [
             ("data.batch_size", self.data.batch_size),
             ("data.eval_batch_size", self.data.eval_batch_size),

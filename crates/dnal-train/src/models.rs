@@ -21,7 +21,7 @@ fn shape(cfg: &TrainConfig) -> Result<ImageShape> {
 /// The resolved config and a summary of the network (gates, widths, MACs, parameters), without
 /// reading any data (except the class folders of an image-folder data set).
 pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
-    cfg.model.name.with(shape(cfg)?, Summary(cfg))
+    cfg.model.name.with(shape(cfg)?, Scaled(cfg, Summary(cfg)))
 }
 
 struct Summary<'a>(&'a TrainConfig);
@@ -56,7 +56,29 @@ fn summary<N: Network>(cfg: &TrainConfig, net_cfg: &N::Config) -> Result<String>
 
 /// Runs the pipeline of `cfg` (loading its data set).
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome> {
-    cfg.model.name.with(shape(cfg)?, Train(cfg, opts))
+    cfg.model
+        .name
+        .with(shape(cfg)?, Scaled(cfg, Train(cfg, opts)))
+}
+
+/// `F` on the network that `model.width_multiplier` asks for: every gated width scaled, built
+/// as the pruning of the full network to those widths describes it.
+struct Scaled<'a, F>(&'a TrainConfig, F);
+
+impl<F: WithNetwork> WithNetwork for Scaled<'_, F> {
+    type Output = F::Output;
+
+    fn run<N: Network>(self, net_cfg: N::Config) -> Result<F::Output> {
+        let Scaled(cfg, f) = self;
+        let factor = cfg.model.width_multiplier;
+        if factor == 1.0 {
+            return f.run::<N>(net_cfg);
+        }
+        let full = N::build(&net_cfg, &burn::tensor::Device::default())?;
+        let arch = dnal_zoo::compare::scaled_architecture(&full, factor)?;
+        let thin = full.prune(&arch)?.config().clone();
+        f.run::<N>(thin)
+    }
 }
 
 struct Train<'a>(&'a TrainConfig, &'a RunOptions);

@@ -284,6 +284,10 @@ fn every_out_of_range_setting_is_named_in_its_error() {
         ("arch.classifier_weight_decay", &["-1", "nan"]),
         ("arch.threshold", &["0", "1", "-0.2", "nan"]),
         ("arch.round_to", &["0"]),
+        (
+            "model.width_multiplier",
+            &["0", "-0.5", "1.5", "nan", "inf"],
+        ),
         ("arch.penalty.lambda", &["-1", "nan", "inf"]),
         ("arch.continuation.schedule.start", &["0", "-1", "inf"]),
         ("arch.continuation.schedule.end", &["0", "nan"]),
@@ -769,6 +773,28 @@ fn rounded_widths_are_multiples_of_round_to() {
     let kept = |r: &dnal_train::Report| r.layers.iter().map(|l| l.after).sum::<usize>();
     assert_eq!(kept(&report), kept(&plain) + added);
     assert_eq!(plain.rounding_added, None);
+}
+
+/// `model.width_multiplier = 0.25`: the demo CNN searched from a quarter of its widths,
+/// 8-8-16-16, with those widths' MACs, and pruned from there.
+#[test]
+fn width_multiplier_scales_every_gated_width() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets = TINY.to_vec();
+    sets.push("model.width_multiplier=0.25");
+    let cfg = demo(&sets);
+    let report = finished(dnal_train::run(&cfg, &opts(tmp.path(), false, None)).unwrap());
+    let before: Vec<usize> = report.layers.iter().map(|l| l.before).collect();
+    assert_eq!(before, [8, 8, 16, 16]);
+    // 3x3 convs on 28x28 (two) and 14x14 (two) maps, then the 16 -> 10 classifier.
+    let macs = 28 * 28 * 9 * (8 + 8 * 8) + 14 * 14 * 9 * (8 * 16 + 16 * 16) + 16 * 10;
+    assert_eq!(report.baseline.macs, macs);
+    let pruned = report.pruned.as_ref().expect("pruned");
+    assert!(pruned.macs < macs);
+    assert!(report.layers.iter().all(|l| l.after <= l.before));
+    // The factor is part of the run's config: a resumed run builds the same network.
+    let saved = std::fs::read_to_string(tmp.path().join("checkpoint/config.toml")).unwrap();
+    assert!(saved.contains("width_multiplier = 0.25"), "{saved}");
 }
 
 /// `predict` on PNG files written from the test digits a run was evaluated on classifies them

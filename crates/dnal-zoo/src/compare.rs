@@ -76,26 +76,31 @@ fn closest<N: Network>(
     arch(best)
 }
 
+/// The architecture that keeps the first `ceil(factor * width)` channels (at least one) of
+/// every gate: the network with every gated width scaled by `factor`, in `(0, 1]`.
+pub fn scaled_architecture<N: Network>(net: &N, factor: f64) -> Result<Architecture> {
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(ZooError::Config(format!(
+            "a width factor must be in (0, 1], got {factor}"
+        )));
+    }
+    let gates = gate_kinds(net);
+    let mut scores = BTreeMap::new();
+    net.visit_gates(&mut |name, gate| {
+        let w = gate.channels();
+        let keep = ((factor * w as f64).ceil() as usize).clamp(1, w.max(1));
+        let s = (0..w).map(|c| if c < keep { 1.0 } else { -1.0 }).collect();
+        scores.insert(name.to_string(), s);
+    });
+    keep_positive(&gates, &scores)
+}
+
 /// The architecture that keeps the first `ceil(r * width)` channels (at least one) of every
 /// gate, `r` chosen among steps of 1/1000 so that its MACs are the closest to `target_macs`.
 pub fn uniform_architecture<N: Network>(net: &N, target_macs: u64) -> Result<Architecture> {
-    let gates = gate_kinds(net);
-    let mut widths = BTreeMap::new();
-    net.visit_gates(&mut |name, gate| {
-        widths.insert(name.to_string(), gate.channels());
-    });
     const STEPS: usize = 1000;
     closest(net, STEPS, target_macs, |i| {
-        let r = (i + 1) as f64 / STEPS as f64;
-        let scores = widths
-            .iter()
-            .map(|(name, &w)| {
-                let keep = ((r * w as f64).ceil() as usize).clamp(1, w.max(1));
-                let s = (0..w).map(|c| if c < keep { 1.0 } else { -1.0 }).collect();
-                (name.clone(), s)
-            })
-            .collect();
-        keep_positive(&gates, &scores)
+        scaled_architecture(net, (i + 1) as f64 / STEPS as f64)
     })
 }
 

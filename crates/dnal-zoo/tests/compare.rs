@@ -3,7 +3,9 @@
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
-use dnal_zoo::compare::{gate_gammas, magnitude_architecture, uniform_architecture};
+use dnal_zoo::compare::{
+    gate_gammas, magnitude_architecture, scaled_architecture, uniform_architecture,
+};
 use dnal_zoo::*;
 
 mod common;
@@ -32,6 +34,32 @@ fn every_family_exposes_the_gamma_of_every_gate() {
             .init(&d)
             .unwrap(),
     );
+}
+
+/// Scaling by a factor keeps the first `ceil(factor * width)` channels of every gate (at least
+/// one) in every family, all of them at 1, and a factor outside (0, 1] is refused.
+#[test]
+fn scaling_keeps_the_first_channels_of_every_gate() {
+    let d = device();
+    fn check<N: Network>(net: &N) {
+        let mut widths = Vec::new();
+        net.visit_gates(&mut |name, gate| widths.push((name.to_string(), gate.channels())));
+        for factor in [1.0, 0.5, 0.3, 1e-6] {
+            let arch = scaled_architecture(net, factor).unwrap();
+            for (name, width) in &widths {
+                let keep = ((factor * *width as f64).ceil() as usize).max(1);
+                let want: Vec<usize> = (0..keep).collect();
+                assert_eq!(arch.gates[name].kept, want, "{name} at {factor}");
+            }
+        }
+        for factor in [0.0, -0.5, 1.01, f64::NAN, f64::INFINITY] {
+            assert!(scaled_architecture(net, factor).is_err(), "{factor}");
+        }
+    }
+    check(&PlainCnnConfig::mnist_cnn().init(&d).unwrap());
+    check(&CifarResNetConfig::new(20, 10).unwrap().init(&d).unwrap());
+    check(&MobileNetV2Config::cifar(10).init(&d).unwrap());
+    check(&SuperNetConfig::tiny(16, 3, 10).init(&d).unwrap());
 }
 
 /// Replaces every BatchNorm gamma by distinct pseudo-random values (a fresh network's are all 1,
