@@ -11,14 +11,18 @@
 //! `cargo xtask train` derives on the bundled digits (`runs/mnist-demo/architecture.json`).
 
 use burn::prelude::*;
-use dnal_benches::uniform_architecture;
+use dnal_zoo::compare::scaled_architecture;
 use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 use std::path::Path;
 
 fn write<N: Network>(net: &N, target: f64, path: &Path) {
     let full = net.cost_model().cost(None).macs as f64;
-    let reduction =
-        |r: f64| full / net.arch_cost(&uniform_architecture(net, r)).unwrap().macs as f64;
+    let reduction = |r: f64| {
+        full / net
+            .arch_cost(&scaled_architecture(net, r).unwrap())
+            .unwrap()
+            .macs as f64
+    };
     let r = (20..=100)
         .map(|step| step as f64 / 100.0)
         .min_by(|a, b| {
@@ -27,7 +31,7 @@ fn write<N: Network>(net: &N, target: f64, path: &Path) {
                 .total_cmp(&(reduction(*b) - target).abs())
         })
         .expect("a ratio");
-    uniform_architecture(net, r).save(path).unwrap();
+    scaled_architecture(net, r).unwrap().save(path).unwrap();
     println!(
         "{}: keep ratio {r:.2}, {:.2}x fewer MACs",
         path.display(),

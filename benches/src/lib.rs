@@ -17,21 +17,6 @@ pub fn cpu_backends() -> Vec<(BackendKind, Device)> {
         .collect()
 }
 
-/// A synthetic architecture that keeps the first `ceil(ratio * width)` channels of every gate
-/// (at least one), so that residual streams shrink with their blocks. Used to time pruned
-/// networks at a given MACs reduction without a trained architecture.
-pub fn uniform_architecture<M: dnal_core::GatedModel>(
-    model: &M,
-    ratio: f64,
-) -> dnal_core::Architecture {
-    let mut arch = dnal_core::Architecture::full(model);
-    for gate in arch.gates.values_mut() {
-        let keep = ((gate.width as f64 * ratio).ceil() as usize).clamp(1, gate.width);
-        gate.kept = (0..keep).collect();
-    }
-    arch
-}
-
 /// A training batch of CIFAR shapes: `batch` random images `[batch, 3, 32, 32]` and labels
 /// cycling through 10 classes.
 pub fn cifar_batch(batch: usize, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
