@@ -1,7 +1,6 @@
 //! The whole pipeline on wgpu: every stage, derivation, pruning, evaluation and the report, on
 //! a few hundred digits and the demo CNN at a quarter of its widths, following the same
-//! trajectory as on flex; and dnal's CubeCL kernels
-//! against flex (`dnal_kernels::check`).
+//! trajectory as on flex; and dnal's CubeCL kernels against flex (`dnal_kernels::check`).
 //!
 //! Built only with `--features wgpu` (`cargo xtask test` runs it). Without a usable adapter the
 //! test prints why it was skipped and passes, unless `DNAL_REQUIRE_WGPU=1` (set by CI, which
