@@ -100,16 +100,17 @@ pub(crate) fn runs(isa: Isa) -> bool {
 
 /// The environment variable that says how this CPU executes AVX2's 256-bit instructions,
 /// overriding what [`avx2_halved`] detects: `128` (as two 128-bit halves) or `256` (whole).
-/// The tests set `256` so that the direct convolution takes the layers it takes on CPUs with
-/// 256-bit units, also on one that runs AVX2 in halves.
+/// The tests set each in turn, so that every machine runs the direct convolution under both
+/// routings.
 pub const AVX2_WIDTH_VAR: &str = "DNAL_AVX2_WIDTH";
 
 /// Whether this CPU executes each 256-bit AVX2 instruction as two 128-bit halves, at half the
 /// multiply-add rate per instruction of CPUs with 256-bit units: AMD's Zen and Zen+ cores
 /// (family 17h, models below 30h; Zen 2 has 256-bit units) and Hygon's Dhyana (family 18h),
-/// built on Zen. [`AVX2_WIDTH_VAR`] overrides the detection. On such a CPU `gemm`'s kernel
-/// runs at the units' peak and the direct convolution's AVX2 kernel at about half of it, so
-/// the direct kernels take fewer layers there (`direct::takes_forward`).
+/// built on Zen. [`AVX2_WIDTH_VAR`] overrides the detection. On such a CPU the direct
+/// convolution's masked AVX2 kernel runs at about half the speed of `gemm`, so 3x3
+/// convolutions take a padded-rows kernel instead, and the masked one only short 1x1
+/// patches (`direct::takes_forward`).
 pub fn avx2_halved() -> bool {
     static HALVED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HALVED.get_or_init(|| match std::env::var(AVX2_WIDTH_VAR).as_deref() {
