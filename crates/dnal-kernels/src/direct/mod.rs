@@ -25,14 +25,15 @@
 //!   block of output-gradient rows stays in L1 while every tile of patch rows passes over it.
 //! * The input gradient of a stride-1 convolution is itself such a convolution (flipped,
 //!   transposed kernel) and takes the forward path.
-//! * On CPUs that run AVX2 in 128-bit halves the forward of 3x3 (and larger) convolutions
-//!   takes another form (`rows.rs`): each image copied once with a zero border, output rows
-//!   in 8-position vectors read with plain loads, up to 6 channels x 2 vectors per step.
+//! * On CPUs that run AVX2 in 128-bit halves 3x3 (and larger) convolutions take another form
+//!   (`rows.rs`): each image copied once with a zero border, output rows in 8-position
+//!   vectors read with plain loads; the forward holds up to 6 channels x 2 vectors per step,
+//!   the weight gradient 3 channels x 4 patch rows of 8-lane partial sums.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
 //! thread whole images, CPUs without AVX2, and on CPUs that run AVX2 in 128-bit halves 1x1
-//! convolutions of many input channels and the weight gradient on maps below 32x32) uses
-//! im2col and `gemm`. [`crate::isa`] says which instruction set runs.
+//! convolutions of many input channels and weight gradients on maps whose rows are not whole
+//! 8-lane vectors) uses im2col and `gemm`. [`crate::isa`] says which instruction set runs.
 //!
 //! The only unsafe code is the vector loads and stores of the micro-kernels; each load reads
 //! only lanes whose position is inside the image slice it is given.
@@ -134,15 +135,26 @@ fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
 /// AVX2, batch 128, weight gradient alone: 9 x 9 x 32x32 2.2-2.5 against 7.7-7.9 ms for
 /// `gemm`, 17 x 17 x 16x16 2.1-2.2 against 2.7-3.0, 32 x 32 x 16x16 6.4-6.9 against 6.2-6.5,
 /// 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7.) Where AVX2 runs in 128-bit halves
-/// ([`crate::avx2_halved`]) it takes 32x32 maps only (one thread: 9 x 9 x 32x32 15 against
-/// 23 ms, 16 x 16 x 32x32 38 against 55; 17 x 17 x 16x16 16 against 12, 32 x 32 x 16x16 49
-/// against 29).
+/// ([`crate::avx2_halved`]) the masked kernel lost to `gemm` below 32x32 maps, and the
+/// padded-rows one takes every map of whole 8-lane rows instead (one thread, batch 128,
+/// weight gradient alone against the masked kernel on 32x32 and `gemm` below: 16 x 16 x
+/// 32x32 21 against 34 ms, 6 x 6 x 32x32 3.6-3.8 against 5.8-7.4, 32 x 32 x 16x16 20 against
+/// 27-28, 11 x 11 x 16x16 2.6 against 5.6, 64 x 64 x 8x8 21-23 against 24-25, 22 x 22 x 8x8
+/// 2.6-2.7 against 4.6-4.8).
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    available()
-        && supports(g)
+    available() && takes_weight_grad_on(g, halved())
+}
+
+/// [`takes_weight_grad`], with AVX2 in 128-bit halves or not.
+fn takes_weight_grad_on(g: &ConvGeometry, halved: bool) -> bool {
+    supports(g)
         && g.out_channels <= 64
         && g.in_channels <= 64
-        && g.positions() >= if halved() { 1024 } else { 256 }
+        && if halved {
+            takes_rows_weight_grad(g, halved)
+        } else {
+            g.positions() >= 256
+        }
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -617,6 +629,9 @@ fn takes_rows(g: &ConvGeometry, halved: bool) -> bool {
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
     let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
+    if isa == Isa::Avx2 && takes_rows_weight_grad(g, halved()) {
+        return weight_grad_rows(x, dy, g);
+    }
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
     let image_len = g.image();
     let images = x.len() / image_len;
@@ -689,6 +704,98 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     dw
 }
 
+/// Whether the padded-rows weight gradient computes `g` (which [`supports`] accepts): where
+/// the padded-rows forward does, on maps whose rows are whole vectors.
+fn takes_rows_weight_grad(g: &ConvGeometry, halved: bool) -> bool {
+    takes_rows(g, halved) && g.in_hw[1].is_multiple_of(rows::WIDTH)
+}
+
+/// [`conv_weight_grad_images`] by the padded-rows kernel: the images go in chunks of about
+/// [`CHUNK_POSITIONS`] positions, each chunk copied with its zero borders once; per chunk
+/// and block of output channels, one kernel call passes every tile of patch rows over the
+/// chunk, each tile's 8-lane partial sums waiting in memory between chunks. The result does
+/// not depend on the number of threads.
+fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let plan = rows::RowPlan::new(g);
+    let (ci, co, p, l, image_len) = (
+        g.in_channels,
+        g.out_channels,
+        g.patch(),
+        g.positions(),
+        g.image(),
+    );
+    let images = x.len() / image_len;
+    assert_eq!(
+        dy.len(),
+        images * co * l,
+        "output gradient of the wrong size"
+    );
+    let ntaps = plan.taps.len();
+    let padded = plan.padded_len(ci);
+    // Weight `k = c * taps + t` reads plane `c` at tap `t`; the last tile is filled up with
+    // repeats of row 0, whose sums are dropped.
+    let mut rows: Vec<usize> = (0..p)
+        .map(|k| k / ntaps * plan.plane + plan.taps[k % ntaps])
+        .collect();
+    rows.resize(p.div_ceil(rows::DW_ROWS) * rows::DW_ROWS, 0);
+    let per_channel = rows.len() * rows::WIDTH;
+    let blocks = channel_blocks(co, rows::DW_BLOCK);
+    let mut partial = vec![0.0f32; co * per_channel];
+    let per = CHUNK_POSITIONS.div_ceil(l).clamp(1, images.max(1));
+    let mut buffer = vec![0.0f32; per.min(images) * padded];
+    for first in (0..images).step_by(per) {
+        let count = per.min(images - first);
+        let chunk = &mut buffer[..count * padded];
+        for (i, dst) in chunk.chunks_exact_mut(padded).enumerate() {
+            plan.pad(&x[(first + i) * image_len..][..image_len], g, dst);
+        }
+        let block = |c0| rows::RowGradBlock {
+            x: chunk,
+            padded,
+            dy: &dy[first * co * l..][..count * co * l],
+            plan: &plan,
+            l,
+            co,
+            c0,
+            rows: &rows,
+        };
+        for &(c0, rc) in &blocks {
+            let sums = &mut partial[c0 * per_channel..][..rc * per_channel];
+            macro_rules! dispatch {
+                ($($r:literal)*) => {
+                    match rc {
+                        $($r => {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: the caller's `isa()` is AVX2 or wider, so the CPU has
+                            // AVX2 and FMA; the kernel checks the sizes.
+                            unsafe { rows::weight_grad::<$r>(block(c0), sums) }
+                        })*
+                        _ => unreachable!("blocks of 1 to {} channels", rows::DW_BLOCK),
+                    }
+                };
+            }
+            dispatch!(1 2 3);
+        }
+    }
+    let mut dw = vec![0.0f32; co * p];
+    for &(c0, rc) in &blocks {
+        let sums = &partial[c0 * per_channel..][..rc * per_channel];
+        let tile_sums = rc * rows::DW_ROWS * rows::WIDTH;
+        for (tile, sums) in sums.chunks_exact(tile_sums).enumerate() {
+            for r in 0..rc {
+                for j in 0..rows::DW_ROWS {
+                    let k = tile * rows::DW_ROWS + j;
+                    if k < p {
+                        let lanes = &sums[(r * rows::DW_ROWS + j) * rows::WIDTH..][..rows::WIDTH];
+                        dw[(c0 + r) * p + k] = lane_sum(lanes);
+                    }
+                }
+            }
+        }
+    }
+    dw
+}
+
 /// The weight-gradient kernels' patch rows, in whole tiles of [`DW_ROWS`]: each as (offset of
 /// its first input in an image, tap), and the index `k = c * taps + t` of the weight it is
 /// the gradient of (`None` for the padding).
@@ -734,10 +841,15 @@ const CHUNK_POSITIONS: usize = 1024;
 /// Partial sums of a weight-gradient tile: `[DW_CHANNELS][DW_ROWS][LANES]`.
 const TILE_SUMS: usize = DW_CHANNELS * DW_ROWS * LANES;
 
-/// The sum of 16 lanes, in a fixed (pairwise) order.
+/// The sum of 16 (or 8) lanes, in a fixed (pairwise) order.
 fn lane_sum(lanes: &[f32]) -> f32 {
-    let mut v: [f32; LANES] = lanes.try_into().expect("16 lanes");
-    let mut n = LANES;
+    assert!(
+        lanes.len() == LANES || lanes.len() == LANES / 2,
+        "16 or 8 lanes"
+    );
+    let mut v = [0.0f32; LANES];
+    v[..lanes.len()].copy_from_slice(lanes);
+    let mut n = lanes.len();
     while n > 1 {
         n /= 2;
         for i in 0..n {
@@ -819,6 +931,19 @@ mod tests {
         }
         for g in [conv(32, 96, 1, 32), conv(96, 24, 1, 32)] {
             assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+        }
+        // The weight gradient: the padded rows on maps of whole 8-lane rows where AVX2 runs
+        // in halves, the masked kernel from 16x16 maps elsewhere.
+        for g in [conv(16, 16, 3, 32), conv(32, 32, 3, 16), conv(64, 64, 3, 8)] {
+            assert!(takes_weight_grad_on(&g, true));
+            assert_eq!(takes_weight_grad_on(&g, false), g.positions() >= 256);
+        }
+        for g in [
+            conv(16, 16, 3, 4),
+            conv(128, 128, 3, 8),
+            conv(16, 16, 1, 32),
+        ] {
+            assert!(!takes_weight_grad_on(&g, true));
         }
         // Neither: too many filters, too few positions for a vector.
         for g in [conv(16, 256, 3, 8), conv(16, 16, 1, 2)] {
@@ -927,6 +1052,66 @@ mod tests {
                             "case {case} {g:?}, {per} per task, output {j}: {a} against {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The padded-rows weight gradient (run wherever the CPU has AVX2) against a plain sum:
+    /// every block width from 1 to 3, a last tile filled up, 3x3 and 5x5 kernels, one chunk of
+    /// images and several (16x16 maps: 4 images per chunk).
+    #[test]
+    fn padded_rows_weight_grad_matches_a_plain_sum() {
+        if !crate::simd::runs(Isa::Avx2) {
+            return;
+        }
+        let value =
+            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+        let cases = [
+            // (in, out, side, kernel, images)
+            (1, 1, 8, 3, 1),
+            (3, 16, 32, 3, 2),
+            (5, 7, 16, 3, 9),
+            (13, 2, 8, 3, 5),
+            (6, 4, 8, 5, 2),
+        ];
+        for (case, &(ci, co, side, kernel, images)) in cases.iter().enumerate() {
+            let g = ConvGeometry {
+                in_channels: ci,
+                out_channels: co,
+                in_hw: [side, side],
+                kernel,
+                stride: 1,
+                padding: kernel / 2,
+            };
+            let (l, p, pad) = (g.positions(), g.patch(), kernel / 2);
+            let x: Vec<f32> = (0..images * g.image()).map(|i| value(i, case)).collect();
+            let dy: Vec<f32> = (0..images * co * l).map(|i| value(i, case + 50)).collect();
+            let got = weight_grad_rows(&x, &dy, &g);
+            assert_eq!(got.len(), co * p);
+            for o in 0..co {
+                for k in 0..p {
+                    let (c, kh, kw) = (k / (kernel * kernel), k / kernel % kernel, k % kernel);
+                    let (mut sum, mut size) = (0.0f64, 0.0f64);
+                    for i in 0..images {
+                        for y in 0..side {
+                            for xx in 0..side {
+                                let (iy, ix) = (y + kh, xx + kw);
+                                if iy < pad || ix < pad || iy - pad >= side || ix - pad >= side {
+                                    continue;
+                                }
+                                let v = x[((i * ci + c) * side + iy - pad) * side + ix - pad];
+                                let d = dy[(i * co + o) * l + y * side + xx];
+                                sum += f64::from(v) * f64::from(d);
+                                size += f64::from(v * d).abs();
+                            }
+                        }
+                    }
+                    let a = f64::from(got[o * p + k]);
+                    assert!(
+                        (a - sum).abs() <= 1e-5 * size + 1e-6,
+                        "case {case} {g:?}, weight ({o}, {k}): {a} against {sum}"
+                    );
                 }
             }
         }

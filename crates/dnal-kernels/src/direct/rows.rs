@@ -1,5 +1,6 @@
-//! The forward of a stride-1 "same" convolution on zero-padded copies of its input, row by
-//! row, in AVX2: the form of the direct forward for CPUs that run AVX2 in 128-bit halves.
+//! The forward and weight gradient of a stride-1 "same" convolution on zero-padded copies of
+//! its input, row by row, in AVX2: the form of the direct kernels for CPUs that run AVX2 in
+//! 128-bit halves.
 //!
 //! Each image is first copied into planes with a zero border of `p` values (and a few zeros
 //! after the last plane), so that every tap of every output vector is a plain unaligned load:
@@ -7,7 +8,9 @@
 //! row (the last of a row may be partial; its lanes past the row read the border or the next
 //! row and are not stored). A step computes up to 6 output channels x 2 vectors in 12
 //! accumulators, walking the input channels and, within each, the taps, so that the weights
-//! (`[Ci][taps][MAX_CHANNELS]` per channel block) stream in order.
+//! (`[Ci][taps][MAX_CHANNELS]` per channel block) stream in order. The weight gradient needs
+//! whole vectors (`W` a multiple of 8): it holds 3 output channels x 4 patch rows of 8-lane
+//! partial sums, which the caller reduces.
 #![allow(unsafe_code)]
 
 use super::MAX_CHANNELS;
@@ -26,14 +29,14 @@ const SLACK: usize = WIDTH;
 /// A convolution's padded layout and its vectors of output positions.
 pub(super) struct RowPlan {
     /// Width of a padded row.
-    padded_w: usize,
+    pub(super) padded_w: usize,
     /// Values of a padded plane.
-    plane: usize,
+    pub(super) plane: usize,
     /// Offset of each tap in a padded plane.
-    taps: Vec<usize>,
+    pub(super) taps: Vec<usize>,
     /// Each output vector: its first input in a padded plane (the top-left tap), its first
     /// output position, and how many of its lanes are positions.
-    vectors: Vec<(usize, usize, usize)>,
+    pub(super) vectors: Vec<(usize, usize, usize)>,
 }
 
 impl RowPlan {
@@ -187,6 +190,95 @@ pub(super) unsafe fn forward<const R: usize>(
                         std::ptr::copy_nonoverlapping(values.as_ptr(), dst.add(start), width);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Patch rows per weight-gradient tile.
+pub(super) const DW_ROWS: usize = 4;
+/// Most output channels per weight-gradient block (with [`DW_ROWS`]: 12 accumulators).
+pub(super) const DW_BLOCK: usize = 3;
+
+/// What one weight-gradient kernel call reads: a chunk of images' padded copies (`x`, each
+/// `padded` values), their output gradients (`dy`, `[n, co, l]`), the block's first output
+/// channel `c0`, and the patch rows (each `c * plane + tap offset`, in whole tiles of
+/// [`DW_ROWS`]).
+pub(super) struct RowGradBlock<'a> {
+    pub x: &'a [f32],
+    pub padded: usize,
+    pub dy: &'a [f32],
+    pub plan: &'a RowPlan,
+    pub l: usize,
+    pub co: usize,
+    pub c0: usize,
+    pub rows: &'a [usize],
+}
+
+/// Adds to `sums` (`[tile][R][DW_ROWS][WIDTH]`, 8-lane partial sums) the products of output
+/// channels `c0 + r`, `r < R`, with every tile of patch rows, over every vector of every image
+/// of the chunk. Needs every vector whole (`W` a multiple of [`WIDTH`]).
+///
+/// # Safety
+/// AVX2 and FMA must be available. (Everything read and written is checked to lie inside its
+/// slice first.)
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn weight_grad<const R: usize>(block: RowGradBlock, sums: &mut [f32]) {
+    let RowGradBlock {
+        x,
+        padded,
+        dy,
+        plan,
+        l,
+        co,
+        c0,
+        rows,
+    } = block;
+    let images = x.len() / padded.max(1);
+    assert!((1..=DW_BLOCK).contains(&R) && c0 + R <= co);
+    assert!(x.len() == images * padded && dy.len() == images * co * l);
+    assert!(rows.len().is_multiple_of(DW_ROWS));
+    assert_eq!(sums.len(), rows.len() / DW_ROWS * R * DW_ROWS * WIDTH);
+    let last_row = rows.iter().copied().max().unwrap_or(0);
+    assert!(plan.vectors.iter().all(|&(at, to, width)| {
+        width == WIDTH && at + last_row + WIDTH <= padded && to + WIDTH <= l
+    }));
+    let tile_sums = R * DW_ROWS * WIDTH;
+    for (tile, sums) in rows
+        .chunks_exact(DW_ROWS)
+        .zip(sums.chunks_exact_mut(tile_sums))
+    {
+        let mut acc: [[__m256; DW_ROWS]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|j| {
+                // SAFETY: `sums` holds `R * DW_ROWS * WIDTH` values.
+                unsafe { _mm256_loadu_ps(sums.as_ptr().add((r * DW_ROWS + j) * WIDTH)) }
+            })
+        });
+        for i in 0..images {
+            // SAFETY: image `i` of the chunk and its gradient's channels `c0..c0 + R`.
+            let (image, grad) = unsafe {
+                (
+                    x.as_ptr().add(i * padded),
+                    dy.as_ptr().add((i * co + c0) * l),
+                )
+            };
+            for &(at, to, _) in &plan.vectors {
+                // SAFETY: `to + WIDTH <= l` in each of the `R` channels (checked).
+                let d: [__m256; R] =
+                    std::array::from_fn(|r| unsafe { _mm256_loadu_ps(grad.add(r * l + to)) });
+                for (j, &row) in tile.iter().enumerate() {
+                    // SAFETY: `at + row + WIDTH <= padded` (checked).
+                    let xs = unsafe { _mm256_loadu_ps(image.add(at + row)) };
+                    for (a, dr) in acc.iter_mut().zip(&d) {
+                        a[j] = _mm256_fmadd_ps(*dr, xs, a[j]);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add((r * DW_ROWS + j) * WIDTH), *v) };
             }
         }
     }
