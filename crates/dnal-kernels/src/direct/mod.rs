@@ -103,7 +103,8 @@ pub fn supports(g: &ConvGeometry) -> bool {
 /// about half the speed of `gemm` and takes only patches of at most [`HALVED_FORWARD_PATCH`]
 /// values (1x1 convolutions of few input channels, whose short products `gemm` runs less
 /// well); 3x3 and larger kernels go to the padded-rows kernel, 1.2-1.7x faster than `gemm`
-/// there on every CIFAR layer measured, at batch 1 and 128 (`takes_rows`).
+/// there on every CIFAR layer measured, at batch 1 and 128, and 1.1x at 256 filters on 8x8
+/// maps, but 1.3-1.6x slower on 4x4 maps, whose rows fill half a vector (`takes_rows`).
 pub fn takes_forward(g: &ConvGeometry) -> bool {
     takes_forward_on(g, halved())
 }
@@ -124,7 +125,7 @@ const HALVED_FORWARD_PATCH: usize = 24;
 fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
     let lanes = g.positions().div_ceil(LANES) * LANES;
     supports_forward(g)
-        && g.out_channels <= 128
+        && (g.out_channels <= 128 || takes_rows(g, halved))
         && 2 * g.positions() >= lanes
         && (!halved || g.patch() <= HALVED_FORWARD_PATCH || takes_rows(g, halved))
 }
@@ -612,10 +613,12 @@ fn forward_rows(
 }
 
 /// Whether the padded-rows kernel runs convolution `g` (which the forward kernel takes) on
-/// AVX2: where AVX2 runs in 128-bit halves, kernels larger than 1x1. (Not measured on CPUs
-/// with 256-bit units, which keep the masked kernel.)
+/// AVX2: where AVX2 runs in 128-bit halves, kernels larger than 1x1 on maps whose rows fill
+/// at least 5 of every 8 lanes of their vectors. (Not measured on CPUs with 256-bit units,
+/// which keep the masked kernel.)
 fn takes_rows(g: &ConvGeometry, halved: bool) -> bool {
-    halved && g.kernel > 1 && supports_forward(g)
+    let w = g.in_hw[1];
+    halved && g.kernel > 1 && supports_forward(g) && 8 * w >= 5 * w.next_multiple_of(rows::WIDTH)
 }
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
@@ -945,10 +948,16 @@ mod tests {
         ] {
             assert!(!takes_weight_grad_on(&g, true));
         }
-        // Neither: too many filters, too few positions for a vector.
-        for g in [conv(16, 256, 3, 8), conv(16, 16, 1, 2)] {
-            assert!(!takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+        // Neither: too few positions for a vector; too many filters for the masked kernel
+        // (the padded rows take them), rows too short for the padded rows.
+        assert!(!takes_forward_on(&conv(16, 16, 1, 2), false));
+        assert!(!takes_forward_on(&conv(16, 16, 1, 2), true));
+        assert!(!takes_forward_on(&conv(16, 256, 3, 8), false));
+        assert!(takes_forward_on(&conv(16, 256, 3, 8), true));
+        for g in [conv(64, 64, 3, 4), conv(64, 64, 3, 9)] {
+            assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
         }
+        assert!(takes_rows(&conv(16, 16, 3, 5), true) && takes_rows(&conv(16, 16, 3, 7), true));
     }
 
     /// `clamp(conv(x) * scale + shift + residual)` of a batch, summed in `f64`.
