@@ -916,14 +916,7 @@ mod tests {
     /// elsewhere the forward kernel takes every shape it supports up to 128 filters.
     #[test]
     fn halved_avx2_routes_3x3_to_padded_rows_and_wide_1x1_to_gemm() {
-        let conv = |ci: usize, co: usize, kernel: usize, side: usize| ConvGeometry {
-            in_channels: ci,
-            out_channels: co,
-            in_hw: [side, side],
-            kernel,
-            stride: 1,
-            padding: kernel / 2,
-        };
+        let conv = |ci, co, kernel, side| same_conv(ci, co, side, kernel);
         for g in [conv(3, 16, 3, 32), conv(16, 16, 3, 32), conv(64, 64, 3, 8)] {
             assert!(takes_forward_on(&g, false) && takes_forward_on(&g, true));
             assert!(takes_rows(&g, true) && !takes_rows(&g, false));
@@ -958,6 +951,23 @@ mod tests {
             assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
         }
         assert!(takes_rows(&conv(16, 16, 3, 5), true) && takes_rows(&conv(16, 16, 3, 7), true));
+    }
+
+    /// A test value in [-1, 1] for index `i` of the array `salt` names.
+    fn value(i: usize, salt: usize) -> f32 {
+        ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0
+    }
+
+    /// A stride-1 "same" convolution on square maps.
+    fn same_conv(ci: usize, co: usize, side: usize, kernel: usize) -> ConvGeometry {
+        ConvGeometry {
+            in_channels: ci,
+            out_channels: co,
+            in_hw: [side, side],
+            kernel,
+            stride: 1,
+            padding: kernel / 2,
+        }
     }
 
     /// `clamp(conv(x) * scale + shift + residual)` of a batch, summed in `f64`.
@@ -1008,8 +1018,6 @@ mod tests {
         if !crate::simd::runs(Isa::Avx2) {
             return;
         }
-        let value =
-            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0;
         let cases = [
             // (in, out, side, kernel, images)
             (1, 1, 4, 3, 1),
@@ -1025,14 +1033,7 @@ mod tests {
             (8, 4, 5, 3, 1),
         ];
         for (case, &(ci, co, side, kernel, images)) in cases.iter().enumerate() {
-            let g = ConvGeometry {
-                in_channels: ci,
-                out_channels: co,
-                in_hw: [side, side],
-                kernel,
-                stride: 1,
-                padding: kernel / 2,
-            };
+            let g = same_conv(ci, co, side, kernel);
             let x: Vec<f32> = (0..images * g.image()).map(|i| value(i, case)).collect();
             let w: Vec<f32> = (0..co * g.patch()).map(|i| value(i, case + 50)).collect();
             let residual: Vec<f32> = (0..images * co * g.positions())
@@ -1074,8 +1075,6 @@ mod tests {
         if !crate::simd::runs(Isa::Avx2) {
             return;
         }
-        let value =
-            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0;
         let cases = [
             // (in, out, side, kernel, images)
             (1, 1, 8, 3, 1),
@@ -1085,14 +1084,7 @@ mod tests {
             (6, 4, 8, 5, 2),
         ];
         for (case, &(ci, co, side, kernel, images)) in cases.iter().enumerate() {
-            let g = ConvGeometry {
-                in_channels: ci,
-                out_channels: co,
-                in_hw: [side, side],
-                kernel,
-                stride: 1,
-                padding: kernel / 2,
-            };
+            let g = same_conv(ci, co, side, kernel);
             let (l, p, pad) = (g.positions(), g.patch(), kernel / 2);
             let x: Vec<f32> = (0..images * g.image()).map(|i| value(i, case)).collect();
             let dy: Vec<f32> = (0..images * co * l).map(|i| value(i, case + 50)).collect();
