@@ -124,10 +124,8 @@ const HALVED_FORWARD_PATCH: usize = 24;
 /// [`takes_forward`], with AVX2 in 128-bit halves or not.
 fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
     let lanes = g.positions().div_ceil(LANES) * LANES;
-    supports_forward(g)
-        && (g.out_channels <= 128 || takes_rows(g, halved))
-        && 2 * g.positions() >= lanes
-        && (!halved || g.patch() <= HALVED_FORWARD_PATCH || takes_rows(g, halved))
+    let masked = g.out_channels <= 128 && (!halved || g.patch() <= HALVED_FORWARD_PATCH);
+    supports_forward(g) && 2 * g.positions() >= lanes && (takes_rows(g, halved) || masked)
 }
 
 /// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
@@ -247,7 +245,7 @@ pub struct PackedWeights {
     isa: Isa,
     /// The padded-rows kernel's plan, where it runs the convolution (its blocks' weights are
     /// `[Ci][tap][MAX_CHANNELS]`).
-    rows: Option<rows::RowPlan>,
+    rows: Option<Arc<rows::RowPlan>>,
     values: Vec<f32>,
     blocks: Vec<(usize, usize)>,
     patch: usize,
@@ -271,7 +269,7 @@ impl PackedWeights {
         );
         let p = g.patch();
         assert_eq!(w.len(), g.out_channels * p, "weights of the wrong size");
-        let rows = rows.then(|| rows::RowPlan::new(g));
+        let rows = rows.then(|| rows::RowPlan::shared(g));
         let max = if rows.is_some() {
             rows::BLOCK
         } else {
@@ -719,7 +717,7 @@ fn takes_rows_weight_grad(g: &ConvGeometry, halved: bool) -> bool {
 /// chunk, each tile's 8-lane partial sums waiting in memory between chunks. The result does
 /// not depend on the number of threads.
 fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
-    let plan = rows::RowPlan::new(g);
+    let plan = rows::RowPlan::shared(g);
     let (ci, co, p, l, image_len) = (
         g.in_channels,
         g.out_channels,

@@ -14,9 +14,11 @@
 #![allow(unsafe_code)]
 
 use super::MAX_CHANNELS;
-use crate::cpu::ConvGeometry;
+use crate::cpu::{ConvGeometry, GeometryKey};
+use crate::memo::Memo;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 /// Positions per vector (one AVX2 register).
 pub(super) const WIDTH: usize = 8;
@@ -40,7 +42,14 @@ pub(super) struct RowPlan {
 }
 
 impl RowPlan {
-    pub(super) fn new(g: &ConvGeometry) -> Self {
+    /// The plan of `g`'s map size, kernel and padding, built once per process (the training
+    /// step asks for it in every forward and weight gradient).
+    pub(super) fn shared(g: &ConvGeometry) -> Arc<Self> {
+        static PLANS: Memo<GeometryKey, RowPlan> = Memo::new();
+        PLANS.get(g.key(), || Self::new(g))
+    }
+
+    fn new(g: &ConvGeometry) -> Self {
         let [h, w] = g.in_hw;
         let (k, p) = (g.kernel, g.padding);
         let padded_w = w + 2 * p;
