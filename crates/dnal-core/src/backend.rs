@@ -73,6 +73,17 @@ impl BackendKind {
         })
     }
 
+    /// The device of host-side work that names no backend (exporting, classifying files,
+    /// building a network to count its MACs, reading an optimiser's record): the CPU backend of
+    /// this build, flex where compiled. burn's `Device::default()` would pick a GPU backend
+    /// whenever one is compiled in, and fail on a machine without its driver.
+    pub fn host_device() -> Device {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.single_device() && b.is_compiled())
+            .map_or_else(Device::default, |b| b.make_device(None))
+    }
+
     /// The device of this backend (without autodiff), or an error naming the cargo feature to
     /// enable when it was not compiled in.
     pub fn device(self) -> Result<Device> {

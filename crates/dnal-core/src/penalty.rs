@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendKind;
 use crate::cost::{CostModel, Width};
 use crate::error::{CoreError, Result};
 use crate::gate::ChannelGate;
@@ -206,7 +207,11 @@ impl SparsityPenalty {
         model.visit_gates(&mut |name, gate| relaxed.push((name.to_string(), self.relaxed(gate))));
         let device = match relaxed.first() {
             Some((_, t)) => t.device(),
-            None => return Tensor::zeros([1], &Device::default()),
+            None => {
+                // No gates: a zero on the device of the model's parameters.
+                let device = model.devices().into_iter().next();
+                return Tensor::zeros([1], &device.unwrap_or_else(BackendKind::host_device));
+            }
         };
         if let (Some(MacsTarget::Excess { fraction }), Some(cost)) =
             (self.config.target, &self.cost)

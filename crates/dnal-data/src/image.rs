@@ -246,6 +246,9 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
             hint: "no such file".into(),
         });
     }
+    if path.is_dir() {
+        return Err(DataError::format(path, "a folder where a file is expected"));
+    }
     std::fs::read(path).map_err(DataError::io(path))
 }
 

@@ -32,12 +32,26 @@ pub fn bundled_mnist(split: Split) -> Result<ImageSet> {
     bundled_mnist_from(&datasets_dir().join(BUNDLED_MNIST_FILE), split)
 }
 
-/// [`bundled_mnist`] from an explicit file.
+/// [`bundled_mnist`] from an explicit place: the `mnist_5k.csv.gz` file itself, the folder that
+/// holds it (`datasets/mnist-5k`), or a datasets folder that holds `mnist-5k/`.
 pub fn bundled_mnist_from(path: &Path, split: Split) -> Result<ImageSet> {
+    let resolved;
+    let path = if path.is_dir() {
+        let file = Path::new(BUNDLED_MNIST_FILE);
+        let inside = path.join(file.file_name().expect("a file name"));
+        resolved = if inside.exists() {
+            inside
+        } else {
+            path.join(file)
+        };
+        &resolved
+    } else {
+        path
+    };
     let gz = read_file(path).map_err(|e| match e {
         DataError::Missing { path, .. } => DataError::Missing {
             path,
-            hint: "the bundled MNIST sample ships in the repository's datasets/mnist-5k/; set DNAL_DATASETS to the folder that holds mnist-5k/".into(),
+            hint: "the bundled MNIST sample ships in the repository's datasets/mnist-5k/; point data.path at that folder (or its mnist_5k.csv.gz), or set DNAL_DATASETS to the folder that holds mnist-5k/".into(),
         },
         e => e,
     })?;

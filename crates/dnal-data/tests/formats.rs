@@ -45,6 +45,30 @@ fn bundled_mnist_checks_its_checksum_and_names_a_missing_file() {
     let err = bundled_mnist_from(&tmp.path().join("nope.csv.gz"), Split::Train).unwrap_err();
     assert!(matches!(err, DataError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("DNAL_DATASETS"), "{err}");
+
+    // A folder without the sample names the file it looked for.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = bundled_mnist_from(&empty, Split::Train).unwrap_err();
+    assert!(matches!(err, DataError::Missing { .. }), "{err}");
+    assert!(
+        err.to_string().contains("mnist-5k/mnist_5k.csv.gz"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bundled_mnist_is_found_from_its_folder_or_the_datasets_folder() {
+    let file = bundled_mnist_from(
+        &datasets_dir().join(dnal_data::mnist::BUNDLED_MNIST_FILE),
+        Split::Test,
+    )
+    .unwrap();
+    for place in [datasets_dir().join("mnist-5k"), datasets_dir()] {
+        let set = bundled_mnist_from(&place, Split::Test).unwrap();
+        assert_eq!(set.len(), file.len(), "{}", place.display());
+        assert_eq!(set.example(7).image, file.example(7).image);
+    }
 }
 
 #[test]

@@ -125,7 +125,7 @@ impl WithType for Load<'_> {
     type Output = ();
 
     fn run<N: Network>(self) -> Result<()> {
-        let device = burn::tensor::Device::default();
+        let device = dnal_core::BackendKind::host_device();
         let net: N = dnal_zoo::load(self.dir, |c| N::build(c, &device))?;
         dnal_onnx::export(&net, self.target, self.opts)?;
         Ok(())

@@ -35,7 +35,7 @@ impl WithNetwork for Summary<'_> {
 }
 
 fn summary<N: Network>(cfg: &TrainConfig, net_cfg: &N::Config) -> Result<String> {
-    let device = burn::tensor::Device::default();
+    let device = dnal_core::BackendKind::host_device();
     let model = N::build(net_cfg, &device)?;
     let cost = model.cost_model().cost(None);
     let mut s = format!(
@@ -74,7 +74,7 @@ impl<F: WithNetwork> WithNetwork for Scaled<'_, F> {
         if factor == 1.0 {
             return f.run::<N>(net_cfg);
         }
-        let full = N::build(&net_cfg, &burn::tensor::Device::default())?;
+        let full = N::build(&net_cfg, &dnal_core::BackendKind::host_device())?;
         let arch = dnal_zoo::compare::scaled_architecture(&full, factor)?;
         let thin = full.prune(&arch)?.config().clone();
         f.run::<N>(thin)

@@ -137,6 +137,16 @@ fn preprocess(file: &Path, eval: &Eval, out: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
+/// `error`'s message, led by the file's name unless it names the file already.
+fn naming(file: &Path, error: impl std::fmt::Display) -> String {
+    let (name, message) = (file.display().to_string(), error.to_string());
+    if message.contains(&name) {
+        message
+    } else {
+        format!("{name}: {message}")
+    }
+}
+
 /// The `k` most likely classes of one row of logits, with softmax probabilities.
 fn top_k(logits: &[f32], k: usize, classes: &[String]) -> Vec<Guess> {
     let max = logits
@@ -177,7 +187,7 @@ impl WithType for Forward<'_> {
     type Output = (Vec<Prediction>, Vec<String>);
 
     fn run<N: Network>(mut self) -> Result<Self::Output> {
-        let device = Device::default();
+        let device = dnal_core::BackendKind::host_device();
         let net: N = dnal_zoo::load(self.dir, |c| N::build(c, &device))?;
         let net = dnal_zoo::Inference::new(&net, &device)?;
         let shape = [self.eval.channels, self.eval.size, self.eval.size];
@@ -188,7 +198,7 @@ impl WithType for Forward<'_> {
             for file in chunk {
                 match preprocess(file, self.eval, &mut images) {
                     Ok(()) => read.push(file.clone()),
-                    Err(e) => self.errors.push(format!("{}: {e}", file.display())),
+                    Err(e) => self.errors.push(naming(file, e)),
                 }
             }
             self.bar.inc(chunk.len() as u64);

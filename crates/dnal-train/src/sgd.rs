@@ -168,7 +168,7 @@ impl Sgd {
     }
 
     /// The optimiser with the velocities of `record` (written by [`Sgd::to_record`] or by
-    /// burn's `ModuleOptimizer` for its `Sgd`). They are read onto the default device and
+    /// burn's `ModuleOptimizer` for its `Sgd`). They are read onto the host's device and
     /// moved to each parameter's device at its next step; a velocity the record does not
     /// hold starts again, as at a first step.
     pub fn load_record(mut self, record: OptimizerRecord) -> Self {
@@ -184,7 +184,7 @@ impl Sgd {
         let Ok(tensors) = reader.into_tensors() else {
             return self;
         };
-        let device = Device::default();
+        let device = dnal_core::BackendKind::host_device();
         for tensor in tensors {
             let Ok((name, dtype, shape, param_id, bytes)) = tensor.into_parts() else {
                 continue;

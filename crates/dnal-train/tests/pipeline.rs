@@ -833,7 +833,7 @@ fn predict_classifies_png_digits_as_the_report_says() {
     assert_eq!(predictions.len(), 200);
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors[0].contains("missing.png"), "{errors:?}");
-    assert!(errors[1].contains("zzz-broken.png"), "{errors:?}");
+    assert_eq!(errors[1].matches("zzz-broken.png").count(), 1, "{errors:?}");
     let mut correct = 0;
     for p in &predictions {
         let name = p.file.file_stem().unwrap().to_string_lossy().into_owned();

@@ -391,3 +391,12 @@ fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
         );
     }
 }
+
+/// Exporting, classifying files and counting a network's MACs name no backend: in a build with
+/// a GPU backend they still run on the CPU (burn's default device would be the GPU's, and on a
+/// machine without its driver, a failure).
+#[test]
+fn host_side_work_stays_on_flex_in_a_gpu_build() {
+    assert_ne!(burn::prelude::Device::default(), flex());
+    assert_eq!(BackendKind::host_device(), flex());
+}
