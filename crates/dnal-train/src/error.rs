@@ -24,6 +24,14 @@ pub enum TrainError {
         /// "; did you mean ...?" or nothing.
         suggestion: String,
     },
+    /// No recipe of that name (`sweep --recipe`).
+    #[error("unknown recipe `{name}`; recipes: {known}")]
+    UnknownRecipe {
+        /// The name given.
+        name: String,
+        /// Every recipe, comma-separated.
+        known: String,
+    },
     /// The loss became NaN or infinite.
     #[error(
         "the loss became {value} at {stage} epoch {epoch}, iteration {iteration}; the last good checkpoint is kept in {checkpoint} (lower the learning rate, then resume with --resume)"

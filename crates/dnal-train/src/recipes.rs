@@ -82,16 +82,13 @@ pub fn lambdas_and_paper(
         RECIPES
             .iter()
             .find(|r| r.name == name)
-            .ok_or_else(|| TrainError::UnknownPreset {
+            .ok_or_else(|| TrainError::UnknownRecipe {
                 name: name.into(),
-                suggestion: format!(
-                    "; recipes: {}",
-                    RECIPES
-                        .iter()
-                        .map(|r| r.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                known: RECIPES
+                    .iter()
+                    .map(|r| r.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
     let (_, p) = split(recipe)?;
     Ok((p.lambdas, p.paper))

@@ -457,6 +457,12 @@ struct Finished {
 /// Reads every finished run in `dir` and writes `sweep.json`, `sweep.md` and `pareto.svg`.
 pub fn write_report(dir: &Path) -> Result<SweepTable> {
     let mut runs: Vec<Finished> = Vec::new();
+    if !dir.is_dir() {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "no such folder; pass the --out folder of a sweep".into(),
+        });
+    }
     let entries = std::fs::read_dir(dir).map_err(dnal_core::CoreError::io(dir))?;
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))

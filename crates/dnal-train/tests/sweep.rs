@@ -268,3 +268,24 @@ fn an_emitted_sweep_runs_task_by_task_into_the_sweeps_folders() {
     assert_eq!(table.rows.len(), 2);
     assert_eq!([stamp(&dnal), stamp(&uniform)], before);
 }
+
+/// A recipe that does not exist and a report folder that does not exist are named, with what
+/// to pass instead; nothing is written.
+#[test]
+fn a_wrong_recipe_or_report_folder_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let mut opts = options(&out, &[5e-3], Vec::new());
+    opts.recipe = "resnet57-cifar10".into();
+    let err = sweep::run(&opts).unwrap_err().to_string();
+    assert!(
+        err.starts_with("unknown recipe `resnet57-cifar10`"),
+        "{err}"
+    );
+    assert!(err.contains("resnet56-cifar10"), "{err}");
+    assert!(!out.exists());
+
+    let err = sweep::write_report(&out).unwrap_err().to_string();
+    assert!(err.contains("no such folder"), "{err}");
+    assert!(err.contains("--out folder of a sweep"), "{err}");
+}
