@@ -31,6 +31,46 @@ impl ImageFolder {
         Self::scan(&root.join(sub))
     }
 
+    /// Scans `root/<split>/` with the classes of `reference` (the training split): an image's
+    /// label is its class's index there, whatever other class folders this split lacks, so
+    /// that the splits agree on what each label means. A class folder `reference` does not
+    /// have is an error naming it.
+    pub fn open_like(root: &Path, split: Split, reference: &ImageFolder) -> Result<Self> {
+        let sub = match split {
+            Split::Train => "train",
+            Split::Test => "val",
+        };
+        let mut folder = Self::scan(&root.join(sub))?;
+        let index: std::collections::HashMap<&str, usize> = reference
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let mut relabel = Vec::with_capacity(folder.classes.len());
+        for class in &folder.classes {
+            match index.get(class.as_str()) {
+                Some(&i) => relabel.push(i),
+                None => {
+                    return Err(DataError::format(
+                        &folder.root.join(class),
+                        format!(
+                            "class `{class}` has no folder in {} ({} classes there); both splits \
+                             must name their classes with the same folders",
+                            reference.root.display(),
+                            reference.classes.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        for item in &mut folder.items {
+            item.1 = relabel[item.1];
+        }
+        folder.classes = reference.classes.clone();
+        Ok(folder)
+    }
+
     /// Scans one folder of class sub-folders.
     pub fn scan(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {

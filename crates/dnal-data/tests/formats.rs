@@ -339,6 +339,46 @@ fn image_folders_sort_classes_and_report_bad_images() {
     );
 }
 
+/// A validation split without one of the training classes keeps the training split's labels
+/// (a folder-by-folder numbering would shift every class after the gap); a class only the
+/// validation split has is an error naming it.
+#[test]
+fn a_validation_split_takes_the_training_classes_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for (split, classes) in [("train", ["ant", "bee", "cat"]), ("val", ["cat", "", ""])] {
+        for class in classes.into_iter().filter(|c| !c.is_empty()) {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            write_image(&dir.join("0.png"), 20, 20);
+        }
+    }
+    let train = ImageFolder::open(root, Split::Train).unwrap();
+    assert_eq!(
+        ImageFolder::open(root, Split::Test)
+            .unwrap()
+            .example(0)
+            .unwrap()
+            .label,
+        0
+    );
+    let val = ImageFolder::open_like(root, Split::Test, &train).unwrap();
+    assert_eq!(val.classes(), ["ant", "bee", "cat"]);
+    assert_eq!(val.len(), 1);
+    assert_eq!(val.example(0).unwrap().label, 2);
+
+    let dir = root.join("val/dog");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_image(&dir.join("0.png"), 20, 20);
+    let msg = ImageFolder::open_like(root, Split::Test, &train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("val/dog") && msg.contains("class `dog` has no folder in"),
+        "{msg}"
+    );
+}
+
 /// Inputs the fuzz targets found (`fuzz/README.md`), replayed: each gives an image or an error,
 /// never a panic.
 #[test]

@@ -168,7 +168,8 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
             if let Some(k) = per_class(&train, cfg.train_limit) {
                 train = train.balanced_head(k);
             }
-            let mut test = ImageFolder::open(&root, Split::Test)?;
+            // Labels are the training split's class indices in both splits.
+            let mut test = ImageFolder::open_like(&root, Split::Test, &train)?;
             if let Some(k) = per_class(&test, cfg.test_limit) {
                 test = test.balanced_head(k);
             }
