@@ -87,10 +87,11 @@ pub struct StepTimes {
 
 /// Times `bench`'s training step.
 pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
-    if bench.steps == 0 || bench.batch == 0 {
+    let s = bench.shape;
+    if [bench.steps, bench.batch, s.size, s.classes].contains(&0) {
         return Err(TrainError::from(dnal_core::CoreError::invalid(
             "bench",
-            "--steps and --batch must be at least 1",
+            "--steps, --batch, --size and --classes must be at least 1",
         )));
     }
     let device = bench.backend.probe()?;

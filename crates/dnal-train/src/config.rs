@@ -61,7 +61,8 @@ pub struct CompareConfig {
 pub struct ModelConfig {
     /// Which network.
     pub name: ModelName,
-    /// Number of classes (default: the data set's).
+    /// Number of classes (default: the data set's). MNIST and CIFAR take only their own
+    /// count; an image folder takes at least its number of class folders.
     #[serde(default)]
     pub num_classes: Option<usize>,
     /// Every gated width scaled by this factor in `(0, 1]`, `ceil(factor * width)` channels (at
@@ -444,6 +445,7 @@ impl TrainConfig {
             ("data.crop_size", self.data.crop_size),
             ("report.latency_batch", self.report.latency_batch),
             ("report.latency_runs", self.report.latency_runs),
+            ("model.num_classes", self.model.num_classes.unwrap_or(1)),
         ] {
             if value == 0 {
                 return bad(key, "0 is not allowed; it must be at least 1".into());

@@ -34,11 +34,21 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Channels, image side and class count of a data set, known without reading it (except for
 /// image folders when `num_classes` is not given: their classes are their sub-folders).
+/// A fixed data set's `model.num_classes` must be its own class count.
 pub fn shape_of(cfg: &DataConfig, num_classes: Option<usize>) -> Result<(usize, usize, usize)> {
+    let fixed = |channels: usize, size: usize, classes: usize| match num_classes {
+        Some(n) if n != classes => Err(DataError::invalid(
+            "model.num_classes",
+            format!(
+                "{n}, but this data set has {classes} classes; leave the key out (it defaults to the data set's)"
+            ),
+        )),
+        _ => Ok((channels, size, classes)),
+    };
     Ok(match cfg.dataset {
-        DatasetName::Mnist5k | DatasetName::Mnist | DatasetName::FashionMnist => (1, 28, 10),
-        DatasetName::Cifar10 => (3, 32, 10),
-        DatasetName::Cifar100 => (3, 32, 100),
+        DatasetName::Mnist5k | DatasetName::Mnist | DatasetName::FashionMnist => fixed(1, 28, 10)?,
+        DatasetName::Cifar10 => fixed(3, 32, 10)?,
+        DatasetName::Cifar100 => fixed(3, 32, 100)?,
         DatasetName::ImageFolder => {
             let classes = match num_classes {
                 Some(n) => n,
@@ -94,8 +104,9 @@ pub fn eval_preprocessing(cfg: &DataConfig) -> Eval {
     }
 }
 
-/// Opens the data set and builds both loaders.
-pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
+/// Opens the data set and builds both loaders, for a network of `num_classes` outputs (`None`:
+/// the data set's count).
+pub fn load(cfg: &DataConfig, num_classes: Option<usize>, seed: u64) -> Result<RunData> {
     let data_dir = || cfg.path.clone().unwrap_or_else(default_data_dir);
     let limit = |set: ImageSet, n: Option<usize>| match n {
         Some(n) if n < set.len() => {
@@ -200,6 +211,17 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<RunData> {
     } = eval_preprocessing(cfg);
     let channels = train.channels();
     let classes = train.classes().to_vec();
+    if let Some(n) = num_classes.filter(|&n| n < classes.len()) {
+        return Err(DataError::invalid(
+            "model.num_classes",
+            format!(
+                "{n}, but the data set has {} classes (its labels reach {}); give at least {0}, or leave the key out",
+                classes.len(),
+                classes.len() - 1
+            ),
+        )
+        .into());
+    }
     Ok(RunData {
         train: Loader::new(
             train,

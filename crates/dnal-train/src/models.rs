@@ -88,7 +88,7 @@ impl WithNetwork for Train<'_> {
 
     fn run<N: Network>(self, net_cfg: N::Config) -> Result<Outcome> {
         let Train(cfg, opts) = self;
-        let data = data::load(&cfg.data, cfg.seed)?;
+        let data = data::load(&cfg.data, cfg.model.num_classes, cfg.seed)?;
         Runner::<N>::new(cfg, net_cfg, &data, opts)?.run()
     }
 }

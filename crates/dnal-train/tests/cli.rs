@@ -67,6 +67,20 @@ fn errors_exit_non_zero_with_a_message() {
     assert!(!ok && text.contains("pruned or dense"), "{text}");
     let (ok, text) = dnal_train(&["export", empty, "--opset", "7"]);
     assert!(!ok && text.contains("opset 7"), "{text}");
+    // A class count that is not the data set's, or none, and a bench of empty images: named,
+    // never a panic.
+    let (ok, text) = dnal_train(&["train", "--set", "model.num_classes=3", "--dry-run"]);
+    assert!(
+        !ok && text.contains("this data set has 10 classes"),
+        "{text}"
+    );
+    let (ok, text) = dnal_train(&["train", "--set", "model.num_classes=0", "--dry-run"]);
+    assert!(!ok && text.contains("model.num_classes"), "{text}");
+    for arg in ["--size", "--classes"] {
+        let (ok, text) = dnal_train(&["bench", arg, "0"]);
+        assert!(!ok && text.contains("must be at least 1"), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
 }
 
 /// The binary is killed (SIGKILL) in the middle of a tiny run, after its first checkpoint;

@@ -481,6 +481,31 @@ fn mnist_image_folder(root: &Path, split: dnal_data::Split, per_class: usize) {
     }
 }
 
+/// An image folder's labels must fit the network's outputs: `model.num_classes` below the
+/// folder's class count is an error naming both; a larger head is allowed.
+#[test]
+fn an_image_folder_with_more_classes_than_outputs_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("digits");
+    mnist_image_folder(&data, dnal_data::Split::Train, 1);
+    mnist_image_folder(&data, dnal_data::Split::Test, 1);
+    let cfg = demo(&[
+        "data.dataset=\"image-folder\"",
+        &format!("data.path=\"{}\"", data.display()),
+        "data.crop_size=14",
+    ]);
+    let err = match dnal_train::data::load(&cfg.data, Some(5), 0) {
+        Ok(_) => panic!("5 outputs for 10 classes were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("model.num_classes") && err.contains("has 10 classes"),
+        "{err}"
+    );
+    let loaded = dnal_train::data::load(&cfg.data, Some(12), 0).map(|d| d.classes.len());
+    assert_eq!(loaded.ok(), Some(10));
+}
+
 /// The tiny supernet on real MNIST digits laid out as an ImageNet-style folder tree (so the
 /// image-folder path is exercised, here with 14x14 crops to stay fast): the whole pipeline runs
 /// and DNAL removes whole candidate operations. Accuracy is not asserted: a few epochs of this
