@@ -72,7 +72,15 @@ pub fn save<N: Network>(
         &tmp,
         "injected write failure (no space left on device)"
     )));
-    // Make the new checkpoint durable before it replaces the old one.
+    // Make the new checkpoint durable before it replaces the old one: its files' contents
+    // (written without a sync of their own), then the folder's entries. Otherwise a power cut
+    // just after the swap could leave empty files in the only checkpoint.
+    for name in files(&tmp)? {
+        let path = tmp.join(name);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ckpt_err(&path, e))?;
+    }
     if let Ok(f) = std::fs::File::open(&tmp) {
         let _ = f.sync_all();
     }
