@@ -11,6 +11,13 @@ use crate::image::{Example, Image, Source};
 /// File extensions read as images (case-insensitive).
 pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpeg", "jpg", "png", "bmp", "webp"];
 
+/// Whether `path` names an image by its extension (one of [`IMAGE_EXTENSIONS`], any case).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// An image-folder data set: one sub-folder per class, class index = position of the folder
 /// name in sorted order. Images are decoded (as RGB) when an example is read.
 #[derive(Clone, Debug)]
@@ -96,11 +103,7 @@ impl ImageFolder {
             let class_dir = dir.join(class);
             let before = items.len();
             for file in read_dir_sorted(&class_dir)? {
-                let is_image = file
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-                if file.is_file() && is_image {
+                if file.is_file() && has_image_extension(&file) {
                     items.push((file, label));
                 }
             }

@@ -141,7 +141,7 @@ enum Command {
     Predict {
         /// The run folder.
         run: PathBuf,
-        /// Image files (PNG, JPEG) or folders of them.
+        /// Image files (PNG, JPEG, BMP, WebP) or folders of them (sub-folders are read too).
         #[arg(required = true)]
         images: Vec<PathBuf>,
         /// `pruned` or `dense`.

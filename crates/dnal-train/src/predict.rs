@@ -47,7 +47,8 @@ pub struct PredictOptions {
     pub quiet: bool,
 }
 
-/// Classifies the images `inputs` (files, or folders whose files are all read) with the run in
+/// Classifies the images `inputs` (files, or folders whose image files are all read, sub-folders
+/// too) with the run in
 /// `run`. Returns the predictions of the images that could be read, in input order, and one
 /// line per input that could not (naming the file).
 pub fn predict(
@@ -88,23 +89,22 @@ pub fn predict(
     Ok((predictions, errors))
 }
 
-/// The files of `inputs` (a folder's files in name order) and a line per input that does not
-/// exist.
+/// The files of `inputs`: a file as given, a folder's image files (by extension) in name order,
+/// its sub-folders' after its own; and a line per input that does not exist, per folder that
+/// cannot be listed and per folder that holds no image.
 fn expand(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            match std::fs::read_dir(input) {
-                Ok(entries) => {
-                    let mut inside: Vec<PathBuf> = entries
-                        .filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| p.is_file())
-                        .collect();
-                    inside.sort();
-                    files.extend(inside);
-                }
-                Err(e) => errors.push(format!("{}: cannot list the folder: {e}", input.display())),
+            let before = files.len();
+            walk(input, &mut files, &mut errors, &mut Default::default());
+            if files.len() == before {
+                errors.push(format!(
+                    "{}: no image file in this folder or below it (looked for .{})",
+                    input.display(),
+                    dnal_data::folder::IMAGE_EXTENSIONS.join(", .")
+                ));
             }
         } else if input.is_file() {
             files.push(input.clone());
@@ -113,6 +113,37 @@ fn expand(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
         }
     }
     (files, errors)
+}
+
+/// Appends `dir`'s image files in name order, then those of its sub-folders, one by one; a
+/// folder already `seen` (through a link) is not read again.
+fn walk(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<String>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) {
+    if !seen.insert(dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())) {
+        return;
+    }
+    let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) => {
+            errors.push(format!("{}: cannot list the folder: {e}", dir.display()));
+            return;
+        }
+    };
+    entries.sort();
+    let (folders, inside): (Vec<PathBuf>, Vec<PathBuf>) =
+        entries.into_iter().partition(|p| p.is_dir());
+    files.extend(
+        inside
+            .into_iter()
+            .filter(|p| p.is_file() && dnal_data::folder::has_image_extension(p)),
+    );
+    for folder in folders {
+        walk(&folder, files, errors, seen);
+    }
 }
 
 /// Decodes `file`, brings it to the network's input size as the evaluation did, normalises it
@@ -227,5 +258,43 @@ impl WithType for Forward<'_> {
             );
         }
         Ok((predictions, self.errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_give_their_image_files_sub_folders_included() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("images");
+        for file in [
+            "a.png",
+            "notes.txt",
+            "sub/b.JPG",
+            "sub/deeper/c.webp",
+            "z.jpeg",
+        ] {
+            let path = root.join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"").unwrap();
+        }
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&root, root.join("sub/loop")).unwrap();
+        let named = root.join("notes.txt");
+        let (files, errors) = expand(&[root.clone(), named.clone(), root.join("empty")]);
+        let expected: Vec<PathBuf> = ["a.png", "z.jpeg", "sub/b.JPG", "sub/deeper/c.webp"]
+            .iter()
+            .map(|f| root.join(f))
+            .chain([named])
+            .collect();
+        assert_eq!(files, expected);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("empty") && errors[0].contains("no image file"),
+            "{errors:?}"
+        );
     }
 }
