@@ -43,11 +43,7 @@ impl ImageFolder {
     /// that the splits agree on what each label means. A class folder `reference` does not
     /// have is an error naming it.
     pub fn open_like(root: &Path, split: Split, reference: &ImageFolder) -> Result<Self> {
-        let sub = match split {
-            Split::Train => "train",
-            Split::Test => "val",
-        };
-        let mut folder = Self::scan(&root.join(sub))?;
+        let mut folder = Self::open(root, split)?;
         let index: std::collections::HashMap<&str, usize> = reference
             .classes
             .iter()
