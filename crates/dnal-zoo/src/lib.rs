@@ -42,6 +42,8 @@ pub use network::{
     Network, StructureGrid, counted_params, load, load_safetensors, prune, save, save_safetensors,
 };
 pub use plain::{PlainCnn, PlainCnnConfig};
-pub use pretrained::{Base, KeyMap, KeyMapper, KeyRules, Layout, Loaded, Rename, load_pretrained};
+pub use pretrained::{
+    Base, KeyMap, KeyMapper, KeyRules, Layout, Loaded, Rename, check_pretrained, load_pretrained,
+};
 pub use resnet::{BlockWidths, CifarResNet, CifarResNetConfig};
 pub use supernet::{CandidateWidths, SuperNet, SuperNetConfig};

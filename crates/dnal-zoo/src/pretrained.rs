@@ -217,15 +217,40 @@ impl std::fmt::Display for Loaded {
     }
 }
 
-/// Loads the tensors of `path` into `model` (a full-width network), renamed by `keys`; the
-/// network's tensors whose path matches one of `exclude` (regexes over dnal's paths, e.g.
-/// `^classifier\.` to train a new classifier) keep their values, as do the gates'.
-pub fn load_pretrained<N: Network>(
-    mut model: N,
+/// Checks what [`load_pretrained`] needs before anything is read: that `path` is a file, that
+/// `keys` applies to `model`'s family and compiles, and that `exclude` are patterns. A run
+/// calls it before it loads its data, so that a wrong path fails at once.
+pub fn check_pretrained<N: Network>(
+    model: &N,
     path: &Path,
     keys: &KeyMap,
     exclude: &[String],
-) -> Result<(N, Loaded)> {
+) -> Result<()> {
+    resolve(model, path, keys, exclude).map(|_| ())
+}
+
+/// A weights file's key rules, compiled, and the compiled exclusions.
+struct Resolved {
+    rules: KeyRules,
+    mapper: KeyMapper,
+    exclude: Vec<Regex>,
+}
+
+fn resolve<N: Network>(
+    model: &N,
+    path: &Path,
+    keys: &KeyMap,
+    exclude: &[String],
+) -> Result<Resolved> {
+    if path.is_dir() {
+        return Err(record(
+            path,
+            "a folder, not a weights file: name the .pth, .pt, .safetensors or .bpk file".into(),
+        ));
+    }
+    if !path.is_file() {
+        return Err(record(path, "no such file".into()));
+    }
     let torchvision = || {
         model.torchvision_keys().ok_or_else(|| {
             record(
@@ -253,7 +278,7 @@ pub fn load_pretrained<N: Network>(
             }
         },
     };
-    let compiled = rules.compile(path)?;
+    let mapper = rules.compile(path)?;
     let exclude = exclude
         .iter()
         .map(|p| {
@@ -262,6 +287,27 @@ pub fn load_pretrained<N: Network>(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    Ok(Resolved {
+        rules,
+        mapper,
+        exclude,
+    })
+}
+
+/// Loads the tensors of `path` into `model` (a full-width network), renamed by `keys`; the
+/// network's tensors whose path matches one of `exclude` (regexes over dnal's paths, e.g.
+/// `^classifier\.` to train a new classifier) keep their values, as do the gates'.
+pub fn load_pretrained<N: Network>(
+    mut model: N,
+    path: &Path,
+    keys: &KeyMap,
+    exclude: &[String],
+) -> Result<(N, Loaded)> {
+    let Resolved {
+        rules,
+        mapper: compiled,
+        exclude,
+    } = resolve(&model, path, keys, exclude)?;
     let excluded = |name: &str| exclude.iter().any(|r| r.is_match(name));
 
     let source = read_tensors(path, rules.top_level_key.as_deref())?;
@@ -465,9 +511,6 @@ fn listing(names: &[String]) -> String {
 
 /// The tensors of a `.pth`/`.pt` or `.safetensors` file, by name.
 fn read_tensors(path: &Path, top_level_key: Option<&str>) -> Result<BTreeMap<String, PackTensor>> {
-    if !path.is_file() {
-        return Err(record(path, "no such file".into()));
-    }
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

@@ -218,6 +218,12 @@ fn bad_files_are_refused_not_panicked_on() {
     let keys = KeyMap::Torchvision;
     let missing = dir.path().join("absent.pth");
     assert!(load_err::<dnal_zoo::PlainCnn>(&cfg, &missing, &keys, &[]).contains("no such file"));
+    // The path is checked before the key map: a network without torchvision names is not told
+    // to write a key map for a file that does not exist.
+    let e = load_err::<dnal_zoo::PlainCnn>(&PlainCnnConfig::mnist_cnn(), &missing, &keys, &[]);
+    assert!(e.contains("no such file"), "{e}");
+    let e = load_err::<dnal_zoo::PlainCnn>(&cfg, dir.path(), &keys, &[]);
+    assert!(e.contains("a folder, not a weights file"), "{e}");
     let bytes = std::fs::read(fixture("vgg16_bn.pth")).unwrap();
     let truncated = dir.path().join("truncated.pth");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
