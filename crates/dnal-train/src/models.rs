@@ -88,14 +88,7 @@ impl WithNetwork for Train<'_> {
 
     fn run<N: Network>(self, net_cfg: N::Config) -> Result<Outcome> {
         let Train(cfg, opts) = self;
-        // A wrong weights file fails now, not after the data set has been read.
-        if let Some(path) = cfg.weights.init.as_deref()
-            && !opts.resume
-        {
-            let model = N::build(&net_cfg, &dnal_core::BackendKind::host_device())?;
-            let keys = cfg.weights.init_key_map()?;
-            dnal_zoo::check_pretrained(&model, path, &keys, &cfg.weights.init_exclude)?;
-        }
+        Runner::<N>::preflight(cfg, &net_cfg, opts)?;
         let data = data::load(&cfg.data, cfg.model.num_classes, cfg.seed)?;
         Runner::<N>::new(cfg, net_cfg, &data, opts)?.run()
     }

@@ -187,24 +187,26 @@ impl<'a, N: Network> Runner<'a, N> {
 
     /// The architecture the `scratch` mode trains, read and checked against the network.
     fn scratch_architecture(&self) -> Result<Architecture> {
-        let path = self
-            .cfg
-            .compare
-            .architecture
-            .as_deref()
-            .unwrap_or(Path::new(""));
-        let wrong = |message: String| TrainError::Config {
-            origin: "compare.architecture".into(),
-            message: format!(
-                "{message}; give the architecture.json of a finished run of this network"
-            ),
-        };
-        let arch = Architecture::load(path).map_err(|e| wrong(e.to_string()))?;
-        // Built, never drawn (burn's parameters are lazy): only the gates are read.
-        let dense = N::build(&self.net_config, &self.device)?;
-        arch.check_matches(&dense)
-            .map_err(|e| wrong(format!("{} does not fit the network: {e}", path.display())))?;
-        Ok(arch)
+        scratch_architecture::<N>(self.cfg, &self.net_config)
+    }
+
+    /// What a run can check before its data set is read: the weights file it starts from and
+    /// the architecture the `scratch` mode trains. A resumed run checks neither here (its
+    /// weights come from the checkpoint).
+    pub fn preflight(cfg: &TrainConfig, net_config: &N::Config, opts: &RunOptions) -> Result<()> {
+        if opts.resume {
+            return Ok(());
+        }
+        if let Some(path) = cfg.weights.init.as_deref() {
+            // Built, never drawn (burn's parameters are lazy).
+            let model = N::build(net_config, &BackendKind::host_device())?;
+            let keys = cfg.weights.init_key_map()?;
+            dnal_zoo::check_pretrained(&model, path, &keys, &cfg.weights.init_exclude)?;
+        }
+        if cfg.mode == Mode::Scratch {
+            scratch_architecture::<N>(cfg, net_config)?;
+        }
+        Ok(())
     }
 
     /// Runs (or resumes) the whole pipeline.
@@ -694,4 +696,23 @@ fn progress_key(phase: Phase) -> u64 {
         Phase::Final => 4,
         Phase::BaselineExtend => 5,
     }
+}
+
+/// The architecture the `scratch` mode trains (`compare.architecture`), read and checked
+/// against the network.
+fn scratch_architecture<N: Network>(
+    cfg: &TrainConfig,
+    net_config: &N::Config,
+) -> Result<Architecture> {
+    let path = cfg.compare.architecture.as_deref().unwrap_or(Path::new(""));
+    let wrong = |message: String| TrainError::Config {
+        origin: "compare.architecture".into(),
+        message: format!("{message}; give the architecture.json of a finished run of this network"),
+    };
+    let arch = Architecture::load(path).map_err(|e| wrong(e.to_string()))?;
+    // Built, never drawn (burn's parameters are lazy): only the gates are read.
+    let dense = N::build(net_config, &BackendKind::host_device())?;
+    arch.check_matches(&dense)
+        .map_err(|e| wrong(format!("{} does not fit the network: {e}", path.display())))?;
+    Ok(arch)
 }

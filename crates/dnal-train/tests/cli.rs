@@ -76,8 +76,8 @@ fn errors_exit_non_zero_with_a_message() {
     );
     let (ok, text) = dnal_train(&["train", "--set", "model.num_classes=0", "--dry-run"]);
     assert!(!ok && text.contains("model.num_classes"), "{text}");
-    // A weights file that is not there fails before the data set is read (here an image
-    // folder that is not there either) and before the run's folder is made.
+    // A weights file or a scratch architecture that is not there fails before the data set is
+    // read (here an image folder that is not there either) and before the run's folder is made.
     let out = tmp.path().join("run");
     let (ok, text) = dnal_train(&[
         "train",
@@ -93,6 +93,24 @@ fn errors_exit_non_zero_with_a_message() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok && text.contains("resnet50.pth: no such file"), "{text}");
+    assert!(!out.exists());
+    let (ok, text) = dnal_train(&[
+        "train",
+        "--preset",
+        "resnet50-imagenet-l1e-4",
+        "--set",
+        "data.path=/nonexistent/imagenet",
+        "--set",
+        "mode=\"scratch\"",
+        "--set",
+        "compare.architecture=/nonexistent/architecture.json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("compare.architecture: /nonexistent/architecture.json"),
+        "{text}"
+    );
     assert!(!out.exists());
     for arg in ["--size", "--classes"] {
         let (ok, text) = dnal_train(&["bench", arg, "0"]);
