@@ -642,10 +642,14 @@ fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
     };
     if let Some(kind) = &args.emit {
         let kind = dnal_train::cluster::Emit::parse(kind)?;
-        let gpus = args.gpus.unwrap_or(match backend {
-            BackendKind::Cuda | BackendKind::Wgpu => 1,
-            _ => 0,
-        });
+        let gpu_backend = matches!(backend, BackendKind::Cuda | BackendKind::Wgpu);
+        let gpus = args.gpus.unwrap_or(usize::from(gpu_backend));
+        if gpus == 0 && gpu_backend {
+            anyhow::bail!(
+                "--gpus 0 with --backend {}: each task needs at least one GPU",
+                args.backend
+            );
+        }
         print!("{}", dnal_train::cluster::emit(&opts, kind, gpus)?);
         return Ok(true);
     }

@@ -139,6 +139,26 @@ pub(crate) fn plan(opts: &SweepOptions) -> Result<(Vec<Point>, Vec<Point>)> {
             "nothing to run: give --lambdas (the recipe lists none) and at least one seed",
         )));
     }
+    let invalid = |flag: &str, message: String| {
+        Err(TrainError::from(dnal_core::CoreError::invalid(
+            flag, message,
+        )))
+    };
+    if opts.jobs == 0 {
+        return invalid("--jobs", "0 runs at once: it must be at least 1".into());
+    }
+    if let Some(l) = lambdas.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {
+        return invalid("--lambdas", format!("{l} is not a finite number >= 0"));
+    }
+    if let Some(l) = repeated(lambdas.iter().map(|&l| lambda_label(l))) {
+        return invalid("--lambdas", format!("{l} is listed twice"));
+    }
+    if let Some(s) = repeated(opts.seeds.iter()) {
+        return invalid("--seeds", format!("{s} is listed twice"));
+    }
+    if let Some(m) = repeated(opts.baselines.iter().map(|m| m.name())) {
+        return invalid("--baselines", format!("{m} is listed twice"));
+    }
     let point = |method, lambda, seed| Point {
         method,
         lambda,
@@ -149,6 +169,10 @@ pub(crate) fn plan(opts: &SweepOptions) -> Result<(Vec<Point>, Vec<Point>)> {
         .iter()
         .flat_map(|&l| opts.seeds.iter().map(move |&s| point(Method::Dnal, l, s)))
         .collect();
+    // Every run's config is checked now, not by each run as it starts.
+    for p in &dnal {
+        crate::recipes::resolve(Some(&opts.recipe), None, &run_sets(opts, p, &[]))?;
+    }
     let compare = dnal
         .iter()
         .flat_map(|p| opts.baselines.iter().map(|&m| point(m, p.lambda, p.seed)))
@@ -211,6 +235,21 @@ fn point_sets(opts: &SweepOptions, point: &Point) -> Result<Vec<String>> {
         format!("mode=\"{}\"", point.method.name()),
         format!("compare.target_macs={macs}"),
     ])
+}
+
+/// A point's `--set` overrides: the caller's, then the sweep's own (which win), then `extra`.
+fn run_sets(opts: &SweepOptions, point: &Point, extra: &[String]) -> Vec<String> {
+    let mut sets = opts.sets.clone();
+    sets.push(format!("arch.penalty.lambda={:e}", point.lambda));
+    sets.push(format!("seed={}", point.seed));
+    sets.extend_from_slice(extra);
+    sets
+}
+
+/// The first item that appears twice.
+fn repeated<T: std::fmt::Display>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items.find(|i| !seen.insert(i.to_string()))
 }
 
 /// Runs `points`, `jobs` at a time; returns a line per run that failed or was stopped.
@@ -279,12 +318,7 @@ pub(crate) fn run_point(opts: &SweepOptions, point: &Point) -> Result<Ran> {
         cmd.arg("--resume").arg(&point.dir);
     } else {
         cmd.args(["--preset", &opts.recipe]);
-        // The sweep's own settings last, so that they win over the caller's.
-        let mut sets = opts.sets.clone();
-        sets.push(format!("arch.penalty.lambda={:e}", point.lambda));
-        sets.push(format!("seed={}", point.seed));
-        sets.extend(extra.iter().cloned());
-        for s in sets {
+        for s in run_sets(opts, point, &extra) {
             cmd.arg("--set").arg(s);
         }
         cmd.arg("--out").arg(&point.dir);

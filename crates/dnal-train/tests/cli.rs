@@ -112,6 +112,18 @@ fn errors_exit_non_zero_with_a_message() {
         "{text}"
     );
     assert!(!out.exists());
+    let (ok, text) = dnal_train(&[
+        "sweep",
+        "--recipe",
+        "mnist-demo",
+        "--backend",
+        "cuda",
+        "--gpus",
+        "0",
+        "--emit",
+        "slurm",
+    ]);
+    assert!(!ok && text.contains("at least one GPU"), "{text}");
     for arg in ["--size", "--classes"] {
         let (ok, text) = dnal_train(&["bench", arg, "0"]);
         assert!(!ok && text.contains("must be at least 1"), "{text}");

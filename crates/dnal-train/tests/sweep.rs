@@ -289,3 +289,43 @@ fn a_wrong_recipe_or_report_folder_is_named() {
     assert!(err.contains("no such folder"), "{err}");
     assert!(err.contains("--out folder of a sweep"), "{err}");
 }
+
+/// What would fail in every run, or run one point twice, is refused before any run starts and
+/// before the sweep's folder is made.
+#[test]
+fn a_sweep_checks_its_points_before_it_runs_any() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let refused = |opts: &SweepOptions, expected: &str| {
+        let err = sweep::run(opts).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+        let err = dnal_train::cluster::emit(opts, dnal_train::cluster::Emit::Shell, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+        assert!(!out.exists());
+    };
+    refused(
+        &options(&out, &[5e-3, f64::NAN], Vec::new()),
+        "NaN is not a finite number",
+    );
+    refused(
+        &options(&out, &[-1.0], Vec::new()),
+        "-1 is not a finite number",
+    );
+    refused(
+        &options(&out, &[1e-4, 1.0e-4], Vec::new()),
+        "1e-4 is listed twice",
+    );
+    let mut opts = options(&out, &[5e-3], vec![Method::Uniform, Method::Uniform]);
+    refused(&opts, "uniform is listed twice");
+    opts.baselines.clear();
+    opts.seeds = vec![1, 2, 1];
+    refused(&opts, "1 is listed twice");
+    opts.seeds = vec![0];
+    opts.jobs = 0;
+    refused(&opts, "--jobs");
+    opts.jobs = 1;
+    opts.sets.push("arch.threshold=2".into());
+    refused(&opts, "arch.threshold");
+}
