@@ -147,6 +147,7 @@ fn fetch_to(archive: &Archive, part: &Path) -> Result<()> {
             algorithm: "md5",
             expected: archive.md5.into(),
             actual,
+            fix: "nothing was kept; download again, or from another mirror (--url)".into(),
         });
     }
     Ok(())

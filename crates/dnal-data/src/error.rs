@@ -33,7 +33,7 @@ pub enum DataError {
     },
     /// A file's checksum differs from the published one.
     #[error(
-        "{path}: {algorithm} checksum mismatch (expected {expected}, found {actual}); the file is corrupt or incomplete: delete it and download it again"
+        "{path}: {algorithm} checksum mismatch (expected {expected}, found {actual}); the file is corrupt or incomplete: {fix}"
     )]
     Checksum {
         /// The file.
@@ -44,6 +44,8 @@ pub enum DataError {
         expected: String,
         /// The checksum of the file on disk.
         actual: String,
+        /// What to do about it.
+        fix: String,
     },
     /// A download failed.
     #[error("downloading {url}: {message}")]

@@ -62,6 +62,7 @@ pub fn bundled_mnist_from(path: &Path, split: Split) -> Result<ImageSet> {
             algorithm: "sha256",
             expected: BUNDLED_MNIST_SHA256.into(),
             actual,
+            fix: "restore it from the repository (git checkout -- datasets/mnist-5k)".into(),
         });
     }
     let all = parse_mnist_csv(path, &gunzip(path, &gz)?)?;

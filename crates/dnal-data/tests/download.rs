@@ -147,6 +147,7 @@ fn a_checksum_mismatch_leaves_nothing_behind() {
         ),
         "{err}"
     );
+    assert!(err.to_string().contains("nothing was kept"), "{err}");
     assert!(
         leftovers(tmp.path()).is_empty(),
         "{:?}",
