@@ -327,7 +327,16 @@ pub(crate) fn run_point(opts: &SweepOptions, point: &Point) -> Result<Ran> {
         "{}.log",
         point.dir.file_name().unwrap_or_default().to_string_lossy()
     ));
-    let file = std::fs::File::create(&log).map_err(dnal_core::CoreError::io(&log))?;
+    // Appended to: a run started again (resumed, or after a failure) keeps its earlier log.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(dnal_core::CoreError::io(&log))?;
+    if file.metadata().is_ok_and(|m| m.len() > 0) {
+        use std::io::Write;
+        writeln!(file, "\n--- started again ---").map_err(dnal_core::CoreError::io(&log))?;
+    }
     let err = file.try_clone().map_err(dnal_core::CoreError::io(&log))?;
     let status = cmd
         .stdout(Stdio::from(file))

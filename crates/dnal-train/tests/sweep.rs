@@ -190,6 +190,13 @@ fn a_failed_run_is_named_and_the_others_are_reported() {
     assert!(failed[0].starts_with("l5e-1-s0"), "{}", failed[0]);
     assert_eq!(table.rows.len(), 1);
     assert_eq!(table.rows[0].lambda, 5e-3);
+    // The same command again: the finished run is skipped, the failed one tried again, and its
+    // log keeps both attempts.
+    let (_, failed) = sweep::run(&options(&out, &[5e-3, 5e-1], Vec::new())).unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let log = std::fs::read_to_string(out.join("l5e-1-s0.log")).unwrap();
+    assert_eq!(log.matches("error:").count(), 2, "{log}");
+    assert!(log.contains("--- started again ---"), "{log}");
 }
 
 /// `--emit`: a Slurm array script that bash accepts, whose array covers the DNAL tasks and
