@@ -41,6 +41,21 @@ impl Which {
             Which::Dense => paths::DENSE,
         }
     }
+
+    /// The folder of this network in the run `run`, or an error saying when a run has it.
+    pub fn saved_in(self, run: &Path) -> Result<PathBuf> {
+        let dir = run.join(self.folder());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        Err(TrainError::Checkpoint {
+            path: dir,
+            message: format!(
+                "the run has no {} network (yet); --which dense is saved after the weight stage, pruned after the final stage",
+                self.folder()
+            ),
+        })
+    }
 }
 
 /// The ONNX file of the run in `run`'s network `which`, at `out` (default
@@ -48,16 +63,7 @@ impl Which {
 pub fn export_run(run: &Path, which: Which, out: Option<&Path>, opset: i64) -> Result<PathBuf> {
     dnal_onnx::check_opset(opset)?;
     let cfg = run_config(run)?;
-    let dir = run.join(which.folder());
-    if !dir.is_dir() {
-        return Err(TrainError::Checkpoint {
-            path: dir,
-            message: format!(
-                "the run has no {} network (yet); export --which dense after the weight stage, pruned after the final stage",
-                which.folder()
-            ),
-        });
-    }
+    let dir = which.saved_in(run)?;
     let target = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_path(run, which));

@@ -57,13 +57,7 @@ pub fn predict(
     opts: &PredictOptions,
 ) -> Result<(Vec<Prediction>, Vec<String>)> {
     let cfg = run_config(run)?;
-    let dir = run.join(opts.which.folder());
-    if !dir.is_dir() {
-        return Err(TrainError::Checkpoint {
-            path: dir,
-            message: "the run has no such network (yet)".into(),
-        });
-    }
+    let dir = opts.which.saved_in(run)?;
     let eval = eval_preprocessing(&cfg.data);
     let classes: Vec<String> = std::fs::read_to_string(run.join(paths::CLASSES))
         .map(|t| t.lines().map(str::to_string).collect())

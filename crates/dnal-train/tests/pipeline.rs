@@ -878,6 +878,16 @@ fn predict_classifies_png_digits_as_the_report_says() {
         (top1 - reported).abs() <= 0.5,
         "predict: {top1} %, the report: {reported} %"
     );
+    // A run stopped before its final stage has no pruned network: the message says which
+    // network it has.
+    std::fs::rename(run.join(paths::PRUNED), run.join("moved")).unwrap();
+    let err = predict(&run, &[tmp.path().join("x.png")], &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no pruned network (yet); --which dense"),
+        "{err}"
+    );
 }
 
 /// A run that starts from another run's dense weights (`weights.init`, the `.bpk` a run
