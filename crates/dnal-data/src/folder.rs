@@ -18,8 +18,66 @@ pub fn has_image_extension(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// The image files (by extension) in `dir` and below it: `dir`'s own in name order, then each
+/// sub-folder's the same way, in name order. A folder reached again through a link is read
+/// once. A folder that cannot be listed is left out and named in the errors.
+pub fn image_files(dir: &Path) -> (Vec<PathBuf>, Vec<DataError>) {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    walk(dir, &mut files, &mut errors, &mut Default::default());
+    (files, errors)
+}
+
+fn walk(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<DataError>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) {
+    if !seen.insert(dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())) {
+        return;
+    }
+    // The entries' types come from the listing (no file-system call per file, which matters on
+    // ImageNet's 1.28 million); only links are followed to see what they name.
+    let listed = std::fs::read_dir(dir).and_then(|entries| {
+        entries
+            .map(|e| {
+                let e = e?;
+                let path = e.path();
+                let kind = e.file_type()?;
+                let (is_dir, is_file) = if kind.is_symlink() {
+                    (path.is_dir(), path.is_file())
+                } else {
+                    (kind.is_dir(), kind.is_file())
+                };
+                Ok((path, is_dir, is_file))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    });
+    let mut entries = match listed {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(DataError::io(dir)(e));
+            return;
+        }
+    };
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut folders = Vec::new();
+    for (path, is_dir, is_file) in entries {
+        if is_dir {
+            folders.push(path);
+        } else if is_file && has_image_extension(&path) {
+            files.push(path);
+        }
+    }
+    for folder in folders {
+        walk(&folder, files, errors, seen);
+    }
+}
+
 /// An image-folder data set: one sub-folder per class, class index = position of the folder
-/// name in sorted order. Images are decoded (as RGB) when an example is read.
+/// name in sorted order; a class's images are those in its folder and below it. Images are
+/// decoded (as RGB) when an example is read.
 #[derive(Clone, Debug)]
 pub struct ImageFolder {
     root: PathBuf,
@@ -89,29 +147,38 @@ impl ImageFolder {
             .collect();
         classes.sort();
         if classes.is_empty() {
+            let flat = read_dir_sorted(dir)?
+                .iter()
+                .any(|p| p.is_file() && has_image_extension(p));
+            let hint = if flat {
+                "; its images lie directly in it (as in ImageNet's validation archive): move                  each into the folder of its class, as the usual valprep.sh script does"
+            } else {
+                ""
+            };
             return Err(DataError::format(
                 dir,
-                "no class sub-folders (expected <class>/<image> under this folder)",
+                format!("no class sub-folders (expected <class>/<image> under this folder){hint}"),
             ));
         }
         let mut items = Vec::new();
         for (label, class) in classes.iter().enumerate() {
             let class_dir = dir.join(class);
-            let before = items.len();
-            for file in read_dir_sorted(&class_dir)? {
-                if file.is_file() && has_image_extension(&file) {
-                    items.push((file, label));
-                }
+            // As torchvision's ImageFolder: the images below a class folder belong to it too
+            // (Tiny ImageNet keeps them in `<class>/images/`).
+            let (files, errors) = image_files(&class_dir);
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
             }
-            if items.len() == before {
+            if files.is_empty() {
                 return Err(DataError::format(
                     &class_dir,
                     format!(
-                        "class folder holds no image (looked for .{})",
+                        "class folder holds no image, in it or below it (looked for .{})",
                         IMAGE_EXTENSIONS.join(", .")
                     ),
                 ));
             }
+            items.extend(files.into_iter().map(|f| (f, label)));
         }
         Ok(Self {
             root: dir.to_path_buf(),

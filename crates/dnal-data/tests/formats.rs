@@ -324,8 +324,35 @@ fn image_folders_sort_classes_and_report_bad_images() {
         "{msg}"
     );
 
+    // Images below a class folder belong to its class, as in torchvision's ImageFolder (Tiny
+    // ImageNet's `train/<class>/images/`); other files and a link back up are passed over.
+    let nested = root.join("train/zebra/images/more");
+    std::fs::create_dir_all(&nested).unwrap();
+    write_image(&root.join("train/zebra/images/5.png"), 30, 30);
+    write_image(&nested.join("6.png"), 31, 30);
+    std::fs::write(nested.join("notes.txt"), "not an image").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(root.join("train/zebra"), nested.join("up")).unwrap();
+    let folder = ImageFolder::open(root, Split::Train).unwrap();
+    let zebra: Vec<String> = folder
+        .items()
+        .iter()
+        .filter(|(_, label)| *label == 1)
+        .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        zebra,
+        [
+            "train/zebra/0.JPEG",
+            "train/zebra/1.png",
+            "train/zebra/images/5.png",
+            "train/zebra/images/more/6.png"
+        ]
+    );
+    assert_eq!(folder.classes(), ["ant", "zebra"]);
+
     // An empty class folder, and a missing split folder.
-    std::fs::create_dir_all(root.join("train/empty")).unwrap();
+    std::fs::create_dir_all(root.join("train/empty/sub")).unwrap();
     let msg = ImageFolder::open(root, Split::Train)
         .unwrap_err()
         .to_string();
@@ -335,6 +362,16 @@ fn image_folders_sort_classes_and_report_bad_images() {
         .to_string();
     assert!(
         msg.contains("val") && msg.contains("root/train/<class>"),
+        "{msg}"
+    );
+    // A validation folder of images without class folders, as ImageNet's archive unpacks.
+    std::fs::create_dir_all(root.join("val")).unwrap();
+    write_image(&root.join("val/ILSVRC2012_val_00000001.JPEG"), 30, 30);
+    let msg = ImageFolder::open(root, Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("no class sub-folders") && msg.contains("valprep"),
         "{msg}"
     );
 }

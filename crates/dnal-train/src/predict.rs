@@ -91,15 +91,16 @@ fn expand(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
     let mut errors = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let before = files.len();
-            walk(input, &mut files, &mut errors, &mut Default::default());
-            if files.len() == before {
+            let (found, unreadable) = dnal_data::folder::image_files(input);
+            errors.extend(unreadable.iter().map(|e| e.to_string()));
+            if found.is_empty() && unreadable.is_empty() {
                 errors.push(format!(
                     "{}: no image file in this folder or below it (looked for .{})",
                     input.display(),
                     dnal_data::folder::IMAGE_EXTENSIONS.join(", .")
                 ));
             }
+            files.extend(found);
         } else if input.is_file() {
             files.push(input.clone());
         } else {
@@ -107,37 +108,6 @@ fn expand(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
         }
     }
     (files, errors)
-}
-
-/// Appends `dir`'s image files in name order, then those of its sub-folders, one by one; a
-/// folder already `seen` (through a link) is not read again.
-fn walk(
-    dir: &Path,
-    files: &mut Vec<PathBuf>,
-    errors: &mut Vec<String>,
-    seen: &mut std::collections::HashSet<PathBuf>,
-) {
-    if !seen.insert(dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())) {
-        return;
-    }
-    let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-        Err(e) => {
-            errors.push(format!("{}: cannot list the folder: {e}", dir.display()));
-            return;
-        }
-    };
-    entries.sort();
-    let (folders, inside): (Vec<PathBuf>, Vec<PathBuf>) =
-        entries.into_iter().partition(|p| p.is_dir());
-    files.extend(
-        inside
-            .into_iter()
-            .filter(|p| p.is_file() && dnal_data::folder::has_image_extension(p)),
-    );
-    for folder in folders {
-        walk(&folder, files, errors, seen);
-    }
 }
 
 /// Decodes `file`, brings it to the network's input size as the evaluation did, normalises it
