@@ -59,14 +59,18 @@ impl Which {
 }
 
 /// The ONNX file of the run in `run`'s network `which`, at `out` (default
-/// `<run>/<which>.onnx`); returns where it was written.
+/// `<run>/<which>.onnx`; an existing folder gets `<which>.onnx` in it); returns where it was
+/// written.
 pub fn export_run(run: &Path, which: Which, out: Option<&Path>, opset: i64) -> Result<PathBuf> {
     dnal_onnx::check_opset(opset)?;
     let cfg = run_config(run)?;
     let dir = which.saved_in(run)?;
-    let target = out
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| default_path(run, which));
+    // A folder given as --out gets the file of the default name.
+    let target = match out {
+        Some(dir) if dir.is_dir() => dir.join(file_name(which)),
+        Some(file) => file.to_path_buf(),
+        None => default_path(run, which),
+    };
     let opts = options(run, &cfg, which, opset);
     cfg.model.name.with_type(Load {
         dir: &dir,
@@ -85,7 +89,12 @@ pub fn write<N: Network>(net: &N, run: &Path, cfg: &TrainConfig, which: Which) -
 }
 
 fn default_path(run: &Path, which: Which) -> PathBuf {
-    run.join(format!("{}.onnx", which.folder()))
+    run.join(file_name(which))
+}
+
+/// `pruned.onnx` or `dense.onnx`.
+fn file_name(which: Which) -> String {
+    format!("{}.onnx", which.folder())
 }
 
 /// The model's metadata: class names (one per line, from `classes.txt`), the network, and the

@@ -49,7 +49,7 @@ enum Command {
         /// `pruned` (after the final stage) or `dense` (after the weight stage).
         #[arg(long, default_value = "pruned")]
         which: String,
-        /// Output file (default: RUN/<which>.onnx).
+        /// Output file, or a folder to write <which>.onnx in (default: RUN/<which>.onnx).
         #[arg(long)]
         out: Option<PathBuf>,
         /// ONNX opset (11 to 21).

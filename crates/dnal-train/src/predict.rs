@@ -56,6 +56,12 @@ pub fn predict(
     inputs: &[PathBuf],
     opts: &PredictOptions,
 ) -> Result<(Vec<Prediction>, Vec<String>)> {
+    if opts.top == 0 {
+        return Err(TrainError::from(dnal_core::CoreError::invalid(
+            "--top",
+            "0 classes per image: it must be at least 1",
+        )));
+    }
     let cfg = run_config(run)?;
     let dir = opts.which.saved_in(run)?;
     let eval = eval_preprocessing(&cfg.data);

@@ -216,6 +216,19 @@ fn exports_the_dense_network(run: &std::path::Path) {
     ]);
     assert!(ok && text.contains("wrote"), "{text}");
     assert!(std::fs::metadata(&out).unwrap().len() > 1000);
+    // A folder as --out gets the network's default file name in it.
+    let folder = run.join("exports");
+    std::fs::create_dir(&folder).unwrap();
+    let (ok, text) = dnal_train(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("wrote"), "{text}");
+    assert!(folder.join("pruned.onnx").is_file());
+    let (ok, text) = dnal_train(&["predict", run.to_str().unwrap(), "x.png", "--top", "0"]);
+    assert!(!ok && text.contains("--top"), "{text}");
 }
 
 /// The arguments of a tiny run writing to `out`.
