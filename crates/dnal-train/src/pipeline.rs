@@ -190,12 +190,21 @@ impl<'a, N: Network> Runner<'a, N> {
         scratch_architecture::<N>(self.cfg, &self.net_config)
     }
 
-    /// What a run can check before its data set is read: the weights file it starts from and
-    /// the architecture the `scratch` mode trains. A resumed run checks neither here (its
+    /// What a run can check before its data set is read: its output folder, the weights file
+    /// it starts from and the architecture the `scratch` mode trains. A resumed run checks neither here (its
     /// weights come from the checkpoint).
     pub fn preflight(cfg: &TrainConfig, net_config: &N::Config, opts: &RunOptions) -> Result<()> {
         if opts.resume {
             return Ok(());
+        }
+        if opts.out.exists() && !opts.out.is_dir() {
+            return Err(TrainError::Config {
+                origin: "--out".into(),
+                message: format!(
+                    "{} is a file, not a folder: name a folder for the run's outputs",
+                    opts.out.display()
+                ),
+            });
         }
         if let Some(path) = cfg.weights.init.as_deref() {
             // Built, never drawn (burn's parameters are lazy).

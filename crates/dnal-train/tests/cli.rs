@@ -94,6 +94,16 @@ fn errors_exit_non_zero_with_a_message() {
     ]);
     assert!(!ok && text.contains("resnet50.pth: no such file"), "{text}");
     assert!(!out.exists());
+    std::fs::write(&out, "a file").unwrap();
+    let (ok, text) = dnal_train(&[
+        "train",
+        "--set",
+        "data.path=/nonexistent/mnist",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("is a file, not a folder"), "{text}");
+    std::fs::remove_file(&out).unwrap();
     let (ok, text) = dnal_train(&[
         "train",
         "--preset",
