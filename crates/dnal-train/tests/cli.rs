@@ -76,52 +76,33 @@ fn errors_exit_non_zero_with_a_message() {
     );
     let (ok, text) = dnal_train(&["train", "--set", "model.num_classes=0", "--dry-run"]);
     assert!(!ok && text.contains("model.num_classes"), "{text}");
-    // A weights file or a scratch architecture that is not there fails before the data set is
-    // read (here an image folder that is not there either) and before the run's folder is made.
+    // An output folder that is a file, a weights file or a scratch architecture that is not
+    // there: each fails before the data set is read (here an image folder that is not there
+    // either) and before the run's folder is made.
     let out = tmp.path().join("run");
-    let (ok, text) = dnal_train(&[
-        "train",
-        "--preset",
-        "resnet50-imagenet-l1e-4",
-        "--set",
-        "data.path=/nonexistent/imagenet",
-        "--set",
-        "weights.init=/nonexistent/resnet50.pth",
-        "--set",
-        "weights.epochs=0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let on_imagenet = |sets: &[&str]| {
+        let mut args = vec!["train", "--preset", "resnet50-imagenet-l1e-4"];
+        for set in ["data.path=/nonexistent/imagenet"].iter().chain(sets) {
+            args.extend(["--set", set]);
+        }
+        args.extend(["--out", out.to_str().unwrap()]);
+        dnal_train(&args)
+    };
+    let (ok, text) = on_imagenet(&["weights.init=/nonexistent/resnet50.pth", "weights.epochs=0"]);
     assert!(!ok && text.contains("resnet50.pth: no such file"), "{text}");
     assert!(!out.exists());
-    std::fs::write(&out, "a file").unwrap();
-    let (ok, text) = dnal_train(&[
-        "train",
-        "--set",
-        "data.path=/nonexistent/mnist",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!ok && text.contains("is a file, not a folder"), "{text}");
-    std::fs::remove_file(&out).unwrap();
-    let (ok, text) = dnal_train(&[
-        "train",
-        "--preset",
-        "resnet50-imagenet-l1e-4",
-        "--set",
-        "data.path=/nonexistent/imagenet",
-        "--set",
+    let (ok, text) = on_imagenet(&[
         "mode=\"scratch\"",
-        "--set",
         "compare.architecture=/nonexistent/architecture.json",
-        "--out",
-        out.to_str().unwrap(),
     ]);
     assert!(
         !ok && text.contains("compare.architecture: /nonexistent/architecture.json"),
         "{text}"
     );
     assert!(!out.exists());
+    std::fs::write(&out, "a file").unwrap();
+    let (ok, text) = on_imagenet(&[]);
+    assert!(!ok && text.contains("is a file, not a folder"), "{text}");
     let (ok, text) = dnal_train(&[
         "sweep",
         "--recipe",
