@@ -103,6 +103,21 @@ pub fn emit(opts: &SweepOptions, kind: Emit, gpus: usize) -> Result<String> {
             );
         }
         Emit::Slurm => {
+            // `#SBATCH` lines are not a shell's: the folder goes in unquoted, and Slurm reads
+            // `%` in --output as a pattern.
+            let shown = opts.out.to_string_lossy();
+            if shown
+                .chars()
+                .any(|c| c.is_whitespace() || "%\"'\\".contains(c))
+            {
+                return Err(TrainError::from(dnal_core::CoreError::invalid(
+                    "--out",
+                    format!(
+                        "{shown:?} cannot stand in a Slurm script's #SBATCH --output line; \
+                         choose a folder whose path has no spaces, quotes, backslashes or %"
+                    ),
+                )));
+            }
             let gres = if gpus > 0 {
                 format!("#SBATCH --gres=gpu:{gpus}\n")
             } else {

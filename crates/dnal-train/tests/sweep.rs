@@ -232,6 +232,14 @@ fn an_emitted_sweep_runs_task_by_task_into_the_sweeps_folders() {
         script.contains("--task \"$SLURM_ARRAY_TASK_ID\""),
         "{script}"
     );
+    // A folder that an #SBATCH line cannot hold is refused; the shell list quotes it.
+    let mut spaced = opts.clone();
+    spaced.out = tmp.path().join("my sweep");
+    let err = cluster::emit(&spaced, Emit::Slurm, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("#SBATCH --output"), "{err}");
+    assert!(cluster::emit(&spaced, Emit::Shell, 0).is_ok());
 
     let list = cluster::emit(&opts, Emit::Shell, 0).unwrap();
     let commands: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
