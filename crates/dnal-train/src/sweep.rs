@@ -537,6 +537,18 @@ pub fn write_report(dir: &Path) -> Result<SweepTable> {
         });
     };
     let recipe = first.name.clone();
+    if let Some(other) = runs.iter().find(|r| r.report.name != recipe) {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the folder holds runs of two recipes, {recipe} ({}) and {} ({}); a sweep's \
+                 table compares one recipe's runs: move the others to a folder of their own",
+                runs[0].dir.display(),
+                other.report.name,
+                other.dir.display()
+            ),
+        });
+    }
     let (_, paper) = lambdas_and_paper(&recipe).unwrap_or_default();
     let baseline_kind = first.baseline_kind.clone();
     // One dense network per seed (every lambda of a seed shares its weight stage).

@@ -197,6 +197,17 @@ fn a_failed_run_is_named_and_the_others_are_reported() {
     let log = std::fs::read_to_string(out.join("l5e-1-s0.log")).unwrap();
     assert_eq!(log.matches("error:").count(), 2, "{log}");
     assert!(log.contains("--- started again ---"), "{log}");
+    // A run of another recipe in the folder: the table would mix them, so it is refused.
+    let other = out.join("other-recipe");
+    std::fs::create_dir(&other).unwrap();
+    let mut report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("l5e-3-s0/report.json")).unwrap())
+            .unwrap();
+    report["name"] = "vgg16-cifar10".into();
+    std::fs::write(other.join("report.json"), report.to_string()).unwrap();
+    let err = sweep::write_report(&out).unwrap_err().to_string();
+    assert!(err.contains("two recipes, mnist-demo"), "{err}");
+    assert!(err.contains("vgg16-cifar10"), "{err}");
 }
 
 /// `--emit`: a Slurm array script that bash accepts, whose array covers the DNAL tasks and
