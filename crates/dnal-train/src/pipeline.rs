@@ -123,23 +123,7 @@ impl<'a, N: Network> Runner<'a, N> {
         data: &'a RunData,
         opts: &'a RunOptions,
     ) -> Result<Self> {
-        if opts.graph && !matches!(opts.backend, BackendKind::Cuda | BackendKind::Wgpu) {
-            return Err(dnal_core::CoreError::invalid(
-                "--graph",
-                format!(
-                    "{} records no graphs of launches; use --backend cuda or wgpu, or train without --graph",
-                    opts.backend.name()
-                ),
-            )
-            .into());
-        }
-        if opts.graph && opts.devices.len() > 1 {
-            return Err(dnal_core::CoreError::invalid(
-                "--graph",
-                "a recorded step trains on one device; give one device or train without --graph",
-            )
-            .into());
-        }
+        check_options(opts)?;
         let indices = if opts.devices.is_empty() {
             vec![None]
         } else {
@@ -190,10 +174,12 @@ impl<'a, N: Network> Runner<'a, N> {
         scratch_architecture::<N>(self.cfg, &self.net_config)
     }
 
-    /// What a run can check before its data set is read: its output folder, the weights file
-    /// it starts from and the architecture the `scratch` mode trains. A resumed run checks neither here (its
-    /// weights come from the checkpoint).
+    /// What a run can check before its data set is read: options of this invocation
+    /// (`--graph`), and on a new run its output folder, the weights file it starts from and the
+    /// architecture the `scratch` mode trains (a resumed run's weights come from its
+    /// checkpoint).
     pub fn preflight(cfg: &TrainConfig, net_config: &N::Config, opts: &RunOptions) -> Result<()> {
+        check_options(opts)?;
         if opts.resume {
             return Ok(());
         }
@@ -724,4 +710,26 @@ fn scratch_architecture<N: Network>(
     arch.check_matches(&dense)
         .map_err(|e| wrong(format!("{} does not fit the network: {e}", path.display())))?;
     Ok(arch)
+}
+
+/// The options of an invocation that do not fit each other.
+fn check_options(opts: &RunOptions) -> Result<()> {
+    if opts.graph && !matches!(opts.backend, BackendKind::Cuda | BackendKind::Wgpu) {
+        return Err(dnal_core::CoreError::invalid(
+            "--graph",
+            format!(
+                "{} records no graphs of launches; use --backend cuda or wgpu, or train without --graph",
+                opts.backend.name()
+            ),
+        )
+        .into());
+    }
+    if opts.graph && opts.devices.len() > 1 {
+        return Err(dnal_core::CoreError::invalid(
+            "--graph",
+            "a recorded step trains on one device; give one device or train without --graph",
+        )
+        .into());
+    }
+    Ok(())
 }

@@ -103,6 +103,8 @@ fn errors_exit_non_zero_with_a_message() {
     std::fs::write(&out, "a file").unwrap();
     let (ok, text) = on_imagenet(&[]);
     assert!(!ok && text.contains("is a file, not a folder"), "{text}");
+    let (ok, text) = dnal_train(&["train", "--graph", "--set", "data.path=/nonexistent/mnist"]);
+    assert!(!ok && text.contains("flex records no graphs"), "{text}");
     let (ok, text) = dnal_train(&[
         "sweep",
         "--recipe",
