@@ -151,7 +151,8 @@ impl ImageFolder {
                 .iter()
                 .any(|p| p.is_file() && has_image_extension(p));
             let hint = if flat {
-                "; its images lie directly in it (as in ImageNet's validation archive): move                  each into the folder of its class, as the usual valprep.sh script does"
+                "; its images lie directly in it (as in ImageNet's validation archive): move \
+                 each into the folder of its class, as the usual valprep.sh script does"
             } else {
                 ""
             };

@@ -169,11 +169,6 @@ impl<'a, N: Network> Runner<'a, N> {
         Ok(dnal_zoo::load(dir, |c| N::build(c, &self.train_device))?)
     }
 
-    /// The architecture the `scratch` mode trains, read and checked against the network.
-    fn scratch_architecture(&self) -> Result<Architecture> {
-        scratch_architecture::<N>(self.cfg, &self.net_config)
-    }
-
     /// What a run can check before its data set is read: options of this invocation
     /// (`--graph`), and on a new run its output folder, the weights file it starts from and the
     /// architecture the `scratch` mode trains (a resumed run's weights come from its
@@ -208,7 +203,7 @@ impl<'a, N: Network> Runner<'a, N> {
     pub fn run(&self) -> Result<Outcome> {
         if self.cfg.mode == Mode::Scratch {
             // Before the weight stage, not after it.
-            self.scratch_architecture()?;
+            scratch_architecture::<N>(self.cfg, &self.net_config)?;
         }
         let out = &self.opts.out;
         std::fs::create_dir_all(out).map_err(io_err(out))?;
@@ -382,7 +377,7 @@ impl<'a, N: Network> Runner<'a, N> {
                     }
                     Mode::Uniform | Mode::Scratch => {
                         let arch = if self.cfg.mode == Mode::Scratch {
-                            self.scratch_architecture()?
+                            scratch_architecture::<N>(self.cfg, &self.net_config)?
                         } else {
                             dnal_zoo::compare::uniform_architecture(&net, target)?
                         };

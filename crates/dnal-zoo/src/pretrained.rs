@@ -305,7 +305,7 @@ pub fn load_pretrained<N: Network>(
 ) -> Result<(N, Loaded)> {
     let Resolved {
         rules,
-        mapper: compiled,
+        mapper,
         exclude,
     } = resolve(&model, path, keys, exclude)?;
     let excluded = |name: &str| exclude.iter().any(|r| r.is_match(name));
@@ -315,7 +315,7 @@ pub fn load_pretrained<N: Network>(
     let mut origin: BTreeMap<String, String> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(source.len());
     for (key, mut tensor) in source {
-        let Some(name) = compiled.target(&key) else {
+        let Some(name) = mapper.target(&key) else {
             loaded.ignored.push(key);
             continue;
         };
