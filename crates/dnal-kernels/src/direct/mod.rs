@@ -25,10 +25,11 @@
 //!   block of output-gradient rows stays in L1 while every tile of patch rows passes over it.
 //! * The input gradient of a stride-1 convolution is itself such a convolution (flipped,
 //!   transposed kernel) and takes the forward path.
-//! * On CPUs that run AVX2 in 128-bit halves 3x3 (and larger) convolutions take another form
-//!   (`rows.rs`): each image copied once with a zero border, output rows in 8-position
-//!   vectors read with plain loads; the forward holds up to 6 channels x 2 vectors per step,
-//!   the weight gradient 3 channels x 4 patch rows of 8-lane partial sums.
+//! * In AVX2, 3x3 (and larger) convolutions take another form (`rows.rs`) on CPUs that run
+//!   AVX2 in 128-bit halves, and the narrow ones of CIFAR networks on every AVX2 CPU: each
+//!   image copied once with a zero border, output rows in 8-position vectors read with plain
+//!   loads; the forward holds up to 6 channels x 2 vectors per step, the weight gradient 3
+//!   channels x 4 patch rows of 8-lane partial sums.
 //!
 //! Everything else (strided convolutions, other map sizes, batches too small to give every
 //! thread whole images, CPUs without AVX2, and on CPUs that run AVX2 in 128-bit halves 1x1
@@ -105,13 +106,30 @@ pub fn supports(g: &ConvGeometry) -> bool {
 /// well); 3x3 and larger kernels go to the padded-rows kernel, 1.2-1.7x faster than `gemm`
 /// there on every CIFAR layer measured, at batch 1 and 128, and 1.1x at 256 filters on 8x8
 /// maps, but 1.3-1.6x slower on 4x4 maps, whose rows fill half a vector (`takes_rows`).
+/// Where AVX2 runs whole, the padded rows take over from the masked AVX2 kernel on narrow
+/// layers only ([`takes_rows`]).
 pub fn takes_forward(g: &ConvGeometry) -> bool {
-    takes_forward_on(g, halved())
+    takes_forward_on(g, units())
 }
 
-/// Whether the direct kernels run in AVX2 on a CPU that executes it in 128-bit halves.
-fn halved() -> bool {
-    isa() == Some(Isa::Avx2) && crate::avx2_halved()
+/// How this CPU runs the direct kernels, as far as the choice of kernel goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Units {
+    /// AVX-512 (or no direct kernels at all: the callers ask [`available`] first).
+    Avx512,
+    /// AVX2 on 256-bit units.
+    Avx2,
+    /// AVX2 executed in 128-bit halves ([`crate::avx2_halved`]).
+    Avx2Halved,
+}
+
+/// [`Units`] of this CPU, under [`crate::ISA_VAR`] and [`crate::set_avx512`].
+fn units() -> Units {
+    match isa() {
+        Some(Isa::Avx2) if crate::avx2_halved() => Units::Avx2Halved,
+        Some(Isa::Avx2) => Units::Avx2,
+        _ => Units::Avx512,
+    }
 }
 
 /// Largest patch the forward kernel takes where AVX2 runs in 128-bit halves. Measured on a Zen
@@ -121,11 +139,12 @@ fn halved() -> bool {
 /// channels included.
 const HALVED_FORWARD_PATCH: usize = 24;
 
-/// [`takes_forward`], with AVX2 in 128-bit halves or not.
-fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
+/// [`takes_forward`] on `units`.
+fn takes_forward_on(g: &ConvGeometry, units: Units) -> bool {
     let lanes = g.positions().div_ceil(LANES) * LANES;
-    let masked = g.out_channels <= 128 && (!halved || g.patch() <= HALVED_FORWARD_PATCH);
-    supports_forward(g) && 2 * g.positions() >= lanes && (takes_rows(g, halved) || masked)
+    let masked =
+        g.out_channels <= 128 && (units != Units::Avx2Halved || g.patch() <= HALVED_FORWARD_PATCH);
+    supports_forward(g) && 2 * g.positions() >= lanes && (takes_rows(g, units) || masked)
 }
 
 /// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
@@ -141,19 +160,16 @@ fn takes_forward_on(g: &ConvGeometry, halved: bool) -> bool {
 /// 27-28, 11 x 11 x 16x16 2.6 against 5.6, 64 x 64 x 8x8 21-23 against 24-25, 22 x 22 x 8x8
 /// 2.6-2.7 against 4.6-4.8).
 pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
-    available() && takes_weight_grad_on(g, halved())
+    available() && takes_weight_grad_on(g, units())
 }
 
-/// [`takes_weight_grad`], with AVX2 in 128-bit halves or not.
-fn takes_weight_grad_on(g: &ConvGeometry, halved: bool) -> bool {
+/// [`takes_weight_grad`] on `units`.
+fn takes_weight_grad_on(g: &ConvGeometry, units: Units) -> bool {
     supports(g)
         && g.out_channels <= 64
         && g.in_channels <= 64
-        && if halved {
-            takes_rows_weight_grad(g, halved)
-        } else {
-            g.positions() >= 256
-        }
+        && (takes_rows_weight_grad(g, units)
+            || (units != Units::Avx2Halved && g.positions() >= 256))
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -258,7 +274,7 @@ impl PackedWeights {
     /// for the kernel of [`isa`].
     pub fn new(w: &[f32], g: &ConvGeometry) -> Self {
         let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
-        Self::packed(w, g, isa, isa == Isa::Avx2 && takes_rows(g, halved()))
+        Self::packed(w, g, isa, isa == Isa::Avx2 && takes_rows(g, units()))
     }
 
     /// `w` packed for the kernel of `isa`, or for the padded-rows kernel if `rows`.
@@ -610,14 +626,36 @@ fn forward_rows(
     }
 }
 
-/// Whether the padded-rows kernel runs convolution `g` (which the forward kernel takes) on
-/// AVX2: where AVX2 runs in 128-bit halves, kernels larger than 1x1 on maps whose rows fill
-/// at least 5 of every 8 lanes of their vectors. (Not measured on CPUs with 256-bit units,
-/// which keep the masked kernel.)
-fn takes_rows(g: &ConvGeometry, halved: bool) -> bool {
+/// Whether the padded-rows kernel runs convolution `g` (which the forward kernel takes) in
+/// AVX2, on kernels larger than 1x1:
+/// * where AVX2 runs in 128-bit halves, on maps whose rows fill at least 5 of every 8 lanes
+///   of their vectors;
+/// * where it runs whole, on layers of at most [`WHOLE_ROWS_CHANNELS`] channels in and out on
+///   maps whose rows are 1 to 4 whole vectors (the 3x3 layers of CIFAR ResNets and
+///   MobileNetV2's stem). Measured on an AVX-512 CPU (Intel Xeon, family 6 model 167) with
+///   the kernels kept to AVX2, one thread, against the masked AVX2 kernel: batch 128, forward
+///   1.05-1.33x faster (16 x 16 x 32x32 1.11-1.26x, 9 x 9 x 32x32 1.22-1.33x, 64 x 64 x 8x8
+///   1.06-1.14x, 3 x 32 x 32x32 1.28-1.39x at batch 64), weight gradient 1.25-1.7x (32x32 and
+///   16x16 maps); but 4-22 % slower on wider layers and ImageNet's maps (64 x 64 on 56x56,
+///   28x28 and 14x14, 128 x 128 on 16x16 and 28x28; batch 8 and 128), where the masked
+///   kernel stays.
+fn takes_rows(g: &ConvGeometry, units: Units) -> bool {
     let w = g.in_hw[1];
-    halved && g.kernel > 1 && supports_forward(g) && 8 * w >= 5 * w.next_multiple_of(rows::WIDTH)
+    let shape = g.kernel > 1 && supports_forward(g);
+    match units {
+        Units::Avx512 => false,
+        Units::Avx2Halved => shape && 8 * w >= 5 * w.next_multiple_of(rows::WIDTH),
+        Units::Avx2 => {
+            shape
+                && g.in_channels.max(g.out_channels) <= WHOLE_ROWS_CHANNELS
+                && w.is_multiple_of(rows::WIDTH)
+                && w <= 4 * rows::WIDTH
+        }
+    }
 }
+
+/// Most channels, in or out, of a layer the padded rows take where AVX2 runs whole.
+const WHOLE_ROWS_CHANNELS: usize = 64;
 
 /// The weight gradient of consecutive images, `[Co, P]`: `x` their input (`[n, Ci, H, W]`),
 /// `dy` their output gradient (`[n, Co, H, W]`).
@@ -630,7 +668,7 @@ fn takes_rows(g: &ConvGeometry, halved: bool) -> bool {
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
     let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
-    if isa == Isa::Avx2 && takes_rows_weight_grad(g, halved()) {
+    if isa == Isa::Avx2 && takes_rows_weight_grad(g, units()) {
         return weight_grad_rows(x, dy, g);
     }
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
@@ -706,9 +744,13 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
 }
 
 /// Whether the padded-rows weight gradient computes `g` (which [`supports`] accepts): where
-/// the padded-rows forward does, on maps whose rows are whole vectors.
-fn takes_rows_weight_grad(g: &ConvGeometry, halved: bool) -> bool {
-    takes_rows(g, halved) && g.in_hw[1].is_multiple_of(rows::WIDTH)
+/// the padded-rows forward does, on maps whose rows are whole vectors; where AVX2 runs whole,
+/// only on maps of at least 16x16, in place of the masked kernel (8x8 maps stay with `gemm`,
+/// not compared there: `gemm` runs AVX-512 on the CPU measured).
+fn takes_rows_weight_grad(g: &ConvGeometry, units: Units) -> bool {
+    takes_rows(g, units)
+        && g.in_hw[1].is_multiple_of(rows::WIDTH)
+        && (units == Units::Avx2Halved || g.positions() >= 256)
 }
 
 /// [`conv_weight_grad_images`] by the padded-rows kernel: the images go in chunks of about
@@ -911,44 +953,76 @@ mod tests {
 
     /// Where AVX2 runs in 128-bit halves the padded-rows kernel takes the 3x3 (and larger)
     /// convolutions and the forward kernel only 1x1 convolutions of few input channels;
-    /// elsewhere the forward kernel takes every shape it supports up to 128 filters.
+    /// where AVX2 runs whole, the padded rows take the narrow 3x3 layers of CIFAR maps and
+    /// the masked kernel the rest; on AVX-512 the forward kernel takes every shape it
+    /// supports up to 128 filters.
     #[test]
-    fn halved_avx2_routes_3x3_to_padded_rows_and_wide_1x1_to_gemm() {
+    fn routing_follows_the_vector_units() {
+        use Units::{Avx2, Avx2Halved, Avx512};
         let conv = |ci, co, kernel, side| same_conv(ci, co, side, kernel);
         for g in [conv(3, 16, 3, 32), conv(16, 16, 3, 32), conv(64, 64, 3, 8)] {
-            assert!(takes_forward_on(&g, false) && takes_forward_on(&g, true));
-            assert!(takes_rows(&g, true) && !takes_rows(&g, false));
+            for units in [Avx512, Avx2, Avx2Halved] {
+                assert!(takes_forward_on(&g, units));
+            }
+            assert!(takes_rows(&g, Avx2Halved) && takes_rows(&g, Avx2));
+            assert!(!takes_rows(&g, Avx512));
+        }
+        // Wider layers and ImageNet's maps: the masked kernel where AVX2 runs whole.
+        for g in [
+            conv(128, 128, 3, 16),
+            conv(64, 65, 3, 16),
+            conv(64, 64, 3, 56),
+            conv(64, 64, 3, 28),
+            conv(64, 64, 3, 14),
+            conv(32, 32, 3, 7),
+        ] {
+            assert!(takes_forward_on(&g, Avx2) && !takes_rows(&g, Avx2), "{g:?}");
+            assert!(takes_rows(&g, Avx2Halved) || g.in_hw[1] == 7 || g.in_hw[1] == 14);
         }
         for g in [conv(8, 48, 1, 32), conv(24, 96, 1, 32)] {
-            assert!(takes_forward_on(&g, false) && takes_forward_on(&g, true));
-            assert!(!takes_rows(&g, true));
+            for units in [Avx512, Avx2, Avx2Halved] {
+                assert!(takes_forward_on(&g, units) && !takes_rows(&g, units));
+            }
         }
         for g in [conv(32, 96, 1, 32), conv(96, 24, 1, 32)] {
-            assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+            assert!(takes_forward_on(&g, Avx2) && !takes_forward_on(&g, Avx2Halved));
         }
         // The weight gradient: the padded rows on maps of whole 8-lane rows where AVX2 runs
-        // in halves, the masked kernel from 16x16 maps elsewhere.
+        // in halves; where it runs whole, on 16x16 and larger maps (8x8 ones go to `gemm`);
+        // the masked kernel from 16x16 maps on AVX-512.
         for g in [conv(16, 16, 3, 32), conv(32, 32, 3, 16), conv(64, 64, 3, 8)] {
-            assert!(takes_weight_grad_on(&g, true));
-            assert_eq!(takes_weight_grad_on(&g, false), g.positions() >= 256);
+            assert!(takes_weight_grad_on(&g, Avx2Halved) && takes_rows_weight_grad(&g, Avx2Halved));
+            let large = g.positions() >= 256;
+            assert_eq!(takes_weight_grad_on(&g, Avx512), large);
+            assert_eq!(takes_weight_grad_on(&g, Avx2), large);
+            assert_eq!(takes_rows_weight_grad(&g, Avx2), large);
+            assert!(!takes_rows_weight_grad(&g, Avx512));
         }
+        // 64 x 64 on 56x56: the masked weight gradient where AVX2 runs whole.
+        let g = conv(64, 64, 3, 56);
+        assert!(takes_weight_grad_on(&g, Avx2) && !takes_rows_weight_grad(&g, Avx2));
         for g in [
             conv(16, 16, 3, 4),
             conv(128, 128, 3, 8),
             conv(16, 16, 1, 32),
         ] {
-            assert!(!takes_weight_grad_on(&g, true));
+            assert!(!takes_weight_grad_on(&g, Avx2Halved));
         }
         // Neither: too few positions for a vector; too many filters for the masked kernel
-        // (the padded rows take them), rows too short for the padded rows.
-        assert!(!takes_forward_on(&conv(16, 16, 1, 2), false));
-        assert!(!takes_forward_on(&conv(16, 16, 1, 2), true));
-        assert!(!takes_forward_on(&conv(16, 256, 3, 8), false));
-        assert!(takes_forward_on(&conv(16, 256, 3, 8), true));
-        for g in [conv(64, 64, 3, 4), conv(64, 64, 3, 9)] {
-            assert!(takes_forward_on(&g, false) && !takes_forward_on(&g, true));
+        // (the padded rows take them where AVX2 runs in halves), rows too short for the
+        // padded rows.
+        for units in [Avx512, Avx2, Avx2Halved] {
+            assert!(!takes_forward_on(&conv(16, 16, 1, 2), units));
         }
-        assert!(takes_rows(&conv(16, 16, 3, 5), true) && takes_rows(&conv(16, 16, 3, 7), true));
+        assert!(!takes_forward_on(&conv(16, 256, 3, 8), Avx512));
+        assert!(!takes_forward_on(&conv(16, 256, 3, 8), Avx2));
+        assert!(takes_forward_on(&conv(16, 256, 3, 8), Avx2Halved));
+        for g in [conv(64, 64, 3, 4), conv(64, 64, 3, 9)] {
+            assert!(takes_forward_on(&g, Avx2) && !takes_forward_on(&g, Avx2Halved));
+            assert!(!takes_rows(&g, Avx2));
+        }
+        assert!(takes_rows(&conv(16, 16, 3, 5), Avx2Halved));
+        assert!(takes_rows(&conv(16, 16, 3, 7), Avx2Halved));
     }
 
     /// A test value in [-1, 1] for index `i` of the array `salt` names.
