@@ -2,10 +2,13 @@
 //! `vgg16` / `mobilenetv2`), batch 128, for a profiler:
 //! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
 //! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` uses burn's own
-//! convolution and BatchNorm instead of dnal's, `DNAL_GATES=bypass` turns the gates off.
+//! convolution and BatchNorm instead of dnal's, `DNAL_GATES=bypass` turns the gates off. A third
+//! argument `pruned` trains the network pruned to its architecture under
+//! `benches/architectures/` instead (`resnet56-thin`: the thin one), gates bypassed, as the
+//! final stage does.
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
-use dnal_core::GateMode;
+use dnal_core::{Architecture, GateMode};
 use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 
 dnal_kernels::global_allocator!();
@@ -16,32 +19,59 @@ fn main() {
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();
     dnal_kernels::set_enabled(std::env::var("DNAL_BURN_OPS").is_err());
-    let which = args.next();
-    if which.as_deref() == Some("vgg16") {
-        run(
-            PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
-            steps,
-            &device,
-        );
-    } else if which.as_deref() == Some("mobilenetv2") {
-        run(
-            MobileNetV2Config::cifar(10).init(&device).unwrap(),
-            steps,
-            &device,
-        );
-    } else {
-        let net = CifarResNetConfig::new(56, 10)
+    let which = args.next().unwrap_or_else(|| "resnet56".into());
+    let pruned = match args.next().as_deref() {
+        None | Some("dense") => false,
+        Some("pruned") => true,
+        Some(other) => panic!("dense or pruned, not {other}"),
+    };
+    let arch = |json: &str| {
+        pruned.then(|| Architecture::from_json(json).expect("a checked-in architecture"))
+    };
+    let resnet56 = || {
+        CifarResNetConfig::new(56, 10)
             .unwrap()
             .init(&device)
-            .unwrap();
-        run(net, steps, &device);
+            .unwrap()
+    };
+    match which.as_str() {
+        "vgg16" => run(
+            PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
+            arch(include_str!("../architectures/vgg16-cifar10.json")),
+            steps,
+            &device,
+        ),
+        "mobilenetv2" => run(
+            MobileNetV2Config::cifar(10).init(&device).unwrap(),
+            arch(include_str!("../architectures/mobilenetv2-cifar10.json")),
+            steps,
+            &device,
+        ),
+        "resnet56" => run(
+            resnet56(),
+            arch(include_str!("../architectures/resnet56-cifar10.json")),
+            steps,
+            &device,
+        ),
+        "resnet56-thin" => run(
+            resnet56(),
+            arch(include_str!("../architectures/resnet56-thin-cifar10.json")),
+            steps,
+            &device,
+        ),
+        other => panic!("unknown network {other}"),
     }
 }
 
-fn run<N: Network>(mut net: N, steps: usize, device: &Device) {
+fn run<N: Network>(net: N, arch: Option<Architecture>, steps: usize, device: &Device) {
     let mode = match std::env::var("DNAL_GATES").as_deref() {
         Ok("bypass") => GateMode::Bypass,
+        _ if arch.is_some() => GateMode::Bypass,
         _ => GateMode::Search,
+    };
+    let mut net = match arch {
+        Some(arch) => net.prune(&arch).unwrap(),
+        None => net,
     };
     let (x, y) = dnal_benches::cifar_batch(128, device);
     let mut sgd = SgdConfig::new().init();

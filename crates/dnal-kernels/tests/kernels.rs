@@ -223,6 +223,12 @@ fn conv_gradients_do_not_depend_on_the_thread_count() {
         input([16, 8, 3, 3], 22, &device),
     );
     assert_thread_count_independent(x, w, |x, w| dnal_kernels::conv2d(x, w, 1, 1));
+    // 8x8 maps: the direct weight gradient on AVX-512, `gemm` elsewhere.
+    let (x, w) = (
+        input([37, 8, 8, 8], 23, &device),
+        input([12, 8, 3, 3], 24, &device),
+    );
+    assert_thread_count_independent(x, w, |x, w| dnal_kernels::conv2d(x, w, 1, 1));
 }
 
 #[test]

@@ -147,13 +147,20 @@ fn takes_forward_on(g: &ConvGeometry, units: Units) -> bool {
     supports_forward(g) && 2 * g.positions() >= lanes && (takes_rows(g, units) || masked)
 }
 
-/// Whether the weight-gradient kernel should compute `g`: it beats `gemm` on narrow layers
-/// with maps of at least 16x16 (up to 64 input and output channels), and is no faster on
-/// 8x8 maps, whose images hold too few positions per kernel call, or on wider layers. (On
-/// AVX2, batch 128, weight gradient alone: 9 x 9 x 32x32 2.2-2.5 against 7.7-7.9 ms for
-/// `gemm`, 17 x 17 x 16x16 2.1-2.2 against 2.7-3.0, 32 x 32 x 16x16 6.4-6.9 against 6.2-6.5,
-/// 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7.) Where AVX2 runs in 128-bit halves
-/// ([`crate::avx2_halved`]) the masked kernel lost to `gemm` below 32x32 maps, and the
+/// Whether the weight-gradient kernel should compute `g`: on narrow layers (up to 64 input
+/// and output channels), on maps of at least [`AVX512_WEIGHT_GRAD_POSITIONS`] positions in
+/// AVX-512 and of at least 16x16 in AVX2.
+///
+/// In AVX-512 (Intel Xeon, family 6 model 167, batch 128, weight gradient alone against
+/// im2col + `gemm`, one thread): 8x8 maps 1.0-4.3x faster (8 x 8 0.14 against 0.61 ms, 20 x
+/// 20 0.64-0.70 against 1.63-1.65, 34 x 34 1.80-1.88 against 3.02-3.07, 48 x 48 3.9 against
+/// 5.0, 64 x 32 3.7-3.8 against 5.3-5.5, 64 x 64 7.1-7.2 against 7.2-7.4; on two threads
+/// 1.0-2.6x), 4x4 maps even (16 x 16, 32 x 32, 64 x 64), so those stay with `gemm`. In AVX2
+/// on 256-bit units (batch 128, weight gradient alone: 9 x 9 x 32x32 2.2-2.5 against 7.7-7.9
+/// ms for `gemm`, 17 x 17 x 16x16 2.1-2.2 against 2.7-3.0, 32 x 32 x 16x16 6.4-6.9 against
+/// 6.2-6.5, 64 x 64 x 8x8 9.0-9.5 against 5.6-5.7) the 3x3 layers on 32x32 and 16x16 maps
+/// take the padded rows instead ([`takes_rows_weight_grad`]). Where AVX2 runs in 128-bit
+/// halves ([`crate::avx2_halved`]) the masked kernel lost to `gemm` below 32x32 maps, and the
 /// padded-rows one takes every map of whole 8-lane rows instead (one thread, batch 128,
 /// weight gradient alone against the masked kernel on 32x32 and `gemm` below: 16 x 16 x
 /// 32x32 21 against 34 ms, 6 x 6 x 32x32 3.6-3.8 against 5.8-7.4, 32 x 32 x 16x16 20 against
@@ -163,13 +170,19 @@ pub fn takes_weight_grad(g: &ConvGeometry) -> bool {
     available() && takes_weight_grad_on(g, units())
 }
 
+/// Fewest positions per image of a map whose weight gradient the AVX-512 kernel takes (8x8).
+const AVX512_WEIGHT_GRAD_POSITIONS: usize = 64;
+
 /// [`takes_weight_grad`] on `units`.
 fn takes_weight_grad_on(g: &ConvGeometry, units: Units) -> bool {
     supports(g)
         && g.out_channels <= 64
         && g.in_channels <= 64
-        && (takes_rows_weight_grad(g, units)
-            || (units != Units::Avx2Halved && g.positions() >= 256))
+        && match units {
+            Units::Avx512 => g.positions() >= AVX512_WEIGHT_GRAD_POSITIONS,
+            Units::Avx2 => takes_rows_weight_grad(g, units) || g.positions() >= 256,
+            Units::Avx2Halved => takes_rows_weight_grad(g, units),
+        }
 }
 
 /// The kernel taps of `g`: for tap `(kh, kw)`, the flattened input offset `(kh - p) * W +
@@ -989,11 +1002,11 @@ mod tests {
         }
         // The weight gradient: the padded rows on maps of whole 8-lane rows where AVX2 runs
         // in halves; where it runs whole, on 16x16 and larger maps (8x8 ones go to `gemm`);
-        // the masked kernel from 16x16 maps on AVX-512.
+        // the masked kernel from 8x8 maps on AVX-512.
         for g in [conv(16, 16, 3, 32), conv(32, 32, 3, 16), conv(64, 64, 3, 8)] {
             assert!(takes_weight_grad_on(&g, Avx2Halved) && takes_rows_weight_grad(&g, Avx2Halved));
             let large = g.positions() >= 256;
-            assert_eq!(takes_weight_grad_on(&g, Avx512), large);
+            assert!(takes_weight_grad_on(&g, Avx512));
             assert_eq!(takes_weight_grad_on(&g, Avx2), large);
             assert_eq!(takes_rows_weight_grad(&g, Avx2), large);
             assert!(!takes_rows_weight_grad(&g, Avx512));
@@ -1007,6 +1020,14 @@ mod tests {
             conv(16, 16, 1, 32),
         ] {
             assert!(!takes_weight_grad_on(&g, Avx2Halved));
+        }
+        // 4x4 maps and wide layers: `gemm` on AVX-512 too.
+        for g in [
+            conv(16, 16, 3, 4),
+            conv(128, 128, 3, 8),
+            conv(64, 65, 3, 16),
+        ] {
+            assert!(!takes_weight_grad_on(&g, Avx512), "{g:?}");
         }
         // Neither: too few positions for a vector; too many filters for the masked kernel
         // (the padded rows take them where AVX2 runs in halves), rows too short for the
