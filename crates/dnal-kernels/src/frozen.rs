@@ -103,7 +103,7 @@ impl FrozenConv {
         }
         let geometry = Self::geometry(out, [stride, padding], in_chw, kernel);
         let engine = if groups == 1 {
-            let packed = (direct::available() && direct::takes_forward(&geometry))
+            let packed = (direct::available() && direct::takes_forward_image(&geometry))
                 .then(|| PackedWeights::new(&weight, &geometry));
             Engine::Dense { geometry, packed }
         } else {
@@ -123,6 +123,21 @@ impl FrozenConv {
             in_chw,
             out_chw,
         })
+    }
+
+    /// Whether the forward of one image shares its work among rayon's threads: a convolution
+    /// whose channel blocks are spread over them, or a depthwise one whose planes are. A
+    /// network of such layers runs its forward inside rayon's pool, so that the calling
+    /// thread takes part (`dnal_zoo::FrozenNetwork::forward`).
+    pub fn shares_one_image(&self) -> bool {
+        match &self.engine {
+            Engine::Dense { geometry, packed } => packed
+                .as_ref()
+                .is_some_and(|w| direct::splits_image(w, geometry)),
+            Engine::Depthwise(_) => {
+                self.out_chw.iter().product::<usize>() >= crate::planes::SERIAL_BELOW
+            }
+        }
     }
 
     /// `[C, H, W]` of one input image.

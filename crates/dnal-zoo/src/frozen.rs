@@ -29,6 +29,9 @@ pub struct FrozenNetwork {
     /// Per-image shape of each graph value (the input and one per node).
     shapes: Vec<Shape>,
     output: Value,
+    /// Whether some layer shares the work of one image among rayon's threads
+    /// (`FrozenConv::shares_one_image`).
+    shares_one_image: bool,
 }
 
 /// What a step computes.
@@ -132,19 +135,30 @@ impl FrozenNetwork {
             )));
         }
         let batch = images.len() / image;
-        let mut values: Vec<Option<Cow<[f32]>>> = vec![None; self.shapes.len()];
-        values[0] = Some(Cow::Borrowed(images));
-        for step in &self.steps {
-            let out = self.run(step, batch, &mut values);
-            for &v in &step.last {
-                values[v] = None;
+        let forward = || {
+            let mut values: Vec<Option<Cow<[f32]>>> = vec![None; self.shapes.len()];
+            values[0] = Some(Cow::Borrowed(images));
+            for step in &self.steps {
+                let out = self.run(step, batch, &mut values);
+                for &v in &step.last {
+                    values[v] = None;
+                }
+                values[step.output] = Some(Cow::Owned(out));
             }
-            values[step.output] = Some(Cow::Owned(out));
-        }
-        Ok(values[self.output]
-            .take()
-            .expect("the output is computed")
-            .into_owned())
+            values[self.output]
+                .take()
+                .expect("the output is computed")
+                .into_owned()
+        };
+        // Where layers share their work among rayon's threads, the forward runs on one of
+        // them, which then takes part in each layer's work instead of waiting for the others
+        // to wake (a thread outside the pool only waits); otherwise on this thread, sparing
+        // the hand-off into the pool and back.
+        Ok(if batch > 1 || self.shares_one_image {
+            rayon::scope(|_| forward())
+        } else {
+            forward()
+        })
     }
 
     /// [`FrozenNetwork::forward`] on a tensor `[N, C, H, W]`, giving `[N, classes]` on the
@@ -487,7 +501,7 @@ impl<'g> Lowering<'g> {
                 last_reader[v] = Some(s);
             }
         }
-        let steps = planned
+        let steps: Vec<Step> = planned
             .into_iter()
             .enumerate()
             .map(|(s, (_, kind, output, _))| {
@@ -498,12 +512,20 @@ impl<'g> Lowering<'g> {
                 Step { kind, output, last }
             })
             .collect();
+        let shares_one_image = steps.iter().any(|step| match &step.kind {
+            Kind::Conv { conv, .. }
+            | Kind::Into {
+                conv: Some(conv), ..
+            } => conv.shares_one_image(),
+            _ => false,
+        });
         Ok(FrozenNetwork {
             input: graph.input,
             classes: graph.classes,
             steps,
             shapes: self.shapes,
             output,
+            shares_one_image,
         })
     }
 

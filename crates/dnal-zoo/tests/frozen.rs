@@ -31,6 +31,15 @@ fn plain_cnns_freeze() {
     families::plain_cnns(&device(), &Frozen);
 }
 
+/// VGG-16 at full width: at batch 1 its layers of 256 and 512 filters, on maps down to 2x2,
+/// take dnal's direct kernel spread over the threads where the CPU has AVX-512.
+#[test]
+fn a_full_width_vgg16_freezes() {
+    let d = device();
+    let net = families::randomised(PlainCnnConfig::vgg16_cifar(10).init(&d).unwrap(), 6);
+    Frozen.check("VGG-16", &net);
+}
+
 #[test]
 fn cifar_resnets_freeze() {
     families::cifar_resnets(&device(), &Frozen);

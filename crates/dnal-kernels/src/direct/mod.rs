@@ -25,6 +25,10 @@
 //!   block of output-gradient rows stays in L1 while every tile of patch rows passes over it.
 //! * The input gradient of a stride-1 convolution is itself such a convolution (flipped,
 //!   transposed kernel) and takes the forward path.
+//! * One image of a large layer (batch 1, called from inside rayon's pool: a frozen network's
+//!   forward) has its channel blocks spread over the threads; with weights packed once, the
+//!   AVX-512 kernel then also takes layers of more than 128 filters and maps down to 1x1,
+//!   which `gemm` would run on one thread.
 //! * In AVX2, 3x3 (and larger) convolutions take another form (`rows.rs`) on CPUs that run
 //!   AVX2 in 128-bit halves, and the narrow ones of CIFAR networks on every AVX2 CPU: each
 //!   image copied once with a zero border, output rows in 8-position vectors read with plain
@@ -110,6 +114,17 @@ pub fn supports(g: &ConvGeometry) -> bool {
 /// layers only ([`takes_rows`]).
 pub fn takes_forward(g: &ConvGeometry) -> bool {
     takes_forward_on(g, units())
+}
+
+/// Whether the forward kernel should compute `g` for one image: where [`takes_forward`] says
+/// so, and on AVX-512 also layers of more than 128 filters large enough to be spread over the
+/// threads by channels ([`SPLIT_IMAGE_MACS`]), which `gemm` would run on one thread.
+pub fn takes_forward_image(g: &ConvGeometry) -> bool {
+    takes_forward(g)
+        || (units() == Units::Avx512
+            && supports_forward(g)
+            && rayon::current_num_threads() > 1
+            && g.out_channels * g.patch() * g.positions() >= SPLIT_IMAGE_MACS)
 }
 
 /// How this CPU runs the direct kernels, as far as the choice of kernel goes.
@@ -506,7 +521,13 @@ pub fn conv_forward(
         conv_forward_images(images, w, g, epilogue, dst)
     };
     let dst = &mut out.spare_capacity_mut()[..n];
-    if n <= chunk {
+    // A thread outside rayon's pool would only wait while the pool's threads wake and work
+    // (burn's forward at batch 1: VGG-16 5-8 % slower).
+    let in_pool = rayon::current_thread_index().is_some();
+    if batch == 1 && in_pool && w.rows.is_none() && splits_image(w, g) {
+        // One image, a layer large enough to share: its channel blocks over the threads.
+        forward_image_split(x, w, g, epilogue, dst);
+    } else if n <= chunk {
         // One group (batch 1): on this thread, without a hand-off to rayon's pool.
         each((0, (dst, x)));
     } else {
@@ -521,7 +542,83 @@ pub fn conv_forward(
     out
 }
 
-/// [`conv_forward`] of consecutive images into `out` (`[n, Co, H, W]`), every element written.
+/// Fewest multiply-adds of a one-image forward whose channel blocks are spread over the
+/// threads ([`forward_image_split`]); below it a hand-off to rayon's pool costs about as much
+/// as it saves. On a 2-core AVX-512 machine (Intel, two threads): 64 x 64 x 32x32 0.48-0.51
+/// -> 0.27 ms, 128 x 128 x 16x16 0.47 -> 0.23-0.25 ms; with the wide layers taken from
+/// `gemm` ([`takes_forward_image`]) 256 x 256 x 8x8 0.43 -> 0.24, 512 x 512 x 2x2 0.70 ->
+/// 0.47, 256 x 256 x 14x14 1.44-1.54 -> 0.85-0.90, 1x1 64 -> 256 on 56x56 0.70 -> 0.36.
+const SPLIT_IMAGE_MACS: usize = 1 << 23;
+
+/// Whether [`conv_forward`] spreads one image's channel blocks over the threads: a layer of at
+/// least [`SPLIT_IMAGE_MACS`], with a block for each thread.
+pub(crate) fn splits_image(w: &PackedWeights, g: &ConvGeometry) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1
+        && w.blocks.len() >= threads
+        && g.out_channels * g.patch() * g.positions() >= SPLIT_IMAGE_MACS
+}
+
+/// [`conv_forward_images`] of one image with its channel blocks in one contiguous run per
+/// thread, each writing its own channels' planes. Every output value is computed as on one
+/// thread, so the result does not depend on the number of threads.
+fn forward_image_split(
+    x: &[f32],
+    w: &PackedWeights,
+    g: &ConvGeometry,
+    epilogue: Epilogue,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    use rayon::prelude::*;
+    assert_eq!(&w.geometry, g, "weights packed for another convolution");
+    let l = g.positions();
+    let parts = rayon::current_num_threads().min(w.blocks.len());
+    // Contiguous runs of blocks with near-equal channel counts: `(blocks, first channel,
+    // channels)`.
+    let mut runs = Vec::with_capacity(parts);
+    let (mut next, mut channel) = (0, 0);
+    for part in 0..parts {
+        let target = g.out_channels * (part + 1) / parts;
+        let start = next;
+        // Leave a block for each part after this one.
+        let end = w.blocks.len() - (parts - part - 1);
+        while next < end && (next == start || channel < target) {
+            channel += w.blocks[next].1;
+            next += 1;
+        }
+        if part + 1 == parts {
+            next = w.blocks.len();
+        }
+        let first = w.blocks[start].0;
+        let last = w.blocks[next - 1];
+        runs.push((start..next, first, last.0 + last.1 - first));
+    }
+    let mut slices = Vec::with_capacity(parts);
+    let mut rest = out;
+    for (_, _, channels) in &runs {
+        let (head, tail) = rest.split_at_mut(channels * l);
+        slices.push(head);
+        rest = tail;
+    }
+    runs.into_par_iter()
+        .zip(slices)
+        .for_each(|((blocks, first, channels), dst)| {
+            let epilogue = Epilogue {
+                scale: &epilogue.scale[first..first + channels],
+                shift: &epilogue.shift[first..first + channels],
+                residual: epilogue.residual.map(|r| &r[first * l..][..channels * l]),
+                ..epilogue
+            };
+            let run = Run {
+                blocks,
+                first,
+                channels,
+            };
+            forward_blocks(x, w, run, g, epilogue, dst);
+        });
+}
+
+/// [`conv_forward_images`] of consecutive images into `out` (`[n, Co, H, W]`), every element written.
 ///
 /// Channel blocks outside, so that a block's weights stay in cache while the images' vectors
 /// stream past them (wide layers have megabytes of weights); one kernel call per block walks
@@ -542,22 +639,50 @@ fn conv_forward_images(
         x.len() / g.image() * co * l,
         "output of the wrong size"
     );
+    if let Some(plan) = &w.rows {
+        return forward_rows(x, w, plan, g, epilogue, out);
+    }
+    let all = Run {
+        blocks: 0..w.blocks.len(),
+        first: 0,
+        channels: co,
+    };
+    forward_blocks(x, w, all, g, epilogue, out);
+}
+
+/// A contiguous run of a layer's channel blocks: `blocks`, whose channels are `first ..
+/// first + channels`.
+struct Run {
+    blocks: std::ops::Range<usize>,
+    first: usize,
+    channels: usize,
+}
+
+/// The masked kernels' forward of `run`'s channels of consecutive images into `out` (`[n,
+/// run.channels, H, W]`); `epilogue` holds those channels' values only.
+fn forward_blocks(
+    x: &[f32],
+    w: &PackedWeights,
+    run: Run,
+    g: &ConvGeometry,
+    epilogue: Epilogue,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
     let Epilogue {
         scale,
         shift,
         residual,
         clamp,
     } = epilogue;
-    if let Some(plan) = &w.rows {
-        return forward_rows(x, w, plan, g, epilogue, out);
-    }
-    for (b, &(first, count)) in w.blocks.iter().enumerate() {
+    for b in run.blocks {
+        let (first, count) = w.blocks[b];
+        let first = first - run.first;
         let block = ForwardBlock {
             x,
             taps: &w.taps,
             channels: g.in_channels,
-            l,
-            co,
+            l: g.positions(),
+            co: run.channels,
             first,
             scale: &scale[first..first + count],
             shift: &shift[first..first + count],
@@ -1156,6 +1281,55 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// One image of a large layer, its channel blocks spread over 2 and 3 threads (odd block
+    /// counts, a residual and a clamp, 16x16 and 2x2 maps), gives exactly what one thread
+    /// gives, and what a plain convolution gives.
+    #[test]
+    fn one_image_split_over_threads_matches_one_thread() {
+        let Some(isa) = isa() else { return };
+        // (in, out, side)
+        for (case, &(ci, co, side)) in [(64, 150, 16), (512, 461, 2)].iter().enumerate() {
+            let g = same_conv(ci, co, side, 3);
+            let x: Vec<f32> = (0..g.image()).map(|i| value(i, case)).collect();
+            let w: Vec<f32> = (0..co * g.patch())
+                .map(|i| value(i, case + 50) / 30.0)
+                .collect();
+            let residual: Vec<f32> = (0..co * g.positions())
+                .map(|i| value(i, case + 99))
+                .collect();
+            let scale: Vec<f32> = (0..co).map(|i| 0.5 + value(i, 7).abs()).collect();
+            let shift: Vec<f32> = (0..co).map(|i| value(i, 11)).collect();
+            let packed = PackedWeights::packed(&w, &g, isa, false);
+            let epilogue = Epilogue {
+                scale: &scale,
+                shift: &shift,
+                residual: Some(&residual),
+                clamp: crate::cpu::Clamp { lo: -1.0, hi: 6.0 },
+            };
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    assert_eq!(splits_image(&packed, &g), threads > 1, "{g:?}");
+                    conv_forward(&x, &packed, &g, 1, Some(epilogue))
+                })
+            };
+            let one = on(1);
+            for threads in [2, 3] {
+                assert!(one == on(threads), "{g:?} on {threads} threads");
+            }
+            let want = naive_forward(&x, &w, &g, &epilogue);
+            for (j, (&a, &b)) in one.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(a) - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{g:?}, output {j}: {a} against {b}"
+                );
             }
         }
     }

@@ -53,8 +53,11 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
 /// of images, batch 1). Below it the split costs more than it saves: in the VGG-16 for CIFAR
 /// at batch 1 (products of 9-38M multiply-adds on 2x2 to 32x32 maps, weights streamed from
 /// memory), splitting them slowed the forward, dense 11.4 -> 12.8 ms and pruned (1.90x fewer
-/// MACs) 5.6 -> 7.7 ms (medians of eight alternating rounds, 2-core AVX-512 machine). Products
-/// of ImageNet networks at batch 1 reach 10^8 to 10^9 and are split.
+/// MACs) 5.6 -> 7.7 ms (medians of eight alternating rounds, 2-core AVX-512 machine), and on
+/// another (Intel, two cores) with the threshold at 2^23 the frozen pruned VGG-16 took 4.7-5.3
+/// against 3.8-4.2 ms. Products of ImageNet networks at batch 1 reach 10^8 to 10^9 and are
+/// split. (The direct kernels split one image's layer by channels instead, where the weights
+/// are packed once: `direct::takes_forward_image`.)
 pub(super) const FORWARD_SPLIT_MACS: usize = 1 << 27;
 
 /// Fewest groups of images (forward) or runs of groups (weight gradient) the direct kernels
@@ -165,7 +168,14 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
     // One group (batch 1) whose product `gemm` does not split: the direct kernels on one
     // thread beat im2col + `gemm` on one thread (no column matrix to build).
     let direct = direct_path(groups) || (groups == 1 && !parallel && direct_usable());
-    if batch * co * l > 0 && direct && direct::takes_forward(g) {
+    // Weights packed once (frozen for inference) also take wide layers at batch 1, spread over
+    // the threads; the batch-1 cache of `Packing::Owner` would not hold VGG-16's wide layers
+    // (it started over at every forward, which then took 5x as long).
+    let takes = direct::takes_forward(g)
+        || (batch == 1
+            && matches!(packing, Packing::Ready(Some(_)))
+            && direct::takes_forward_image(g));
+    if batch * co * l > 0 && direct && takes {
         match packing {
             Packing::Ready(Some(w)) => return direct::conv_forward(x, w, g, per, epilogue),
             Packing::Ready(None) => {}
