@@ -15,12 +15,21 @@ use dnal_train::progress::paths;
 
 use common::{demo, finished, history, opts};
 
-/// The wgpu device, or `None` (the test skipped, saying why) where no usable adapter is found;
-/// with `DNAL_REQUIRE_WGPU=1` (CI, which installs Mesa's software Vulkan) a missing adapter
-/// fails the test instead.
-fn wgpu_device() -> Option<burn::prelude::Device> {
+/// Held by every test here for as long as it uses wgpu. The tests share one process's
+/// autotune cache, where a key another test is still tuning runs its first candidate instead
+/// (other rounding), and the reductions' finish setting; the pipeline test compares two runs
+/// to the bit, which either made fail when another test ran beside it.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The wgpu device and the [`GPU`] lock, or `None` (the test skipped, saying why) where no
+/// usable adapter is found; with `DNAL_REQUIRE_WGPU=1` (CI, which installs Mesa's software
+/// Vulkan) a missing adapter fails the test instead.
+fn wgpu_device() -> Option<(burn::prelude::Device, std::sync::MutexGuard<'static, ()>)> {
+    let held = GPU
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match BackendKind::Wgpu.probe() {
-        Ok(device) => Some(device),
+        Ok(device) => Some((device, held)),
         Err(e) if std::env::var("DNAL_REQUIRE_WGPU").as_deref() == Ok("1") => {
             panic!("DNAL_REQUIRE_WGPU=1 but wgpu is unusable: {e}")
         }
@@ -33,9 +42,9 @@ fn wgpu_device() -> Option<burn::prelude::Device> {
 
 #[test]
 fn the_pipeline_runs_on_wgpu_as_on_flex() {
-    if wgpu_device().is_none() {
+    let Some((_device, _gpu)) = wgpu_device() else {
         return;
-    }
+    };
     // Every batch of one size, so that each kernel is compiled once per network: 256 + 128
     // images in batches of 32. The demo CNN at a quarter of its widths (8-8-16-16, 15x fewer
     // MACs): on software Vulkan the convolutions, not the pipeline's logic, take the time.
@@ -123,16 +132,10 @@ fn flex() -> burn::prelude::Device {
     BackendKind::Flex.probe().unwrap()
 }
 
-/// Held by the tests that set how the reductions finish, for the whole process, while they
-/// compare: each then checks the kernels it names.
-static FINISH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// BatchNorm's kernels with their reductions finished as `finish` says, against flex.
+/// BatchNorm's kernels with their reductions finished as `finish` says (for the whole
+/// process, while the [`GPU`] lock keeps the other tests waiting), against flex.
 fn batch_norm_finished(finish: dnal_kernels::Finish) {
-    if let Some(device) = wgpu_device() {
-        let _held = FINISH
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((device, _gpu)) = wgpu_device() {
         dnal_kernels::set_reduction_finish(finish);
         let comparisons = check::batch_norm(&device, &flex());
         dnal_kernels::set_reduction_finish(dnal_kernels::Finish::Auto);
@@ -162,21 +165,21 @@ fn folded_batch_norm_kernels_on_a_cpu_adapter_match_flex() {
 
 #[test]
 fn depthwise_kernels_on_wgpu_match_burn_on_flex() {
-    if let Some(device) = wgpu_device() {
+    if let Some((device, _gpu)) = wgpu_device() {
         all_within(check::depthwise(&device, &flex()));
     }
 }
 
 #[test]
 fn convolutions_on_wgpu_match_burn_on_flex() {
-    if let Some(device) = wgpu_device() {
+    if let Some((device, _gpu)) = wgpu_device() {
         all_within(check::convolution(&device, &flex()));
     }
 }
 
 #[test]
 fn sgd_step_on_wgpu_matches_burn_on_flex() {
-    if let Some(device) = wgpu_device() {
+    if let Some((device, _gpu)) = wgpu_device() {
         all_within(check::sgd(&device, &flex()));
     }
 }
@@ -271,7 +274,7 @@ fn batch(
 fn weights_keep_one_memory_layout_from_the_first_step() {
     use burn::optim::GradientsParams;
 
-    let Some(device) = wgpu_device() else {
+    let Some((device, _gpu)) = wgpu_device() else {
         return;
     };
     let device = device.autodiff();
@@ -328,7 +331,7 @@ fn floats(net: &Kinds) -> Vec<Vec<f32>> {
 fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
     use burn::optim::GradientsParams;
 
-    let Some(device) = wgpu_device() else {
+    let Some((device, _gpu)) = wgpu_device() else {
         return;
     };
     let device = device.autodiff();
