@@ -120,11 +120,7 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 /// so, and on AVX-512 also layers of more than 128 filters large enough to be spread over the
 /// threads by channels ([`SPLIT_IMAGE_MACS`]), which `gemm` would run on one thread.
 pub fn takes_forward_image(g: &ConvGeometry) -> bool {
-    takes_forward(g)
-        || (units() == Units::Avx512
-            && supports_forward(g)
-            && rayon::current_num_threads() > 1
-            && g.out_channels * g.patch() * g.positions() >= SPLIT_IMAGE_MACS)
+    takes_forward(g) || (units() == Units::Avx512 && supports_forward(g) && worth_splitting(g))
 }
 
 /// How this CPU runs the direct kernels, as far as the choice of kernel goes.
@@ -553,9 +549,13 @@ const SPLIT_IMAGE_MACS: usize = 1 << 23;
 /// Whether [`conv_forward`] spreads one image's channel blocks over the threads: a layer of at
 /// least [`SPLIT_IMAGE_MACS`], with a block for each thread.
 pub(crate) fn splits_image(w: &PackedWeights, g: &ConvGeometry) -> bool {
-    let threads = rayon::current_num_threads();
-    threads > 1
-        && w.blocks.len() >= threads
+    worth_splitting(g) && w.blocks.len() >= rayon::current_num_threads()
+}
+
+/// Whether one image of `g` is worth spreading over the threads: there are several, and the
+/// layer has at least [`SPLIT_IMAGE_MACS`].
+fn worth_splitting(g: &ConvGeometry) -> bool {
+    rayon::current_num_threads() > 1
         && g.out_channels * g.patch() * g.positions() >= SPLIT_IMAGE_MACS
 }
 
@@ -573,9 +573,8 @@ fn forward_image_split(
     assert_eq!(&w.geometry, g, "weights packed for another convolution");
     let l = g.positions();
     let parts = rayon::current_num_threads().min(w.blocks.len());
-    // Contiguous runs of blocks with near-equal channel counts: `(blocks, first channel,
-    // channels)`.
-    let mut runs = Vec::with_capacity(parts);
+    // Contiguous runs of blocks with near-equal channel counts.
+    let mut runs: Vec<Run> = Vec::with_capacity(parts);
     let (mut next, mut channel) = (0, 0);
     for part in 0..parts {
         let target = g.out_channels * (part + 1) / parts;
@@ -591,31 +590,29 @@ fn forward_image_split(
         }
         let first = w.blocks[start].0;
         let last = w.blocks[next - 1];
-        runs.push((start..next, first, last.0 + last.1 - first));
+        runs.push(Run {
+            blocks: start..next,
+            first,
+            channels: last.0 + last.1 - first,
+        });
     }
     let mut slices = Vec::with_capacity(parts);
     let mut rest = out;
-    for (_, _, channels) in &runs {
-        let (head, tail) = rest.split_at_mut(channels * l);
+    for run in &runs {
+        let (head, tail) = rest.split_at_mut(run.channels * l);
         slices.push(head);
         rest = tail;
     }
-    runs.into_par_iter()
-        .zip(slices)
-        .for_each(|((blocks, first, channels), dst)| {
-            let epilogue = Epilogue {
-                scale: &epilogue.scale[first..first + channels],
-                shift: &epilogue.shift[first..first + channels],
-                residual: epilogue.residual.map(|r| &r[first * l..][..channels * l]),
-                ..epilogue
-            };
-            let run = Run {
-                blocks,
-                first,
-                channels,
-            };
-            forward_blocks(x, w, run, g, epilogue, dst);
-        });
+    runs.into_par_iter().zip(slices).for_each(|(run, dst)| {
+        let (first, channels) = (run.first, run.channels);
+        let epilogue = Epilogue {
+            scale: &epilogue.scale[first..first + channels],
+            shift: &epilogue.shift[first..first + channels],
+            residual: epilogue.residual.map(|r| &r[first * l..][..channels * l]),
+            ..epilogue
+        };
+        forward_blocks(x, w, run, g, epilogue, dst);
+    });
 }
 
 /// [`conv_forward_images`] of consecutive images into `out` (`[n, Co, H, W]`), every element written.
