@@ -139,26 +139,22 @@ fn run(cli: Cli) -> Result<()> {
                 println!("xtask: wgpu tests skipped (--no-wgpu)");
             } else {
                 // One build of burn with wgpu for both crates' `wgpu` tests (the gate and the
-                // whole pipeline); it is also the trainer's `--backend wgpu` build. The pipeline
-                // test, which compares two wgpu runs to the bit, runs in a process of its own:
-                // after the other wgpu tests in the same process its two runs differed in the
-                // 8th digit (on lavapipe, a 2-core Intel machine), and alone they agree.
-                let wgpu = [
-                    "test",
-                    "--release",
-                    "-p",
-                    "dnal-core",
-                    "-p",
-                    "dnal-train",
-                    "--features",
-                    "dnal-core/wgpu,dnal-train/wgpu",
-                    "--test",
-                    "wgpu",
-                    "--",
-                ];
-                let pipeline = "the_pipeline_runs_on_wgpu_as_on_flex";
-                cargo(&root, &[&wgpu[..], &["--skip", pipeline]].concat())?;
-                cargo(&root, &[&wgpu[..], &["--exact", pipeline]].concat())?;
+                // whole pipeline); it is also the trainer's `--backend wgpu` build.
+                cargo(
+                    &root,
+                    &[
+                        "test",
+                        "--release",
+                        "-p",
+                        "dnal-core",
+                        "-p",
+                        "dnal-train",
+                        "--features",
+                        "dnal-core/wgpu,dnal-train/wgpu",
+                        "--test",
+                        "wgpu",
+                    ],
+                )?;
             }
             Ok(())
         }

@@ -69,16 +69,22 @@ fn the_pipeline_runs_on_wgpu_as_on_flex() {
         let weights = tensors(&dir.path().join(paths::PRUNED));
         (report, history(dir.path()), weights)
     };
-    let (gpu, gpu_log, gpu_weights) = run(BackendKind::Wgpu, false);
+    let (gpu, gpu_log, _) = run(BackendKind::Wgpu, false);
     // The weight and final stages' steps recorded once per epoch and replayed for the other
-    // batches: the same run, to the bit.
+    // batches: the same run, to the bit, as a plain run after it. Compared with the process's
+    // first run it need not be: that run meets every sequence of operations for the first
+    // time, while burn's fusion explores it and autotune times the candidates, and can run
+    // other kernels than the runs after it. Where autotune picks a fused reduction that adds
+    // in another order than the unfused one (lavapipe with `CUBECL_AUTOTUNE_SHORT_CIRCUIT=0`,
+    // and CI's machine without it), the first run's test loss differs in the 9th digit.
     let (replayed, replayed_log, replayed_weights) = run(BackendKind::Wgpu, true);
+    let (plain, plain_log, plain_weights) = run(BackendKind::Wgpu, false);
     let (cpu, cpu_log, _) = run(BackendKind::Flex, false);
     assert!(gpu.pruned.is_some(), "the wgpu run derived and pruned");
-    assert_eq!(replayed_log, gpu_log);
-    assert_eq!(replayed.baseline.top1, gpu.baseline.top1);
-    assert!(!gpu_weights.is_empty());
-    for (name, bytes) in &gpu_weights {
+    assert_eq!(replayed_log, plain_log);
+    assert_eq!(replayed.baseline.top1, plain.baseline.top1);
+    assert!(!plain_weights.is_empty());
+    for (name, bytes) in &plain_weights {
         assert!(replayed_weights[name] == *bytes, "{name} differs");
     }
     assert_eq!(gpu_log.len(), cpu_log.len());
