@@ -1,7 +1,8 @@
 //! Runs eval-mode forwards of a benchmarked network, dense or pruned to the architecture checked
 //! in under `benches/architectures/`, for a profiler:
-//! `profile_infer [resnet56|resnet56-thin|vgg16|mobilenetv2|mnist-cnn] [dense|pruned] [batch]
-//! [iterations] [burn|frozen]` (defaults: resnet56 pruned 64 20 burn). `frozen` runs the
+//! `profile_infer [resnet56|resnet56-thin|vgg16|mobilenetv2|mnist-cnn|resnet50] [dense|pruned]
+//! [batch] [iterations] [burn|frozen]` (defaults: resnet56 pruned 64 20 burn; ResNet-50, on
+//! 224 x 224 images, has no checked-in architecture and runs dense only). `frozen` runs the
 //! network frozen for inference (`dnal_zoo::FrozenNetwork`) instead of burn's forward. Prints
 //! the time of each forward.
 use burn::prelude::*;
@@ -53,6 +54,18 @@ fn main() {
         .go(MobileNetV2Config::cifar(10).init(&d).unwrap(), &d),
         "mnist-cnn" => run(include_str!("../architectures/mnist-cnn.json"), [1, 28, 28])
             .go(PlainCnnConfig::mnist_cnn().init(&d).unwrap(), &d),
+        "resnet50" => {
+            assert!(
+                !pruned,
+                "ResNet-50 runs dense only (no checked-in architecture)"
+            );
+            run("", [3, 224, 224]).go(
+                dnal_zoo::BottleneckResNetConfig::resnet50(1000)
+                    .init(&d)
+                    .unwrap(),
+                &d,
+            )
+        }
         other => panic!("unknown network {other}"),
     }
 }
