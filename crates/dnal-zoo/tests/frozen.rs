@@ -40,6 +40,30 @@ fn a_full_width_vgg16_freezes() {
     Frozen.check("VGG-16", &net);
 }
 
+/// ResNet-50 at its full size, batch 1: on two threads its strided convolutions (the 7x7
+/// stem, the stride-2 3x3 and 1x1 layers, 10^8 multiply-adds each) go to `gemm`, which splits
+/// them over the threads, and the stride-1 ones to the direct kernels, which split their
+/// channel blocks; on one thread nothing is split, and layers of more than 128 filters run on
+/// `gemm` instead (other rounding, so the logits agree within tolerance, not to the bit).
+#[test]
+fn a_full_size_resnet50_at_batch_1_agrees_on_one_and_two_threads() {
+    let d = device();
+    let net = families::randomised(BottleneckResNetConfig::resnet50(10).init(&d).unwrap(), 9);
+    let frozen = FrozenNetwork::new(&net).unwrap();
+    let [c, h, w] = frozen.input_shape();
+    let x = images([1, c, h, w], 10);
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| frozen.forward(&x).unwrap())
+    };
+    let one = on(1);
+    assert!(one.iter().all(|v| v.is_finite()));
+    assert_logits_close("ResNet-50 on two threads", 1, &on(2), &one);
+}
+
 #[test]
 fn cifar_resnets_freeze() {
     families::cifar_resnets(&device(), &Frozen);
