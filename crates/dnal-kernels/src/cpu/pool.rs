@@ -1,7 +1,8 @@
-//! The 2x2, stride-2 max-pool of a VGG, forward and backward.
+//! The 2x2, stride-2 max-pool of a VGG, forward and backward; other max-pool windows and
+//! global average pooling for inference.
 #![allow(unsafe_code)]
 
-use crate::planes::{SERIAL_BELOW, par_planes};
+use crate::planes::{SERIAL_BELOW, par_planes, par_planes_zeroed};
 use crate::simd::widest_simd;
 use rayon::prelude::*;
 
@@ -112,7 +113,9 @@ fn max_pool2x2_planes(x: &[f32], y: &mut [f32], at: &mut [u8], [h, w]: [usize; 2
 /// Max pooling of `planes` maps of `h x w` with a `kernel x kernel` window, `stride` and
 /// zero-free `padding` (padded positions never win), floor mode: `[planes, OH, OW]`. The
 /// 2x2, stride-2, unpadded pool goes to [`max_pool2x2_values`]; other windows (a ResNet-50's
-/// 3x3 stem pool) are computed here, window by window. A NaN wins, as in burn and PyTorch.
+/// 3x3 stem pool) are computed here in two passes per output row: the maximum of the
+/// window's input rows, along the whole row (one vectorised pass per input row), then of
+/// each window's columns in it. A NaN wins, as in burn and PyTorch.
 pub fn max_pool_values(
     x: &[f32],
     planes: usize,
@@ -129,6 +132,9 @@ pub fn max_pool_values(
     let out = |n: usize| (n + 2 * padding).saturating_sub(kernel) / stride + 1;
     let (oh, ow) = (out(h), out(w));
     assert_eq!(x.len(), planes * h * w, "max-pool input of the wrong size");
+    if oh * ow == 0 {
+        return Vec::new();
+    }
     // The input rows or columns `lo..hi` of output `o`'s window.
     let span = |o: usize, n: usize| {
         let first = (o * stride) as isize - padding as isize;
@@ -136,21 +142,31 @@ pub fn max_pool_values(
         let hi = ((first + kernel as isize).max(0) as usize).min(n);
         (lo, hi)
     };
-    par_planes(planes * oh * ow, (oh * ow).max(1), move |p| {
+    par_planes_zeroed(planes * oh * ow, oh * ow, move |p, out| {
         let plane = &x[p * h * w..][..h * w];
-        (0..oh * ow).map(move |o| {
-            let ((y0, y1), (x0, x1)) = (span(o / ow, h), span(o % ow, w));
-            let mut m = f32::NEG_INFINITY;
-            for r in y0..y1 {
-                for &v in &plane[r * w + x0..r * w + x1] {
-                    if v > m || v.is_nan() {
-                        m = v;
-                    }
+        let mut rows = vec![f32::NEG_INFINITY; w];
+        for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+            let (y0, y1) = span(oy, h);
+            rows.fill(f32::NEG_INFINITY);
+            for row in plane[y0 * w..y1 * w].chunks_exact(w) {
+                for (m, &v) in rows.iter_mut().zip(row) {
+                    *m = nan_max(*m, v);
                 }
             }
-            m
-        })
+            for (ox, o) in out_row.iter_mut().enumerate() {
+                let (x0, x1) = span(ox, w);
+                *o = rows[x0..x1]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v));
+            }
+        }
     })
+}
+
+/// The larger of `m` and `v`, or whichever is NaN (`m` first).
+#[inline(always)]
+fn nan_max(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() { v } else { m }
 }
 
 /// The mean of each of `planes` maps of `l` values (global average pooling): `[planes]`,
@@ -269,6 +285,71 @@ mod avx512 {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Window by window, as the definition reads.
+    fn naive(x: &[f32], planes: usize, [h, w]: [usize; 2], [k, s, p]: [usize; 3]) -> Vec<f32> {
+        let out = |n: usize| (n + 2 * p).saturating_sub(k) / s + 1;
+        let (oh, ow) = (out(h), out(w));
+        let mut y = Vec::new();
+        for plane in x.chunks(h * w).take(planes) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut m = f32::NEG_INFINITY;
+                    for r in 0..k {
+                        for c in 0..k {
+                            let (iy, ix) = (
+                                (oy * s + r) as isize - p as isize,
+                                (ox * s + c) as isize - p as isize,
+                            );
+                            if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                                let v = plane[iy as usize * w + ix as usize];
+                                if v > m || v.is_nan() {
+                                    m = v;
+                                }
+                            }
+                        }
+                    }
+                    y.push(m);
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_window_matches_the_definition_nans_included() {
+        for (hw, window) in [
+            ([112, 112], [3, 2, 1]),
+            ([7, 9], [3, 2, 1]),
+            ([8, 8], [3, 1, 1]),
+            ([5, 6], [2, 1, 0]),
+            ([9, 9], [3, 3, 0]),
+            ([4, 4], [5, 1, 2]),
+            ([1, 3], [3, 2, 1]),
+        ] {
+            let planes = 3;
+            let n = planes * hw[0] * hw[1];
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1009) as f32 - 500.0).collect();
+            x[n / 2] = f32::NAN;
+            let (got, want) = (
+                max_pool_values(&x, planes, hw, window),
+                naive(&x, planes, hw, window),
+            );
+            assert_eq!(got.len(), want.len(), "{hw:?} {window:?}");
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g == e || (g.is_nan() && e.is_nan()),
+                    "{hw:?} {window:?} at {i}: {g} against {e}"
+                );
+            }
+            assert!(got.iter().any(|v| v.is_nan()), "the NaN reaches an output");
         }
     }
 }
