@@ -204,6 +204,23 @@ impl GatherTable {
         Self(table)
     }
 
+    /// The column matrix of one image (`[patch, OH * OW]`), its rows gathered in parallel
+    /// (on this thread below [`crate::planes::SERIAL_BELOW`] values): at batch 1 a large
+    /// strided convolution's product is split over the threads, and a gather on one thread
+    /// would leave the others waiting.
+    pub fn gather_image(&self, image: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        debug_assert_eq!(image.len(), g.image());
+        let (taps, n) = (g.kernel * g.kernel, g.in_hw[0] * g.in_hw[1]);
+        let l = self.0.len() / taps;
+        par_planes(g.patch() * l, l, |row| {
+            let (c, t) = (row / taps, row % taps);
+            let plane = &image[c * n..][..n];
+            self.0[t * l..][..l]
+                .iter()
+                .map(move |&i| plane.get(i).copied().unwrap_or(0.0))
+        })
+    }
+
     fn gather(&self, images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
         let [h, w] = g.in_hw;
         let (taps, n, l) = (

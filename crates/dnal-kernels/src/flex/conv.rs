@@ -214,8 +214,19 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
         // Offset of this group in the output (where a residual's values are).
         let first = n * per * co * l;
         let count = dst.len() / (co * l);
-        columns_into(images, g, table.as_deref(), &mut s.cols);
-        let cols = MatRef::row_major(&s.cols, p, count * l);
+        // One image whose product `gemm` splits: its gather is split too.
+        let gathered;
+        let cols = match table.as_deref() {
+            Some(table) if parallel && count == 1 => {
+                gathered = table.gather_image(images, g);
+                &gathered
+            }
+            _ => {
+                columns_into(images, g, table.as_deref(), &mut s.cols);
+                &s.cols
+            }
+        };
+        let cols = MatRef::row_major(cols, p, count * l);
         if count == 1 {
             matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
             if let Some(e) = epilogue {
