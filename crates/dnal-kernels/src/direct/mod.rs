@@ -120,7 +120,38 @@ pub fn takes_forward(g: &ConvGeometry) -> bool {
 /// so, and on AVX-512 also layers of more than 128 filters large enough to be spread over the
 /// threads by channels ([`SPLIT_IMAGE_MACS`]), which `gemm` would run on one thread.
 pub fn takes_forward_image(g: &ConvGeometry) -> bool {
-    takes_forward(g) || (units() == Units::Avx512 && supports_forward(g) && worth_splitting(g))
+    takes_forward(g)
+        || (units() == Units::Avx512
+            && supports_forward(g)
+            && worth_splitting(g)
+            && !streams_input(g))
+}
+
+/// Fewest values of one image's input that [`streams_input`] counts as read from beyond the
+/// core's cache (1 MB).
+const STREAMED_INPUT: usize = 1 << 18;
+
+/// Fewest values [`streams_input`] counts as read in all (16 MB).
+const STREAMED_READS: usize = 1 << 22;
+
+/// Whether `g` is a 1x1 convolution whose input, per image, has [`STREAMED_INPUT`] values or
+/// more and is read, once per block of [`MAX_CHANNELS`] filters, [`STREAMED_READS`] values or
+/// more in all (ResNet-50's 256 channels on 56x56 into 64 or 128 filters, 512 on 28x28 into
+/// 128 or 256). The forward kernel walks all of an image's positions and input channels
+/// once per block of filters, so such an input comes from beyond the core's cache again and
+/// again, while `gemm` blocks the inner dimension. Measured on a 2-core Intel AVX-512
+/// machine, forward of 1x1 convolutions, direct against im2col + `gemm`, batch 1 on one
+/// thread: 256 -> 64 on 56x56 1.25 against 0.89 ms, 256 -> 128 on 56x56 2.82 against 1.45,
+/// 512 -> 128 on 28x28 0.89 against 0.76; below the line, 384 -> 64 on 28x28 0.24 against
+/// 0.33, 144 -> 32 on 56x56 0.24 against 0.33, 1024 -> 256 on 14x14 (an input the cache
+/// holds) 0.66 against 0.72. At batch 16 on two threads `gemm` led on all of these, by
+/// 1.9-2.1x above the line and up to 1.2x below it. Split over two threads at batch 1, the
+/// direct kernel ran the layers above the line no faster than on one.
+pub fn streams_input(g: &ConvGeometry) -> bool {
+    let image = g.image();
+    g.kernel == 1
+        && image >= STREAMED_INPUT
+        && image * g.out_channels.div_ceil(MAX_CHANNELS) >= STREAMED_READS
 }
 
 /// How this CPU runs the direct kernels, as far as the choice of kernel goes.
@@ -155,7 +186,10 @@ fn takes_forward_on(g: &ConvGeometry, units: Units) -> bool {
     let lanes = g.positions().div_ceil(LANES) * LANES;
     let masked =
         g.out_channels <= 128 && (units != Units::Avx2Halved || g.patch() <= HALVED_FORWARD_PATCH);
-    supports_forward(g) && 2 * g.positions() >= lanes && (takes_rows(g, units) || masked)
+    supports_forward(g)
+        && 2 * g.positions() >= lanes
+        && (takes_rows(g, units) || masked)
+        && !streams_input(g)
 }
 
 /// Whether the weight-gradient kernel should compute `g`: on narrow layers (up to 64 input
@@ -1166,6 +1200,29 @@ mod tests {
         }
         assert!(takes_rows(&conv(16, 16, 3, 5), Avx2Halved));
         assert!(takes_rows(&conv(16, 16, 3, 7), Avx2Halved));
+        // 1x1 convolutions whose large input would be read once per block of filters
+        // (ResNet-50's 256 channels on 56x56, 512 on 28x28) go to `gemm` on every CPU, at
+        // batch 1 too; inputs the cache holds (1024 on 14x14), few filters on a large input
+        // and 3x3 layers stay.
+        for g in [
+            conv(256, 64, 1, 56),
+            conv(256, 128, 1, 56),
+            conv(512, 128, 1, 28),
+        ] {
+            assert!(streams_input(&g), "{g:?}");
+            for units in [Avx512, Avx2, Avx2Halved] {
+                assert!(!takes_forward_on(&g, units), "{g:?}");
+            }
+        }
+        for g in [
+            conv(1024, 128, 1, 14),
+            conv(384, 64, 1, 28),
+            conv(144, 32, 1, 56),
+            conv(256, 64, 3, 56),
+            conv(64, 64, 1, 56),
+        ] {
+            assert!(!streams_input(&g) && takes_forward_on(&g, Avx512), "{g:?}");
+        }
     }
 
     /// A test value in [-1, 1] for index `i` of the array `salt` names.

@@ -60,13 +60,14 @@ pub(super) fn parallel_products(groups: usize, [m, k, n]: [usize; 3]) -> bool {
 /// are packed once: `direct::takes_forward_image`.)
 pub(super) const FORWARD_SPLIT_MACS: usize = 1 << 27;
 
-/// [`FORWARD_SPLIT_MACS`] for the convolutions the direct kernels cannot compute (strided,
-/// or shrinking the map), which stay with `gemm` at any size and so are not split by the
-/// direct kernels at batch 1. ResNet-50's (the 7x7 stem, the 3x3 and 1x1 stride-2 layers:
-/// 102-118M multiply-adds at batch 1) ran on one thread under 2^27; split from 2^25, its
-/// frozen batch-1 forward took 46.8-49.2 against 51.7-53.7 ms (three alternating rounds, 2-core
-/// Intel AVX-512 machine). The CIFAR networks' strided layers stay far below it.
-pub(super) const STRIDED_SPLIT_MACS: usize = 1 << 25;
+/// [`FORWARD_SPLIT_MACS`] for the convolutions that stay with `gemm` at any size, and so are
+/// not split by the direct kernels at batch 1: those the direct kernels cannot compute
+/// (strided, or shrinking the map) and 1x1 ones on large inputs ([`direct::streams_input`]).
+/// ResNet-50's strided ones (the 7x7 stem, the 3x3 and 1x1 stride-2 layers: 102-118M
+/// multiply-adds at batch 1) ran on one thread under 2^27; split from 2^25, its frozen
+/// batch-1 forward took 46.8-49.2 against 51.7-53.7 ms (three alternating rounds, 2-core Intel
+/// AVX-512 machine). The CIFAR networks' layers of these kinds stay far below it.
+pub(super) const GEMM_ONLY_SPLIT_MACS: usize = 1 << 25;
 
 /// Fewest groups of images (forward) or runs of groups (weight gradient) the direct kernels
 /// take: they spread whole groups over the threads, so fewer (small batches) are left to
@@ -171,10 +172,10 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
     let per = group_size(g, batch);
     let groups = batch.div_ceil(per);
     // `gemm` splits a forward product only from [`FORWARD_SPLIT_MACS`] on.
-    let split_at = if direct::supports_forward(g) {
+    let split_at = if direct::supports_forward(g) && !direct::streams_input(g) {
         FORWARD_SPLIT_MACS
     } else {
-        STRIDED_SPLIT_MACS
+        GEMM_ONLY_SPLIT_MACS
     };
     let parallel = parallel_products(groups, [co, p, per * l]) && co * p * per * l >= split_at;
     // One group (batch 1) whose product `gemm` does not split: the direct kernels on one
