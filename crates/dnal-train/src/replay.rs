@@ -11,7 +11,8 @@
 //! into the recorded input buffers first ([`dnal_kernels::overwrite`]); the weights, velocities
 //! and BatchNorm statistics are updated in place by the step itself, and the loss and hits come
 //! out in the recorded output buffers. Every step, warm-up, recorded or replayed, computes what
-//! an unrecorded step computes, in the same order: a run with `--graph` is the run without it.
+//! an unrecorded step computes, in the same order: a run with `--graph` is the run without it,
+//! up to the rounding of the kernels burn's fusion and autotune pick for each.
 
 use burn::backend::{Backend, BackendGraph, Dispatch};
 use burn::prelude::*;

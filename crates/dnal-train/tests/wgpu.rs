@@ -69,23 +69,34 @@ fn the_pipeline_runs_on_wgpu_as_on_flex() {
         let weights = tensors(&dir.path().join(paths::PRUNED));
         (report, history(dir.path()), weights)
     };
-    let (gpu, gpu_log, _) = run(BackendKind::Wgpu, false);
+    let (gpu, gpu_log, gpu_weights) = run(BackendKind::Wgpu, false);
     // The weight and final stages' steps recorded once per epoch and replayed for the other
-    // batches: the same run, to the bit, as a plain run after it. Compared with the process's
-    // first run it need not be: that run meets every sequence of operations for the first
-    // time, while burn's fusion explores it and autotune times the candidates, and can run
-    // other kernels than the runs after it. Where autotune picks a fused reduction that adds
-    // in another order than the unfused one (lavapipe with `CUBECL_AUTOTUNE_SHORT_CIRCUIT=0`,
-    // and CI's machine without it), the first run's test loss differs in the 9th digit.
+    // batches: the same run up to the last digits. Not to the bit: with fusion and autotune
+    // the kernels a run gets depend on timing and on where the host reads results back, and
+    // the replayed run reads back elsewhere than the plain one. On lavapipe, in some
+    // processes (more often with `CUBECL_AUTOTUNE_SHORT_CIRCUIT=0`), the two had the same
+    // training losses to the last digit and test losses that differed in the 9th, whichever
+    // ran first. A replay that read stale inputs moved the weight stage's loss by 5 % (2.163
+    // against 2.270).
     let (replayed, replayed_log, replayed_weights) = run(BackendKind::Wgpu, true);
-    let (plain, plain_log, plain_weights) = run(BackendKind::Wgpu, false);
     let (cpu, cpu_log, _) = run(BackendKind::Flex, false);
     assert!(gpu.pruned.is_some(), "the wgpu run derived and pruned");
-    assert_eq!(replayed_log, plain_log);
-    assert_eq!(replayed.baseline.top1, plain.baseline.top1);
-    assert!(!plain_weights.is_empty());
-    for (name, bytes) in &plain_weights {
-        assert!(replayed_weights[name] == *bytes, "{name} differs");
+    assert_same_run(&replayed_log, &gpu_log);
+    assert!((replayed.baseline.top1 - gpu.baseline.top1).abs() <= 1.0);
+    assert!(!gpu_weights.is_empty());
+    assert_eq!(
+        replayed_weights.keys().collect::<Vec<_>>(),
+        gpu_weights.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &gpu_weights {
+        let (r, g) = (le_floats(&replayed_weights[name]), le_floats(bytes));
+        assert_eq!(r.len(), g.len(), "{name}");
+        for (a, b) in r.iter().zip(&g) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{name}: {a} against {b}"
+            );
+        }
     }
     assert_eq!(gpu_log.len(), cpu_log.len());
     // Same seeded weights and data order; only the float rounding of the kernels differs.
@@ -101,6 +112,48 @@ fn the_pipeline_runs_on_wgpu_as_on_flex() {
         (g - c).abs() <= 3.0,
         "dense top-1 {g} % on wgpu, {c} % on flex"
     );
+}
+
+/// Panics unless two runs' per-epoch records agree: the same fields, the same counts (open
+/// gates per layer, MACs, epochs), accuracies within a point, and every other number within
+/// a relative 1e-5.
+fn assert_same_run(a: &[serde_json::Value], b: &[serde_json::Value]) {
+    use serde_json::Value;
+    fn same(key: &str, x: &Value, y: &Value) {
+        match (x, y) {
+            (Value::Number(m), Value::Number(n)) if m.is_u64() && n.is_u64() => {
+                assert_eq!(m, n, "{key}")
+            }
+            (Value::Number(m), Value::Number(n)) => {
+                let (m, n) = (m.as_f64().unwrap(), n.as_f64().unwrap());
+                let within = if key.ends_with("top1") {
+                    1.0
+                } else {
+                    1e-5 * n.abs().max(1e-3)
+                };
+                assert!((m - n).abs() <= within, "{key}: {m} against {n}");
+            }
+            (Value::Object(m), Value::Object(n)) => {
+                assert_eq!(m.keys().collect::<Vec<_>>(), n.keys().collect::<Vec<_>>());
+                for (k, v) in m {
+                    same(&format!("{key}.{k}"), v, &n[k]);
+                }
+            }
+            _ => assert_eq!(x, y, "{key}"),
+        }
+    }
+    assert_eq!(a.len(), b.len(), "epochs recorded");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        same(&format!("record {i}"), x, y);
+    }
+}
+
+/// Little-endian `f32` values (every tensor the saved networks hold is `F32`).
+fn le_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 /// The tensors of a saved network's `model.safetensors`: each name with its bytes. (The
