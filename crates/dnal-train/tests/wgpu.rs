@@ -17,8 +17,8 @@ use common::{demo, finished, history, opts};
 
 /// Held by every test here for as long as it uses wgpu. The tests share one process's
 /// autotune cache, where a key another test is still tuning runs its first candidate instead
-/// (other rounding), and the reductions' finish setting; the pipeline test compares two runs
-/// to the bit, which either made fail when another test ran beside it.
+/// (other rounding), and the reductions' finish setting, which a check that switches it
+/// would change under another test's feet.
 static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The wgpu device and the [`GPU`] lock, or `None` (the test skipped, saying why) where no
