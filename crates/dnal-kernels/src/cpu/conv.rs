@@ -210,32 +210,41 @@ impl GatherTable {
     /// would leave the others waiting.
     pub fn gather_image(&self, image: &[f32], g: &ConvGeometry) -> Vec<f32> {
         debug_assert_eq!(image.len(), g.image());
-        let (taps, n) = (g.kernel * g.kernel, g.in_hw[0] * g.in_hw[1]);
-        let l = self.0.len() / taps;
-        par_planes(g.patch() * l, l, |row| {
-            let (c, t) = (row / taps, row % taps);
-            let plane = &image[c * n..][..n];
-            self.0[t * l..][..l]
-                .iter()
-                .map(move |&i| plane.get(i).copied().unwrap_or(0.0))
-        })
+        let l = self.positions(g);
+        par_planes(g.patch() * l, l, |row| self.row(image, g, row))
     }
 
     fn gather(&self, images: &[&[f32]], g: &ConvGeometry, cols: &mut Vec<f32>) {
-        let [h, w] = g.in_hw;
-        let (taps, n, l) = (
-            g.kernel * g.kernel,
-            h * w,
-            self.0.len() / (g.kernel * g.kernel),
-        );
         for row in 0..g.patch() {
-            let (c, t) = (row / taps, row % taps);
-            let reads = &self.0[t * l..][..l];
             for x in images {
-                let plane = &x[c * n..][..n];
-                cols.extend(reads.iter().map(|&i| plane.get(i).copied().unwrap_or(0.0)));
+                cols.extend(self.row(x, g, row));
             }
         }
+    }
+
+    /// Output positions per image: the table holds one read per tap and position.
+    fn positions(&self, g: &ConvGeometry) -> usize {
+        self.0.len() / (g.kernel * g.kernel)
+    }
+
+    /// Row `row` (channel and tap) of `image`'s column matrix: the input each output position
+    /// reads through the row's tap, zero where that is padding.
+    fn row<'a>(
+        &'a self,
+        image: &'a [f32],
+        g: &ConvGeometry,
+        row: usize,
+    ) -> impl Iterator<Item = f32> + 'a {
+        let (taps, n, l) = (
+            g.kernel * g.kernel,
+            g.in_hw[0] * g.in_hw[1],
+            self.positions(g),
+        );
+        let (c, t) = (row / taps, row % taps);
+        let plane = &image[c * n..][..n];
+        self.0[t * l..][..l]
+            .iter()
+            .map(move |&i| plane.get(i).copied().unwrap_or(0.0))
     }
 }
 
