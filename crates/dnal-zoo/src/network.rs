@@ -168,7 +168,7 @@ pub fn load_safetensors<N: Network>(
     dir: &Path,
     build: impl FnOnce(&N::Config) -> Result<N>,
 ) -> Result<N> {
-    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    use burn::store::{ModuleSnapshot, SafetensorsStore, SafetensorsStoreError};
     let config = read_config::<N>(dir)?;
     let mut model = build(&config)?;
     let path = dir.join(SAFETENSORS_FILE);
@@ -193,6 +193,13 @@ pub fn load_safetensors<N: Network>(
         Ok(Ok((false, report))) => Err(fail(format!(
             "tensors do not fit the network of config.json: {report}"
         ))),
+        // The file could not be read as safetensors at all: cut short or overwritten.
+        Ok(Err(e @ (SafetensorsStoreError::Safetensors(_) | SafetensorsStoreError::Io(_)))) => {
+            Err(fail(format!(
+                "not a readable safetensors file, truncated or corrupt ({e}); restore it, or \
+             write it again from the run's model.bpk"
+            )))
+        }
         Ok(Err(e)) => Err(fail(format!(
             "tensors do not fit the network of config.json: {e}"
         ))),
@@ -225,6 +232,14 @@ pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>)
     }));
     match loaded {
         Ok(Ok(model)) => Ok(model),
+        // The file could not be read as a record at all: cut short or overwritten.
+        Ok(Err(burn::store::RecordError::Io(e))) => Err(ZooError::Record {
+            path: weights,
+            message: format!(
+                "not a readable weights file, truncated or corrupt ({e}); restore it, or train \
+                 the run again"
+            ),
+        }),
         Ok(Err(e)) => Err(ZooError::Record {
             path: weights,
             message: format!("weights do not fit the network of config.json: {e}"),

@@ -137,10 +137,26 @@ fn pruned_model_saves_and_loads_without_the_original() {
         "{err}"
     );
 
-    // A corrupt weights file.
+    // A truncated weights file (of the network config.json describes) and a corrupt one:
+    // said to be unreadable, not to be another network's.
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(pruned.config()).unwrap(),
+    )
+    .unwrap();
+    let whole = std::fs::read(dir.join("model.bpk")).unwrap();
+    std::fs::write(dir.join("model.bpk"), &whole[..whole.len() / 2]).unwrap();
+    let err = load::<PlainCnn>(&dir, build).unwrap_err().to_string();
+    assert!(
+        err.contains("model.bpk") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
     std::fs::write(dir.join("model.bpk"), b"not a burnpack").unwrap();
     let err = load::<PlainCnn>(&dir, build).unwrap_err().to_string();
-    assert!(err.contains("model.bpk"), "{err}");
+    assert!(
+        err.contains("model.bpk") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
 
     // A missing folder.
     let err = load::<PlainCnn>(&dir.join("nope"), build)

@@ -130,6 +130,17 @@ fn pruned_resnet_saves_and_loads() {
             from_st.valid().forward(x)
         ) < 1e-6
     );
+    // A truncated safetensors file: an error naming it, not a panic.
+    let st = dir.join("model.safetensors");
+    let whole = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &whole[..whole.len() / 2]).unwrap();
+    let err = load_safetensors::<CifarResNet>(&dir, |c: &CifarResNetConfig| c.init(&device))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
     // Into a full-width network: a clear error.
     let full = CifarResNetConfig::new(20, 10).unwrap();
     std::fs::write(
