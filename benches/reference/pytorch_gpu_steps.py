@@ -19,6 +19,7 @@ off. PyTorch's precision defaults are kept: convolutions may use TF32 on Ampere 
 matrix products do not; each JSON line records both settings.
 
 Usage: python3 benches/reference/pytorch_gpu_steps.py [--device cuda] [--steps 10] [--warmup 3]
+    [--only NAMES] [--batch N]
 """
 
 import argparse
@@ -81,6 +82,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", help="comma-separated network names")
+    p.add_argument("--batch", type=int,
+                   help="images per step for every network (default: 128 for CIFAR, 64 for ImageNet)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cuDNN's autotuner off (PyTorch's default)")
     p.add_argument("--no-tf32", action="store_true",
@@ -92,9 +95,12 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     only = set(args.only.split(",")) if args.only else None
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be at least 1, not {args.batch}")
     for name, build, batch, size, classes in NETWORKS:
         if only and name not in only:
             continue
+        batch = args.batch or batch
         start = time.perf_counter()
         model = build().to(device)
         set_search(model, False)
