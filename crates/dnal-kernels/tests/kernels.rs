@@ -126,6 +126,9 @@ fn conv_matches_burn_on_the_direct_kernel_shapes() {
     conv_case([9, 7, 16, 16], 5, 3, 1, 1);
     conv_case([2, 6, 32, 32], 2, 3, 1, 1);
     conv_case([3, 5, 8, 8], 1, 3, 1, 1);
+    // 40 images of 8x8 with 16 channels (4 KiB apart): the weight gradient's runs of
+    // images go in chunks of at most 8 images.
+    conv_case([40, 16, 8, 8], 16, 3, 1, 1);
     // One image: the direct kernels take it when `gemm` would not split its product.
     conv_case([1, 16, 8, 8], 16, 3, 1, 1);
     conv_case([1, 5, 16, 16], 9, 5, 1, 2);
