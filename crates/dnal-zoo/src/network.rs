@@ -195,9 +195,10 @@ pub fn load_safetensors<N: Network>(
         ))),
         // The file could not be read as safetensors at all: cut short or overwritten.
         Ok(Err(e @ (SafetensorsStoreError::Safetensors(_) | SafetensorsStoreError::Io(_)))) => {
-            Err(fail(format!(
-                "not a readable safetensors file, truncated or corrupt ({e}); restore it, or \
-             write it again from the run's model.bpk"
+            Err(fail(unreadable(
+                "safetensors",
+                e,
+                "write it again from the run's model.bpk",
             )))
         }
         Ok(Err(e)) => Err(fail(format!(
@@ -235,10 +236,7 @@ pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>)
         // The file could not be read as a record at all: cut short or overwritten.
         Ok(Err(burn::store::RecordError::Io(e))) => Err(ZooError::Record {
             path: weights,
-            message: format!(
-                "not a readable weights file, truncated or corrupt ({e}); restore it, or train \
-                 the run again"
-            ),
+            message: unreadable("weights", e, "train the run again"),
         }),
         Ok(Err(e)) => Err(ZooError::Record {
             path: weights,
@@ -249,6 +247,12 @@ pub fn load<N: Network>(dir: &Path, build: impl FnOnce(&N::Config) -> Result<N>)
             message: "corrupt or incompatible weights file".into(),
         }),
     }
+}
+
+/// The message for a `kind` file that cannot be read at all (cut short or overwritten), with
+/// `fix` as the alternative to restoring it.
+fn unreadable(kind: &str, e: impl std::fmt::Display, fix: &str) -> String {
+    format!("not a readable {kind} file, truncated or corrupt ({e}); restore it, or {fix}")
 }
 
 fn read_config<N: Network>(dir: &Path) -> Result<N::Config> {

@@ -830,9 +830,8 @@ const WHOLE_ROWS_CHANNELS: usize = 64;
 /// `dy` their output gradient (`[n, Co, H, W]`).
 ///
 /// The images go in chunks of about [`CHUNK_POSITIONS`] positions (at most [`CHUNK_IMAGES`]
-/// images); for each chunk and block of
-/// [`DW_CHANNELS`] output channels, one kernel call passes over every tile of [`DW_ROWS`]
-/// patch rows. The block's output-gradient rows of the chunk stay in L1 while the tiles read
+/// images); for each chunk and block of [`DW_CHANNELS`] output channels, one kernel call
+/// passes over every tile of [`DW_ROWS`] patch rows. The block's output-gradient rows of the chunk stay in L1 while the tiles read
 /// the input rows, and each tile's 16-lane partial sums wait in memory between chunks. The
 /// result does not depend on the number of threads (nothing here is parallel).
 pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
