@@ -216,12 +216,11 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
         x,
         dy,
         g,
-        c0,
         rows,
         masks,
         tap_stride,
     } = block;
-    let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
+    let (l, image_len) = (g.positions(), g.image());
     let (images, vectors) = (x.len() / image_len, l / LANES);
     assert!(RC <= 2);
     block.check::<RC>(partial.len());
@@ -238,7 +237,7 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
         });
         for i in 0..images {
             let image = x[i * image_len..][..image_len].as_ptr();
-            let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
+            let grad = dy[i * RC * l..][..RC * l].as_ptr();
             let starts: [*const f32; DW_ROWS] =
                 std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
             for v in 0..vectors {
@@ -250,8 +249,9 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
                     }
                     let at = v * LANES + k * HALF;
                     let d: [__m256; RC] = std::array::from_fn(|r| {
-                        // SAFETY: `grad` holds `RC` rows of `l` values and `at + 8 <= l`.
-                        unsafe { _mm256_loadu_ps(grad.add(r * l + at)) }
+                        // SAFETY: `grad` holds the image's `vectors` groups of `RC` vectors
+                        // of `LANES` values, and `v < vectors`.
+                        unsafe { _mm256_loadu_ps(grad.add((v * RC + r) * LANES + k * HALF)) }
                     });
                     macro_rules! add {
                         ($load:expr) => {

@@ -108,12 +108,11 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
         x,
         dy,
         g,
-        c0,
         rows,
         masks,
         tap_stride,
     } = block;
-    let (l, co, image_len) = (g.positions(), g.out_channels, g.image());
+    let (l, image_len) = (g.positions(), g.image());
     let (images, vectors) = (x.len() / image_len, l / LANES);
     block.check::<RC>(partial.len());
     let slot = |r: usize, j: usize| (r * DW_ROWS + j) * LANES;
@@ -126,18 +125,20 @@ pub unsafe fn weight_grad<const RC: usize>(block: DwBlock, partial: &mut [f32]) 
             // SAFETY: `sums` holds `TILE_SUMS` values, slot + 16 inside.
             std::array::from_fn(|j| unsafe { _mm512_loadu_ps(sums.as_ptr().add(slot(r, j))) })
         });
+        let mut grad = dy.as_ptr();
         for i in 0..images {
             let image = x[i * image_len..][..image_len].as_ptr();
-            let grad = dy[(i * co + c0) * l..][..RC * l].as_ptr();
             let starts: [*const f32; DW_ROWS] =
                 std::array::from_fn(|j| image.wrapping_offset(tile[j].0));
             let mut m = masks.as_ptr();
             for v in 0..vectors {
                 let at = v * LANES;
                 let d: [__m512; RC] = std::array::from_fn(|r| {
-                    // SAFETY: `grad` holds `RC` rows of `l` values and `at + 16 <= l`.
-                    unsafe { _mm512_loadu_ps(grad.add(r * l + at)) }
+                    // SAFETY: `dy` holds `images * vectors` groups of `RC` vectors (checked),
+                    // and `grad` is at group `i * vectors + v`.
+                    unsafe { _mm512_loadu_ps(grad.add(r * LANES)) }
                 });
+                grad = grad.wrapping_add(RC * LANES);
                 for (j, start) in starts.iter().enumerate() {
                     // SAFETY: `m` is vector v's row of masks (`tap_stride` values) and
                     // lanes on in a tap's mask are inside the image (contract).
