@@ -48,6 +48,7 @@ use crate::cpu::{ConvGeometry, Epilogue, GeometryKey};
 use crate::memo::Memo;
 use crate::simd::{Isa, isa};
 use rustc_hash::FxHashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Positions per vector.
@@ -835,11 +836,20 @@ const WHOLE_ROWS_CHANNELS: usize = 64;
 /// while one kernel call passes every tile of [`DW_ROWS`] patch rows over them; each tile's
 /// 16-lane partial sums wait in memory between chunks. The result does not depend on the
 /// number of threads (nothing here is parallel).
-pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
+///
+/// Only the filters `filters` are computed (`[filters.len(), P]`): a range of whole channel
+/// blocks from [`weight_grad_splits`], whose sums are those of a call for every filter.
+pub fn conv_weight_grad_images(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+    filters: Range<usize>,
+) -> Vec<f32> {
     assert!(supports(g), "not a convolution the direct kernels compute");
     let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
+    let blocks = blocks_in(weight_grad_blocks(g), &filters);
     if isa == Isa::Avx2 && takes_rows_weight_grad(g, units()) {
-        return weight_grad_rows(x, dy, g);
+        return weight_grad_rows(x, dy, g, &blocks, filters);
     }
     let (co, p, l) = (g.out_channels, g.patch(), g.positions());
     let image_len = g.image();
@@ -857,7 +867,6 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     let masks: Vec<u16> = (0..l / LANES)
         .flat_map(|v| taps.masks(v).iter().copied().chain([0]))
         .collect();
-    let blocks = channel_blocks(co, dw_block_channels(isa));
     let mut partial = vec![0.0f32; blocks.len() * tiles * TILE_SUMS];
     let per = CHUNK_POSITIONS
         .div_ceil(l)
@@ -906,13 +915,13 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
             }
         }
     }
-    let mut dw = vec![0.0f32; co * p];
+    let mut dw = vec![0.0f32; filters.len() * p];
     for (&(c0, rc), block) in blocks.iter().zip(partial.chunks_exact(tiles * TILE_SUMS)) {
         for (sums, ks) in block.chunks_exact(TILE_SUMS).zip(ks.chunks_exact(DW_ROWS)) {
             for r in 0..rc {
                 for (j, k) in ks.iter().enumerate() {
                     if let Some(k) = *k {
-                        dw[(c0 + r) * p + k] =
+                        dw[(c0 - filters.start + r) * p + k] =
                             lane_sum(&sums[(r * DW_ROWS + j) * LANES..][..LANES]);
                     }
                 }
@@ -920,6 +929,50 @@ pub fn conv_weight_grad_images(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
         }
     }
     dw
+}
+
+/// The filters of `g`'s weight gradient in at most `parts` ranges of whole channel blocks of
+/// the kernel that computes it ([`conv_weight_grad_images`]), as even as the blocks allow.
+/// The blocks' sums do not depend on one another, so the ranges' results are those of one
+/// call for all filters, bit for bit: the caller can spread a few runs of images over more
+/// threads.
+pub fn weight_grad_splits(g: &ConvGeometry, parts: usize) -> Vec<Range<usize>> {
+    let blocks = weight_grad_blocks(g);
+    let per = blocks.len().div_ceil(parts.clamp(1, blocks.len().max(1)));
+    channel_blocks(blocks.len(), per.max(1))
+        .into_iter()
+        .map(|(first, count)| {
+            let (start, _) = blocks[first];
+            let (last, width) = blocks[first + count - 1];
+            start..last + width
+        })
+        .collect()
+}
+
+/// The channel blocks of the kernel that computes `g`'s weight gradient: one kernel call each
+/// per chunk of images.
+fn weight_grad_blocks(g: &ConvGeometry) -> Vec<(usize, usize)> {
+    let isa = isa().expect("a CPU with AVX2 or AVX-512 (`available()`)");
+    let most = if isa == Isa::Avx2 && takes_rows_weight_grad(g, units()) {
+        rows::DW_BLOCK
+    } else {
+        dw_block_channels(isa)
+    };
+    channel_blocks(g.out_channels, most)
+}
+
+/// The blocks of `blocks` inside `filters`, which must be whole blocks.
+fn blocks_in(blocks: Vec<(usize, usize)>, filters: &Range<usize>) -> Vec<(usize, usize)> {
+    let inside: Vec<_> = blocks
+        .into_iter()
+        .filter(|(c0, _)| filters.contains(c0))
+        .collect();
+    assert!(
+        inside.first().map(|b| b.0) == Some(filters.start)
+            && inside.last().map(|&(c0, rc)| c0 + rc) == Some(filters.end),
+        "filters {filters:?} are not whole channel blocks (`weight_grad_splits`)"
+    );
+    inside
 }
 
 /// Copies output channels `c0..c0 + rc` of `grad` (`[n, co, l]`) into `out` as
@@ -955,7 +1008,13 @@ fn takes_rows_weight_grad(g: &ConvGeometry, units: Units) -> bool {
 /// and block of output channels, one kernel call passes every tile of patch rows over the
 /// chunk, each tile's 8-lane partial sums waiting in memory between chunks. The result does
 /// not depend on the number of threads.
-fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
+fn weight_grad_rows(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+    blocks: &[(usize, usize)],
+    filters: Range<usize>,
+) -> Vec<f32> {
     let plan = rows::RowPlan::shared(g);
     let (ci, co, p, l, image_len) = (
         g.in_channels,
@@ -979,8 +1038,7 @@ fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
         .collect();
     rows.resize(p.div_ceil(rows::DW_ROWS) * rows::DW_ROWS, 0);
     let per_channel = rows.len() * rows::WIDTH;
-    let blocks = channel_blocks(co, rows::DW_BLOCK);
-    let mut partial = vec![0.0f32; co * per_channel];
+    let mut partial = vec![0.0f32; filters.len() * per_channel];
     let per = CHUNK_POSITIONS.div_ceil(l).clamp(1, images.max(1));
     let mut buffer = vec![0.0f32; per.min(images) * padded];
     for first in (0..images).step_by(per) {
@@ -999,8 +1057,8 @@ fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
             c0,
             rows: &rows,
         };
-        for &(c0, rc) in &blocks {
-            let sums = &mut partial[c0 * per_channel..][..rc * per_channel];
+        for &(c0, rc) in blocks {
+            let sums = &mut partial[(c0 - filters.start) * per_channel..][..rc * per_channel];
             macro_rules! dispatch {
                 ($($r:literal)*) => {
                     match rc {
@@ -1017,9 +1075,9 @@ fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
             dispatch!(1 2 3);
         }
     }
-    let mut dw = vec![0.0f32; co * p];
-    for &(c0, rc) in &blocks {
-        let sums = &partial[c0 * per_channel..][..rc * per_channel];
+    let mut dw = vec![0.0f32; filters.len() * p];
+    for &(c0, rc) in blocks {
+        let sums = &partial[(c0 - filters.start) * per_channel..][..rc * per_channel];
         let tile_sums = rc * rows::DW_ROWS * rows::WIDTH;
         for (tile, sums) in sums.chunks_exact(tile_sums).enumerate() {
             for r in 0..rc {
@@ -1027,7 +1085,7 @@ fn weight_grad_rows(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f32> {
                     let k = tile * rows::DW_ROWS + j;
                     if k < p {
                         let lanes = &sums[(r * rows::DW_ROWS + j) * rows::WIDTH..][..rows::WIDTH];
-                        dw[(c0 + r) * p + k] = lane_sum(lanes);
+                        dw[(c0 - filters.start + r) * p + k] = lane_sum(lanes);
                     }
                 }
             }
@@ -1267,6 +1325,52 @@ mod tests {
         ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0
     }
 
+    /// The weight gradient of a range of filters is those filters' rows of the whole one, bit
+    /// for bit, however the filters are split (the masked kernel on AVX-512 and AVX2, the
+    /// padded rows where AVX2 takes them: `xtask test` runs this under each `DNAL_ISA`).
+    #[test]
+    fn split_filters_give_the_same_weight_gradient() {
+        if !available() {
+            return;
+        }
+        // (in, out, side, images): blocks of 6 and 5 (AVX-512), 2 and 1 (AVX2), 3 and 2
+        // (padded rows), and one filter.
+        for (case, &(ci, co, side, images)) in
+            [(5, 17, 8, 9), (3, 16, 32, 2), (7, 13, 16, 5), (4, 1, 8, 3)]
+                .iter()
+                .enumerate()
+        {
+            let g = same_conv(ci, co, side, 3);
+            if !supports(&g) {
+                continue;
+            }
+            let x: Vec<f32> = (0..images * g.image()).map(|i| value(i, case)).collect();
+            let dy: Vec<f32> = (0..images * co * g.positions())
+                .map(|i| value(i, case + 9))
+                .collect();
+            let whole = conv_weight_grad_images(&x, &dy, &g, 0..co);
+            for parts in [1, 2, 3, 5, 64] {
+                let splits = weight_grad_splits(&g, parts);
+                assert!(
+                    splits.len() <= parts.max(1),
+                    "{co} filters in {parts} parts"
+                );
+                assert_eq!(splits.first().map(|r| r.start), Some(0));
+                assert!(splits.windows(2).all(|w| w[0].end == w[1].start));
+                assert_eq!(splits.last().map(|r| r.end), Some(co));
+                let joined: Vec<f32> = splits
+                    .iter()
+                    .flat_map(|f| conv_weight_grad_images(&x, &dy, &g, f.clone()))
+                    .collect();
+                let same = joined
+                    .iter()
+                    .zip(&whole)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ci} -> {co} on {side}x{side}, {parts} parts");
+            }
+        }
+    }
+
     /// A stride-1 "same" convolution on square maps.
     fn same_conv(ci: usize, co: usize, side: usize, kernel: usize) -> ConvGeometry {
         ConvGeometry {
@@ -1446,7 +1550,8 @@ mod tests {
             let (l, p, pad) = (g.positions(), g.patch(), kernel / 2);
             let x: Vec<f32> = (0..images * g.image()).map(|i| value(i, case)).collect();
             let dy: Vec<f32> = (0..images * co * l).map(|i| value(i, case + 50)).collect();
-            let got = weight_grad_rows(&x, &dy, &g);
+            let blocks = channel_blocks(co, rows::DW_BLOCK);
+            let got = weight_grad_rows(&x, &dy, &g, &blocks, 0..co);
             assert_eq!(got.len(), co * p);
             for o in 0..co {
                 for k in 0..p {

@@ -293,20 +293,12 @@ pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
         .map(|first| (first, per.min(batch - first)))
         .collect();
     let runs = groups.len().div_ceil(WEIGHT_GRAD_RUN);
-    let direct = direct_path(runs) && direct::takes_weight_grad(g);
+    if direct_path(runs) && direct::takes_weight_grad(g) {
+        return direct_weight_grad(x, dy, g, &groups);
+    }
     let parallel = parallel_products(runs, [co, per * l, p]);
-    let table = (!direct).then(|| cpu::GatherTable::shared(g)).flatten();
+    let table = cpu::GatherTable::shared(g);
     let partial = |run: &[(usize, usize)]| {
-        if direct {
-            // The run's groups are consecutive images.
-            let first = run[0].0;
-            let images: usize = run.iter().map(|&(_, count)| count).sum();
-            return direct::conv_weight_grad_images(
-                &x[first * g.image()..][..images * g.image()],
-                &dy[first * co * l..][..images * co * l],
-                g,
-            );
-        }
         let mut s = Scratch::default();
         let mut dw = vec![0.0f32; co * p];
         for (n, &(first, count)) in run.iter().enumerate() {
@@ -335,6 +327,53 @@ pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
     for run in sums {
         for (d, v) in dw.iter_mut().zip(&run) {
             *d += v;
+        }
+    }
+    dw
+}
+
+/// [`conv_weight_grad`] by the direct kernels. With fewer runs of groups than threads (8x8
+/// maps give 4 runs at batch 128, 16x16 and 32x32 maps 16), each run's filters are split too,
+/// into whole channel blocks ([`direct::weight_grad_splits`]), whose sums do not change with
+/// the split: every weight's value is the same on any number of threads.
+fn direct_weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+    groups: &[(usize, usize)],
+) -> Vec<f32> {
+    let (co, p, l) = (g.out_channels, g.patch(), g.positions());
+    let runs: Vec<(usize, usize)> = groups
+        .chunks(WEIGHT_GRAD_RUN)
+        .map(|run| (run[0].0, run.iter().map(|&(_, count)| count).sum()))
+        .collect();
+    let splits = direct::weight_grad_splits(g, rayon::current_num_threads().div_ceil(runs.len()));
+    let tasks: Vec<(usize, usize)> = (0..runs.len())
+        .flat_map(|r| (0..splits.len()).map(move |s| (r, s)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(r, s)| {
+            // The run's groups are consecutive images.
+            let (first, images) = runs[r];
+            direct::conv_weight_grad_images(
+                &x[first * g.image()..][..images * g.image()],
+                &dy[first * co * l..][..images * co * l],
+                g,
+                splits[s].clone(),
+            )
+        })
+        .collect();
+    // The runs summed in sequence, as in `conv_weight_grad`: the first one copied.
+    let mut dw = vec![0.0f32; co * p];
+    for (&(r, s), part) in tasks.iter().zip(&parts) {
+        let rows = &mut dw[splits[s].start * p..splits[s].end * p];
+        if r == 0 {
+            rows.copy_from_slice(part);
+        } else {
+            for (d, v) in rows.iter_mut().zip(part) {
+                *d += v;
+            }
         }
     }
     dw
