@@ -31,7 +31,7 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 }
 
 fn cifar(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let set: Arc<dyn Source> = Arc::new(cifar_like(1024));
     let loader = Loader::new(
         set,
@@ -57,7 +57,7 @@ fn cifar(c: &mut Criterion) {
 }
 
 fn imagenet(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let dir = tempfile::tempdir().unwrap();
     let class = dir.path().join("train").join("n01440764");
     std::fs::create_dir_all(&class).unwrap();

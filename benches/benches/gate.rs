@@ -9,7 +9,7 @@ use dnal_core::{ChannelGateConfig, GateMode};
 dnal_kernels::global_allocator!();
 
 fn gate(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
         let x = Tensor::<4>::random(

@@ -144,7 +144,7 @@ impl<N: Network + 'static> BenchNet for N {
 }
 
 fn train_step(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     for (backend, device) in cpu_backends() {
         let device = device.autodiff();
         let (x, y) = dnal_benches::cifar_batch(128, &device);
@@ -177,7 +177,7 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn inference(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     for (backend, device) in cpu_backends() {
         for NetCase {
             name,
@@ -228,7 +228,7 @@ type RoundedCase = (
 );
 
 fn inference_rounded(c: &mut Criterion) {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let device = Device::flex();
     let nets: Vec<RoundedCase> = {
         let resnet = CifarResNetConfig::new(56, 10)

@@ -13,7 +13,7 @@ use dnal_kernels::cpu::{
 dnal_kernels::global_allocator!();
 
 fn main() {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(200);
     let batch: usize = args

@@ -11,7 +11,7 @@ use dnal_zoo::CifarResNetConfig;
 dnal_kernels::global_allocator!();
 
 fn main() {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let per_mode: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

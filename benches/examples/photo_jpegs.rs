@@ -12,7 +12,7 @@ use dnal_data::{Normalize, Transform, example_rng, folder::decode_rgb};
 dnal_kernels::global_allocator!();
 
 fn main() {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let Some(dir) = std::env::args().nth(1).map(std::path::PathBuf::from) else {
         eprintln!("usage: photo_jpegs FOLDER");
         std::process::exit(2);

@@ -12,7 +12,7 @@ use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 dnal_kernels::global_allocator!();
 
 fn main() {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let pruned = arg(1, "pruned") == "pruned";

@@ -14,7 +14,7 @@ use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
 dnal_kernels::global_allocator!();
 
 fn main() {
-    dnal_benches::keep_freed_memory();
+    dnal_benches::set_up_as_the_trainer();
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let device = Device::flex().autodiff();

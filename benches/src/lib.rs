@@ -3,10 +3,12 @@
 use burn::prelude::*;
 use dnal_core::BackendKind;
 
-/// Keeps freed memory for reuse, as the trainer does; every benchmark and example sets the
-/// trainer's allocator (`dnal_kernels::global_allocator!()`) and calls this first.
-pub fn keep_freed_memory() {
+/// Sets the process up as the trainer's `main` does (freed memory kept for reuse, subnormal
+/// floats flushed to zero); every benchmark and example sets the trainer's allocator
+/// (`dnal_kernels::global_allocator!()`) and calls this first.
+pub fn set_up_as_the_trainer() {
     dnal_kernels::allocator::keep_freed_memory();
+    dnal_kernels::subnormals::flush_subnormals();
 }
 
 /// The CPU backends compiled into this build, with their devices.

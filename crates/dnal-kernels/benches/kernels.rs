@@ -20,6 +20,7 @@ dnal_kernels::global_allocator!();
 
 fn batch_norm_gate(c: &mut Criterion) {
     dnal_kernels::allocator::keep_freed_memory();
+    dnal_kernels::subnormals::flush_subnormals();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);
@@ -59,6 +60,7 @@ fn batch_norm_gate(c: &mut Criterion) {
 
 fn conv(c: &mut Criterion) {
     dnal_kernels::allocator::keep_freed_memory();
+    dnal_kernels::subnormals::flush_subnormals();
     let device = Device::flex().autodiff();
     for (channels, hw) in [(16, 32), (32, 16), (64, 8), (256, 8)] {
         let x = Tensor::<4>::random([128, channels, hw, hw], Distribution::Default, &device);

@@ -77,6 +77,7 @@ mod planes;
 mod refresh;
 mod sgd;
 mod simd;
+pub mod subnormals;
 
 use burn::module::{ModuleMapper, Param, RunningState};
 use burn::nn::conv::Conv2d;

@@ -265,6 +265,7 @@ const STOPPED: u8 = 130;
 
 fn main() -> ExitCode {
     dnal_kernels::allocator::keep_freed_memory();
+    dnal_kernels::subnormals::flush_subnormals();
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(STOPPED),

@@ -89,12 +89,17 @@ impl Replicas {
             .map(|(_, device)| net.valid().train().fork(device))
             .collect();
         let weight = |share: &HostBatch| share.len() as f64 / n as f64;
+        // The replicas' threads flush subnormals where this one does (the trainer's `main`).
+        let flush = dnal_kernels::subnormals::flushed_here();
         let (first, rest) = std::thread::scope(|scope| {
             let handles: Vec<_> = replicas
                 .into_iter()
                 .zip(&shares[1..])
                 .map(|(replica, (share, device))| {
                     scope.spawn(move || {
+                        if flush {
+                            dnal_kernels::subnormals::flush_this_thread();
+                        }
                         let out = replica_step(&replica, share, device, spec, Some(weight(share)));
                         (replica, out)
                     })
