@@ -58,8 +58,13 @@ pub mod check;
 pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
-// The depthwise kernels in `cpu` use its tap masks on every build; the rest serves flex.
+// The depthwise kernels in `cpu` use its tap masks on every build; the rest serves flex. Off
+// x86-64 the kernels are compiled out and only the routing (which never picks them) is left.
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_imports, unused_variables)
+)]
 mod direct;
 #[cfg(feature = "flex")]
 mod flex;

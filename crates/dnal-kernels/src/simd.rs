@@ -145,6 +145,10 @@ fn detect_avx2_halved() -> bool {
 /// executes AVX2 in 128-bit halves ([`avx2_halved`]). Zen: models 01h, 11h, 20h; Zen+: 08h,
 /// 18h; Zen 2 from 31h. AMD's Excavator (family 15h) also has 128-bit units but is left out:
 /// the kernels were not measured on it.
+#[cfg_attr(
+    not(any(target_arch = "x86", target_arch = "x86_64")),
+    allow(dead_code)
+)]
 fn halves_avx2(vendor: &str, family: u8, model: u8) -> bool {
     match (vendor, family) {
         ("AuthenticAMD", 0x17) => model < 0x30,

@@ -1197,7 +1197,7 @@ impl DwBlock<'_> {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
+// The plans and constants on every target (the routing reads them); the kernels on x86-64.
 mod rows;
 
 #[cfg(test)]

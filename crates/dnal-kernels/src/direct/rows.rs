@@ -16,6 +16,7 @@
 use super::MAX_CHANNELS;
 use crate::cpu::{ConvGeometry, GeometryKey};
 use crate::memo::Memo;
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -115,6 +116,7 @@ pub(super) struct RowBlock<'a> {
 /// # Safety
 /// AVX2 and FMA must be available. (Everything read and written is checked to lie inside its
 /// slice first.)
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn forward<const R: usize>(
     w: &[f32],
@@ -231,6 +233,7 @@ pub(super) struct RowGradBlock<'a> {
 /// # Safety
 /// AVX2 and FMA must be available. (Everything read and written is checked to lie inside its
 /// slice first.)
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn weight_grad<const R: usize>(block: RowGradBlock, sums: &mut [f32]) {
     let RowGradBlock {

@@ -34,7 +34,9 @@ use std::cell::RefCell;
 
 use crate::cpu::Clamp;
 use crate::planes::par_planes_zeroed;
-use crate::simd::{Isa, widest_simd};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Isa;
+use crate::simd::widest_simd;
 
 /// The shape of a depthwise convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
