@@ -19,29 +19,28 @@ const FTZ_DAZ: u32 = 0x8040;
 pub fn flush_this_thread() {
     #[cfg(target_arch = "x86_64")]
     {
-        let mut csr: u32 = 0;
-        // SAFETY: `stmxcsr` stores the 32-bit MXCSR register into `csr`, and `ldmxcsr` loads it
-        // back with the two flag bits set; both bits are defined on every x86-64 CPU, and
-        // neither instruction touches other memory or registers.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
-            csr |= FTZ_DAZ;
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
-        }
+        let csr = mxcsr() | FTZ_DAZ;
+        // SAFETY: `ldmxcsr` loads MXCSR from `csr`, the register as it was with the two flag
+        // bits set (both defined on every x86-64 CPU); it reads nothing else.
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly)) };
     }
 }
 
 /// Whether the calling thread flushes subnormals (always false off x86-64).
 pub fn flushed_here() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut csr: u32 = 0;
-        // SAFETY: as in `flush_this_thread`.
-        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
-        csr & FTZ_DAZ == FTZ_DAZ
-    }
+    return mxcsr() & FTZ_DAZ == FTZ_DAZ;
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The calling thread's MXCSR register.
+#[cfg(target_arch = "x86_64")]
+fn mxcsr() -> u32 {
+    let mut csr: u32 = 0;
+    // SAFETY: `stmxcsr` stores the 32-bit MXCSR register into `csr` and touches nothing else.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
+    csr
 }
 
 /// Flushes subnormal results and operands to zero on the calling thread and on every thread
