@@ -1,6 +1,7 @@
-//! The depthwise forward in AVX2 (with FMA), for CPUs without AVX-512: read straight from the
-//! plane with each 16-position vector as two 8-lane halves, or over phase planes as flat
-//! outputs in 8-lane vectors.
+//! The depthwise convolution in AVX2 (with FMA). The forward, for CPUs without AVX-512: read
+//! straight from the plane with each 16-position vector as two 8-lane halves, or over phase
+//! planes as flat outputs in 8-lane vectors. The weight gradient's kernels and the column
+//! merge, which AVX-512 CPUs run as well.
 use super::RUN;
 use crate::cpu::Clamp;
 use crate::direct::Taps;

@@ -15,17 +15,18 @@
 //! contiguous run, and computes the outputs as one flat run over the padded row pitch
 //! (`avx512.rs`, `avx2.rs`); the columns past each output row's end are computed and dropped.
 //!
-//! On AVX2 the backward passes keep their sums in registers as well. At stride 1 with a
-//! same-size output the input gradient is the forward's convolution of the output gradient
-//! with each filter turned by 180 degrees, and the weight gradient on rows of whole vectors
-//! sums a filter row's taps together, one output-gradient load serving them all. Elsewhere both
-//! go through the phase planes: a weight-gradient tap is a dot product of the output gradient,
-//! laid out on the planes' pitch, with the run of the planes the forward reads for it, and the
-//! input gradient is the flat forward transposed (each phase plane of the gradient a stride-1
-//! correlation of the output gradient with that phase's taps), interleaved back into rows.
-//! Otherwise (AVX-512 and plain code) they are row operations: an input-gradient row gains
-//! `w * (output-gradient row)` for each filter tap, and a weight-gradient tap is a sum of row
-//! dot products, so the inner loops run over contiguous slices (with stride 1) and vectorize.
+//! With AVX-512 or AVX2 the backward passes keep their sums in registers as well. At stride 1
+//! with a same-size output the input gradient is the forward's convolution of the output
+//! gradient with each filter turned by 180 degrees, and the weight gradient on rows of whole
+//! 8-lane vectors sums a filter row's taps together, one output-gradient load serving them all
+//! (`avx2.rs`, on AVX-512 CPUs too). Elsewhere both go through the phase planes: a
+//! weight-gradient tap is a dot product of the output gradient, laid out on the planes' pitch,
+//! with the run of the planes the forward reads for it, and the input gradient is the flat
+//! forward transposed (each phase plane of the gradient a stride-1 correlation of the output
+//! gradient with that phase's taps), interleaved back into rows. In plain code they are row
+//! operations: an input-gradient row gains `w * (output-gradient row)` for each filter tap, and
+//! a weight-gradient tap is a sum of row dot products, so the inner loops run over contiguous
+//! slices (with stride 1) and vectorize.
 //! Each value is summed in one fixed order (for the weight gradient, images in order), whatever
 //! the number of threads.
 
@@ -396,7 +397,7 @@ pub fn depthwise_input_grad(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = dy.len() / op.max(1);
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() == Some(Isa::Avx2) && g.stride == 1 && g.out_hw() == g.in_hw {
+    if crate::simd::isa().is_some() && g.stride == 1 && g.out_hw() == g.in_hw {
         // At stride 1 with a same-size output the input gradient is the same convolution of
         // the output gradient with each filter turned by 180 degrees (its taps reversed),
         // which the forward's kernels compute with the sums in registers; the row loop below
@@ -409,8 +410,8 @@ pub fn depthwise_input_grad(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec
         return depthwise_forward_affine(dy, &turned, &ones, &zeros, Clamp::NONE, g);
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() == Some(Isa::Avx2) && ip > 0 && kk <= MAX_TAPS {
-        return input_grad_phases(dy, w, g);
+    if let Some(isa) = crate::simd::isa().filter(|_| ip > 0 && kk <= MAX_TAPS) {
+        return input_grad_phases(isa, dy, w, g);
     }
     let taps = g.column_taps();
     par_planes_zeroed(planes * ip, ip, |i, out| {
@@ -430,7 +431,7 @@ pub fn depthwise_input_grad(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec
 const MAX_TAPS: usize = 225;
 
 #[cfg(target_arch = "x86_64")]
-fn input_grad_phases(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec<f32> {
+fn input_grad_phases(isa: Isa, dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec<f32> {
     let (ip, op, kk) = (g.in_plane(), g.out_plane(), g.kernel * g.kernel);
     let planes = dy.len() / op.max(1);
     let layout = g.phase_planes();
@@ -479,10 +480,17 @@ fn input_grad_phases(dy: &[f32], w: &[f32], g: &DepthwiseGeometry) -> Vec<f32> {
                     *v = w[t];
                 }
                 let wp = &wp[..taps.len()];
-                // SAFETY: the CPU has AVX2 and FMA (`isa()`); the kernel checks the sizes.
+                // SAFETY: the CPU runs `isa` (`isa()`); the kernels check the sizes.
                 #[allow(unsafe_code)]
                 unsafe {
-                    avx2::forward_flat(grad, wp, (1.0, 0.0), Clamp::NONE, taps, dst)
+                    match isa {
+                        Isa::Avx512 => {
+                            avx512::forward_flat(grad, wp, (1.0, 0.0), Clamp::NONE, taps, dst)
+                        }
+                        Isa::Avx2 => {
+                            avx2::forward_flat(grad, wp, (1.0, 0.0), Clamp::NONE, taps, dst)
+                        }
+                    }
                 };
             }
             gather_phases(gplanes, run, g, &layout, out);
@@ -518,7 +526,8 @@ fn gather_phases(
                 &planes[even..even + w.div_ceil(2)],
                 &planes[odd..odd + w / 2],
             );
-            // SAFETY: the caller runs on AVX2 (`isa()`); the function checks the sizes.
+            // SAFETY: the caller runs AVX2 or AVX-512, which implies AVX2 (`isa()`); the
+            // function checks the sizes.
             #[allow(unsafe_code)]
             unsafe {
                 avx2::merge_columns(even, odd, row)
@@ -573,7 +582,7 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
     let mut dw = vec![0.0f32; c * kk];
     let taps = g.column_taps();
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() == Some(Isa::Avx2)
+    if crate::simd::isa().is_some()
         && g.stride == 1
         && g.out_hw() == g.in_hw
         && matches!(g.kernel, 3 | 5 | 7)
@@ -586,7 +595,7 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
                     &x[plane * ip..(plane + 1) * ip],
                     &dy[plane * op..(plane + 1) * op],
                 );
-                // SAFETY: the CPU has AVX2 and FMA (`isa()`).
+                // SAFETY: the CPU has AVX2 and FMA (`isa()`; AVX-512 implies them).
                 #[allow(unsafe_code)]
                 unsafe {
                     avx2::weight_grad_rows(x, dy, g.in_hw, g.kernel, out)
@@ -596,7 +605,7 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
         return dw;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() == Some(Isa::Avx2) {
+    if crate::simd::isa().is_some() {
         // Other maps and strides: each tap's sum is a dot product of the output gradient,
         // laid out on the phase planes' row pitch (zero past each row's end), with the run of
         // the input's phase planes the forward reads for that tap.
@@ -616,7 +625,7 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
                     grad[oy * layout.pitch..oy * layout.pitch + ow].copy_from_slice(row);
                 }
                 debug_assert!(oh * layout.pitch <= layout.flat);
-                // SAFETY: the CPU has AVX2 and FMA (`isa()`).
+                // SAFETY: the CPU has AVX2 and FMA (`isa()`; AVX-512 implies them).
                 #[allow(unsafe_code)]
                 unsafe {
                     avx2::tap_dots(&planes, &grad, &layout.taps, &mut sums)
