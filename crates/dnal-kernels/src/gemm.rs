@@ -7,6 +7,8 @@
 //! to lie inside its slice when it is made, so the call is sound.
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 /// A read-only `rows x cols` matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
 pub struct MatRef<'a> {
@@ -95,35 +97,87 @@ pub fn matmul(dst: MatMut, lhs: MatRef, rhs: MatRef, accumulate: bool, parallel:
         (lhs.rows, rhs.cols),
         "output shape differs"
     );
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
-    if m == 0 || n == 0 {
+    if dst.rows == 0 || dst.cols == 0 {
         return;
     }
-    if k == 0 {
+    if lhs.cols == 0 {
         if !accumulate {
-            for row in dst.data.chunks_mut(dst.rs.max(1)).take(m) {
-                row[..n].fill(0.0);
+            for row in dst.data.chunks_mut(dst.rs.max(1)).take(dst.rows) {
+                row[..dst.cols].fill(0.0);
             }
         }
         return;
     }
+    // SAFETY: `MatMut::new` checked that every element of the view lies inside its slice,
+    // whose values are initialised (read when accumulating); the elements are distinct
+    // (`rs >= cols`, column stride 1) and borrowed mutably, so they alias neither input.
+    unsafe {
+        product(
+            dst.data.as_mut_ptr(),
+            dst.rs,
+            lhs,
+            rhs,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// `dst = lhs x rhs` into the row-major `lhs.rows x rhs.cols` matrix `dst` (exactly that many
+/// values), whose values need not be initialised: every one is written, none is read. For
+/// outputs that are allocated and then filled, without zeroing them first. Returns `dst`,
+/// initialised.
+pub fn matmul_uninit<'a>(
+    dst: &'a mut [MaybeUninit<f32>],
+    lhs: MatRef,
+    rhs: MatRef,
+    parallel: bool,
+) -> &'a mut [f32] {
+    assert_eq!(lhs.cols, rhs.rows, "inner dimensions differ");
+    let (m, n) = (lhs.rows, rhs.cols);
+    assert_eq!(dst.len(), m * n, "output shape differs");
+    if lhs.cols == 0 {
+        dst.fill(MaybeUninit::new(0.0));
+    } else if m > 0 && n > 0 {
+        // SAFETY: `dst` holds exactly the `m x n` row-major elements, borrowed mutably, so
+        // they alias neither input; `gemm` without `read_dst` writes every one and reads none.
+        unsafe { product(dst.as_mut_ptr().cast(), n, lhs, rhs, false, parallel) }
+    }
+    // SAFETY: every element was written above (or there are none).
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// `gemm`'s product into the row-major `lhs.rows x rhs.cols` matrix at `dst` with row stride
+/// `rs` (`dst = lhs x rhs`, or `+=` when `accumulate`), for `lhs.cols > 0`.
+///
+/// # Safety
+/// The matrix's elements at `dst` must be valid for writes, distinct and not alias `lhs` or
+/// `rhs`; when `accumulate`, initialised.
+unsafe fn product(
+    dst: *mut f32,
+    rs: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
     let stride = |s: usize| s as isize;
-    // SAFETY: `MatRef::new` and `MatMut::new` checked that every element of the three views
-    // lies inside its slice; the destination's elements are distinct (`rs >= cols`, column
-    // stride 1) and it is borrowed mutably, so it aliases neither input.
+    // SAFETY: `MatRef::new` checked that every element of the two input views lies inside its
+    // slice; the destination is as the caller promises.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.data.as_mut_ptr(),
+            dst,
             1,
-            stride(dst.rs),
+            stride(rs),
             accumulate,
             lhs.data.as_ptr(),
             stride(lhs.cs),
@@ -186,6 +240,35 @@ mod tests {
                 assert_eq!(wide[i * (n + 2) + j], expect, "({i}, {j})");
             }
         }
+    }
+
+    #[test]
+    fn a_product_into_unwritten_memory_writes_every_value() {
+        // Sizes past the small-product path, and a depth `gemm` takes in several blocks.
+        for (m, k, n) in [(5, 7, 3), (70, 300, 40), (33, 1100, 17)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5).collect();
+            let want = naive(&a, &b, m, k, n);
+            for parallel in [false, true] {
+                // Memory holding NaN where the product goes: a value read instead of
+                // overwritten would stay NaN.
+                let mut dst = vec![MaybeUninit::new(f32::NAN); m * n];
+                let lhs = MatRef::row_major(&a, m, k);
+                let got = matmul_uninit(&mut dst, lhs, MatRef::row_major(&b, k, n), parallel);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "{m}x{k}x{n} at {i}");
+                }
+            }
+        }
+        let mut dst = vec![MaybeUninit::new(f32::NAN); 6];
+        let none: [f32; 0] = [];
+        let got = matmul_uninit(
+            &mut dst,
+            MatRef::row_major(&none, 2, 0),
+            MatRef::row_major(&none, 0, 3),
+            false,
+        );
+        assert_eq!(got, [0.0; 6]);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 use super::{f32s, tensor, vec_of};
 use crate::cpu::{self, Clamp, ConvGeometry, Epilogue};
 use crate::direct;
-use crate::gemm::{MatMut, MatRef, matmul};
+use crate::gemm::{MatMut, MatRef, matmul, matmul_uninit};
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// Groups of images whose weight-gradient contributions are summed in sequence.
@@ -205,13 +206,15 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
             }
         }
     }
-    let mut out = vec![0.0f32; batch * co * l];
-    if out.is_empty() {
-        return out;
+    let len = batch * co * l;
+    if len == 0 {
+        return Vec::new();
     }
+    // Not zeroed first: every value is written below.
+    let mut out = Vec::with_capacity(len);
     let table = cpu::GatherTable::shared(g);
     let lhs = MatRef::row_major(w, co, p);
-    let each = |s: &mut Scratch, (n, (dst, images)): (usize, (&mut [f32], &[f32]))| {
+    let each = |s: &mut Scratch, (n, (dst, images)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
         // Offset of this group in the output (where a residual's values are).
         let first = n * per * co * l;
         let count = dst.len() / (co * l);
@@ -229,7 +232,7 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
         };
         let cols = MatRef::row_major(cols, p, count * l);
         if count == 1 {
-            matmul(MatMut::row_major(dst, co, l), lhs, cols, false, parallel);
+            let dst = matmul_uninit(dst, lhs, cols, parallel);
             if let Some(e) = epilogue {
                 for (ch, plane) in dst.chunks_mut(l).enumerate() {
                     e.apply(ch, plane, first + ch * l);
@@ -242,22 +245,29 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
         matmul(wide, lhs, cols, false, parallel);
         for (at, plane) in dst.chunks_mut(l).enumerate() {
             let (i, ch) = (at / co, at % co);
-            plane.copy_from_slice(&s.wide[(ch * count + i) * l..][..l]);
+            let plane = plane.write_copy_of_slice(&s.wide[(ch * count + i) * l..][..l]);
             if let Some(e) = epilogue {
                 e.apply(ch, plane, first + at * l);
             }
         }
     };
+    let dst = &mut out.spare_capacity_mut()[..len];
     if groups == 1 {
         // One group: on this thread (`gemm` splits a large product itself), without a
         // hand-off to rayon's pool.
-        Scratch::with_kept(|s| each(s, (0, (&mut out, x))));
+        Scratch::with_kept(|s| each(s, (0, (dst, x))));
     } else {
-        out.par_chunks_mut(per * co * l)
+        dst.par_chunks_mut(per * co * l)
             .zip(x.par_chunks(per * g.image()))
             .enumerate()
             .for_each_init(Scratch::default, each);
     }
+    // SAFETY: every group wrote all of its chunk: its product (one image) or each of its
+    // `count * co` planes.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len)
+    };
     out
 }
 
