@@ -256,7 +256,10 @@ mod tests {
                 let lhs = MatRef::row_major(&a, m, k);
                 let got = matmul_uninit(&mut dst, lhs, MatRef::row_major(&b, k, n), parallel);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "{m}x{k}x{n} at {i}");
+                    assert!(
+                        (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                        "{m}x{k}x{n} at {i}"
+                    );
                 }
             }
         }

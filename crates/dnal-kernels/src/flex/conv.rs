@@ -185,7 +185,7 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
     // Weights packed once (frozen for inference) also take wide layers at batch 1, spread over
     // the threads; the batch-1 cache of `Packing::Owner` would not hold VGG-16's wide layers
     // (it started over at every forward, which then took 5x as long).
-    let takes = direct::takes_forward(g)
+    let takes = (direct::takes_forward(g) && !(groups > 1 && direct::streams_batch_input(g)))
         || (batch == 1
             && matches!(packing, Packing::Ready(Some(_)))
             && direct::takes_forward_image(g));
