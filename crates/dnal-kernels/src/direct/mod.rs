@@ -1340,10 +1340,18 @@ mod tests {
         // Over a batch, 1x1 convolutions on inputs of 256 KB or more per image go to `gemm`
         // as well (MobileNetV2-CIFAR's projections on 32x32 maps, ResNet-50's 64 -> 64 on
         // 56x56); its narrower 1x1 layers on smaller maps and 3x3 layers stay.
-        for g in [conv(144, 24, 1, 32), conv(96, 24, 1, 32), conv(64, 64, 1, 56)] {
+        for g in [
+            conv(144, 24, 1, 32),
+            conv(96, 24, 1, 32),
+            conv(64, 64, 1, 56),
+        ] {
             assert!(streams_batch_input(&g), "{g:?}");
         }
-        for g in [conv(192, 32, 1, 16), conv(384, 64, 1, 8), conv(144, 24, 3, 32)] {
+        for g in [
+            conv(192, 32, 1, 16),
+            conv(384, 64, 1, 8),
+            conv(144, 24, 3, 32),
+        ] {
             assert!(!streams_batch_input(&g), "{g:?}");
         }
     }
