@@ -170,6 +170,10 @@ const BATCH_STREAMED_INPUT: usize = 1 << 16;
 /// 96 -> 24 on 32x32 4.5-5.8 against 3.0-3.2; 64 -> 64 on 56x56 24-25 against 17-18; 96 -> 16
 /// on 32x32 3.5-5.0 against 4.0-5.3. Below the line: 192 -> 32 and 144 -> 32 on 16x16 even,
 /// 576 -> 96 on 8x8 3.2-6.8 against 3.4-3.5, 384 -> 64 on 8x8 1.46-1.48 against 1.66-1.70.
+/// Batch 64, ResNet-50's layers: 64 -> 64 on 56x56 12.0-12.1 against 8.2-8.3, 128 -> 128 on
+/// 28x28 8.4-8.5 against 6.3-6.4. Small batches (fastest of 60): 144 -> 24 on 32x32 and 64 -> 64
+/// on 56x56 even at batch 2, `gemm` 0-10 % ahead at 8 and 16; at batch 1 the kernel 10-20 %
+/// ahead (0.05 against 0.06 ms, 0.18 against 0.20-0.21).
 pub fn streams_batch_input(g: &ConvGeometry) -> bool {
     g.kernel == 1 && g.image() >= BATCH_STREAMED_INPUT
 }
