@@ -131,6 +131,84 @@ pub(super) unsafe fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32
     }
 }
 
+/// [`super::fill_phases`] at stride 2 for a whole `[h, w]` plane `x` with padding `p`: each
+/// row's even and odd columns go to their phase planes (`len` values apart, rows `pitch`
+/// apart) as [`split_columns`] splits them, in one call with the offsets computed per row
+/// rather than through slices.
+///
+/// # Safety
+/// AVX-512F must be available; the sizes are checked (every row's two runs inside `planes`).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn fill_stride2(
+    x: &[f32],
+    [h, w]: [usize; 2],
+    p: usize,
+    [len, pitch]: [usize; 2],
+    planes: &mut [f32],
+) {
+    assert!(x.len() == h * w && w >= 2);
+    let (ne, no) = (w.div_ceil(2), w / 2);
+    // Row `iy`'s even inputs go to phase column `p % 2` at column `p / 2`, its odd ones to
+    // `(p + 1) % 2` at `(p + 1) / 2`, in phase row `(iy + p) % 2`, row `(iy + p) / 2`.
+    let at = |iy: usize, b: usize, column: usize| {
+        let py = iy + p;
+        ((py % 2) * 2 + b) * len + (py / 2) * pitch + column
+    };
+    let runs = |iy: usize| {
+        [
+            (at(iy, p % 2, p / 2), ne),
+            (at(iy, (p + 1) % 2, p.div_ceil(2)), no),
+        ]
+    };
+    // Rows of one phase row lie further into their planes the later they come, so the last
+    // row of each phase row (the plane's last two) reaches furthest.
+    for iy in h.saturating_sub(2)..h {
+        for (start, n) in runs(iy) {
+            assert!(start + n <= planes.len(), "phase planes too short");
+        }
+    }
+    let pick = |first: i32| {
+        _mm512_setr_epi32(
+            first,
+            first + 2,
+            first + 4,
+            first + 6,
+            first + 8,
+            first + 10,
+            first + 12,
+            first + 14,
+            first + 16,
+            first + 18,
+            first + 20,
+            first + 22,
+            first + 24,
+            first + 26,
+            first + 28,
+            first + 30,
+        )
+    };
+    let (evens, odds) = (pick(0), pick(1));
+    let first_lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+    let (src, dst) = (x.as_ptr(), planes.as_mut_ptr());
+    for iy in 0..h {
+        let [(even, _), (odd, _)] = runs(iy);
+        for j in (0..ne).step_by(16) {
+            let left = w - 2 * j;
+            let (le, lo) = (first_lanes(ne - j), first_lanes(no.saturating_sub(j)));
+            // SAFETY: the lanes loaded are among the `left` values of row `iy` from 2j; the
+            // lanes stored are among the row's `ne` (`no`) values of its even (odd) run, inside
+            // `planes` as checked above.
+            unsafe {
+                let row = src.add(iy * w + 2 * j);
+                let a = _mm512_maskz_loadu_ps(first_lanes(left), row);
+                let b = _mm512_maskz_loadu_ps(first_lanes(left.saturating_sub(16)), row.add(16));
+                _mm512_mask_storeu_ps(dst.add(even + j), le, _mm512_permutex2var_ps(a, evens, b));
+                _mm512_mask_storeu_ps(dst.add(odd + j), lo, _mm512_permutex2var_ps(a, odds, b));
+            }
+        }
+    }
+}
+
 /// Runs of the flat outputs four at a time (four independent sums of the taps), then one
 /// at a time.
 #[target_feature(enable = "avx512f")]

@@ -256,6 +256,15 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
     let ([h, w], s, p) = (g.in_hw, g.stride, g.padding);
     #[cfg(target_arch = "x86_64")]
     let isa = crate::simd::isa();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Some(Isa::Avx512) && s == 2 && w >= 2 {
+        // SAFETY: the CPU has AVX-512F (`isa()`); the function checks the sizes.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx512::fill_stride2(x, [h, w], p, [layout.len, layout.pitch], planes)
+        };
+        return;
+    }
     for iy in 0..h {
         let (py, row) = (iy + p, &x[iy * w..(iy + 1) * w]);
         if s == 1 {
