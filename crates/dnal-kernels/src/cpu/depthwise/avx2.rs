@@ -1,7 +1,7 @@
 //! The depthwise convolution in AVX2 (with FMA). The forward, for CPUs without AVX-512: read
 //! straight from the plane with each 16-position vector as two 8-lane halves, or over phase
-//! planes as flat outputs in 8-lane vectors. The weight gradient's kernels and the column
-//! merge, which AVX-512 CPUs run as well.
+//! planes as flat outputs in 8-lane vectors. The weight gradient's kernels and the stride-2
+//! column split and merge, which AVX-512 CPUs run as well.
 use super::RUN;
 use crate::cpu::Clamp;
 use crate::direct::Taps;
@@ -343,39 +343,48 @@ pub(super) fn tap_dots(planes: &[f32], grad: &[f32], taps: &[usize], sums: &mut 
     }
 }
 
-/// Splits `row` into its even-indexed values (`even`) and odd-indexed ones (`odd`), 16
-/// inputs at a time (two shuffles and two cross-lane permutes), the last few one by one.
+/// [`super::fill_phases`] at stride 2 for a whole plane `x`: each row's even and odd columns
+/// (16 inputs at a time: two shuffles and two cross-lane permutes, the last few one by one)
+/// go where `rows` says, in one call.
+///
+/// # Safety
+/// AVX2 must be available and `rows` must have been made for `planes`
+/// ([`super::Stride2Rows::new`] checks the runs against its length); `x` is checked.
 #[target_feature(enable = "avx2")]
-pub(super) fn split_columns(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let w = row.len();
-    assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
+pub(super) unsafe fn fill_stride2(x: &[f32], rows: &super::Stride2Rows, planes: &mut [f32]) {
+    let [h, w] = rows.hw;
+    assert!(x.len() == h * w);
     // Within each 128-bit lane the shuffles leave pairs in the order 0 2 1 3 (of 64 bits).
     let order =
         |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
     let whole = w / (2 * LANES);
-    for j in 0..whole {
-        // SAFETY: 16 values from 16j are inside `row`, 8 from 8j inside `even` and `odd`.
-        unsafe {
-            let src = row.as_ptr().add(2 * LANES * j);
-            let (lo, hi) = (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(LANES)));
-            let e = order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi));
-            let o = order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi));
-            _mm256_storeu_ps(even.as_mut_ptr().add(LANES * j), e);
-            _mm256_storeu_ps(odd.as_mut_ptr().add(LANES * j), o);
+    let (src, dst) = (x.as_ptr(), planes.as_mut_ptr());
+    for iy in 0..h {
+        let [even, odd] = rows.starts(iy);
+        let row = src.wrapping_add(iy * w);
+        for j in 0..whole {
+            // SAFETY: 16 values from 16j are inside row `iy`; 8 from 8j inside its even and
+            // odd runs, inside `planes` (contract).
+            unsafe {
+                let at = row.add(2 * LANES * j);
+                let (lo, hi) = (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(LANES)));
+                let e = order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi));
+                let o = order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi));
+                _mm256_storeu_ps(dst.add(even + LANES * j), e);
+                _mm256_storeu_ps(dst.add(odd + LANES * j), o);
+            }
         }
-    }
-    for (i, &v) in row.iter().enumerate().skip(2 * LANES * whole) {
-        if i % 2 == 0 {
-            even[i / 2] = v;
-        } else {
-            odd[i / 2] = v;
+        for i in 2 * LANES * whole..w {
+            let to = if i % 2 == 0 { even } else { odd } + i / 2;
+            // SAFETY: input `i` is inside row `iy`, and `i / 2` inside its run (contract).
+            unsafe { *dst.add(to) = *row.add(i) };
         }
     }
 }
 
 /// Interleaves `even` and `odd` into `row` (`row[2j] = even[j]`, `row[2j + 1] = odd[j]`), 16
 /// values at a time (two unpacks and two cross-lane permutes), the last few one by one: the
-/// inverse of [`split_columns`].
+/// inverse of the split in [`fill_stride2`].
 #[target_feature(enable = "avx2")]
 pub(super) fn merge_columns(even: &[f32], odd: &[f32], row: &mut [f32]) {
     let w = row.len();

@@ -250,18 +250,67 @@ pub fn depthwise_forward_affine(
     })
 }
 
+/// Where the rows of a stride-2 plane go in its phase planes: row `iy`'s even inputs
+/// (`ix = 2j`) to phase column `p % 2` from column `p / 2`, its odd ones to phase column
+/// `(p + 1) % 2` from column `(p + 1) / 2`, in phase row `(iy + p) % 2` at row `(iy + p) / 2`.
+#[cfg(target_arch = "x86_64")]
+struct Stride2Rows {
+    hw: [usize; 2],
+    padding: usize,
+    /// Values per phase plane, and per row of one.
+    len: usize,
+    pitch: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Stride2Rows {
+    /// The rows of `g`'s plane (stride 2, at least two columns) in `layout`; panics unless every
+    /// row's two runs lie inside `planes` values.
+    fn new(g: &DepthwiseGeometry, layout: &PhasePlanes, planes: usize) -> Self {
+        assert!(g.stride == 2 && g.in_hw[1] >= 2);
+        let rows = Self {
+            hw: g.in_hw,
+            padding: g.padding,
+            len: layout.len,
+            pitch: layout.pitch,
+        };
+        // Later rows of one phase row lie further into their planes, so the plane's last two
+        // rows reach furthest.
+        let [h, w] = rows.hw;
+        for iy in h.saturating_sub(2)..h {
+            let [even, odd] = rows.starts(iy);
+            assert!(
+                even + w.div_ceil(2) <= planes && odd + w / 2 <= planes,
+                "phase planes too short"
+            );
+        }
+        rows
+    }
+
+    /// Where row `iy`'s even and odd inputs start.
+    fn starts(&self, iy: usize) -> [usize; 2] {
+        let (p, py) = (self.padding, iy + self.padding);
+        let at = |b: usize, column: usize| {
+            ((py % 2) * 2 + b) * self.len + (py / 2) * self.pitch + column
+        };
+        [at(p % 2, p / 2), at((p + 1) % 2, p.div_ceil(2))]
+    }
+}
+
 /// Copies the input plane `x` into the (zeroed) phase planes: padded value `(y, x)` goes to
 /// phase `(y % s, x % s)` at row `y / s`, column `x / s`.
 fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &mut [f32]) {
     let ([h, w], s, p) = (g.in_hw, g.stride, g.padding);
     #[cfg(target_arch = "x86_64")]
-    let isa = crate::simd::isa();
-    #[cfg(target_arch = "x86_64")]
-    if isa == Some(Isa::Avx512) && s == 2 && w >= 2 {
-        // SAFETY: the CPU has AVX-512F (`isa()`); the function checks the sizes.
+    if crate::simd::isa().is_some() && s == 2 && w >= 2 {
+        // AVX2 on AVX-512 CPUs too: an AVX-512 version (masked loads, two permutes and masked
+        // stores per 32 inputs) took twice as long on 16-column rows.
+        let rows = Stride2Rows::new(g, layout, planes.len());
+        // SAFETY: the CPU has AVX2 (`isa()`; AVX-512 implies it); `rows` checked the runs
+        // against `planes`.
         #[allow(unsafe_code)]
         unsafe {
-            avx512::fill_stride2(x, [h, w], p, [layout.len, layout.pitch], planes)
+            avx2::fill_stride2(x, &rows, planes)
         };
         return;
     }
@@ -270,33 +319,6 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
         if s == 1 {
             let start = py * layout.pitch + p;
             planes[start..start + w].copy_from_slice(row);
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(isa) = isa.filter(|_| s == 2 && w >= 2) {
-            // Even inputs `ix = 2j` go to phase column `p % 2` at column `j + p / 2`, odd
-            // ones to phase column `(p + 1) % 2` at column `j + (p + 1) / 2`.
-            let at = |b: usize, column: usize| {
-                ((py % s) * s + b) * layout.len + (py / s) * layout.pitch + column
-            };
-            let (even, odd) = (at(p % 2, p / 2), at((p + 1) % 2, p.div_ceil(2)));
-            let (ne, no) = (w.div_ceil(2), w / 2);
-            // The two runs lie in different phase planes, so they do not overlap.
-            let (even, odd) = if even < odd {
-                let (a, b) = planes.split_at_mut(odd);
-                (&mut a[even..even + ne], &mut b[..no])
-            } else {
-                let (a, b) = planes.split_at_mut(even);
-                (&mut b[..ne], &mut a[odd..odd + no])
-            };
-            match isa {
-                // SAFETY: the CPU has AVX-512F (`isa()`); the function checks the sizes.
-                #[allow(unsafe_code)]
-                Isa::Avx512 => unsafe { avx512::split_columns(row, even, odd) },
-                // SAFETY: the CPU has AVX2 (`isa()`).
-                #[allow(unsafe_code)]
-                Isa::Avx2 => unsafe { avx2::split_columns(row, even, odd) },
-            }
             continue;
         }
         // Phase column `b` holds the inputs `ix` with `(ix + p) % s == b`, from column
