@@ -382,28 +382,40 @@ pub(super) unsafe fn fill_stride2(x: &[f32], rows: &super::Stride2Rows, planes: 
     }
 }
 
-/// Interleaves `even` and `odd` into `row` (`row[2j] = even[j]`, `row[2j + 1] = odd[j]`), 16
-/// values at a time (two unpacks and two cross-lane permutes), the last few one by one: the
-/// inverse of the split in [`fill_stride2`].
+/// The inverse of [`fill_stride2`]: each row of the plane `x` interleaved from its even and
+/// odd runs in the phase planes where `rows` says (`x[2j] = even[j]`, `x[2j + 1] = odd[j]`),
+/// 16 values at a time (two unpacks and two cross-lane permutes), the last few one by one.
+///
+/// # Safety
+/// AVX2 must be available and `rows` must have been made for `planes`
+/// ([`super::Stride2Rows::new`] checks the runs against its length); `x` is checked.
 #[target_feature(enable = "avx2")]
-pub(super) fn merge_columns(even: &[f32], odd: &[f32], row: &mut [f32]) {
-    let w = row.len();
-    assert!(even.len() == w.div_ceil(2) && odd.len() == w / 2);
+pub(super) unsafe fn merge_stride2(planes: &[f32], rows: &super::Stride2Rows, x: &mut [f32]) {
+    let [h, w] = rows.hw;
+    assert!(x.len() == h * w);
     let whole = w / (2 * LANES);
-    for j in 0..whole {
-        // SAFETY: 8 values from 8j are inside `even` and `odd`, 16 from 16j inside `row`.
-        unsafe {
-            let e = _mm256_loadu_ps(even.as_ptr().add(LANES * j));
-            let o = _mm256_loadu_ps(odd.as_ptr().add(LANES * j));
-            // Pairs 0-1 and 4-5, then 2-3 and 6-7, of each 128-bit lane.
-            let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
-            let dst = row.as_mut_ptr().add(2 * LANES * j);
-            _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(lo, hi));
-            _mm256_storeu_ps(dst.add(LANES), _mm256_permute2f128_ps::<0x31>(lo, hi));
+    let (src, dst) = (planes.as_ptr(), x.as_mut_ptr());
+    for iy in 0..h {
+        let [even, odd] = rows.starts(iy);
+        let row = dst.wrapping_add(iy * w);
+        for j in 0..whole {
+            // SAFETY: 8 values from 8j are inside row `iy`'s even and odd runs, inside
+            // `planes` (contract); 16 from 16j inside row `iy` of `x`.
+            unsafe {
+                let e = _mm256_loadu_ps(src.add(even + LANES * j));
+                let o = _mm256_loadu_ps(src.add(odd + LANES * j));
+                // Pairs 0-1 and 4-5, then 2-3 and 6-7, of each 128-bit lane.
+                let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+                let at = row.add(2 * LANES * j);
+                _mm256_storeu_ps(at, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                _mm256_storeu_ps(at.add(LANES), _mm256_permute2f128_ps::<0x31>(lo, hi));
+            }
         }
-    }
-    for i in 2 * LANES * whole..w {
-        row[i] = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
+        for i in 2 * LANES * whole..w {
+            let from = if i % 2 == 0 { even } else { odd } + i / 2;
+            // SAFETY: `i / 2` is inside the row's run (contract), `i` inside row `iy`.
+            unsafe { *row.add(i) = *src.add(from) };
+        }
     }
 }
 

@@ -264,15 +264,16 @@ struct Stride2Rows {
 
 #[cfg(target_arch = "x86_64")]
 impl Stride2Rows {
-    /// The rows of `g`'s plane (stride 2, at least two columns) in `layout`; panics unless every
-    /// row's two runs lie inside `planes` values.
-    fn new(g: &DepthwiseGeometry, layout: &PhasePlanes, planes: usize) -> Self {
+    /// The rows of `g`'s plane (stride 2, at least two columns) in phase planes `len` values
+    /// apart with rows `pitch` apart; panics unless every row's two runs lie inside `planes`
+    /// values.
+    fn new(g: &DepthwiseGeometry, [len, pitch]: [usize; 2], planes: usize) -> Self {
         assert!(g.stride == 2 && g.in_hw[1] >= 2);
         let rows = Self {
             hw: g.in_hw,
             padding: g.padding,
-            len: layout.len,
-            pitch: layout.pitch,
+            len,
+            pitch,
         };
         // Later rows of one phase row lie further into their planes, so the plane's last two
         // rows reach furthest.
@@ -305,7 +306,7 @@ fn fill_phases(x: &[f32], g: &DepthwiseGeometry, layout: &PhasePlanes, planes: &
     if crate::simd::isa().is_some() && s == 2 && w >= 2 {
         // AVX2 on AVX-512 CPUs too: an AVX-512 version (masked loads, two permutes and masked
         // stores per 32 inputs) took twice as long on 16-column rows.
-        let rows = Stride2Rows::new(g, layout, planes.len());
+        let rows = Stride2Rows::new(g, [layout.len, layout.pitch], planes.len());
         // SAFETY: the CPU has AVX2 (`isa()`; AVX-512 implies it); `rows` checked the runs
         // against `planes`.
         #[allow(unsafe_code)]
@@ -541,6 +542,16 @@ fn gather_phases(
     x: &mut [f32],
 ) {
     let ([h, w], s, p) = (g.in_hw, g.stride, g.padding);
+    if s == 2 && w >= 2 {
+        let rows = Stride2Rows::new(g, [run, layout.pitch], planes.len());
+        // SAFETY: the caller runs AVX2 or AVX-512, which implies AVX2 (`isa()`); `rows` checked
+        // the runs against `planes`.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::merge_stride2(planes, &rows, x)
+        };
+        return;
+    }
     let at = |py: usize, b: usize, column: usize| {
         ((py % s) * s + b) * run + (py / s) * layout.pitch + column
     };
@@ -549,20 +560,6 @@ fn gather_phases(
         if s == 1 {
             let start = at(py, 0, p);
             row.copy_from_slice(&planes[start..start + w]);
-        } else if s == 2 && w >= 2 {
-            // As in `fill_phases`: even inputs from phase column `p % 2`, odd ones from
-            // `(p + 1) % 2`.
-            let (even, odd) = (at(py, p % 2, p / 2), at(py, (p + 1) % 2, p.div_ceil(2)));
-            let (even, odd) = (
-                &planes[even..even + w.div_ceil(2)],
-                &planes[odd..odd + w / 2],
-            );
-            // SAFETY: the caller runs AVX2 or AVX-512, which implies AVX2 (`isa()`); the
-            // function checks the sizes.
-            #[allow(unsafe_code)]
-            unsafe {
-                avx2::merge_columns(even, odd, row)
-            };
         } else {
             for (ix, v) in row.iter_mut().enumerate() {
                 let px = ix + p;
