@@ -11,7 +11,7 @@
 //! 16x16 and wider; on maps whose rows are whole 8-lane vectors it goes row by row instead,
 //! where only a row's first and last vectors need a mask. Otherwise it copies each input plane,
 //! zero-padded, into a scratch buffer split into the stride's phases (for stride 2: even and
-//! odd rows and columns, split by a permute or shuffles), so that every filter tap reads a
+//! odd rows and columns, split by shuffles), so that every filter tap reads a
 //! contiguous run, and computes the outputs as one flat run over the padded row pitch
 //! (`avx512.rs`, `avx2.rs`); the columns past each output row's end are computed and dropped.
 //!
@@ -257,8 +257,9 @@ pub fn depthwise_forward_affine(
 struct Stride2Rows {
     hw: [usize; 2],
     padding: usize,
-    /// Values per phase plane, and per row of one.
+    /// Values from one phase plane to the next.
     len: usize,
+    /// Values from one row of a phase plane to the next.
     pitch: usize,
 }
 
