@@ -1,11 +1,12 @@
 //! Times dnal's depthwise convolution on the depthwise layers of MobileNetV2-CIFAR, dense
 //! widths, batch 1 by default: the inference forward
-//! (`dnal_kernels::cpu::depthwise_forward_affine`, the 3x3 convolution with BatchNorm's affine
+//! (`dnal_kernels::cpu::depthwise_forward_affine`, the convolution with BatchNorm's affine
 //! transform and ReLU6 fused) and, with the argument `grads`, the input gradient and the
 //! weight gradient as well. Prints the median of `reps` timed runs (first argument, default
 //! 200) of each in microseconds. Further arguments choose the layers, `CxSsT` (C channels,
-//! map side S, stride T), e.g. `144x32s1 576x8s2`, and `batch=N` the batch size; `DNAL_ISA`
-//! caps the instruction set as everywhere.
+//! map side S, stride T), e.g. `144x32s1 576x8s2`, `batch=N` the batch size and `k=N` the
+//! filter side (3 by default, padding `N / 2`); `DNAL_ISA` caps the instruction set as
+//! everywhere.
 use dnal_kernels::cpu::{
     Clamp, DepthwiseGeometry, depthwise_forward_affine, depthwise_input_grad, depthwise_weight_grad,
 };
@@ -21,6 +22,10 @@ fn main() {
         .find_map(|a| a.strip_prefix("batch=")?.parse().ok())
         .unwrap_or(1);
     let grads = args.iter().any(|a| a == "grads");
+    let kernel: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("k=")?.parse().ok())
+        .unwrap_or(3);
     let mut layers: Vec<(usize, usize, usize)> = args
         .iter()
         .skip(1)
@@ -50,14 +55,16 @@ fn main() {
         let g = DepthwiseGeometry {
             channels: c,
             in_hw: [hw, hw],
-            kernel: 3,
+            kernel,
             stride,
-            padding: 1,
+            padding: kernel / 2,
         };
         let x: Vec<f32> = (0..batch * c * hw * hw)
             .map(|i| (i % 17) as f32 * 0.1 - 0.8)
             .collect();
-        let w: Vec<f32> = (0..c * 9).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+        let w: Vec<f32> = (0..c * kernel * kernel)
+            .map(|i| (i % 5) as f32 * 0.1 - 0.2)
+            .collect();
         let (scale, shift) = (vec![1.5; c], vec![0.1; c]);
         let relu6 = Clamp { lo: 0.0, hi: 6.0 };
         let [oh, ow] = g.out_hw();

@@ -75,6 +75,57 @@ unsafe fn same_vectors<const N: usize>(
     }
 }
 
+/// Adds to `dw` (`K` values) the weight gradient of one channel of a stride-1 convolution whose
+/// output is as large as its input, over `n` images: plane `i` of the input and of the output
+/// gradient starts at `i * stride` in `x` and `dy`. Read straight from the planes as
+/// [`forward_same`] reads them: each vector of 16 output-gradient values, times each tap's
+/// shifted input (lanes outside the plane masked off, reading zero), summed per tap in a
+/// register across the planes in order, then across the lanes.
+///
+/// # Safety
+/// AVX-512F must be available and `taps` must be those of the planes' map (`Taps::new`: every
+/// lane on in a tap's mask reads inside the plane, and the lanes on in a vector's lane mask
+/// are positions of the plane); the sizes are checked.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn weight_grad_same<const K: usize>(
+    x: &[f32],
+    dy: &[f32],
+    (n, stride): (usize, usize),
+    taps: &Taps,
+    dw: &mut [f32],
+) {
+    let vectors = taps.lanes.len();
+    let plane: usize = taps.lanes.iter().map(|m| m.count_ones() as usize).sum();
+    assert!(taps.taps == K && taps.offsets.len() == K && taps.masks.len() == vectors * K);
+    assert!(dw.len() == K && (n == 0 || (n - 1) * stride + plane <= x.len().min(dy.len())));
+    let mut acc = [_mm512_setzero_ps(); K];
+    let masks = taps.masks.as_ptr();
+    for i in 0..n {
+        let (src, grad) = (
+            x.as_ptr().wrapping_add(i * stride),
+            dy.as_ptr().wrapping_add(i * stride),
+        );
+        for v in 0..vectors {
+            // SAFETY: the lanes on in vector v's lane mask are positions of plane i, inside
+            // `dy` (checked above).
+            let d = unsafe { _mm512_maskz_loadu_ps(taps.lanes[v], grad.wrapping_add(v * RUN)) };
+            for (t, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the mask of vector v < vectors and tap t < K is inside `taps.masks`,
+                // and the lanes on in it read inside plane i (contract), inside `x`.
+                let xv = unsafe {
+                    let mask = *masks.add(v * K + t);
+                    let at = src.wrapping_add(v * RUN).wrapping_offset(taps.offsets[t]);
+                    _mm512_maskz_loadu_ps(mask, at)
+                };
+                *a = _mm512_fmadd_ps(d, xv, *a);
+            }
+        }
+    }
+    for (o, a) in dw.iter_mut().zip(acc) {
+        *o += _mm512_reduce_add_ps(a);
+    }
+}
+
 /// Runs of the flat outputs four at a time (four independent sums of the taps), then one
 /// at a time.
 #[target_feature(enable = "avx512f")]

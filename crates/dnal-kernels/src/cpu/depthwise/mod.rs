@@ -611,6 +611,37 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
     let mut dw = vec![0.0f32; c * kk];
     let taps = g.column_taps();
     #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == Some(Isa::Avx512)
+        && g.stride == 1
+        && g.out_hw() == g.in_hw
+        && matches!(g.kernel, 3 | 5)
+        && ip > 0
+    {
+        // Straight from the planes with the taps' masks, as the forward reads them, one sum per
+        // tap in a register (25 of AVX-512's 32 for a 5x5 filter).
+        let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
+            in_channels: 1,
+            out_channels: 1,
+            in_hw: g.in_hw,
+            kernel: g.kernel,
+            stride: 1,
+            padding: g.padding,
+        });
+        dw.par_chunks_mut(kk).enumerate().for_each(|(ch, out)| {
+            let (x, dy, planes) = (&x[ch * ip..], &dy[ch * ip..], (n, c * ip));
+            // SAFETY: the CPU has AVX-512F (`isa()`); `taps` are those of the planes' map.
+            #[allow(unsafe_code)]
+            unsafe {
+                if kk == 9 {
+                    avx512::weight_grad_same::<9>(x, dy, planes, &taps, out)
+                } else {
+                    avx512::weight_grad_same::<25>(x, dy, planes, &taps, out)
+                }
+            };
+        });
+        return dw;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::simd::isa().is_some()
         && g.stride == 1
         && g.out_hw() == g.in_hw
