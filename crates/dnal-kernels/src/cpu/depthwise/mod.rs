@@ -17,9 +17,11 @@
 //!
 //! With AVX-512 or AVX2 the backward passes keep their sums in registers as well. At stride 1
 //! with a same-size output the input gradient is the forward's convolution of the output
-//! gradient with each filter turned by 180 degrees, and the weight gradient on rows of whole
-//! 8-lane vectors sums a filter row's taps together, one output-gradient load serving them all
-//! (`avx2.rs`, on AVX-512 CPUs too). Elsewhere both go through the phase planes: a
+//! gradient with each filter turned by 180 degrees; the weight gradient reads the planes as
+//! the forward does, each output-gradient vector times every tap's masked input, one sum per
+//! tap (AVX-512, 3x3 and 5x5 filters), or on rows of whole 8-lane vectors sums a filter row's
+//! taps together, one output-gradient load serving them all (AVX2). Elsewhere both go through
+//! the phase planes: a
 //! weight-gradient tap is a dot product of the output gradient, laid out on the planes' pitch,
 //! with the run of the planes the forward reads for it, and the input gradient is the flat
 //! forward transposed (each phase plane of the gradient a stride-1 correlation of the output
