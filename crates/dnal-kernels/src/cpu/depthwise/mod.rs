@@ -99,6 +99,22 @@ impl DepthwiseGeometry {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl DepthwiseGeometry {
+    /// The direct kernels' tap masks of one plane at stride 1 (shared per process), with which
+    /// the "same" kernels read a plane straight, the lanes outside it masked off.
+    fn plane_taps(&self) -> std::sync::Arc<crate::direct::Taps> {
+        crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
+            in_channels: 1,
+            out_channels: 1,
+            in_hw: self.in_hw,
+            kernel: self.kernel,
+            stride: 1,
+            padding: self.padding,
+        })
+    }
+}
+
 /// Where one column tap of the filter applies along a row.
 #[derive(Clone, Copy, Debug)]
 struct Tap {
@@ -189,14 +205,7 @@ pub fn depthwise_forward_affine(
     {
         // Stride 1, output as large as the input: every tap reads the plane itself, shifted,
         // with the lanes outside it masked off, so there is nothing to copy first.
-        let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
-            in_channels: 1,
-            out_channels: 1,
-            in_hw: g.in_hw,
-            kernel: g.kernel,
-            stride: 1,
-            padding: g.padding,
-        });
+        let taps = g.plane_taps();
         return par_planes_zeroed(planes * op, op, |i, out| {
             let c = i % g.channels;
             let (x, w, affine) = (
@@ -621,14 +630,7 @@ pub fn depthwise_weight_grad(x: &[f32], dy: &[f32], g: &DepthwiseGeometry) -> Ve
     {
         // Straight from the planes with the taps' masks, as the forward reads them, one sum per
         // tap in a register (25 of AVX-512's 32 for a 5x5 filter).
-        let taps = crate::direct::Taps::shared(&crate::cpu::ConvGeometry {
-            in_channels: 1,
-            out_channels: 1,
-            in_hw: g.in_hw,
-            kernel: g.kernel,
-            stride: 1,
-            padding: g.padding,
-        });
+        let taps = g.plane_taps();
         dw.par_chunks_mut(kk).enumerate().for_each(|(ch, out)| {
             let (x, dy, planes) = (&x[ch * ip..], &dy[ch * ip..], (n, c * ip));
             // SAFETY: the CPU has AVX-512F (`isa()`); `taps` are those of the planes' map.
