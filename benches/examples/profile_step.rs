@@ -1,5 +1,6 @@
 //! Runs a few training steps of gated ResNet-56 (or VGG-16 / MobileNetV2-CIFAR: second argument
-//! `vgg16` / `mobilenetv2`), batch 128, for a profiler:
+//! `vgg16` / `mobilenetv2`), batch 128, or of ResNet-50 (`resnet50`: 224x224, 1000 classes,
+//! batch 64), for a profiler:
 //! `cargo build --release -p dnal-benches --example profile_step && perf record --call-graph dwarf target/release/examples/profile_step 1`.
 //! Prints the forward, backward and total time of each step; `DNAL_BURN_OPS=1` uses burn's own
 //! convolution and BatchNorm instead of dnal's, `DNAL_GATES=bypass` turns the gates off. A third
@@ -9,7 +10,9 @@
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use dnal_core::{Architecture, GateMode};
-use dnal_zoo::{CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig};
+use dnal_zoo::{
+    BottleneckResNetConfig, CifarResNetConfig, MobileNetV2Config, Network, PlainCnnConfig,
+};
 
 dnal_kernels::global_allocator!();
 
@@ -34,28 +37,48 @@ fn main() {
             .init(&device)
             .unwrap()
     };
+    let cifar = dnal_benches::cifar_batch(128, &device);
     match which.as_str() {
+        "resnet50" => {
+            assert!(!pruned, "no pruned ResNet-50 architecture is checked in");
+            let x = dnal_benches::image_batch(64, [3, 224, 224], &device);
+            let labels = (0..64i64).map(|i| (i * 37) % 1000).collect();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [64]), &device);
+            run(
+                BottleneckResNetConfig::resnet50(1000)
+                    .init(&device)
+                    .unwrap(),
+                None,
+                (x, y),
+                steps,
+                &device,
+            )
+        }
         "vgg16" => run(
             PlainCnnConfig::vgg16_cifar(10).init(&device).unwrap(),
             arch(include_str!("../architectures/vgg16-cifar10.json")),
+            cifar,
             steps,
             &device,
         ),
         "mobilenetv2" => run(
             MobileNetV2Config::cifar(10).init(&device).unwrap(),
             arch(include_str!("../architectures/mobilenetv2-cifar10.json")),
+            cifar,
             steps,
             &device,
         ),
         "resnet56" => run(
             resnet56(),
             arch(include_str!("../architectures/resnet56-cifar10.json")),
+            cifar,
             steps,
             &device,
         ),
         "resnet56-thin" => run(
             resnet56(),
             arch(include_str!("../architectures/resnet56-thin-cifar10.json")),
+            cifar,
             steps,
             &device,
         ),
@@ -63,7 +86,13 @@ fn main() {
     }
 }
 
-fn run<N: Network>(net: N, arch: Option<Architecture>, steps: usize, device: &Device) {
+fn run<N: Network>(
+    net: N,
+    arch: Option<Architecture>,
+    (x, y): (Tensor<4>, Tensor<1, Int>),
+    steps: usize,
+    device: &Device,
+) {
     let mode = match std::env::var("DNAL_GATES").as_deref() {
         Ok("bypass") => GateMode::Bypass,
         _ if arch.is_some() => GateMode::Bypass,
@@ -73,7 +102,6 @@ fn run<N: Network>(net: N, arch: Option<Architecture>, steps: usize, device: &De
         Some(arch) => net.prune(&arch).unwrap(),
         None => net,
     };
-    let (x, y) = dnal_benches::cifar_batch(128, device);
     let mut sgd = SgdConfig::new().init();
     for _ in 0..steps {
         let t = std::time::Instant::now();

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The training step of gated ResNet-56 and VGG-16 and of MobileNetV2-CIFAR (gates bypassed),
-# batch 128, in dnal and in PyTorch on the same threads, in alternating rounds that cancel this
-# kind of machine's drift: per round and network, one run of examples/profile_step per entry of
-# ISAS (the median of its last four of six steps, with DNAL_ISA set to the entry: `widest`
-# leaves it unset), then the reference script's CPU step (the median of five after two warm-up
-# steps, gates bypassed). Prints each round's milliseconds and PyTorch's time over dnal's.
+# batch 128, and of gated ResNet-50 (224x224, batch 64), in dnal and in PyTorch on the same
+# threads, in alternating rounds that cancel this kind of machine's drift: per round and
+# network, one run of examples/profile_step per entry of ISAS (the median of its last four
+# steps of six, five for ResNet-50, with DNAL_ISA set to the entry: `widest` leaves it unset),
+# then the reference script's CPU step (the median of five after two warm-up steps, of three
+# after one for ResNet-50, gates bypassed). Prints each round's milliseconds and PyTorch's time
+# over dnal's.
 #
 # cargo build --release -p dnal-benches --examples
-# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|vgg16|mobilenetv2...]
+# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|vgg16|mobilenetv2|resnet50...]
 set -euo pipefail
 rounds="${1:-3}"
 shift || true
@@ -20,17 +22,18 @@ reference="$(dirname "$0")/../reference/pytorch_gpu_steps.py"
 
 # The median of the last four steps profile_step prints ("forward .. backward .. total T").
 dnal_ms() {
-    local isa="$1" net="$2" gates=search arg=""
+    local isa="$1" net="$2" gates=search arg="" steps=6
     case "$net" in
         resnet56) ;;
         vgg16) arg=vgg16 ;;
         mobilenetv2) gates=bypass arg=mobilenetv2 ;;
-        *) echo "network must be resnet56, vgg16 or mobilenetv2, not '$net'" >&2; exit 2 ;;
+        resnet50) arg=resnet50 steps=5 ;;
+        *) echo "network must be resnet56, vgg16, mobilenetv2 or resnet50, not '$net'" >&2; exit 2 ;;
     esac
     if [ "$isa" = widest ]; then
-        DNAL_GATES="$gates" "$step_bin" 6 $arg
+        DNAL_GATES="$gates" "$step_bin" "$steps" $arg
     else
-        DNAL_ISA="$isa" DNAL_GATES="$gates" "$step_bin" 6 $arg
+        DNAL_ISA="$isa" DNAL_GATES="$gates" "$step_bin" "$steps" $arg
     fi | grep '^forward' | tail -n 4 | awk '{
         v = $6
         if (v ~ /ms$/) { sub("ms", "", v) } else { sub("s", "", v); v *= 1000 }
@@ -38,7 +41,9 @@ dnal_ms() {
 }
 
 torch_ms() {
-    "$python" "$reference" --device cpu --steps 5 --warmup 2 --only "$1-cifar" | tail -n 1 |
+    local only="$1-cifar" steps=5 warmup=2
+    if [ "$1" = resnet50 ]; then only=resnet50-imagenet steps=3 warmup=1; fi
+    "$python" "$reference" --device cpu --steps "$steps" --warmup "$warmup" --only "$only" | tail -n 1 |
         "$python" -c 'import json, sys; print("%.0f" % json.loads(sys.stdin.read())["median_ms"])'
 }
 

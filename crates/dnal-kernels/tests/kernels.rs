@@ -101,6 +101,9 @@ fn conv_matches_burn_in_value_and_gradient() {
 fn conv_matches_burn_on_a_larger_batch() {
     conv_case([9, 16, 32, 32], 8, 3, 1, 1);
     conv_case([9, 16, 32, 32], 32, 3, 2, 1);
+    // A 1x1 convolution on 2^16 input values per image, whose batch goes to `gemm` with each
+    // image as its own column matrix (forward, input and weight gradients).
+    conv_case([3, 64, 32, 32], 8, 1, 1, 0);
 }
 
 /// Shapes that take the direct kernels where the CPU has AVX2 or AVX-512 (stride 1, "same"

@@ -95,6 +95,12 @@ impl ConvGeometry {
         h * w
     }
 
+    /// Whether the column matrix of one image is the image itself (`[in_channels, positions]`
+    /// row-major): a 1x1 convolution with stride 1 and no padding, which needs no im2col.
+    pub fn columns_are_input(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
     /// Values in one input image.
     pub fn image(&self) -> usize {
         self.in_channels * self.in_hw[0] * self.in_hw[1]

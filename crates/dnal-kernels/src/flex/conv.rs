@@ -221,6 +221,8 @@ pub(crate) fn conv_forward_slices<T: Send + Sync + 'static>(
         // One image whose product `gemm` splits: its gather is split too.
         let gathered;
         let cols = match table.as_deref() {
+            // One image of a 1x1 convolution: its columns are the image.
+            _ if count == 1 && g.columns_are_input() => images,
             Some(table) if parallel && count == 1 => {
                 gathered = table.gather_image(images, g);
                 &gathered
@@ -312,13 +314,14 @@ pub(super) fn conv_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeometry) -> Vec<f
         let mut s = Scratch::default();
         let mut dw = vec![0.0f32; co * p];
         for (n, &(first, count)) in run.iter().enumerate() {
-            columns_into(
-                &x[first * g.image()..][..count * g.image()],
-                g,
-                table.as_deref(),
-                &mut s.cols,
-            );
-            let cols_t = MatRef::row_major(&s.cols, p, count * l).t();
+            let images = &x[first * g.image()..][..count * g.image()];
+            let cols = if count == 1 && g.columns_are_input() {
+                images
+            } else {
+                columns_into(images, g, table.as_deref(), &mut s.cols);
+                &s.cols
+            };
+            let cols_t = MatRef::row_major(cols, p, count * l).t();
             let dy_group = &dy[first * co * l..][..count * co * l];
             let dy_group = if count == 1 {
                 MatRef::row_major(dy_group, co, l)
