@@ -547,14 +547,7 @@ fn conv_bn_residual(
     }
     let (a, b) = affine(bn, factor);
     let y = conv_forward(conv, x);
-    match residual {
-        Residual::None => batch_norm_affine(bn, a, b, act, y, None),
-        Residual::Whole(r) => batch_norm_affine(bn, a, b, act, y, Some(r)),
-        Residual::Into(s, pos) => {
-            let y = batch_norm_affine(bn, a, b, Activation::Identity, y, None);
-            act.apply(channels::add_into(s, pos, y))
-        }
-    }
+    batch_norm_affine(bn, a, b, act, y, residual)
 }
 
 /// `(scale, shift)` of BatchNorm's inference transform with `factor` folded in, the running
@@ -603,7 +596,7 @@ pub fn batch_norm(
     x: Tensor<4>,
 ) -> Tensor<4> {
     let (a, b) = affine(bn, factor);
-    batch_norm_affine(bn, a, b, act, x, None)
+    batch_norm_affine(bn, a, b, act, x, Residual::None)
 }
 
 /// BatchNorm's affine transform with the factor folded in: `(gamma * g, beta * g)`.
@@ -638,7 +631,7 @@ fn batch_norm_affine(
     b: Tensor<1>,
     act: Activation,
     x: Tensor<4>,
-    residual: Option<Tensor<4>>,
+    residual: Residual,
 ) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training {
@@ -646,8 +639,9 @@ fn batch_norm_affine(
         let [_, c, _, _] = x.dims();
         let y = x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
         return act.apply(match residual {
-            Some(r) => y + r,
-            None => y,
+            Residual::None => y,
+            Residual::Whole(r) => y + r,
+            Residual::Into(s, pos) => channels::add_into(s, pos, y),
         });
     }
     let device = x.device();
@@ -760,7 +754,7 @@ pub fn batch_norm_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, None, None).statistics()
+    batch_norm_train_residual(x, a, b, epsilon, act, Residual::None, None).statistics()
 }
 
 /// A flex BatchNorm extension's output as tensors (the running statistics left to move).
@@ -787,7 +781,7 @@ pub fn batch_norm_add_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, Some(residual), None).statistics()
+    batch_norm_train_residual(x, a, b, epsilon, act, Residual::Whole(residual), None).statistics()
 }
 
 /// BatchNorm in training with the batch's statistics; `running` comes back in
@@ -799,22 +793,24 @@ fn batch_norm_train_residual(
     b: Tensor<1>,
     epsilon: f64,
     act: Activation,
-    residual: Option<Tensor<4>>,
+    residual: Residual,
     running: Option<Running>,
 ) -> Trained {
     #[cfg(feature = "flex")]
     if takes_fast_path(&x)
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
-        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+        && residual.tensor().is_none_or(|r| r.dtype() == DType::F32)
     {
         use burn::backend::Dispatch;
         use flex::DnalKernels;
         let Clamp { lo, hi } = act.clamp();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
         let out = match residual {
-            None => <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi),
-            Some(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
+            Residual::None => {
+                <Dispatch as DnalKernels>::dnal_batch_norm_train(x, a, b, epsilon, lo, hi)
+            }
+            Residual::Whole(r) => <Dispatch as DnalKernels>::dnal_batch_norm_add_train(
                 x,
                 a,
                 b,
@@ -823,9 +819,39 @@ fn batch_norm_train_residual(
                 lo,
                 hi,
             ),
+            Residual::Into(s, pos) => <Dispatch as DnalKernels>::dnal_batch_norm_add_into_train(
+                x,
+                a,
+                b,
+                s.into_dispatch(),
+                pos.to_vec(),
+                epsilon,
+                lo,
+                hi,
+            ),
         };
         return norm_tensors(out, running);
     }
+    // Elsewhere a stream is added into after BatchNorm, with tensor operations.
+    let residual = match residual {
+        Residual::None => None,
+        Residual::Whole(r) => Some(r),
+        Residual::Into(s, pos) => {
+            let t = batch_norm_train_residual(
+                x,
+                a,
+                b,
+                epsilon,
+                Activation::Identity,
+                Residual::None,
+                running,
+            );
+            return Trained {
+                output: act.apply(channels::add_into(s, pos, t.output)),
+                ..t
+            };
+        }
+    };
     #[cfg(feature = "cube")]
     if takes_cube_path(&x)
         && a.dtype() == DType::F32

@@ -634,8 +634,9 @@ fn conv_bn_add_matches_burn_then_the_shortcut_then_relu() {
 
 /// A pruned residual block's last unit added into some channels of a wider stream,
 /// `act(stream + scatter(gate(bn(conv(x)))))`, against burn's operations one by one (an index
-/// add): in inference on flex (the fused pass) and in training (values and the gradients of the
-/// input, the stream and gamma), for a run of channels, scattered channels and the whole stream.
+/// add): in inference on flex (the fused pass) and in training (values, the gradients of the
+/// input, the stream, gamma, beta and the gate, and the running statistics; ReLU, ReLU6 and no
+/// clamp), for a run of channels, scattered channels and the whole stream.
 #[test]
 fn conv_bn_add_into_matches_burn_then_the_index_add_then_relu() {
     let (ci, width, hw) = (3, 8, 8);
@@ -713,55 +714,65 @@ fn conv_bn_add_into_matches_burn_then_the_index_add_then_relu() {
                 );
             }
         }
-        // Training.
+        // Training: values, the gradients of the input, the stream, gamma, beta and the gate,
+        // and the running statistics, for each clamp, at 8x8 and on a batch of 16x16 maps
+        // large enough for the passes to run in parallel.
         let device = train_device();
         let conv_train = conv(&device);
-        let x = input([4, ci, hw, hw], 43, &device);
-        let stream = input([4, width, hw, hw], 44, &device);
-        let probe = input([4, width, hw, hw], 45, &device);
-        let run = |fused: bool| {
-            let bn = BatchNormConfig::new(k).init(&device);
-            let g = gate(k, GateMode::Search, &device);
-            let (x, s) = (
-                x.clone().detach().require_grad(),
-                stream.clone().detach().require_grad(),
-            );
-            let y = if fused {
-                let f = g.factor();
-                dnal_kernels::conv_bn_add_into(
-                    &conv_train,
-                    &bn,
-                    f,
-                    Activation::Relu,
-                    x.clone(),
-                    s.clone(),
-                    &pos,
-                )
-            } else {
-                reference(
-                    &conv_train,
-                    &bn,
-                    &g,
-                    Activation::Relu,
-                    x.clone(),
-                    s.clone(),
-                    &pos,
+        for (batch, side, act) in [
+            (4, hw, Activation::Relu),
+            (4, hw, Activation::Relu6),
+            (4, hw, Activation::Identity),
+            (9, 2 * hw, Activation::Relu),
+        ] {
+            let x = input([batch, ci, side, side], 43, &device);
+            let stream = input([batch, width, side, side], 44, &device) * 2.0;
+            let probe = input([batch, width, side, side], 45, &device);
+            let run = |fused: bool| {
+                let bn = BatchNormConfig::new(k).init(&device);
+                let g = gate(k, GateMode::Search, &device);
+                let (x, s) = (
+                    x.clone().detach().require_grad(),
+                    stream.clone().detach().require_grad(),
+                );
+                let y = if fused {
+                    let f = g.factor();
+                    dnal_kernels::conv_bn_add_into(
+                        &conv_train,
+                        &bn,
+                        f,
+                        act,
+                        x.clone(),
+                        s.clone(),
+                        &pos,
+                    )
+                } else {
+                    reference(&conv_train, &bn, &g, act, x.clone(), s.clone(), &pos)
+                };
+                let grads = (y.clone() * probe.clone()).sum().backward();
+                (
+                    y.inner(),
+                    x.grad(&grads).unwrap(),
+                    s.grad(&grads).unwrap(),
+                    bn.gamma.grad(&grads).unwrap(),
+                    bn.beta.grad(&grads).unwrap(),
+                    g.alpha.grad(&grads).unwrap(),
+                    bn.running_mean.value_sync().inner(),
+                    bn.running_var.value_sync().inner(),
                 )
             };
-            let grads = (y.clone() * probe.clone()).sum().backward();
-            (
-                y.inner(),
-                x.grad(&grads).unwrap(),
-                s.grad(&grads).unwrap(),
-                bn.gamma.grad(&grads).unwrap(),
-            )
-        };
-        let (f, b) = (run(true), run(false));
-        let what = format!("conv-bn-add-into train {pos:?}");
-        assert_close(&format!("{what} output"), f.0, b.0, 1e-4);
-        assert_close(&format!("{what} input grad"), f.1, b.1, 1e-3);
-        assert_close(&format!("{what} stream grad"), f.2, b.2, 1e-5);
-        assert_close(&format!("{what} gamma grad"), f.3, b.3, 1e-4);
+            let (f, b) = (run(true), run(false));
+            let what =
+                format!("conv-bn-add-into train {pos:?} batch {batch} {side}x{side} {act:?}");
+            assert_close(&format!("{what} output"), f.0, b.0, 1e-4);
+            assert_close(&format!("{what} input grad"), f.1, b.1, 1e-3);
+            assert_close(&format!("{what} stream grad"), f.2, b.2, 1e-5);
+            assert_close(&format!("{what} gamma grad"), f.3, b.3, 1e-4);
+            assert_close(&format!("{what} beta grad"), f.4, b.4, 1e-4);
+            assert_close(&format!("{what} alpha grad"), f.5, b.5, 1e-4);
+            assert_close(&format!("{what} running mean"), f.6, b.6, 1e-5);
+            assert_close(&format!("{what} running var"), f.7, b.7, 1e-5);
+        }
     }
 }
 

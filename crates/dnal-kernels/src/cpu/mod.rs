@@ -19,9 +19,10 @@ pub use depthwise::{
     DepthwiseGeometry, depthwise_forward_affine, depthwise_input_grad, depthwise_weight_grad,
 };
 pub use norm::{
-    batch_norm_grad_sums, batch_norm_input_grad, channel_stats, normalize, through_clamp_grad_sums,
+    batch_norm_grad_sums, batch_norm_input_grad, channel_stats, normalize, through_clamp,
+    through_clamp_grad_sums,
 };
 pub use pool::{
     global_avg_pool_values, max_pool_values, max_pool2x2, max_pool2x2_backward, max_pool2x2_values,
 };
-pub use stream::{StreamSources, add_into_channels, select_channels};
+pub use stream::{StreamSources, add_into_channels, normalize_into_channels, select_channels};

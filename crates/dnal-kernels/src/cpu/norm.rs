@@ -187,6 +187,19 @@ pub fn through_clamp_grad_sums(
     (g, sum_dy, sum_dy_xhat)
 }
 
+/// `dy` passed back through `clamp` given its output `y` (zero where the clamp cut), as a new
+/// vector.
+pub fn through_clamp(dy: &[f32], y: &[f32], l: usize, clamp: Clamp) -> Vec<f32> {
+    let l = l.max(1);
+    par_planes(dy.len(), l, |plane| {
+        let at = plane * l..((plane + 1) * l).min(dy.len());
+        dy[at.clone()]
+            .iter()
+            .zip(&y[at])
+            .map(move |(&g, &y)| through(g, y, clamp))
+    })
+}
+
 /// Sums per channel of `dy` and of `dy * xhat` (`xhat = (x - mean) * inv_std`), in f64, with
 /// `dy` first passed back through `clamp`.
 pub fn batch_norm_grad_sums(

@@ -1,10 +1,11 @@
 //! A residual stream's channel passes on `f32` slices in NCHW order: a unit's output added
 //! into some of the stream's channels with the activation applied to the whole stream
-//! ([`add_into_channels`]), and a stream's channels picked, moved or zero-filled, optionally
+//! ([`add_into_channels`]; in training from BatchNorm's input, [`normalize_into_channels`]),
+//! and a stream's channels picked, moved or zero-filled, optionally
 //! subsampled ([`select_channels`]: widening a stream into the next stage's, a shortcut).
 
 use super::clamp::Clamp;
-use crate::planes::{each_plane_mut, par_planes_zeroed};
+use crate::planes::{each_plane_mut, par_planes, par_planes_zeroed};
 use crate::simd::widest_simd;
 
 /// For each channel of a stream, the unit output channel added into it, if any.
@@ -74,6 +75,46 @@ pub fn add_into_channels(
             }),
         }
     });
+}
+
+/// `clamp(stream + scatter(x * scale + shift))` as a new tensor shaped like `stream`
+/// (`[N, C, L]`, `[C, L]` given): BatchNorm's output of `x` (`[N, k, L]`, its affine transform
+/// per channel of `x`) added into the stream's channels as `sources` says, every channel of
+/// the sum then clamped. The values are those of the normalisation, the add and the clamp as
+/// separate passes (`x * scale + shift` rounded first, then added), in one pass over the
+/// stream.
+pub fn normalize_into_channels(
+    stream: &[f32],
+    [c, l]: [usize; 2],
+    x: &[f32],
+    (scale, shift): (&[f32], &[f32]),
+    sources: &StreamSources,
+    clamp: Clamp,
+) -> Vec<f32> {
+    assert_eq!(sources.width(), c, "one source entry per stream channel");
+    let k = sources.outputs();
+    assert_eq!(
+        x.len() * c,
+        stream.len() * k,
+        "one input channel per stream channel it is added into"
+    );
+    let l = l.max(1);
+    par_planes(stream.len(), l, |i| {
+        let (image, ch) = (i / c, i % c);
+        let s = &stream[i * l..][..l];
+        // A plane no channel goes into reads itself as the (unused) input.
+        let (xs, m, b, add) = match sources.0[ch] {
+            Some(r) => (&x[(image * k + r) * l..][..l], scale[r], shift[r], true),
+            None => (s, 0.0, 0.0, false),
+        };
+        s.iter().zip(xs).map(move |(&s, &xv)| {
+            if add {
+                clamp.apply(s + (xv * m + b))
+            } else {
+                clamp.apply(s)
+            }
+        })
+    })
 }
 
 /// `x` (`[N, C, H, W]`, `[C, H, W]` given) as `[N, sources.len(), OH, OW]`: output channel

@@ -3,7 +3,7 @@
 
 use super::conv::{conv_backward, conv_forward, geometry};
 use super::forward::max_pool_forward;
-use super::norm::{NormState, norm_forward, norm_grads};
+use super::norm::{NormState, norm_forward, norm_forward_into, norm_grads, norm_grads_into};
 use super::{Affine, DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, tensor};
 use crate::cpu::{self, Clamp, ConvGeometry, DepthwiseGeometry};
 use burn::backend::TensorMetadata;
@@ -92,6 +92,27 @@ impl Backward<Flex, 4> for NormAddBackward {
         let (dx, da, db, g) = norm_grads(state, grad, node_x.is_some(), Some(y));
         let ids = [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id));
         register(grads, ids, [dx, Some(da), Some(db), Some(g)]);
+    }
+}
+
+/// BatchNorm added into some channels of a residual stream, then the clamp: the stream's
+/// gradient is the clamp's input gradient, BatchNorm's output gradient that at its channels.
+#[derive(Debug)]
+struct NormIntoBackward;
+
+impl Backward<Flex, 4> for NormIntoBackward {
+    /// BatchNorm's state (its clamp the identity), the output, the stream channels BatchNorm's
+    /// output went into and the clamp after the add.
+    type State = (NormState, FlexTensor, Vec<usize>, Clamp);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b, node_s] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (state, y, channels, clamp) = ops.state;
+        let (dx, da, db, ds) =
+            norm_grads_into(state, grad, node_x.is_some(), (y, &channels, clamp));
+        let ids = [node_x, node_a, node_b, node_s].map(|n| n.map(|n| n.id));
+        register(grads, ids, [dx, Some(da), Some(db), Some(ds)]);
     }
 }
 
@@ -332,6 +353,51 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => {
                 let (x, a, b) = (x.primitive(), a.primitive(), b.primitive());
                 let out = norm_forward(x, (a, b), Some(residual.primitive()), epsilon, clamp);
+                norm_output::<C>(prep.finish(out.output.clone()), out)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_batch_norm_add_into_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        channels: Vec<usize>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self> {
+        let clamp = Clamp { lo, hi };
+        match NormIntoBackward
+            .prepare::<C>([x.node(), a.node(), b.node(), stream.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+                let s = stream.into_primitive();
+                let out = norm_forward_into(&x, (&a, &b), &s, &channels, epsilon, clamp);
+                let state = (
+                    x,
+                    a,
+                    b,
+                    out.mean.clone(),
+                    out.variance.clone(),
+                    epsilon,
+                    Clamp::NONE,
+                );
+                let output = prep.finish(
+                    (state, out.output.clone(), channels, clamp),
+                    out.output.clone(),
+                );
+                norm_output::<C>(output, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x, a, b) = (x.primitive(), a.primitive(), b.primitive());
+                let s = stream.primitive();
+                let out = norm_forward_into(x, (a, b), s, &channels, epsilon, clamp);
                 norm_output::<C>(prep.finish(out.output.clone()), out)
             }
         }

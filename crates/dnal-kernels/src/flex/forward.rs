@@ -2,7 +2,7 @@
 //! autodiff operation).
 
 use super::conv::{conv_affine, conv_affine_add_into, conv_forward};
-use super::norm::norm_forward;
+use super::norm::{norm_forward, norm_forward_into};
 use super::{Affine, DnalKernels, NormOutput, f32s, tensor};
 use crate::cpu::{self, Clamp};
 use burn::backend::Flex;
@@ -141,6 +141,20 @@ impl DnalKernels for Flex {
         hi: f32,
     ) -> NormOutput<Flex> {
         norm_forward(&x, (&a, &b), Some(&residual), epsilon, Clamp { lo, hi })
+    }
+
+    fn dnal_batch_norm_add_into_train(
+        x: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        stream: FlexTensor,
+        channels: Vec<usize>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Flex> {
+        let clamp = Clamp { lo, hi };
+        norm_forward_into(&x, (&a, &b), &stream, &channels, epsilon, clamp)
     }
 }
 

@@ -111,6 +111,23 @@ pub trait DnalKernels: burn::backend::Backend {
         hi: f32,
     ) -> NormOutput<Self>;
 
+    /// [`dnal_batch_norm_train`](Self::dnal_batch_norm_train) added into the channels
+    /// `channels` of `stream` (`[N, C, H, W]`, `C` at least `x`'s channels: a residual stream
+    /// a pruned block writes part of), then every channel of the sum clamped to `[lo, hi]`:
+    /// `clamp(stream + scatter(bn(x)))`, shaped like the stream, in one pass over it (and one
+    /// backward pass over it for the stream's gradient when there is a clamp).
+    #[allow(clippy::too_many_arguments)]
+    fn dnal_batch_norm_add_into_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        channels: Vec<usize>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormOutput<Self>;
+
     /// Depthwise convolution without bias (f32, `weight` `[C, 1, k, k]`, one group per channel,
     /// square kernel, no dilation), plane by plane, forward and backward.
     fn dnal_depthwise_conv2d(

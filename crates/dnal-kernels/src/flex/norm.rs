@@ -1,5 +1,6 @@
 //! BatchNorm in training on flex tensors: the forward pass with the activation and a residual
-//! fused, and the gradients of its backward passes.
+//! (shaped like the output, or a stream it is added into) fused, and the gradients of its
+//! backward passes.
 
 use super::{NormOutput, f32s, per_channel, tensor, vec_of};
 use crate::cpu::{self, Clamp};
@@ -33,6 +34,68 @@ pub(super) fn norm_forward(
         mean: tensor(mean, &[c]),
         variance: tensor(var, &[c]),
     }
+}
+
+/// [`norm_forward`] whose output is added into the channels `channels` of `stream`
+/// (`[N, C, H, W]`, a residual stream a pruned block writes part of), every channel of the sum
+/// then clamped: the output is shaped like the stream, the statistics are `x`'s.
+pub(super) fn norm_forward_into(
+    x: &FlexTensor,
+    (a, b): (&FlexTensor, &FlexTensor),
+    stream: &FlexTensor,
+    channels: &[usize],
+    epsilon: f64,
+    clamp: Clamp,
+) -> NormOutput<Flex> {
+    let x = f32s(x);
+    let (c, l) = per_channel(&x);
+    let xv = x.storage::<f32>();
+    let (mean, var) = cpu::channel_stats(xv, c, l);
+    let (scale, shift) = norm_affine(&vec_of(a), &vec_of(b), &mean, &var, epsilon);
+    let stream = f32s(stream);
+    let (width, stream_l) = per_channel(&stream);
+    assert_eq!(stream_l, l, "a stream with BatchNorm's input's maps");
+    let sources = cpu::StreamSources::new(channels, width);
+    let y = cpu::normalize_into_channels(
+        stream.storage::<f32>(),
+        [width, l],
+        xv,
+        (&scale, &shift),
+        &sources,
+        clamp,
+    );
+    NormOutput {
+        output: tensor(y, stream.layout().shape()),
+        mean: tensor(mean, &[c]),
+        variance: tensor(var, &[c]),
+    }
+}
+
+/// The gradients of [`norm_forward_into`] for the output gradient `grad`: `(dx, da, db,
+/// dstream)`, `dx` only when asked for. The stream's gradient is `grad` passed back through
+/// the clamp (given the output `y`); BatchNorm's output gradient is that at `channels`.
+/// `state`'s clamp is the identity (the clamp came after the add).
+pub(super) fn norm_grads_into(
+    state: NormState,
+    grad: FlexTensor,
+    want_x: bool,
+    (y, channels, clamp): (FlexTensor, &[usize], Clamp),
+) -> (Option<FlexTensor>, FlexTensor, FlexTensor, FlexTensor) {
+    let grad = f32s(&grad);
+    let shape = grad.layout().shape().to_vec();
+    let [_, width, h, w]: [usize; 4] = shape[..].try_into().expect("a stream [N, C, H, W]");
+    let through = if clamp.is_none() {
+        grad
+    } else {
+        let y = f32s(&y);
+        let g = cpu::through_clamp(grad.storage::<f32>(), y.storage::<f32>(), h * w, clamp);
+        tensor(g, &shape)
+    };
+    let sources: Vec<Option<usize>> = channels.iter().map(|&c| Some(c)).collect();
+    let g = cpu::select_channels(through.storage::<f32>(), [width, h, w], &sources, 1);
+    let g = tensor(g, &state.0.layout().shape()[..]);
+    let (dx, da, db, _) = norm_grads(state, g, want_x, None);
+    (dx, da, db, through)
 }
 
 /// BatchNorm's per-channel `(scale, shift)`: `y = x * scale + shift`, `scale = a * inv_std`,
