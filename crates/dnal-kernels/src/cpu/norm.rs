@@ -67,8 +67,11 @@ fn channel_total(planes: &[(f32, f32)], channels: usize, c: usize) -> (f64, f64)
 const SUM_LANES: usize = 16;
 
 /// `(sum f(x, g, y).0, sum f(x, g, y).1)` over the elements of three equal-length slices, in
-/// [`SUM_LANES`] partial sums (pass a slice twice where fewer are needed).
-#[inline]
+/// [`SUM_LANES`] partial sums (pass a slice twice where fewer are needed). Always inlined, so
+/// that it compiles for the instruction set of the `widest_simd!` context that calls it (left
+/// to the compiler, it stayed a function of its own in baseline SSE2, four lanes at a time;
+/// the passes are bound by memory, and the steps measured no faster with AVX-512 here).
+#[inline(always)]
 fn lane_sums(
     xs: &[f32],
     gs: &[f32],
