@@ -7,7 +7,7 @@ mod common;
 
 use burn::nn::BatchNormConfig;
 use burn::prelude::*;
-use common::input;
+use common::{input, noise, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
 use dnal_kernels::Activation;
 
@@ -38,8 +38,12 @@ fn conv_bn_add_into_trains_on_burn_operations_as_the_index_add_does() {
     for act in [Activation::Relu, Activation::Identity] {
         let run = |unit: bool| {
             let bn = BatchNormConfig::new(k).init(&device);
-            let gate = ChannelGateConfig::new(k).init(&device);
-            let gate = gate.with_mode(GateMode::Search).with_temperature(3.0);
+            let mut gate = ChannelGateConfig::new(k)
+                .init(&device)
+                .with_mode(GateMode::Search)
+                .with_temperature(3.0);
+            let alpha = vec1(noise(k, 9, -1.0, 1.0), &device);
+            gate.alpha = gate.alpha.map(|_| alpha.set_require_grad(true));
             let (x, s) = (
                 x.clone().detach().require_grad(),
                 stream.clone().detach().require_grad(),
