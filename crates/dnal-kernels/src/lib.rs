@@ -442,9 +442,10 @@ pub fn conv_bn_add(
 /// `act(stream + scatter(batch_norm(bn, factor, conv(x))))`: the last unit of a pruned residual
 /// block, whose output channels are added into the channels `pos` of the residual stream
 /// (`[N, C, H, W]`, [`channels::add_into`]), every channel of the sum then going through the
-/// activation. [`conv_bn_add`] when `pos` is the whole stream in order; in inference on flex,
-/// the convolution as in [`conv_bn`] and then one pass over the stream, instead of the slices,
-/// concatenation or index add and the activation's pass.
+/// activation. [`conv_bn_add`] when `pos` is the whole stream in order; on flex, instead of the
+/// slices, concatenation or index add and the activation's pass, in inference the convolution
+/// as in [`conv_bn`] and then one pass over the stream, in training BatchNorm, the add and the
+/// activation in one pass over the stream (and their gradients in BatchNorm's backward).
 pub fn conv_bn_add_into(
     conv: &Conv2d,
     bn: &BatchNorm,
