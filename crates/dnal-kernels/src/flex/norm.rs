@@ -24,8 +24,7 @@ pub(super) fn norm_forward(
     let x = f32s(x);
     let (c, l) = per_channel(&x);
     let xv = x.storage::<f32>();
-    let (mean, var) = cpu::channel_stats(xv, c, l);
-    let (scale, shift) = norm_affine(&vec_of(a), &vec_of(b), &mean, &var, epsilon);
+    let ((mean, var), (scale, shift)) = batch_affine(xv, (c, l), (a, b), epsilon);
     let residual = residual.map(f32s);
     let res = residual.as_ref().map(|t| t.storage::<f32>());
     let y = cpu::normalize(xv, c, l, (&scale, &shift), res, clamp);
@@ -50,8 +49,7 @@ pub(super) fn norm_forward_into(
     let x = f32s(x);
     let (c, l) = per_channel(&x);
     let xv = x.storage::<f32>();
-    let (mean, var) = cpu::channel_stats(xv, c, l);
-    let (scale, shift) = norm_affine(&vec_of(a), &vec_of(b), &mean, &var, epsilon);
+    let ((mean, var), (scale, shift)) = batch_affine(xv, (c, l), (a, b), epsilon);
     let stream = f32s(stream);
     let (width, stream_l) = per_channel(&stream);
     assert_eq!(stream_l, l, "a stream with BatchNorm's input's maps");
@@ -96,6 +94,22 @@ pub(super) fn norm_grads_into(
     let g = tensor(g, &state.0.layout().shape()[..]);
     let (dx, da, db, _) = norm_grads(state, g, want_x, None);
     (dx, da, db, through)
+}
+
+/// Per-channel pairs: `(mean, variance)` or `(scale, shift)`.
+type PerChannel = (Vec<f32>, Vec<f32>);
+
+/// The batch's `(mean, variance)` per channel of `xv` (`[N, C, L]`, `(C, L)` given) and
+/// BatchNorm's `(scale, shift)` from them and the affine parameters `a`, `b`.
+fn batch_affine(
+    xv: &[f32],
+    (c, l): (usize, usize),
+    (a, b): (&FlexTensor, &FlexTensor),
+    epsilon: f64,
+) -> (PerChannel, PerChannel) {
+    let (mean, var) = cpu::channel_stats(xv, c, l);
+    let affine = norm_affine(&vec_of(a), &vec_of(b), &mean, &var, epsilon);
+    ((mean, var), affine)
 }
 
 /// BatchNorm's per-channel `(scale, shift)`: `y = x * scale + shift`, `scale = a * inv_std`,
