@@ -56,6 +56,47 @@ pub fn add_into(into: Tensor<4>, pos: &[usize], values: Tensor<4>) -> Tensor<4> 
     )
 }
 
+/// `x` (`[N, C, H, W]`) with its channels rearranged: output channel `o` is `x`'s channel
+/// `sources[o]`, zeros where that is `None` (a stream widened, a unit's channels placed in a
+/// stream, a stream's channels read). Each channel of `x` is picked once at most. On flex one
+/// pass of plane copies each way (dnal's operation; burn's `select` and index add move values
+/// one by one, and their backward passes too); elsewhere burn's `select`, and an index add into
+/// zeros where some sources are `None`.
+pub fn select(x: Tensor<4>, sources: &[Option<usize>]) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let mut picked = vec![false; c];
+    for &s in sources.iter().flatten() {
+        assert!(
+            s < c && !std::mem::replace(&mut picked[s], true),
+            "each channel of the input picked once at most"
+        );
+    }
+    #[cfg(feature = "flex")]
+    if crate::takes_fast_path(&x) {
+        use crate::flex::DnalKernels;
+        use burn::backend::Dispatch;
+        let out =
+            <Dispatch as DnalKernels>::dnal_select_channels(x.into_dispatch(), sources.to_vec());
+        return Tensor::from_dispatch(out);
+    }
+    let device = x.device();
+    let (from, to): (Vec<usize>, Vec<usize>) = sources
+        .iter()
+        .enumerate()
+        .filter_map(|(o, s)| s.map(|s| (s, o)))
+        .unzip();
+    let values = x.select(1, indices(&from, &device));
+    if to.len() == sources.len() {
+        return values;
+    }
+    Tensor::zeros([n, sources.len(), h, w], &device).select_assign(
+        1,
+        indices(&to, &device),
+        values,
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,13 @@
 //! With dnal's own operations turned off (`set_enabled(false)`, process-wide: this file is its
 //! own test process), the units fall back to burn's operations, as they do on the backends
 //! dnal's kernels do not cover. A pruned block's last unit added into some channels of a
-//! stream must still train as the operations one by one do.
+//! stream, and a selection of channels, must still train as the operations one by one do.
 
 mod common;
 
 use burn::nn::BatchNormConfig;
 use burn::prelude::*;
-use common::{input, noise, vec1};
+use common::{input, noise, picked_by_slices, selections, value_and_grad, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
 use dnal_kernels::Activation;
 
@@ -78,5 +78,19 @@ fn conv_bn_add_into_trains_on_burn_operations_as_the_index_add_does() {
         ] {
             assert!(d <= 1e-4, "{act:?} {what}: max abs difference {d}");
         }
+    }
+}
+
+#[test]
+fn channel_selection_on_burn_operations_matches_slices() {
+    dnal_kernels::set_enabled(false);
+    let device = Device::flex().autodiff();
+    for sources in &selections() {
+        let x = input([2, 6, 4, 4], 71, &device);
+        let probe = input([2, sources.len(), 4, 4], 72, &device);
+        let (y, dx) = value_and_grad(&x, &probe, |x| dnal_kernels::channels::select(x, sources));
+        let (ry, rdx) = value_and_grad(&x, &probe, |x| picked_by_slices(x, sources));
+        assert_eq!(max_difference(y, ry), 0.0, "{sources:?}");
+        assert_eq!(max_difference(dx, rdx), 0.0, "{sources:?} input grad");
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use burn::nn::BatchNormConfig;
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
-use common::{input, noise, vec1};
+use common::{input, noise, picked_by_slices, selections, value_and_grad, vec1};
 use dnal_core::{ChannelGateConfig, GateMode};
 use dnal_kernels::cpu::Clamp;
 use dnal_kernels::{Activation, cpu};
@@ -773,6 +773,25 @@ fn conv_bn_add_into_matches_burn_then_the_index_add_then_relu() {
             assert_close(&format!("{what} running mean"), f.6, b.6, 1e-5);
             assert_close(&format!("{what} running var"), f.7, b.7, 1e-5);
         }
+    }
+}
+
+/// Channels picked, moved and zero-filled (`channels::select`, dnal's operation on flex)
+/// against one-channel slices and a concatenation, exactly: values in inference and training
+/// and the input's gradient, on planes the passes split over the threads.
+#[test]
+fn channel_selection_matches_slices_exactly() {
+    for sources in &selections() {
+        let x = input([4, 6, 32, 32], 61, &Device::flex());
+        let picked = dnal_kernels::channels::select(x.clone(), sources);
+        assert_close("select eval", picked, picked_by_slices(x, sources), 0.0);
+        let device = train_device();
+        let x = input([4, 6, 32, 32], 61, &device);
+        let probe = input([4, sources.len(), 32, 32], 62, &device);
+        let (y, dx) = value_and_grad(&x, &probe, |x| dnal_kernels::channels::select(x, sources));
+        let (ry, rdx) = value_and_grad(&x, &probe, |x| picked_by_slices(x, sources));
+        assert_close(&format!("select {sources:?}"), y, ry, 0.0);
+        assert_close(&format!("select {sources:?} input grad"), dx, rdx, 0.0);
     }
 }
 

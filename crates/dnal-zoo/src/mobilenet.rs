@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
 use crate::graph::{Graph, Place};
-use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, indices, prune_linear_inputs};
+use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::{Counting, Network};
 use crate::pretrained::{KeyRules, Rename};
@@ -423,7 +423,8 @@ impl MobileNetV2 {
                 if taps.len() == stem_stream.len() {
                     (b, input.clone())
                 } else {
-                    (b, input.clone().select(1, indices(&taps, &input.device())))
+                    let sources: Vec<Option<usize>> = taps.iter().map(|&t| Some(t)).collect();
+                    (b, dnal_kernels::channels::select(input.clone(), &sources))
                 }
             });
             let pos = positions(&streams[s], &widths.out);

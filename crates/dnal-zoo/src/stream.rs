@@ -5,7 +5,7 @@
 
 use burn::prelude::*;
 
-use dnal_kernels::channels::{add_into, run_start};
+use dnal_kernels::channels::run_start;
 
 /// The union of `writers` (channel lists) within a stream of `width` channels, sorted.
 pub fn union<'a>(width: usize, writers: impl IntoIterator<Item = &'a [usize]>) -> Vec<usize> {
@@ -56,7 +56,7 @@ pub fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
 
 /// Places `values` (`[N, k, H, W]`) at the channels `pos` of a zero tensor with `width` channels:
 /// zeros on either side when `pos` is one run of consecutive channels (a ResNet's padded
-/// shortcut), an index add otherwise.
+/// shortcut), the channels picked into place otherwise (`dnal_kernels::channels::select`).
 pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
     let [n, c, h, w] = values.dims();
     if c == width {
@@ -75,5 +75,9 @@ pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
         }
         return Tensor::cat(parts, 1);
     }
-    add_into(Tensor::zeros([n, width, h, w], &device), pos, values)
+    let mut sources = vec![None; width];
+    for (j, &p) in pos.iter().enumerate() {
+        sources[p] = Some(j);
+    }
+    dnal_kernels::channels::select(values, &sources)
 }

@@ -4,7 +4,10 @@
 use super::conv::{conv_backward, conv_forward, geometry};
 use super::forward::max_pool_forward;
 use super::norm::{NormState, norm_forward, norm_forward_into, norm_grads, norm_grads_into};
-use super::{Affine, DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, tensor};
+use super::{
+    Affine, DnalKernels, NormOutput, depthwise_forward, depthwise_geometry, f32s, select_planes,
+    tensor,
+};
 use crate::cpu::{self, Clamp, ConvGeometry, DepthwiseGeometry};
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -113,6 +116,30 @@ impl Backward<Flex, 4> for NormIntoBackward {
             norm_grads_into(state, grad, node_x.is_some(), (y, &channels, clamp));
         let ids = [node_x, node_a, node_b, node_s].map(|n| n.map(|n| n.id));
         register(grads, ids, [dx, Some(da), Some(db), Some(ds)]);
+    }
+}
+
+/// Channels picked (or zeros): each gradient plane goes back to the channel it came from.
+#[derive(Debug)]
+struct SelectBackward;
+
+impl Backward<Flex, 1> for SelectBackward {
+    /// The input's channels and the sources of the output's.
+    type State = (usize, Vec<Option<usize>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (channels, sources) = ops.state;
+        if let Some(node) = node_x {
+            let mut back = vec![None; channels];
+            for (o, s) in sources.iter().enumerate() {
+                if let Some(i) = *s {
+                    back[i] = Some(o);
+                }
+            }
+            grads.register::<Flex>(node.id, select_planes(&grad, &back));
+        }
     }
 }
 
@@ -355,6 +382,25 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 let out = norm_forward(x, (a, b), Some(residual.primitive()), epsilon, clamp);
                 norm_output::<C>(prep.finish(out.output.clone()), out)
             }
+        }
+    }
+
+    fn dnal_select_channels(
+        x: FloatTensor<Self>,
+        sources: Vec<Option<usize>>,
+    ) -> FloatTensor<Self> {
+        match SelectBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let channels = x.layout().shape()[1];
+                let out = select_planes(&x, &sources);
+                prep.finish((channels, sources), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(select_planes(x.primitive(), &sources)),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::conv::{conv_affine, conv_affine_add_into, conv_forward};
 use super::norm::{norm_forward, norm_forward_into};
-use super::{Affine, DnalKernels, NormOutput, f32s, tensor};
+use super::{Affine, DnalKernels, NormOutput, f32s, select_planes, tensor};
 use crate::cpu::{self, Clamp};
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -141,6 +141,10 @@ impl DnalKernels for Flex {
         hi: f32,
     ) -> NormOutput<Flex> {
         norm_forward(&x, (&a, &b), Some(&residual), epsilon, Clamp { lo, hi })
+    }
+
+    fn dnal_select_channels(x: FlexTensor, sources: Vec<Option<usize>>) -> FlexTensor {
+        select_planes(&x, &sources)
     }
 
     fn dnal_batch_norm_add_into_train(

@@ -164,6 +164,13 @@ pub trait DnalKernels: burn::backend::Backend {
         epsilon: f64,
     ) -> Affine<Self>;
 
+    /// `x`'s channels rearranged, `[N, C, H, W]` -> `[N, sources.len(), H, W]`: output
+    /// channel `o` is input channel `sources[o]`, or zeros where that is `None`; no input
+    /// channel is read twice, so the backward pass moves each gradient plane back (zeros for
+    /// the channels not read). Plane copies both ways.
+    fn dnal_select_channels(x: FloatTensor<Self>, sources: Vec<Option<usize>>)
+    -> FloatTensor<Self>;
+
     /// 2x2 max-pool with stride 2 (f32, `[N, C, H, W]`, an odd last row or column dropped),
     /// its backward sending each output's gradient to the input that won the window.
     fn dnal_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -215,6 +222,17 @@ pub(super) fn depthwise_forward(
         g,
     );
     tensor(y, &[n, g.channels, oh, ow])
+}
+
+/// `x`'s channels picked by `sources` (zeros where `None`) as a flex tensor
+/// ([`DnalKernels::dnal_select_channels`]).
+pub(super) fn select_planes(x: &FlexTensor, sources: &[Option<usize>]) -> FlexTensor {
+    let x = f32s(x);
+    let [n, c, h, w]: [usize; 4] = x.layout().shape()[..]
+        .try_into()
+        .expect("channels of a rank-4 tensor");
+    let y = crate::cpu::select_channels(x.storage::<f32>(), [c, h, w], sources, 1);
+    tensor(y, &[n, sources.len(), h, w])
 }
 
 pub(super) fn f32s(t: &FlexTensor) -> FlexTensor {

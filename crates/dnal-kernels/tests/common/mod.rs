@@ -1,4 +1,4 @@
-//! Deterministic inputs for the kernels' tests.
+//! Deterministic inputs for the kernels' tests, and references built from burn's operations.
 
 use burn::prelude::*;
 
@@ -27,4 +27,40 @@ pub fn input(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
         TensorData::new(noise(shape.iter().product(), seed, -1.0, 1.0), shape),
         device,
     )
+}
+
+/// `x`'s channels picked by `sources` (zeros where `None`), built from one-channel slices and a
+/// concatenation: the reference for `dnal_kernels::channels::select`.
+pub fn picked_by_slices(x: Tensor<4>, sources: &[Option<usize>]) -> Tensor<4> {
+    let [n, _, h, w] = x.dims();
+    let parts = sources
+        .iter()
+        .map(|s| match *s {
+            Some(c) => x.clone().slice([0..n, c..c + 1, 0..h, 0..w]),
+            None => Tensor::zeros([n, 1, h, w], &x.device()),
+        })
+        .collect();
+    Tensor::cat(parts, 1)
+}
+
+/// `(output, input gradient)` of `f` on `x` (a fresh leaf), the gradient of `sum(f(x) * probe)`.
+pub fn value_and_grad(
+    x: &Tensor<4>,
+    probe: &Tensor<4>,
+    f: impl Fn(Tensor<4>) -> Tensor<4>,
+) -> (Tensor<4>, Tensor<4>) {
+    let x = x.clone().detach().require_grad();
+    let y = f(x.clone());
+    let grads = (y.clone() * probe.clone()).sum().backward();
+    (y.inner(), x.grad(&grads).expect("input gradient"))
+}
+
+/// The cases the channel selections are tested on: channels picked out of order, a stream
+/// widened with zeros between its channels, the channels reversed.
+pub fn selections() -> [Vec<Option<usize>>; 3] {
+    [
+        vec![Some(4), Some(1), Some(2)],
+        vec![None, Some(0), None, Some(5), Some(3), None, None],
+        (0..6).rev().map(Some).collect(),
+    ]
 }
