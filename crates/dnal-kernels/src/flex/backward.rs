@@ -425,15 +425,8 @@ impl<C: CheckpointStrategy> DnalKernels for Autodiff<Flex, C> {
                 let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
                 let s = stream.into_primitive();
                 let out = norm_forward_into(&x, (&a, &b), &s, &channels, epsilon, clamp);
-                let state = (
-                    x,
-                    a,
-                    b,
-                    out.mean.clone(),
-                    out.variance.clone(),
-                    epsilon,
-                    Clamp::NONE,
-                );
+                // The clamp comes after the add: the backward applies it to the stream.
+                let state = norm_state((x, a, b), &out, epsilon, Clamp::NONE);
                 let output = prep.finish(
                     (state, out.output.clone(), channels, clamp),
                     out.output.clone(),
@@ -498,16 +491,19 @@ fn tracked_norm(
     clamp: Clamp,
 ) -> (NormState, NormOutput<Flex>) {
     let out = norm_forward(&x, (&a, &b), residual.as_ref(), epsilon, clamp);
-    let state = (
-        x,
-        a,
-        b,
-        out.mean.clone(),
-        out.variance.clone(),
-        epsilon,
-        clamp,
-    );
-    (state, out)
+    (norm_state((x, a, b), &out, epsilon, clamp), out)
+}
+
+/// What a tracked BatchNorm's backward keeps: its input and affine parameters, the batch
+/// statistics of its output `out`, epsilon and the clamp its backward applies.
+fn norm_state(
+    (x, a, b): (FlexTensor, FlexTensor, FlexTensor),
+    out: &NormOutput<Flex>,
+    epsilon: f64,
+    clamp: Clamp,
+) -> NormState {
+    let (mean, variance) = (out.mean.clone(), out.variance.clone());
+    (x, a, b, mean, variance, epsilon, clamp)
 }
 
 /// The autodiff output of a BatchNorm: the tracked `output`, the untracked statistics.

@@ -2,7 +2,7 @@
 //! (shaped like the output, or a stream it is added into) fused, and the gradients of its
 //! backward passes.
 
-use super::{NormOutput, f32s, per_channel, tensor, vec_of};
+use super::{NormOutput, f32s, per_channel, select_planes, tensor, vec_of};
 use crate::cpu::{self, Clamp};
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -80,18 +80,16 @@ pub(super) fn norm_grads_into(
     (y, channels, clamp): (FlexTensor, &[usize], Clamp),
 ) -> (Option<FlexTensor>, FlexTensor, FlexTensor, FlexTensor) {
     let grad = f32s(&grad);
-    let shape = grad.layout().shape().to_vec();
-    let [_, width, h, w]: [usize; 4] = shape[..].try_into().expect("a stream [N, C, H, W]");
     let through = if clamp.is_none() {
         grad
     } else {
+        let (_, l) = per_channel(&grad);
         let y = f32s(&y);
-        let g = cpu::through_clamp(grad.storage::<f32>(), y.storage::<f32>(), h * w, clamp);
-        tensor(g, &shape)
+        let g = cpu::through_clamp(grad.storage::<f32>(), y.storage::<f32>(), l, clamp);
+        tensor(g, grad.layout().shape())
     };
     let sources: Vec<Option<usize>> = channels.iter().map(|&c| Some(c)).collect();
-    let g = cpu::select_channels(through.storage::<f32>(), [width, h, w], &sources, 1);
-    let g = tensor(g, &state.0.layout().shape()[..]);
+    let g = select_planes(&through, &sources);
     let (dx, da, db, _) = norm_grads(state, g, want_x, None);
     (dx, da, db, through)
 }
