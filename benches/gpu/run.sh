@@ -35,7 +35,9 @@
 # `--reduction-finish=separate`: BatchNorm's reductions finished by a second launch each, as
 # before they were folded into the launch that makes their partial sums), GRAPH_NETS (likewise
 # with `--graph`: the step recorded once as a CUDA graph and replayed, the host's per-launch work
-# gone), CHECK
+# gone), ARCHITECTURES (checked-in architectures under benches/architectures/, e.g.
+# "resnet56-cifar10 mobilenetv2-cifar10": after the dense steps, each pruned network's step on
+# the first backend and in PyTorch, the final stage's step; default none), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
 # depthwise, convolution or sgd; default all four).
@@ -59,6 +61,7 @@ BURN_OPS_NETS=${BURN_OPS_NETS:-}
 BURN_SGD_NETS=${BURN_SGD_NETS:-}
 SEPARATE_FINISH_NETS=${SEPARATE_FINISH_NETS:-}
 GRAPH_NETS=${GRAPH_NETS:-}
+ARCHITECTURES=${ARCHITECTURES:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
 deadline=$(( $(date +%s) + BUDGET_S ))
@@ -78,12 +81,24 @@ shape_of() {
     esac
 }
 
+# The network a checked-in architecture prunes, as `model:architecture` (dnal_steps' entry).
+pruned_entry() {
+    case $1 in
+        resnet56*) echo "resnet56-cifar:$1" ;;
+        vgg16*) echo "vgg16-cifar:$1" ;;
+        mobilenetv2*) echo "mobilenetv2-cifar:$1" ;;
+        *) echo "unknown-network:$1" ;;
+    esac
+}
+
 # A table row for a step that gave no figure: `failed`, `timeout` or `skipped`.
+# no_figure BACKEND MODEL REASON [ARCHITECTURE]
 no_figure() {
-    local batch size classes
+    local batch size classes arch=""
     read -r batch size classes <<< "$(shape_of "$2")"
-    printf '{"model":"%s","backend":"%s","batch":%s,"size":%s,"error":"%s"}\n' \
-        "$2" "$1" "$batch" "$size" "$3" >> "$OUT/steps.jsonl"
+    [[ -n ${4:-} ]] && arch=",\"architecture\":\"$4\""
+    printf '{"model":"%s","backend":"%s","batch":%s,"size":%s%s,"error":"%s"}\n' \
+        "$2" "$1" "$batch" "$size" "$arch" "$3" >> "$OUT/steps.jsonl"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
@@ -93,9 +108,10 @@ no_figure() {
 # After a network times out on a backend, the rest of that backend's networks are skipped:
 # a step that slow means compilation or autotuning is stuck, and the budget is worth more to
 # the parts after it.
-# dnal_steps BACKEND [NETWORKS [EXTRA_ARGUMENT]]
+# dnal_steps BACKEND [NETWORKS [EXTRA_ARGUMENT]]; a network `model:architecture` is the model
+# pruned to benches/architectures/ARCHITECTURE.json.
 dnal_steps() {
-    local backend=$1 nets=${2:-$NETS} extra=${3:-} model batch size classes cap stuck=0
+    local backend=$1 nets=${2:-$NETS} extra=${3:-} entry model arch name batch size classes cap stuck=0
     # The label `dnal-train bench` gives the backend with that argument.
     local label=$backend
     case $extra in
@@ -104,24 +120,30 @@ dnal_steps() {
         --reduction-finish=*) label+=" (${extra#*=} finish)" ;;
         --graph) label+=" (graph)" ;;
     esac
-    for model in $nets; do
+    for entry in $nets; do
+        model=${entry%%:*} arch="" name=$entry
+        local pruned=()
+        if [[ $entry == *:* ]]; then
+            arch=${entry#*:} name=$model-$arch
+            pruned=(--architecture "benches/architectures/$arch.json")
+        fi
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance "$STEP_CAP_S")
         if (( cap == 0 || stuck )); then
-            no_figure "$label" "$model" skipped
+            no_figure "$label" "$model" skipped "$arch"
             continue
         fi
-        echo "dnal $label $model (up to $cap s)" >&2
+        echo "dnal $label $name (up to $cap s)" >&2
         # shellcheck disable=SC2086 # $extra is one argument or none
         timeout "$cap" "$BIN" bench --backend "$backend" --model "$model" --batch "$batch" \
             --size "$size" --classes "$classes" --warmup 3 --steps 10 --json $extra \
-            >> "$OUT/steps.jsonl" 2> "$OUT/$backend$extra-$model.err"
+            "${pruned[@]}" >> "$OUT/steps.jsonl" 2> "$OUT/$backend$extra-$name.err"
         case $? in
             0) ;;
-            124) no_figure "$label" "$model" timeout; stuck=1
+            124) no_figure "$label" "$model" timeout "$arch"; stuck=1
                  echo "  timed out after $cap s; skipping $label's other networks" >&2 ;;
-            *) no_figure "$label" "$model" failed
-               echo "  failed: $(tail -n 3 "$OUT/$backend$extra-$model.err")" >&2 ;;
+            *) no_figure "$label" "$model" failed "$arch"
+               echo "  failed: $(tail -n 3 "$OUT/$backend$extra-$name.err")" >&2 ;;
         esac
     done
 }
@@ -134,9 +156,12 @@ reference() {
         return
     fi
     echo "pytorch eager on $REF_DEVICE (up to $cap s)" >&2
+    local pruned=()
+    [[ -n $ARCHITECTURES ]] && pruned=(--architectures "$(tr ' ' ',' <<< "$ARCHITECTURES")")
     # shellcheck disable=SC2086 # REF_ARGS holds several arguments
     timeout "$cap" python3 benches/reference/pytorch_gpu_steps.py --device "$REF_DEVICE" \
-        --only "$(tr ' ' ',' <<< "$NETS")" $REF_ARGS >> "$OUT/steps.jsonl" 2> "$OUT/pytorch.err" \
+        --only "$(tr ' ' ',' <<< "$NETS")" "${pruned[@]}" $REF_ARGS >> "$OUT/steps.jsonl" \
+        2> "$OUT/pytorch.err" \
         || echo "  pytorch reference failed or timed out: $(tail -n 3 "$OUT/pytorch.err")" >&2
 }
 
@@ -211,6 +236,11 @@ for b in "${backend_list[@]:0:1}"; do
     [[ -n $SEPARATE_FINISH_NETS ]] \
         && dnal_steps "$b" "$SEPARATE_FINISH_NETS" --reduction-finish=separate
     [[ -n $GRAPH_NETS ]] && dnal_steps "$b" "$GRAPH_NETS" --graph
+    if [[ -n $ARCHITECTURES ]]; then
+        entries=""
+        for a in $ARCHITECTURES; do entries+=" $(pruned_entry "$a")"; done
+        dnal_steps "$b" "$entries"
+    fi
     profiled_step "$b"
 done
 reference

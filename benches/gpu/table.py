@@ -3,7 +3,8 @@
 the median step of each backend (or why there is none: failed, timeout, skipped) with, in
 brackets, the median time the host took to issue it (a step close to it waited on the host, not
 the device), the seconds from building the network to the first timed step (compiling and
-autotuning, mostly), and dnal's time over PyTorch eager's.
+autotuning, mostly), and dnal's time over PyTorch eager's. A network pruned to a checked-in
+architecture (`architecture` in its lines) has a row of its own.
 
 Usage: python3 benches/gpu/table.py steps.jsonl
 """
@@ -19,7 +20,8 @@ def main():
         if not line.startswith("{"):
             continue
         r = json.loads(line)
-        rows.setdefault((r["model"], r["batch"], r["size"]), {})[r["backend"]] = r
+        model = r["model"] + (f" pruned to {r['architecture']}" if r.get("architecture") else "")
+        rows.setdefault((model, r["batch"], r["size"]), {})[r["backend"]] = r
         if r["backend"] not in backends:
             backends.append(r["backend"])
     torch = next((b for b in backends if b.startswith("pytorch")), None)

@@ -13,13 +13,19 @@ before waiting for the card (`issue_ms`).
   1x1 convs, about 1 % of its MACs) that torchvision's lacks;
 * resnet50-imagenet: torchvision's resnet50, 224x224, 1000 classes.
 
+`--architectures NAMES` times, after them, the networks pruned to architectures under
+benches/architectures/ (`resnet56-cifar10`, `resnet56-thin-cifar10`, `vgg16-cifar10`,
+`mobilenetv2-cifar10`), built by pytorch_reference.py at the pruned widths (its MobileNetV2 is
+dnal's CIFAR variant, conv shortcuts included), as `dnal-train bench --architecture` times
+dnal's: the final stage's step. Their lines carry `architecture` (the name) and `macs`.
+
 On cuda, cuDNN's autotuner is on (`torch.backends.cudnn.benchmark`, as torchvision's training
 references set it; dnal's cuda and wgpu backends autotune too); `--no-cudnn-benchmark` turns it
 off. PyTorch's precision defaults are kept: convolutions may use TF32 on Ampere and later,
 matrix products do not; each JSON line records both settings.
 
 Usage: python3 benches/reference/pytorch_gpu_steps.py [--device cuda] [--steps 10] [--warmup 3]
-    [--only NAMES] [--batch N]
+    [--only NAMES] [--batch N] [--architectures NAMES]
 """
 
 import argparse
@@ -34,7 +40,8 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_reference import CifarResNet, set_search, vgg16_cifar  # noqa: E402
+from pytorch_reference import (  # noqa: E402
+    ARCHITECTURES, CifarResNet, MobileNetV2Cifar, macs, set_search, vgg16_cifar)
 
 
 def mobilenetv2_cifar():
@@ -51,6 +58,15 @@ NETWORKS = [
     ("mobilenetv2-cifar", mobilenetv2_cifar, 128, 32, 10),
     ("resnet50-imagenet", lambda: torchvision.models.resnet50(), 64, 224, 1000),
 ]
+
+
+# The network a checked-in architecture prunes, by the architecture's name, and its builder.
+PRUNED = {
+    "resnet56-cifar10": ("resnet56-cifar", CifarResNet),
+    "resnet56-thin-cifar10": ("resnet56-cifar", CifarResNet),
+    "vgg16-cifar10": ("vgg16-cifar", vgg16_cifar),
+    "mobilenetv2-cifar10": ("mobilenetv2-cifar", MobileNetV2Cifar),
+}
 
 
 def time_steps(model, device, batch, size, classes, warmup, steps):
@@ -84,6 +100,9 @@ def main():
     p.add_argument("--only", help="comma-separated network names")
     p.add_argument("--batch", type=int,
                    help="images per step for every network (default: 128 for CIFAR, 64 for ImageNet)")
+    p.add_argument("--architectures",
+                   help="comma-separated architectures under benches/architectures/ to time pruned "
+                        "networks of too (" + ", ".join(PRUNED) + ")")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cuDNN's autotuner off (PyTorch's default)")
     p.add_argument("--no-tf32", action="store_true",
@@ -97,19 +116,31 @@ def main():
     only = set(args.only.split(",")) if args.only else None
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be at least 1, not {args.batch}")
-    for name, build, batch, size, classes in NETWORKS:
-        if only and name not in only:
-            continue
+    pruned = args.architectures.split(",") if args.architectures else []
+    for a in pruned:
+        if a not in PRUNED:
+            p.error(f"no architecture `{a}`; choose among " + ", ".join(PRUNED))
+    runs = [(name, build, batch, size, classes, None) for name, build, batch, size, classes in NETWORKS
+            if not only or name in only]
+    for a in pruned:
+        name, build = PRUNED[a]
+        with open(os.path.join(ARCHITECTURES, a + ".json")) as f:
+            arch = json.load(f)
+        runs.append((name, lambda build=build, arch=arch: build(arch), 128, 32, 10, a))
+    for name, build, batch, size, classes, arch in runs:
         batch = args.batch or batch
         start = time.perf_counter()
         model = build().to(device)
         set_search(model, False)
         built = time.perf_counter() - start
+        extra = {} if arch is None else {
+            "architecture": arch, "macs": macs(model, device, (3, size, size))}
         ms, issued, warmup_s = time_steps(model, device, batch, size, classes, args.warmup,
                                           args.steps)
         print(json.dumps({
             "model": name, "backend": f"pytorch-{device.type}", "batch": batch, "size": size,
-            "gates": "bypass", "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
+            "gates": "bypass", **extra,
+            "median_ms": statistics.median(ms), "min_ms": min(ms), "steps": len(ms),
             "issue_ms": statistics.median(issued), "warmup_s": built + warmup_s,
             "torch": torch.__version__,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,

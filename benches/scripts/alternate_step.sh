@@ -6,10 +6,13 @@
 # steps of six, five for ResNet-50, with DNAL_ISA set to the entry: `widest` leaves it unset),
 # then the reference script's CPU step (the median of five after two warm-up steps, of three
 # after one for ResNet-50, gates bypassed). Prints each round's milliseconds and PyTorch's time
-# over dnal's.
+# over dnal's. A network named with `-pruned` (resnet56-pruned, resnet56-thin-pruned,
+# vgg16-pruned, mobilenetv2-pruned) is the network pruned to its architecture under
+# benches/architectures/, as the final stage trains it, on both sides (PyTorch's through the
+# reference script's `--architectures`).
 #
 # cargo build --release -p dnal-benches --examples
-# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|vgg16|mobilenetv2|resnet50...]
+# [PYTHON=python3] [ISAS="widest none"] benches/scripts/alternate_step.sh [ROUNDS] [resnet56|vgg16|mobilenetv2|resnet50[-pruned]...]
 set -euo pipefail
 rounds="${1:-3}"
 shift || true
@@ -28,7 +31,9 @@ dnal_ms() {
         vgg16) arg=vgg16 ;;
         mobilenetv2) gates=bypass arg=mobilenetv2 ;;
         resnet50) arg=resnet50 steps=5 ;;
-        *) echo "network must be resnet56, vgg16, mobilenetv2 or resnet50, not '$net'" >&2; exit 2 ;;
+        resnet56-pruned|resnet56-thin-pruned|vgg16-pruned|mobilenetv2-pruned)
+            gates=bypass arg="${net%-pruned} pruned" ;;
+        *) echo "network must be resnet56, vgg16, mobilenetv2 or resnet50, or one of the first three (or resnet56-thin) with -pruned, not '$net'" >&2; exit 2 ;;
     esac
     if [ "$isa" = widest ]; then
         DNAL_GATES="$gates" "$step_bin" "$steps" $arg
@@ -41,9 +46,13 @@ dnal_ms() {
 }
 
 torch_ms() {
-    local only="$1-cifar" steps=5 warmup=2
+    local only="$1-cifar" steps=5 warmup=2 pruned=()
     if [ "$1" = resnet50 ]; then only=resnet50-imagenet steps=3 warmup=1; fi
-    "$python" "$reference" --device cpu --steps "$steps" --warmup "$warmup" --only "$only" | tail -n 1 |
+    case "$1" in
+        *-pruned) only=none pruned=(--architectures "${1%-pruned}-cifar10") ;;
+    esac
+    "$python" "$reference" --device cpu --steps "$steps" --warmup "$warmup" --only "$only" \
+        "${pruned[@]}" | tail -n 1 |
         "$python" -c 'import json, sys; print("%.0f" % json.loads(sys.stdin.read())["median_ms"])'
 }
 

@@ -2,7 +2,8 @@
 //! with no data set: what the weight stage does per batch (forward, cross-entropy, backward,
 //! an SGD step with momentum and weight decay), on random images, with the gates bypassed (the
 //! weight stage) or searching (the architecture stage's forward and backward, all weights
-//! updated). Prints the median and the fastest of the timed steps.
+//! updated); or, given an architecture (a run's `architecture.json`), of the network pruned to
+//! it, as the final stage trains it. Prints the median and the fastest of the timed steps.
 
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
-use dnal_core::{BackendKind, GateMode};
+use dnal_core::{Architecture, BackendKind, GateMode};
 use dnal_zoo::Network;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -48,6 +49,19 @@ pub struct StepBench {
     pub reduction_finish: dnal_kernels::Finish,
     /// The step recorded once as a graph of launches and replayed (see [`burn::tensor::capture`]).
     pub graph: bool,
+    /// The network pruned to an architecture (gates bypassed, as in the final stage) instead
+    /// of the dense one.
+    pub pruned: Option<Pruned>,
+}
+
+/// An architecture to prune the timed network to, and the name its rows carry (e.g. the
+/// file's stem).
+#[derive(Clone, Debug)]
+pub struct Pruned {
+    /// The name in [`StepTimes::architecture`].
+    pub name: String,
+    /// The channels kept.
+    pub architecture: Architecture,
 }
 
 /// Timings of [`bench_step`].
@@ -65,6 +79,11 @@ pub struct StepTimes {
     pub size: usize,
     /// `bypass` or `search`.
     pub gates: String,
+    /// The name of the architecture the network was pruned to; `None` for the dense network.
+    pub architecture: Option<String>,
+    /// Multiply-accumulates of one image's forward through the timed network, at the input
+    /// size its family is defined for (dnal-zoo's cost model).
+    pub macs: u64,
     /// Median step, milliseconds.
     pub median_ms: f64,
     /// Fastest step, milliseconds.
@@ -94,12 +113,20 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
             "--steps, --batch, --size and --classes must be at least 1",
         )));
     }
+    if bench.search && bench.pruned.is_some() {
+        return Err(TrainError::from(dnal_core::CoreError::invalid(
+            "bench",
+            "--search times the gated network's architecture stage, --architecture a pruned \
+             network (which has no gates left to search); give one of them",
+        )));
+    }
     let device = bench.backend.probe()?;
     if bench.burn_ops {
         dnal_kernels::set_enabled(false);
     }
     dnal_kernels::set_reduction_finish(bench.reduction_finish);
-    let (steps, threads, warmup_s) = bench.model.with(bench.shape, Timed(bench, device))?;
+    let timed = bench.model.with(bench.shape, Timed(bench, device))?;
+    let (steps, threads, warmup_s, macs) = timed;
     let (ms, issue): (Vec<f64>, Vec<f64>) = steps.into_iter().unzip();
     let sorted_of = |v: &[f64]| {
         let mut sorted = v.to_vec();
@@ -124,6 +151,8 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         batch: bench.batch,
         size: bench.shape.size,
         gates: if bench.search { "search" } else { "bypass" }.into(),
+        architecture: bench.pruned.as_ref().map(|p| p.name.clone()),
+        macs,
         median_ms: sorted[sorted.len() / 2],
         min_ms: sorted[0],
         issue_ms: sorted_of(&issue)[issue.len() / 2],
@@ -137,14 +166,31 @@ struct Timed<'a>(&'a StepBench, Device);
 
 impl WithNetwork for Timed<'_> {
     /// Per timed step, the whole step and the part spent issuing it (milliseconds); how busy
-    /// each thread was over the timed steps; and the seconds until the timed steps began.
-    type Output = (Vec<(f64, f64)>, Vec<ThreadBusy>, f64);
+    /// each thread was over the timed steps; the seconds until the timed steps began; and the
+    /// timed network's MACs per image.
+    type Output = (Vec<(f64, f64)>, Vec<ThreadBusy>, f64, u64);
 
     fn run<N: Network>(self, config: N::Config) -> Result<Self::Output> {
         let Timed(b, device) = self;
         let start = Instant::now();
         let device = device.autodiff();
         let mut net = dnal_zoo::init::seeded(N::build(&config, &device)?, 0);
+        if let Some(Pruned {
+            architecture: arch, ..
+        }) = &b.pruned
+        {
+            arch.check_matches(&net).map_err(|e| {
+                dnal_core::CoreError::invalid(
+                    "--architecture",
+                    format!(
+                        "it does not fit {}: {e}; give the architecture.json of a run of this network",
+                        b.model.name()
+                    ),
+                )
+            })?;
+            net = net.prune(arch)?;
+        }
+        let macs = net.cost_model().cost(None).macs;
         if b.search {
             net = net.with_gate_mode(GateMode::Search).with_temperature(100.0);
         }
@@ -244,6 +290,6 @@ impl WithNetwork for Timed<'_> {
             Some(first) => Snapshot::take().busy_since(&first),
             None => Vec::new(),
         };
-        Ok((times, threads, warmup_s))
+        Ok((times, threads, warmup_s, macs))
     }
 }

@@ -104,6 +104,10 @@ enum Command {
         /// work.
         #[arg(long)]
         graph: bool,
+        /// Time the network pruned to this architecture (a run's `architecture.json`), with
+        /// the final stage's step (gates gone), instead of the dense network.
+        #[arg(long, value_name = "FILE")]
+        architecture: Option<PathBuf>,
         /// One JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -309,8 +313,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             burn_sgd,
             reduction_finish,
             graph,
+            architecture,
             json,
         } => {
+            let pruned = match architecture {
+                Some(path) => Some(dnal_train::bench::Pruned {
+                    name: path
+                        .file_stem()
+                        .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+                    architecture: dnal_core::Architecture::load(&path).map_err(|e| {
+                        dnal_core::CoreError::invalid(
+                            "--architecture",
+                            format!("{e}; give the architecture.json that a run wrote"),
+                        )
+                    })?,
+                }),
+                None => None,
+            };
             let bench = dnal_train::bench::StepBench {
                 model: dnal_train::registry::ModelName::parse(&model)?,
                 batch,
@@ -327,15 +346,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 burn_sgd,
                 reduction_finish,
                 graph,
+                pruned,
             };
             let t = dnal_train::bench::bench_step(&bench)?;
             if json {
                 println!("{}", serde_json::to_string(&t)?);
             } else {
                 println!(
-                    "{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps); \
+                    "{}{} on {}, batch {} of {}x{}, gates {}: median {:.1} ms, fastest {:.1} ms ({} steps); \
                      issuing a step took {:.1} ms (median); {:.1} s before the timed steps",
                     t.model,
+                    match &t.architecture {
+                        Some(a) => format!(
+                            " pruned to {a} ({:.2}M MACs per image)",
+                            t.macs as f64 / 1e6
+                        ),
+                        None => String::new(),
+                    },
                     t.backend,
                     t.batch,
                     t.size,

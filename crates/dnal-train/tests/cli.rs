@@ -494,6 +494,67 @@ fn bench_times_a_training_step_and_names_bad_input() {
 }
 
 #[test]
+fn bench_times_a_pruned_network_and_rejects_an_architecture_of_another() {
+    let arch = |name: &str| {
+        format!(
+            "{}/../../benches/architectures/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    };
+    let mnist = [
+        "bench",
+        "--model",
+        "mnist-cnn",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = mnist.to_vec();
+        args.extend_from_slice(&["--batch", "4", "--warmup", "0", "--steps", "1", "--json"]);
+        args.extend_from_slice(extra);
+        let (ok, out) = dnal_train(&args);
+        assert!(ok, "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line");
+        serde_json::from_str::<serde_json::Value>(line).unwrap()
+    };
+    let dense = run(&[]);
+    let mnist_arch = arch("mnist-cnn");
+    let pruned = run(&["--architecture", &mnist_arch]);
+    assert!(dense["architecture"].is_null(), "{dense}");
+    assert_eq!(pruned["architecture"], "mnist-cnn");
+    // The dense CNN's 18.29M MACs (README); the checked-in architecture keeps a fraction.
+    assert_eq!(dense["macs"], 18_289_792);
+    let (d, p) = (
+        dense["macs"].as_u64().unwrap(),
+        pruned["macs"].as_u64().unwrap(),
+    );
+    assert!(p > 0 && p * 3 < d, "{d} -> {p}");
+
+    // An architecture of another network, a missing file, and a pruned network's search.
+    let resnet_arch = arch("resnet56-cifar10");
+    let mut args = mnist.to_vec();
+    args.extend_from_slice(&["--architecture", &resnet_arch]);
+    let (ok, out) = dnal_train(&args);
+    assert!(
+        !ok && out.contains("--architecture") && out.contains("mnist-cnn"),
+        "{out}"
+    );
+    let mut args = mnist.to_vec();
+    args.extend_from_slice(&["--architecture", "no/such/architecture.json"]);
+    let (ok, out) = dnal_train(&args);
+    assert!(!ok && out.contains("no/such/architecture.json"), "{out}");
+    let mut args = mnist.to_vec();
+    args.extend_from_slice(&["--architecture", &mnist_arch, "--search"]);
+    let (ok, out) = dnal_train(&args);
+    assert!(!ok && out.contains("--search"), "{out}");
+}
+
+#[test]
 fn devices_train_data_parallel() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
