@@ -2,7 +2,7 @@
 //! global average pooling for inference.
 #![allow(unsafe_code)]
 
-use crate::planes::{SERIAL_BELOW, par_planes, par_planes_zeroed};
+use crate::planes::{SERIAL_BELOW, par_planes_zeroed};
 use crate::simd::widest_simd;
 use rayon::prelude::*;
 
@@ -184,29 +184,20 @@ pub fn global_avg_pool_values(x: &[f32], planes: usize, l: usize) -> Vec<f32> {
 pub fn max_pool2x2_backward(dy: &[f32], at: &[u8], planes: usize, [h, w]: [usize; 2]) -> Vec<f32> {
     let (oh, ow) = (h / 2, w / 2);
     let out_plane = oh * ow;
-    // One pass over the input gradient, row by row (an odd last row or column gets zeros).
-    par_planes(planes * h * w, h * w, move |p| {
+    // Each plane zeroed while in cache, then every window's gradient sent to its winner (an
+    // odd last row or column keeps its zeros).
+    par_planes_zeroed(planes * h * w, h * w, move |p, dx| {
         let (dy, at) = (
             &dy[p * out_plane..][..out_plane],
             &at[p * out_plane..][..out_plane],
         );
-        (0..h).flat_map(move |iy| {
-            let (oy, ky) = (iy / 2, 2 * (iy % 2) as u8);
-            let (g, k) = if oy < oh {
-                (&dy[oy * ow..][..ow], &at[oy * ow..][..ow])
-            } else {
-                (&[][..], &[][..])
-            };
-            g.iter()
-                .zip(k)
-                .flat_map(move |(&g, &k)| {
-                    [
-                        if k == ky { g } else { 0.0 },
-                        if k == ky + 1 { g } else { 0.0 },
-                    ]
-                })
-                .chain(std::iter::repeat_n(0.0, w - 2 * g.len()))
-        })
+        for oy in 0..oh {
+            let (g, k) = (&dy[oy * ow..][..ow], &at[oy * ow..][..ow]);
+            let rows = &mut dx[2 * oy * w..][..2 * w];
+            for (ox, (&g, &k)) in g.iter().zip(k).enumerate() {
+                rows[usize::from(k >> 1) * w + 2 * ox + usize::from(k & 1)] = g;
+            }
+        }
     })
 }
 
