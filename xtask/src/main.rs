@@ -63,7 +63,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Time a training step: `cargo xtask bench-step [--model resnet56-cifar] [--batch 128]
-    /// [--size 32] [--backend flex|wgpu|cuda] [--search] [--json]`.
+    /// [--size 32] [--backend flex|wgpu|cuda] [--search | --architecture FILE] [--json]`.
     BenchStep {
         /// Arguments for `dnal-train bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
