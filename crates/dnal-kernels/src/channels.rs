@@ -3,6 +3,8 @@
 
 use burn::prelude::*;
 
+use crate::memo::Memo;
+
 /// Whether `pos` (positions in a stream of `width` channels) is every channel in order, so
 /// that adding into the stream is a plain add.
 pub fn covers(pos: &[usize], width: usize) -> bool {
@@ -22,6 +24,23 @@ pub fn run_start(pos: &[usize]) -> Option<usize> {
 pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     let v: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [keep.len()]), device)
+}
+
+/// Which device a held index tensor lives on: its description (the backend and the device's
+/// number) and whether it records gradients (`Device`'s equality ignores that, and has no
+/// hash).
+type DeviceKey = (String, bool);
+
+/// Index tensors the forward and backward passes use, kept on their devices once made.
+static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::new();
+
+/// `keep` as an index tensor on `device`, made at the first call and held for the process's
+/// later ones. A training step recorded as a graph of launches (`train --graph` on cuda and
+/// wgpu) may contain no upload from the host, only launches; with the tensors held, the steps
+/// before the recording upload them and the recorded one reads them where they stay.
+fn held_indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
+    let key = ((format!("{device:?}"), device.is_autodiff()), keep.to_vec());
+    Tensor::clone(&HELD.get(key, || indices(keep, device)))
 }
 
 /// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): a plain
@@ -50,7 +69,7 @@ pub fn add_into(into: Tensor<4>, pos: &[usize], values: Tensor<4>) -> Tensor<4> 
     let device = into.device();
     into.select_assign(
         1,
-        indices(pos, &device),
+        held_indices(pos, &device),
         values,
         burn::tensor::IndexingUpdateOp::Add,
     )
@@ -85,13 +104,13 @@ pub fn select(x: Tensor<4>, sources: &[Option<usize>]) -> Tensor<4> {
         .enumerate()
         .filter_map(|(o, s)| s.map(|s| (s, o)))
         .unzip();
-    let values = x.select(1, indices(&from, &device));
+    let values = x.select(1, held_indices(&from, &device));
     if to.len() == sources.len() {
         return values;
     }
     Tensor::zeros([n, sources.len(), h, w], &device).select_assign(
         1,
-        indices(&to, &device),
+        held_indices(&to, &device),
         values,
         burn::tensor::IndexingUpdateOp::Add,
     )

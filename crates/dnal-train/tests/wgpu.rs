@@ -366,8 +366,8 @@ fn weights_keep_one_memory_layout_from_the_first_step() {
 }
 
 /// Every float a module holds (parameters and running statistics), in module order.
-fn floats(net: &Kinds) -> Vec<Vec<f32>> {
-    use burn::module::{Module, ModuleVisitor, Param};
+fn floats<M: burn::module::Module>(net: &M) -> Vec<Vec<f32>> {
+    use burn::module::{ModuleVisitor, Param};
     use burn::prelude::Tensor;
     #[derive(Default)]
     struct Floats(Vec<Vec<f32>>);
@@ -388,26 +388,64 @@ fn floats(net: &Kinds) -> Vec<Vec<f32>> {
 /// wrote any of them into new memory would replay from the recorded step's inputs.
 #[test]
 fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
-    use burn::optim::GradientsParams;
-
     let Some((device, _gpu)) = wgpu_device() else {
         return;
     };
     let device = device.autodiff();
-    let plain = dnal_train::sgd::lay_out(Kinds::new(&device));
+    replays_as_its_steps(|| Kinds::new(&device), Kinds::forward, &device);
+}
+
+/// The same for a pruned residual network, the final stage's step: its blocks add their
+/// outputs into scattered channels of the residual streams, and read kept channels out of
+/// them, through index tensors the step builds from the architecture.
+#[test]
+fn a_pruned_residual_step_recorded_as_a_graph_replays_as_its_steps() {
+    use dnal_zoo::Network;
+    let Some((device, _gpu)) = wgpu_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    let dense = dnal_zoo::CifarResNetConfig::new(8, 10)
+        .unwrap()
+        .init(&device)
+        .unwrap();
+    let mut arch = dnal_core::Architecture::full(&dense);
+    for (name, gate) in arch.gates.iter_mut() {
+        // Two channels of three, at offsets that differ by gate: streams of scattered channels.
+        let shift = name.len();
+        gate.kept.retain(|i| (i + shift) % 3 != 0);
+    }
+    replays_as_its_steps(
+        || dense.clone().prune(&arch).unwrap(),
+        |net: &dnal_zoo::CifarResNet, x| net.forward(x),
+        &device,
+    );
+}
+
+/// Six plain training steps of a network `build` makes against three warm-up steps of another
+/// with the same values and three replays of its fourth, recorded: the same losses, parameters
+/// and running statistics.
+fn replays_as_its_steps<M>(
+    build: impl Fn() -> M,
+    forward: impl Fn(&M, burn::prelude::Tensor<4>) -> burn::prelude::Tensor<2>,
+    device: &burn::prelude::Device,
+) where
+    M: burn::module::Module,
+{
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+
+    let plain = dnal_train::sgd::lay_out(build());
     // The same values in a network of its own (a clone would share the running statistics'
     // state); the two share their first tensors, and each one's first step writes a copy.
-    let recorded = {
-        use burn::module::Module;
-        Kinds::new(&device).load_record(plain.clone().into_record())
-    };
-    let (x, y) = batch(&device, &[1, 7, 3, 0]);
-    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+    let recorded = build().load_record(plain.clone().into_record());
+    let (x, y) = batch(device, &[1, 7, 3, 0]);
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
     // Six steps as they are.
     let (mut net, mut sgd) = (plain, dnal_train::sgd::Sgd::new(0.9, 5e-4));
     let mut losses: Vec<f32> = Vec::new();
     for _ in 0..6 {
-        let loss = ce.forward(net.forward(x.clone()), y.clone());
+        let loss = ce.forward(forward(&net, x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         net = sgd.step(0.05, net, grads);
         losses.push(loss.into_scalar());
@@ -417,7 +455,7 @@ fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
     let cell = std::cell::RefCell::new(Some((recorded, dnal_train::sgd::Sgd::new(0.9, 5e-4))));
     let graph_step = || {
         let (net, mut sgd) = cell.borrow_mut().take().unwrap();
-        let loss = ce.forward(net.forward(x.clone()), y.clone());
+        let loss = ce.forward(forward(&net, x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         *cell.borrow_mut() = Some((sgd.step(0.05, net, grads), sgd));
         loss.inner()
