@@ -39,8 +39,33 @@ static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::new();
 /// wgpu) may contain no upload from the host, only launches; with the tensors held, the steps
 /// before the recording upload them and the recorded one reads them where they stay.
 fn held_indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
-    let key = ((format!("{device:?}"), device.is_autodiff()), keep.to_vec());
-    Tensor::clone(&HELD.get(key, || indices(keep, device)))
+    Tensor::clone(&HELD.get((device_key(device), keep.to_vec()), || {
+        indices(keep, device)
+    }))
+}
+
+fn device_key(device: &Device) -> DeviceKey {
+    (format!("{device:?}"), device.is_autodiff())
+}
+
+/// Channel maps, held as index tensors are.
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+static HELD_MAPS: Memo<(DeviceKey, Vec<usize>, usize), Tensor<1>> = Memo::new();
+
+/// For a stream of `width` channels into whose channels `pos` the channels of a narrower
+/// tensor are added, in order: per stream channel, the narrower tensor's channel added into it
+/// (as f32), or -1. Held on `device` as [`held_indices`] are (dnal's CubeCL kernel for
+/// BatchNorm added into a stream reads it).
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+pub(crate) fn held_map(pos: &[usize], width: usize, device: &Device) -> Tensor<1> {
+    let key = (device_key(device), pos.to_vec(), width);
+    Tensor::clone(&HELD_MAPS.get(key, || {
+        let mut map = vec![-1.0f32; width];
+        for (k, &p) in pos.iter().enumerate() {
+            map[p] = k as f32;
+        }
+        Tensor::from_data(TensorData::new(map, [width]), device)
+    }))
 }
 
 /// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): a plain

@@ -196,7 +196,76 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
             run(reference),
         ));
     }
+    // Added into some channels of a wider stream (a pruned residual block's last unit):
+    // scattered and consecutive positions, either memory layout for each of the two inputs.
+    const INTO: [&str; 7] = ["output", "mean", "variance", "dx", "da", "db", "dstream"];
+    for (shape, width, pos, act, x_cl, s_cl) in [
+        ([3, 4, 6, 5], 7, &[0, 2, 3, 6][..], Relu, false, false),
+        ([2, 3, 9, 11], 8, &[2, 3, 4][..], Relu6, false, true),
+        ([4, 5, 7, 7], 9, &[8, 1, 4, 5, 0][..], Identity, true, false),
+        ([16, 6, 8, 8], 10, &[1, 3, 5, 7, 8, 9][..], Relu, true, true),
+    ] {
+        let run = |d: &Device| batch_norm_into_case(d, shape, width, pos, act, [x_cl, s_cl]);
+        out.extend(compare(
+            TOLERANCE,
+            &format!(
+                "BatchNorm {shape:?} into {pos:?} of {width} {act:?} channel-last {x_cl}, \
+                 stream channel-last {s_cl}"
+            ),
+            &INTO,
+            run(device),
+            run(reference),
+        ));
+    }
     out
+}
+
+/// Training BatchNorm added into the channels `pos` of a `width`-channel stream, then the
+/// activation, on `device`: output, batch statistics, and the gradients of `sum(y * w)` for
+/// the input, `a`, `b` and the stream; `[x, stream]` held channel-last where `cl` says.
+fn batch_norm_into_case(
+    device: &Device,
+    [n, c, h, w]: [usize; 4],
+    width: usize,
+    pos: &[usize],
+    act: Activation,
+    cl: [bool; 2],
+) -> Result<Vec<Vec<f32>>, String> {
+    let device = device.clone().autodiff();
+    let (len, stream_len) = (n * c * h * w, n * width * h * w);
+    let x = Tensor::<4>::from_data(TensorData::new(wave(len, 1.5), [n, c, h, w]), &device);
+    let s = Tensor::<4>::from_data(
+        TensorData::new(wave(stream_len, 2.5), [n, width, h, w]),
+        &device,
+    );
+    let x = laid_out(x.mul_scalar(3.0).add_scalar(0.25), cl[0]).require_grad();
+    let s = laid_out(s, cl[1]).require_grad();
+    let one = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
+    let a = one(wave(c, 2.0).iter().map(|v| v + 1.0).collect()).require_grad();
+    let b = one(wave(c, 3.0)).require_grad();
+    let t = crate::batch_norm_train_residual(
+        x.clone(),
+        a.clone(),
+        b.clone(),
+        1e-5,
+        act,
+        crate::Residual::Into(s.clone(), pos),
+        None,
+    );
+    let weights = Tensor::<4>::from_data(
+        TensorData::new(wave(stream_len, 5.0), [n, width, h, w]),
+        &device,
+    );
+    let grads = (t.output.clone() * weights).sum().backward();
+    Ok(vec![
+        values(t.output)?,
+        values(t.mean)?,
+        values(t.variance)?,
+        grad_of(&x, &grads)?,
+        grad_of(&a, &grads)?,
+        grad_of(&b, &grads)?,
+        grad_of(&s, &grads)?,
+    ])
 }
 
 /// A BatchNorm module's output and running statistics after two training calls on `device`.

@@ -23,7 +23,9 @@
 //!   per-channel coefficients and running statistics, the output with residual and clamp)
 //!   and three backward, two and two on cuda where the partial sums' last cube finishes the
 //!   reduction ([`Finish`]), read and written in the channel-last memory CubeCL's
-//!   convolutions use. ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
+//!   convolutions use; added into some channels of a wider residual stream, the output pass
+//!   runs over the stream and the backward gathers BatchNorm's gradient in one launch more.
+//!   ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
 //!   forward, one for the input gradient and two for the weight gradient, in the memory
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
@@ -445,7 +447,8 @@ pub fn conv_bn_add(
 /// activation. [`conv_bn_add`] when `pos` is the whole stream in order; on flex, instead of the
 /// slices, concatenation or index add and the activation's pass, in inference the convolution
 /// as in [`conv_bn`] and then one pass over the stream, in training BatchNorm, the add and the
-/// activation in one pass over the stream (and their gradients in BatchNorm's backward).
+/// activation in one pass over the stream (and their gradients in BatchNorm's backward); in
+/// training on cuda and wgpu likewise, with dnal's CubeCL kernels.
 pub fn conv_bn_add_into(
     conv: &Conv2d,
     bn: &BatchNorm,
@@ -473,7 +476,7 @@ enum Residual<'a> {
 }
 
 impl Residual<'_> {
-    #[cfg(feature = "flex")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     fn tensor(&self) -> Option<&Tensor<4>> {
         match self {
             Self::None => None,
@@ -833,31 +836,11 @@ fn batch_norm_train_residual(
         };
         return norm_tensors(out, running);
     }
-    // Elsewhere a stream is added into after BatchNorm, with tensor operations.
-    let residual = match residual {
-        Residual::None => None,
-        Residual::Whole(r) => Some(r),
-        Residual::Into(s, pos) => {
-            let t = batch_norm_train_residual(
-                x,
-                a,
-                b,
-                epsilon,
-                Activation::Identity,
-                Residual::None,
-                running,
-            );
-            return Trained {
-                output: act.apply(channels::add_into(s, pos, t.output)),
-                ..t
-            };
-        }
-    };
     #[cfg(feature = "cube")]
     if takes_cube_path(&x)
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
-        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+        && residual.tensor().is_none_or(|r| r.dtype() == DType::F32)
         && running.as_ref().is_none_or(|r| match r {
             Running::Due { mean, var, .. } => {
                 mean.dtype() == DType::F32 && var.dtype() == DType::F32
@@ -881,13 +864,14 @@ fn batch_norm_train_residual(
                 (zeros(), zeros(), 0.0)
             }
         };
+        let device = x.device();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
         let (rm, rv) = (rm.into_dispatch(), rv.into_dispatch());
         let out = match residual {
-            None => <Dispatch as CubeNorm>::dnal_cube_norm_train(
+            Residual::None => <Dispatch as CubeNorm>::dnal_cube_norm_train(
                 x, a, b, rm, rv, momentum, epsilon, lo, hi,
             ),
-            Some(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
+            Residual::Whole(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
                 x,
                 a,
                 b,
@@ -899,6 +883,22 @@ fn batch_norm_train_residual(
                 lo,
                 hi,
             ),
+            Residual::Into(s, pos) => {
+                let map = channels::held_map(pos, s.dims()[1], &device);
+                <Dispatch as CubeNorm>::dnal_cube_norm_add_into_train(
+                    x,
+                    a,
+                    b,
+                    s.into_dispatch(),
+                    map.into_dispatch(),
+                    rm,
+                    rv,
+                    momentum,
+                    epsilon,
+                    lo,
+                    hi,
+                )
+            }
         };
         return Trained {
             output: Tensor::from_dispatch(out.output),
@@ -910,6 +910,26 @@ fn batch_norm_train_residual(
             }),
         };
     }
+    // Elsewhere a stream is added into after BatchNorm, with tensor operations.
+    let residual = match residual {
+        Residual::None => None,
+        Residual::Whole(r) => Some(r),
+        Residual::Into(s, pos) => {
+            let t = batch_norm_train_residual(
+                x,
+                a,
+                b,
+                epsilon,
+                Activation::Identity,
+                Residual::None,
+                running,
+            );
+            return Trained {
+                output: act.apply(channels::add_into(s, pos, t.output)),
+                ..t
+            };
+        }
+    };
     let out = burn::tensor::module::batch_norm_train(x, a, b, epsilon);
     let y = match residual {
         Some(r) => out.output + r,

@@ -81,8 +81,8 @@ pub struct StepTimes {
     pub gates: String,
     /// The name of the architecture the network was pruned to; `None` for the dense network.
     pub architecture: Option<String>,
-    /// Multiply-accumulates of one image's forward through the timed network, at the input
-    /// size its family is defined for (dnal-zoo's cost model).
+    /// Multiply-accumulates of one image's forward through the timed network at the timed
+    /// image size (dnal-zoo's cost model).
     pub macs: u64,
     /// Median step, milliseconds.
     pub median_ms: f64,

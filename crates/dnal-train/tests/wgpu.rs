@@ -432,7 +432,6 @@ fn replays_as_its_steps<M>(
 ) where
     M: burn::module::Module,
 {
-    use burn::module::Module;
     use burn::optim::GradientsParams;
 
     let plain = dnal_train::sgd::lay_out(build());

@@ -65,6 +65,20 @@ fn normalized_meta(x: &TensorSpec) -> TrainOutputMetadata {
     }
 }
 
+fn into_meta(x: &TensorSpec, stream: &TensorSpec) -> TrainOutputMetadata {
+    TrainOutputMetadata {
+        output: stream.clone(),
+        ..normalized_meta(x)
+    }
+}
+
+fn into_grads_meta(x: &TensorSpec, y: &TensorSpec) -> NormGradsMetadata {
+    NormGradsMetadata {
+        residual: y.clone(),
+        ..grads_meta(x, false)
+    }
+}
+
 fn grads_meta(x: &TensorSpec, residual: bool) -> NormGradsMetadata {
     let c = Shape::new([x.shape[1]]);
     let r = if residual {
@@ -118,6 +132,43 @@ pub trait CubeNorm: burn::backend::Backend {
         hi: f32,
     ) -> TrainOutput<Self>;
 
+    /// [`dnal_cube_norm_train`](Self::dnal_cube_norm_train) added into some channels of
+    /// `stream` (`[N, S, H, W]`) before the clamp, the output shaped like the stream: `map`
+    /// (`[S]`) holds, per stream channel, the BatchNorm channel added into it, or -1.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |x, _a, _b, s, _map, _rm, _rv, _momentum, _epsilon, _lo, _hi| into_meta(x, s))]
+    fn dnal_cube_norm_add_into_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> TrainOutput<Self>;
+
+    /// The gradients of [`dnal_cube_norm_add_into_train`](Self::dnal_cube_norm_add_into_train)
+    /// from its (stream-shaped) output `y` and the output's gradient `dy`: the stream's in
+    /// `residual`.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |x, y, _dy, _a, _mean, _var, _map, _epsilon, _lo, _hi| into_grads_meta(x, y))]
+    fn dnal_cube_norm_into_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormGrads<Self>;
+
     /// The gradients of the training BatchNorm from its output `y`, the output's gradient
     /// `dy`, its input `x`, `a`, and the statistics it used; with `residual`, the residual's
     /// gradient too.
@@ -167,6 +218,38 @@ impl CubeNorm for CubeBackend {
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
         norm_kernels::forward(x, a, b, Some(residual), running, epsilon, lo, hi)
+    }
+
+    fn dnal_cube_norm_add_into_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> TrainOutput<Self> {
+        let running = (running_mean, running_var, momentum);
+        norm_kernels::forward_into(x, a, b, stream, map, running, epsilon, lo, hi)
+    }
+
+    fn dnal_cube_norm_into_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormGrads<Self> {
+        norm_kernels::backward_into(x, y, dy, a, mean, variance, map, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_backward(
@@ -227,6 +310,27 @@ impl Backward<Cube, 4> for NormAddBackward {
         register(
             grads,
             [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b, g.residual],
+        );
+    }
+}
+
+#[derive(Debug)]
+struct NormIntoBackward;
+
+impl Backward<Cube, 4> for NormIntoBackward {
+    /// [`NormState`] (its output the stream-shaped one) and the channel map.
+    type State = (NormState, FloatTensor<Cube>);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b, node_s] = ops.parents;
+        let dy = grads.consume::<Cube>(&ops.node);
+        let ((x, y, a, mean, variance, epsilon, (lo, hi)), map) = ops.state;
+        let g =
+            Cube::dnal_cube_norm_into_backward(x, y, dy, a, mean, variance, map, epsilon, lo, hi);
+        register(
+            grads,
+            [node_x, node_a, node_b, node_s].map(|n| n.map(|n| n.id)),
             [g.x, g.a, g.b, g.residual],
         );
     }
@@ -317,6 +421,82 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
             OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
         };
         tracked::<C>(output, out)
+    }
+
+    fn dnal_cube_norm_add_into_train(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        stream: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        momentum: f64,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> TrainOutput<Self> {
+        let prep = NormIntoBackward
+            .prepare::<C>([x.node(), a.node(), b.node(), stream.node()])
+            .compute_bound()
+            .stateful();
+        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+        let (s, map) = (stream.into_primitive(), map.into_primitive());
+        let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
+        let out = Cube::dnal_cube_norm_add_into_train(
+            x.clone(),
+            a.clone(),
+            b,
+            s,
+            map.clone(),
+            rm,
+            rv,
+            momentum,
+            epsilon,
+            lo,
+            hi,
+        );
+        let output = match prep {
+            OpsKind::Tracked(prep) => prep.finish(
+                (state(x, &out, a, epsilon, (lo, hi)), map),
+                out.output.clone(),
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
+        };
+        tracked::<C>(output, out)
+    }
+
+    fn dnal_cube_norm_into_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        epsilon: f64,
+        lo: f32,
+        hi: f32,
+    ) -> NormGrads<Self> {
+        // Not differentiated itself: the gradients as constants.
+        let g = Cube::dnal_cube_norm_into_backward(
+            x.into_primitive(),
+            y.into_primitive(),
+            dy.into_primitive(),
+            a.into_primitive(),
+            mean.into_primitive(),
+            variance.into_primitive(),
+            map.into_primitive(),
+            epsilon,
+            lo,
+            hi,
+        );
+        NormGrads {
+            x: Autodiff::<Cube, C>::from_inner(g.x),
+            a: Autodiff::<Cube, C>::from_inner(g.a),
+            b: Autodiff::<Cube, C>::from_inner(g.b),
+            residual: Autodiff::<Cube, C>::from_inner(g.residual),
+        }
     }
 
     fn dnal_cube_norm_backward(

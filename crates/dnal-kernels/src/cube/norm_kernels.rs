@@ -355,6 +355,76 @@ fn normalize(
     out[i] = f32::min(f32::max(v, lo), hi);
 }
 
+/// `out = clamp(stream + x * scale + shift, lo, hi)` per element of the stream, the BatchNorm
+/// term only in the stream channels it is added into: `map[c]` is the BatchNorm channel added
+/// into stream channel `c`, negative where none is. `out` is laid out as `stream` is.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn normalize_into(
+    x: &[f32],
+    coef: &[f32],
+    stream: &[f32],
+    map: &[f32],
+    out: &mut [f32],
+    plane: usize,
+    channels: usize,
+    stream_channels: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] x_cl: bool,
+    #[comptime] s_cl: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let (m, c) = position(i, plane, stream_channels, s_cl);
+    let mut v = stream[i];
+    let k = map[c];
+    if k >= 0.0 {
+        let k = u32::cast_from(k) as usize;
+        v += x[offset(m, k, plane, channels, x_cl)] * coef[k * 2] + coef[k * 2 + 1];
+    }
+    out[i] = f32::min(f32::max(v, lo), hi);
+}
+
+/// The gradients that [`normalize_into`]'s clamp passes on, per element of the stream: the
+/// stream's (`ds`, laid out as `y` is) and, gathered from the channels BatchNorm added into,
+/// BatchNorm's output's (`dn`, laid out as `dn_cl` says, `channels` wide).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn grad_into(
+    y: &[f32],
+    dy: &[f32],
+    map: &[f32],
+    ds: &mut [f32],
+    dn: &mut [f32],
+    plane: usize,
+    channels: usize,
+    stream_channels: usize,
+    lo: f32,
+    hi: f32,
+    #[comptime] y_cl: bool,
+    #[comptime] dy_cl: bool,
+    #[comptime] dn_cl: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= ds.len() {
+        terminate!();
+    }
+    let (m, c) = position(i, plane, stream_channels, y_cl);
+    let mut g = 0.0f32;
+    if y[i] > lo && y[i] < hi {
+        g = dy[offset(m, c, plane, stream_channels, dy_cl)];
+    }
+    ds[i] = g;
+    let k = map[c];
+    if k >= 0.0 {
+        let k = u32::cast_from(k) as usize;
+        dn[offset(m, k, plane, channels, dn_cl)] = g;
+    }
+}
+
 /// The backward's sums per unit, cubes and lanes as in [`stats_sums`]: of `dz` (the output
 /// gradient where the clamp passes it, else 0) and of `dz * (x - mean)`, and the unit's
 /// channel. `y` is laid out as `x` is.
@@ -564,33 +634,41 @@ fn bounds(lo: f32, hi: f32) -> (f32, f32) {
     (lo.max(f32::MIN), hi.min(f32::MAX))
 }
 
-/// BatchNorm's output, the batch statistics it trains with, and the running statistics moved
-/// by `momentum`. `x` and `residual` are `[N, C, H, W]`, `a`, `b`, `running_mean` and
-/// `running_var` `[C]`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward(
+/// What BatchNorm's statistics launches leave for the output's: the input as laid out, the
+/// batch statistics, the per-channel coefficients, the running statistics moved, and a
+/// one-element stand-in for a missing residual.
+struct Statistics {
+    x: CubeTensor,
+    x_cl: bool,
+    mean: CubeTensor,
+    variance: CubeTensor,
+    coef: CubeTensor,
+    running_mean: CubeTensor,
+    running_var: CubeTensor,
+    no_residual: CubeTensor,
+}
+
+/// The batch statistics of `x` (`[N, C, H, W]`), the coefficients `a * inv_std` and
+/// `b - mean * a * inv_std` per channel, and the running statistics moved by `momentum`.
+fn statistics(
     x: CubeTensor,
     a: CubeTensor,
     b: CubeTensor,
-    residual: Option<CubeTensor>,
     (running_mean, running_var, momentum): (CubeTensor, CubeTensor, f64),
     epsilon: f64,
-    lo: f32,
-    hi: f32,
-) -> TrainOutput<CubeBackend> {
+) -> Statistics {
     let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
     // Moved in place (in a copy where another handle shares them): a step recorded as a graph
     // then moves the same memory at every replay.
     let [running_mean, running_var] =
         [running_mean, running_var].map(|t| writable(into_contiguous(t)));
-    let residual = residual.map(laid_out);
     let (channels, plane, count) = geometry(&x);
     let r = Reduction::new(channels, count, x_cl);
     let splits = r.splits;
     let client = x.client.clone();
     // The batch's per-channel results in one reservation with the partial sums (all gone by
     // the end of the step), the last a one-element stand-in for a missing residual, which the
-    // kernel never reads.
+    // output's kernel never reads.
     let [partials, mean, variance, coef, no_residual] = empties(
         &x,
         [
@@ -663,6 +741,45 @@ pub(super) fn forward(
             x_cl,
         );
     }
+    Statistics {
+        x,
+        x_cl,
+        mean,
+        variance,
+        coef,
+        running_mean,
+        running_var,
+        no_residual,
+    }
+}
+
+/// BatchNorm's output, the batch statistics it trains with, and the running statistics moved
+/// by `momentum`. `x` and `residual` are `[N, C, H, W]`, `a`, `b`, `running_mean` and
+/// `running_var` `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    x: CubeTensor,
+    a: CubeTensor,
+    b: CubeTensor,
+    residual: Option<CubeTensor>,
+    running: (CubeTensor, CubeTensor, f64),
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+) -> TrainOutput<CubeBackend> {
+    let residual = residual.map(laid_out);
+    let Statistics {
+        x,
+        x_cl,
+        mean,
+        variance,
+        coef,
+        running_mean,
+        running_var,
+        no_residual,
+    } = statistics(x, a, b, running, epsilon);
+    let (channels, plane, _) = geometry(&x);
+    let client = x.client.clone();
     let output = empty_like(&x, x_cl);
     let elements = output.meta.num_elements();
     let (lo, hi) = bounds(lo, hi);
@@ -692,6 +809,118 @@ pub(super) fn forward(
         running_mean,
         running_var,
     }
+}
+
+/// [`forward`] with its output added into some channels of `stream` (`[N, S, H, W]`) before
+/// the clamp: the output has the stream's shape and memory layout, and `map` (`[S]`, see
+/// [`normalize_into`]) names the BatchNorm channel added into each stream channel.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_into(
+    x: CubeTensor,
+    a: CubeTensor,
+    b: CubeTensor,
+    stream: CubeTensor,
+    map: CubeTensor,
+    running: (CubeTensor, CubeTensor, f64),
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+) -> TrainOutput<CubeBackend> {
+    let ((stream, s_cl), map) = (laid_out(stream), into_contiguous(map));
+    let st = statistics(x, a, b, running, epsilon);
+    let (channels, plane, _) = geometry(&st.x);
+    let stream_channels = stream.meta.shape()[1];
+    let client = st.x.client.clone();
+    let output = empty_like(&stream, s_cl);
+    let elements = output.meta.num_elements();
+    let (lo, hi) = bounds(lo, hi);
+    let dim = CubeDim::new(&client, elements);
+    normalize_into::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        st.x.into_buffer_arg(),
+        st.coef.into_buffer_arg(),
+        stream.into_buffer_arg(),
+        map.into_buffer_arg(),
+        output.clone().into_buffer_arg(),
+        plane,
+        channels,
+        stream_channels,
+        lo,
+        hi,
+        st.x_cl,
+        s_cl,
+    );
+    TrainOutput {
+        output,
+        mean: st.mean,
+        variance: st.variance,
+        running_mean: st.running_mean,
+        running_var: st.running_var,
+    }
+}
+
+/// The gradients of [`forward_into`] from its output `y` and the output's gradient `dy`
+/// (both stream-shaped): the stream's as `residual`, and BatchNorm's from the channels it was
+/// added into, through [`backward`] without a clamp.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_into(
+    x: CubeTensor,
+    y: CubeTensor,
+    dy: CubeTensor,
+    a: CubeTensor,
+    mean: CubeTensor,
+    variance: CubeTensor,
+    map: CubeTensor,
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+) -> NormGrads<CubeBackend> {
+    let ((x, x_cl), (y, y_cl)) = (laid_out(x), laid_out(y));
+    let ((dy, dy_cl), map) = (laid_out(dy), into_contiguous(map));
+    let (channels, plane, _) = geometry(&x);
+    let stream_channels = y.meta.shape()[1];
+    let client = x.client.clone();
+    let ds = empty_like(&y, y_cl);
+    // Every element of BatchNorm's output was added into one stream element: all written.
+    let dn = empty_like(&x, x_cl);
+    let elements = ds.meta.num_elements();
+    let (lo, hi) = bounds(lo, hi);
+    let dim = CubeDim::new(&client, elements);
+    grad_into::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        y.into_buffer_arg(),
+        dy.into_buffer_arg(),
+        map.into_buffer_arg(),
+        ds.clone().into_buffer_arg(),
+        dn.clone().into_buffer_arg(),
+        plane,
+        channels,
+        stream_channels,
+        lo,
+        hi,
+        y_cl,
+        dy_cl,
+        x_cl,
+    );
+    // No clamp of its own: every element passes its gradient (`x` stands in for the output,
+    // which only the clamp's mask would read).
+    let g = backward(
+        x.clone(),
+        x,
+        dn,
+        a,
+        mean,
+        variance,
+        epsilon,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        false,
+    );
+    NormGrads { residual: ds, ..g }
 }
 
 /// The gradients of [`forward`] from its output's gradient `dy`, the residual's of one
