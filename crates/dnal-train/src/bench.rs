@@ -125,8 +125,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         dnal_kernels::set_enabled(false);
     }
     dnal_kernels::set_reduction_finish(bench.reduction_finish);
-    let timed = bench.model.with(bench.shape, Timed(bench, device))?;
-    let (steps, threads, warmup_s, macs) = timed;
+    let (steps, threads, warmup_s, macs) = bench.model.with(bench.shape, Timed(bench, device))?;
     let (ms, issue): (Vec<f64>, Vec<f64>) = steps.into_iter().unzip();
     let sorted_of = |v: &[f64]| {
         let mut sorted = v.to_vec();
