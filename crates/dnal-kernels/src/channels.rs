@@ -37,7 +37,10 @@ static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::new();
 /// `keep` as an index tensor on `device`, made at the first call and held for the process's
 /// later ones. A training step recorded as a graph of launches (`train --graph` on cuda and
 /// wgpu) may contain no upload from the host, only launches; with the tensors held, the steps
-/// before the recording upload them and the recorded one reads them where they stay.
+/// before the recording upload them and the recorded one reads them where they stay. The memo
+/// starts over when full, dropping what it held; no recorded step is replayed then, since a
+/// recording's tensors were all made by the steps before it and its replays make none (one
+/// network on one device), and evaluation, which may add some, runs after the recording ends.
 fn held_indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::clone(&HELD.get((device_key(device), keep.to_vec()), || {
         indices(keep, device)
