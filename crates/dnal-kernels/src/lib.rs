@@ -864,7 +864,6 @@ fn batch_norm_train_residual(
                 (zeros(), zeros(), 0.0)
             }
         };
-        let device = x.device();
         let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
         let (rm, rv) = (rm.into_dispatch(), rv.into_dispatch());
         let out = match residual {
@@ -884,7 +883,7 @@ fn batch_norm_train_residual(
                 hi,
             ),
             Residual::Into(s, pos) => {
-                let map = channels::held_map(pos, s.dims()[1], &device);
+                let map = channels::held_map(pos, s.dims()[1], &s.device());
                 <Dispatch as CubeNorm>::dnal_cube_norm_add_into_train(
                     x,
                     a,
