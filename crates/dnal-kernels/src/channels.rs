@@ -32,15 +32,15 @@ pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
 type DeviceKey = (String, bool);
 
 /// Index tensors the forward and backward passes use, kept on their devices once made.
-static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::new();
+static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::kept();
 
-/// `keep` as an index tensor on `device`, made at the first call and held for the process's
-/// later ones. A training step recorded as a graph of launches (`train --graph` on cuda and
-/// wgpu) may contain no upload from the host, only launches; with the tensors held, the steps
-/// before the recording upload them and the recorded one reads them where they stay. The memo
-/// starts over when full, dropping what it held; no recorded step is replayed then, since a
-/// recording's tensors were all made by the steps before it and its replays make none (one
-/// network on one device), and evaluation, which may add some, runs after the recording ends.
+/// `keep` as an index tensor on `device`, made at the first call and held for the rest of the
+/// process. A training step recorded as a graph of launches (`train --graph` on cuda and wgpu)
+/// may contain no upload from the host, only launches; with the tensors held, the steps before
+/// the recording upload them and the recorded one reads them where they stay, as long as the
+/// graph lives: the memo never drops a tensor, so nothing a replay reads is freed. A process
+/// holds one tensor per distinct channel list of the networks it runs (a few dozen small ones
+/// for a pruned network).
 fn held_indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::clone(&HELD.get((device_key(device), keep.to_vec()), || {
         indices(keep, device)
@@ -53,7 +53,7 @@ fn device_key(device: &Device) -> DeviceKey {
 
 /// Channel maps, held as index tensors are.
 #[cfg_attr(not(feature = "cube"), allow(dead_code))]
-static HELD_MAPS: Memo<(DeviceKey, Vec<usize>, usize), Tensor<1>> = Memo::new();
+static HELD_MAPS: Memo<(DeviceKey, Vec<usize>, usize), Tensor<1>> = Memo::kept();
 
 /// For a stream of `width` channels into whose channels `pos` the channels of a narrower
 /// tensor are added, in order: per stream channel, the narrower tensor's channel added into it

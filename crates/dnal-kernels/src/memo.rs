@@ -1,33 +1,53 @@
 //! Values built once per process from a key (a convolution's map size, kernel, padding and
-//! stride) and shared between calls: the direct kernels' taps and im2col's gather tables. At
-//! batch 1 building them took as long as a thin layer's convolution.
+//! stride) and shared between calls: the direct kernels' taps and im2col's gather tables (at
+//! batch 1 building them took as long as a thin layer's convolution), and the index tensors a
+//! pruned network's steps read on a device.
 
 use rustc_hash::FxHashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Entries a memo holds at most before it starts over (a process sees a handful of geometries).
+/// Entries a [`Memo::new`] holds at most before it starts over (a process sees a handful of
+/// geometries).
 const CAPACITY: usize = 256;
 
 /// A process-wide map from keys to shared values, built on first use of a key.
-pub(crate) struct Memo<K, V>(OnceLock<Mutex<FxHashMap<K, Arc<V>>>>);
+pub(crate) struct Memo<K, V> {
+    map: OnceLock<Mutex<FxHashMap<K, Arc<V>>>>,
+    /// Entries held at most before the map starts over.
+    capacity: usize,
+}
 
 impl<K: Hash + Eq, V> Memo<K, V> {
+    /// A memo that starts over when it holds [`CAPACITY`] entries: for values any caller may
+    /// build again.
     pub(crate) const fn new() -> Self {
-        Self(OnceLock::new())
+        Self {
+            map: OnceLock::new(),
+            capacity: CAPACITY,
+        }
+    }
+
+    /// A memo that never drops what it holds: for values whose identity matters (a tensor a
+    /// recorded graph of launches reads at its address) and whose keys a process has few of.
+    pub(crate) const fn kept() -> Self {
+        Self {
+            map: OnceLock::new(),
+            capacity: usize::MAX,
+        }
     }
 
     /// The value of `key`, built by `build` if this memo does not hold it.
     pub(crate) fn get(&self, key: K, build: impl FnOnce() -> V) -> Arc<V> {
         let mut map = self
-            .0
+            .map
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(value) = map.get(&key) {
             return value.clone();
         }
-        if map.len() >= CAPACITY {
+        if map.len() >= self.capacity {
             map.clear();
         }
         map.entry(key).or_insert_with(|| Arc::new(build())).clone()
@@ -58,5 +78,16 @@ mod tests {
         assert_eq!(*MEMO.get(2, || build(2)), 20);
         assert_eq!(builds.get(), 3);
         assert_eq!(*first, 20);
+    }
+
+    #[test]
+    fn a_kept_memo_hands_out_the_same_values_past_the_capacity() {
+        static KEPT: Memo<usize, usize> = Memo::kept();
+        let first = KEPT.get(0, || 7);
+        for k in 1..=2 * CAPACITY {
+            KEPT.get(k, || k);
+        }
+        assert!(Arc::ptr_eq(&first, &KEPT.get(0, || 8)));
+        assert_eq!(*KEPT.get(CAPACITY, || 0), CAPACITY);
     }
 }
