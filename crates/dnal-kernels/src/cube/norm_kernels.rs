@@ -357,7 +357,8 @@ fn normalize(
 
 /// `out = clamp(stream + x * scale + shift, lo, hi)` per element of the stream, the BatchNorm
 /// term only in the stream channels it is added into: `map[c]` is the BatchNorm channel added
-/// into stream channel `c`, negative where none is. `out` is laid out as `stream` is.
+/// into stream channel `c`, negative where none is. `out` has the stream's shape, laid out as
+/// `out_cl` says.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn normalize_into(
@@ -373,13 +374,14 @@ fn normalize_into(
     hi: f32,
     #[comptime] x_cl: bool,
     #[comptime] s_cl: bool,
+    #[comptime] out_cl: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= out.len() {
         terminate!();
     }
-    let (m, c) = position(i, plane, stream_channels, s_cl);
-    let mut v = stream[i];
+    let (m, c) = position(i, plane, stream_channels, out_cl);
+    let mut v = stream[offset(m, c, plane, stream_channels, s_cl)];
     let k = map[c];
     if k >= 0.0 {
         let k = u32::cast_from(k) as usize;
@@ -812,8 +814,11 @@ pub(super) fn forward(
 }
 
 /// [`forward`] with its output added into some channels of `stream` (`[N, S, H, W]`) before
-/// the clamp: the output has the stream's shape and memory layout, and `map` (`[S]`, see
-/// [`normalize_into`]) names the BatchNorm channel added into each stream channel.
+/// the clamp: the output has the stream's shape and `x`'s memory layout, and `map` (`[S]`, see
+/// [`normalize_into`]) names the BatchNorm channel added into each stream channel. `x`'s layout
+/// (a convolution's output, channel-last on the cubecl backends) is what the next convolution
+/// reads without a copy: in the stream's, a stream that a padded shortcut widened
+/// (channel-first) would be copied before every block of its stage.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_into(
     x: CubeTensor,
@@ -831,7 +836,7 @@ pub(super) fn forward_into(
     let (channels, plane, _) = geometry(&st.x);
     let stream_channels = stream.meta.shape()[1];
     let client = st.x.client.clone();
-    let output = empty_like(&stream, s_cl);
+    let output = empty_like(&stream, st.x_cl);
     let elements = output.meta.num_elements();
     let (lo, hi) = bounds(lo, hi);
     let dim = CubeDim::new(&client, elements);
@@ -851,6 +856,7 @@ pub(super) fn forward_into(
         hi,
         st.x_cl,
         s_cl,
+        st.x_cl,
     );
     TrainOutput {
         output,
