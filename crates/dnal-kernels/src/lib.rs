@@ -46,6 +46,8 @@
 //!   convolution writes its output; [`conv_bn_add`] and [`conv_bn_add_into`] with a residual,
 //!   the latter added into some channels of a wider residual stream in one pass.
 //!
+//! * [`cross_entropy`]: the training loss and the batch's correct predictions; on the CubeCL
+//!   backends one launch, and one for the logits' gradient.
 //! * [`sgd_momentum_steps`]: SGD's update of many parameters with momentum and weight decay;
 //!   on the CubeCL backends one operation for all of them (one launch per group of up to 32),
 //!   the velocities in place ([`sgd_momentum_step`] for one parameter).
@@ -77,6 +79,7 @@ pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
 mod lane_masks;
+mod loss;
 mod memo;
 #[cfg(feature = "flex")]
 mod outputs;
@@ -98,6 +101,7 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use loss::cross_entropy;
 pub use refresh::overwrite;
 pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,

@@ -7,7 +7,6 @@
 
 use std::time::Instant;
 
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
@@ -206,7 +205,6 @@ impl WithNetwork for Timed<'_> {
             &device,
         );
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b.batch]), &device);
-        let ce = CrossEntropyLossConfig::new().init(&device);
         // The paper's CIFAR weight stage: momentum 0.9 (dampening 0), weight decay 5e-4.
         // dnal's SGD holds convolution weights channel-last on cuda and wgpu; from the start,
         // so that the warm-up tunes each convolution once.
@@ -232,10 +230,11 @@ impl WithNetwork for Timed<'_> {
                 .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))
         };
         let mut state = Some((net, sgd));
-        // One training step of the network and optimiser in `state`: its loss.
+        // One training step of the network and optimiser in `state`, the loss and the correct
+        // predictions computed as in training: its loss.
         let mut step = || {
             let (net, mut sgd) = state.take().expect("the step always puts its state back");
-            let loss = ce.forward(net.forward(x.clone()), y.clone());
+            let (loss, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             state = Some((sgd.step(0.01, net, grads), sgd));
             loss

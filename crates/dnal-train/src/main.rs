@@ -32,6 +32,8 @@ enum CheckFamily {
     Convolution,
     /// SGD's momentum step.
     Sgd,
+    /// The training loss: cross-entropy, correct predictions and the logits' gradient.
+    Loss,
 }
 
 #[derive(Subcommand)]
@@ -113,8 +115,8 @@ enum Command {
         json: bool,
     },
     /// Compare dnal's own operations on a backend with the CPU (flex): training BatchNorm
-    /// with its running statistics, the depthwise convolution and the convolution's backward,
-    /// over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
+    /// with its running statistics, the depthwise convolution, the convolution's backward,
+    /// SGD's momentum step and the training loss, over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
     /// difference; fails if any exceeds 2e-4 of the reference's largest value (1e-2 for the
     /// one-group convolutions, whose products are burn's and may run in TF32 on cuda).
     Check {
@@ -124,7 +126,7 @@ enum Command {
         /// Print only the comparisons that fail, and the summary.
         #[arg(long)]
         quiet: bool,
-        /// Compare one family of operations only (default: all three).
+        /// Compare one family of operations only (default: all of them).
         #[arg(long, value_enum)]
         only: Option<CheckFamily>,
         /// How dnal's CubeCL reductions finish (see `bench`): `folded` checks the folded
@@ -402,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
                 Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
+                Some(CheckFamily::Loss) => check::loss(&device, &reference),
             };
             let failed = comparisons.iter().filter(|c| !c.ok()).count();
             for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {

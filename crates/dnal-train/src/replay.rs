@@ -45,7 +45,7 @@ pub(crate) struct Recorder {
     warm: usize,
     graph: Option<BackendGraph<Dispatch>>,
     /// The recorded step's loss and hits, overwritten by every replay.
-    output: Option<(Tensor<1>, Tensor<1, Int>)>,
+    output: Option<(Tensor<1>, Tensor<1>)>,
     /// A batch of another shape came (a last, smaller batch): the rest of the epoch is not
     /// recorded.
     done: bool,
@@ -72,7 +72,7 @@ impl Recorder {
         batch: &HostBatch,
         sgd: &mut Sgd,
         lr: f64,
-    ) -> Result<(N, Tensor<1>, Tensor<1, Int>)> {
+    ) -> Result<(N, Tensor<1>, Tensor<1>)> {
         let fits = self
             .inputs
             .as_ref()
@@ -139,7 +139,7 @@ impl Recorder {
     }
 
     /// The step itself, on the input buffers.
-    fn run<N: Network>(&self, net: N, sgd: &mut Sgd) -> (N, Tensor<1>, Tensor<1, Int>) {
+    fn run<N: Network>(&self, net: N, sgd: &mut Sgd) -> (N, Tensor<1>, Tensor<1>) {
         let inputs = self.inputs.as_ref().expect("refreshed before a step");
         let images = inputs.images.clone().autodiff();
         let labels = inputs.labels.clone().int();
@@ -173,7 +173,7 @@ fn weight_step<N: Network>(
     labels: Tensor<1, Int>,
     sgd: &mut Sgd,
     lr: impl Into<Rate>,
-) -> (N, Tensor<1>, Tensor<1, Int>) {
+) -> (N, Tensor<1>, Tensor<1>) {
     let spec = StepSpec {
         penalty: None,
         alpha_ids: None,

@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use dnal_core::SparsityPenalty;
@@ -44,8 +43,8 @@ pub(crate) struct StepOut {
     pub loss: Tensor<1>,
     /// The penalty.
     pub penalty: Option<Tensor<1>>,
-    /// Correct predictions.
-    pub hits: Tensor<1, Int>,
+    /// Correct predictions (a count, as f32).
+    pub hits: Tensor<1>,
     /// The gradients of alpha (when [`StepSpec::alpha_ids`] is set).
     pub alpha: Option<GradientsParams>,
     /// Every other gradient.
@@ -168,12 +167,9 @@ pub(crate) fn device_step<N: Network>(
     spec: &StepSpec,
     weight: Option<f64>,
 ) -> StepOut {
-    let ce = CrossEntropyLossConfig::new().init(&images.device());
     let logits = net.forward(images);
     let n = logits.dims()[0];
-    let pred = logits.clone().argmax(1).reshape([n]);
-    let hits = pred.equal(labels.clone()).int().sum();
-    let mut loss = ce.forward(logits, labels);
+    let (mut loss, hits) = dnal_kernels::cross_entropy(logits, labels);
     let penalty = spec.penalty.map(|p| p.loss(net));
     if let Some(pen) = &penalty {
         loss = loss + pen.clone();

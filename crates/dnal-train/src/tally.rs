@@ -57,11 +57,11 @@ impl Tally {
         n: usize,
         loss: Tensor<1>,
         penalty: Option<Tensor<1>>,
-        hits: Tensor<1, Int>,
+        hits: Tensor<1>,
     ) {
         let loss = loss.detach();
         let penalty = penalty.map_or_else(|| loss.zeros_like(), Tensor::detach);
-        let row = Tensor::cat(vec![loss, penalty, hits.float()], 0);
+        let row = Tensor::cat(vec![loss, penalty, hits], 0);
         self.pending.push((iteration, n, row));
     }
 
@@ -104,15 +104,11 @@ impl Tally {
 mod tests {
     use super::*;
 
-    fn batch(
-        device: &Device,
-        loss: f32,
-        hits: i64,
-    ) -> (Tensor<1>, Option<Tensor<1>>, Tensor<1, Int>) {
+    fn batch(device: &Device, loss: f32, hits: i64) -> (Tensor<1>, Option<Tensor<1>>, Tensor<1>) {
         (
             Tensor::from_floats([loss], device),
             Some(Tensor::from_floats([loss / 10.0], device)),
-            Tensor::from_ints([hits], device),
+            Tensor::from_floats([hits as f32], device),
         )
     }
 

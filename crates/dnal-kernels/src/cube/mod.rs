@@ -1,8 +1,8 @@
 //! dnal's operations on the CubeCL backends (cuda, wgpu), as burn backend extensions with
 //! their own kernels: BatchNorm in training with its gate, residual add and activation
 //! ([`norm`]), the depthwise convolution ([`depthwise`]), the one-group convolution's weight
-//! gradient ([`conv`]), SGD's momentum step ([`sgd`]) and a recorded graph's inputs written
-//! in place ([`refresh`]). Each is lazy under fusion (one opaque
+//! gradient ([`conv`]), SGD's momentum step ([`sgd`]), the training loss ([`loss`]) and a
+//! recorded graph's inputs written in place ([`refresh`]). Each is lazy under fusion (one opaque
 //! operation in fusion's stream, or burn's own operation where only the backward is dnal's);
 //! the differentiable ones have their backward registered on burn's autodiff graph.
 
@@ -11,6 +11,7 @@ mod depthwise;
 mod depthwise_kernels;
 mod im2col;
 mod layout;
+mod loss;
 mod norm;
 mod norm_kernels;
 mod reduction;
@@ -20,6 +21,7 @@ mod sgd;
 pub use conv::CubeConv;
 pub(crate) use conv::pointwise;
 pub use depthwise::CubeDepthwise;
+pub use loss::CubeLoss;
 pub use norm::CubeNorm;
 pub use refresh::overwrite;
 pub use sgd::{Runtime, StepRate, sgd_steps, strides};

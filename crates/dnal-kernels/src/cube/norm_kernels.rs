@@ -48,7 +48,7 @@ fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (u
 /// halving; unit `u` is lane `u / width` of the cube's channel `u % width`): the channel's
 /// totals, valid in its lane 0.
 #[cube]
-fn lane_sums(s1: f32, s2: f32, width: usize, #[comptime] block: u32) -> (f32, f32) {
+pub(super) fn lane_sums(s1: f32, s2: f32, width: usize, #[comptime] block: u32) -> (f32, f32) {
     let u = UNIT_POS_X as usize;
     let mut sh1 = Shared::<[f32]>::new_slice(block as usize);
     let mut sh2 = Shared::<[f32]>::new_slice(block as usize);
