@@ -27,7 +27,7 @@
 //!   runs over the stream and the backward gathers BatchNorm's gradient in one launch more.
 //!   ndarray uses burn's `batch_norm_train` with the folded `a`, `b`.
 //! * [`depthwise_conv2d`]: on flex plane-by-plane kernels; on the CubeCL backends one launch
-//!   forward, one for the input gradient and two for the weight gradient, in the memory
+//!   forward, one for the input gradient and two for the weight gradient (one on cuda), in the memory
 //!   layout the input comes in, where burn's grouped convolution autotunes among its general
 //!   convolution kernels per shape and copies between layouts around them.
 //! * [`conv2d`] (one group, square kernel, symmetric padding, no dilation, no bias), with two
@@ -137,8 +137,8 @@ pub fn direct_enabled() -> bool {
     DIRECT.load(Ordering::Relaxed)
 }
 
-/// How dnal's CubeCL reductions over the batch (BatchNorm's statistics and their gradients)
-/// add up their partial sums: in a second launch, or in the launch that makes them, by the
+/// How dnal's CubeCL reductions over the batch (BatchNorm's statistics and their gradients,
+/// the depthwise convolution's weight gradient) add up their partial sums: in a second launch, or in the launch that makes them, by the
 /// last cube to store its share (one launch fewer per reduction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {

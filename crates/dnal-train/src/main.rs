@@ -96,8 +96,8 @@ enum Command {
         /// where burn's issues seven), for comparison.
         #[arg(long)]
         burn_sgd: bool,
-        /// How dnal's CubeCL reductions (BatchNorm's statistics and gradients) add up their
-        /// partial sums: `auto` (as training does), `folded` (by the last cube of the launch
+        /// How dnal's CubeCL reductions (BatchNorm's statistics and gradients, the depthwise
+        /// weight gradient) add up their partial sums: `auto` (as training does), `folded` (by the last cube of the launch
         /// that makes them) or `separate` (in a second launch), for comparison.
         #[arg(long, default_value = "auto")]
         reduction_finish: dnal_kernels::Finish,

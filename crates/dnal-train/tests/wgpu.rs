@@ -192,11 +192,15 @@ fn flex() -> burn::prelude::Device {
 }
 
 /// BatchNorm's kernels with their reductions finished as `finish` says (for the whole
-/// process, while the [`GPU`] lock keeps the other tests waiting), against flex.
-fn batch_norm_finished(finish: dnal_kernels::Finish) {
+/// process, while the [`GPU`] lock keeps the other tests waiting), against flex; with
+/// `depthwise`, the depthwise convolution's too (its weight gradient is such a reduction).
+fn reductions_finished(finish: dnal_kernels::Finish, depthwise: bool) {
     if let Some((device, _gpu)) = wgpu_device() {
         dnal_kernels::set_reduction_finish(finish);
-        let comparisons = check::batch_norm(&device, &flex());
+        let mut comparisons = check::batch_norm(&device, &flex());
+        if depthwise {
+            comparisons.extend(check::depthwise(&device, &flex()));
+        }
         dnal_kernels::set_reduction_finish(dnal_kernels::Finish::Auto);
         all_within(comparisons);
     }
@@ -204,17 +208,18 @@ fn batch_norm_finished(finish: dnal_kernels::Finish) {
 
 #[test]
 fn batch_norm_kernels_on_wgpu_match_flex() {
-    batch_norm_finished(dnal_kernels::Finish::Separate);
+    reductions_finished(dnal_kernels::Finish::Separate, false);
 }
 
-/// The kernels that finish a reduction in its own launch, as cuda runs them. WGSL does not
+/// The kernels that finish a reduction in the launch of its partial sums, as cuda runs them
+/// (BatchNorm's statistics and gradients, the depthwise weight gradient). WGSL does not
 /// promise that one cube's writes reach another within a launch, so `auto` never takes them on
 /// wgpu; a CPU driver's memory is coherent, so they are checked on a CPU adapter only
 /// (`DNAL_WGPU_DEVICE=cpu`, as CI sets for its lavapipe).
 #[test]
-fn folded_batch_norm_kernels_on_a_cpu_adapter_match_flex() {
+fn folded_reductions_on_a_cpu_adapter_match_flex() {
     if std::env::var("DNAL_WGPU_DEVICE").as_deref() == Ok("cpu") {
-        batch_norm_finished(dnal_kernels::Finish::Folded);
+        reductions_finished(dnal_kernels::Finish::Folded, true);
     } else {
         eprintln!(
             "skipped: the folded kernels are checked on a CPU adapter (DNAL_WGPU_DEVICE=cpu)"

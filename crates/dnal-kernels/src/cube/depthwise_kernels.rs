@@ -2,7 +2,9 @@
 //! stride and padding on both axes, no bias) as CubeCL kernels: the output and the input
 //! gradient one unit per element, each a gather over the `k * k` taps (no atomics, no column
 //! matrix), and the weight gradient as a reduction over the batch's positions with every
-//! unit holding all `k * k` tap sums, then one small kernel adding up the cubes' partial sums.
+//! unit holding all `k * k` tap sums, its cubes' partial sums added up by the last cube to
+//! store them where the reduction folds ([`Reduction::folds`], cuda), else by one small kernel
+//! more.
 //! Input, output and gradients are read and written in channel-first or channel-last memory,
 //! the output laid out as the input is. burn's grouped convolution autotunes, per shape, among
 //! its general convolution kernels (direct and implicit-GEMM, forward and transposed), and
@@ -15,7 +17,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::layout::{Geometry, at, coordinates, empties, empty_shaped, laid_out};
-use super::reduction::{Reduction, cube_sum, finishing};
+use super::reduction::{Reduction, arrivals, cube_sum, finishing, last_to_arrive};
 
 /// The output of a depthwise convolution's `[N, C, H, W]` input `x` and `[C, 1, k, k]` weight
 /// (`k` at least `padding + 1`, `H + 2 * padding` and `W + 2 * padding` at least `k`).
@@ -124,9 +126,9 @@ fn depthwise_grad_input(
 /// l + j * splits * lanes` (`m` counts images, then rows, then columns) and adding `dy[m] *
 /// x[tap]` for each of the `k * k` taps; the channel's sums go to `partials[(c * k * k + t) *
 /// splits + s]`.
-#[cube(launch)]
+#[cube]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_weight_partials(
+fn weight_partials(
     x: &[f32],
     dy: &[f32],
     partials: &mut [f32],
@@ -208,6 +210,98 @@ fn depthwise_weight_partials(
         if lane == 0 && c < channels {
             let splits = CUBE_COUNT_X as usize;
             partials[(c * taps + t) * splits + CUBE_POS_X as usize] = shared[u];
+        }
+    }
+}
+
+/// [`weight_partials`] as a launch of its own, finished by [`depthwise_weight_finalize`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_weight_partials(
+    x: &[f32],
+    dy: &[f32],
+    partials: &mut [f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
+    stride: usize,
+    padding: usize,
+    count: usize,
+    lane_width: usize,
+    #[comptime] k: usize,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    weight_partials(
+        x, dy, partials, channels, height, width, out_height, out_width, stride, padding, count,
+        lane_width, k, block, x_cl, dy_cl,
+    );
+}
+
+/// [`weight_partials`] and [`depthwise_weight_finalize`] in one launch: the last cube of each
+/// group of channels to store its partial sums adds up the group's, each channel's by its
+/// lanes (as the positions were), tap by tap.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_weight_folded(
+    x: &[f32],
+    dy: &[f32],
+    partials: &mut [f32],
+    arrivals: &mut [Atomic<u32>],
+    dw: &mut [f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
+    stride: usize,
+    padding: usize,
+    count: usize,
+    lane_width: usize,
+    #[comptime] k: usize,
+    #[comptime] block: u32,
+    #[comptime] x_cl: bool,
+    #[comptime] dy_cl: bool,
+) {
+    weight_partials(
+        x, dy, partials, channels, height, width, out_height, out_width, stride, padding, count,
+        lane_width, k, block, x_cl, dy_cl,
+    );
+    if last_to_arrive(arrivals, CUBE_POS_Y as usize) {
+        let taps = comptime!(k * k);
+        let u = UNIT_POS_X as usize;
+        let lanes = block as usize / lane_width;
+        let lane = u / lane_width;
+        let c = CUBE_POS_Y as usize * lane_width + u % lane_width;
+        let splits = CUBE_COUNT_X as usize;
+        let mut shared = Shared::<[f32]>::new_slice(block as usize);
+        #[unroll]
+        for t in 0..taps {
+            let mut sum = 0.0f32;
+            if c < channels {
+                let mut s = lane;
+                while s < splits {
+                    sum += partials[(c * taps + t) * splits + s];
+                    s += lanes;
+                }
+            }
+            shared[u] = sum;
+            sync_cube();
+            let mut half = lanes / 2;
+            while half > 0 {
+                if lane < half {
+                    let v = shared[u] + shared[u + half * lane_width];
+                    shared[u] = v;
+                }
+                sync_cube();
+                half /= 2;
+            }
+            if lane == 0 && c < channels {
+                dw[c * taps + t] = shared[u];
+            }
         }
     }
 }
@@ -324,6 +418,32 @@ pub(super) fn grad_weight(
             Shape::new([g.channels, 1, kernel, kernel]),
         ],
     );
+    if r.folds(&client, taps) {
+        depthwise_weight_folded::launch(
+            &client,
+            r.cubes(),
+            CubeDim::new_1d(r.block),
+            x.clone().into_buffer_arg(),
+            dy.into_buffer_arg(),
+            partials.into_buffer_arg(),
+            arrivals(&x, r.groups),
+            dw.clone().into_buffer_arg(),
+            g.channels,
+            g.height,
+            g.width,
+            g.out_height,
+            g.out_width,
+            g.stride,
+            g.padding,
+            count,
+            r.width,
+            kernel,
+            r.block,
+            x_cl,
+            dy_cl,
+        );
+        return dw;
+    }
     depthwise_weight_partials::launch(
         &client,
         r.cubes(),

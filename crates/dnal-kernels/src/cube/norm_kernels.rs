@@ -681,7 +681,7 @@ fn statistics(
             Shape::new([1]),
         ],
     );
-    if r.folds(&client) {
+    if r.folds(&client, 2) {
         stats_folded::launch(
             &client,
             r.cubes(),
@@ -972,7 +972,7 @@ pub(super) fn backward(
             Shape::new([1]),
         ],
     );
-    if r.folds(&client) {
+    if r.folds(&client, 2) {
         grad_folded::launch(
             &client,
             r.cubes(),

@@ -72,10 +72,12 @@ impl Reduction {
     /// last of each group's cubes to store them ([`last_to_arrive`]), rather than by a second
     /// launch: as [`crate::set_reduction_finish`] says, by default where the runtime makes one
     /// cube's writes visible to another within a launch (cuda; not WGSL) and the finishing
-    /// cube's share is small, at most 64 pairs of partial sums per unit. That share is work
-    /// one cube does while the rest of the device waits; a second launch spreads it over one
-    /// cube per channel, at the cost of one more launch, which a host-bound step pays for.
-    pub(super) fn folds(&self, client: &cubecl::client::Client) -> bool {
+    /// cube's share is small, at most 128 partial sums per unit (64 of BatchNorm's pairs).
+    /// That share is work one cube does while the rest of the device waits; a second launch
+    /// spreads it over one cube per channel, at the cost of one more launch, which a
+    /// host-bound step pays for. `sums` is how many partial sums each cube stores per channel
+    /// (BatchNorm's 2, the depthwise weight gradient's one per tap).
+    pub(super) fn folds(&self, client: &cubecl::client::Client, sums: usize) -> bool {
         match crate::reduction_finish() {
             Finish::Separate => false,
             Finish::Folded => true,
@@ -86,14 +88,14 @@ impl Reduction {
                     && properties
                         .atomic_type_usage(counter)
                         .contains(AtomicUsage::Add)
-                    && self.width * self.splits <= FOLD_PAIRS_PER_UNIT * self.block as usize
+                    && self.width * self.splits * sums <= FOLD_SUMS_PER_UNIT * self.block as usize
             }
         }
     }
 }
 
-/// Most pairs of partial sums per unit that the cube finishing a folded reduction adds up.
-const FOLD_PAIRS_PER_UNIT: usize = 64;
+/// Most partial sums per unit that the cube finishing a folded reduction adds up.
+const FOLD_SUMS_PER_UNIT: usize = 128;
 
 /// The arrival counters of folded reductions on one device and stream: zero between launches
 /// (the last cube to arrive at a counter sets it back), so one buffer serves the launches of
