@@ -102,7 +102,7 @@ use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use loss::cross_entropy;
-pub use refresh::overwrite;
+pub use refresh::{overwrite, write_values};
 pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,
     steps_together,

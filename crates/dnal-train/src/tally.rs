@@ -23,10 +23,17 @@ pub(crate) struct NonFinite {
     pub value: f32,
 }
 
+/// Values of a batch in the device buffers: loss, penalty, hits.
+const ROW: usize = 3;
+
 /// The running sums of an epoch.
 pub(crate) struct Tally {
-    /// Per batch not yet read: iteration, batch size, `[loss, penalty, hits]` on the device.
-    pending: Vec<(usize, usize, Tensor<1>)>,
+    /// Per batch not yet read: iteration, batch size, whether it had a penalty.
+    pending: Vec<(usize, usize, bool)>,
+    /// The pending batches' `[loss, penalty, hits]` rows on the device, [`READ_BACK`] rows per
+    /// buffer, each written in place by one operation per batch
+    /// ([`dnal_kernels::write_values`]); the last buffer is kept for the next rows.
+    rows: Vec<Tensor<1>>,
     /// Sum over read batches of the loss times the batch size.
     pub loss_sum: f64,
     /// Sum over read batches of the penalty times the batch size.
@@ -42,6 +49,7 @@ impl Tally {
     pub fn resume(start: &PartialEpoch) -> Self {
         Self {
             pending: Vec::with_capacity(READ_BACK),
+            rows: Vec::new(),
             loss_sum: start.loss_sum,
             pen_sum: start.pen_sum,
             correct: start.correct,
@@ -59,10 +67,25 @@ impl Tally {
         penalty: Option<Tensor<1>>,
         hits: Tensor<1>,
     ) {
-        let loss = loss.detach();
-        let penalty = penalty.map_or_else(|| loss.zeros_like(), Tensor::detach);
-        let row = Tensor::cat(vec![loss, penalty, hits], 0);
-        self.pending.push((iteration, n, row));
+        let (loss, hits) = (loss.detach().inner(), hits.inner());
+        let slot = self.pending.len() % READ_BACK;
+        if slot == 0 && self.rows.len() * READ_BACK <= self.pending.len() {
+            self.rows
+                .push(Tensor::zeros([READ_BACK * ROW], &loss.device()));
+        }
+        let at = slot * ROW;
+        let with_penalty = penalty.is_some();
+        let (places, values) = match penalty {
+            Some(p) => (
+                vec![at, at + 1, at + 2],
+                vec![loss, p.detach().inner(), hits],
+            ),
+            None => (vec![at, at + 2], vec![loss, hits]),
+        };
+        let buffer = self.rows.pop().expect("a buffer for the row");
+        self.rows
+            .push(dnal_kernels::write_values(buffer, &places, values));
+        self.pending.push((iteration, n, with_penalty));
     }
 
     /// Whether enough batches wait to be read.
@@ -77,14 +100,25 @@ impl Tally {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let rows: Vec<Tensor<1>> = pending.iter().map(|(_, _, r)| r.clone()).collect();
-        let values: Vec<f32> = Tensor::cat(rows, 0)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32 after convert");
-        for ((iteration, n, _), v) in pending.iter().zip(values.chunks_exact(3)) {
-            let (loss, pen, hits) = (v[0], v[1], v[2]);
+        // One transfer per buffer (one, when read back as due); the last buffer stays for the
+        // rows to come, written over from its first.
+        let last = self.rows.len() - 1;
+        let mut values: Vec<f32> = Vec::with_capacity(self.rows.len() * READ_BACK * ROW);
+        for (i, rows) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            values.extend(
+                rows.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 after convert"),
+            );
+            if i == last {
+                self.rows.push(rows);
+            }
+        }
+        for ((iteration, n, with_penalty), v) in pending.iter().zip(values.chunks_exact(ROW)) {
+            let (loss, hits) = (v[0], v[2]);
+            let pen = if *with_penalty { v[1] } else { 0.0 };
             if !loss.is_finite() {
                 return Err(NonFinite {
                     iteration: *iteration,

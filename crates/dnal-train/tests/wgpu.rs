@@ -248,6 +248,22 @@ fn sgd_step_on_wgpu_matches_burn_on_flex() {
     }
 }
 
+/// The tally's buffer: values written at their places in one launch, twice into the same
+/// buffer, the other places kept.
+#[test]
+fn values_written_into_a_buffer_on_wgpu_land_at_their_places() {
+    if let Some((device, _gpu)) = wgpu_device() {
+        let one = |v: f32| burn::prelude::Tensor::<1>::from_floats([v], &device);
+        let read = |t: burn::prelude::Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+        let buffer = burn::prelude::Tensor::<1>::zeros([6], &device);
+        let buffer =
+            dnal_kernels::write_values(buffer, &[0, 2, 5], vec![one(1.5), one(2.5), one(-3.0)]);
+        assert_eq!(read(buffer.clone()), vec![1.5, 0.0, 2.5, 0.0, 0.0, -3.0]);
+        let buffer = dnal_kernels::write_values(buffer, &[1], vec![one(7.0)]);
+        assert_eq!(read(buffer), vec![1.5, 7.0, 2.5, 0.0, 0.0, -3.0]);
+    }
+}
+
 #[test]
 fn loss_on_wgpu_matches_burn_on_flex() {
     if let Some((device, _gpu)) = wgpu_device() {

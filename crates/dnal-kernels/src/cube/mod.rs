@@ -23,5 +23,5 @@ pub(crate) use conv::pointwise;
 pub use depthwise::CubeDepthwise;
 pub use loss::CubeLoss;
 pub use norm::CubeNorm;
-pub use refresh::overwrite;
+pub use refresh::{overwrite, write_values};
 pub use sgd::{Runtime, StepRate, sgd_steps, strides};

@@ -1,12 +1,13 @@
 //! A recorded graph's inputs refreshed in place: a tensor's values written over the memory of
-//! another, whatever else holds that memory. A graph of launches ([`burn::tensor::capture`])
+//! another, whatever else holds that memory; and single values written into chosen places of
+//! a held buffer (a training step's loss and hits into the tally's). A graph of launches ([`burn::tensor::capture`])
 //! reads the buffers it was recorded with, so each step's batch and learning rate must arrive
 //! in those very buffers; burn's own operations write a new buffer wherever the old one is
 //! shared, and a recorded graph always shares it.
 
 use burn::backend::fusion::FusionTensor;
 use burn::backend::fusion::custom::{
-    CustomOpIr, HandleContainer, OperationFn, OperationIr, StreamId, TensorIr,
+    CustomOpIr, HandleContainer, OperationFn, OperationIr, ScalarIr, StreamId, TensorIr,
 };
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
@@ -69,5 +70,84 @@ fn copy_kernel(src: &Tensor<f32>, dst: &mut Tensor<f32>) {
     let pos = ABSOLUTE_POS;
     if pos < dst.len() {
         dst[pos] = src[pos];
+    }
+}
+
+/// Each of `values` (`[1]`, f32) written over `dst[at[k]]` (`dst` contiguous, f32), in one
+/// launch; the result is `dst`'s memory under a new handle. One operation in fusion's stream,
+/// ordered after whatever made the values.
+pub fn write_values(
+    dst: FusionTensor<Runtime>,
+    at: Vec<usize>,
+    values: Vec<FusionTensor<Runtime>>,
+) -> FusionTensor<Runtime> {
+    assert_eq!(at.len(), values.len(), "write_values: one place per value");
+    let client = dst.client.clone();
+    let out = TensorIr::uninit(client.create_empty_handle(), dst.shape.clone(), dst.dtype);
+    let mut inputs = vec![dst.into_ir()];
+    inputs.extend(values.into_iter().map(FusionTensor::into_ir));
+    let desc = CustomOpIr {
+        id: "dnal_write_values".into(),
+        inputs: inputs.clone(),
+        outputs: vec![out.clone()],
+        scalars: at
+            .iter()
+            .map(|&i| ScalarIr::from(burn::backend::Scalar::from(i as f64)))
+            .collect(),
+    };
+    let id = out.id;
+    let op = OperationFn(move |handles: &mut HandleContainer<_>| {
+        let mut tensors = inputs
+            .iter()
+            .map(|ir| handles.get_float_tensor::<CubeBackend>(ir));
+        let dst = tensors.next().expect("the buffer comes first");
+        let written = written_at(dst, &at, tensors.collect());
+        handles.register_float_tensor::<CubeBackend>(&id, written);
+        Ok(())
+    });
+    client
+        .register(StreamId::current(), OperationIr::Custom(desc), op)
+        .into_iter()
+        .next()
+        .expect("one output")
+}
+
+/// `values` written into `dst` at `at`; `dst`.
+fn written_at(dst: CubeTensor, at: &[usize], values: Vec<CubeTensor>) -> CubeTensor {
+    assert!(
+        dst.is_contiguous(),
+        "write_values: the buffer written into must be contiguous"
+    );
+    let client = dst.client.clone();
+    let mut sources = SequenceArg::<OwnedTensor<f32>>::new();
+    let mut places = SequenceArg::new();
+    for (v, &i) in values.into_iter().zip(at) {
+        sources.push(into_contiguous(v).into_tensor_arg());
+        places.push(i);
+    }
+    write_values_kernel::launch(
+        &client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(1),
+        sources,
+        places,
+        dst.clone().into_tensor_arg(),
+        at.len(),
+    );
+    dst
+}
+
+#[cube(launch)]
+fn write_values_kernel(
+    values: &Sequence<OwnedTensor<f32>>,
+    at: Sequence<usize>,
+    dst: &mut Tensor<f32>,
+    #[comptime] count: usize,
+) {
+    if ABSOLUTE_POS == 0 {
+        #[unroll]
+        for k in 0..count {
+            dst[at[k]] = values.index(k).as_slice()[0];
+        }
     }
 }
