@@ -773,7 +773,8 @@ fn sgd_case<const D: usize>(
     Ok(out)
 }
 
-/// The training loss ([`crate::cross_entropy`]): the mean cross-entropy, the correct
+/// The training loss ([`crate::cross_entropy`]) and its tally ([`crate::write_values`]): the
+/// mean cross-entropy, the correct
 /// predictions and the logits' gradient (the loss scaled by half the rows first: the gradient
 /// coming in is not 1, and the logits' gradient is of the order of 1, as the comparison's
 /// scale is), for CIFAR's and ImageNet's batches and classes, a batch of more rows
@@ -799,7 +800,25 @@ pub fn loss(device: &Device, reference: &Device) -> Vec<Comparison> {
             run(reference),
         ));
     }
+    out.extend(compare(
+        TOLERANCE,
+        "a batch's loss and hits written into the tally's buffer, twice",
+        &["buffer"],
+        tally_case(device),
+        tally_case(reference),
+    ));
     out
+}
+
+/// The values of [`crate::write_values`] writing two rows' loss and hit count into a 4 x 3
+/// buffer, then a penalty into the first row.
+fn tally_case(device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    let one = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), device);
+    let buffer = Tensor::<1>::from_data(TensorData::new(wave(12, 0.4), [12]), device);
+    let written = vec![one(2.5), one(17.0), one(0.75), one(3.0)];
+    let buffer = crate::write_values(buffer, &[0, 2, 6, 8], written);
+    let buffer = crate::write_values(buffer, &[1], vec![one(0.125)]);
+    Ok(vec![values(buffer)?])
 }
 
 /// Loss, hits and the logits' gradient of `[rows, classes]` logits `scale * wave` and labels

@@ -32,7 +32,8 @@ enum CheckFamily {
     Convolution,
     /// SGD's momentum step.
     Sgd,
-    /// The training loss: cross-entropy, correct predictions and the logits' gradient.
+    /// The training loss (cross-entropy, correct predictions, the logits' gradient) and the
+    /// tally's writes.
     Loss,
 }
 
