@@ -68,12 +68,12 @@ impl Tally {
         hits: Tensor<1>,
     ) {
         let (loss, hits) = (loss.detach().inner(), hits.inner());
-        let slot = self.pending.len() % READ_BACK;
-        if slot == 0 && self.rows.len() * READ_BACK <= self.pending.len() {
+        // The row's buffer is the last one; a new one when every row of it is pending.
+        if self.rows.len() <= self.pending.len() / READ_BACK {
             self.rows
                 .push(Tensor::zeros([READ_BACK * ROW], &loss.device()));
         }
-        let at = slot * ROW;
+        let at = self.pending.len() % READ_BACK * ROW;
         let with_penalty = penalty.is_some();
         let (places, values) = match penalty {
             Some(p) => (
@@ -102,9 +102,8 @@ impl Tally {
         let pending = std::mem::take(&mut self.pending);
         // One transfer per buffer (one, when read back as due); the last buffer stays for the
         // rows to come, written over from its first.
-        let last = self.rows.len() - 1;
         let mut values: Vec<f32> = Vec::with_capacity(self.rows.len() * READ_BACK * ROW);
-        for (i, rows) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+        for rows in &self.rows {
             values.extend(
                 rows.clone()
                     .into_data()
@@ -112,10 +111,8 @@ impl Tally {
                     .try_to_vec::<f32>()
                     .expect("f32 after convert"),
             );
-            if i == last {
-                self.rows.push(rows);
-            }
         }
+        self.rows.drain(..self.rows.len() - 1);
         for ((iteration, n, with_penalty), v) in pending.iter().zip(values.chunks_exact(ROW)) {
             let (loss, hits) = (v[0], v[2]);
             let pen = if *with_penalty { v[1] } else { 0.0 };

@@ -1,9 +1,9 @@
-//! A recorded graph's inputs refreshed in place: a tensor's values written over the memory of
-//! another, whatever else holds that memory; and single values written into chosen places of
-//! a held buffer (a training step's loss and hits into the tally's). A graph of launches ([`burn::tensor::capture`])
-//! reads the buffers it was recorded with, so each step's batch and learning rate must arrive
-//! in those very buffers; burn's own operations write a new buffer wherever the old one is
-//! shared, and a recorded graph always shares it.
+//! Writes into a tensor's own memory, whatever else holds it: a recorded graph's inputs
+//! refreshed (a tensor's values written over another's), and single values written into
+//! chosen places of a held buffer (a training step's loss and hits into the tally's). A graph
+//! of launches ([`burn::tensor::capture`]) reads the buffers it was recorded with, so each
+//! step's batch and learning rate must arrive in those very buffers; burn's own operations
+//! write a new buffer wherever the old one is shared, and a recorded graph always shares it.
 
 use burn::backend::fusion::FusionTensor;
 use burn::backend::fusion::custom::{
@@ -22,20 +22,43 @@ use super::sgd::Runtime;
 /// before whatever is issued after it on the device (a graph's replay included).
 pub fn overwrite(dst: FusionTensor<Runtime>, src: FusionTensor<Runtime>) -> FusionTensor<Runtime> {
     assert_eq!(dst.shape, src.shape, "overwrite: the shapes differ");
+    written_in_place(
+        "dnal_overwrite",
+        dst,
+        vec![src],
+        Vec::new(),
+        |dst, mut sources| copied_into(dst, sources.remove(0)),
+    )
+}
+
+/// One operation in fusion's stream that writes into `dst`'s memory with `write(dst,
+/// sources)` (which returns `dst`): the result is that memory under a new handle, ordered
+/// after whatever made the sources and before whatever is issued after it on the device.
+fn written_in_place(
+    name: &str,
+    dst: FusionTensor<Runtime>,
+    sources: Vec<FusionTensor<Runtime>>,
+    scalars: Vec<ScalarIr>,
+    write: impl Fn(CubeTensor, Vec<CubeTensor>) -> CubeTensor + Send + Sync + 'static,
+) -> FusionTensor<Runtime> {
     let client = dst.client.clone();
     let out = TensorIr::uninit(client.create_empty_handle(), dst.shape.clone(), dst.dtype);
-    let inputs = [dst.into_ir(), src.into_ir()];
+    let mut inputs = vec![dst.into_ir()];
+    inputs.extend(sources.into_iter().map(FusionTensor::into_ir));
     let desc = CustomOpIr {
-        id: "dnal_overwrite".into(),
-        inputs: inputs.to_vec(),
+        id: name.into(),
+        inputs: inputs.clone(),
         outputs: vec![out.clone()],
-        scalars: Vec::new(),
+        scalars,
     };
     let id = out.id;
     let op = OperationFn(move |handles: &mut HandleContainer<_>| {
-        let [dst, src] =
-            [&inputs[0], &inputs[1]].map(|ir| handles.get_float_tensor::<CubeBackend>(ir));
-        handles.register_float_tensor::<CubeBackend>(&id, copied_into(dst, src));
+        let mut sources: Vec<CubeTensor> = inputs
+            .iter()
+            .map(|ir| handles.get_float_tensor::<CubeBackend>(ir))
+            .collect();
+        let dst = sources.remove(0);
+        handles.register_float_tensor::<CubeBackend>(&id, write(dst, sources));
         Ok(())
     });
     client
@@ -82,34 +105,17 @@ pub fn write_values(
     values: Vec<FusionTensor<Runtime>>,
 ) -> FusionTensor<Runtime> {
     assert_eq!(at.len(), values.len(), "write_values: one place per value");
-    let client = dst.client.clone();
-    let out = TensorIr::uninit(client.create_empty_handle(), dst.shape.clone(), dst.dtype);
-    let mut inputs = vec![dst.into_ir()];
-    inputs.extend(values.into_iter().map(FusionTensor::into_ir));
-    let desc = CustomOpIr {
-        id: "dnal_write_values".into(),
-        inputs: inputs.clone(),
-        outputs: vec![out.clone()],
-        scalars: at
-            .iter()
-            .map(|&i| ScalarIr::from(burn::backend::Scalar::from(i as f64)))
-            .collect(),
-    };
-    let id = out.id;
-    let op = OperationFn(move |handles: &mut HandleContainer<_>| {
-        let mut tensors = inputs
-            .iter()
-            .map(|ir| handles.get_float_tensor::<CubeBackend>(ir));
-        let dst = tensors.next().expect("the buffer comes first");
-        let written = written_at(dst, &at, tensors.collect());
-        handles.register_float_tensor::<CubeBackend>(&id, written);
-        Ok(())
-    });
-    client
-        .register(StreamId::current(), OperationIr::Custom(desc), op)
-        .into_iter()
-        .next()
-        .expect("one output")
+    let scalars = at
+        .iter()
+        .map(|&i| ScalarIr::from(burn::backend::Scalar::from(i as f64)))
+        .collect();
+    written_in_place(
+        "dnal_write_values",
+        dst,
+        values,
+        scalars,
+        move |dst, values| written_at(dst, &at, values),
+    )
 }
 
 /// `values` written into `dst` at `at`; `dst`.
