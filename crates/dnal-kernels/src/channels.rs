@@ -71,6 +71,84 @@ pub(crate) fn held_map(pos: &[usize], width: usize, device: &Device) -> Tensor<1
     }))
 }
 
+/// Channel positions as f32 values, held as index tensors are (dnal's CubeCL kernel for a
+/// placement's backward reads them).
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+static HELD_POSITIONS: Memo<(DeviceKey, Vec<usize>), Tensor<1>> = Memo::kept();
+
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+fn held_positions(pos: &[usize], device: &Device) -> Tensor<1> {
+    Tensor::clone(&HELD_POSITIONS.get((device_key(device), pos.to_vec()), || {
+        let v: Vec<f32> = pos.iter().map(|&p| p as f32).collect();
+        Tensor::from_data(TensorData::new(v, [pos.len()]), device)
+    }))
+}
+
+/// `values` (`[N, k, H, W]`) subsampled by `stride` (rows and columns `0, stride, 2 *
+/// stride, ...`) and placed at the channels `pos` of a zero tensor with `width` channels,
+/// `[N, width, ceil(H / stride), ceil(W / stride)]`: a residual stream widened to the next
+/// one (a CIFAR ResNet's parameter-free shortcut subsamples by 2 and places the channels
+/// between zeros; a pruned network's streams place them wherever their union puts them).
+/// `pos` holds distinct channels below `width`. On cuda and wgpu one CubeCL launch each way;
+/// elsewhere a strided slice, then zeros on either side of a run of consecutive positions or
+/// the channels picked into place ([`select`]).
+pub fn place(values: Tensor<4>, pos: &[usize], width: usize, stride: usize) -> Tensor<4> {
+    let [n, c, _, _] = values.dims();
+    assert!(stride > 0, "place: the stride must be at least 1");
+    assert_eq!(pos.len(), c, "place: one position per channel");
+    let mut taken = vec![false; width];
+    for &p in pos {
+        assert!(
+            p < width && !std::mem::replace(&mut taken[p], true),
+            "place: distinct positions below the width"
+        );
+    }
+    if stride == 1 && covers(pos, width) {
+        return values;
+    }
+    #[cfg(feature = "cube")]
+    if crate::takes_cube_path(&values) {
+        use crate::cube::CubePlace;
+        use burn::backend::Dispatch;
+        let device = values.device();
+        let map = held_map(pos, width, &device);
+        let positions = held_positions(pos, &device);
+        return Tensor::from_dispatch(<Dispatch as CubePlace>::dnal_cube_place(
+            values.into_dispatch(),
+            map.into_dispatch(),
+            positions.into_dispatch(),
+            stride,
+        ));
+    }
+    let values = if stride > 1 {
+        values.slice(burn::tensor::s![.., .., ..;stride, ..;stride])
+    } else {
+        values
+    };
+    if covers(pos, width) {
+        return values;
+    }
+    let [_, _, h, w] = values.dims();
+    if let Some(first) = run_start(pos) {
+        let device = values.device();
+        let after = width - first - c;
+        let mut parts = Vec::with_capacity(3);
+        if first > 0 {
+            parts.push(Tensor::zeros([n, first, h, w], &device));
+        }
+        parts.push(values);
+        if after > 0 {
+            parts.push(Tensor::zeros([n, after, h, w], &device));
+        }
+        return Tensor::cat(parts, 1);
+    }
+    let mut sources = vec![None; width];
+    for (j, &p) in pos.iter().enumerate() {
+        sources[p] = Some(j);
+    }
+    select(values, &sources)
+}
+
 /// Adds `values` (`[N, k, H, W]`) into the channels `pos` of `into` (`[N, C, H, W]`): a plain
 /// add when `pos` is every channel in order; when `pos` is one run of consecutive channels (a
 /// block that keeps a prefix of a stream a padded shortcut widened), the run added and put back

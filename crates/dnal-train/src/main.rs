@@ -35,6 +35,8 @@ enum CheckFamily {
     /// The training loss (cross-entropy, correct predictions, the logits' gradient) and the
     /// tally's writes.
     Loss,
+    /// Channels placed into a wider stream (a residual stream widened, a shortcut subsampled).
+    Channels,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +119,8 @@ enum Command {
     },
     /// Compare dnal's own operations on a backend with the CPU (flex): training BatchNorm
     /// with its running statistics, the depthwise convolution, the convolution's backward,
-    /// SGD's momentum step and the training loss, over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
+    /// SGD's momentum step, the training loss and the placement of channels into a wider
+    /// stream, over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
     /// difference; fails if any exceeds 2e-4 of the reference's largest value (1e-2 for the
     /// one-group convolutions, whose products are burn's and may run in TF32 on cuda).
     Check {
@@ -406,6 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
                 Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
                 Some(CheckFamily::Loss) => check::loss(&device, &reference),
+                Some(CheckFamily::Channels) => check::channels(&device, &reference),
             };
             let failed = comparisons.iter().filter(|c| !c.ok()).count();
             for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {

@@ -271,6 +271,13 @@ fn loss_on_wgpu_matches_burn_on_flex() {
     }
 }
 
+#[test]
+fn channels_placed_on_wgpu_match_flex() {
+    if let Some((device, _gpu)) = wgpu_device() {
+        all_within(check::channels(&device, &flex()));
+    }
+}
+
 /// A 3x3, a 1x1 and a depthwise convolution and a classifier: every kind of weight a
 /// network steps.
 #[derive(burn::module::Module, Debug)]

@@ -15,6 +15,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use dnal_kernels::Activation;
+use dnal_kernels::channels::place;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ZooError};
@@ -23,7 +24,7 @@ use crate::layers::{ConvBn, ConvBnGate, ConvBnGateConfig, prune_linear_inputs};
 use crate::mbconv::{self, MbConv, MbConvConfig};
 use crate::network::{Counting, Network};
 use crate::pretrained::{KeyRules, Rename};
-use crate::stream::{block_input, kept_positions, positions, scatter, union, widen};
+use crate::stream::{block_input, kept_positions, positions, union, widen};
 
 /// Widths of one inverted-residual block.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,12 +432,12 @@ impl MobileNetV2 {
             x = match cfg.join(s, first) {
                 Join::Replace => {
                     let (b, h) = branch.expect("validated");
-                    scatter(streams[s].len(), &pos, b.forward(h))
+                    place(b.forward(h), &pos, streams[s].len(), 1)
                 }
                 Join::Identity => {
                     let base = if first && s > 0 {
                         // The stream widens to this stage's union.
-                        widen(input, &streams[s - 1], &streams[s])
+                        widen(input, &streams[s - 1], &streams[s], 1)
                     } else {
                         input
                     };

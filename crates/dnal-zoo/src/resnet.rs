@@ -12,7 +12,6 @@
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::s;
 use dnal_core::{Architecture, ChannelGate, CostModel, GateKind, GatedModel, Width};
 use dnal_kernels::Activation;
 use serde::{Deserialize, Serialize};
@@ -217,7 +216,7 @@ impl CifarResNet {
         let cfg = &self.config;
         let streams = cfg.streams();
         let stem = self.stem.forward_act(x, Activation::Relu);
-        let mut x = widen(stem, &cfg.stem, &streams[0]);
+        let mut x = widen(stem, &cfg.stem, &streams[0], 1);
         for (i, (block, widths)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
             let s = i / cfg.blocks_per_stage;
             let input = x.clone();
@@ -225,8 +224,7 @@ impl CifarResNet {
                 // Parameter-free shortcut: subsample, then zero-pad the channels on both sides.
                 let pad = (cfg.stage_widths[s] - cfg.stage_widths[s - 1]) / 2;
                 let moved: Vec<usize> = streams[s - 1].iter().map(|c| c + pad).collect();
-                let sub = x.slice(s![.., .., ..;2, ..;2]);
-                x = widen(sub, &moved, &streams[s]);
+                x = widen(x, &moved, &streams[s], 2);
             }
             if let Some(b) = block {
                 let h = b.conv1.forward_act(input, Activation::Relu);

@@ -5,8 +5,6 @@
 
 use burn::prelude::*;
 
-use dnal_kernels::channels::run_start;
-
 /// The union of `writers` (channel lists) within a stream of `width` channels, sorted.
 pub fn union<'a>(width: usize, writers: impl IntoIterator<Item = &'a [usize]>) -> Vec<usize> {
     let mut present = vec![false; width];
@@ -37,9 +35,10 @@ pub fn block_input<'a>(
 }
 
 /// `x`, whose channels are the stream `from`, as the wider stream `to` (which holds every
-/// channel of `from`; the others are zero).
-pub fn widen(x: Tensor<4>, from: &[usize], to: &[usize]) -> Tensor<4> {
-    scatter(to.len(), &positions(to, from), x)
+/// channel of `from`; the others are zero), subsampled by `stride` on the way (a CIFAR
+/// ResNet's parameter-free shortcut takes 2).
+pub fn widen(x: Tensor<4>, from: &[usize], to: &[usize], stride: usize) -> Tensor<4> {
+    dnal_kernels::channels::place(x, &positions(to, from), to.len(), stride)
 }
 
 /// Positions of `channels` within `stream` (both sorted; every channel must be in the stream).
@@ -52,32 +51,4 @@ pub fn positions(stream: &[usize], channels: &[usize]) -> Vec<usize> {
                 .expect("a stream holds its writers' channels")
         })
         .collect()
-}
-
-/// Places `values` (`[N, k, H, W]`) at the channels `pos` of a zero tensor with `width` channels:
-/// zeros on either side when `pos` is one run of consecutive channels (a ResNet's padded
-/// shortcut), the channels picked into place otherwise (`dnal_kernels::channels::select`).
-pub fn scatter(width: usize, pos: &[usize], values: Tensor<4>) -> Tensor<4> {
-    let [n, c, h, w] = values.dims();
-    if c == width {
-        return values;
-    }
-    let device = values.device();
-    if let Some(first) = run_start(pos) {
-        let after = width - first - c;
-        let mut parts = Vec::with_capacity(3);
-        if first > 0 {
-            parts.push(Tensor::zeros([n, first, h, w], &device));
-        }
-        parts.push(values);
-        if after > 0 {
-            parts.push(Tensor::zeros([n, after, h, w], &device));
-        }
-        return Tensor::cat(parts, 1);
-    }
-    let mut sources = vec![None; width];
-    for (j, &p) in pos.iter().enumerate() {
-        sources[p] = Some(j);
-    }
-    dnal_kernels::channels::select(values, &sources)
 }

@@ -373,7 +373,7 @@ impl SuperNet {
             let mut out = if cfg.residual(s, first) {
                 if first {
                     let entry = block_input((s, true), &cfg.first_out, &streams);
-                    widen(input.clone(), entry, &streams[s])
+                    widen(input.clone(), entry, &streams[s], 1)
                 } else {
                     input.clone()
                 }

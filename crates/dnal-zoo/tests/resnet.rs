@@ -164,32 +164,40 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     d
 }
 
-/// `scatter` places a run of channels with zeros on either side and other positions with an
-/// index add; both give the same values, and the gradient of the placed channels is the
-/// output gradient at their positions.
+/// `place` puts a run of channels between zeros and other positions where they belong, after
+/// subsampling by the stride (5x5 planes: the last row and column are kept at stride 2); values
+/// and gradients equal burn's strided slice and index add into zeros.
 #[test]
-fn scatter_places_runs_and_scattered_channels_alike() {
+fn place_puts_runs_and_scattered_channels_where_an_index_add_does() {
     let device = Device::flex().autodiff();
-    let values = common::input([2, 3, 4, 4], 7, &device);
-    let weights = common::input([2, 8, 4, 4], 8, &device);
-    for pos in [vec![0, 1, 2], vec![2, 3, 4], vec![5, 6, 7], vec![1, 4, 6]] {
-        let v = values.clone().require_grad();
-        let placed = dnal_zoo::stream::scatter(8, &pos, v.clone());
-        let expected = Tensor::<4>::zeros([2, 8, 4, 4], &device).select_assign(
-            1,
-            dnal_zoo::layers::indices(&pos, &device),
-            values.clone(),
-            burn::tensor::IndexingUpdateOp::Add,
-        );
-        let diff = (placed.clone() - expected).abs().max().into_scalar::<f32>();
-        assert_eq!(diff, 0.0, "positions {pos:?}: values");
-        let grads = (placed * weights.clone()).sum().backward();
-        let grad = v.grad(&grads).expect("gradient of the placed channels");
-        let expected = weights
-            .clone()
-            .inner()
-            .select(1, dnal_zoo::layers::indices(&pos, &grad.device()));
-        let diff = (grad - expected).abs().max().into_scalar::<f32>();
-        assert_eq!(diff, 0.0, "positions {pos:?}: gradient");
+    let values = common::input([2, 3, 5, 5], 7, &device);
+    for stride in [1, 2] {
+        let side = 5usize.div_ceil(stride);
+        let weights = common::input([2, 8, side, side], 8, &device);
+        for pos in [vec![0, 1, 2], vec![2, 3, 4], vec![5, 6, 7], vec![1, 4, 6]] {
+            let v = values.clone().require_grad();
+            let placed = dnal_kernels::channels::place(v.clone(), &pos, 8, stride);
+            let r = values.clone().require_grad();
+            let expected = Tensor::<4>::zeros([2, 8, side, side], &device).select_assign(
+                1,
+                dnal_zoo::layers::indices(&pos, &device),
+                r.clone()
+                    .slice(burn::tensor::s![.., .., ..;stride, ..;stride]),
+                burn::tensor::IndexingUpdateOp::Add,
+            );
+            let diff = (placed.clone() - expected.clone())
+                .abs()
+                .max()
+                .into_scalar::<f32>();
+            assert_eq!(diff, 0.0, "positions {pos:?}, stride {stride}: values");
+            let grad = v
+                .grad(&(placed * weights.clone()).sum().backward())
+                .expect("gradient of the placed channels");
+            let want = r
+                .grad(&(expected * weights.clone()).sum().backward())
+                .expect("gradient of the reference");
+            let diff = (grad - want).abs().max().into_scalar::<f32>();
+            assert_eq!(diff, 0.0, "positions {pos:?}, stride {stride}: gradient");
+        }
     }
 }

@@ -170,3 +170,39 @@ impl Geometry {
 pub(super) fn writable(t: CubeTensor) -> CubeTensor {
     if t.can_mut() { t } else { t.copy() }
 }
+
+/// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
+/// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
+/// the cubecl convolutions compute in and return as a permuted view).
+#[cube]
+pub(super) fn offset(
+    m: usize,
+    c: usize,
+    plane: usize,
+    channels: usize,
+    #[comptime] cl: bool,
+) -> usize {
+    if cl {
+        m * channels + c
+    } else {
+        let n = m / plane;
+        (n * channels + c) * plane + (m - n * plane)
+    }
+}
+
+/// `(m, c)` of the element at memory index `i` of a tensor laid out as `cl` says.
+#[cube]
+pub(super) fn position(
+    i: usize,
+    plane: usize,
+    channels: usize,
+    #[comptime] cl: bool,
+) -> (usize, usize) {
+    if cl {
+        (i / channels, i % channels)
+    } else {
+        let n = i / (plane * channels);
+        let c = (i / plane) % channels;
+        (n * plane + i % plane, c)
+    }
+}

@@ -15,34 +15,9 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::layout::{empties, empty_like, laid_out, writable};
+use super::layout::{empties, empty_like, laid_out, offset, position, writable};
 use super::norm::{NormGrads, TrainOutput};
 use super::reduction::{Reduction, arrivals, cube_sum, finishing, last_to_arrive};
-
-/// Where element `(m, c)` of a `[N, C, H, W]` tensor lies, `m = n * H * W + position`: in
-/// channel-first memory (`cl` false, burn's default) or channel-last memory (`cl` true, what
-/// the cubecl convolutions compute in and return as a permuted view).
-#[cube]
-fn offset(m: usize, c: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> usize {
-    if cl {
-        m * channels + c
-    } else {
-        let n = m / plane;
-        (n * channels + c) * plane + (m - n * plane)
-    }
-}
-
-/// `(m, c)` of the element at memory index `i` of a tensor laid out as `cl` says.
-#[cube]
-fn position(i: usize, plane: usize, channels: usize, #[comptime] cl: bool) -> (usize, usize) {
-    if cl {
-        (i / channels, i % channels)
-    } else {
-        let n = i / (plane * channels);
-        let c = (i / plane) % channels;
-        (n * plane + i % plane, c)
-    }
-}
 
 /// Adds two values per unit over the lanes of each channel of the cube (shared memory,
 /// halving; unit `u` is lane `u / width` of the cube's channel `u % width`): the channel's
