@@ -186,6 +186,8 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
         // whose last cube finishes the reduction where it folds (cuda by default).
         ([16, 16, 32, 32], Relu, true, 0.0, true),
         ([4, 64, 100, 100], Relu, false, 0.0, true),
+        // VGG-16's hidden classifier layer: a batch of 512 features as 1x1 planes.
+        ([128, 512, 1, 1], Relu, false, 0.0, false),
     ] {
         let run = |d: &Device| batch_norm_case(d, shape, act, residual, offset, channel_last);
         out.extend(compare(

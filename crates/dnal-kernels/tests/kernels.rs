@@ -401,6 +401,68 @@ fn batch_norm_backward_masks_exactly_the_outputs_the_activation_let_through() {
     }
 }
 
+/// A batch of feature vectors (`[N, F]`, VGG-16's hidden classifier layer) as `F` channels of
+/// `N` 1x1 planes: dnal's BatchNorm with the ReLU in it gives burn's BatchNorm on `[N, F]`
+/// followed by a ReLU, in training (output, gradients, running statistics) and in inference.
+#[test]
+fn batch_norm_of_features_as_1x1_planes_matches_burns_on_the_features() {
+    let device = train_device();
+    let (n, f) = (16, 12);
+    let x = input([n, f, 1, 1], 44, &device).reshape([n, f]) * 3.0 + 0.5;
+    let probe = input([n, f, 1, 1], 45, &device).reshape([n, f]);
+    let make_bn = || {
+        let mut bn = BatchNormConfig::new(f).with_momentum(0.2).init(&device);
+        bn.gamma = bn
+            .gamma
+            .map(|_| vec1(noise(f, 46, 0.5, 1.5), &device).require_grad());
+        bn.beta = bn
+            .beta
+            .map(|_| vec1(noise(f, 47, -0.5, 0.5), &device).require_grad());
+        bn
+    };
+    let relu = Activation::Relu;
+    let run = |fast: bool| {
+        let bn = make_bn();
+        let x = x.clone().detach().require_grad();
+        let y = if fast {
+            dnal_kernels::batch_norm(&bn, None, relu, x.clone().reshape([n, f, 1, 1]))
+                .reshape([n, f])
+        } else {
+            burn::tensor::activation::relu(bn.forward(x.clone()))
+        };
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        let eval = bn.valid();
+        let x_eval = x.clone().inner();
+        let y_eval = if fast {
+            dnal_kernels::batch_norm(&eval, None, relu, x_eval.reshape([n, f, 1, 1]))
+                .reshape([n, f])
+        } else {
+            burn::tensor::activation::relu(eval.forward(x_eval))
+        };
+        [
+            y.inner(),
+            x.grad(&grads).unwrap(),
+            bn.gamma.grad(&grads).unwrap().reshape([1, f]),
+            bn.beta.grad(&grads).unwrap().reshape([1, f]),
+            bn.running_mean.value_sync().inner().reshape([1, f]),
+            bn.running_var.value_sync().inner().reshape([1, f]),
+            y_eval,
+        ]
+    };
+    let names = [
+        "output",
+        "input grad",
+        "gamma grad",
+        "beta grad",
+        "running mean",
+        "running var",
+        "inference output",
+    ];
+    for ((fast, reference), name) in run(true).into_iter().zip(run(false)).zip(names) {
+        assert_close(&format!("1x1-plane bn {name}"), fast, reference, 1e-4);
+    }
+}
+
 #[test]
 fn batch_norm_statistics_stay_exact_far_from_zero() {
     // At |mean| = 1000, f32 inputs carry ~6e-5 absolute error: both sides agree to ~1e-3.

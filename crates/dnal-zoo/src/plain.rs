@@ -205,10 +205,17 @@ impl PlainCnn {
         };
         for h in &self.hidden {
             let y = h.linear.forward(x);
-            x = relu(match &h.bn {
-                Some(bn) => bn.forward(y),
-                None => y,
-            });
+            x = match &h.bn {
+                // dnal's BatchNorm with the ReLU in it, the batch's features as channels of
+                // 1x1 planes: on cuda and wgpu one kernel each way where burn's BatchNorm and
+                // ReLU launch about ten.
+                Some(bn) => {
+                    let [n, f] = y.dims();
+                    let y = y.reshape([n, f, 1, 1]);
+                    dnal_kernels::batch_norm(bn, None, Activation::Relu, y).reshape([n, f])
+                }
+                None => relu(y),
+            };
         }
         self.classifier.forward(x)
     }
