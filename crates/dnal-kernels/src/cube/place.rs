@@ -53,84 +53,65 @@ pub trait CubePlace: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `out[n, c, i, j] = x[n, map[c], i * stride, j * stride]`, zero where `map[c]` is negative,
-/// per element of `out` (laid out as `x`, `cl`).
+/// One element of `to` per unit, in either direction (`to` laid out as `from`, `cl`):
+/// forward, `out[n, c, i, j] = x[n, map[c], i * stride, j * stride]`, zero where `map[c]` is
+/// negative (`from` is `x`, `channels` is `map`); backward, `dx[n, k, y, x] = dy[n, pos[k],
+/// y / stride, x / stride]` where `y` and `x` are multiples of `stride`, zero elsewhere (`from`
+/// is `dy`, `channels` is `pos`). `plane`, `row` and `wide` are the unsubsampled tensor's
+/// plane, row and channels, `sub_plane`, `sub_row` and `placed` the placed tensor's.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn place_forward(
-    x: &[f32],
-    map: &[f32],
-    out: &mut [f32],
+fn place_kernel(
+    from: &[f32],
+    channels: &[f32],
+    to: &mut [f32],
     plane: usize,
     row: usize,
-    out_plane: usize,
-    out_row: usize,
-    channels: usize,
-    out_channels: usize,
+    wide: usize,
+    sub_plane: usize,
+    sub_row: usize,
+    placed: usize,
     stride: usize,
+    #[comptime] forward: bool,
     #[comptime] cl: bool,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    if i >= to.len() {
         terminate!();
     }
-    let (m, c) = position(i, out_plane, out_channels, cl);
-    let k = map[c];
     let mut v = 0.0f32;
-    if k >= 0.0 {
-        let k = u32::cast_from(k) as usize;
-        let n = m / out_plane;
-        let p = m - n * out_plane;
-        let r = p / out_row;
-        let source = n * plane + r * stride * row + (p - r * out_row) * stride;
-        v = x[offset(source, k, plane, channels, cl)];
+    if forward {
+        let (m, c) = position(i, sub_plane, placed, cl);
+        let k = channels[c];
+        if k >= 0.0 {
+            let k = u32::cast_from(k) as usize;
+            let n = m / sub_plane;
+            let p = m - n * sub_plane;
+            let r = p / sub_row;
+            let source = n * plane + r * stride * row + (p - r * sub_row) * stride;
+            v = from[offset(source, k, plane, wide, cl)];
+        }
+    } else {
+        let (m, k) = position(i, plane, wide, cl);
+        let n = m / plane;
+        let p = m - n * plane;
+        let r = p / row;
+        let col = p - r * row;
+        let (sr, sc) = (r / stride, col / stride);
+        if sr * stride == r && sc * stride == col {
+            let c = u32::cast_from(channels[k]) as usize;
+            let target = n * sub_plane + sr * sub_row + sc;
+            v = from[offset(target, c, sub_plane, placed, cl)];
+        }
     }
-    out[i] = v;
+    to[i] = v;
 }
 
-/// `dx[n, k, y, x] = dy[n, pos[k], y / stride, x / stride]` where `y` and `x` are multiples of
-/// `stride`, zero elsewhere, per element of `dx` (laid out as `dy`, `cl`).
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn place_backward(
-    dy: &[f32],
-    pos: &[f32],
-    dx: &mut [f32],
-    plane: usize,
-    row: usize,
-    out_plane: usize,
-    out_row: usize,
-    channels: usize,
-    out_channels: usize,
-    stride: usize,
-    #[comptime] cl: bool,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= dx.len() {
-        terminate!();
-    }
-    let (m, k) = position(i, plane, channels, cl);
-    let n = m / plane;
-    let p = m - n * plane;
-    let r = p / row;
-    let col = p - r * row;
-    let (sr, sc) = (r / stride, col / stride);
-    let mut g = 0.0f32;
-    if sr * stride == r && sc * stride == col {
-        let c = u32::cast_from(pos[k]) as usize;
-        let target = n * out_plane + sr * out_row + sc;
-        g = dy[offset(target, c, out_plane, out_channels, cl)];
-    }
-    dx[i] = g;
-}
-
-/// Launches one of the two kernels: `from` (`[N, k or S, H, W]`) read, `to` written, over
-/// every element of `to`; `full` is the unsubsampled tensor's shape, `sub` the subsampled one.
+/// Launches [`place_kernel`] over every element of `to`; `full` is the unsubsampled tensor's
+/// shape, `sub` the placed one.
 fn launch(
     forward: bool,
-    from: CubeTensor,
-    channels: CubeTensor,
-    to: CubeTensor,
+    [from, channels, to]: [CubeTensor; 3],
     (full, sub): (&Shape, &Shape),
     stride: usize,
     cl: bool,
@@ -138,52 +119,23 @@ fn launch(
     let client = from.client.clone();
     let elements = to.meta.num_elements();
     let dim = CubeDim::new(&client, elements);
-    let count = calculate_cube_count_elemwise(&client, elements, dim);
-    let args = (
+    place_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, elements, dim),
+        dim,
+        from.into_buffer_arg(),
+        channels.into_buffer_arg(),
+        to.into_buffer_arg(),
         full[2] * full[3],
         full[3],
+        full[1],
         sub[2] * sub[3],
         sub[3],
-        full[1],
         sub[1],
         stride,
+        forward,
+        cl,
     );
-    let (plane, row, out_plane, out_row, channels_in, channels_out, stride) = args;
-    if forward {
-        place_forward::launch(
-            &client,
-            count,
-            dim,
-            from.into_buffer_arg(),
-            channels.into_buffer_arg(),
-            to.into_buffer_arg(),
-            plane,
-            row,
-            out_plane,
-            out_row,
-            channels_in,
-            channels_out,
-            stride,
-            cl,
-        );
-    } else {
-        place_backward::launch(
-            &client,
-            count,
-            dim,
-            from.into_buffer_arg(),
-            channels.into_buffer_arg(),
-            to.into_buffer_arg(),
-            plane,
-            row,
-            out_plane,
-            out_row,
-            channels_in,
-            channels_out,
-            stride,
-            cl,
-        );
-    }
 }
 
 impl CubePlace for CubeBackend {
@@ -197,15 +149,8 @@ impl CubePlace for CubeBackend {
         let full = x.meta.shape().clone();
         let sub = placed_shape(&full, map.meta.shape()[0], stride);
         let out = empty_shaped(&x, sub.clone(), cl);
-        launch(
-            true,
-            x,
-            into_contiguous(map),
-            out.clone(),
-            (&full, &sub),
-            stride,
-            cl,
-        );
+        let tensors = [x, into_contiguous(map), out.clone()];
+        launch(true, tensors, (&full, &sub), stride, cl);
         out
     }
 
@@ -220,15 +165,8 @@ impl CubePlace for CubeBackend {
         let sub = dy.meta.shape().clone();
         let full = Shape::new([sub[0], pos.meta.shape()[0], height, width]);
         let dx = empty_shaped(&dy, full.clone(), cl);
-        launch(
-            false,
-            dy,
-            into_contiguous(pos),
-            dx.clone(),
-            (&full, &sub),
-            stride,
-            cl,
-        );
+        let tensors = [dy, into_contiguous(pos), dx.clone()];
+        launch(false, tensors, (&full, &sub), stride, cl);
         dx
     }
 }
