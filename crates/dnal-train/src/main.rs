@@ -253,8 +253,9 @@ struct TrainArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config", "set", "out"])]
     resume: Option<PathBuf>,
     /// Record each epoch's training step as a graph of launches and replay it (cuda and wgpu,
-    /// one device): the same run at a fraction of the host's cost per step. The stages that
-    /// train the weights alone replay; the architecture search runs as usual.
+    /// one device): the same run at a fraction of the host's cost per step. Every stage
+    /// replays; the search runs as usual with Adam for alpha or a temperature that changes
+    /// every iteration.
     #[arg(long)]
     graph: bool,
     /// Print the resolved config and the network summary, train nothing.

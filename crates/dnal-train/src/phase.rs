@@ -4,6 +4,7 @@
 use burn::module::{Module, ParamGroup};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use dnal_core::GateMode;
+use dnal_kernels::Rate;
 use dnal_zoo::Network;
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,40 @@ pub(crate) struct Optimizers {
 }
 
 impl Optimizers {
+    /// The steps after a batch: alpha's with its gradients `alpha` at the architecture stage's
+    /// rate `arch_lr`, then, where the phase trains weights, theirs with `rest` at `rate`.
+    pub(crate) fn step<N: Network>(
+        &mut self,
+        arch_lr: f64,
+        rate: Rate,
+        net: N,
+        alpha: Option<GradientsParams>,
+        rest: GradientsParams,
+    ) -> N {
+        let mut net = net;
+        if let Some(g) = alpha {
+            let o = self
+                .alpha
+                .as_mut()
+                .expect("an alpha optimiser in a searching phase");
+            net = o.step(arch_lr, net, g);
+        }
+        match self.weights.as_mut() {
+            Some(o) => o.step(rate, net, rest),
+            None => net,
+        }
+    }
+
+    /// Whether every optimiser of the phase is dnal's SGD with momentum, which writes its
+    /// parameters and velocities in place and can take its rate from a tensor: what a recorded
+    /// step needs.
+    pub(crate) fn in_place(&self) -> bool {
+        [&self.weights, &self.alpha]
+            .into_iter()
+            .flatten()
+            .all(|o| matches!(o, Optim::Sgd(sgd) if sgd.writes_in_place()))
+    }
+
     /// The optimiser states, for a checkpoint.
     pub(crate) fn records(&self) -> OptimRecords {
         (
@@ -138,19 +173,20 @@ pub(crate) enum Optim {
 }
 
 impl Optim {
-    /// One step with learning rate `lr` and the gradients `grads`.
-    pub(crate) fn step<M: Module>(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
-        match self {
-            Optim::Sgd(o) => o.step(lr, module, grads),
-            Optim::Burn(o) => o.step(lr, module, grads),
-        }
-    }
-
-    /// dnal's SGD, which also takes its learning rate from a tensor (a recorded step's).
-    pub(crate) fn as_sgd(&mut self) -> Option<&mut crate::sgd::Sgd> {
-        match self {
-            Optim::Sgd(o) => Some(o),
-            Optim::Burn(_) => None,
+    /// One step with learning rate `lr` and the gradients `grads`. Only dnal's SGD takes a
+    /// rate held in a tensor (a recorded step's; [`Optimizers::in_place`]).
+    pub(crate) fn step<M: Module>(
+        &mut self,
+        lr: impl Into<Rate>,
+        module: M,
+        grads: GradientsParams,
+    ) -> M {
+        match (self, lr.into()) {
+            (Optim::Sgd(o), lr) => o.step(lr, module, grads),
+            (Optim::Burn(o), Rate::Value(lr)) => o.step(lr, module, grads),
+            (Optim::Burn(_), Rate::Held(_)) => {
+                unreachable!("a recorded step runs dnal's SGD only (Optimizers::in_place)")
+            }
         }
     }
 
@@ -200,20 +236,6 @@ pub(crate) fn optimizers(cfg: &TrainConfig, phase: Phase) -> Optimizers {
             alpha: None,
         },
     }
-}
-
-/// One step of the weight optimiser with the gradients `g`.
-pub(crate) fn step_weights<N: Network>(
-    optims: &mut Optimizers,
-    lr: f64,
-    net: N,
-    g: GradientsParams,
-) -> N {
-    optims
-        .weights
-        .as_mut()
-        .expect("a weight optimiser in this phase")
-        .step(lr, net, g)
 }
 
 /// The frozen internals of the gates (mask and temperature), never trained.

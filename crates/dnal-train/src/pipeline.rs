@@ -13,6 +13,7 @@ use burn::module::ParamId;
 use burn::prelude::*;
 use dnal_core::{Architecture, BackendKind, SparsityPenalty};
 use dnal_data::HostBatch;
+use dnal_kernels::Rate;
 use dnal_zoo::Network;
 
 use crate::config::{Mode, TrainConfig};
@@ -21,13 +22,12 @@ use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, latency_ms};
 use crate::export::Which;
 use crate::phase::{
-    Optim, Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage,
-    phases, step_weights,
+    Optimizers, Phase, configure, learning_rate, optimizers, phase_epochs, phase_stage, phases,
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
 use crate::recalibrate::recalibrate_batch_norm;
-use crate::replay::Recorder;
-use crate::replicas::{Replicas, StepSpec};
+use crate::replay::{Figures, Recorder, replays};
+use crate::replicas::{Replicas, StepOut, StepSpec, device_step};
 use crate::report::{self, Report};
 use crate::tally::{NonFinite, Tally};
 
@@ -79,7 +79,7 @@ pub struct RunOptions {
     /// Checked after every step: when set, the run checkpoints where it is and stops.
     pub stop: Option<StopToken>,
     /// Record each epoch's training step as a graph of launches and replay it (cuda and wgpu,
-    /// one device; the phases that train the weights alone): the same run, issued at a
+    /// one device; the phases [`crate::replay::replays`] allows): the same run, issued at a
     /// fraction of the host's cost ([`crate::replay`]).
     pub graph: bool,
 }
@@ -515,53 +515,57 @@ impl<'a, N: Network> Runner<'a, N> {
         // Each phase has its own stream of epochs for the data order and augmentation.
         let data_epoch = (progress_key(phase) << 32) | epoch as u64;
         let batches = loader.epoch_from(data_epoch, start.batches_done);
-        // The weights alone are trained: the step may be recorded and replayed.
-        let mut recorder =
-            (self.opts.graph && !phase.searches()).then(|| Recorder::new(self.replicas.main()));
+        let mut recorder = (self.opts.graph && replays(cfg, phase, optims))
+            .then(|| Recorder::new(self.replicas.main()));
+        let spec = StepSpec {
+            penalty: penalty.as_deref(),
+            alpha_ids: phase.searches().then_some(&alpha_ids[..]),
+        };
+        // The optimisers' steps after a batch, and the batch's figures for the tally.
+        let mut update = |net: N, out: StepOut, rate: Rate| {
+            let figures = Figures {
+                loss: out.loss,
+                hits: out.hits,
+                penalty: out.penalty,
+            };
+            let net = optims.step(cfg.arch.lr, rate, net, out.alpha, out.rest);
+            (net, figures)
+        };
+        // The temperature last set in the gates: set again only when it changes (every
+        // iteration or once an epoch, as the continuation says).
+        let mut temperature = None;
         for (iter, batch) in (start.batches_done..).zip(batches) {
             let batch = batch?;
-            if let Some(recorder) = recorder.as_mut() {
-                lr = learning_rate(stage, epoch, iter, iters);
-                let sgd = optims
-                    .weights
-                    .as_mut()
-                    .and_then(Optim::as_sgd)
-                    .expect("dnal's SGD trains the weights");
-                let (next, loss, hits) = recorder.step(net, &batch, sgd, lr)?;
-                net = next;
-                tally.push(iter, batch.len(), loss, None, hits);
-            } else {
-                if phase.searches() {
-                    let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
+            if phase.searches() {
+                let b = cfg.arch.continuation.beta(epoch, epochs, iter, iters);
+                if temperature != Some(b) {
                     net = net.with_temperature(b);
-                    beta = Some(b);
+                    temperature = Some(b);
                 }
-                let spec = StepSpec {
-                    penalty: penalty.as_deref(),
-                    alpha_ids: phase.searches().then_some(&alpha_ids[..]),
-                };
-                let out = self.replicas.step(&mut net, &batch, &spec);
-                tally.push(iter, out.n, out.loss, out.penalty, out.hits);
-                if let Some(g_alpha) = out.alpha {
-                    net = optims.alpha.as_mut().expect("alpha optimiser").step(
-                        cfg.arch.lr,
-                        net,
-                        g_alpha,
-                    );
-                }
-                match phase {
-                    Phase::Arch => {
-                        lr = cfg.arch.lr;
-                        if let Some(o) = optims.weights.as_mut() {
-                            net = o.step(cfg.arch.lr, net, out.rest);
-                        }
-                    }
-                    _ => {
-                        lr = learning_rate(stage, epoch, iter, iters);
-                        net = step_weights(optims, lr, net, out.rest);
-                    }
-                }
+                beta = Some(b);
             }
+            lr = match phase {
+                Phase::Arch => cfg.arch.lr,
+                _ => learning_rate(stage, epoch, iter, iters),
+            };
+            let (next, n, figures) = match recorder.as_mut() {
+                Some(recorder) => {
+                    let mut step = |net: N, images, labels, rate| {
+                        let out = device_step(&net, images, labels, &spec, None);
+                        update(net, out, rate)
+                    };
+                    let (net, figures) = recorder.step(net, &batch, lr, &mut step)?;
+                    (net, batch.len(), figures)
+                }
+                None => {
+                    let out = self.replicas.step(&mut net, &batch, &spec);
+                    let n = out.n;
+                    let (net, figures) = update(net, out, lr.into());
+                    (net, n, figures)
+                }
+            };
+            net = next;
+            tally.push(iter, n, figures.loss, figures.penalty, figures.hits);
             bar.inc(1);
             let stop = self.opts.stop_requested();
             if tally.due() || stop {

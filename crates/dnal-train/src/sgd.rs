@@ -48,6 +48,13 @@ impl Sgd {
         }
     }
 
+    /// Whether a step writes each parameter and velocity over themselves on cuda and wgpu (the
+    /// joint step of [`dnal_kernels::sgd_momentum_steps`]): with momentum. Without, each
+    /// parameter steps alone through burn's operations, which may write it into new memory.
+    pub fn writes_in_place(&self) -> bool {
+        self.momentum != 0.0
+    }
+
     /// One step with learning rate `lr` (a number, or a tensor holding it) of every parameter
     /// of `module` that `grads` has a gradient for.
     pub fn step<M: Module>(

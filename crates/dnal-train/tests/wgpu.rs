@@ -469,29 +469,50 @@ fn replays_as_its_steps<M>(
 {
     use burn::optim::GradientsParams;
 
+    let (x, y) = batch(device, &[1, 7, 3, 0]);
+    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
+    replays_as_steps(
+        build,
+        || dnal_train::sgd::Sgd::new(0.9, 5e-4),
+        |net, sgd| {
+            let loss = ce.forward(forward(&net, x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            (sgd.step(0.05, net, grads), loss)
+        },
+        device,
+    );
+}
+
+/// Six plain steps (`step` of a network `build` makes and of optimisers `optimisers` makes)
+/// against three warm-up steps of another network with the same values and three replays of
+/// its fourth, recorded: the same losses, and every float of the networks equal after them.
+fn replays_as_steps<M, O>(
+    build: impl Fn() -> M,
+    optimisers: impl Fn() -> O,
+    step: impl Fn(M, &mut O) -> (M, burn::prelude::Tensor<1>),
+    device: &burn::prelude::Device,
+) where
+    M: burn::module::Module,
+{
     let plain = dnal_train::sgd::lay_out(build());
     // The same values in a network of its own (a clone would share the running statistics'
     // state); the two share their first tensors, and each one's first step writes a copy.
     let recorded = build().load_record(plain.clone().into_record());
-    let (x, y) = batch(device, &[1, 7, 3, 0]);
-    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
     // Six steps as they are.
-    let (mut net, mut sgd) = (plain, dnal_train::sgd::Sgd::new(0.9, 5e-4));
+    let (mut net, mut o) = (plain, optimisers());
     let mut losses: Vec<f32> = Vec::new();
     for _ in 0..6 {
-        let loss = ce.forward(forward(&net, x.clone()), y.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
-        net = sgd.step(0.05, net, grads);
+        let (next, loss) = step(net, &mut o);
+        net = next;
         losses.push(loss.into_scalar());
     }
     let last = floats(&net);
     // Six steps recorded: three warm-up runs, then the recorded one replayed three times.
-    let cell = std::cell::RefCell::new(Some((recorded, dnal_train::sgd::Sgd::new(0.9, 5e-4))));
+    let cell = std::cell::RefCell::new(Some((recorded, optimisers())));
     let graph_step = || {
-        let (net, mut sgd) = cell.borrow_mut().take().unwrap();
-        let loss = ce.forward(forward(&net, x.clone()), y.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
-        *cell.borrow_mut() = Some((sgd.step(0.05, net, grads), sgd));
+        let (net, mut o) = cell.borrow_mut().take().unwrap();
+        let (net, loss) = step(net, &mut o);
+        *cell.borrow_mut() = Some((net, o));
         loss.inner()
     };
     // Recorded on the device under autodiff, whose backend records no graph itself.
@@ -500,8 +521,8 @@ fn replays_as_its_steps<M>(
     // The recorded run records the launches without running them: the replays run steps 4-6.
     let mut replayed: Vec<f32> = Vec::new();
     for _ in 0..3 {
-        // SAFETY: the graph reads and writes the images, the labels and the network and
-        // optimiser in `cell`, all alive until it is dropped; nothing else runs meanwhile.
+        // SAFETY: the graph reads and writes the step's inputs and the network and optimisers
+        // in `cell`, all alive until it is dropped; nothing else runs meanwhile.
         #[allow(unsafe_code)]
         let loss = unsafe { graph.replay() };
         replayed.push(loss.clone().into_scalar());
@@ -522,6 +543,61 @@ fn replays_as_its_steps<M>(
         assert!(
             diff <= 1e-5 * scale,
             "tensor {k} after six steps: {diff} apart"
+        );
+    }
+}
+
+/// The architecture stage's step, recorded and replayed as `train --graph` does: gates
+/// searching at a fixed temperature, cross-entropy plus the sparsity penalty, alpha stepped by
+/// its own SGD and the weights by theirs, for the paper's penalty and for the MACs-weighted,
+/// tempered one with a MACs budget (active, and met, where its gradient is zero).
+#[test]
+fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
+    use burn::optim::GradientsParams;
+    use dnal_core::{GateMode, GatedModel, MacsTarget, PenaltyConfig, SparsityPenalty};
+    use dnal_core::{Relaxation, Weighting};
+    use dnal_zoo::Network;
+
+    let Some((device, _gpu)) = wgpu_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    let config = dnal_zoo::PlainCnnConfig::new(3, 8, vec![4, 6], vec![0]).with_global_pool(true);
+    let build = || {
+        config
+            .init(&device)
+            .unwrap()
+            .with_gate_mode(GateMode::Search)
+            .with_temperature(3.0)
+            .with_alpha(0.2)
+    };
+    let budget = |fraction| PenaltyConfig {
+        relaxation: Relaxation::Tempered,
+        weighting: Weighting::Macs,
+        target: Some(MacsTarget::Excess { fraction }),
+        ..PenaltyConfig::paper(0.5)
+    };
+    let (x, y) = batch(&device, &[1, 7, 3, 0]);
+    for penalty in [PenaltyConfig::paper(0.05), budget(0.1), budget(0.9)] {
+        let net = build();
+        let penalty = SparsityPenalty::new(penalty, Some(&net.cost_model())).unwrap();
+        let ids = net.alpha_ids();
+        replays_as_steps(
+            build,
+            || {
+                let sgd = || dnal_train::sgd::Sgd::new(0.9, 0.0);
+                (sgd(), sgd())
+            },
+            |net, (alpha, weights)| {
+                let (ce, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+                let loss = ce + penalty.loss(&net);
+                let mut grads = loss.backward();
+                let g_alpha = GradientsParams::from_params(&mut grads, &net, &ids);
+                let rest = GradientsParams::from_grads(grads, &net);
+                let net = alpha.step(0.05, net, g_alpha);
+                (weights.step(0.05, net, rest), loss)
+            },
+            &device,
         );
     }
 }
