@@ -2,7 +2,7 @@
 //! with no data set: what the weight stage does per batch (forward, cross-entropy, backward,
 //! an SGD step with momentum and weight decay), on random images, with the gates bypassed (the
 //! weight stage) or searching (the architecture stage's forward and backward, all weights
-//! updated); or, given an architecture (a run's `architecture.json`), of the network pruned to
+//! updated, with the paper's sparsity penalty if given a lambda); or, given an architecture (a run's `architecture.json`), of the network pruned to
 //! it, as the final stage trains it. Prints the median and the fastest of the timed steps.
 
 use std::time::Instant;
@@ -11,7 +11,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
-use dnal_core::{Architecture, BackendKind, GateMode};
+use dnal_core::{Architecture, BackendKind, GateMode, PenaltyConfig, SparsityPenalty};
 use dnal_zoo::Network;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -35,6 +35,9 @@ pub struct StepBench {
     pub steps: usize,
     /// Gates bypassed (the weight stage) or searching.
     pub search: bool,
+    /// With `search`: the paper's sparsity penalty at this lambda added to the loss, as the
+    /// architecture stage adds it.
+    pub penalty: Option<f64>,
     /// The backend.
     pub backend: BackendKind,
     /// dnal's own operations off (`dnal_kernels::set_enabled(false)`, for the whole process):
@@ -78,6 +81,8 @@ pub struct StepTimes {
     pub size: usize,
     /// `bypass` or `search`.
     pub gates: String,
+    /// The sparsity penalty's lambda, where the step added it.
+    pub penalty: Option<f64>,
     /// The name of the architecture the network was pruned to; `None` for the dense network.
     pub architecture: Option<String>,
     /// Multiply-accumulates of one image's forward through the timed network at the timed
@@ -111,6 +116,23 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
             "bench",
             "--steps, --batch, --size and --classes must be at least 1",
         )));
+    }
+    match bench.penalty {
+        Some(_) if !bench.search => {
+            return Err(TrainError::from(dnal_core::CoreError::invalid(
+                "bench",
+                "--penalty adds the sparsity penalty of searching gates; give --search with it",
+            )));
+        }
+        Some(lambda) if !(lambda.is_finite() && lambda >= 0.0) => {
+            return Err(TrainError::from(dnal_core::CoreError::invalid(
+                "--penalty",
+                format!(
+                    "{lambda} is no lambda: give a finite value >= 0 (the paper's: 1e-5 to 5e-4)"
+                ),
+            )));
+        }
+        _ => {}
     }
     if bench.search && bench.pruned.is_some() {
         return Err(TrainError::from(dnal_core::CoreError::invalid(
@@ -149,6 +171,7 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
         batch: bench.batch,
         size: bench.shape.size,
         gates: if bench.search { "search" } else { "bypass" }.into(),
+        penalty: bench.penalty,
         architecture: bench.pruned.as_ref().map(|p| p.name.clone()),
         macs,
         median_ms: sorted[sorted.len() / 2],
@@ -189,6 +212,10 @@ impl WithNetwork for Timed<'_> {
             net = net.prune(arch)?;
         }
         let macs = net.cost_model().cost(None).macs;
+        let penalty = b
+            .penalty
+            .map(|lambda| SparsityPenalty::new(PenaltyConfig::paper(lambda), None))
+            .transpose()?;
         if b.search {
             net = net.with_gate_mode(GateMode::Search).with_temperature(100.0);
         }
@@ -234,7 +261,10 @@ impl WithNetwork for Timed<'_> {
         // predictions computed as in training: its loss.
         let mut step = || {
             let (net, mut sgd) = state.take().expect("the step always puts its state back");
-            let (loss, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+            let (mut loss, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+            if let Some(p) = &penalty {
+                loss = loss + p.loss(&net);
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             state = Some((sgd.step(0.01, net, grads), sgd));
             loss

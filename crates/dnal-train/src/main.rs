@@ -88,6 +88,10 @@ enum Command {
         /// Gates searching (as in the architecture stage) instead of bypassed.
         #[arg(long)]
         search: bool,
+        /// With --search: the paper's sparsity penalty at this lambda added to the loss (e.g.
+        /// 1e-4), as the architecture stage adds it.
+        #[arg(long, value_name = "LAMBDA")]
+        penalty: Option<f64>,
         /// flex, ndarray, wgpu or cuda (must be compiled in).
         #[arg(long, default_value = "flex")]
         backend: String,
@@ -315,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             warmup,
             steps,
             search,
+            penalty,
             backend,
             burn_ops,
             burn_sgd,
@@ -348,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 warmup,
                 steps,
                 search,
+                penalty,
                 backend: backend.parse()?,
                 burn_ops,
                 burn_sgd,
@@ -374,7 +380,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     t.batch,
                     t.size,
                     t.size,
-                    t.gates,
+                    match t.penalty {
+                        Some(lambda) => format!("{} (penalty {lambda:e})", t.gates),
+                        None => t.gates.clone(),
+                    },
                     t.median_ms,
                     t.min_ms,
                     t.steps,

@@ -484,6 +484,33 @@ fn bench_times_a_training_step_and_names_bad_input() {
         ok && out.contains(r#""backend":"flex (burn ops)""#),
         "{out}"
     );
+    // Searching gates with the architecture stage's penalty; the penalty needs searching
+    // gates and a lambda.
+    let search = [
+        "bench",
+        "--model",
+        "mnist-cnn",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+        "--batch",
+        "4",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--json",
+    ];
+    let (ok, out) = dnal_train(&[&search[..], &["--search", "--penalty", "1e-4"]].concat());
+    assert!(
+        ok && out.contains(r#""gates":"search","penalty":0.0001"#),
+        "{out}"
+    );
+    let (ok, out) = dnal_train(&[&search[..], &["--penalty", "1e-4"]].concat());
+    assert!(!ok && out.contains("--search"), "{out}");
+    let (ok, out) = dnal_train(&[&search[..], &["--search", "--penalty=-1"]].concat());
+    assert!(!ok && out.contains("--penalty"), "{out}");
     let (ok, out) = dnal_train(&["bench", "--model", "resnet-9000"]);
     assert!(
         !ok && out.contains("resnet-9000") && out.contains("resnet56-cifar"),
