@@ -35,7 +35,8 @@
 # `--reduction-finish=separate`: BatchNorm's reductions finished by a second launch each, as
 # before they were folded into the launch that makes their partial sums), GRAPH_NETS (likewise
 # with `--graph`: the step recorded once as a CUDA graph and replayed, the host's per-launch work
-# gone), ARCHITECTURES (checked-in architectures under benches/architectures/, e.g.
+# gone), SEARCH_NETS (likewise with `--search --penalty=1e-4`: the architecture stage's step,
+# gates searching and the paper's sparsity penalty in the loss; rows of their own), ARCHITECTURES (checked-in architectures under benches/architectures/, e.g.
 # "resnet56-cifar10 mobilenetv2-cifar10": after the dense steps, each pruned network's step on
 # the first backend and in PyTorch, the final stage's step; default none), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
@@ -61,6 +62,7 @@ BURN_OPS_NETS=${BURN_OPS_NETS:-}
 BURN_SGD_NETS=${BURN_SGD_NETS:-}
 SEPARATE_FINISH_NETS=${SEPARATE_FINISH_NETS:-}
 GRAPH_NETS=${GRAPH_NETS:-}
+SEARCH_NETS=${SEARCH_NETS:-}
 ARCHITECTURES=${ARCHITECTURES:-}
 mkdir -p "$OUT"
 : > "$OUT/steps.jsonl"
@@ -92,13 +94,14 @@ pruned_entry() {
 }
 
 # A table row for a step that gave no figure: `failed`, `timeout` or `skipped`.
-# no_figure BACKEND MODEL REASON [ARCHITECTURE]
+# no_figure BACKEND MODEL REASON [ARCHITECTURE] [PENALTY: the searching step's lambda]
 no_figure() {
-    local batch size classes arch=""
+    local batch size classes arch="" search=""
     read -r batch size classes <<< "$(shape_of "$2")"
     [[ -n ${4:-} ]] && arch=",\"architecture\":\"$4\""
-    printf '{"model":"%s","backend":"%s","batch":%s,"size":%s%s,"error":"%s"}\n' \
-        "$2" "$1" "$batch" "$size" "$arch" "$3" >> "$OUT/steps.jsonl"
+    [[ -n ${5:-} ]] && search=",\"gates\":\"search\",\"penalty\":$5"
+    printf '{"model":"%s","backend":"%s","batch":%s,"size":%s%s%s,"error":"%s"}\n' \
+        "$2" "$1" "$batch" "$size" "$arch" "$search" "$3" >> "$OUT/steps.jsonl"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
@@ -113,12 +116,13 @@ no_figure() {
 dnal_steps() {
     local backend=$1 nets=${2:-$NETS} extra=${3:-} entry model arch name batch size classes cap stuck=0
     # The label `dnal-train bench` gives the backend with that argument.
-    local label=$backend
+    local label=$backend penalty=""
     case $extra in
         --burn-ops) label+=" (burn ops)" ;;
         --burn-sgd) label+=" (burn sgd)" ;;
         --reduction-finish=*) label+=" (${extra#*=} finish)" ;;
         --graph) label+=" (graph)" ;;
+        --search*) penalty=${extra##*--penalty=} ;;
     esac
     for entry in $nets; do
         model=${entry%%:*} arch="" name=$entry
@@ -130,20 +134,20 @@ dnal_steps() {
         read -r batch size classes <<< "$(shape_of "$model")"
         cap=$(allowance "$STEP_CAP_S")
         if (( cap == 0 || stuck )); then
-            no_figure "$label" "$model" skipped "$arch"
+            no_figure "$label" "$model" skipped "$arch" "$penalty"
             continue
         fi
         echo "dnal $label $name (up to $cap s)" >&2
-        # shellcheck disable=SC2086 # $extra is one argument or none
+        # shellcheck disable=SC2086 # $extra holds its arguments, or none
         timeout "$cap" "$BIN" bench --backend "$backend" --model "$model" --batch "$batch" \
             --size "$size" --classes "$classes" --warmup 3 --steps 10 --json $extra \
-            "${pruned[@]}" >> "$OUT/steps.jsonl" 2> "$OUT/$backend$extra-$name.err"
+            "${pruned[@]}" >> "$OUT/steps.jsonl" 2> "$OUT/$backend${extra// /}-$name.err"
         case $? in
             0) ;;
-            124) no_figure "$label" "$model" timeout "$arch"; stuck=1
+            124) no_figure "$label" "$model" timeout "$arch" "$penalty"; stuck=1
                  echo "  timed out after $cap s; skipping $label's other networks" >&2 ;;
-            *) no_figure "$label" "$model" failed "$arch"
-               echo "  failed: $(tail -n 3 "$OUT/$backend$extra-$name.err")" >&2 ;;
+            *) no_figure "$label" "$model" failed "$arch" "$penalty"
+               echo "  failed: $(tail -n 3 "$OUT/$backend${extra// /}-$name.err")" >&2 ;;
         esac
     done
 }
@@ -236,6 +240,7 @@ for b in "${backend_list[@]:0:1}"; do
     [[ -n $SEPARATE_FINISH_NETS ]] \
         && dnal_steps "$b" "$SEPARATE_FINISH_NETS" --reduction-finish=separate
     [[ -n $GRAPH_NETS ]] && dnal_steps "$b" "$GRAPH_NETS" --graph
+    [[ -n $SEARCH_NETS ]] && dnal_steps "$b" "$SEARCH_NETS" "--search --penalty=1e-4"
     if [[ -n $ARCHITECTURES ]]; then
         entries=""
         for a in $ARCHITECTURES; do entries+=" $(pruned_entry "$a")"; done

@@ -4,7 +4,8 @@ the median step of each backend (or why there is none: failed, timeout, skipped)
 brackets, the median time the host took to issue it (a step close to it waited on the host, not
 the device), the seconds from building the network to the first timed step (compiling and
 autotuning, mostly), and dnal's time over PyTorch eager's. A network pruned to a checked-in
-architecture (`architecture` in its lines) has a row of its own.
+architecture (`architecture` in its lines) has a row of its own, and so has a network's searching
+step (`gates` "search", the architecture stage's, with its penalty's lambda).
 
 Usage: python3 benches/gpu/table.py steps.jsonl
 """
@@ -21,6 +22,8 @@ def main():
             continue
         r = json.loads(line)
         model = r["model"] + (f" pruned to {r['architecture']}" if r.get("architecture") else "")
+        if r.get("gates") == "search":
+            model += " searching" + (f" (penalty {r['penalty']:g})" if r.get("penalty") else "")
         rows.setdefault((model, r["batch"], r["size"]), {})[r["backend"]] = r
         if r["backend"] not in backends:
             backends.append(r["backend"])
