@@ -465,31 +465,8 @@ fn bench_times_a_training_step_and_names_bad_input() {
             "{t}"
         );
     }
-    // With dnal's own operations off, the row says so.
-    let (ok, out) = dnal_train(&[
-        "bench",
-        "--model",
-        "mnist-cnn",
-        "--size",
-        "28",
-        "--channels",
-        "1",
-        "--batch",
-        "4",
-        "--warmup",
-        "0",
-        "--steps",
-        "1",
-        "--burn-ops",
-        "--json",
-    ]);
-    assert!(
-        ok && out.contains(r#""backend":"flex (burn ops)""#),
-        "{out}"
-    );
-    // Searching gates with the architecture stage's penalty; the penalty needs searching
-    // gates and a lambda.
-    let search = [
+    // One small step, for the variants below.
+    let small = [
         "bench",
         "--model",
         "mnist-cnn",
@@ -505,14 +482,22 @@ fn bench_times_a_training_step_and_names_bad_input() {
         "1",
         "--json",
     ];
-    let (ok, out) = dnal_train(&[&search[..], &["--search", "--penalty", "1e-4"]].concat());
+    // With dnal's own operations off, the row says so.
+    let (ok, out) = dnal_train(&[&small[..], &["--burn-ops"]].concat());
+    assert!(
+        ok && out.contains(r#""backend":"flex (burn ops)""#),
+        "{out}"
+    );
+    // Searching gates with the architecture stage's penalty; the penalty needs searching
+    // gates and a lambda.
+    let (ok, out) = dnal_train(&[&small[..], &["--search", "--penalty", "1e-4"]].concat());
     assert!(
         ok && out.contains(r#""gates":"search","penalty":0.0001"#),
         "{out}"
     );
-    let (ok, out) = dnal_train(&[&search[..], &["--penalty", "1e-4"]].concat());
+    let (ok, out) = dnal_train(&[&small[..], &["--penalty", "1e-4"]].concat());
     assert!(!ok && out.contains("--search"), "{out}");
-    let (ok, out) = dnal_train(&[&search[..], &["--search", "--penalty=-1"]].concat());
+    let (ok, out) = dnal_train(&[&small[..], &["--search", "--penalty=-1"]].concat());
     assert!(!ok && out.contains("--penalty"), "{out}");
     let (ok, out) = dnal_train(&["bench", "--model", "resnet-9000"]);
     assert!(
