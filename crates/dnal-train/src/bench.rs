@@ -2,8 +2,9 @@
 //! with no data set: what the weight stage does per batch (forward, cross-entropy, backward,
 //! an SGD step with momentum and weight decay), on random images, with the gates bypassed (the
 //! weight stage) or searching (the architecture stage's forward and backward, all weights
-//! updated, with the paper's sparsity penalty if given a lambda); or, given an architecture (a run's `architecture.json`), of the network pruned to
-//! it, as the final stage trains it. Prints the median and the fastest of the timed steps.
+//! updated, with the paper's sparsity penalty if given a lambda); or, given an architecture (a
+//! run's `architecture.json`), of the network pruned to it, as the final stage trains it.
+//! Prints the median and the fastest of the timed steps.
 
 use std::time::Instant;
 
@@ -124,15 +125,10 @@ pub fn bench_step(bench: &StepBench) -> Result<StepTimes> {
                 "--penalty adds the sparsity penalty of searching gates; give --search with it",
             )));
         }
-        Some(lambda) if !(lambda.is_finite() && lambda >= 0.0) => {
-            return Err(TrainError::from(dnal_core::CoreError::invalid(
-                "--penalty",
-                format!(
-                    "{lambda} is no lambda: give a finite value >= 0 (the paper's: 1e-5 to 5e-4)"
-                ),
-            )));
-        }
-        _ => {}
+        Some(lambda) => PenaltyConfig::paper(lambda).validate().map_err(|e| {
+            dnal_core::CoreError::invalid("--penalty", format!("{e} (the paper's: 1e-5 to 5e-4)"))
+        })?,
+        None => {}
     }
     if bench.search && bench.pruned.is_some() {
         return Err(TrainError::from(dnal_core::CoreError::invalid(
