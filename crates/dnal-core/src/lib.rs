@@ -31,4 +31,6 @@ pub use cost::{CostModel, CostReport, Groups, LayerCost, LayerKind, LayerSpec, M
 pub use error::{CoreError, Result};
 pub use gate::{ChannelGate, ChannelGateConfig, GateKind, GateMode, GateState, stable_sigmoid};
 pub use gated::GatedModel;
-pub use penalty::{MacsTarget, PenaltyConfig, Relaxation, SparsityPenalty, Weighting, soft_macs};
+pub use penalty::{
+    GateTerm, MacsTarget, PenaltyConfig, Relaxation, SparsityPenalty, Weighting, soft_macs,
+};

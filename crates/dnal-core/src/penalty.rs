@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::ParamId;
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,22 @@ impl PenaltyConfig {
     }
 }
 
+/// One gate's part of a penalty whose gradient is per channel ([`SparsityPenalty::gate_terms`]).
+#[derive(Debug, Clone)]
+pub struct GateTerm {
+    /// The id of the gate's alpha.
+    pub alpha_id: ParamId,
+    /// Alpha's values, `[C]` (not tracked by autodiff).
+    pub alpha: Tensor<1>,
+    /// The gate's mask, `[C]`.
+    pub mask: Tensor<1>,
+    /// The penalty's coefficient times the gate's weight.
+    pub coefficient: f64,
+    /// The gate's temperature (`[1]`) where the penalty sums `sigmoid(beta * alpha)`; none for
+    /// `sigmoid(alpha)`.
+    pub temperature: Option<Tensor<1>>,
+}
+
 /// The penalty, ready to be added to the loss of the architecture stage.
 #[derive(Debug, Clone)]
 pub struct SparsityPenalty {
@@ -199,6 +216,35 @@ impl SparsityPenalty {
             Relaxation::Sigmoid => sigmoid(gate.alpha.val()) * gate.mask.val(),
             Relaxation::Tempered => gate.search_factor(),
         }
+    }
+
+    /// Whether the penalty's gradient with respect to each alpha depends on that alpha alone
+    /// (every mode but the MACs `excess` target, whose gradient goes through the network's soft
+    /// MACs), so that [`Self::gate_terms`] describes it.
+    pub fn per_channel(&self) -> bool {
+        !matches!(self.config.target, Some(MacsTarget::Excess { .. }))
+    }
+
+    /// The penalty gate by gate, for adding its gradient to alpha's after the backward pass
+    /// instead of through [`Self::loss`]: `sum over gates of coefficient * sum over channels of
+    /// mask * sigmoid(temperature * alpha)`, the temperature 1 for the paper's relaxation.
+    /// `None` where the gradient is not per channel ([`Self::per_channel`]).
+    pub fn gate_terms<M: GatedModel>(&self, model: &M) -> Option<Vec<GateTerm>> {
+        if !self.per_channel() {
+            return None;
+        }
+        let mut terms = Vec::new();
+        model.visit_gates(&mut |name, gate| {
+            terms.push(GateTerm {
+                alpha_id: gate.alpha_id(),
+                alpha: gate.alpha.val().detach(),
+                mask: gate.mask.val().detach(),
+                coefficient: self.lambda * self.weight(name),
+                temperature: (self.config.relaxation == Relaxation::Tempered)
+                    .then(|| gate.temperature.val().detach()),
+            })
+        });
+        Some(terms)
     }
 
     /// The penalty term for `model`'s gates (shape `[1]`), differentiable w.r.t. every alpha.

@@ -1,7 +1,7 @@
 //! dnal's operations on one device compared with a reference device: the training BatchNorm
 //! (output, batch and running statistics, gradients), the depthwise convolution, the
-//! one-group convolution with its gradients, SGD's momentum step, the training loss and the
-//! placement of channels into a wider stream, each over a set of shapes, layouts and activations
+//! one-group convolution with its gradients, SGD's momentum step, the sparsity penalty's
+//! gradient, the training loss and the placement of channels into a wider stream, each over a set of shapes, layouts and activations
 //! chosen to reach every branch of the kernels (several cubes per channel, more channels than
 //! a cube's units, channel-last memory, odd planes, a large common offset).
 //!
@@ -70,12 +70,13 @@ impl fmt::Display for Comparison {
     }
 }
 
-/// Every comparison of the six families.
+/// Every comparison of the seven families.
 pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
     let mut out = batch_norm(device, reference);
     out.extend(depthwise(device, reference));
     out.extend(convolution(device, reference));
     out.extend(sgd(device, reference));
+    out.extend(penalty(device, reference));
     out.extend(loss(device, reference));
     out.extend(channels(device, reference));
     out
@@ -632,6 +633,68 @@ pub fn sgd(device: &Device, reference: &Device) -> Vec<Comparison> {
         &held_rate_sgd_case,
     );
     out
+}
+
+/// The sparsity penalty's gradient added to alpha's ([`crate::penalty_gradients`]) for 40
+/// gates of 1 to 79 channels (more gates than one CubeCL launch takes), some channels masked:
+/// with `sigmoid(alpha)`, and with `sigmoid(beta * alpha)` at temperatures from 1 to 10^4
+/// (gates saturated both ways); and with every fifth gradient also held outside, which must
+/// keep its values.
+pub fn penalty(device: &Device, reference: &Device) -> Vec<Comparison> {
+    let names = ["gradients", "penalty", "held gradients"];
+    let mut out = Vec::new();
+    for (case, tempered) in [
+        ("sigmoid(alpha)", false),
+        ("sigmoid(beta * alpha), beta 1 to 1e4", true),
+    ] {
+        let case = format!("sparsity penalty's gradient of 40 gates, {case}");
+        let run = |d: &Device| penalty_case(tempered, d);
+        out.extend(compare(
+            TOLERANCE,
+            &case,
+            &names,
+            run(device),
+            run(reference),
+        ));
+    }
+    out
+}
+
+/// One [`penalty`] case: the gradients and the held ones concatenated, and the penalty.
+fn penalty_case(tempered: bool, device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    let tensor = |n: usize, seed: f32, scale: f32| {
+        let v: Vec<f32> = wave(n, seed).into_iter().map(|x| x * scale).collect();
+        Tensor::<1>::from_data(TensorData::new(v, [n]), device)
+    };
+    let mut terms = Vec::new();
+    let mut held = Vec::new();
+    for g in 0..40 {
+        let n = 1 + (g * 37) % 79;
+        let grad = tensor(n, 0.7 + g as f32, 0.1);
+        if g % 5 == 0 {
+            held.push(grad.clone());
+        }
+        let mask: Vec<f32> = (0..n)
+            .map(|c| if (c + g) % 4 == 3 { 0.0 } else { 1.0 })
+            .collect();
+        let beta = [1.0, 3.0, 37.0, 1e4][g % 4];
+        terms.push(crate::PenaltyTerm {
+            alpha: tensor(n, 0.3 + g as f32, 4.0),
+            grad,
+            mask: Tensor::from_data(TensorData::new(mask, [n]), device),
+            coefficient: 0.5 * (1 + g % 3) as f64,
+            temperature: tempered.then(|| Tensor::<1>::from_floats([beta], device)),
+        });
+    }
+    let (grads, value) = crate::penalty_gradients(terms);
+    let cat = |ts: Vec<Tensor<1>>| -> Result<Vec<f32>, String> {
+        Ok(ts
+            .into_iter()
+            .map(values)
+            .collect::<Result<Vec<_>, _>>()?
+            .concat())
+    };
+    Ok(vec![cat(grads)?, values(value)?, cat(held)?])
 }
 
 /// Three steps of a `[16, 27]` parameter at rates 0.1, 0.05 and 0.2, each written into one

@@ -83,6 +83,7 @@ mod loss;
 mod memo;
 #[cfg(feature = "flex")]
 mod outputs;
+mod penalty;
 mod planes;
 mod refresh;
 mod sgd;
@@ -102,6 +103,7 @@ use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use loss::cross_entropy;
+pub use penalty::{PenaltyTerm, penalty_folds, penalty_gradients};
 pub use refresh::{overwrite, write_values};
 pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,

@@ -252,16 +252,23 @@ impl WithNetwork for Timed<'_> {
                 .sync()
                 .map_err(|e| dnal_core::CoreError::Backend(format!("the device failed: {e:?}")))
         };
+        let folded = penalty
+            .as_ref()
+            .is_some_and(|p| crate::penalty::folds(p, &net));
         let mut state = Some((net, sgd));
         // One training step of the network and optimiser in `state`, the loss and the correct
         // predictions computed as in training: its loss.
         let mut step = || {
             let (net, mut sgd) = state.take().expect("the step always puts its state back");
             let (mut loss, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
-            if let Some(p) = &penalty {
+            let unfolded = penalty.as_ref().filter(|_| !folded);
+            if let Some(p) = unfolded {
                 loss = loss + p.loss(&net);
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+            if let (true, Some(p)) = (folded, &penalty) {
+                loss = loss.detach() + crate::penalty::add_gradients(p, &net, &mut grads);
+            }
             state = Some((sgd.step(0.01, net, grads), sgd));
             loss
         };

@@ -23,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod models;
+pub mod penalty;
 pub mod phase;
 pub mod pipeline;
 mod plots;

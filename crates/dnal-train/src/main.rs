@@ -32,6 +32,8 @@ enum CheckFamily {
     Convolution,
     /// SGD's momentum step.
     Sgd,
+    /// The sparsity penalty's gradient added to alpha's.
+    Penalty,
     /// The training loss (cross-entropy, correct predictions, the logits' gradient) and the
     /// tally's writes.
     Loss,
@@ -418,6 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
                 Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
+                Some(CheckFamily::Penalty) => check::penalty(&device, &reference),
                 Some(CheckFamily::Loss) => check::loss(&device, &reference),
                 Some(CheckFamily::Channels) => check::channels(&device, &reference),
             };

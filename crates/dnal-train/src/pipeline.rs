@@ -519,10 +519,14 @@ impl<'a, N: Network> Runner<'a, N> {
             .then(|| Recorder::new(self.replicas.main()));
         let spec = StepSpec {
             penalty: penalty.as_deref(),
+            folded: penalty
+                .as_deref()
+                .is_some_and(|p| crate::penalty::folds(p, &net)),
             alpha_ids: phase.searches().then_some(&alpha_ids[..]),
         };
         // The optimisers' steps after a batch, and the batch's figures for the tally.
-        let mut update = |net: N, out: StepOut, rate: Rate| {
+        let mut update = |net: N, mut out: StepOut, rate: Rate| {
+            out.penalise(&net, &spec);
             let figures = Figures {
                 loss: out.loss,
                 hits: out.hits,

@@ -31,6 +31,9 @@ use dnal_zoo::Network;
 pub(crate) struct StepSpec<'a> {
     /// The sparsity penalty of a searching phase.
     pub penalty: Option<&'a SparsityPenalty>,
+    /// Whether the penalty stays out of the loss, its gradient added to alpha's after the
+    /// backward pass ([`crate::penalty::folds`], [`StepOut::penalise`]).
+    pub folded: bool,
     /// The alpha parameters, whose gradients go to their own optimiser (searching phases).
     pub alpha_ids: Option<&'a [ParamId]>,
 }
@@ -39,9 +42,10 @@ pub(crate) struct StepSpec<'a> {
 pub(crate) struct StepOut {
     /// Images in the batch.
     pub n: usize,
-    /// The batch's mean cross-entropy plus the penalty (detached for the tally by it).
+    /// The batch's mean cross-entropy plus the penalty (detached for the tally by it); without
+    /// the penalty until [`StepOut::penalise`] where it is folded.
     pub loss: Tensor<1>,
-    /// The penalty.
+    /// The penalty (none until [`StepOut::penalise`] where it is folded).
     pub penalty: Option<Tensor<1>>,
     /// Correct predictions (a count, as f32).
     pub hits: Tensor<1>,
@@ -49,6 +53,20 @@ pub(crate) struct StepOut {
     pub alpha: Option<GradientsParams>,
     /// Every other gradient.
     pub rest: GradientsParams,
+}
+
+impl StepOut {
+    /// Where `spec`'s penalty is folded, its gradient added to alpha's (at `net`, the network
+    /// the step ran) and the penalty to the loss.
+    pub fn penalise<N: Network>(&mut self, net: &N, spec: &StepSpec) {
+        let (true, Some(penalty), Some(alpha)) = (spec.folded, spec.penalty, self.alpha.as_mut())
+        else {
+            return;
+        };
+        let value = crate::penalty::add_gradients(penalty, net, alpha);
+        self.loss = self.loss.clone().detach() + value.clone();
+        self.penalty = Some(value);
+    }
 }
 
 /// The training devices of a run (autodiff), the first being the main one.
@@ -170,7 +188,7 @@ pub(crate) fn device_step<N: Network>(
     let logits = net.forward(images);
     let n = logits.dims()[0];
     let (mut loss, hits) = dnal_kernels::cross_entropy(logits, labels);
-    let penalty = spec.penalty.map(|p| p.loss(net));
+    let penalty = spec.penalty.filter(|_| !spec.folded).map(|p| p.loss(net));
     if let Some(pen) = &penalty {
         loss = loss + pen.clone();
     }
@@ -356,6 +374,7 @@ mod tests {
         let batch = batch();
         let spec = StepSpec {
             penalty: None,
+            folded: false,
             alpha_ids: None,
         };
         let mut dp = net.valid().train();

@@ -248,6 +248,13 @@ fn sgd_step_on_wgpu_matches_burn_on_flex() {
     }
 }
 
+#[test]
+fn penalty_gradient_on_wgpu_matches_burn_on_flex() {
+    if let Some((device, _gpu)) = wgpu_device() {
+        all_within(check::penalty(&device, &flex()));
+    }
+}
+
 /// The tally's buffer: values written at their places in one launch, twice into the same
 /// buffer, the other places kept.
 #[test]
@@ -549,8 +556,10 @@ fn replays_as_steps<M, O>(
 
 /// The architecture stage's step, recorded and replayed as `train --graph` does: gates
 /// searching at a fixed temperature, cross-entropy plus the sparsity penalty, alpha stepped by
-/// its own SGD and the weights by theirs, for the paper's penalty and for the MACs-weighted,
-/// tempered one with a MACs budget (active, and met, where its gradient is zero).
+/// its own SGD and the weights by theirs, for the paper's penalty (its gradient added to
+/// alpha's after the backward pass, as training adds it on wgpu) and for the MACs-weighted,
+/// tempered one with a MACs budget (through autodiff; active, and met, where its gradient is
+/// zero).
 #[test]
 fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
     use burn::optim::GradientsParams;
@@ -582,6 +591,8 @@ fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
         let net = build();
         let penalty = SparsityPenalty::new(penalty, Some(&net.cost_model())).unwrap();
         let ids = net.alpha_ids();
+        let folded = dnal_train::penalty::folds(&penalty, &net);
+        assert_eq!(folded, penalty.per_channel(), "folded wherever it can be");
         replays_as_steps(
             build,
             || {
@@ -589,10 +600,17 @@ fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
                 (sgd(), sgd())
             },
             |net, (alpha, weights)| {
-                let (ce, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
-                let loss = ce + penalty.loss(&net);
+                let (mut loss, _hits) =
+                    dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+                if !folded {
+                    loss = loss + penalty.loss(&net);
+                }
                 let mut grads = loss.backward();
-                let g_alpha = GradientsParams::from_params(&mut grads, &net, &ids);
+                let mut g_alpha = GradientsParams::from_params(&mut grads, &net, &ids);
+                if folded {
+                    let value = dnal_train::penalty::add_gradients(&penalty, &net, &mut g_alpha);
+                    loss = loss.detach() + value;
+                }
                 let rest = GradientsParams::from_grads(grads, &net);
                 let net = alpha.step(0.05, net, g_alpha);
                 (weights.step(0.05, net, rest), loss)
