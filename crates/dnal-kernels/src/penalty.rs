@@ -116,69 +116,66 @@ fn cube_gradients(terms: Vec<PenaltyTerm>) -> (Vec<Tensor<1>>, Tensor<1>) {
 mod tests {
     use super::*;
 
-    /// `sum over gates of c * sum(m * sigmoid(t * alpha))` through autodiff: the penalty as the
-    /// loss computes it.
-    fn through_autodiff(
-        alphas: &[Vec<f32>],
-        masks: &[Vec<f32>],
-        coefficients: &[f64],
-        temperatures: Option<&[f32]>,
-        grads_in: &[Vec<f32>],
-    ) -> (Vec<Vec<f32>>, f32) {
-        let device = Device::default().autodiff();
-        let mut total = Tensor::<1>::zeros([1], &device);
-        let mut params = Vec::new();
-        for (g, alpha) in alphas.iter().enumerate() {
-            let a = Tensor::<1>::from_floats(alpha.as_slice(), &device).require_grad();
-            let x = match temperatures {
-                Some(t) => a.clone().mul_scalar(t[g]),
-                None => a.clone(),
-            };
-            let m = Tensor::<1>::from_floats(masks[g].as_slice(), &device);
-            total = total + (sigmoid(x) * m).sum().mul_scalar(coefficients[g]);
-            params.push(a);
-        }
-        let grads = total.backward();
-        let got = params
-            .iter()
-            .zip(grads_in)
-            .map(|(a, g0)| {
-                let g = a
-                    .grad(&grads)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .unwrap();
-                g.iter().zip(g0).map(|(g, g0)| g + g0).collect()
-            })
-            .collect();
-        (got, total.into_scalar())
+    /// Gates' alphas, masks, coefficients, temperatures (or none) and incoming gradients.
+    #[derive(Clone)]
+    struct Gates {
+        alphas: Vec<Vec<f32>>,
+        masks: Vec<Vec<f32>>,
+        coefficients: Vec<f64>,
+        temperatures: Option<Vec<f32>>,
+        grads: Vec<Vec<f32>>,
     }
 
-    fn folded(
-        alphas: &[Vec<f32>],
-        masks: &[Vec<f32>],
-        coefficients: &[f64],
-        temperatures: Option<&[f32]>,
-        grads_in: &[Vec<f32>],
-    ) -> (Vec<Vec<f32>>, f32) {
-        let device = Device::default();
-        let t = |v: &[f32]| Tensor::<1>::from_floats(v, &device);
-        let terms = (0..alphas.len())
-            .map(|g| PenaltyTerm {
-                alpha: t(&alphas[g]),
-                grad: t(&grads_in[g]),
-                mask: t(&masks[g]),
-                coefficient: coefficients[g],
-                temperature: temperatures.map(|ts| t(&[ts[g]])),
-            })
-            .collect();
-        let (grads, value) = penalty_gradients(terms);
-        let grads = grads
-            .into_iter()
-            .map(|g| g.into_data().try_to_vec::<f32>().unwrap())
-            .collect();
-        (grads, value.into_scalar())
+    impl Gates {
+        /// `sum over gates of c * sum(m * sigmoid(t * alpha))` through autodiff, as the loss
+        /// computes it: the incoming gradients plus its own, and its value.
+        fn through_autodiff(&self) -> (Vec<Vec<f32>>, f32) {
+            let device = Device::default().autodiff();
+            let mut total = Tensor::<1>::zeros([1], &device);
+            let mut params = Vec::new();
+            for (g, alpha) in self.alphas.iter().enumerate() {
+                let a = Tensor::<1>::from_floats(alpha.as_slice(), &device).require_grad();
+                let x = match &self.temperatures {
+                    Some(t) => a.clone().mul_scalar(t[g]),
+                    None => a.clone(),
+                };
+                let m = Tensor::<1>::from_floats(self.masks[g].as_slice(), &device);
+                total = total + (sigmoid(x) * m).sum().mul_scalar(self.coefficients[g]);
+                params.push(a);
+            }
+            let grads = total.backward();
+            let got = params
+                .iter()
+                .zip(&self.grads)
+                .map(|(a, g0)| {
+                    let g = a.grad(&grads).unwrap().into_data();
+                    let g = g.try_to_vec::<f32>().unwrap();
+                    g.iter().zip(g0).map(|(g, g0)| g + g0).collect()
+                })
+                .collect();
+            (got, total.into_scalar())
+        }
+
+        /// The same through [`penalty_gradients`].
+        fn folded(&self) -> (Vec<Vec<f32>>, f32) {
+            let device = Device::default();
+            let t = |v: &[f32]| Tensor::<1>::from_floats(v, &device);
+            let terms = (0..self.alphas.len())
+                .map(|g| PenaltyTerm {
+                    alpha: t(&self.alphas[g]),
+                    grad: t(&self.grads[g]),
+                    mask: t(&self.masks[g]),
+                    coefficient: self.coefficients[g],
+                    temperature: self.temperatures.as_ref().map(|ts| t(&[ts[g]])),
+                })
+                .collect();
+            let (grads, value) = penalty_gradients(terms);
+            let grads = grads
+                .into_iter()
+                .map(|g| g.into_data().try_to_vec::<f32>().unwrap())
+                .collect();
+            (grads, value.into_scalar())
+        }
     }
 
     /// Three gates, one channel masked, temperatures up to 10^4 (saturated gates, whose
@@ -186,22 +183,24 @@ mod tests {
     /// gradient of one channel by central differences of the penalty.
     #[test]
     fn the_added_gradient_is_autodiffs_and_the_penalty_s_slope() {
-        let alphas = vec![
-            vec![0.3, -1.2, 2.0],
-            vec![0.05, -0.4],
-            vec![1.5, -0.7, 0.0, 0.2],
-        ];
-        let masks = vec![vec![1.0, 0.0, 1.0], vec![1.0, 1.0], vec![1.0; 4]];
-        let coefficients = [0.5, 2.0, 0.25];
-        let grads_in = vec![
-            vec![0.1, 0.2, -0.3],
-            vec![0.0, 1.0],
-            vec![-1.0, 0.5, 0.25, 0.0],
-        ];
-        for temperatures in [None, Some(&[1.0, 3.0, 1e4][..])] {
-            let (want, want_value) =
-                through_autodiff(&alphas, &masks, &coefficients, temperatures, &grads_in);
-            let (got, value) = folded(&alphas, &masks, &coefficients, temperatures, &grads_in);
+        for temperatures in [None, Some(vec![1.0, 3.0, 1e4])] {
+            let gates = Gates {
+                alphas: vec![
+                    vec![0.3, -1.2, 2.0],
+                    vec![0.05, -0.4],
+                    vec![1.5, -0.7, 0.0, 0.2],
+                ],
+                masks: vec![vec![1.0, 0.0, 1.0], vec![1.0, 1.0], vec![1.0; 4]],
+                coefficients: vec![0.5, 2.0, 0.25],
+                temperatures,
+                grads: vec![
+                    vec![0.1, 0.2, -0.3],
+                    vec![0.0, 1.0],
+                    vec![-1.0, 0.5, 0.25, 0.0],
+                ],
+            };
+            let (want, want_value) = gates.through_autodiff();
+            let (got, value) = gates.folded();
             assert!((value - want_value).abs() <= 1e-6 * want_value.abs());
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!(g.is_finite() && (g - w).abs() <= 1e-6, "{g} against {w}");
@@ -209,12 +208,12 @@ mod tests {
             // The penalty's slope along alpha[1][0], by central differences.
             let h = 1e-2;
             let at = |d: f32| {
-                let mut a = alphas.clone();
-                a[1][0] += d;
-                folded(&a, &masks, &coefficients, temperatures, &grads_in).1
+                let mut moved = gates.clone();
+                moved.alphas[1][0] += d;
+                moved.folded().1
             };
             let slope = (at(h) - at(-h)) / (2.0 * h);
-            let added = got[1][0] - grads_in[1][0];
+            let added = got[1][0] - gates.grads[1][0];
             assert!((slope - added).abs() <= 1e-3, "{slope} against {added}");
         }
     }

@@ -23,7 +23,8 @@ pub fn folds<M: GatedModel>(penalty: &SparsityPenalty, net: &M) -> bool {
 
 /// Adds the gradient of `penalty` at `net`'s alphas to their gradients in `grads` (a gate
 /// without one gets the penalty's alone) and returns the penalty, `[1]` on `net`'s device (not
-/// tracked by autodiff). For a penalty whose gradient is per channel ([`SparsityPenalty::per_channel`]).
+/// tracked by autodiff). For a penalty whose gradient is per channel
+/// ([`SparsityPenalty::per_channel`]).
 pub fn add_gradients<M: GatedModel>(
     penalty: &SparsityPenalty,
     net: &M,
