@@ -17,9 +17,10 @@
 #
 # Usage: benches/gpu/run.sh [DNAL_TRAIN_BINARY]; figures go to ${OUT:-gpu-results}/.
 # The whole script keeps within BUDGET_S seconds (default 540): the parts run in order of
-# importance (dnal on cuda, PyTorch, the training run, dnal on wgpu), each under its own cap and
-# what is left of the budget; a part with under 20 s left is recorded as skipped, and so are a
-# backend's other networks once one of them times out.
+# importance (the kernel check and dnal's steps on cuda, PyTorch's on the same networks, the
+# variants below, the training run, dnal on wgpu), each under its own cap and what is left of
+# the budget; a part with under 20 s left is recorded as skipped, and so are a backend's other
+# networks once one of them times out.
 # Also settable: BACKENDS (default "cuda wgpu"), NETS (default all four), REF_DEVICE (PyTorch's
 # device, default cuda; "none" skips it), TRAIN_BACKEND (default cuda; "none" skips the run),
 # TRAIN_IMAGES and TEST_IMAGES (how many of the 50,000 + 10,000 written the run uses, default
@@ -235,6 +236,8 @@ read -r -a backend_list <<< "$BACKENDS"
 for b in "${backend_list[@]:0:1}"; do
     kernel_check "$b"
     dnal_steps "$b"
+    # The comparison the figures are for comes before the variants.
+    reference
     [[ -n $BURN_OPS_NETS ]] && dnal_steps "$b" "$BURN_OPS_NETS" --burn-ops
     [[ -n $BURN_SGD_NETS ]] && dnal_steps "$b" "$BURN_SGD_NETS" --burn-sgd
     [[ -n $SEPARATE_FINISH_NETS ]] \
@@ -248,7 +251,6 @@ for b in "${backend_list[@]:0:1}"; do
     fi
     profiled_step "$b"
 done
-reference
 training_run
 for b in "${backend_list[@]:1}"; do dnal_steps "$b"; done
 
