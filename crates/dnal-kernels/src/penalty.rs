@@ -56,19 +56,17 @@ pub fn penalty_gradients(terms: Vec<PenaltyTerm>) -> (Vec<Tensor<1>>, Tensor<1>)
     let mut grads = Vec::with_capacity(terms.len());
     for term in terms {
         let dtype = term.grad.dtype();
-        let (x, slope_factor) = match term.temperature {
-            Some(t) => {
-                let t = f32(t);
-                (f32(term.alpha) * t.clone(), t.mul_scalar(term.coefficient))
-            }
-            None => (
-                f32(term.alpha),
-                Tensor::<1>::full([1], term.coefficient, &device).cast(DType::F32),
-            ),
+        let t = term.temperature.map(f32);
+        let x = match &t {
+            Some(t) => f32(term.alpha) * t.clone(),
+            None => f32(term.alpha),
         };
         let s = sigmoid(x);
         let masked = s.clone() * f32(term.mask);
-        let added = masked.clone() * s.neg().add_scalar(1.0) * slope_factor;
+        let mut added = (masked.clone() * s.neg().add_scalar(1.0)).mul_scalar(term.coefficient);
+        if let Some(t) = t {
+            added = added * t;
+        }
         grads.push((f32(term.grad) + added).cast(dtype));
         total = total + masked.sum().mul_scalar(term.coefficient);
     }

@@ -34,11 +34,8 @@ pub fn add_gradients<M: GatedModel>(
         .gate_terms(net)
         .expect("add_gradients takes a penalty whose gradient is per channel");
     if gates.is_empty() {
-        let device = net.devices().into_iter().next();
-        return Tensor::zeros(
-            [1],
-            &device.unwrap_or_else(dnal_core::BackendKind::host_device),
-        );
+        // No gates: the penalty's own zero on the network's device.
+        return penalty.loss(net).detach();
     }
     let mut ids = Vec::with_capacity(gates.len());
     let terms = gates
