@@ -168,6 +168,17 @@ impl ChannelGate {
         self
     }
 
+    /// The gate for one step with its factor given: its forward pass multiplies by `factor`
+    /// (`[C]`) instead of computing [`search_factor`](Self::search_factor). A step that computes
+    /// every searching gate's factor outside autodiff hands each in as an autodiff leaf and
+    /// carries the leaf's gradient to alpha itself. The gate is masked with `factor` as its
+    /// mask (under a new ParamId): a gate for that step's forward pass only, never to be saved.
+    pub fn with_factor(mut self, factor: Tensor<1>) -> Self {
+        self.mask = Param::from_tensor(factor);
+        self.mode = GateMode::Masked;
+        self
+    }
+
     /// The ParamId of `alpha`, for the architecture optimiser.
     pub fn alpha_id(&self) -> ParamId {
         self.alpha.id

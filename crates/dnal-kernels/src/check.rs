@@ -70,13 +70,14 @@ impl fmt::Display for Comparison {
     }
 }
 
-/// Every comparison of the seven families.
+/// Every comparison of the eight families.
 pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
     let mut out = batch_norm(device, reference);
     out.extend(depthwise(device, reference));
     out.extend(convolution(device, reference));
     out.extend(sgd(device, reference));
     out.extend(penalty(device, reference));
+    out.extend(gates(device, reference));
     out.extend(loss(device, reference));
     out.extend(channels(device, reference));
     out
@@ -162,8 +163,9 @@ fn grad_of<const D: usize>(
 /// reductions take several cubes per channel and several rounds per unit, short channels
 /// (one cube of 32 or 64 units), channel counts that are not powers of two and more channels
 /// than a cube's units in channel-last memory, 625 cubes along each channel (ResNet-50-like:
-/// 64 channel-last channels, four lanes each), odd planes, and a large common offset (the
-/// variance must not cancel).
+/// 64 channel-last channels, four lanes each), odd planes, a large common offset (the
+/// variance must not cancel), and gated: a gate's factor (some of it zero) multiplying the
+/// transform, with its gradient.
 pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
     let mut out = compare(
         TOLERANCE,
@@ -173,52 +175,76 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
         batch_norm_module(reference),
     );
     use Activation::*;
-    const NAMES: [&str; 7] = ["output", "mean", "variance", "dx", "da", "db", "dresidual"];
-    for (shape, act, residual, offset, channel_last) in [
-        ([4, 3, 40, 40], Relu, false, 0.0, false),
-        ([4, 3, 40, 40], Relu6, true, 0.0, false),
-        ([3, 5, 7, 7], Identity, true, 0.0, false),
-        ([2, 4, 9, 11], Relu, true, 1000.0, false),
-        ([4, 6, 20, 20], Relu, false, 0.0, true),
-        ([3, 5, 9, 11], Relu6, true, 0.0, true),
-        ([2, 9, 4, 4], Relu, true, 0.0, true),
-        ([2, 300, 3, 3], Relu, true, 0.0, true),
+    for (shape, act, residual, offset, channel_last, gated) in [
+        ([4, 3, 40, 40], Relu, false, 0.0, false, false),
+        ([4, 3, 40, 40], Relu6, true, 0.0, false, true),
+        ([3, 5, 7, 7], Identity, true, 0.0, false, false),
+        ([2, 4, 9, 11], Relu, true, 1000.0, false, true),
+        ([4, 6, 20, 20], Relu, false, 0.0, true, true),
+        ([3, 5, 9, 11], Relu6, true, 0.0, true, false),
+        ([2, 9, 4, 4], Relu, true, 0.0, true, false),
+        ([2, 300, 3, 3], Relu, true, 0.0, true, true),
+        // A gated BatchNorm of one channel (a layer a high penalty thinned to one).
+        ([8, 1, 5, 5], Relu, false, 0.0, true, true),
         // A ResNet-56 first-stage unit: 64 cubes along each channel, 16 lanes per channel,
         // whose last cube finishes the reduction where it folds (cuda by default).
-        ([16, 16, 32, 32], Relu, true, 0.0, true),
-        ([4, 64, 100, 100], Relu, false, 0.0, true),
+        ([16, 16, 32, 32], Relu, true, 0.0, true, false),
+        ([16, 16, 32, 32], Relu, false, 0.0, true, true),
+        ([4, 64, 100, 100], Relu, false, 0.0, true, false),
         // VGG-16's hidden classifier layer: a batch of 512 features as 1x1 planes.
-        ([128, 512, 1, 1], Relu, false, 0.0, false),
+        ([128, 512, 1, 1], Relu, false, 0.0, false, true),
     ] {
-        let run = |d: &Device| batch_norm_case(d, shape, act, residual, offset, channel_last);
+        let run =
+            |d: &Device| batch_norm_case(d, shape, act, residual, offset, channel_last, gated);
+        let mut names = vec!["output", "mean", "variance", "dx", "da", "db"];
+        names.extend(residual.then_some("dresidual"));
+        names.extend(gated.then_some("dfactor"));
         out.extend(compare(
             TOLERANCE,
             &format!(
                 "BatchNorm {shape:?} {act:?} residual {residual} offset {offset} \
-                 channel-last {channel_last}"
+                 channel-last {channel_last} gated {gated}"
             ),
-            &NAMES[..if residual { 7 } else { 6 }],
+            &names,
             run(device),
             run(reference),
         ));
     }
     // Added into some channels of a wider stream (a pruned residual block's last unit):
     // scattered and consecutive positions, either memory layout for each of the two inputs.
-    const INTO: [&str; 7] = ["output", "mean", "variance", "dx", "da", "db", "dstream"];
-    for (shape, width, pos, act, x_cl, s_cl) in [
-        ([3, 4, 6, 5], 7, &[0, 2, 3, 6][..], Relu, false, false),
-        ([2, 3, 9, 11], 8, &[2, 3, 4][..], Relu6, false, true),
-        ([4, 5, 7, 7], 9, &[8, 1, 4, 5, 0][..], Identity, true, false),
-        ([16, 6, 8, 8], 10, &[1, 3, 5, 7, 8, 9][..], Relu, true, true),
+    const INTO: [&str; 8] = [
+        "output", "mean", "variance", "dx", "da", "db", "dstream", "dfactor",
+    ];
+    for (shape, width, pos, act, x_cl, s_cl, gated) in [
+        ([3, 4, 6, 5], 7, &[0, 2, 3, 6][..], Relu, false, false, true),
+        ([2, 3, 9, 11], 8, &[2, 3, 4][..], Relu6, false, true, false),
+        (
+            [4, 5, 7, 7],
+            9,
+            &[8, 1, 4, 5, 0][..],
+            Identity,
+            true,
+            false,
+            false,
+        ),
+        (
+            [16, 6, 8, 8],
+            10,
+            &[1, 3, 5, 7, 8, 9][..],
+            Relu,
+            true,
+            true,
+            true,
+        ),
     ] {
-        let run = |d: &Device| batch_norm_into_case(d, shape, width, pos, act, [x_cl, s_cl]);
+        let run = |d: &Device| batch_norm_into_case(d, shape, width, pos, act, [x_cl, s_cl], gated);
         out.extend(compare(
             TOLERANCE,
             &format!(
                 "BatchNorm {shape:?} into {pos:?} of {width} {act:?} channel-last {x_cl}, \
-                 stream channel-last {s_cl}"
+                 stream channel-last {s_cl}, gated {gated}"
             ),
-            &INTO,
+            &INTO[..if gated { 8 } else { 7 }],
             run(device),
             run(reference),
         ));
@@ -228,7 +254,8 @@ pub fn batch_norm(device: &Device, reference: &Device) -> Vec<Comparison> {
 
 /// Training BatchNorm added into the channels `pos` of a `width`-channel stream, then the
 /// activation, on `device`: output, batch statistics, and the gradients of `sum(y * w)` for
-/// the input, `a`, `b` and the stream; `[x, stream]` held channel-last where `cl` says.
+/// the input, `a`, `b`, the stream and, `gated`, the gate's factor; `[x, stream]` held
+/// channel-last where `cl` says.
 fn batch_norm_into_case(
     device: &Device,
     [n, c, h, w]: [usize; 4],
@@ -236,6 +263,7 @@ fn batch_norm_into_case(
     pos: &[usize],
     act: Activation,
     cl: [bool; 2],
+    gated: bool,
 ) -> Result<Vec<Vec<f32>>, String> {
     let device = device.clone().autodiff();
     let (len, stream_len) = (n * c * h * w, n * width * h * w);
@@ -249,10 +277,15 @@ fn batch_norm_into_case(
     let one = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
     let a = one(wave(c, 2.0).iter().map(|v| v + 1.0).collect()).require_grad();
     let b = one(wave(c, 3.0)).require_grad();
+    let f = one(gate_factor(c)).require_grad();
+    let affine = crate::Affine {
+        a: a.clone(),
+        b: b.clone(),
+        factor: gated.then(|| f.clone()),
+    };
     let t = crate::batch_norm_train_residual(
         x.clone(),
-        a.clone(),
-        b.clone(),
+        affine,
         1e-5,
         act,
         crate::Residual::Into(s.clone(), pos),
@@ -263,7 +296,7 @@ fn batch_norm_into_case(
         &device,
     );
     let grads = (t.output.clone() * weights).sum().backward();
-    Ok(vec![
+    let mut out = vec![
         values(t.output)?,
         values(t.mean)?,
         values(t.variance)?,
@@ -271,7 +304,20 @@ fn batch_norm_into_case(
         grad_of(&a, &grads)?,
         grad_of(&b, &grads)?,
         grad_of(&s, &grads)?,
-    ])
+    ];
+    if gated {
+        out.push(grad_of(&f, &grads)?);
+    }
+    Ok(out)
+}
+
+/// A gate's factor over `c` channels: values in `[0, 1]`, every fourth channel closed (zero).
+fn gate_factor(c: usize) -> Vec<f32> {
+    wave(c, 6.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 4 == 1 { 0.0 } else { 0.5 + 0.5 * v })
+        .collect()
 }
 
 /// A BatchNorm module's output and running statistics after two training calls on `device`.
@@ -300,8 +346,9 @@ fn batch_norm_module(device: &Device) -> Result<Vec<Vec<f32>>, String> {
     Ok(out)
 }
 
-/// Training BatchNorm (with a residual, an activation) on `device`: output, batch mean and
-/// variance, and the gradients of `sum(y * w)` for the input, `a`, `b` and the residual.
+/// Training BatchNorm (with a residual, an activation, a gate's factor) on `device`: output,
+/// batch mean and variance, and the gradients of `sum(y * w)` for the input, `a`, `b`, the
+/// residual and the factor.
 fn batch_norm_case(
     device: &Device,
     [n, c, h, w]: [usize; 4],
@@ -309,6 +356,7 @@ fn batch_norm_case(
     residual: bool,
     offset: f32,
     channel_last: bool,
+    gated: bool,
 ) -> Result<Vec<Vec<f32>>, String> {
     let device = device.clone().autodiff();
     let len = n * c * h * w;
@@ -324,7 +372,19 @@ fn batch_norm_case(
     let a = one(wave(c, 2.0).iter().map(|v| v + 1.0).collect()).require_grad();
     let b = one(wave(c, 3.0)).require_grad();
     let r = four(wave(len, 4.0)).require_grad();
-    let (y, mean, var) = if residual {
+    let f = one(gate_factor(c)).require_grad();
+    let (y, mean, var) = if gated {
+        let affine = crate::Affine {
+            a: a.clone(),
+            b: b.clone(),
+            factor: Some(f.clone()),
+        };
+        let residual = match residual {
+            true => crate::Residual::Whole(r.clone()),
+            false => crate::Residual::None,
+        };
+        crate::batch_norm_train_residual(x.clone(), affine, 1e-5, act, residual, None).statistics()
+    } else if residual {
         crate::batch_norm_add_train(x.clone(), a.clone(), b.clone(), r.clone(), 1e-5, act)
     } else {
         crate::batch_norm_train(x.clone(), a.clone(), b.clone(), 1e-5, act)
@@ -348,6 +408,9 @@ fn batch_norm_case(
     ];
     if residual {
         out.push(grad_of(&r, &grads)?);
+    }
+    if gated {
+        out.push(grad_of(&f, &grads)?);
     }
     Ok(out)
 }
@@ -662,39 +725,82 @@ pub fn penalty(device: &Device, reference: &Device) -> Vec<Comparison> {
 
 /// One [`penalty`] case: the gradients and the held ones concatenated, and the penalty.
 fn penalty_case(tempered: bool, device: &Device) -> Result<Vec<Vec<f32>>, String> {
-    let tensor = |n: usize, seed: f32, scale: f32| {
-        let v: Vec<f32> = wave(n, seed).into_iter().map(|x| x * scale).collect();
-        Tensor::<1>::from_data(TensorData::new(v, [n]), device)
-    };
     let mut terms = Vec::new();
     let mut held = Vec::new();
-    for g in 0..40 {
-        let n = 1 + (g * 37) % 79;
-        let grad = tensor(n, 0.7 + g as f32, 0.1);
+    for (g, gate) in test_gates(device).into_iter().enumerate() {
+        let grad = wave_tensor(gate.alpha.dims()[0], 0.7 + g as f32, 0.1, device);
         if g % 5 == 0 {
             held.push(grad.clone());
         }
-        let mask: Vec<f32> = (0..n)
-            .map(|c| if (c + g) % 4 == 3 { 0.0 } else { 1.0 })
-            .collect();
-        let beta = [1.0, 3.0, 37.0, 1e4][g % 4];
         terms.push(crate::PenaltyTerm {
-            alpha: tensor(n, 0.3 + g as f32, 4.0),
+            alpha: gate.alpha,
             grad,
-            mask: Tensor::from_data(TensorData::new(mask, [n]), device),
+            mask: gate.mask,
             coefficient: 0.5 * (1 + g % 3) as f64,
-            temperature: tempered.then(|| Tensor::<1>::from_floats([beta], device)),
+            temperature: tempered.then_some(gate.temperature),
         });
     }
     let (grads, value) = crate::penalty_gradients(terms);
-    let cat = |ts: Vec<Tensor<1>>| -> Result<Vec<f32>, String> {
-        Ok(ts
-            .into_iter()
-            .map(values)
-            .collect::<Result<Vec<_>, _>>()?
-            .concat())
-    };
-    Ok(vec![cat(grads)?, values(value)?, cat(held)?])
+    Ok(vec![concat(grads)?, values(value)?, concat(held)?])
+}
+
+/// The searching gates' factors `mask * sigmoid(beta * alpha)` and alpha's gradients through
+/// them ([`crate::gate_factors`], [`crate::factor_gradients`]): 40 gates of 1 to 79 channels
+/// (several launches where a launch binds few gates), masked channels, temperatures 1 to 1e4
+/// (saturated gates, whose gradient is 0).
+pub fn gates(device: &Device, reference: &Device) -> Vec<Comparison> {
+    compare(
+        TOLERANCE,
+        "40 searching gates, temperatures 1 to 1e4",
+        &["factors", "alpha's gradients through the factors"],
+        gates_case(device),
+        gates_case(reference),
+    )
+}
+
+/// The [`gates`] case: every gate's factor, then every gate's alpha gradient, concatenated.
+fn gates_case(device: &Device) -> Result<Vec<Vec<f32>>, String> {
+    let chains = test_gates(device);
+    let dfactors = (0..chains.len())
+        .map(|g| wave_tensor(chains[g].alpha.dims()[0], 0.9 + g as f32, 2.0, device))
+        .collect();
+    let factors = crate::gate_factors(&chains);
+    let grads = crate::factor_gradients(&chains, dfactors);
+    Ok(vec![concat(factors)?, concat(grads)?])
+}
+
+/// 40 gates of 1 to 79 channels (more than one CubeCL launch takes), every fourth channel
+/// masked at a shifting place, alphas up to +-4 and temperatures 1, 3, 37 and 10^4 in turn.
+fn test_gates(device: &Device) -> Vec<crate::GateChain> {
+    (0..40)
+        .map(|g| {
+            let n = 1 + (g * 37) % 79;
+            let mask: Vec<f32> = (0..n)
+                .map(|c| if (c + g) % 4 == 3 { 0.0 } else { 1.0 })
+                .collect();
+            let beta = [1.0, 3.0, 37.0, 1e4][g % 4];
+            crate::GateChain {
+                alpha: wave_tensor(n, 0.3 + g as f32, 4.0, device),
+                mask: Tensor::from_data(TensorData::new(mask, [n]), device),
+                temperature: Tensor::<1>::from_floats([beta], device),
+            }
+        })
+        .collect()
+}
+
+/// `[n]` values of [`wave`] times `scale`.
+fn wave_tensor(n: usize, seed: f32, scale: f32, device: &Device) -> Tensor<1> {
+    let v: Vec<f32> = wave(n, seed).into_iter().map(|x| x * scale).collect();
+    Tensor::<1>::from_data(TensorData::new(v, [n]), device)
+}
+
+/// Tensors' values one after another.
+fn concat(ts: Vec<Tensor<1>>) -> Result<Vec<f32>, String> {
+    Ok(ts
+        .into_iter()
+        .map(values)
+        .collect::<Result<Vec<_>, _>>()?
+        .concat())
 }
 
 /// Three steps of a `[16, 27]` parameter at rates 0.1, 0.05 and 0.2, each written into one

@@ -7,8 +7,10 @@
 //! **The gate folded into BatchNorm**, on every backend: [`batch_norm`] takes the gate's
 //! per-channel factor `g` (dnal-core's `ChannelGate::factor`) and
 //! uses the affine transform `a = gamma * g`, `b = beta * g`, so the gate costs two `[C]`-sized
-//! multiplies instead of a pass over the activation forward and two backward. In evaluation
-//! the running statistics are folded too: `x * scale + shift`.
+//! multiplies instead of a pass over the activation forward and two backward; on the CubeCL
+//! backends the BatchNorm kernels take `g` and make those products themselves (and the three
+//! gradients where the backward's sums are finished), so the gate costs no launch. In
+//! evaluation the running statistics are folded too: `x * scale + shift`.
 //!
 //! **dnal's own operations on flex** (f32), declared with burn's `#[backend_extension]` and
 //! differentiated by hand-written `Backward` implementations on burn's autodiff graph:
@@ -70,9 +72,9 @@ mod cube;
     allow(dead_code, unused_imports, unused_variables)
 )]
 mod direct;
+mod factors;
 #[cfg(feature = "flex")]
 mod flex;
-#[cfg(feature = "flex")]
 pub mod frozen;
 #[cfg(feature = "flex")]
 pub mod gemm;
@@ -102,6 +104,7 @@ use burn::tensor::ops::ConvOptions;
 use cpu::Clamp;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use factors::{GateChain, factor_gradients, gate_factors};
 pub use loss::cross_entropy;
 pub use penalty::{PenaltyTerm, penalty_folds, penalty_gradients};
 pub use refresh::{overwrite, write_values};
@@ -555,9 +558,8 @@ fn conv_bn_residual(
             });
         }
     }
-    let (a, b) = affine(bn, factor);
     let y = conv_forward(conv, x);
-    batch_norm_affine(bn, a, b, act, y, residual)
+    batch_norm_gated(bn, factor, act, y, residual)
 }
 
 /// `(scale, shift)` of BatchNorm's inference transform with `factor` folded in, the running
@@ -570,7 +572,7 @@ fn folded_running_affine(
 ) -> Option<(Tensor<1>, Tensor<1>)> {
     use burn::backend::Dispatch;
     use flex::DnalKernels;
-    let (a, b) = affine(bn, factor);
+    let (a, b) = Affine::of(bn, factor).folded();
     let mean = bn.running_mean.value().to_device(device);
     let var = bn.running_var.value().to_device(device);
     if [&a, &b, &mean, &var]
@@ -605,19 +607,42 @@ pub fn batch_norm(
     act: Activation,
     x: Tensor<4>,
 ) -> Tensor<4> {
-    let (a, b) = affine(bn, factor);
-    batch_norm_affine(bn, a, b, act, x, Residual::None)
+    batch_norm_gated(bn, factor, act, x, Residual::None)
 }
 
-/// BatchNorm's affine transform with the factor folded in: `(gamma * g, beta * g)`.
-fn affine(bn: &BatchNorm, factor: Option<Tensor<1>>) -> (Tensor<1>, Tensor<1>) {
-    let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
-    match factor {
-        Some(f) => {
-            let f = f.cast(gamma.dtype());
-            (gamma * f.clone(), beta * f)
+/// A per-channel affine transform `(a, b)` (BatchNorm's `gamma`, `beta`), both multiplied by a
+/// per-channel `factor` where there is one.
+struct Affine {
+    a: Tensor<1>,
+    b: Tensor<1>,
+    factor: Option<Tensor<1>>,
+}
+
+impl Affine {
+    /// `bn`'s transform with `factor`.
+    fn of(bn: &BatchNorm, factor: Option<Tensor<1>>) -> Self {
+        Self {
+            a: bn.gamma.val(),
+            b: bn.beta.val(),
+            factor,
         }
-        None => (gamma, beta),
+    }
+
+    /// A transform without a factor.
+    fn plain(a: Tensor<1>, b: Tensor<1>) -> Self {
+        Self { a, b, factor: None }
+    }
+
+    /// The transform with the factor multiplied in: `(a * f, b * f)`.
+    fn folded(self) -> (Tensor<1>, Tensor<1>) {
+        let Self { a, b, factor } = self;
+        match factor {
+            Some(f) => {
+                let f = f.cast(a.dtype());
+                (a * f.clone(), b * f)
+            }
+            None => (a, b),
+        }
     }
 }
 
@@ -635,16 +660,18 @@ fn running_affine(
     (scale, shift)
 }
 
-fn batch_norm_affine(
+/// `act(bn(x) * factor (+ residual))`, in training or evaluation as the device and `bn` say.
+fn batch_norm_gated(
     bn: &BatchNorm,
-    a: Tensor<1>,
-    b: Tensor<1>,
+    factor: Option<Tensor<1>>,
     act: Activation,
     x: Tensor<4>,
     residual: Residual,
 ) -> Tensor<4> {
+    let affine = Affine::of(bn, factor);
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training {
+        let (a, b) = affine.folded();
         let (scale, shift) = running_affine(bn, a, b, &x.device());
         let [_, c, _, _] = x.dims();
         let y = x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
@@ -657,7 +684,7 @@ fn batch_norm_affine(
     let device = x.device();
     // Taken out of the network for the step (the gain stands in meanwhile), so that kernels
     // moving them in place hold their only handles.
-    let stand_in = || a.clone().detach();
+    let stand_in = || affine.a.clone().detach();
     let running = Running::Due {
         mean: swap_running(&bn.running_mean, stand_in()).to_device(&device),
         var: swap_running(&bn.running_var, stand_in()).to_device(&device),
@@ -668,7 +695,7 @@ fn batch_norm_affine(
         mean,
         variance,
         running,
-    } = batch_norm_train_residual(x, a, b, bn.epsilon, act, residual, Some(running));
+    } = batch_norm_train_residual(x, affine, bn.epsilon, act, residual, Some(running));
     // The CubeCL kernels move the running statistics themselves; elsewhere tensor operations.
     let (mean, var) = match running {
         Some(Running::Moved { mean, var }) => (mean, var),
@@ -764,7 +791,8 @@ pub fn batch_norm_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, Residual::None, None).statistics()
+    let affine = Affine::plain(a, b);
+    batch_norm_train_residual(x, affine, epsilon, act, Residual::None, None).statistics()
 }
 
 /// A flex BatchNorm extension's output as tensors (the running statistics left to move).
@@ -791,21 +819,115 @@ pub fn batch_norm_add_train(
     epsilon: f64,
     act: Activation,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    batch_norm_train_residual(x, a, b, epsilon, act, Residual::Whole(residual), None).statistics()
+    let affine = Affine::plain(a, b);
+    batch_norm_train_residual(x, affine, epsilon, act, Residual::Whole(residual), None).statistics()
 }
 
-/// BatchNorm in training with the batch's statistics; `running` comes back in
-/// [`Trained::running`], moved where the backend's kernels move it (in place where they hold
-/// its only handles), else still due (the caller moves it with tensor operations).
+/// BatchNorm in training with the batch's statistics and the transform `affine`; `running`
+/// comes back in [`Trained::running`], moved where the backend's kernels move it (in place
+/// where they hold its only handles), else still due (the caller moves it with tensor
+/// operations). The CubeCL kernels apply a factor themselves; elsewhere it is multiplied into
+/// the transform first.
 fn batch_norm_train_residual(
     x: Tensor<4>,
-    a: Tensor<1>,
-    b: Tensor<1>,
+    affine: Affine,
     epsilon: f64,
     act: Activation,
     residual: Residual,
     running: Option<Running>,
 ) -> Trained {
+    #[cfg(feature = "cube")]
+    if takes_cube_path(&x)
+        && affine.a.dtype() == DType::F32
+        && affine.b.dtype() == DType::F32
+        && affine
+            .factor
+            .as_ref()
+            .is_none_or(|f| f.dtype() == DType::F32)
+        && residual.tensor().is_none_or(|r| r.dtype() == DType::F32)
+        && running.as_ref().is_none_or(|r| match r {
+            Running::Due { mean, var, .. } => {
+                mean.dtype() == DType::F32 && var.dtype() == DType::F32
+            }
+            Running::Moved { .. } => false,
+        })
+    {
+        use burn::backend::Dispatch;
+        use cube::CubeNorm;
+        let Clamp { lo, hi } = act.clamp();
+        let device = x.device();
+        // Without running statistics to move, the kernel moves zeros by nothing.
+        let moves = running.is_some();
+        let (rm, rv, momentum) = match running {
+            Some(Running::Due {
+                mean,
+                var,
+                momentum,
+            }) => (mean, var, momentum),
+            _ => {
+                let zeros = || Tensor::<1>::zeros([affine.a.dims()[0]], &device);
+                (zeros(), zeros(), 0.0)
+            }
+        };
+        let Affine { a, b, factor } = affine;
+        // Without a factor, a one-element stand-in the kernels never read.
+        let gated = factor.is_some();
+        let f = factor.unwrap_or_else(|| Tensor::<1>::empty([1], &device));
+        let (x, a, b, f) = (
+            x.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            f.into_dispatch(),
+        );
+        let (rm, rv) = (rm.into_dispatch(), rv.into_dispatch());
+        let out = match residual {
+            Residual::None => <Dispatch as CubeNorm>::dnal_cube_norm_train(
+                x, a, b, f, gated, rm, rv, momentum, epsilon, lo, hi,
+            ),
+            Residual::Whole(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
+                x,
+                a,
+                b,
+                f,
+                gated,
+                r.into_dispatch(),
+                rm,
+                rv,
+                momentum,
+                epsilon,
+                lo,
+                hi,
+            ),
+            Residual::Into(s, pos) => {
+                let map = channels::held_map(pos, s.dims()[1], &s.device());
+                <Dispatch as CubeNorm>::dnal_cube_norm_add_into_train(
+                    x,
+                    a,
+                    b,
+                    f,
+                    gated,
+                    s.into_dispatch(),
+                    map.into_dispatch(),
+                    rm,
+                    rv,
+                    momentum,
+                    epsilon,
+                    lo,
+                    hi,
+                )
+            }
+        };
+        return Trained {
+            output: Tensor::from_dispatch(out.output),
+            mean: Tensor::from_dispatch(out.mean),
+            variance: Tensor::from_dispatch(out.variance),
+            running: moves.then(|| Running::Moved {
+                mean: Tensor::from_dispatch(out.running_mean),
+                var: Tensor::from_dispatch(out.running_var),
+            }),
+        };
+    }
+    let (a, b) = affine.folded();
     #[cfg(feature = "flex")]
     if takes_fast_path(&x)
         && a.dtype() == DType::F32
@@ -842,79 +964,6 @@ fn batch_norm_train_residual(
         };
         return norm_tensors(out, running);
     }
-    #[cfg(feature = "cube")]
-    if takes_cube_path(&x)
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && residual.tensor().is_none_or(|r| r.dtype() == DType::F32)
-        && running.as_ref().is_none_or(|r| match r {
-            Running::Due { mean, var, .. } => {
-                mean.dtype() == DType::F32 && var.dtype() == DType::F32
-            }
-            Running::Moved { .. } => false,
-        })
-    {
-        use burn::backend::Dispatch;
-        use cube::CubeNorm;
-        let Clamp { lo, hi } = act.clamp();
-        // Without running statistics to move, the kernel moves zeros by nothing.
-        let moves = running.is_some();
-        let (rm, rv, momentum) = match running {
-            Some(Running::Due {
-                mean,
-                var,
-                momentum,
-            }) => (mean, var, momentum),
-            _ => {
-                let zeros = || Tensor::<1>::zeros([a.dims()[0]], &x.device());
-                (zeros(), zeros(), 0.0)
-            }
-        };
-        let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-        let (rm, rv) = (rm.into_dispatch(), rv.into_dispatch());
-        let out = match residual {
-            Residual::None => <Dispatch as CubeNorm>::dnal_cube_norm_train(
-                x, a, b, rm, rv, momentum, epsilon, lo, hi,
-            ),
-            Residual::Whole(r) => <Dispatch as CubeNorm>::dnal_cube_norm_add_train(
-                x,
-                a,
-                b,
-                r.into_dispatch(),
-                rm,
-                rv,
-                momentum,
-                epsilon,
-                lo,
-                hi,
-            ),
-            Residual::Into(s, pos) => {
-                let map = channels::held_map(pos, s.dims()[1], &s.device());
-                <Dispatch as CubeNorm>::dnal_cube_norm_add_into_train(
-                    x,
-                    a,
-                    b,
-                    s.into_dispatch(),
-                    map.into_dispatch(),
-                    rm,
-                    rv,
-                    momentum,
-                    epsilon,
-                    lo,
-                    hi,
-                )
-            }
-        };
-        return Trained {
-            output: Tensor::from_dispatch(out.output),
-            mean: Tensor::from_dispatch(out.mean),
-            variance: Tensor::from_dispatch(out.variance),
-            running: moves.then(|| Running::Moved {
-                mean: Tensor::from_dispatch(out.running_mean),
-                var: Tensor::from_dispatch(out.running_var),
-            }),
-        };
-    }
     // Elsewhere a stream is added into after BatchNorm, with tensor operations.
     let residual = match residual {
         Residual::None => None,
@@ -922,8 +971,7 @@ fn batch_norm_train_residual(
         Residual::Into(s, pos) => {
             let t = batch_norm_train_residual(
                 x,
-                a,
-                b,
+                Affine::plain(a, b),
                 epsilon,
                 Activation::Identity,
                 Residual::None,

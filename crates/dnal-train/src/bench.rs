@@ -255,17 +255,28 @@ impl WithNetwork for Timed<'_> {
         let folded = penalty
             .as_ref()
             .is_some_and(|p| crate::penalty::folds(p, &net));
+        let leaves = b.search && crate::leaves::fold(&net);
         let mut state = Some((net, sgd));
         // One training step of the network and optimiser in `state`, the loss and the correct
         // predictions computed as in training: its loss.
         let mut step = || {
             let (net, mut sgd) = state.take().expect("the step always puts its state back");
-            let (mut loss, _hits) = dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+            let installed = leaves.then(|| crate::leaves::install(&net));
+            let logits = match &installed {
+                Some((step, _)) => step.forward(x.clone()),
+                None => net.forward(x.clone()),
+            };
+            let (mut loss, _hits) = dnal_kernels::cross_entropy(logits, y.clone());
             let unfolded = penalty.as_ref().filter(|_| !folded);
             if let Some(p) = unfolded {
                 loss = loss + p.loss(&net);
             }
-            let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+            let mut backward = loss.backward();
+            let carried = installed.map(|(_, leaves)| leaves.alpha_gradients(&mut backward));
+            let mut grads = GradientsParams::from_grads(backward, &net);
+            if let Some(carried) = carried {
+                carried.add_to(&mut grads);
+            }
             if let (true, Some(p)) = (folded, &penalty) {
                 loss = loss.detach() + crate::penalty::add_gradients(p, &net, &mut grads);
             }

@@ -34,6 +34,8 @@ enum CheckFamily {
     Sgd,
     /// The sparsity penalty's gradient added to alpha's.
     Penalty,
+    /// The searching gates' factors and alpha's gradient through them.
+    Gates,
     /// The training loss (cross-entropy, correct predictions, the logits' gradient) and the
     /// tally's writes.
     Loss,
@@ -125,8 +127,9 @@ enum Command {
     },
     /// Compare dnal's own operations on a backend with the CPU (flex): training BatchNorm
     /// with its running statistics, the depthwise convolution, the convolution's backward,
-    /// SGD's momentum step, the training loss and the placement of channels into a wider
-    /// stream, over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
+    /// SGD's momentum step, the sparsity penalty's gradient, the searching gates' factors and
+    /// their gradient, the training loss and the placement of channels into a wider stream,
+    /// over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
     /// difference; fails if any exceeds 2e-4 of the reference's largest value (1e-2 for the
     /// one-group convolutions, whose products are burn's and may run in TF32 on cuda).
     Check {
@@ -421,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
                 Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
                 Some(CheckFamily::Penalty) => check::penalty(&device, &reference),
+                Some(CheckFamily::Gates) => check::gates(&device, &reference),
                 Some(CheckFamily::Loss) => check::loss(&device, &reference),
                 Some(CheckFamily::Channels) => check::channels(&device, &reference),
             };

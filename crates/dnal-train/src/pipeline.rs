@@ -522,6 +522,7 @@ impl<'a, N: Network> Runner<'a, N> {
             folded: penalty
                 .as_deref()
                 .is_some_and(|p| crate::penalty::folds(p, &net)),
+            leaves: phase.searches() && crate::leaves::fold(&net),
             alpha_ids: phase.searches().then_some(&alpha_ids[..]),
         };
         // The optimisers' steps after a batch, and the batch's figures for the tally.

@@ -34,6 +34,9 @@ pub(crate) struct StepSpec<'a> {
     /// Whether the penalty stays out of the loss, its gradient added to alpha's after the
     /// backward pass ([`crate::penalty::folds`], [`StepOut::penalise`]).
     pub folded: bool,
+    /// Whether the searching gates' factors enter as autodiff leaves, their gradients carried
+    /// to alpha's after the backward pass ([`crate::leaves`]; with `alpha_ids`).
+    pub leaves: bool,
     /// The alpha parameters, whose gradients go to their own optimiser (searching phases).
     pub alpha_ids: Option<&'a [ParamId]>,
 }
@@ -185,7 +188,14 @@ pub(crate) fn device_step<N: Network>(
     spec: &StepSpec,
     weight: Option<f64>,
 ) -> StepOut {
-    let logits = net.forward(images);
+    let installed = spec
+        .alpha_ids
+        .filter(|_| spec.leaves)
+        .map(|_| crate::leaves::install(net));
+    let logits = match &installed {
+        Some((step, _)) => step.forward(images),
+        None => net.forward(images),
+    };
     let n = logits.dims()[0];
     let (mut loss, hits) = dnal_kernels::cross_entropy(logits, labels);
     let penalty = spec.penalty.filter(|_| !spec.folded).map(|p| p.loss(net));
@@ -196,9 +206,13 @@ pub(crate) fn device_step<N: Network>(
         loss = loss.mul_scalar(w);
     }
     let mut grads = loss.backward();
-    let alpha = spec
+    let carried = installed.map(|(_, leaves)| leaves.alpha_gradients(&mut grads));
+    let mut alpha = spec
         .alpha_ids
         .map(|ids| GradientsParams::from_params(&mut grads, net, ids));
+    if let (Some(carried), Some(alpha)) = (carried, alpha.as_mut()) {
+        carried.add_to(alpha);
+    }
     let rest = GradientsParams::from_grads(grads, net);
     StepOut {
         n,
@@ -375,6 +389,7 @@ mod tests {
         let spec = StepSpec {
             penalty: None,
             folded: false,
+            leaves: false,
             alpha_ids: None,
         };
         let mut dp = net.valid().train();
@@ -419,6 +434,80 @@ mod tests {
             let (got, want, old) = (values(got), values(want), values(old));
             assert!(max_diff(&got, &want) < 1e-6);
             assert!(max_diff(&got, &old) > 1e-6, "the statistics moved");
+        }
+    }
+
+    /// Every gradient of `a` equal to `b`'s, within `1e-5` of each gradient's largest value.
+    struct SameGrads<'a> {
+        a: &'a GradientsParams,
+        b: &'a GradientsParams,
+        compared: usize,
+    }
+
+    impl ModuleVisitor for SameGrads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let (Some(a), Some(b)) = (self.a.get::<D>(param.id), self.b.get::<D>(param.id)) else {
+                assert!(self.a.get::<D>(param.id).is_none() && self.b.get::<D>(param.id).is_none());
+                return;
+            };
+            let (a, b) = (values(a), values(b));
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            assert!(max_diff(&a, &b) <= 1e-5 * scale, "gradient {}", param.id);
+            self.compared += 1;
+        }
+    }
+
+    /// A searching step with the gates' factors as leaves is the step through autodiff: the
+    /// loss, alpha's gradients (through a masked channel and a saturated gate too) and every
+    /// other gradient.
+    #[test]
+    fn a_step_with_the_factors_as_leaves_is_the_autodiff_step() {
+        use dnal_core::{GateMode, GatedModel};
+        let device = Device::flex().autodiff();
+        let config = PlainCnnConfig::mnist_cnn().with_num_classes(10);
+        let net = dnal_zoo::init::seeded(PlainCnn::build(&config, &device).unwrap(), 5);
+        // Varied alphas (one gate saturated at the temperature), a channel masked.
+        let mut k = 0;
+        let net = net
+            .with_gate_mode(GateMode::Search)
+            .with_temperature(4.0)
+            .map_gates(&mut |_, gate| {
+                k += 1;
+                let c = gate.channels();
+                let scale = if k == 2 { 100.0 } else { 0.3 };
+                let alpha: Vec<f32> = (0..c).map(|i| scale * ((i * 7 + k) as f32).sin()).collect();
+                let mut keep = vec![true; c];
+                keep[c / 2] = k != 1;
+                let mut gate = gate.with_mask(&keep);
+                gate.alpha = gate.alpha.map(|a| {
+                    Tensor::<1>::from_floats(alpha.as_slice(), &a.device()).require_grad()
+                });
+                gate
+            });
+        let alpha_ids = net.alpha_ids();
+        let run = |leaves: bool| {
+            let spec = StepSpec {
+                penalty: None,
+                folded: false,
+                leaves,
+                alpha_ids: Some(&alpha_ids),
+            };
+            replica_step(&net.valid().train(), &batch(), &device, &spec, None)
+        };
+        let (with, without) = (run(true), run(false));
+        let loss = |o: &StepOut| values(o.loss.clone())[0];
+        assert!((loss(&with) - loss(&without)).abs() <= 1e-6 * loss(&without));
+        for (a, b, least) in [
+            (&with.alpha, &without.alpha, 3),
+            (&Some(with.rest), &Some(without.rest), 10),
+        ] {
+            let mut check = SameGrads {
+                a: a.as_ref().unwrap(),
+                b: b.as_ref().unwrap(),
+                compared: 0,
+            };
+            net.visit(&mut check);
+            assert!(check.compared >= least, "{} gradients", check.compared);
         }
     }
 }

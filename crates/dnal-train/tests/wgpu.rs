@@ -249,6 +249,13 @@ fn sgd_step_on_wgpu_matches_burn_on_flex() {
 }
 
 #[test]
+fn gate_factors_on_wgpu_match_burn_on_flex() {
+    if let Some((device, _gpu)) = wgpu_device() {
+        all_within(check::gates(&device, &flex()));
+    }
+}
+
+#[test]
 fn penalty_gradient_on_wgpu_matches_burn_on_flex() {
     if let Some((device, _gpu)) = wgpu_device() {
         all_within(check::penalty(&device, &flex()));
@@ -555,7 +562,9 @@ fn replays_as_steps<M, O>(
 }
 
 /// The architecture stage's step, recorded and replayed as `train --graph` does: gates
-/// searching at a fixed temperature, cross-entropy plus the sparsity penalty, alpha stepped by
+/// searching at a fixed temperature (their factors computed before the forward pass and given
+/// as autodiff leaves, as training gives them on wgpu), cross-entropy plus the sparsity
+/// penalty, alpha stepped by
 /// its own SGD and the weights by theirs, for the paper's penalty (its gradient added to
 /// alpha's after the backward pass, as training adds it on wgpu) and for the MACs-weighted,
 /// tempered one with a MACs budget (through autodiff; active, and met, where its gradient is
@@ -593,6 +602,11 @@ fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
         let ids = net.alpha_ids();
         let folded = dnal_train::penalty::folds(&penalty, &net);
         assert_eq!(folded, penalty.per_channel(), "folded wherever it can be");
+        // The gates' factors as leaves, as a searching step on wgpu takes them.
+        assert!(
+            dnal_train::leaves::fold(&net),
+            "the factors are leaves on wgpu"
+        );
         replays_as_steps(
             build,
             || {
@@ -600,13 +614,19 @@ fn a_search_step_recorded_as_a_graph_replays_as_its_steps() {
                 (sgd(), sgd())
             },
             |net, (alpha, weights)| {
-                let (mut loss, _hits) =
-                    dnal_kernels::cross_entropy(net.forward(x.clone()), y.clone());
+                let (step, leaves) = dnal_train::leaves::install(&net);
+                let logits = step.forward(x.clone());
+                // Gone before the optimisers step: alpha then has no other handle, and SGD
+                // writes it in place, where the recorded launches read it.
+                drop(step);
+                let (mut loss, _hits) = dnal_kernels::cross_entropy(logits, y.clone());
                 if !folded {
                     loss = loss + penalty.loss(&net);
                 }
                 let mut grads = loss.backward();
+                let carried = leaves.alpha_gradients(&mut grads);
                 let mut g_alpha = GradientsParams::from_params(&mut grads, &net, &ids);
+                carried.add_to(&mut g_alpha);
                 if folded {
                     let value = dnal_train::penalty::add_gradients(&penalty, &net, &mut g_alpha);
                     loss = loss.detach() + value;

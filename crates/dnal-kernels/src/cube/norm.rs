@@ -19,11 +19,11 @@ use burn::backend::{Autodiff, AutodiffBackend, Cube, ExtensionType, backend_exte
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 
-use super::norm_kernels;
+use super::norm_kernels::{self, Affine};
 
-/// The gradients of a BatchNorm with respect to its input and affine parameters, and to the
-/// residual added before the clamp (`residual` has the input's shape where there is one, and
-/// one element otherwise).
+/// The gradients of a BatchNorm with respect to its input, affine parameters and factor, and
+/// to the residual added before the clamp (`factor` has one element without a factor, and
+/// `residual` the input's shape where there is one and one element otherwise).
 #[derive(ExtensionType)]
 #[extension_type(fusion)]
 pub struct NormGrads<B: burn::backend::Backend> {
@@ -33,6 +33,8 @@ pub struct NormGrads<B: burn::backend::Backend> {
     pub a: FloatTensor<B>,
     /// Gradient of `b`.
     pub b: FloatTensor<B>,
+    /// Gradient of the factor.
+    pub factor: FloatTensor<B>,
     /// Gradient of the residual (the clamp's input gradient).
     pub residual: FloatTensor<B>,
 }
@@ -72,41 +74,48 @@ fn into_meta(x: &TensorSpec, stream: &TensorSpec) -> TrainOutputMetadata {
     }
 }
 
-fn into_grads_meta(x: &TensorSpec, y: &TensorSpec) -> NormGradsMetadata {
+fn into_grads_meta(x: &TensorSpec, y: &TensorSpec, gated: bool) -> NormGradsMetadata {
     NormGradsMetadata {
         residual: y.clone(),
-        ..grads_meta(x, false)
+        ..grads_meta(x, gated, false)
     }
 }
 
-fn grads_meta(x: &TensorSpec, residual: bool) -> NormGradsMetadata {
+fn grads_meta(x: &TensorSpec, gated: bool, residual: bool) -> NormGradsMetadata {
     let c = Shape::new([x.shape[1]]);
+    let one = Shape::new([1]);
     let r = if residual {
         x.shape.clone()
     } else {
-        Shape::new([1])
+        one.clone()
     };
+    let f = if gated { c.clone() } else { one };
     NormGradsMetadata {
         x: x.clone(),
         a: TensorSpec::new(c.clone(), x.dtype),
         b: TensorSpec::new(c, x.dtype),
+        factor: TensorSpec::new(f, x.dtype),
         residual: TensorSpec::new(r, x.dtype),
     }
 }
 
 /// BatchNorm with batch statistics on the cubecl backends (f32 `[N, C, H, W]`), with a
-/// per-channel affine transform `a`, `b` (gamma, beta and any gate folded in), an optional
-/// residual added, and a clamp to `[lo, hi]` (an infinite bound is no bound).
+/// per-channel affine transform `a`, `b` (gamma and beta), both multiplied by a per-channel
+/// `factor` (a gate's) where `gated` (without a gate `factor` is a stand-in never read), an
+/// optional residual added, and a clamp to `[lo, hi]` (an infinite bound is no bound).
 #[backend_extension(Cube, Fusion, Autodiff)]
 pub trait CubeNorm: burn::backend::Backend {
-    /// `clamp(bn(x) * a + b)` with the batch's statistics, those statistics, and the running
-    /// statistics (`[C]`) moved towards them by `momentum`.
+    /// `clamp(bn(x) * a' + b')` (`a' = a * factor`, `b' = b * factor` where `gated`) with the
+    /// batch's statistics, those statistics, and the running statistics (`[C]`) moved towards
+    /// them by `momentum`.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, _a, _b, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
+    #[fusion(meta = |x, _a, _b, _f, _gated, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
     fn dnal_cube_norm_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
         momentum: f64,
@@ -118,11 +127,13 @@ pub trait CubeNorm: burn::backend::Backend {
     /// [`dnal_cube_norm_train`](Self::dnal_cube_norm_train) with `residual` (shaped like `x`)
     /// added before the clamp.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, _a, _b, _r, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
+    #[fusion(meta = |x, _a, _b, _f, _gated, _r, _rm, _rv, _momentum, _epsilon, _lo, _hi| normalized_meta(x))]
     fn dnal_cube_norm_add_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         residual: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
@@ -136,11 +147,13 @@ pub trait CubeNorm: burn::backend::Backend {
     /// `stream` (`[N, S, H, W]`) before the clamp, the output shaped like the stream: `map`
     /// (`[S]`) holds, per stream channel, the BatchNorm channel added into it, or -1.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, _a, _b, s, _map, _rm, _rv, _momentum, _epsilon, _lo, _hi| into_meta(x, s))]
+    #[fusion(meta = |x, _a, _b, _f, _gated, s, _map, _rm, _rv, _momentum, _epsilon, _lo, _hi| into_meta(x, s))]
     fn dnal_cube_norm_add_into_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         stream: FloatTensor<Self>,
         map: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
@@ -155,12 +168,15 @@ pub trait CubeNorm: burn::backend::Backend {
     /// from its (stream-shaped) output `y` and the output's gradient `dy`: the stream's in
     /// `residual`.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, y, _dy, _a, _mean, _var, _map, _epsilon, _lo, _hi| into_grads_meta(x, y))]
+    #[fusion(meta = |x, y, _dy, _a, _b, _f, gated, _mean, _var, _map, _epsilon, _lo, _hi| into_grads_meta(x, y, *gated))]
     fn dnal_cube_norm_into_backward(
         x: FloatTensor<Self>,
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         map: FloatTensor<Self>,
@@ -170,15 +186,18 @@ pub trait CubeNorm: burn::backend::Backend {
     ) -> NormGrads<Self>;
 
     /// The gradients of the training BatchNorm from its output `y`, the output's gradient
-    /// `dy`, its input `x`, `a`, and the statistics it used; with `residual`, the residual's
-    /// gradient too.
+    /// `dy`, its input `x`, its affine transform and factor, and the statistics it used; with
+    /// `residual`, the residual's gradient too.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |x, _y, _dy, _a, _mean, _var, _epsilon, _lo, _hi, residual| grads_meta(x, *residual))]
+    #[fusion(meta = |x, _y, _dy, _a, _b, _f, gated, _mean, _var, _epsilon, _lo, _hi, residual| grads_meta(x, *gated, *residual))]
     fn dnal_cube_norm_backward(
         x: FloatTensor<Self>,
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         epsilon: f64,
@@ -188,11 +207,27 @@ pub trait CubeNorm: burn::backend::Backend {
     ) -> NormGrads<Self>;
 }
 
+/// The kernels' affine transform: `factor` applied where `gated` (else a stand-in never read).
+fn affine(
+    a: FloatTensor<CubeBackend>,
+    b: FloatTensor<CubeBackend>,
+    factor: FloatTensor<CubeBackend>,
+    gated: bool,
+) -> Affine {
+    Affine {
+        a,
+        b,
+        factor: gated.then_some(factor),
+    }
+}
+
 impl CubeNorm for CubeBackend {
     fn dnal_cube_norm_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
         momentum: f64,
@@ -201,13 +236,16 @@ impl CubeNorm for CubeBackend {
         hi: f32,
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
-        norm_kernels::forward(x, a, b, None, running, epsilon, lo, hi)
+        let affine = affine(a, b, factor, gated);
+        norm_kernels::forward(x, affine, None, running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_add_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         residual: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
@@ -217,13 +255,16 @@ impl CubeNorm for CubeBackend {
         hi: f32,
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
-        norm_kernels::forward(x, a, b, Some(residual), running, epsilon, lo, hi)
+        let affine = affine(a, b, factor, gated);
+        norm_kernels::forward(x, affine, Some(residual), running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_add_into_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         stream: FloatTensor<Self>,
         map: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
@@ -234,7 +275,8 @@ impl CubeNorm for CubeBackend {
         hi: f32,
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
-        norm_kernels::forward_into(x, a, b, stream, map, running, epsilon, lo, hi)
+        let affine = affine(a, b, factor, gated);
+        norm_kernels::forward_into(x, affine, stream, map, running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_into_backward(
@@ -242,6 +284,9 @@ impl CubeNorm for CubeBackend {
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         map: FloatTensor<Self>,
@@ -249,7 +294,8 @@ impl CubeNorm for CubeBackend {
         lo: f32,
         hi: f32,
     ) -> NormGrads<Self> {
-        norm_kernels::backward_into(x, y, dy, a, mean, variance, map, epsilon, lo, hi)
+        let affine = affine(a, b, factor, gated);
+        norm_kernels::backward_into(x, y, dy, affine, mean, variance, map, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_backward(
@@ -257,6 +303,9 @@ impl CubeNorm for CubeBackend {
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         epsilon: f64,
@@ -264,35 +313,74 @@ impl CubeNorm for CubeBackend {
         hi: f32,
         residual: bool,
     ) -> NormGrads<Self> {
-        norm_kernels::backward(x, y, dy, a, mean, variance, epsilon, lo, hi, residual)
+        let affine = affine(a, b, factor, gated);
+        norm_kernels::backward(x, y, dy, affine, mean, variance, epsilon, lo, hi, residual)
     }
 }
 
-/// What the backward keeps: input, output, `a`, batch mean and variance, epsilon, the clamp.
-type NormState = (
-    FloatTensor<Cube>,
-    FloatTensor<Cube>,
-    FloatTensor<Cube>,
-    FloatTensor<Cube>,
-    FloatTensor<Cube>,
-    f64,
-    (f32, f32),
-);
+/// What the backward keeps: the forward's input and output, its affine transform and factor,
+/// the batch statistics, epsilon and the clamp.
+#[derive(Clone, Debug)]
+struct NormState {
+    x: FloatTensor<Cube>,
+    y: FloatTensor<Cube>,
+    a: FloatTensor<Cube>,
+    b: FloatTensor<Cube>,
+    factor: FloatTensor<Cube>,
+    gated: bool,
+    mean: FloatTensor<Cube>,
+    variance: FloatTensor<Cube>,
+    epsilon: f64,
+    lo: f32,
+    hi: f32,
+}
+
+impl NormState {
+    /// The gradients from the output's gradient `dy`: through the plain backward, or with
+    /// `map` through the one of an output added into a stream.
+    fn grads(
+        self,
+        dy: FloatTensor<Cube>,
+        residual: bool,
+        map: Option<FloatTensor<Cube>>,
+    ) -> NormGrads<Cube> {
+        let Self {
+            x,
+            y,
+            a,
+            b,
+            factor,
+            gated,
+            mean,
+            variance,
+            epsilon,
+            lo,
+            hi,
+        } = self;
+        match map {
+            Some(map) => Cube::dnal_cube_norm_into_backward(
+                x, y, dy, a, b, factor, gated, mean, variance, map, epsilon, lo, hi,
+            ),
+            None => Cube::dnal_cube_norm_backward(
+                x, y, dy, a, b, factor, gated, mean, variance, epsilon, lo, hi, residual,
+            ),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct NormBackward;
 
-impl Backward<Cube, 3> for NormBackward {
+impl Backward<Cube, 4> for NormBackward {
     type State = NormState;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_a, node_b] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Cube>(&ops.node);
-        let g = grads_of(ops.state, dy, false);
+        let g = ops.state.grads(dy, false, None);
         register(
             grads,
-            [node_x, node_a, node_b].map(|n| n.map(|n| n.id)),
-            [g.x, g.a, g.b],
+            ops.parents.map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b, g.factor],
         );
     }
 }
@@ -300,17 +388,16 @@ impl Backward<Cube, 3> for NormBackward {
 #[derive(Debug)]
 struct NormAddBackward;
 
-impl Backward<Cube, 4> for NormAddBackward {
+impl Backward<Cube, 5> for NormAddBackward {
     type State = NormState;
 
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_a, node_b, node_r] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Cube>(&ops.node);
-        let g = grads_of(ops.state, dy, true);
+        let g = ops.state.grads(dy, true, None);
         register(
             grads,
-            [node_x, node_a, node_b, node_r].map(|n| n.map(|n| n.id)),
-            [g.x, g.a, g.b, g.residual],
+            ops.parents.map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b, g.factor, g.residual],
         );
     }
 }
@@ -318,27 +405,20 @@ impl Backward<Cube, 4> for NormAddBackward {
 #[derive(Debug)]
 struct NormIntoBackward;
 
-impl Backward<Cube, 4> for NormIntoBackward {
+impl Backward<Cube, 5> for NormIntoBackward {
     /// [`NormState`] (its output the stream-shaped one) and the channel map.
     type State = (NormState, FloatTensor<Cube>);
 
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_a, node_b, node_s] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Cube>(&ops.node);
-        let ((x, y, a, mean, variance, epsilon, (lo, hi)), map) = ops.state;
-        let g =
-            Cube::dnal_cube_norm_into_backward(x, y, dy, a, mean, variance, map, epsilon, lo, hi);
+        let (state, map) = ops.state;
+        let g = state.grads(dy, false, Some(map));
         register(
             grads,
-            [node_x, node_a, node_b, node_s].map(|n| n.map(|n| n.id)),
-            [g.x, g.a, g.b, g.residual],
+            ops.parents.map(|n| n.map(|n| n.id)),
+            [g.x, g.a, g.b, g.factor, g.residual],
         );
     }
-}
-
-fn grads_of(state: NormState, dy: FloatTensor<Cube>, residual: bool) -> NormGrads<Cube> {
-    let (x, y, a, mean, variance, epsilon, (lo, hi)) = state;
-    Cube::dnal_cube_norm_backward(x, y, dy, a, mean, variance, epsilon, lo, hi, residual)
 }
 
 /// Registers each gradient whose parent is tracked.
@@ -354,11 +434,56 @@ fn register<const N: usize>(
     }
 }
 
+/// A training call's input, affine transform and factor on the inner backend, which its
+/// backward keeps.
+struct Inner {
+    x: FloatTensor<Cube>,
+    a: FloatTensor<Cube>,
+    b: FloatTensor<Cube>,
+    factor: FloatTensor<Cube>,
+}
+
+impl Inner {
+    fn new<C: CheckpointStrategy>([x, a, b, factor]: [FloatTensor<Autodiff<Cube, C>>; 4]) -> Self {
+        Self {
+            x: x.into_primitive(),
+            a: a.into_primitive(),
+            b: b.into_primitive(),
+            factor: factor.into_primitive(),
+        }
+    }
+
+    /// What the backward keeps of a call with these inputs and `out`.
+    fn state(
+        &self,
+        out: &TrainOutput<Cube>,
+        gated: bool,
+        epsilon: f64,
+        (lo, hi): (f32, f32),
+    ) -> NormState {
+        NormState {
+            x: self.x.clone(),
+            y: out.output.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            factor: self.factor.clone(),
+            gated,
+            mean: out.mean.clone(),
+            variance: out.variance.clone(),
+            epsilon,
+            lo,
+            hi,
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
     fn dnal_cube_norm_train(
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
         momentum: f64,
@@ -367,16 +492,29 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         hi: f32,
     ) -> TrainOutput<Self> {
         let prep = NormBackward
-            .prepare::<C>([x.node(), a.node(), b.node()])
+            .prepare::<C>([x.node(), a.node(), b.node(), factor.node()])
             .compute_bound()
             .stateful();
-        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
+        let i = Inner::new::<C>([x, a, b, factor]);
+        // Moved, not cloned: the kernels move the running statistics in place where they hold
+        // their only handles.
         let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
-        let out =
-            Cube::dnal_cube_norm_train(x.clone(), a.clone(), b, rm, rv, momentum, epsilon, lo, hi);
+        let out = Cube::dnal_cube_norm_train(
+            i.x.clone(),
+            i.a.clone(),
+            i.b.clone(),
+            i.factor.clone(),
+            gated,
+            rm,
+            rv,
+            momentum,
+            epsilon,
+            lo,
+            hi,
+        );
         let output = match prep {
             OpsKind::Tracked(prep) => {
-                prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
+                prep.finish(i.state(&out, gated, epsilon, (lo, hi)), out.output.clone())
             }
             OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
         };
@@ -387,6 +525,8 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         residual: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
         running_var: FloatTensor<Self>,
@@ -396,16 +536,20 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         hi: f32,
     ) -> TrainOutput<Self> {
         let prep = NormAddBackward
-            .prepare::<C>([x.node(), a.node(), b.node(), residual.node()])
+            .prepare::<C>([x.node(), a.node(), b.node(), factor.node(), residual.node()])
             .compute_bound()
             .stateful();
-        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
         let r = residual.into_primitive();
+        let i = Inner::new::<C>([x, a, b, factor]);
+        // Moved, not cloned: the kernels move the running statistics in place where they hold
+        // their only handles.
         let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
         let out = Cube::dnal_cube_norm_add_train(
-            x.clone(),
-            a.clone(),
-            b,
+            i.x.clone(),
+            i.a.clone(),
+            i.b.clone(),
+            i.factor.clone(),
+            gated,
             r,
             rm,
             rv,
@@ -416,7 +560,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         );
         let output = match prep {
             OpsKind::Tracked(prep) => {
-                prep.finish(state(x, &out, a, epsilon, (lo, hi)), out.output.clone())
+                prep.finish(i.state(&out, gated, epsilon, (lo, hi)), out.output.clone())
             }
             OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
         };
@@ -427,6 +571,8 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         x: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         stream: FloatTensor<Self>,
         map: FloatTensor<Self>,
         running_mean: FloatTensor<Self>,
@@ -437,16 +583,20 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         hi: f32,
     ) -> TrainOutput<Self> {
         let prep = NormIntoBackward
-            .prepare::<C>([x.node(), a.node(), b.node(), stream.node()])
+            .prepare::<C>([x.node(), a.node(), b.node(), factor.node(), stream.node()])
             .compute_bound()
             .stateful();
-        let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
         let (s, map) = (stream.into_primitive(), map.into_primitive());
+        let i = Inner::new::<C>([x, a, b, factor]);
+        // Moved, not cloned: the kernels move the running statistics in place where they hold
+        // their only handles.
         let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
         let out = Cube::dnal_cube_norm_add_into_train(
-            x.clone(),
-            a.clone(),
-            b,
+            i.x.clone(),
+            i.a.clone(),
+            i.b.clone(),
+            i.factor.clone(),
+            gated,
             s,
             map.clone(),
             rm,
@@ -458,7 +608,7 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         );
         let output = match prep {
             OpsKind::Tracked(prep) => prep.finish(
-                (state(x, &out, a, epsilon, (lo, hi)), map),
+                (i.state(&out, gated, epsilon, (lo, hi)), map),
                 out.output.clone(),
             ),
             OpsKind::UnTracked(prep) => prep.finish(out.output.clone()),
@@ -471,6 +621,9 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         map: FloatTensor<Self>,
@@ -479,24 +632,21 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         hi: f32,
     ) -> NormGrads<Self> {
         // Not differentiated itself: the gradients as constants.
-        let g = Cube::dnal_cube_norm_into_backward(
+        constants::<C>(Cube::dnal_cube_norm_into_backward(
             x.into_primitive(),
             y.into_primitive(),
             dy.into_primitive(),
             a.into_primitive(),
+            b.into_primitive(),
+            factor.into_primitive(),
+            gated,
             mean.into_primitive(),
             variance.into_primitive(),
             map.into_primitive(),
             epsilon,
             lo,
             hi,
-        );
-        NormGrads {
-            x: Autodiff::<Cube, C>::from_inner(g.x),
-            a: Autodiff::<Cube, C>::from_inner(g.a),
-            b: Autodiff::<Cube, C>::from_inner(g.b),
-            residual: Autodiff::<Cube, C>::from_inner(g.residual),
-        }
+        ))
     }
 
     fn dnal_cube_norm_backward(
@@ -504,6 +654,9 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         y: FloatTensor<Self>,
         dy: FloatTensor<Self>,
         a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        gated: bool,
         mean: FloatTensor<Self>,
         variance: FloatTensor<Self>,
         epsilon: f64,
@@ -512,43 +665,33 @@ impl<C: CheckpointStrategy> CubeNorm for Autodiff<Cube, C> {
         residual: bool,
     ) -> NormGrads<Self> {
         // Not differentiated itself: the gradients as constants.
-        let g = Cube::dnal_cube_norm_backward(
+        constants::<C>(Cube::dnal_cube_norm_backward(
             x.into_primitive(),
             y.into_primitive(),
             dy.into_primitive(),
             a.into_primitive(),
+            b.into_primitive(),
+            factor.into_primitive(),
+            gated,
             mean.into_primitive(),
             variance.into_primitive(),
             epsilon,
             lo,
             hi,
             residual,
-        );
-        NormGrads {
-            x: Autodiff::<Cube, C>::from_inner(g.x),
-            a: Autodiff::<Cube, C>::from_inner(g.a),
-            b: Autodiff::<Cube, C>::from_inner(g.b),
-            residual: Autodiff::<Cube, C>::from_inner(g.residual),
-        }
+        ))
     }
 }
 
-fn state(
-    x: FloatTensor<Cube>,
-    out: &TrainOutput<Cube>,
-    a: FloatTensor<Cube>,
-    epsilon: f64,
-    clamp: (f32, f32),
-) -> NormState {
-    (
-        x,
-        out.output.clone(),
-        a,
-        out.mean.clone(),
-        out.variance.clone(),
-        epsilon,
-        clamp,
-    )
+/// Gradients on the autodiff backend, as constants.
+fn constants<C: CheckpointStrategy>(g: NormGrads<Cube>) -> NormGrads<Autodiff<Cube, C>> {
+    NormGrads {
+        x: Autodiff::<Cube, C>::from_inner(g.x),
+        a: Autodiff::<Cube, C>::from_inner(g.a),
+        b: Autodiff::<Cube, C>::from_inner(g.b),
+        factor: Autodiff::<Cube, C>::from_inner(g.factor),
+        residual: Autodiff::<Cube, C>::from_inner(g.residual),
+    }
 }
 
 /// The autodiff output: the tracked `output`, the untracked statistics.

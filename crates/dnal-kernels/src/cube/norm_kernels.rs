@@ -158,11 +158,30 @@ fn stats_partials(
     store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
+/// Channel `c`'s affine transform `(a, b)`, both times `factor[c]` where `gated`.
+#[cube]
+fn gated_affine(
+    c: usize,
+    a: &[f32],
+    b: &[f32],
+    factor: &[f32],
+    #[comptime] gated: bool,
+) -> (f32, f32) {
+    let mut ac = a[c];
+    let mut bc = b[c];
+    if gated {
+        let f = factor[c];
+        ac *= f;
+        bc *= f;
+    }
+    (ac, bc)
+}
+
 /// From channel `c`'s totals of `x - x[0, c, 0, 0]` and its square: the batch mean and biased
-/// variance, the transform `y = x * scale + shift` with `scale = a / sqrt(var + eps)`, `shift =
-/// b - mean * scale`, written to `coef[c * 2 ..]`, and the running statistics moved in place
-/// towards the batch's, `running' = running * (1 - momentum) + batch * momentum` (burn's
-/// BatchNorm update).
+/// variance, the transform `y = x * scale + shift` with `scale = a' / sqrt(var + eps)`, `shift
+/// = b' - mean * scale` (`(a', b')` the [`gated_affine`] transform), written to `coef[c * 2
+/// ..]`, and the running statistics moved in place towards the batch's, `running' = running *
+/// (1 - momentum) + batch * momentum` (burn's BatchNorm update).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn finish_stats(
@@ -172,6 +191,7 @@ fn finish_stats(
     x: &[f32],
     a: &[f32],
     b: &[f32],
+    factor: &[f32],
     running_mean: &mut [f32],
     running_var: &mut [f32],
     mean: &mut [f32],
@@ -182,17 +202,19 @@ fn finish_stats(
     count: usize,
     epsilon: f32,
     momentum: f32,
+    #[comptime] gated: bool,
     #[comptime] x_cl: bool,
 ) {
     let inv_count = 1.0f32 / f32::cast_from(count);
     let m1 = s1 * inv_count;
     let v = f32::max(s2 * inv_count - m1 * m1, 0.0f32);
     let mu = x[offset(0, c, plane, channels, x_cl)] + m1;
-    let scale = a[c] / f32::sqrt(v + epsilon);
+    let (ac, bc) = gated_affine(c, a, b, factor, gated);
+    let scale = ac / f32::sqrt(v + epsilon);
     mean[c] = mu;
     var[c] = v;
     coef[c * 2] = scale;
-    coef[c * 2 + 1] = b[c] - mu * scale;
+    coef[c * 2 + 1] = bc - mu * scale;
     let keep = 1.0f32 - momentum;
     running_mean[c] = running_mean[c] * keep + mu * momentum;
     running_var[c] = running_var[c] * keep + v * momentum;
@@ -206,6 +228,7 @@ fn stats_finalize(
     partials: &[f32],
     a: &[f32],
     b: &[f32],
+    factor: &[f32],
     running_mean: &mut [f32],
     running_var: &mut [f32],
     mean: &mut [f32],
@@ -218,6 +241,7 @@ fn stats_finalize(
     epsilon: f32,
     momentum: f32,
     #[comptime] units: u32,
+    #[comptime] gated: bool,
     #[comptime] x_cl: bool,
 ) {
     let c = CUBE_POS;
@@ -235,6 +259,7 @@ fn stats_finalize(
         x,
         a,
         b,
+        factor,
         running_mean,
         running_var,
         mean,
@@ -245,6 +270,7 @@ fn stats_finalize(
         count,
         epsilon,
         momentum,
+        gated,
         x_cl,
     );
 }
@@ -259,6 +285,7 @@ fn stats_folded(
     arrivals: &mut [Atomic<u32>],
     a: &[f32],
     b: &[f32],
+    factor: &[f32],
     running_mean: &mut [f32],
     running_var: &mut [f32],
     mean: &mut [f32],
@@ -271,6 +298,7 @@ fn stats_folded(
     epsilon: f32,
     momentum: f32,
     #[comptime] block: u32,
+    #[comptime] gated: bool,
     #[comptime] x_cl: bool,
 ) {
     let (s1, s2, c) = stats_sums(x, plane, channels, count, width, block, x_cl);
@@ -285,6 +313,7 @@ fn stats_folded(
                 x,
                 a,
                 b,
+                factor,
                 running_mean,
                 running_var,
                 mean,
@@ -295,6 +324,7 @@ fn stats_folded(
                 count,
                 epsilon,
                 momentum,
+                gated,
                 x_cl,
             );
         }
@@ -469,9 +499,11 @@ fn grad_partials(
     store_lane_sums(s1, s2, partials, c, channels, width, block);
 }
 
-/// From channel `c`'s totals of `dz` and `dz * (x - mean)`: the gradients of `a` (`sum dz *
-/// xhat`) and `b` (`sum dz`), and the coefficients of the input gradient `dx = k1 * (dz - k2 -
-/// (x - mean) * k3)`, written to `coef[c * 3 ..]`.
+/// From channel `c`'s totals of `dz` and `dz * (x - mean)`: the gradients of the transform
+/// BatchNorm applied (`sum dz * xhat` for its scale, `sum dz` for its shift), and the
+/// coefficients of the input gradient `dx = k1 * (dz - k2 - (x - mean) * k3)`, written to
+/// `coef[c * 3 ..]`. Where `gated` the transform was `(a * f, b * f)` ([`gated_affine`]): `a`'s
+/// and `b`'s gradients are then those times `f`, and `f`'s is `da' * a + db' * b`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn finish_grads(
@@ -479,19 +511,31 @@ fn finish_grads(
     s1: f32,
     s2: f32,
     a: &[f32],
+    b: &[f32],
+    factor: &[f32],
     var: &[f32],
     da: &mut [f32],
     db: &mut [f32],
+    df: &mut [f32],
     coef: &mut [f32],
     count: usize,
     epsilon: f32,
+    #[comptime] gated: bool,
 ) {
     let inv_std = 1.0f32 / f32::sqrt(var[c] + epsilon);
     let inv_count = 1.0f32 / f32::cast_from(count);
     let grad_a = s2 * inv_std;
-    da[c] = grad_a;
-    db[c] = s1;
-    coef[c * 3] = a[c] * inv_std;
+    let (ac, _bc) = gated_affine(c, a, b, factor, gated);
+    if gated {
+        let f = factor[c];
+        da[c] = grad_a * f;
+        db[c] = s1 * f;
+        df[c] = grad_a * a[c] + s1 * b[c];
+    } else {
+        da[c] = grad_a;
+        db[c] = s1;
+    }
+    coef[c * 3] = ac * inv_std;
     coef[c * 3 + 1] = s1 * inv_count;
     coef[c * 3 + 2] = grad_a * inv_std * inv_count;
 }
@@ -502,15 +546,19 @@ fn finish_grads(
 fn grad_finalize(
     partials: &[f32],
     a: &[f32],
+    b: &[f32],
+    factor: &[f32],
     var: &[f32],
     da: &mut [f32],
     db: &mut [f32],
+    df: &mut [f32],
     coef: &mut [f32],
     channels: usize,
     splits: usize,
     count: usize,
     epsilon: f32,
     #[comptime] units: u32,
+    #[comptime] gated: bool,
 ) {
     let c = CUBE_POS;
     if c >= channels {
@@ -520,7 +568,9 @@ fn grad_finalize(
     if UNIT_POS_X != 0 {
         terminate!();
     }
-    finish_grads(c, s1, s2, a, var, da, db, coef, count, epsilon);
+    finish_grads(
+        c, s1, s2, a, b, factor, var, da, db, df, coef, count, epsilon, gated,
+    );
 }
 
 /// [`grad_partials`] and [`grad_finalize`] in one launch, as [`stats_folded`] folds the
@@ -535,9 +585,12 @@ fn grad_folded(
     partials: &mut [f32],
     arrivals: &mut [Atomic<u32>],
     a: &[f32],
+    b: &[f32],
+    factor: &[f32],
     var: &[f32],
     da: &mut [f32],
     db: &mut [f32],
+    df: &mut [f32],
     coef: &mut [f32],
     plane: usize,
     channels: usize,
@@ -547,6 +600,7 @@ fn grad_folded(
     hi: f32,
     epsilon: f32,
     #[comptime] block: u32,
+    #[comptime] gated: bool,
     #[comptime] x_cl: bool,
     #[comptime] dy_cl: bool,
 ) {
@@ -557,7 +611,9 @@ fn grad_folded(
     if last_to_arrive(arrivals, CUBE_POS_Y as usize) {
         let (t1, t2) = group_totals(partials, c, channels, width, block);
         if UNIT_POS_X as usize / width == 0 && c < channels {
-            finish_grads(c, t1, t2, a, var, da, db, coef, count, epsilon);
+            finish_grads(
+                c, t1, t2, a, b, factor, var, da, db, df, coef, count, epsilon, gated,
+            );
         }
     }
 }
@@ -611,6 +667,29 @@ fn bounds(lo: f32, hi: f32) -> (f32, f32) {
     (lo.max(f32::MIN), hi.min(f32::MAX))
 }
 
+/// BatchNorm's per-channel affine transform `(a, b)` (`[C]`), both times `factor` (`[C]`) where
+/// there is one: a channel gate's factor folded in by the kernels themselves.
+pub(super) struct Affine {
+    pub a: CubeTensor,
+    pub b: CubeTensor,
+    pub factor: Option<CubeTensor>,
+}
+
+impl Affine {
+    /// `a`, `b`, the factor (a one-element stand-in the kernels never read where there is
+    /// none) as contiguous tensors, and whether there is a factor.
+    fn bound(self, stand_in: CubeTensor) -> (CubeTensor, CubeTensor, CubeTensor, bool) {
+        let gated = self.factor.is_some();
+        let factor = self.factor.map_or(stand_in, into_contiguous);
+        (
+            into_contiguous(self.a),
+            into_contiguous(self.b),
+            factor,
+            gated,
+        )
+    }
+}
+
 /// What BatchNorm's statistics launches leave for the output's: the input as laid out, the
 /// batch statistics, the per-channel coefficients, the running statistics moved, and a
 /// one-element stand-in for a missing residual.
@@ -625,16 +704,16 @@ struct Statistics {
     no_residual: CubeTensor,
 }
 
-/// The batch statistics of `x` (`[N, C, H, W]`), the coefficients `a * inv_std` and
-/// `b - mean * a * inv_std` per channel, and the running statistics moved by `momentum`.
+/// The batch statistics of `x` (`[N, C, H, W]`), the coefficients `a' * inv_std` and
+/// `b' - mean * a' * inv_std` per channel (`(a', b')` the affine transform with any factor
+/// applied), and the running statistics moved by `momentum`.
 fn statistics(
     x: CubeTensor,
-    a: CubeTensor,
-    b: CubeTensor,
+    affine: Affine,
     (running_mean, running_var, momentum): (CubeTensor, CubeTensor, f64),
     epsilon: f64,
 ) -> Statistics {
-    let ((x, x_cl), a, b) = (laid_out(x), into_contiguous(a), into_contiguous(b));
+    let (x, x_cl) = laid_out(x);
     // Moved in place (in a copy where another handle shares them): a step recorded as a graph
     // then moves the same memory at every replay.
     let [running_mean, running_var] =
@@ -644,9 +723,9 @@ fn statistics(
     let splits = r.splits;
     let client = x.client.clone();
     // The batch's per-channel results in one reservation with the partial sums (all gone by
-    // the end of the step), the last a one-element stand-in for a missing residual, which the
-    // output's kernel never reads.
-    let [partials, mean, variance, coef, no_residual] = empties(
+    // the end of the step), the last two one-element stand-ins for a missing residual and a
+    // missing factor, which the kernels never read.
+    let [partials, mean, variance, coef, no_residual, no_factor] = empties(
         &x,
         [
             Shape::new([channels * splits * 2]),
@@ -654,8 +733,10 @@ fn statistics(
             Shape::new([channels]),
             Shape::new([channels * 2]),
             Shape::new([1]),
+            Shape::new([1]),
         ],
     );
+    let (a, b, factor, gated) = affine.bound(no_factor);
     if r.folds(&client, 2) {
         stats_folded::launch(
             &client,
@@ -666,6 +747,7 @@ fn statistics(
             arrivals(&x, r.groups),
             a.into_buffer_arg(),
             b.into_buffer_arg(),
+            factor.into_buffer_arg(),
             running_mean.clone().into_buffer_arg(),
             running_var.clone().into_buffer_arg(),
             mean.clone().into_buffer_arg(),
@@ -678,6 +760,7 @@ fn statistics(
             epsilon as f32,
             momentum as f32,
             r.block,
+            gated,
             x_cl,
         );
     } else {
@@ -703,6 +786,7 @@ fn statistics(
             partials.into_buffer_arg(),
             a.into_buffer_arg(),
             b.into_buffer_arg(),
+            factor.into_buffer_arg(),
             running_mean.clone().into_buffer_arg(),
             running_var.clone().into_buffer_arg(),
             mean.clone().into_buffer_arg(),
@@ -715,6 +799,7 @@ fn statistics(
             epsilon as f32,
             momentum as f32,
             units,
+            gated,
             x_cl,
         );
     }
@@ -731,13 +816,11 @@ fn statistics(
 }
 
 /// BatchNorm's output, the batch statistics it trains with, and the running statistics moved
-/// by `momentum`. `x` and `residual` are `[N, C, H, W]`, `a`, `b`, `running_mean` and
-/// `running_var` `[C]`.
-#[allow(clippy::too_many_arguments)]
+/// by `momentum`. `x` and `residual` are `[N, C, H, W]`, `running_mean` and `running_var`
+/// `[C]`.
 pub(super) fn forward(
     x: CubeTensor,
-    a: CubeTensor,
-    b: CubeTensor,
+    affine: Affine,
     residual: Option<CubeTensor>,
     running: (CubeTensor, CubeTensor, f64),
     epsilon: f64,
@@ -754,7 +837,7 @@ pub(super) fn forward(
         running_mean,
         running_var,
         no_residual,
-    } = statistics(x, a, b, running, epsilon);
+    } = statistics(x, affine, running, epsilon);
     let (channels, plane, _) = geometry(&x);
     let client = x.client.clone();
     let output = empty_like(&x, x_cl);
@@ -797,8 +880,7 @@ pub(super) fn forward(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_into(
     x: CubeTensor,
-    a: CubeTensor,
-    b: CubeTensor,
+    affine: Affine,
     stream: CubeTensor,
     map: CubeTensor,
     running: (CubeTensor, CubeTensor, f64),
@@ -807,7 +889,7 @@ pub(super) fn forward_into(
     hi: f32,
 ) -> TrainOutput<CubeBackend> {
     let ((stream, s_cl), map) = (laid_out(stream), into_contiguous(map));
-    let st = statistics(x, a, b, running, epsilon);
+    let st = statistics(x, affine, running, epsilon);
     let (channels, plane, _) = geometry(&st.x);
     let stream_channels = stream.meta.shape()[1];
     let client = st.x.client.clone();
@@ -850,7 +932,7 @@ pub(super) fn backward_into(
     x: CubeTensor,
     y: CubeTensor,
     dy: CubeTensor,
-    a: CubeTensor,
+    affine: Affine,
     mean: CubeTensor,
     variance: CubeTensor,
     map: CubeTensor,
@@ -893,7 +975,7 @@ pub(super) fn backward_into(
         x.clone(),
         x,
         dn,
-        a,
+        affine,
         mean,
         variance,
         epsilon,
@@ -904,15 +986,16 @@ pub(super) fn backward_into(
     NormGrads { residual: ds, ..g }
 }
 
-/// The gradients of [`forward`] from its output's gradient `dy`, the residual's of one
-/// unwritten element without `residual`. `y` is the forward's output (the clamp's gradient mask is
-/// read from it), `mean` and `variance` its statistics.
+/// The gradients of [`forward`] from its output's gradient `dy`: of the input, of `a` and `b`,
+/// of the factor (one unwritten element without one), and of the residual (one unwritten
+/// element without `residual`). `y` is the forward's output (the clamp's gradient mask is read
+/// from it), `mean` and `variance` its statistics.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     x: CubeTensor,
     y: CubeTensor,
     dy: CubeTensor,
-    a: CubeTensor,
+    affine: Affine,
     mean: CubeTensor,
     variance: CubeTensor,
     epsilon: f64,
@@ -921,7 +1004,7 @@ pub(super) fn backward(
     residual: bool,
 ) -> NormGrads<CubeBackend> {
     let ((x, x_cl), (y, y_cl)) = (laid_out(x), laid_out(y));
-    let ((dy, dy_cl), a) = (laid_out(dy), into_contiguous(a));
+    let (dy, dy_cl) = laid_out(dy);
     // `y` was written laid out as `x`; should either have been copied since, both are read
     // channel-first.
     let (x, y, x_cl) = if x_cl == y_cl {
@@ -934,19 +1017,24 @@ pub(super) fn backward(
     let splits = r.splits;
     let client = x.client.clone();
     let (lo, hi) = bounds(lo, hi);
-    // The per-channel results in one reservation with the partial sums; the last is a
-    // one-element stand-in for a missing residual's gradient, which the kernel never writes
-    // (two bindings of one tensor that a kernel writes are not allowed on wgpu).
-    let [partials, da, db, coef, no_residual] = empties(
+    let gated = affine.factor.is_some();
+    // The per-channel results in one reservation with the partial sums; one-element stand-ins
+    // for a missing residual's gradient and a missing factor and its gradient, which the
+    // kernels never touch (two bindings of one tensor that a kernel writes are not allowed on
+    // wgpu).
+    let [partials, da, db, df, coef, no_residual, no_factor] = empties(
         &x,
         [
             Shape::new([channels * splits * 2]),
             Shape::new([channels]),
             Shape::new([channels]),
+            Shape::new([if gated { channels } else { 1 }]),
             Shape::new([channels * 3]),
+            Shape::new([1]),
             Shape::new([1]),
         ],
     );
+    let (a, b, factor, gated) = affine.bound(no_factor);
     if r.folds(&client, 2) {
         grad_folded::launch(
             &client,
@@ -959,9 +1047,12 @@ pub(super) fn backward(
             partials.into_buffer_arg(),
             arrivals(&x, r.groups),
             a.into_buffer_arg(),
+            b.into_buffer_arg(),
+            factor.into_buffer_arg(),
             variance.into_buffer_arg(),
             da.clone().into_buffer_arg(),
             db.clone().into_buffer_arg(),
+            df.clone().into_buffer_arg(),
             coef.clone().into_buffer_arg(),
             plane,
             channels,
@@ -971,6 +1062,7 @@ pub(super) fn backward(
             hi,
             epsilon as f32,
             r.block,
+            gated,
             x_cl,
             dy_cl,
         );
@@ -1001,15 +1093,19 @@ pub(super) fn backward(
             dim,
             partials.into_buffer_arg(),
             a.into_buffer_arg(),
+            b.into_buffer_arg(),
+            factor.into_buffer_arg(),
             variance.into_buffer_arg(),
             da.clone().into_buffer_arg(),
             db.clone().into_buffer_arg(),
+            df.clone().into_buffer_arg(),
             coef.clone().into_buffer_arg(),
             channels,
             splits,
             count,
             epsilon as f32,
             units,
+            gated,
         );
     }
     let dx = empty_like(&x, x_cl);
@@ -1043,6 +1139,7 @@ pub(super) fn backward(
         x: dx,
         a: da,
         b: db,
+        factor: df,
         residual: dr,
     }
 }

@@ -9,16 +9,13 @@
 //! each channel's share of the penalty, `c * m * s`, is written for the caller to sum.
 
 use burn::backend::fusion::FusionTensor;
-use burn::backend::fusion::custom::{
-    CustomOpIr, HandleContainer, OperationFn, OperationIr, StreamId, TensorId, TensorIr,
-};
 use burn::tensor::Shape;
-use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::custom::custom_op;
 use super::layout::{empty, writable};
 use super::sgd::Runtime;
 
@@ -41,50 +38,23 @@ pub fn penalty_steps(
         !tempered || temperatures.len() == slots.len(),
         "one temperature per gate"
     );
-    let client = slots
-        .first()
-        .map(|[alpha, ..]| alpha.client.clone())
-        .expect("at least one gate");
-    let total: usize = slots.iter().map(|[a, ..]| a.shape.num_elements()).sum();
     let gates = slots.len();
-    let mut inputs = Vec::with_capacity(slots.len() * 3);
-    let mut outputs = Vec::with_capacity(slots.len() + 1);
-    for [alpha, grad, mask] in slots {
-        let id = client.create_empty_handle();
-        outputs.push(TensorIr::uninit(id, grad.shape.clone(), grad.dtype));
-        inputs.extend([alpha.into_ir(), grad.into_ir(), mask.into_ir()]);
-    }
-    inputs.extend(temperatures.into_iter().map(FusionTensor::into_ir));
-    let values = TensorIr::uninit(
-        client.create_empty_handle(),
-        Shape::new([total]),
-        burn::tensor::DType::F32,
-    );
-    outputs.push(values);
-    let desc = CustomOpIr {
-        id: "dnal_penalty_gradients".into(),
-        inputs: inputs.clone(),
-        outputs: outputs.clone(),
-        scalars: Vec::new(),
-    };
-    let ids: Vec<TensorId> = outputs.iter().map(|t| t.id).collect();
-    let op = OperationFn(move |handles: &mut HandleContainer<_>| {
-        let mut tensors = inputs
-            .iter()
-            .map(|ir| handles.get_float_tensor::<CubeBackend>(ir))
-            .collect::<Vec<CubeTensor>>()
-            .into_iter();
+    let total: usize = slots.iter().map(|[a, ..]| a.shape.num_elements()).sum();
+    let mut shapes: Vec<Shape> = slots
+        .iter()
+        .map(|[_, grad, _]| grad.shape.clone())
+        .collect();
+    shapes.push(Shape::new([total]));
+    let inputs = slots.into_iter().flatten().chain(temperatures).collect();
+    let mut tensors = custom_op("dnal_penalty_gradients", inputs, shapes, move |tensors| {
+        let mut tensors = tensors.into_iter();
         let slots: Vec<[CubeTensor; 3]> = (0..gates)
             .map(|_| [(); 3].map(|_| tensors.next().expect("three tensors per gate")))
             .collect();
         let temperatures = tempered.then(|| tensors.collect::<Vec<CubeTensor>>());
         let (grads, values) = penalised(slots, &coefficients, temperatures);
-        for (id, tensor) in ids.iter().zip(grads.into_iter().chain([values])) {
-            handles.register_float_tensor::<CubeBackend>(id, tensor);
-        }
-        Ok(())
+        grads.into_iter().chain([values]).collect()
     });
-    let mut tensors = client.register(StreamId::current(), OperationIr::Custom(desc), op);
     let values = tensors.pop().expect("the shares come last");
     (tensors, values)
 }
