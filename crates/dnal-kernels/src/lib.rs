@@ -106,7 +106,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use factors::{GateChain, factor_gradients, gate_factors};
 pub use loss::cross_entropy;
-pub use penalty::{PenaltyTerm, penalty_folds, penalty_gradients};
+pub use penalty::{PenaltyTerm, gate_operations_fold, penalty_gradients};
 pub use refresh::{overwrite, write_values};
 pub use sgd::{
     Rate, decayed, memory_strides, sgd_momentum_step, sgd_momentum_steps, step_layout,

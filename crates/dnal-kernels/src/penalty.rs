@@ -24,9 +24,10 @@ pub struct PenaltyTerm {
     pub temperature: Option<Tensor<1>>,
 }
 
-/// Whether [`penalty_gradients`] takes one operation for gates whose alpha is like `alpha`
-/// (f32 on cuda or wgpu, dnal's kernels on), where autodiff takes several per gate.
-pub fn penalty_folds(alpha: &Tensor<1>) -> bool {
+/// Whether gates whose alpha is like `alpha` (f32 on cuda or wgpu, dnal's kernels on) take one
+/// operation for all of them in [`penalty_gradients`], [`crate::gate_factors`] and
+/// [`crate::factor_gradients`], where autodiff takes several per gate.
+pub fn gate_operations_fold(alpha: &Tensor<1>) -> bool {
     #[cfg(feature = "cube")]
     return crate::takes_cube_path(alpha);
     #[cfg(not(feature = "cube"))]

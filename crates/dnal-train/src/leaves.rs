@@ -12,7 +12,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use dnal_core::{GateMode, GatedModel};
-use dnal_kernels::{GateChain, factor_gradients, gate_factors, penalty_folds};
+use dnal_kernels::{GateChain, factor_gradients, gate_factors, gate_operations_fold};
 
 /// Whether `net`'s steps take their searching gates' factors as leaves: there are searching
 /// gates, and their alphas are f32 on cuda or wgpu with dnal's kernels on.
@@ -23,7 +23,7 @@ pub fn fold<M: GatedModel>(net: &M) -> bool {
             alpha.get_or_insert_with(|| gate.alpha.val());
         }
     });
-    alpha.is_some_and(|a| penalty_folds(&a))
+    alpha.is_some_and(|a| gate_operations_fold(&a))
 }
 
 /// The leaves a step's network holds in place of its searching gates' factors.

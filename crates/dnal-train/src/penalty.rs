@@ -9,7 +9,7 @@
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use dnal_core::{GatedModel, SparsityPenalty};
-use dnal_kernels::{PenaltyTerm, penalty_folds, penalty_gradients};
+use dnal_kernels::{PenaltyTerm, gate_operations_fold, penalty_gradients};
 
 /// Whether `net`'s searching steps add `penalty`'s gradient with [`add_gradients`] rather than
 /// through the loss.
@@ -18,7 +18,7 @@ pub fn folds<M: GatedModel>(penalty: &SparsityPenalty, net: &M) -> bool {
     net.visit_gates(&mut |_, gate| {
         alpha.get_or_insert_with(|| gate.alpha.val());
     });
-    penalty.per_channel() && alpha.is_some_and(|a| penalty_folds(&a))
+    penalty.per_channel() && alpha.is_some_and(|a| gate_operations_fold(&a))
 }
 
 /// Adds the gradient of `penalty` at `net`'s alphas to their gradients in `grads` (a gate
