@@ -34,7 +34,9 @@ pub struct Leaves {
 
 /// `net` with every searching gate's factor computed and given as an autodiff leaf (the
 /// network for one step's forward pass; its BatchNorm running statistics are `net`'s), and the
-/// leaves.
+/// leaves. Drop the network before the optimisers step: it holds alpha too, and SGD writes a
+/// parameter in place only where nothing else holds it (a step recorded as a graph reads
+/// alpha where the first step left it).
 pub fn install<M: GatedModel>(net: &M) -> (M, Leaves) {
     let mut ids = Vec::new();
     let mut chains = Vec::new();

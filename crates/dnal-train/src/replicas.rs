@@ -459,7 +459,8 @@ mod tests {
 
     /// A searching step with the gates' factors as leaves is the step through autodiff: the
     /// loss, alpha's gradients (through a masked channel and a saturated gate too) and every
-    /// other gradient.
+    /// other gradient; without a penalty, and with the paper's penalty in the loss (whose
+    /// gradient autodiff gives alpha, the leaves' then added to it).
     #[test]
     fn a_step_with_the_factors_as_leaves_is_the_autodiff_step() {
         use dnal_core::{GateMode, GatedModel};
@@ -485,29 +486,32 @@ mod tests {
                 gate
             });
         let alpha_ids = net.alpha_ids();
-        let run = |leaves: bool| {
-            let spec = StepSpec {
-                penalty: None,
-                folded: false,
-                leaves,
-                alpha_ids: Some(&alpha_ids),
+        let paper = SparsityPenalty::new(dnal_core::PenaltyConfig::paper(0.05), None).unwrap();
+        for penalty in [None, Some(&paper)] {
+            let run = |leaves: bool| {
+                let spec = StepSpec {
+                    penalty,
+                    folded: false,
+                    leaves,
+                    alpha_ids: Some(&alpha_ids),
+                };
+                replica_step(&net.valid().train(), &batch(), &device, &spec, None)
             };
-            replica_step(&net.valid().train(), &batch(), &device, &spec, None)
-        };
-        let (with, without) = (run(true), run(false));
-        let loss = |o: &StepOut| values(o.loss.clone())[0];
-        assert!((loss(&with) - loss(&without)).abs() <= 1e-6 * loss(&without));
-        for (a, b, least) in [
-            (&with.alpha, &without.alpha, 3),
-            (&Some(with.rest), &Some(without.rest), 10),
-        ] {
-            let mut check = SameGrads {
-                a: a.as_ref().unwrap(),
-                b: b.as_ref().unwrap(),
-                compared: 0,
-            };
-            net.visit(&mut check);
-            assert!(check.compared >= least, "{} gradients", check.compared);
+            let (with, without) = (run(true), run(false));
+            let loss = |o: &StepOut| values(o.loss.clone())[0];
+            assert!((loss(&with) - loss(&without)).abs() <= 1e-6 * loss(&without));
+            for (a, b, least) in [
+                (&with.alpha, &without.alpha, 3),
+                (&Some(with.rest), &Some(without.rest), 10),
+            ] {
+                let mut check = SameGrads {
+                    a: a.as_ref().unwrap(),
+                    b: b.as_ref().unwrap(),
+                    compared: 0,
+                };
+                net.visit(&mut check);
+                assert!(check.compared >= least, "{} gradients", check.compared);
+            }
         }
     }
 }

@@ -64,6 +64,9 @@ fn factored(gates: Vec<[CubeTensor; 3]>, dfactors: Option<Vec<CubeTensor>>) -> V
         .map(into_contiguous)
         .collect();
     let gates: Vec<[CubeTensor; 3]> = gates.into_iter().map(|g| g.map(into_contiguous)).collect();
+    // Each output in memory of its own, not one reservation for all: the penalty then adds to
+    // a gradient in place, where a tensor whose memory others share is copied first (one
+    // launch per gate).
     let outputs: Vec<CubeTensor> = gates
         .iter()
         .map(|[alpha, ..]| empty(alpha, alpha.meta.shape().clone()))
