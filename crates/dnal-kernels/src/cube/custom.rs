@@ -1,6 +1,7 @@
 //! Operations over a run-time number of tensors (every gate's, every parameter's), registered
-//! by hand as one custom operation of fusion's stream each: `#[backend_extension]` declares a
-//! fixed list of arguments.
+//! by hand as one custom operation of fusion's stream each (`#[backend_extension]` declares a
+//! fixed list of arguments), and launched over groups of them: a kernel over sequences of
+//! tensors, one unrolled branch per member of its group.
 
 use burn::backend::fusion::FusionTensor;
 use burn::backend::fusion::custom::{
@@ -8,6 +9,7 @@ use burn::backend::fusion::custom::{
 };
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::{self, prelude::*};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::sgd::Runtime;
@@ -53,4 +55,22 @@ where
         Ok(())
     });
     client.register(StreamId::current(), OperationIr::Custom(desc), op)
+}
+
+/// The most members (gates, parameters) one launch over sequences of tensors takes.
+pub(super) const MAX_GROUP: usize = 32;
+
+/// How many members of `per_member` bindings each one launch on `like`'s device takes beside
+/// `fixed` other bindings (the launch's metadata and scalars among them): as many as the device
+/// binds, at least one, at most [`MAX_GROUP`].
+pub(super) fn per_launch(like: &CubeTensor, per_member: usize, fixed: usize) -> usize {
+    let max_bindings = like.client.properties().hardware.max_bindings as usize;
+    (max_bindings.saturating_sub(fixed) / per_member).clamp(1, MAX_GROUP)
+}
+
+/// `sigmoid(t * alpha)` in f32: 0 or 1 where `|t * alpha|` is large, never NaN (a gate's
+/// relaxation at temperature `t`).
+#[cube]
+pub(super) fn gate_sigmoid(t: f32, alpha: f32) -> f32 {
+    1.0 / (1.0 + f32::exp(-(t * alpha)))
 }

@@ -1,6 +1,6 @@
 //! Searching gates' factors and their gradients carried back to alpha on the CubeCL backends,
 //! for all of a network's gates at once: one operation in fusion's stream each way, and one
-//! launch per group of up to [`MAX_GROUP`] gates. Through autodiff every gate's chain
+//! launch per group of up to [`MAX_GROUP`](super::custom::MAX_GROUP) gates. Through autodiff every gate's chain
 //! `mask * sigmoid(t * alpha)` is a fused launch of its own forward and another backward,
 //! since the BatchNorm operation it feeds sits between any two of them.
 //!
@@ -14,12 +14,9 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::custom::custom_op;
+use super::custom::{custom_op, gate_sigmoid, per_launch};
 use super::layout::empty;
 use super::sgd::Runtime;
-
-/// The most gates one launch takes.
-const MAX_GROUP: usize = 32;
 
 /// For each gate's `[alpha, mask, temperature]` (f32; `[C]`, `[C]`, `[1]`): its factor `mask *
 /// sigmoid(temperature * alpha)` where `dfactors` is `None`; else, with each gate's factor
@@ -73,8 +70,7 @@ fn factored(gates: Vec<[CubeTensor; 3]>, dfactors: Option<Vec<CubeTensor>>) -> V
         .collect();
     // Four or five bindings per gate, and two for the launch's metadata and scalars.
     let per_gate = if backward { 5 } else { 4 };
-    let max_bindings = client.properties().hardware.max_bindings as usize;
-    let per_launch = (max_bindings.saturating_sub(2) / per_gate).clamp(1, MAX_GROUP);
+    let per_launch = per_launch(&gates[0][0], per_gate, 2);
     for (n, chunk) in gates.chunks(per_launch).enumerate() {
         let first = n * per_launch;
         let mut starts = SequenceArg::new();
@@ -112,7 +108,7 @@ fn factored(gates: Vec<[CubeTensor; 3]>, dfactors: Option<Vec<CubeTensor>>) -> V
     outputs
 }
 
-/// Up to [`MAX_GROUP`] gates: gate `k` owns the positions `starts[k]..starts[k + 1]` of the
+/// Up to [`MAX_GROUP`](super::custom::MAX_GROUP) gates: gate `k` owns the positions `starts[k]..starts[k + 1]` of the
 /// launch. Forward its factor, with `backward` alpha's gradient from the factor's.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -137,8 +133,7 @@ fn factor_kernel(
             let i = pos - start;
             let t = temperatures.index(k).as_slice()[0];
             let m = masks.index(k).as_slice()[i];
-            // sigmoid(t * alpha): 0 or 1 where |t * alpha| is large, never NaN.
-            let s = 1.0 / (1.0 + f32::exp(-(t * alphas.index(k).as_slice()[i])));
+            let s = gate_sigmoid(t, alphas.index(k).as_slice()[i]);
             let out = outputs.index_mut(k).as_mut_slice();
             if backward {
                 out[i] = dfactors.index(k).as_slice()[i] * t * m * (s * (1.0 - s));

@@ -1,6 +1,6 @@
 //! The sparsity penalty's gradient added to alpha's gradients on the CubeCL backends, for all
 //! of a network's gates at once: one operation in fusion's stream, and one launch per group of
-//! up to [`MAX_GROUP`] gates. Through autodiff the penalty costs a reduction and a few
+//! up to [`MAX_GROUP`](super::custom::MAX_GROUP) gates. Through autodiff the penalty costs a reduction and a few
 //! element-wise kernels per gate each way, and an addition per gate where its gradient meets
 //! the gate's own.
 //!
@@ -15,12 +15,9 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::custom::custom_op;
+use super::custom::{custom_op, gate_sigmoid, per_launch};
 use super::layout::{empty, writable};
 use super::sgd::Runtime;
-
-/// The most gates one launch of [`penalised`] takes.
-const MAX_GROUP: usize = 32;
 
 /// For each `[alpha, grad, mask]` slot (f32, `[C]` each) with its coefficient and, where
 /// `temperatures` holds them, its `[1]` temperature (else 1): the gradient with the penalty's
@@ -73,8 +70,7 @@ fn penalised(
     // scalars.
     let tempered = temperatures.is_some();
     let per_gate = if tempered { 4 } else { 3 };
-    let max_bindings = client.properties().hardware.max_bindings as usize;
-    let per_launch = (max_bindings.saturating_sub(3) / per_gate).clamp(1, MAX_GROUP);
+    let per_launch = per_launch(like, per_gate, 3);
     let temperatures: Vec<CubeTensor> = temperatures.unwrap_or_default();
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
@@ -129,7 +125,7 @@ fn penalised(
     (grads, values)
 }
 
-/// Up to [`MAX_GROUP`] gates: gate `k` owns the positions `starts[k]..starts[k + 1]` of the
+/// Up to [`MAX_GROUP`](super::custom::MAX_GROUP) gates: gate `k` owns the positions `starts[k]..starts[k + 1]` of the
 /// launch, and writes its channels' shares at `offset` plus those positions.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -159,8 +155,7 @@ fn penalty_kernel(
                 t = temperatures.index(k).as_slice()[0];
             }
             let c = coefficients[k] * masks.index(k).as_slice()[i];
-            // sigmoid(t * alpha): 0 or 1 where |t * alpha| is large, never NaN.
-            let s = 1.0 / (1.0 + f32::exp(-(t * alphas.index(k).as_slice()[i])));
+            let s = gate_sigmoid(t, alphas.index(k).as_slice()[i]);
             let grad = grads.index_mut(k).as_mut_slice();
             grad[i] += c * t * (s * (1.0 - s));
             values[offset + pos] = c * s;

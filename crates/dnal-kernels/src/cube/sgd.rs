@@ -1,6 +1,6 @@
 //! SGD with momentum (dampening 0) and L2 weight decay on the CubeCL backends for all of a
 //! network's parameters at once: one operation in fusion's stream, and one launch per group of
-//! up to [`MAX_GROUP`] parameters. burn's optimiser issues seven tensor operations per parameter,
+//! up to [`MAX_GROUP`](super::custom::MAX_GROUP) parameters. burn's optimiser issues seven tensor operations per parameter,
 //! which fusion takes one by one before merging them into fewer launches; PyTorch's `foreach`
 //! and fused optimisers likewise step many tensors per launch. Parameters and velocities are
 //! written in place where the step holds their only handles (the optimiser takes each parameter
@@ -23,13 +23,11 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::custom::per_launch;
 use super::layout::writable;
 
 /// The fused runtime of the CubeCL backends, whose tensors [`sgd_steps`] takes.
 pub type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
-
-/// The most parameters one launch of [`sgd_group`] steps.
-const MAX_GROUP: usize = 32;
 
 /// The learning rate of [`sgd_steps`]: a number, or a one-element tensor holding it (read by
 /// the kernel, so that a recorded step reads the rate of each replay).
@@ -41,7 +39,7 @@ pub enum StepRate {
 }
 
 /// SGD's momentum step for many parameters at once on a fused CubeCL backend: one operation in
-/// fusion's stream for all of them and one launch per [`MAX_GROUP`] parameters (fewer where the
+/// fusion's stream for all of them and one launch per [`MAX_GROUP`](super::custom::MAX_GROUP) parameters (fewer where the
 /// device allows fewer bindings). Each slot
 /// is a `[param, grad, velocity]` of one shape (f32); the result is each slot's
 /// `[param, velocity]`, written over the slot's own where it holds their only handles, so that a
@@ -129,13 +127,13 @@ fn sgd_group(
     lr: &Lr,
     [momentum, decay]: [f32; 2],
 ) -> Vec<[CubeTensor; 2]> {
-    let Some(client) = slots.first().map(|[param, ..]| param.client.clone()) else {
+    let Some(first) = slots.first() else {
         return Vec::new();
     };
+    let client = first[0].client.clone();
     // Three bindings per parameter, one for a held rate and two for the launch's metadata and
     // scalars.
-    let max_bindings = client.properties().hardware.max_bindings as usize;
-    let per_launch = (max_bindings.saturating_sub(3) / 3).clamp(1, MAX_GROUP);
+    let per_launch = per_launch(&first[0], 3, 3);
     let slots: Vec<[CubeTensor; 3]> = slots
         .into_iter()
         .map(|[param, grad, velocity]| {
@@ -261,7 +259,7 @@ fn inverse(order: &[usize]) -> Vec<usize> {
     inverse
 }
 
-/// The step of up to [`MAX_GROUP`] parameters whose three tensors share one dense memory
+/// The step of up to [`MAX_GROUP`](super::custom::MAX_GROUP) parameters whose three tensors share one dense memory
 /// layout: parameter `k` owns the positions `starts[k]..starts[k + 1]`, each its element at
 /// that memory offset; the parameter and its velocity are written in place.
 #[cube(launch)]
