@@ -2,12 +2,16 @@
 //! batches of 8 (read, JPEG decode, RandomResizedCrop(224), flip, normalise) of photo-like
 //! 500x375 JPEGs (`dnal_benches::photo_jpegs`), on 1 and 2 threads. Throughput is reported in
 //! images per second; `benches/reference/pillow_loader.py` times Pillow's loader on the same
-//! files.
+//! files. Last, a batch's trip to the device (flex): an ImageNet batch of 64 (224x224) sent
+//! with `HostBatch::to_device` (the host batch kept, so its images copied first) and with
+//! `HostBatch::into_device` (its buffers handed over).
 
 use std::sync::Arc;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dnal_data::{ImageFolder, ImageSet, Loader, LoaderConfig, Normalize, Source, Split, Transform};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use dnal_data::{
+    HostBatch, ImageFolder, ImageSet, Loader, LoaderConfig, Normalize, Source, Split, Transform,
+};
 
 dnal_kernels::global_allocator!();
 
@@ -87,5 +91,31 @@ fn imagenet(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cifar, imagenet);
+fn to_device(c: &mut Criterion) {
+    dnal_benches::set_up_as_the_trainer();
+    let device = burn::tensor::Device::flex();
+    let shape = [64, 3, 224, 224];
+    let batch = HostBatch {
+        images: (0..shape.iter().product::<usize>())
+            .map(|i| (i % 255) as f32 / 255.0)
+            .collect(),
+        shape,
+        labels: (0..64).map(|i| i % 1000).collect(),
+    };
+    let mut group = c.benchmark_group("data/imagenet-batch-64-to-device");
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("to_device", |b| {
+        b.iter(|| batch.to_device(&device));
+    });
+    group.bench_function("into_device", |b| {
+        b.iter_batched(
+            || batch.clone(),
+            |batch| batch.into_device(&device),
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cifar, imagenet, to_device);
 criterion_main!(benches);

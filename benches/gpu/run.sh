@@ -42,7 +42,7 @@
 # the first backend and in PyTorch, the final stage's step; default none), CHECK
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
 # $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
-# depthwise, convolution, sgd, penalty, loss or channels; default all seven).
+# depthwise, convolution, sgd, penalty, loss, channels or gates; default all eight).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

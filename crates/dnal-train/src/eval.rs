@@ -26,14 +26,15 @@ pub fn evaluate<N: Network>(model: &N, loader: &Loader, device: &Device) -> Resu
     let (mut top1, mut top5, mut loss, mut n) = (0usize, 0usize, 0f64, 0usize);
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let logits = model.forward(batch.to_device(device).images);
+        let labels = batch.labels.clone();
+        let logits = model.forward(batch.into_device(device).images);
         let [b, classes] = logits.dims();
         let values: Vec<f32> = logits
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
             .expect("f32 logits");
-        for (row, &label) in values.chunks_exact(classes).zip(&batch.labels) {
+        for (row, &label) in values.chunks_exact(classes).zip(&labels) {
             let label = label as usize;
             let target = row[label];
             let higher = row.iter().filter(|&&v| v > target).count();

@@ -559,11 +559,12 @@ impl<'a, N: Network> Runner<'a, N> {
                         let out = device_step(&net, images, labels, &spec, None);
                         update(net, out, rate)
                     };
-                    let (net, figures) = recorder.step(net, &batch, lr, &mut step)?;
-                    (net, batch.len(), figures)
+                    let n = batch.len();
+                    let (net, figures) = recorder.step(net, batch, lr, &mut step)?;
+                    (net, n, figures)
                 }
                 None => {
-                    let out = self.replicas.step(&mut net, &batch, &spec);
+                    let out = self.replicas.step(&mut net, batch, &spec);
                     let n = out.n;
                     let (net, figures) = update(net, out, lr.into());
                     (net, n, figures)

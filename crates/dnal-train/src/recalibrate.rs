@@ -31,7 +31,7 @@ pub fn recalibrate_batch_norm<N: Network>(
     // updates its running ones.
     let net = net.no_grad();
     for batch in batches {
-        let images = batch?.to_device(device).images;
+        let images = batch?.into_device(device).images;
         let _ = net.forward(images);
     }
     Ok(net)

@@ -95,7 +95,7 @@ impl Recorder {
     pub fn step<N: Network>(
         &mut self,
         net: N,
-        batch: &HostBatch,
+        batch: HostBatch,
         lr: f64,
         step: &mut impl FnMut(N, Tensor<4>, Tensor<1, Int>, Rate) -> (N, Figures),
     ) -> Result<(N, Figures)> {
@@ -106,7 +106,7 @@ impl Recorder {
         if self.done || !fits {
             self.finish();
             self.done = true;
-            let b = batch.to_device(&self.device);
+            let b = batch.into_device(&self.device);
             return Ok(step(net, b.images.autodiff(), b.labels, Rate::Value(lr)));
         }
         self.refresh(batch, lr)?;
@@ -140,8 +140,8 @@ impl Recorder {
         Ok((net, figures))
     }
     /// `batch` and `lr` written into the input buffers (made from the first batch).
-    fn refresh(&mut self, batch: &HostBatch, lr: f64) -> Result<()> {
-        let b = batch.to_device(&self.device);
+    fn refresh(&mut self, batch: HostBatch, lr: f64) -> Result<()> {
+        let b = batch.into_device(&self.device);
         let lr = Tensor::<1>::from_data(TensorData::new(vec![lr as f32], [1]), &self.device);
         let labels = b.labels.float();
         self.inputs = Some(match self.inputs.take() {

@@ -91,42 +91,48 @@ impl Replicas {
 
     /// Forward and backward of one batch. With several replicas, `net`'s BatchNorm running
     /// statistics become the replicas' mean; its weights are left to the optimisers.
-    pub fn step<N: Network>(&self, net: &mut N, batch: &HostBatch, spec: &StepSpec) -> StepOut {
+    pub fn step<N: Network>(&self, net: &mut N, batch: HostBatch, spec: &StepSpec) -> StepOut {
         if self.devices.len() == 1 {
             return replica_step(net, batch, self.main(), spec, None);
         }
         let n = batch.len();
-        let shares: Vec<(HostBatch, Device)> = batch
+        // Each share with its device and its weight in the global batch's mean loss.
+        let mut shares: Vec<(HostBatch, Device, f64)> = batch
             .split(self.devices.len())
             .into_iter()
             .zip(self.devices.iter().cloned())
             .filter(|(share, _)| !share.is_empty())
+            .map(|(share, device)| {
+                let weight = share.len() as f64 / n as f64;
+                (share, device, weight)
+            })
             .collect();
+        let others = shares.split_off(1);
+        let (first_share, first_device, first_weight) =
+            shares.pop().expect("a batch has at least one image");
         // Every replica is built before any runs: the main network's running statistics change
         // as it runs.
-        let replicas: Vec<N> = shares[1..]
+        let replicas: Vec<N> = others
             .iter()
-            .map(|(_, device)| net.valid().train().fork(device))
+            .map(|(_, device, _)| net.valid().train().fork(device))
             .collect();
-        let weight = |share: &HostBatch| share.len() as f64 / n as f64;
         // The replicas' threads flush subnormals where this one does (the trainer's `main`).
         let flush = dnal_kernels::subnormals::flushed_here();
         let (first, rest) = std::thread::scope(|scope| {
             let handles: Vec<_> = replicas
                 .into_iter()
-                .zip(&shares[1..])
-                .map(|(replica, (share, device))| {
+                .zip(others)
+                .map(|(replica, (share, device, weight))| {
                     scope.spawn(move || {
                         if flush {
                             dnal_kernels::subnormals::flush_this_thread();
                         }
-                        let out = replica_step(&replica, share, device, spec, Some(weight(share)));
+                        let out = replica_step(&replica, share, &device, spec, Some(weight));
                         (replica, out)
                     })
                 })
                 .collect();
-            let (share, device) = &shares[0];
-            let first = replica_step(net, share, device, spec, Some(weight(share)));
+            let first = replica_step(net, first_share, &first_device, spec, Some(first_weight));
             let rest: Vec<(N, StepOut)> = handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -171,12 +177,12 @@ fn accumulator<N: Network>(net: &N, grads: GradientsParams) -> GradientsAccumula
 /// when given (a replica's share of the global batch).
 fn replica_step<N: Network>(
     net: &N,
-    batch: &HostBatch,
+    batch: HostBatch,
     device: &Device,
     spec: &StepSpec,
     weight: Option<f64>,
 ) -> StepOut {
-    let batch = batch.to_device(device);
+    let batch = batch.into_device(device);
     device_step(net, batch.images, batch.labels, spec, weight)
 }
 
@@ -394,14 +400,14 @@ mod tests {
         };
         let mut dp = net.valid().train();
         let replicas = Replicas::new(vec![device.clone(), device.clone()]);
-        let out = replicas.step(&mut dp, &batch, &spec);
+        let out = replicas.step(&mut dp, batch.clone(), &spec);
 
         let halves = batch.split(2);
         let parts: Vec<(PlainCnn, StepOut)> = halves
             .iter()
             .map(|h| {
                 let m = net.valid().train();
-                let o = replica_step(&m, h, &device, &spec, None);
+                let o = replica_step(&m, h.clone(), &device, &spec, None);
                 (m, o)
             })
             .collect();
@@ -413,7 +419,7 @@ mod tests {
             loss(&out)
         );
         // Not BatchNorm over the whole batch.
-        let whole = replica_step(&net.valid().train(), &batch, &device, &spec, None);
+        let whole = replica_step(&net.valid().train(), batch.clone(), &device, &spec, None);
         assert!((loss(&whole) - loss(&out)).abs() > 1e-3);
 
         let mut check = GradCheck {
@@ -495,7 +501,7 @@ mod tests {
                     leaves,
                     alpha_ids: Some(&alpha_ids),
                 };
-                replica_step(&net.valid().train(), &batch(), &device, &spec, None)
+                replica_step(&net.valid().train(), batch(), &device, &spec, None)
             };
             let (with, without) = (run(true), run(false));
             let loss = |o: &StepOut| values(o.loss.clone())[0];
