@@ -3,7 +3,7 @@
 
 use burn::prelude::*;
 
-use crate::memo::Memo;
+use crate::memo::{DeviceKey, Memo, device_key};
 
 /// Whether `pos` (positions in a stream of `width` channels) is every channel in order, so
 /// that adding into the stream is a plain add.
@@ -26,11 +26,6 @@ pub fn indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [keep.len()]), device)
 }
 
-/// Which device a held index tensor lives on: its description (the backend and the device's
-/// number) and whether it records gradients (`Device`'s equality ignores that, and has no
-/// hash).
-type DeviceKey = (String, bool);
-
 /// Index tensors the forward and backward passes use, kept on their devices once made.
 static HELD: Memo<(DeviceKey, Vec<usize>), Tensor<1, Int>> = Memo::kept();
 
@@ -45,10 +40,6 @@ fn held_indices(keep: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::clone(&HELD.get((device_key(device), keep.to_vec()), || {
         indices(keep, device)
     }))
-}
-
-fn device_key(device: &Device) -> DeviceKey {
-    (format!("{device:?}"), device.is_autodiff())
 }
 
 /// Channel maps, held as index tensors are.

@@ -7,6 +7,15 @@ use rustc_hash::FxHashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// Which device a held tensor lives on: its description (the backend and the device's number)
+/// and whether it records gradients (`Device`'s equality ignores that, and has no hash).
+pub(crate) type DeviceKey = (String, bool);
+
+/// The [`DeviceKey`] of `device`.
+pub(crate) fn device_key(device: &burn::tensor::Device) -> DeviceKey {
+    (format!("{device:?}"), device.is_autodiff())
+}
+
 /// Entries a [`Memo::new`] holds at most before it starts over (a process sees a handful of
 /// geometries).
 const CAPACITY: usize = 256;
