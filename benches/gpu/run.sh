@@ -40,9 +40,10 @@
 # gates searching and the paper's sparsity penalty in the loss; rows of their own), ARCHITECTURES (checked-in architectures under benches/architectures/, e.g.
 # "resnet56-cifar10 mobilenetv2-cifar10": after the dense steps, each pruned network's step on
 # the first backend and in PyTorch, the final stage's step; default none), CHECK
-# (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex, in
-# $OUT/check-BACKEND.txt; 0 skips it), CHECK_ONLY (one family for the check: batch-norm,
-# depthwise, convolution, sgd, penalty, loss, channels or gates; default all eight).
+# (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex and
+# training steps replayed from a recorded graph against plain ones, in $OUT/check-BACKEND.txt;
+# 0 skips it), CHECK_ONLY (one family for the check: batch-norm, depthwise, convolution, sgd,
+# penalty, loss, channels, gates or graph; default all nine).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -22,6 +22,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod graph_check;
 pub mod leaves;
 pub mod models;
 pub mod penalty;

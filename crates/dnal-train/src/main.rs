@@ -41,6 +41,9 @@ enum CheckFamily {
     Loss,
     /// Channels placed into a wider stream (a residual stream widened, a shortcut subsampled).
     Channels,
+    /// Training steps recorded and replayed as `train --graph` runs them, against the same
+    /// steps issued one by one on the same device (cuda and wgpu).
+    Graph,
 }
 
 #[derive(Subcommand)]
@@ -129,9 +132,11 @@ enum Command {
     /// with its running statistics, the depthwise convolution, the convolution's backward,
     /// SGD's momentum step, the sparsity penalty's gradient, the searching gates' factors and
     /// their gradient, the training loss and the placement of channels into a wider stream,
-    /// over shapes that reach every branch of the GPU kernels. Prints each quantity's largest
-    /// difference; fails if any exceeds 2e-4 of the reference's largest value (1e-2 for the
-    /// one-group convolutions, whose products are burn's and may run in TF32 on cuda).
+    /// over shapes that reach every branch of the GPU kernels; on cuda and wgpu also training
+    /// steps recorded and replayed as `train --graph` runs them, against the same steps issued
+    /// one by one. Prints each quantity's largest difference; fails if any exceeds 2e-4 of the
+    /// reference's largest value (1e-2 for the one-group convolutions, whose products are
+    /// burn's and may run in TF32 on cuda).
     Check {
         /// wgpu or cuda (flex compares dnal's flex operations with burn's).
         #[arg(long)]
@@ -418,7 +423,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let reference = BackendKind::Flex.probe()?;
             use dnal_kernels::check;
             let comparisons = match only {
-                None => check::all(&device, &reference),
+                // flex records no graphs: its check compares operations only.
+                None if kind == BackendKind::Flex => check::all(&device, &reference),
+                None => {
+                    let mut all = check::all(&device, &reference);
+                    all.extend(dnal_train::graph_check::graph(&device));
+                    all
+                }
                 Some(CheckFamily::BatchNorm) => check::batch_norm(&device, &reference),
                 Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
                 Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
@@ -427,6 +438,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(CheckFamily::Gates) => check::gates(&device, &reference),
                 Some(CheckFamily::Loss) => check::loss(&device, &reference),
                 Some(CheckFamily::Channels) => check::channels(&device, &reference),
+                Some(CheckFamily::Graph) => dnal_train::graph_check::graph(&device),
             };
             let failed = comparisons.iter().filter(|c| !c.ok()).count();
             for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {
@@ -434,7 +446,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             println!(
                 "{} of {} quantities on {} within tolerance of flex ({:e} of the largest value; \
-                 {:e} for burn's convolutions, which may compute in TF32)",
+                 {:e} for burn's convolutions, which may compute in TF32; replayed steps \
+                 against the same device's plain steps)",
                 comparisons.len() - failed,
                 comparisons.len(),
                 kind.name(),
@@ -443,7 +456,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             );
             if failed > 0 {
                 anyhow::bail!(
-                    "{failed} quantities on {} differ from flex beyond the tolerance",
+                    "{failed} quantities on {} differ from their reference beyond the tolerance",
                     kind.name()
                 );
             }

@@ -26,7 +26,7 @@ use crate::phase::{
 };
 use crate::progress::{EpochLog, PartialEpoch, Progress, paths};
 use crate::recalibrate::recalibrate_batch_norm;
-use crate::replay::{Figures, Recorder, replays};
+use crate::replay::{Recorder, replays};
 use crate::replicas::{Replicas, StepOut, StepSpec, device_step};
 use crate::report::{self, Report};
 use crate::tally::{NonFinite, Tally};
@@ -526,16 +526,8 @@ impl<'a, N: Network> Runner<'a, N> {
             alpha_ids: phase.searches().then_some(&alpha_ids[..]),
         };
         // The optimisers' steps after a batch, and the batch's figures for the tally.
-        let mut update = |net: N, mut out: StepOut, rate: Rate| {
-            out.penalise(&net, &spec);
-            let figures = Figures {
-                loss: out.loss,
-                hits: out.hits,
-                penalty: out.penalty,
-            };
-            let net = optims.step(cfg.arch.lr, rate, net, out.alpha, out.rest);
-            (net, figures)
-        };
+        let mut update =
+            |net: N, out: StepOut, rate: Rate| out.apply(net, &spec, optims, cfg.arch.lr, rate);
         // The temperature last set in the gates: set again only when it changes (every
         // iteration or once an epoch, as the continuation says).
         let mut temperature = None;

@@ -25,7 +25,11 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use dnal_core::SparsityPenalty;
 use dnal_data::HostBatch;
+use dnal_kernels::Rate;
 use dnal_zoo::Network;
+
+use crate::phase::Optimizers;
+use crate::replay::Figures;
 
 /// What one step needs besides the network and the batch.
 pub(crate) struct StepSpec<'a> {
@@ -69,6 +73,29 @@ impl StepOut {
         let value = crate::penalty::add_gradients(penalty, net, alpha);
         self.loss = self.loss.clone().detach() + value.clone();
         self.penalty = Some(value);
+    }
+
+    /// What follows a batch's forward and backward passes (of `net`): the penalty folded in
+    /// ([`StepOut::penalise`]), then the optimisers' steps (alpha's at the architecture stage's
+    /// rate `arch_lr`, the weights' at `rate`); returns the network and the batch's figures.
+    pub fn apply<N: Network>(
+        mut self,
+        net: N,
+        spec: &StepSpec,
+        optims: &mut Optimizers,
+        arch_lr: f64,
+        rate: Rate,
+    ) -> (N, Figures) {
+        self.penalise(&net, spec);
+        let figures = Figures {
+            loss: self.loss,
+            hits: self.hits,
+            penalty: self.penalty,
+        };
+        (
+            optims.step(arch_lr, rate, net, self.alpha, self.rest),
+            figures,
+        )
     }
 }
 

@@ -405,6 +405,10 @@ fn check_compares_dnal_operations_and_refuses_missing_backends() {
     );
     let (ok, text) = dnal_train(&["check", "--backend", "flex", "--only", "convolutions"]);
     assert!(!ok && text.contains("batch-norm"), "{text}");
+    // flex records no graphs: asked for, the graph family fails every case and says why.
+    let (ok, text) = dnal_train(&["check", "--backend", "flex", "--only", "graph"]);
+    assert!(!ok && text.contains("0 of 3 quantities"), "{text}");
+    assert!(text.contains("train without --graph"), "{text}");
     // A backend this build lacks is named, with the fix.
     if cfg!(not(feature = "cuda")) {
         let (ok, text) = dnal_train(&["check", "--backend", "cuda"]);

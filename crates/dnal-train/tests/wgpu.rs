@@ -444,33 +444,6 @@ fn a_step_recorded_as_a_graph_replays_as_the_steps_it_stands_for() {
     replays_as_its_steps(|| Kinds::new(&device), Kinds::forward, &device);
 }
 
-/// The same for a pruned residual network, the final stage's step: its blocks add their
-/// outputs into scattered channels of the residual streams, and read kept channels out of
-/// them, through index tensors the step builds from the architecture.
-#[test]
-fn a_pruned_residual_step_recorded_as_a_graph_replays_as_its_steps() {
-    use dnal_zoo::Network;
-    let Some((device, _gpu)) = wgpu_device() else {
-        return;
-    };
-    let device = device.autodiff();
-    let dense = dnal_zoo::CifarResNetConfig::new(8, 10)
-        .unwrap()
-        .init(&device)
-        .unwrap();
-    let mut arch = dnal_core::Architecture::full(&dense);
-    for (name, gate) in arch.gates.iter_mut() {
-        // Two channels of three, at offsets that differ by gate: streams of scattered channels.
-        let shift = name.len();
-        gate.kept.retain(|i| (i + shift) % 3 != 0);
-    }
-    replays_as_its_steps(
-        || dense.clone().prune(&arch).unwrap(),
-        |net: &dnal_zoo::CifarResNet, x| net.forward(x),
-        &device,
-    );
-}
-
 /// Six plain training steps of a network `build` makes against three warm-up steps of another
 /// with the same values and three replays of its fourth, recorded: the same losses, parameters
 /// and running statistics.
@@ -558,6 +531,17 @@ fn replays_as_steps<M, O>(
             diff <= 1e-5 * scale,
             "tensor {k} after six steps: {diff} apart"
         );
+    }
+}
+
+/// `dnal-train check --only graph` on wgpu: the pipeline's own steps through its recorder
+/// against the same steps issued one by one, for a weight, an architecture and a final stage.
+#[test]
+fn graph_check_on_wgpu_replays_as_plain_steps() {
+    if let Some((device, _gpu)) = wgpu_device() {
+        let comparisons = dnal_train::graph_check::graph(&device);
+        assert_eq!(comparisons.len(), 6);
+        all_within(comparisons);
     }
 }
 
