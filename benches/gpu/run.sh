@@ -43,7 +43,8 @@
 # (default 1: first `dnal-train check` on the first backend, dnal's kernels against flex and
 # training steps replayed from a recorded graph against plain ones, in $OUT/check-BACKEND.txt;
 # 0 skips it), CHECK_ONLY (one family for the check: batch-norm, depthwise, convolution, sgd,
-# penalty, loss, channels, gates or graph; default all nine).
+# penalty, loss, channels, gates or graph; default all nine), CHECK_CAP_S (seconds the check
+# may take, default 180; it prints family by family, so a check cut short keeps what it found).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -219,16 +220,18 @@ profiled_step() {
     rm -rf "$dir"
 }
 
-# dnal's own kernels on backend $1 against flex (`dnal-train check`): the failures and a
-# summary line, in $OUT/check-BACKEND.txt (CHECK=0 skips it).
+# dnal's own kernels on backend $1 against flex and its recorded steps against plain ones
+# (`dnal-train check`): every quantity and a summary line, in $OUT/check-BACKEND.txt (CHECK=0
+# skips it).
 kernel_check() {
     [[ ${CHECK:-1} == 0 ]] && return
-    local cap; cap=$(allowance 180)
+    local cap; cap=$(allowance "${CHECK_CAP_S:-180}")
     (( cap == 0 )) && return
     echo "dnal $1 kernels against flex (up to $cap s)" >&2
     local only=()
     [[ -n ${CHECK_ONLY:-} ]] && only=(--only "$CHECK_ONLY")
-    timeout "$cap" "$BIN" check --backend "$1" --quiet "${only[@]}" > "$OUT/check-$1.txt" 2>&1
+    # Every quantity, printed family by family: a check stopped by its cap keeps what it found.
+    timeout "$cap" "$BIN" check --backend "$1" "${only[@]}" > "$OUT/check-$1.txt" 2>&1
     echo "  check on $1: exit $?; $(grep -c '^FAIL' "$OUT/check-$1.txt") failing; $(tail -n 1 "$OUT/check-$1.txt")" >&2
 }
 

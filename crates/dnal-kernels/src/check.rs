@@ -70,19 +70,6 @@ impl fmt::Display for Comparison {
     }
 }
 
-/// Every comparison of the eight families.
-pub fn all(device: &Device, reference: &Device) -> Vec<Comparison> {
-    let mut out = batch_norm(device, reference);
-    out.extend(depthwise(device, reference));
-    out.extend(convolution(device, reference));
-    out.extend(sgd(device, reference));
-    out.extend(penalty(device, reference));
-    out.extend(gates(device, reference));
-    out.extend(loss(device, reference));
-    out.extend(channels(device, reference));
-    out
-}
-
 fn compare(
     tolerance: f32,
     case: &str,

@@ -422,34 +422,43 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let device = kind.probe()?;
             let reference = BackendKind::Flex.probe()?;
             use dnal_kernels::check;
-            let comparisons = match only {
-                // flex records no graphs: its check compares operations only.
-                None if kind == BackendKind::Flex => check::all(&device, &reference),
-                None => {
-                    let mut all = check::all(&device, &reference);
-                    all.extend(dnal_train::graph_check::graph(&device));
-                    all
-                }
-                Some(CheckFamily::BatchNorm) => check::batch_norm(&device, &reference),
-                Some(CheckFamily::Depthwise) => check::depthwise(&device, &reference),
-                Some(CheckFamily::Convolution) => check::convolution(&device, &reference),
-                Some(CheckFamily::Sgd) => check::sgd(&device, &reference),
-                Some(CheckFamily::Penalty) => check::penalty(&device, &reference),
-                Some(CheckFamily::Gates) => check::gates(&device, &reference),
-                Some(CheckFamily::Loss) => check::loss(&device, &reference),
-                Some(CheckFamily::Channels) => check::channels(&device, &reference),
-                Some(CheckFamily::Graph) => dnal_train::graph_check::graph(&device),
+            // flex records no graphs: by default its check compares operations only.
+            let families: Vec<CheckFamily> = match only {
+                Some(family) => vec![family],
+                None => CheckFamily::value_variants()
+                    .iter()
+                    .copied()
+                    .filter(|f| !matches!(f, CheckFamily::Graph) || kind != BackendKind::Flex)
+                    .collect(),
             };
-            let failed = comparisons.iter().filter(|c| !c.ok()).count();
-            for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {
-                println!("{c}");
+            let (mut total, mut failed) = (0, 0);
+            for family in families {
+                let comparisons = match family {
+                    CheckFamily::BatchNorm => check::batch_norm(&device, &reference),
+                    CheckFamily::Depthwise => check::depthwise(&device, &reference),
+                    CheckFamily::Convolution => check::convolution(&device, &reference),
+                    CheckFamily::Sgd => check::sgd(&device, &reference),
+                    CheckFamily::Penalty => check::penalty(&device, &reference),
+                    CheckFamily::Gates => check::gates(&device, &reference),
+                    CheckFamily::Loss => check::loss(&device, &reference),
+                    CheckFamily::Channels => check::channels(&device, &reference),
+                    CheckFamily::Graph => dnal_train::graph_check::graph(&device),
+                };
+                // Printed family by family, so that a check stopped part-way has said what it
+                // found so far.
+                for c in comparisons.iter().filter(|c| !quiet || !c.ok()) {
+                    println!("{c}");
+                }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                total += comparisons.len();
+                failed += comparisons.iter().filter(|c| !c.ok()).count();
             }
             println!(
                 "{} of {} quantities on {} within tolerance of flex ({:e} of the largest value; \
                  {:e} for burn's convolutions, which may compute in TF32; replayed steps \
                  against the same device's plain steps)",
-                comparisons.len() - failed,
-                comparisons.len(),
+                total - failed,
+                total,
                 kind.name(),
                 dnal_kernels::check::TOLERANCE,
                 dnal_kernels::check::CONVOLUTION_TOLERANCE
