@@ -126,14 +126,7 @@ where
         Err(e) => return vec![failed(name, e.to_string())],
     };
     let alpha_ids = plain.alpha_ids();
-    let spec = StepSpec {
-        penalty: penalty.as_ref(),
-        folded: penalty
-            .as_ref()
-            .is_some_and(|p| crate::penalty::folds(p, &plain)),
-        leaves: phase.searches() && crate::leaves::fold(&plain),
-        alpha_ids: phase.searches().then_some(&alpha_ids[..]),
-    };
+    let spec = StepSpec::of(phase, &plain, penalty.as_ref(), &alpha_ids);
     let lr = |i: usize| 0.05 / (1.0 + i as f64);
 
     // As training without --graph steps.

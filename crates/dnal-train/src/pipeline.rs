@@ -517,14 +517,7 @@ impl<'a, N: Network> Runner<'a, N> {
         let batches = loader.epoch_from(data_epoch, start.batches_done);
         let mut recorder = (self.opts.graph && replays(cfg, phase, optims))
             .then(|| Recorder::new(self.replicas.main()));
-        let spec = StepSpec {
-            penalty: penalty.as_deref(),
-            folded: penalty
-                .as_deref()
-                .is_some_and(|p| crate::penalty::folds(p, &net)),
-            leaves: phase.searches() && crate::leaves::fold(&net),
-            alpha_ids: phase.searches().then_some(&alpha_ids[..]),
-        };
+        let spec = StepSpec::of(phase, &net, penalty.as_deref(), &alpha_ids);
         // The optimisers' steps after a batch, and the batch's figures for the tally.
         let mut update =
             |net: N, out: StepOut, rate: Rate| out.apply(net, &spec, optims, cfg.arch.lr, rate);

@@ -28,7 +28,7 @@ use dnal_data::HostBatch;
 use dnal_kernels::Rate;
 use dnal_zoo::Network;
 
-use crate::phase::Optimizers;
+use crate::phase::{Optimizers, Phase};
 use crate::replay::Figures;
 
 /// What one step needs besides the network and the batch.
@@ -43,6 +43,25 @@ pub(crate) struct StepSpec<'a> {
     pub leaves: bool,
     /// The alpha parameters, whose gradients go to their own optimiser (searching phases).
     pub alpha_ids: Option<&'a [ParamId]>,
+}
+
+impl<'a> StepSpec<'a> {
+    /// The spec of `phase`'s steps of `net`: its `penalty` (a searching phase's), folded where
+    /// it can be, the gates' factors as leaves where they can be, and `alpha_ids` (`net`'s)
+    /// where the phase searches.
+    pub fn of<N: Network>(
+        phase: Phase,
+        net: &N,
+        penalty: Option<&'a SparsityPenalty>,
+        alpha_ids: &'a [ParamId],
+    ) -> Self {
+        Self {
+            penalty,
+            folded: penalty.is_some_and(|p| crate::penalty::folds(p, net)),
+            leaves: phase.searches() && crate::leaves::fold(net),
+            alpha_ids: phase.searches().then_some(alpha_ids),
+        }
+    }
 }
 
 /// A step's results on the main device.
