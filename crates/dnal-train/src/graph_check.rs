@@ -165,23 +165,21 @@ where
     recorder.finish();
     let got_values = floats(&net);
 
-    let losses = Comparison {
+    let compared = |quantity, worst| Comparison {
         case: format!("{name}, {STEPS} steps replayed"),
-        quantity: "loss of each step",
-        worst: worst(&[got], &[want]),
+        quantity,
+        worst,
         scale: 1.0,
         error: None,
         tolerance: TOLERANCE,
     };
-    let values = Comparison {
-        case: format!("{name}, {STEPS} steps replayed"),
-        quantity: "parameters and running statistics (each relative to its tensor's largest)",
-        worst: worst(&got_values, &want_values),
-        scale: 1.0,
-        error: None,
-        tolerance: TOLERANCE,
-    };
-    vec![losses, values]
+    vec![
+        compared("loss of each step", worst(&[got], &[want])),
+        compared(
+            "parameters and running statistics (each relative to its tensor's largest)",
+            worst(&got_values, &want_values),
+        ),
+    ]
 }
 
 /// [`STEPS`] batches of fixed pseudo-random images and labels, each different.
@@ -235,14 +233,14 @@ fn failed(name: &str, error: String) -> Comparison {
 }
 
 /// Every float a module holds (parameters and running statistics), in module order.
-fn floats<M: Module>(net: &M) -> Vec<Vec<f32>> {
+pub fn floats<M: Module>(net: &M) -> Vec<Vec<f32>> {
     #[derive(Default)]
     struct Floats(Vec<Vec<f32>>);
     impl ModuleVisitor for Floats {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let values = param.val().into_data().convert::<f32>();
             self.0
-                .push(values.try_into_vec::<f32>().unwrap_or_default());
+                .push(values.try_into_vec::<f32>().expect("f32 after convert"));
         }
     }
     let mut floats = Floats::default();

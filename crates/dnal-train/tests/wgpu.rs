@@ -414,22 +414,6 @@ fn weights_keep_one_memory_layout_from_the_first_step() {
     }
 }
 
-/// Every float a module holds (parameters and running statistics), in module order.
-fn floats<M: burn::module::Module>(net: &M) -> Vec<Vec<f32>> {
-    use burn::module::{ModuleVisitor, Param};
-    use burn::prelude::Tensor;
-    #[derive(Default)]
-    struct Floats(Vec<Vec<f32>>);
-    impl ModuleVisitor for Floats {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.val().into_data().try_to_vec().unwrap());
-        }
-    }
-    let mut floats = Floats::default();
-    net.visit(&mut floats);
-    floats.0
-}
-
 /// A training step recorded once as a graph of launches (`burn::tensor::capture`; on wgpu
 /// CubeCL re-encodes the recorded dispatches) and replayed trains as the steps themselves do:
 /// dnal's SGD moves every parameter and velocity, and its BatchNorm kernels the running
@@ -493,7 +477,7 @@ fn replays_as_steps<M, O>(
         net = next;
         losses.push(loss.into_scalar());
     }
-    let last = floats(&net);
+    let last = dnal_train::graph_check::floats(&net);
     // Six steps recorded: three warm-up runs, then the recorded one replayed three times.
     let cell = std::cell::RefCell::new(Some((recorded, optimisers())));
     let graph_step = || {
@@ -515,7 +499,7 @@ fn replays_as_steps<M, O>(
         replayed.push(loss.clone().into_scalar());
     }
     drop(graph);
-    let values = floats(&cell.borrow().as_ref().unwrap().0);
+    let values = dnal_train::graph_check::floats(&cell.borrow().as_ref().unwrap().0);
     for (i, (a, b)) in losses[3..].iter().zip(&replayed).enumerate() {
         assert!(
             (a - b).abs() <= 1e-5 * a.abs().max(1.0),
