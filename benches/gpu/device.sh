@@ -4,6 +4,13 @@
 # benches/gpu/run.sh, and gathers its table, JSON lines and logs in ${OUT:-gpu-out}/ (the
 # training data and checkpoints stay out of it).
 #
+# CubeCL's environment (autotune results and compiled kernels of a `persistence` build, kept in
+# target/environment of the folder a run starts in) travels both ways: a
+# .gpu/cubecl-environment.tar.gz from an earlier card seeds it, and the environment after the run
+# comes back as cubecl-environment.tar.gz in the results; put that in .gpu/ for the next call
+# (pack.sh keeps it when it packs a new binary). CubeCL files its autotune results by device, so
+# one archive serves several kinds of card.
+#
 # Usage: benches/gpu/device.sh ; BUDGET_S, BACKENDS, NETS, REF_DEVICE, TRAIN_BACKEND as run.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +26,17 @@ fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [[ -z ${VK_DRIVER_FILES:-} && -f $icd ]] && export VK_DRIVER_FILES=$icd
 
+env_archive=.gpu/cubecl-environment.tar.gz
+if [[ -f $env_archive && ! -e target/environment ]]; then
+    mkdir -p target
+    if tar -xzf "$env_archive" -C target environment; then
+        echo "device.sh: CubeCL environment seeded from $env_archive ($(du -sh target/environment | cut -f1))"
+    else
+        echo "device.sh: $env_archive could not be unpacked; starting with an empty CubeCL environment" >&2
+        rm -rf target/environment
+    fi
+fi
+
 bin=$WORK/dnal-train
 if ! xz -dc .gpu/dnal-train.xz > "$bin" 2>/dev/null; then
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -32,4 +50,10 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK/results" --exclude=cifar --exclude=run
     . 2>/dev/null
 [[ -d $WORK/results/run ]] && tar -czf "$RESULTS/train-run.tar.gz" -C "$WORK/results/run" \
     --exclude='*.bpk' --exclude='*.onnx' --exclude='*.safetensors' . 2>/dev/null
+if [[ -d target/environment ]]; then
+    tar -czf "$RESULTS/cubecl-environment.tar.gz" -C target environment
+    size=$(stat -c %s "$RESULTS/cubecl-environment.tar.gz")
+    (( size > 16 * 1024 * 1024 )) &&
+        echo "device.sh: cubecl-environment.tar.gz holds $((size >> 20)) MiB, more than a result file may" >&2
+fi
 ls -l "$RESULTS"
