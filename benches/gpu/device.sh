@@ -5,11 +5,13 @@
 # training data and checkpoints stay out of it).
 #
 # CubeCL's environment (autotune results and compiled kernels of a `persistence` build, kept in
-# target/environment of the folder a run starts in) travels both ways: a
-# .gpu/cubecl-environment.tar.gz from an earlier card seeds it, and the environment after the run
-# comes back as cubecl-environment.tar.gz in the results; put that in .gpu/ for the next call
-# (pack.sh keeps it when it packs a new binary). CubeCL files its autotune results by device, so
-# one archive serves several kinds of card.
+# target/environment of the folder a run starts in) travels both ways, one archive per card
+# model: .gpu/cubecl-environment-MODEL.tar.gz (MODEL as nvidia-smi names the card, e.g.
+# NVIDIA-H200) from an earlier run seeds it, and the environment after the run comes back as
+# cubecl-environment-MODEL.tar.gz in the results; put that in .gpu/ for the next run (pack.sh
+# keeps it when it packs a new binary). Per model, because CubeCL files autotune results under
+# the runtime and the device's index, not the card: another card's picks would be taken as
+# this one's.
 #
 # Usage: benches/gpu/device.sh ; BUDGET_S, BACKENDS, NETS, REF_DEVICE, TRAIN_BACKEND as run.sh.
 set -uo pipefail
@@ -26,13 +28,17 @@ fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [[ -z ${VK_DRIVER_FILES:-} && -f $icd ]] && export VK_DRIVER_FILES=$icd
 
-env_archive=.gpu/cubecl-environment.tar.gz
-if [[ -f $env_archive && ! -e target/environment ]]; then
+card=no-nvidia-gpu
+if names=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) && [[ -n $names ]]; then
+    card=$(head -n 1 <<< "$names" | tr -cs 'A-Za-z0-9._\n' '-' | sed 's/-$//')
+fi
+env_name=cubecl-environment-$card.tar.gz
+if [[ -f .gpu/$env_name && ! -e target/environment ]]; then
     mkdir -p target
-    if tar -xzf "$env_archive" -C target environment; then
-        echo "device.sh: CubeCL environment seeded from $env_archive ($(du -sh target/environment | cut -f1))"
+    if tar -xzf ".gpu/$env_name" -C target environment; then
+        echo "device.sh: CubeCL environment seeded from .gpu/$env_name ($(du -sh target/environment | cut -f1))"
     else
-        echo "device.sh: $env_archive could not be unpacked; starting with an empty CubeCL environment" >&2
+        echo "device.sh: .gpu/$env_name could not be unpacked; starting with an empty CubeCL environment" >&2
         rm -rf target/environment
     fi
 fi
@@ -51,9 +57,9 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK/results" --exclude=cifar --exclude=run
 [[ -d $WORK/results/run ]] && tar -czf "$RESULTS/train-run.tar.gz" -C "$WORK/results/run" \
     --exclude='*.bpk' --exclude='*.onnx' --exclude='*.safetensors' . 2>/dev/null
 if [[ -d target/environment ]]; then
-    tar -czf "$RESULTS/cubecl-environment.tar.gz" -C target environment
-    size=$(stat -c %s "$RESULTS/cubecl-environment.tar.gz")
+    tar -czf "$RESULTS/$env_name" -C target environment
+    size=$(stat -c %s "$RESULTS/$env_name")
     (( size > 16 * 1024 * 1024 )) &&
-        echo "device.sh: cubecl-environment.tar.gz holds $((size >> 20)) MiB, more than a result file may" >&2
+        echo "device.sh: $env_name holds $((size >> 20)) MiB, more than a result file may" >&2
 fi
 ls -l "$RESULTS"
