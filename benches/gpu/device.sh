@@ -15,11 +15,11 @@
 #
 # Usage: benches/gpu/device.sh ; BUDGET_S, BACKENDS, NETS, REF_DEVICE, TRAIN_BACKEND as run.sh.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 RESULTS=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/dnal-gpu}
 mkdir -p "$RESULTS" "$WORK"
-cat .gpu/BUILD 2>/dev/null | tee "$RESULTS/build.txt"
+{ tee "$RESULTS/build.txt" < .gpu/BUILD; } 2>/dev/null
 
 if ! ldconfig -p | grep -q 'libvulkan.so.1 '; then
     for f in .gpu/*.deb; do [[ -e $f ]] && dpkg -x "$f" /; done

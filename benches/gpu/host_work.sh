@@ -40,6 +40,7 @@ median=$(grep -o 'median [0-9.]*' "$out/bench.out" | awk '{print $2}')
 [ -n "$median" ] || { cat "$out/bench.out" >&2; exit 1; }
 span=$(perf script -i "$out/perf.data" -F time 2>/dev/null | sed -n '1p;$p' | tr -d ': ' | paste -sd' ')
 perf report -i "$out/perf.data" --no-children --sort pid,sym -n -q -g none 2>/dev/null >"$out/report"
+# shellcheck disable=SC2086 # $span holds the first and last sample times
 python3 - "$label" "$median" $span "$freq" "$out/report" <<'PY'
 import collections, re, sys
 label, median, t0, t1, freq, report = sys.argv[1:7]

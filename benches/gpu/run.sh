@@ -47,7 +47,7 @@
 # may take, default 180; it prints family by family, so a check cut short keeps what it found).
 # With BACKENDS=flex REF_DEVICE=cpu TRAIN_BACKEND=flex the script runs on any machine.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 BIN=${1:-./dnal-train}
 OUT=${OUT:-gpu-results}
 BUDGET_S=${BUDGET_S:-540}
@@ -184,6 +184,7 @@ training_run() {
         || python3 benches/gpu/make_cifar_bin.py "$OUT/cifar" >&2
     rm -rf "$OUT/run"
     local start status; start=$(date +%s)
+    # shellcheck disable=SC2086 # $TRAIN_ARGS holds its arguments, or none
     timeout "$cap" "$BIN" train --preset resnet56-cifar10-l1e-4 --backend "$TRAIN_BACKEND" \
         --quiet --set data.path="$OUT/cifar" --set weights.epochs=1 --set arch.epochs=1 \
         --set final.epochs=1 --set data.train_limit="$TRAIN_IMAGES" \

@@ -12,6 +12,7 @@ set -euo pipefail
 rounds="${1:-5}"
 engine="${ENGINE:-burn}"
 case "$engine" in burn | frozen) ;; *) echo "ENGINE must be burn or frozen, not '$engine'" >&2; exit 2 ;; esac
+# shellcheck source=benches/scripts/forward_ms.sh
 source "$(dirname "$0")/forward_ms.sh"
 shift || true
 nets=("$@")

@@ -35,6 +35,7 @@ dnal_ms() {
             gates=bypass arg="${net%-pruned} pruned" ;;
         *) echo "network must be resnet56, vgg16, mobilenetv2 or resnet50, or one of the first three (or resnet56-thin) with -pruned, not '$net'" >&2; exit 2 ;;
     esac
+    # shellcheck disable=SC2086 # $arg is the network's argument, or none
     if [ "$isa" = widest ]; then
         DNAL_GATES="$gates" "$step_bin" "$steps" $arg
     else

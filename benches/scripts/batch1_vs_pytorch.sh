@@ -10,6 +10,7 @@
 set -euo pipefail
 rounds="${1:-3}"
 python="${PYTHON:-python3}"
+# shellcheck source=benches/scripts/forward_ms.sh
 source "$(dirname "$0")/forward_ms.sh"
 reference="$(dirname "$0")/../reference/pytorch_reference.py"
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts beside it. `forward_ms NET KIND BATCH N ENGINE` runs
 # examples/profile_infer and prints the median (STAT=min: the minimum) of its last N/2 forwards
 # in milliseconds.
