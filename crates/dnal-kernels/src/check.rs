@@ -265,17 +265,17 @@ fn batch_norm_into_case(
     let a = one(wave(c, 2.0).iter().map(|v| v + 1.0).collect()).require_grad();
     let b = one(wave(c, 3.0)).require_grad();
     let f = one(gate_factor(c)).require_grad();
-    let affine = crate::Affine {
+    let affine = crate::norm::Affine {
         a: a.clone(),
         b: b.clone(),
         factor: gated.then(|| f.clone()),
     };
-    let t = crate::batch_norm_train_residual(
+    let t = crate::norm::batch_norm_train_residual(
         x.clone(),
         affine,
         1e-5,
         act,
-        crate::Residual::Into(s.clone(), pos),
+        crate::norm::Residual::Into(s.clone(), pos),
         None,
     );
     let weights = Tensor::<4>::from_data(
@@ -361,16 +361,17 @@ fn batch_norm_case(
     let r = four(wave(len, 4.0)).require_grad();
     let f = one(gate_factor(c)).require_grad();
     let (y, mean, var) = if gated {
-        let affine = crate::Affine {
+        let affine = crate::norm::Affine {
             a: a.clone(),
             b: b.clone(),
             factor: Some(f.clone()),
         };
         let residual = match residual {
-            true => crate::Residual::Whole(r.clone()),
-            false => crate::Residual::None,
+            true => crate::norm::Residual::Whole(r.clone()),
+            false => crate::norm::Residual::None,
         };
-        crate::batch_norm_train_residual(x.clone(), affine, 1e-5, act, residual, None).statistics()
+        crate::norm::batch_norm_train_residual(x.clone(), affine, 1e-5, act, residual, None)
+            .statistics()
     } else if residual {
         crate::batch_norm_add_train(x.clone(), a.clone(), b.clone(), r.clone(), 1e-5, act)
     } else {

@@ -211,7 +211,7 @@ impl GatherTable {
     }
 
     /// The column matrix of one image (`[patch, OH * OW]`), its rows gathered in parallel
-    /// (on this thread below [`crate::planes::SERIAL_BELOW`] values): at batch 1 a large
+    /// (on this thread below `planes::SERIAL_BELOW` values): at batch 1 a large
     /// strided convolution's product is split over the threads, and a gather on one thread
     /// would leave the others waiting.
     pub fn gather_image(&self, image: &[f32], g: &ConvGeometry) -> Vec<f32> {
