@@ -2,7 +2,7 @@
 # Packs what benches/gpu/device.sh needs on a GPU machine that reaches no package registry into
 # .gpu/ (git-ignored): the dnal-train binary, stripped and compressed with xz, and the Debian
 # packages of the Vulkan loader (libvulkan1 and the GL/EGL dispatch libraries beside it), which
-# wgpu opens at run time. The cubecl-environment-*.tar.gz already in .gpu/ are kept.
+# wgpu opens at run time. The cubecl-environment-*.tar.gz.part* already in .gpu/ are kept.
 #
 # Usage: benches/gpu/pack.sh [DNAL_TRAIN_BINARY]
 #   default binary: ${CARGO_TARGET_DIR:-target}/release/dnal-train, built with
@@ -46,7 +46,7 @@ rm -rf "$lists"
 
 # CubeCL's environments from earlier cards (device.sh returns them) outlive the binary: their
 # entries are keyed by CubeCL's version and the kernels, not by the build.
-for f in "$DEST"/cubecl-environment-*.tar.gz; do [[ -f $f ]] && cp "$f" "$DEST.tmp/"; done
+for f in "$DEST"/cubecl-environment-*.tar.gz.part*; do [[ -f $f ]] && cp "$f" "$DEST.tmp/"; done
 rm -rf "$DEST"
 mv "$DEST.tmp" "$DEST"
 trap - EXIT
