@@ -19,6 +19,7 @@ mod layout;
 mod loss;
 mod norm;
 mod norm_kernels;
+mod norm_launch;
 mod penalty;
 mod place;
 mod reduction;

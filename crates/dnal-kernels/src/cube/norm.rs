@@ -1,6 +1,6 @@
 //! BatchNorm in training on the CubeCL backends (cuda, wgpu) as a burn backend extension:
 //! the trait ([`CubeNorm`]), its implementation on burn's cubecl backend with dnal's kernels
-//! ([`norm_kernels`]), lazy under fusion (each call one opaque operation in fusion's stream), and
+//! ([`norm_kernels`], launched by [`norm_launch`]), lazy under fusion (each call one opaque operation in fusion's stream), and
 //! its autodiff implementation with the backward pass registered on burn's graph.
 //!
 //! The BatchNorm -> (gate) -> residual add -> activation tail of every unit is one operation
@@ -19,7 +19,7 @@ use burn::backend::{Autodiff, AutodiffBackend, Cube, ExtensionType, backend_exte
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 
-use super::norm_kernels::{self, Affine};
+use super::norm_launch::{self, Affine};
 
 /// The gradients of a BatchNorm with respect to its input, affine parameters and factor, and
 /// to the residual added before the clamp (`factor` has one element without a factor, and
@@ -237,7 +237,7 @@ impl CubeNorm for CubeBackend {
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
         let affine = affine(a, b, factor, gated);
-        norm_kernels::forward(x, affine, None, running, epsilon, lo, hi)
+        norm_launch::forward(x, affine, None, running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_add_train(
@@ -256,7 +256,7 @@ impl CubeNorm for CubeBackend {
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
         let affine = affine(a, b, factor, gated);
-        norm_kernels::forward(x, affine, Some(residual), running, epsilon, lo, hi)
+        norm_launch::forward(x, affine, Some(residual), running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_add_into_train(
@@ -276,7 +276,7 @@ impl CubeNorm for CubeBackend {
     ) -> TrainOutput<Self> {
         let running = (running_mean, running_var, momentum);
         let affine = affine(a, b, factor, gated);
-        norm_kernels::forward_into(x, affine, stream, map, running, epsilon, lo, hi)
+        norm_launch::forward_into(x, affine, stream, map, running, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_into_backward(
@@ -295,7 +295,7 @@ impl CubeNorm for CubeBackend {
         hi: f32,
     ) -> NormGrads<Self> {
         let affine = affine(a, b, factor, gated);
-        norm_kernels::backward_into(x, y, dy, affine, mean, variance, map, epsilon, lo, hi)
+        norm_launch::backward_into(x, y, dy, affine, mean, variance, map, epsilon, lo, hi)
     }
 
     fn dnal_cube_norm_backward(
@@ -314,7 +314,7 @@ impl CubeNorm for CubeBackend {
         residual: bool,
     ) -> NormGrads<Self> {
         let affine = affine(a, b, factor, gated);
-        norm_kernels::backward(x, y, dy, affine, mean, variance, epsilon, lo, hi, residual)
+        norm_launch::backward(x, y, dy, affine, mean, variance, epsilon, lo, hi, residual)
     }
 }
 
