@@ -209,6 +209,11 @@ profiled_step() {
     echo "dnal $backend $PROFILE with CubeCL's profiling log (up to $cap s)" >&2
     dir=$(mktemp -d)
     cp benches/gpu/cubecl-profile.toml "$dir/cubecl.toml"
+    # The checkout's CubeCL environment, so that the profiled process finds what the timed
+    # steps tuned and compiled: from a folder outside any Cargo workspace CubeCL would open
+    # the user's cache and tune everything again.
+    printf '\n[environment]\npath = { directory = "%s" }\n' "$PWD/target/environment" \
+        >> "$dir/cubecl.toml"
     (cd "$dir" && timeout "$cap" "$bin_abs" bench --backend "$backend" --model "$PROFILE" \
         --batch "$batch" --size "$size" --classes "$classes" --warmup 3 --steps 3) \
         > "$OUT/profile-$backend-$PROFILE.out" 2>&1 \
