@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root with the .gpu/ folder of benches/gpu/pack.sh:
 # installs the Vulkan loader where the machine has none, unpacks the binary, runs
-# benches/gpu/run.sh, and gathers its table, JSON lines and logs in ${OUT:-gpu-out}/ (the
-# training data and checkpoints stay out of it).
+# benches/gpu/run.sh, and gathers its table and check in ${OUT:-gpu-out}/, with the JSON lines
+# and the other logs in logs.tar.gz (the training data and checkpoints stay out of it): at
+# most eight files, with the environment's parts below.
 #
 # CubeCL's environment (autotune results and compiled kernels of a `persistence` build, kept in
 # target/environment of the folder a run starts in) travels both ways, one archive per card
@@ -54,7 +55,7 @@ chmod +x "$bin"
 
 OUT=$WORK/results benches/gpu/run.sh "$bin" 2>&1 | tee "$RESULTS/run.log"
 cp .gpu/BUILD "$WORK/results/build.txt" 2>/dev/null
-cp "$WORK/results/table.md" "$WORK/results/steps.jsonl" "$WORK/results"/check-*.txt "$RESULTS/" 2>/dev/null
+cp "$WORK/results/table.md" "$WORK/results"/check-*.txt "$RESULTS/" 2>/dev/null
 tar -czf "$RESULTS/logs.tar.gz" -C "$WORK/results" --exclude=cifar --exclude=run \
     . 2>/dev/null
 [[ -d $WORK/results/run ]] && tar -czf "$RESULTS/train-run.tar.gz" -C "$WORK/results/run" \
